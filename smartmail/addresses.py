@@ -1,0 +1,89 @@
+"""Address and header validation: one place that decides what may reach an SMTP envelope or header."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.utils import getaddresses
+
+from email_validator import EmailNotValidError, validate_email
+
+# RFC 5322 section 2.2: a field name is printable US-ASCII except colon.
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+# Headers SmartMail writes itself; letting callers set them would allow spoofing or duplicates.
+RESERVED_HEADERS = frozenset(
+    h.lower()
+    for h in ("From", "To", "Cc", "Bcc", "Subject", "Reply-To", "Message-ID", "Date",
+              "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Sender", "Return-Path")
+)
+
+
+class AddressError(ValueError):
+    """Bad input: `field` names what was wrong, the message says why."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A validated mailbox: normalized address plus an optional display name."""
+
+    address: str
+    display_name: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    def __str__(self) -> str:
+        if not self.display_name:
+            return self.address
+        local, _, domain = self.address.rpartition("@")
+        return str(Address(display_name=self.display_name, username=local, domain=domain))
+
+
+def reject_line_breaks(value: str, *, field: str) -> None:
+    """CR or LF in a header value would let input inject headers (RFC 5322 section 2.2)."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise AddressError("must not contain CR, LF or NUL characters", field=field)
+
+
+def parse_mailbox(value: str, *, field: str = "address") -> Mailbox:
+    """Validate `addr@example.com` or `Name <addr@example.com>`; domain lower-cased, IDNA-checked."""
+    if not isinstance(value, str) or not value.strip():
+        raise AddressError("an email address is required", field=field)
+    reject_line_breaks(value, field=field)
+    parsed = getaddresses([value])
+    if len(parsed) != 1:
+        raise AddressError("exactly one address is expected", field=field)
+    display_name, address = parsed[0]
+    if not address:
+        raise AddressError(f"{value!r} is not an email address", field=field)
+    try:
+        valid = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise AddressError(str(exc), field=field) from None
+    return Mailbox(address=valid.normalized, display_name=display_name)
+
+
+def normalize_address(value: str) -> str:
+    """The lower-cased form used as the suppression-list key."""
+    return value.strip().lower()
+
+
+def check_headers(headers: dict[str, str] | None, *, field: str = "headers") -> dict[str, str]:
+    """Custom headers: valid names, no reserved names, no line breaks in values."""
+    checked: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise AddressError(f"{name!r} is not a valid header name", field=field)
+        if name.lower() in RESERVED_HEADERS:
+            raise AddressError(f"{name} is set by SmartMail and cannot be overridden", field=f"{field}.{name}")
+        if not isinstance(value, str):
+            raise AddressError("header values must be strings", field=f"{field}.{name}")
+        reject_line_breaks(value, field=f"{field}.{name}")
+        checked[name] = value
+    return checked

@@ -1,0 +1,149 @@
+"""Settings read from SMARTMAIL_* environment variables, validated once at start-up."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from smartmail.addresses import AddressError, parse_mailbox
+
+TlsMode = Literal["none", "starttls", "ssl"]
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+@dataclass(frozen=True)
+class SmtpUrl:
+    """An SMTP relay parsed from `smtp://user:pass@host:port?tls=starttls|ssl|none`."""
+
+    host: str
+    port: int
+    tls: TlsMode
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SmtpUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ValueError(f"scheme must be smtp:// or smtps://, got {parts.scheme or 'none'!r}")
+        if not parts.hostname:
+            raise ValueError("a host is required, e.g. smtp://relay.example.com:587")
+        query = parse_qs(parts.query)
+        unknown = set(query) - {"tls"}
+        if unknown:
+            raise ValueError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+        tls = query.get("tls", ["ssl" if parts.scheme == "smtps" else "none"])[0]
+        if tls not in ("none", "starttls", "ssl"):
+            raise ValueError(f"tls must be none, starttls or ssl, got {tls!r}")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        default_port = {"none": 25, "starttls": 587, "ssl": 465}[tls]
+        return cls(
+            host=parts.hostname,
+            port=port or default_port,
+            tls=tls,  # type: ignore[arg-type]
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+class Settings(BaseSettings):
+    """Every setting, with its SMARTMAIL_* variable; see the README's configuration reference."""
+
+    model_config = SettingsConfigDict(env_prefix="SMARTMAIL_", extra="ignore")
+
+    database_url: str = "sqlite:///smartmail.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    transport: Literal["smtp", "file", "console", "memory"] = "smtp"
+    smtp_url: str = "smtp://127.0.0.1:8025?tls=none"
+    smtp_timeout: float = Field(30.0, gt=0)
+    smtp_max_messages_per_connection: int = Field(100, ge=1)
+    smtp_local_hostname: str | None = None
+    file_transport_dir: Path = Path("outbox")
+    default_sender: str
+    secret_key: str = Field(min_length=16)
+    message_id_domain: str | None = None
+    templates_dir: Path = Path("templates")
+
+    # Retry schedule for 4xx replies and connection errors (exponential backoff with jitter).
+    retry_first_interval: float = Field(60.0, gt=0)
+    retry_backoff_factor: float = Field(2.0, ge=1)
+    retry_max_interval: float = Field(3600.0, gt=0)
+    retry_jitter: float = Field(0.2, ge=0, le=1)
+    retry_max_age: float = Field(3 * 86400.0, gt=0)
+
+    # Beat cadence and the reconciler's thresholds.
+    scheduler_interval: float = Field(5.0, gt=0)
+    reconcile_interval: float = Field(60.0, gt=0)
+    reconcile_queued_after: float = Field(600.0, gt=0)
+    sending_timeout: float = Field(600.0, gt=0)
+
+    # Celery / Redis.
+    broker_visibility_timeout: int = Field(3600, gt=0)
+    batch_size: int = Field(100, ge=1, le=10000)
+    claim_window: int = Field(10, ge=1, le=1000)
+
+    log_level: str = "INFO"
+    log_format: Literal["console", "json"] = "console"
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp_url(cls, value: str) -> str:
+        SmtpUrl.parse(value)
+        return value
+
+    @field_validator("default_sender")
+    @classmethod
+    def _check_sender(cls, value: str) -> str:
+        try:
+            parse_mailbox(value, field="default_sender")
+        except AddressError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        if value.startswith("postgresql://") or value.startswith("postgres://"):
+            # psycopg 3 is the driver we ship; plain postgresql:// would pick psycopg2.
+            value = "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @property
+    def smtp(self) -> SmtpUrl:
+        return SmtpUrl.parse(self.smtp_url)
+
+    @property
+    def sender_domain(self) -> str:
+        return self.message_id_domain or parse_mailbox(self.default_sender).domain
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise SettingsError naming each bad SMARTMAIL_* variable."""
+    try:
+        return Settings()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "SMARTMAIL_" + str(error["loc"][0]).upper() if error["loc"] else "SMARTMAIL_*"
+            reason = "is required but not set" if error["type"] == "missing" else error["msg"]
+            problems.append(f"{name}: {reason}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded on first use."""
+    return load_settings()

@@ -1,0 +1,82 @@
+"""Database engine and sessions: SQLite (WAL, busy timeout) for development, PostgreSQL (psycopg 3) in production."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from smartmail.config import get_settings
+
+
+def utcnow() -> datetime:
+    """Naive UTC: stored the same way on SQLite and PostgreSQL (`timestamp without time zone`)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _configure_sqlite(dbapi_connection, _record) -> None:
+    # WAL lets the producer write while workers read; busy_timeout makes concurrent writers wait
+    # instead of failing; synchronous=NORMAL is durable across process crashes in WAL mode
+    # (https://www.sqlite.org/pragma.html#pragma_synchronous).
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+    # Let SQLAlchemy, not the driver, emit BEGIN (see _begin_immediate).
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(connection) -> None:
+    # A WAL transaction that reads and then writes fails at once with SQLITE_BUSY if another
+    # process wrote in between; taking the write lock at BEGIN makes writers queue on
+    # busy_timeout instead (https://www.sqlite.org/lang_transaction.html, SQLAlchemy's
+    # "Serializable isolation / Savepoints / Transactional DDL" recipe for pysqlite).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+@functools.lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    return make_engine(get_settings().database_url)
+
+
+@functools.lru_cache(maxsize=1)
+def _session_factory() -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One transaction: commit on success, roll back on error."""
+    session = _session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def reset_after_fork() -> None:
+    """Drop pooled connections inherited from a parent process (Celery prefork children)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+def is_postgresql(engine: Engine | None = None) -> bool:
+    return (engine or get_engine()).dialect.name == "postgresql"

@@ -1,0 +1,140 @@
+"""Delivery: claim queued messages, hand them to the transport, and record each outcome with bulk UPDATEs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parseaddr
+
+import structlog
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from smartmail.config import get_settings
+from smartmail.db import is_postgresql, session_scope, utcnow
+from smartmail.mime import build_mime
+from smartmail.models import Message, MessageState, Suppression
+from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
+from smartmail.addresses import normalize_address
+from smartmail.workers.transports import Transport, get_transport
+
+log = structlog.get_logger("smartmail.delivery")
+
+_CLAIMED_COLUMNS = (Message.id, Message.sender, Message.recipient, Message.reply_to, Message.subject,
+                    Message.text, Message.html, Message.headers, Message.message_id_header,
+                    Message.attempts, Message.created_at)
+
+_table = Message.__table__
+# One statement, executed many times in one round trip (executemany), for every outcome of a window.
+# The WHERE on state makes the write conditional: a row someone else already moved is left alone.
+_record = (
+    update(_table)
+    .where(_table.c.id == bindparam("b_id"), _table.c.state.in_([MessageState.SENDING.value, MessageState.UNKNOWN.value]))
+    .values(state=bindparam("b_state"), next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_finished"),
+            smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"))
+)
+
+
+@dataclass
+class DeliveryReport:
+    claimed: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Result:
+    id: str
+    recipient: str
+    state: MessageState
+    reply: Reply
+    next_attempt_at: datetime | None = None
+    reason: str | None = None
+    suppress: bool = False
+
+
+def retry_schedule() -> RetrySchedule:
+    s = get_settings()
+    return RetrySchedule(s.retry_first_interval, s.retry_backoff_factor, s.retry_max_interval,
+                         s.retry_jitter, s.retry_max_age)
+
+
+def _claim(session, ids: Sequence[str], now: datetime):
+    """queued -> sending for the given ids; only rows still queued come back, so a redelivered
+    task or a second worker can never send a message twice."""
+    statement = (
+        update(Message)
+        .where(Message.id.in_(ids), Message.state == MessageState.QUEUED.value)
+        .values(state=MessageState.SENDING.value, claimed_at=now, attempts=Message.attempts + 1)
+        .returning(*_CLAIMED_COLUMNS)
+    )
+    return session.execute(statement, execution_options={"synchronize_session": False}).all()
+
+
+def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime) -> _Result:
+    outcome = classify(reply)
+    if outcome.verdict is Verdict.SENT:
+        return _Result(row.id, row.recipient, MessageState.SENT, reply)
+    if outcome.verdict is Verdict.DEFERRED:
+        due = schedule.next_attempt(row.attempts, row.created_at, now)
+        if due is not None:
+            return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due)
+        return _Result(row.id, row.recipient, MessageState.FAILED, reply,
+                       reason=f"expired: still deferred after {row.attempts} attempts")
+    reason = "hard bounce" if outcome.suppress else "policy rejection" if outcome.policy else "rejected"
+    return _Result(row.id, row.recipient, MessageState.FAILED, reply, reason=reason, suppress=outcome.suppress)
+
+
+def _record_results(session, results: list[_Result], now: datetime) -> None:
+    if not results:
+        return
+    session.connection().execute(_record, [
+        {"b_id": r.id, "b_state": r.state.value, "b_next": r.next_attempt_at,
+         "b_finished": None if r.state is MessageState.DEFERRED else now,
+         "b_code": r.reply.code, "b_reply": r.reply.text[:2000], "b_reason": r.reason}
+        for r in results
+    ])
+    bounces = {normalize_address(parseaddr(r.recipient)[1]): r for r in results if r.suppress}
+    if bounces:
+        insert = postgresql.insert if is_postgresql(session.bind) else sqlite.insert
+        session.execute(insert(Suppression).on_conflict_do_nothing(index_elements=["email"]), [
+            {"email": email, "reason": "hard_bounce", "detail": str(r.reply)[:2000], "source_message_id": r.id,
+             "created_at": now}
+            for email, r in bounces.items()
+        ])
+
+
+def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> DeliveryReport:
+    """Send the given messages that are still queued.
+
+    Works in windows of SMARTMAIL_CLAIM_WINDOW messages: one transaction records the outcomes of
+    the previous window and claims the next, so a worker killed mid-window leaves at most one
+    window of rows in `sending` (which the reconciler marks `unknown`, never re-sends).
+    """
+    settings = get_settings()
+    transport = transport or get_transport()
+    schedule = retry_schedule()
+    report = DeliveryReport()
+    window = settings.claim_window
+    pending: list[_Result] = []
+    for start in range(0, len(message_ids) + window, window):
+        ids = message_ids[start:start + window]
+        now = utcnow()
+        with session_scope() as session:
+            _record_results(session, pending, now)
+            claimed = _claim(session, ids, now) if ids else []
+        for result in pending:
+            report.counts[result.state.value] = report.counts.get(result.state.value, 0) + 1
+            log.info("message.outcome", message_id=result.id, state=result.state.value,
+                     smtp_code=result.reply.code, reply=result.reply.text[:200])
+        pending = []
+        if not ids:
+            break
+        report.claimed += len(claimed)
+        for row in claimed:
+            data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
+                              html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
+                              headers=row.headers)
+            # Stored addresses were validated by the producer; only the bare address goes in the envelope.
+            reply = transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data)
+            pending.append(_decide(row, reply, schedule, utcnow()))
+    return report

@@ -1,0 +1,90 @@
+"""Beat jobs: queue messages whose time has come, and reconcile the database with what Redis may have lost."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import select, update
+
+from smartmail.config import get_settings
+from smartmail.db import session_scope, utcnow
+from smartmail.models import Message, MessageState
+from smartmail.sending import publish_delivery
+
+log = structlog.get_logger("smartmail.maintenance")
+
+_PAGE = 5000  # rows per statement, so one run never holds a huge transaction
+
+
+@dataclass
+class ReconcileReport:
+    requeued: int = 0
+    unknown: int = 0
+
+
+def _requeue(where, now: datetime) -> list[str]:
+    """Move matching rows to queued (conditionally) and return their ids, a page at a time."""
+    with session_scope() as session:
+        ids = list(session.scalars(select(Message.id).where(*where).limit(_PAGE)))
+        if not ids:
+            return []
+        moved = session.scalars(
+            update(Message)
+            .where(Message.id.in_(ids), *where)
+            .values(state=MessageState.QUEUED.value, enqueued_at=now)
+            .returning(Message.id),
+            execution_options={"synchronize_session": False},
+        ).all()
+    return list(moved)
+
+
+def enqueue_due(now: datetime | None = None) -> int:
+    """Deferred and scheduled messages whose next_attempt_at has passed: back to queued, published."""
+    now = now or utcnow()
+    due = (Message.state.in_([MessageState.DEFERRED.value, MessageState.SCHEDULED.value]),
+           Message.next_attempt_at <= now)
+    total = 0
+    while ids := _requeue(due, now):
+        publish_delivery(ids)
+        total += len(ids)
+        if len(ids) < _PAGE:
+            break
+    if total:
+        log.info("maintenance.enqueued_due", count=total)
+    return total
+
+
+def reconcile(now: datetime | None = None) -> ReconcileReport:
+    """Redis only says what to pick up; the database is the truth.
+
+    - `queued` rows older than SMARTMAIL_RECONCILE_QUEUED_AFTER are published again (a lost task,
+      or a producer that died between commit and publish). A duplicate task is harmless: the
+      claim is conditional, so only one can send.
+    - `sending` rows older than SMARTMAIL_SENDING_TIMEOUT belonged to a worker that died during
+      the SMTP transaction: they become `unknown` and are not re-sent, since the relay may have
+      accepted them.
+    """
+    settings = get_settings()
+    now = now or utcnow()
+    report = ReconcileReport()
+    stale_queued = (Message.state == MessageState.QUEUED.value,
+                    Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
+    while ids := _requeue(stale_queued, now):
+        publish_delivery(ids)
+        report.requeued += len(ids)
+        if len(ids) < _PAGE:
+            break
+    with session_scope() as session:
+        result = session.execute(
+            update(Message)
+            .where(Message.state == MessageState.SENDING.value,
+                   Message.claimed_at < now - timedelta(seconds=settings.sending_timeout))
+            .values(state=MessageState.UNKNOWN.value, finished_at=now,
+                    reason="worker lost during the SMTP transaction; not re-sent automatically"),
+            execution_options={"synchronize_session": False},
+        )
+        report.unknown = result.rowcount
+    if report.requeued or report.unknown:
+        log.warning("maintenance.reconciled", requeued=report.requeued, unknown=report.unknown)
+    return report

@@ -1,0 +1,96 @@
+"""SMTP reply classification (RFC 5321, RFC 3463) and the retry schedule: the one place that decides a message's fate."""
+from __future__ import annotations
+
+import enum
+import random
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the relay answered. `code` is None when there was no reply at all (refused, reset, timeout)."""
+
+    code: int | None
+    text: str
+
+    @property
+    def enhanced(self) -> str | None:
+        """The RFC 3463 enhanced status code that leads the reply text, e.g. `5.1.1`."""
+        match = _ENHANCED.match(self.text)
+        return ".".join(match.groups()) if match else None
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code is not None else self.text
+
+
+class Verdict(str, enum.Enum):
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    suppress: bool = False  # a hard bounce: the address itself is bad
+    policy: bool = False    # a 5.7.x policy rejection: about the sender or content, not the address
+
+
+# RFC 3463 X.1.x subjects about the *recipient* address. 5.1.7 and 5.1.8 are about the sender's
+# address, so they are not the recipient's fault and must not suppress it.
+_SENDER_SUBJECTS = {"7", "8"}
+
+
+def classify(reply: Reply) -> Outcome:
+    """Map a reply to sent / deferred / failed.
+
+    - No reply (connection refused, reset, timeout): temporary, deferred.
+    - 2xx: accepted (RFC 5321 section 4.2.1).
+    - 4xx: transient negative completion, deferred (RFC 5321 section 4.2.1).
+    - 552: treated as temporary, as RFC 5321 section 4.5.3.1.10 asks for "too many recipients"
+      (GNU Mailman does the same).
+    - 5xx: permanent, failed; with enhanced status 5.1.x about the recipient (RFC 3463 section 3.2),
+      a hard bounce that suppresses the address; 5.7.x is a policy rejection.
+    - Anything else (1xx/3xx where a final reply belongs) is a protocol error: deferred.
+    """
+    if reply.code is None:
+        return Outcome(Verdict.DEFERRED)
+    klass = reply.code // 100
+    if klass == 2:
+        return Outcome(Verdict.SENT)
+    if klass == 4 or reply.code == 552:
+        return Outcome(Verdict.DEFERRED)
+    if klass == 5:
+        enhanced = reply.enhanced
+        if enhanced and enhanced.startswith("4."):
+            return Outcome(Verdict.DEFERRED)  # the enhanced code says transient; trust the finer signal
+        subject, detail = (enhanced.split(".")[1:] if enhanced else (None, None))
+        hard = subject == "1" and detail not in _SENDER_SUBJECTS
+        return Outcome(Verdict.FAILED, suppress=hard, policy=subject == "7")
+    return Outcome(Verdict.DEFERRED)
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """Exponential backoff with jitter, capped per interval and by the message's total age."""
+
+    first_interval: float = 60.0
+    backoff_factor: float = 2.0
+    max_interval: float = 3600.0
+    jitter: float = 0.2
+    max_age: float = 3 * 86400.0
+
+    def next_attempt(self, attempts: int, created_at: datetime, now: datetime,
+                     rng: random.Random | None = None) -> datetime | None:
+        """When to try again after `attempts` tries, or None once the message is too old to retry."""
+        base = min(self.first_interval * self.backoff_factor ** max(attempts - 1, 0), self.max_interval)
+        # Jitter spreads retries out so a relay that came back is not hit by every deferred message at once.
+        spread = (rng or random).uniform(-self.jitter, self.jitter)
+        due = now + timedelta(seconds=max(base * (1 + spread), 0.0))
+        if due > created_at + timedelta(seconds=self.max_age):
+            return None
+        return due

@@ -1,0 +1,173 @@
+"""Rendering: a sandboxed Jinja2 environment that turns a template plus context into subject, HTML and text."""
+from __future__ import annotations
+
+import functools
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from inscriptis import get_text
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from smartmail import template_store
+from smartmail.addresses import reject_line_breaks
+
+
+class TemplateError(ValueError):
+    """A template could not be compiled or rendered; the message names the template and line."""
+
+    def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
+        where = f"template {template}" + (f", line {line}" if line else "")
+        super().__init__(f"{where}: {message}")
+        self.field = "template"
+        self.template = template
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    html: str | None
+    text: str
+    template_name: str | None = None
+    template_version: int | None = None
+
+
+class _StoreLoader(jinja2.BaseLoader):
+    """Loads `db/NAME@VERSION/PART` from the database and `file/PATH` from disk.
+
+    Jinja's environment caches compiled templates by name, so each template version is compiled
+    once per process; database versions never change, so they are always up to date.
+    """
+
+    def __init__(self, session_factory) -> None:
+        self.session_factory = session_factory
+
+    def get_source(self, environment, template):
+        kind, _, rest = template.partition("/")
+        if kind == "db":
+            ref, _, part = rest.rpartition("/")
+            name, _, version = ref.partition("@")
+            source = template_store.load_part(self.session_factory, name, int(version), part)
+            if source is None:
+                raise jinja2.TemplateNotFound(template)
+            return source, template, lambda: True
+        if kind == "file":
+            path = Path(rest)
+            try:
+                source = path.read_text(encoding="utf-8")
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                raise jinja2.TemplateNotFound(template) from None
+            return source, template, lambda: path.exists() and path.stat().st_mtime == mtime
+        raise jinja2.TemplateNotFound(template)
+
+
+def _autoescape(name: str | None) -> bool:
+    # HTML parts are escaped; subject and text parts are plain text and must not be.
+    return bool(name) and (name.endswith("/html") or name.endswith(".html") or name == "<inline html>")
+
+
+def make_environment(session_factory) -> ImmutableSandboxedEnvironment:
+    # Templates are user-authored, so the sandbox keeps them away from Python internals and the
+    # immutable variant stops them mutating the context (https://jinja.palletsprojects.com/en/stable/sandbox/).
+    # StrictUndefined: a missing variable is an error at send time rather than a blank in a sent email;
+    # templates that tolerate absence say so with `{{ name | default("there") }}` or `is defined`.
+    return ImmutableSandboxedEnvironment(
+        loader=_StoreLoader(session_factory),
+        autoescape=_autoescape,
+        undefined=jinja2.StrictUndefined,
+        cache_size=2000,
+        auto_reload=True,
+        keep_trailing_newline=False,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    from smartmail.db import _session_factory
+
+    return make_environment(_session_factory())
+
+
+@functools.lru_cache(maxsize=512)
+def _inline(source: str, part: str) -> jinja2.Template:
+    env = _environment()
+    try:
+        code = env.compile(source, name=f"<inline {part}>", filename=f"<inline {part}>")
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(exc.message or str(exc), template=f"<inline {part}>", line=exc.lineno) from None
+    return env.template_class.from_code(env, code, env.globals, None)
+
+
+def _get(name: str) -> jinja2.Template:
+    try:
+        return _environment().get_template(name)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(exc.message or str(exc), template=_display(name), line=exc.lineno) from None
+
+
+def _display(jinja_name: str) -> str:
+    kind, _, rest = jinja_name.partition("/")
+    return rest if kind == "db" else rest if kind == "file" else jinja_name
+
+
+def _run(template: jinja2.Template, context: dict[str, Any]) -> str:
+    try:
+        return template.render(context)
+    except (jinja2.TemplateError, SecurityError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        line = None
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename == template.filename:
+                line = frame.lineno
+        if isinstance(exc, SecurityError):
+            message = f"not allowed by the sandbox: {exc}"
+        else:
+            message = str(exc) if isinstance(exc, jinja2.TemplateError) else f"{type(exc).__name__}: {exc}"
+        raise TemplateError(message, template=_display(template.filename or template.name or "?"), line=line) from None
+
+
+def html_to_text(html: str) -> str:
+    """Plain-text alternative for clients that do not show HTML (inscriptis keeps layout readable)."""
+    return get_text(html).strip() + "\n"
+
+
+def render(session, *, context: dict[str, Any], template: str | None = None,
+           subject: str | None = None, html: str | None = None, text: str | None = None,
+           templates_dir: Path = Path("templates")) -> Rendered:
+    """Render a stored template by reference, or inline subject/html/text strings (also Jinja)."""
+    if template is not None:
+        ref = template_store.resolve(session, template, templates_dir)
+        if ref.version is not None:
+            names = {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
+        else:
+            names = {part: f"file/{ref.path / filename}" for part, filename in template_store.FILE_PARTS.items()}
+        parts = {"subject": _get(names["subject"]), "html": _get(names["html"])}
+        if ref.has_text:
+            parts["text"] = _get(names["text"])
+        name, version = ref.name, ref.version
+    else:
+        if subject is None or (html is None and text is None):
+            raise TemplateError("give a template, or a subject and html and/or text", template="<inline>")
+        parts = {"subject": _inline(subject, "subject")}
+        if html is not None:
+            parts["html"] = _inline(html, "html")
+        if text is not None:
+            parts["text"] = _inline(text, "text")
+        name = version = None
+
+    rendered = {part: _run(tpl, context) for part, tpl in parts.items()}
+    rendered_subject = " ".join(rendered["subject"].split())  # a subject is one line
+    reject_line_breaks(rendered["subject"].strip(), field="subject")
+    rendered_html = rendered.get("html")
+    rendered_text = rendered.get("text") or html_to_text(rendered_html or "")
+    return Rendered(rendered_subject, rendered_html, rendered_text, name, version)
+
+
+def check_template_source(subject: str, html: str, text: str | None = None) -> None:
+    """Compile each part so a syntax error is reported when a template is saved, not when mail is sent."""
+    for part, source in (("subject", subject), ("html", html), ("text", text)):
+        if source is not None:
+            _inline(source, part)

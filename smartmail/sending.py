@@ -1,0 +1,203 @@
+"""The producer API: validate, render and store messages, then publish delivery tasks after the commit."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from smartmail import rendering
+from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox, reject_line_breaks
+from smartmail.config import get_settings
+from smartmail.db import session_scope, utcnow
+from smartmail.ids import new_id
+from smartmail.models import Message, MessageState, Suppression
+
+_MAX_TAGS = 20
+
+
+class InvalidMessage(ValueError):
+    """Bad input to send(); `field` names the offending field, as in `messages[3].to`."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What became of a send: `state` is queued, scheduled or suppressed; `reason` says why it was not queued."""
+
+    id: str
+    state: str
+    reason: str | None = None
+    duplicate: bool = False  # the idempotency key was seen before; this is the earlier message
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
+    """Validate and render one message spec into a row; raise InvalidMessage naming the field."""
+    allowed = {"to", "template", "subject", "html", "text", "context", "from_", "reply_to",
+               "headers", "tags", "idempotency_key", "send_at"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise InvalidMessage(f"unknown field(s) {', '.join(sorted(unknown))}", field=prefix.rstrip(".") or "send")
+    try:
+        to = parse_mailbox(spec.get("to"), field=f"{prefix}to")
+        sender = parse_mailbox(spec.get("from_") or settings.default_sender, field=f"{prefix}from_")
+        reply_to = parse_mailbox(spec["reply_to"], field=f"{prefix}reply_to") if spec.get("reply_to") else None
+        headers = check_headers(spec.get("headers"), field=f"{prefix}headers")
+    except AddressError as exc:
+        raise InvalidMessage(exc.reason, field=exc.field) from None
+    tags = list(spec.get("tags") or [])
+    if len(tags) > _MAX_TAGS or not all(isinstance(t, str) and 0 < len(t) <= 64 and t.isprintable() for t in tags):
+        raise InvalidMessage(f"at most {_MAX_TAGS} printable strings of 1-64 characters", field=f"{prefix}tags")
+    key = spec.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255):
+        raise InvalidMessage("must be a string of 1-255 characters", field=f"{prefix}idempotency_key")
+    send_at = spec.get("send_at")
+    if send_at is not None:
+        if not isinstance(send_at, datetime):
+            raise InvalidMessage("must be a datetime", field=f"{prefix}send_at")
+        if send_at.tzinfo is not None:  # naive datetimes are taken as UTC
+            send_at = send_at.astimezone(timezone.utc).replace(tzinfo=None)
+    context = spec.get("context") or {}
+    if not isinstance(context, Mapping):
+        raise InvalidMessage("must be a mapping", field=f"{prefix}context")
+    if spec.get("subject") is not None:
+        try:
+            reject_line_breaks(spec["subject"], field=f"{prefix}subject")
+        except AddressError as exc:
+            raise InvalidMessage(exc.reason, field=exc.field) from None
+    return {
+        "to": to, "sender": sender, "reply_to": reply_to, "headers": headers, "tags": tags,
+        "idempotency_key": key, "send_at": send_at, "context": dict(context),
+        "template": spec.get("template"), "subject": spec.get("subject"),
+        "html": spec.get("html"), "text": spec.get("text"), "prefix": prefix,
+    }
+
+
+def _render(session, prepared: dict[str, Any], settings) -> rendering.Rendered:
+    prefix = prepared["prefix"]
+    if prepared["template"] is not None and any(prepared[p] is not None for p in ("subject", "html", "text")):
+        raise InvalidMessage("give either a template or subject/html/text, not both", field=f"{prefix}template")
+    try:
+        return rendering.render(session, context=prepared["context"], template=prepared["template"],
+                                subject=prepared["subject"], html=prepared["html"], text=prepared["text"],
+                                templates_dir=settings.templates_dir)
+    except rendering.TemplateError as exc:
+        raise InvalidMessage(str(exc), field=f"{prefix}template") from None
+    except AddressError as exc:  # a rendered subject with a line break in it
+        raise InvalidMessage(f"rendered {exc.reason}", field=f"{prefix}subject") from None
+    except (LookupError, ValueError) as exc:  # TemplateNotFound, bad template reference
+        raise InvalidMessage(str(exc), field=f"{prefix}template") from None
+
+
+def _insert_statement(dialect: str):
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(Message).on_conflict_do_nothing(index_elements=["idempotency_key"])
+
+
+def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
+    """Validate and render every message first (one bad message: an error naming it, nothing stored),
+    then store them in one transaction and publish their delivery tasks in one Redis pipeline."""
+    settings = get_settings()
+    now = utcnow()
+    with session_scope() as session:
+        prepared = [_prepare(spec, f"messages[{i}]." if len(specs) > 1 else "", settings) for i, spec in enumerate(specs)]
+        rows: list[dict[str, Any]] = []
+        for item in prepared:
+            rendered = _render(session, item, settings)
+            message_id = new_id()
+            rows.append({
+                "id": message_id, "idempotency_key": item["idempotency_key"],
+                "sender": str(item["sender"]), "recipient": str(item["to"]),
+                "reply_to": str(item["reply_to"]) if item["reply_to"] else None,
+                "subject": rendered.subject, "html": rendered.html, "text": rendered.text,
+                "headers": item["headers"], "tags": item["tags"],
+                "message_id_header": f"<{message_id}@{settings.sender_domain}>",
+                "template_name": rendered.template_name, "template_version": rendered.template_version,
+                "attempts": 0, "created_at": now, "enqueued_at": None, "next_attempt_at": None,
+                "claimed_at": None, "finished_at": None, "smtp_code": None, "smtp_reply": None, "reason": None,
+                "_address": item["to"].address, "_send_at": item["send_at"],
+            })
+        results = _store(session, rows, now)
+    publish_delivery([r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate])
+    return results
+
+
+def _store(session, rows: list[dict[str, Any]], now: datetime) -> list[SendResult]:
+    suppressed = dict(session.execute(
+        select(Suppression.email, Suppression.reason).where(
+            Suppression.email.in_({normalize_address(r["_address"]) for r in rows}))
+    ).all()) if rows else {}
+    for row in rows:
+        reason = suppressed.get(normalize_address(row.pop("_address")))
+        send_at = row.pop("_send_at")
+        if reason:
+            row.update(state=MessageState.SUPPRESSED.value, reason=f"recipient suppressed: {reason}", finished_at=now)
+        elif send_at is not None and send_at > now:
+            row.update(state=MessageState.SCHEDULED.value, next_attempt_at=send_at)
+        else:
+            row.update(state=MessageState.QUEUED.value, enqueued_at=now)
+    # Two messages in one batch with the same key: the first one wins, the rest are duplicates.
+    seen: set[str] = set()
+    unique = []
+    for r in rows:
+        key = r["idempotency_key"]
+        if key is None or key not in seen:
+            unique.append(r)
+        if key:
+            seen.add(key)
+    inserted = set(session.scalars(
+        _insert_statement(session.bind.dialect.name).returning(Message.id, sort_by_parameter_order=True),
+        unique,
+    ).all()) if unique else set()
+    earlier: dict[str, Message] = {}
+    if len(inserted) < len(rows):
+        keys = [r["idempotency_key"] for r in rows if r["id"] not in inserted]
+        earlier = {m.idempotency_key: m for m in session.scalars(select(Message).where(Message.idempotency_key.in_(keys)))}
+    results = []
+    for r in rows:
+        if r["id"] in inserted:
+            results.append(SendResult(r["id"], r["state"], r["reason"]))
+        else:
+            m = earlier[r["idempotency_key"]]
+            results.append(SendResult(m.id, m.state, m.reason, duplicate=True))
+    return results
+
+
+def send(to: str, *, template: str | None = None, subject: str | None = None, html: str | None = None,
+         text: str | None = None, context: Mapping[str, Any] | None = None, from_: str | None = None,
+         reply_to: str | None = None, headers: Mapping[str, str] | None = None, tags: Iterable[str] | None = None,
+         idempotency_key: str | None = None, send_at: datetime | None = None) -> SendResult:
+    """Queue one transactional email and return at once; see send_many for the guarantees."""
+    spec = {"to": to, "template": template, "subject": subject, "html": html, "text": text,
+            "context": context, "from_": from_, "reply_to": reply_to, "headers": headers,
+            "tags": list(tags or []), "idempotency_key": idempotency_key, "send_at": send_at}
+    return send_many([spec])[0]
+
+
+def publish_delivery(message_ids: Sequence[str]) -> None:
+    """Publish delivery tasks in chunks of SMARTMAIL_BATCH_SIZE ids, all in one Redis round trip."""
+    if not message_ids:
+        return
+    from smartmail.tasks.send import deliver
+    from smartmail.workers.app import app
+
+    size = get_settings().batch_size
+    chunks = [list(message_ids[i:i + size]) for i in range(0, len(message_ids), size)]
+    with app.producer_or_acquire() as producer:
+        batch = getattr(producer, "batch", None)  # kombu >= 5.7 pipelines a batch of publishes
+        if batch is None or len(chunks) == 1:
+            for chunk in chunks:
+                deliver.apply_async((chunk,), producer=producer)
+            return
+        with batch():
+            for chunk in chunks:
+                deliver.apply_async((chunk,), producer=producer)

@@ -1,0 +1,77 @@
+"""Where templates live: versioned rows in the database, and directories under SMARTMAIL_TEMPLATES_DIR."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from smartmail.models import Template
+
+# A file template is a directory: subject.txt, body.html and (optional) body.txt.
+FILE_PARTS = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+class TemplateNotFound(LookupError):
+    """No database row and no directory carries this template name."""
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    """Which template a message uses: file templates have no version."""
+
+    name: str
+    version: int | None  # None: a file template
+    has_text: bool
+    path: Path | None = None
+
+
+def parse_reference(reference: str) -> tuple[str, int | None]:
+    """`welcome` (latest) or `welcome@3` (that version)."""
+    name, _, version = reference.partition("@")
+    if not _NAME.match(name) or (version and not version.isdigit()):
+        raise ValueError(f"{reference!r} is not a template name (letters, digits, _ . -, optional @VERSION)")
+    return name, int(version) if version else None
+
+
+def resolve(session: Session, reference: str, templates_dir: Path) -> TemplateRef:
+    """The database wins over files, so a template edited in the app replaces the shipped default."""
+    name, version = parse_reference(reference)
+    query = select(Template.version, Template.text.is_not(None)).where(Template.name == name)
+    query = query.where(Template.version == version) if version is not None else query.order_by(Template.version.desc())
+    found = session.execute(query.limit(1)).first()
+    if found is not None:
+        return TemplateRef(name, found[0], bool(found[1]))
+    directory = templates_dir / name
+    if version is None and (directory / FILE_PARTS["subject"]).is_file() and (directory / FILE_PARTS["html"]).is_file():
+        return TemplateRef(name, None, (directory / FILE_PARTS["text"]).is_file(), directory)
+    where = f"version {version} in the database" if version else f"the database or {directory}/"
+    raise TemplateNotFound(f"template {reference!r} not found in {where}")
+
+
+def load_part(session_factory, name: str, version: int, part: str) -> str | None:
+    """Source of one part of a database template version (immutable once written)."""
+    with session_factory() as session:
+        row = session.execute(
+            select(Template.subject, Template.html, Template.text).where(
+                Template.name == name, Template.version == version
+            )
+        ).one_or_none()
+    if row is None:
+        return None
+    return {"subject": row.subject, "html": row.html, "text": row.text}[part]
+
+
+def save_template(session: Session, name: str, *, subject: str, html: str, text: str | None = None) -> Template:
+    """Store a new version; earlier versions stay, so sent messages keep pointing at what they used."""
+    parse_reference(name)
+    if "@" in name:
+        raise ValueError("a template name must not contain @")
+    latest = session.scalar(select(func.max(Template.version)).where(Template.name == name)) or 0
+    row = Template(name=name, version=latest + 1, subject=subject, html=html, text=text)
+    session.add(row)
+    session.flush()
+    return row

@@ -1,0 +1,1 @@
+"""Workers: the Celery app, transports and (later) traffic shaping."""

@@ -1,0 +1,32 @@
+"""The Celery app; configured from settings on first use, with per-process resources reset after fork."""
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from smartmail.config import get_settings
+from smartmail.config.celery import celery_config
+
+app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.maintenance"])
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_kwargs) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+@worker_process_init.connect
+def _after_fork(**_kwargs) -> None:
+    # A prefork child must not share the parent's database connections or SMTP sockets.
+    from smartmail.db import reset_after_fork
+    from smartmail.workers.transports import set_transport
+
+    reset_after_fork()
+    set_transport(None)
+
+
+@worker_process_shutdown.connect
+def _close_transport(**_kwargs) -> None:
+    from smartmail.workers.transports import set_transport
+
+    set_transport(None)  # QUIT pooled SMTP connections

@@ -1,0 +1,221 @@
+"""Transports: SMTP with a per-process connection pool, plus file, console and in-memory sinks chosen by settings."""
+from __future__ import annotations
+
+import smtplib
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from smartmail.config.settings import Settings, SmtpUrl
+from smartmail.outcomes import Reply
+
+log = structlog.get_logger("smartmail.smtp")
+
+
+class Transport(Protocol):
+    """Hands one message to the next hop and reports the reply; never raises for delivery failures."""
+
+    def send(self, sender: str, recipient: str, data: bytes) -> Reply: ...
+
+    def close(self) -> None: ...
+
+
+class _Connection:
+    def __init__(self, smtp: smtplib.SMTP) -> None:
+        self.smtp = smtp
+        self.sent = 0
+
+
+def _reply_text(response: bytes | str) -> str:
+    return response.decode("utf-8", "replace") if isinstance(response, bytes) else str(response)
+
+
+class SmtpTransport:
+    """SMTP client that reuses connections across messages (RSET after a failed transaction).
+
+    A connection is retired after `max_messages_per_connection` transactions, as relays limit
+    them. A pooled connection the relay has closed meanwhile is replaced once, transparently,
+    when that is noticed before DATA started — never after, so nothing is sent twice.
+    """
+
+    def __init__(self, url: SmtpUrl, *, timeout: float = 30.0, max_messages_per_connection: int = 100,
+                 local_hostname: str | None = None, max_idle: int = 4) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.max_messages = max_messages_per_connection
+        self.local_hostname = local_hostname
+        self.max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self.connections_opened = 0
+
+    def _open(self) -> _Connection:
+        context = ssl.create_default_context()
+        if self.url.tls == "ssl":
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.url.host, self.url.port, local_hostname=self.local_hostname,
+                                                  timeout=self.timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(self.url.host, self.url.port, local_hostname=self.local_hostname, timeout=self.timeout)
+        try:
+            smtp.ehlo()
+            if self.url.tls == "starttls":
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            if self.url.username:
+                smtp.login(self.url.username, self.url.password or "")
+        except BaseException:
+            smtp.close()
+            raise
+        self.connections_opened += 1
+        return _Connection(smtp)
+
+    def _acquire(self) -> tuple[_Connection, bool]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return self._open(), False
+
+    def _release(self, conn: _Connection) -> None:
+        if conn.sent >= self.max_messages:
+            self._quit(conn)
+            return
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        self._quit(conn)
+
+    @staticmethod
+    def _quit(conn: _Connection) -> None:
+        try:
+            conn.smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            conn.smtp.close()
+
+    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+        for _ in range(2):
+            try:
+                conn, reused = self._acquire()
+            except smtplib.SMTPResponseException as exc:  # e.g. 421 greeting, 535 auth failure
+                return Reply(exc.smtp_code, _reply_text(exc.smtp_error))
+            except (smtplib.SMTPException, OSError) as exc:
+                return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
+            data_started = False
+            try:
+                code, response = conn.smtp.mail(sender)
+                if code == 250:
+                    code, response = conn.smtp.rcpt(recipient)
+                if code in (250, 251):
+                    data_started = True
+                    code, response = conn.smtp.data(data)
+                conn.sent += 1
+                if code // 100 != 2:
+                    conn.smtp.rset()  # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session
+            except smtplib.SMTPResponseException as exc:
+                # smtplib raises for a non-354 answer to DATA; the session is still usable after RSET.
+                self._safe_rset(conn)
+                self._release(conn)
+                return Reply(exc.smtp_code, _reply_text(exc.smtp_error))
+            except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                conn.smtp.close()
+                if reused and not data_started:
+                    continue  # the relay closed an idle pooled connection; open a fresh one
+                return Reply(None, f"connection lost{' during DATA' if data_started else ''}: {exc}")
+            self._release(conn)
+            return Reply(code, _reply_text(response))
+        return Reply(None, "connection lost twice before DATA")
+
+    def _safe_rset(self, conn: _Connection) -> None:
+        try:
+            conn.smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            conn.sent = self.max_messages  # retire it on release
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._quit(conn)
+
+
+class FileTransport:
+    """Writes each message as an .eml file: for staging systems that must never send."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+        name = f"{time.time_ns()}-{recipient.replace('/', '_')}.eml"
+        (self.directory / name).write_bytes(data)
+        return Reply(250, f"2.0.0 written to {name}")
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleTransport:
+    """Prints each message to standard output: for development."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stdout
+
+    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+        self.stream.write(f"--- message from {sender} to {recipient}\n{data.decode('utf-8', 'replace')}\n")
+        self.stream.flush()
+        return Reply(250, "2.0.0 printed")
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryTransport:
+    """Keeps messages in a list: for unit tests."""
+
+    def __init__(self) -> None:
+        self.outbox: list[tuple[str, str, bytes]] = []
+
+    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+        self.outbox.append((sender, recipient, data))
+        return Reply(250, "2.0.0 stored in memory")
+
+    def close(self) -> None:
+        self.outbox.clear()
+
+
+def build_transport(settings: Settings) -> Transport:
+    if settings.transport == "smtp":
+        return SmtpTransport(settings.smtp, timeout=settings.smtp_timeout,
+                             max_messages_per_connection=settings.smtp_max_messages_per_connection,
+                             local_hostname=settings.smtp_local_hostname)
+    if settings.transport == "file":
+        return FileTransport(settings.file_transport_dir)
+    if settings.transport == "console":
+        return ConsoleTransport()
+    return MemoryTransport()
+
+
+_transport: Transport | None = None
+
+
+def get_transport() -> Transport:
+    """The transport of this process, created on first use (after any fork)."""
+    global _transport
+    if _transport is None:
+        from smartmail.config import get_settings
+
+        _transport = build_transport(get_settings())
+    return _transport
+
+
+def set_transport(transport: Transport | None) -> None:
+    """Replace the process transport (tests hand in a MemoryTransport); None forgets it."""
+    global _transport
+    if _transport is not None and transport is not _transport:
+        _transport.close()
+    _transport = transport
