@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return getattr(sending, name)
     if name == "status":
-        from smartmail.status import status
+        from smartmail.message_status import status
 
         return status
     raise AttributeError(name)

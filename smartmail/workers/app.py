@@ -6,13 +6,16 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from smartmail.config import get_settings
 from smartmail.config.celery import celery_config
+from smartmail.logs import configure as configure_logging
 
 app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.maintenance"])
 
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_kwargs) -> None:
-    sender.conf.update(celery_config(get_settings()))
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    sender.conf.update(celery_config(settings))
 
 
 @worker_process_init.connect

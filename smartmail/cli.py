@@ -1,0 +1,225 @@
+"""The `smartmail` command line: database, sending, workers, the local sink, status and the demo."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smartmail.config.settings import SettingsError
+
+app = typer.Typer(help="SmartMail: self-hosted email sending on Celery, Redis and SMTP.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+templates_app = typer.Typer(help="Templates stored in the database (versioned).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(templates_app, name="templates")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Create or upgrade the database schema."""
+    from smartmail import migrate
+    from smartmail.config import get_settings
+
+    migrate.upgrade(get_settings().database_url, revision)
+    out.print(f"database at revision {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base.")) -> None:
+    """Roll the schema back."""
+    from smartmail import migrate
+    from smartmail.config import get_settings
+
+    migrate.downgrade(get_settings().database_url, revision)
+    out.print(f"database at revision {revision}")
+
+
+@templates_app.command("save")
+def templates_save(
+    name: str,
+    subject: Annotated[str, typer.Option(help="Subject template.")],
+    html_file: Annotated[Path, typer.Option("--html-file", exists=True, dir_okay=False, help="HTML body template.")],
+    text_file: Annotated[Optional[Path], typer.Option("--text-file", exists=True, dir_okay=False)] = None,
+) -> None:
+    """Store a new version of a template (checked for syntax errors first)."""
+    from smartmail import rendering, template_store
+    from smartmail.db import session_scope
+
+    html = html_file.read_text(encoding="utf-8")
+    text = text_file.read_text(encoding="utf-8") if text_file else None
+    try:
+        rendering.check_template_source(subject, html, text)
+        with session_scope() as session:
+            row = template_store.save_template(session, name, subject=subject, html=html, text=text)
+    except (rendering.TemplateError, ValueError) as exc:
+        fail(str(exc))
+    out.print(f"saved {row.name}@{row.version}")
+
+
+def _parse_header(values: list[str]) -> dict[str, str]:
+    headers = {}
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep:
+            fail(f"--header: {value!r} is not NAME:VALUE")
+        headers[name.strip()] = content.strip()
+    return headers
+
+
+@app.command()
+def send(
+    to: Annotated[Optional[str], typer.Option(help="Recipient, e.g. 'Ann <ann@example.org>'.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Template name, or NAME@VERSION.")] = None,
+    subject: Annotated[Optional[str], typer.Option()] = None,
+    html: Annotated[Optional[str], typer.Option()] = None,
+    text: Annotated[Optional[str], typer.Option()] = None,
+    context: Annotated[Optional[str], typer.Option(help="Template variables as a JSON object.")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Sender; default SMARTMAIL_DEFAULT_SENDER.")] = None,
+    reply_to: Annotated[Optional[str], typer.Option()] = None,
+    header: Annotated[list[str], typer.Option(help="Extra header NAME:VALUE (repeatable).")] = [],
+    tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    send_at: Annotated[Optional[datetime], typer.Option(help="ISO time; naive times are UTC.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="JSON file: one message object or a list (send_many).",
+                                                 exists=True, dir_okay=False)] = None,
+) -> None:
+    """Queue email: from flags, or from a JSON file of message objects with the same field names."""
+    import smartmail
+
+    if file is not None:
+        try:
+            payload = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            fail(f"--file: not valid JSON: {exc}")
+        specs = payload if isinstance(payload, list) else [payload]
+        if not all(isinstance(s, dict) for s in specs):
+            fail("--file: expected a JSON object or a list of objects")
+        for spec in specs:
+            if "from" in spec:
+                spec["from_"] = spec.pop("from")
+            if isinstance(spec.get("send_at"), str):
+                try:
+                    spec["send_at"] = datetime.fromisoformat(spec["send_at"])
+                except ValueError:
+                    fail(f"send_at: {spec['send_at']!r} is not an ISO 8601 time")
+    else:
+        if to is None:
+            fail("--to (or --file) is required")
+        try:
+            parsed_context = json.loads(context) if context else {}
+        except json.JSONDecodeError as exc:
+            fail(f"--context: not valid JSON: {exc}")
+        specs = [{"to": to, "template": template, "subject": subject, "html": html, "text": text,
+                  "context": parsed_context, "from_": from_, "reply_to": reply_to, "headers": _parse_header(header),
+                  "tags": tag, "idempotency_key": idempotency_key, "send_at": send_at}]
+    try:
+        results = smartmail.send_many(specs)
+    except smartmail.InvalidMessage as exc:
+        fail(str(exc))
+    for result in results:
+        note = f" ({result.reason})" if result.reason else ""
+        note += " (duplicate idempotency key: earlier message)" if result.duplicate else ""
+        out.print(f"{result.id} {result.state}{note}", highlight=False)
+
+
+@app.command()
+def status(message_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show a message's state and the relay's last reply."""
+    from smartmail.message_status import status as lookup
+
+    info = lookup(message_id)
+    if info is None:
+        fail(f"no message with id {message_id}", code=1)
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    table = Table(show_header=False)
+    for key, value in info.items():
+        table.add_row(key, "" if value is None else str(value))
+    out.print(table)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[str, typer.Option("-Q", "--queues")] = "transactional,default",
+    concurrency: Annotated[Optional[int], typer.Option("-c", "--concurrency")] = None,
+    pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
+    loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
+) -> None:
+    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    from smartmail.workers.app import app as celery_app
+
+    argv = ["worker", "-Q", queues, "--pool", pool, "-l", loglevel, "--without-gossip", "--without-mingle"]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    celery_app.worker_main(argv + list(ctx.args))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def beat(ctx: typer.Context, loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
+         schedule: Annotated[Path, typer.Option(help="Where beat keeps its schedule state.")] = Path(
+             "celerybeat-schedule")) -> None:
+    """Run Celery beat: queue due messages and reconcile with Redis on a schedule."""
+    from smartmail.workers.app import app as celery_app
+
+    celery_app.start(["beat", "-l", loglevel, "-s", str(schedule)] + list(ctx.args))
+
+
+@app.command()
+def sink(
+    host: str = "127.0.0.1",
+    port: int = 8025,
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Store each message as an .eml file here.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Do not print a line per message.")] = False,
+) -> None:
+    """Run a local SMTP server that accepts everything and prints and/or stores it."""
+    from smartmail.sink import SinkHandler, start_sink
+
+    handler = SinkHandler(directory=directory, echo=not quiet, keep=False)
+    controller = start_sink(handler, host, port)
+    out.print(f"SMTP sink listening on {host}:{port}" + (f", storing in {directory}" if directory else ""))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        controller.stop()
+        out.print(f"received {handler.count} message(s)")
+
+
+@app.command()
+def demo(count: Annotated[int, typer.Option(help="How many emails to send.")] = 5) -> None:
+    """Start what is missing (Redis, SQLite, a sink, a worker), send personalized emails, show what arrived."""
+    from smartmail.demo import run
+
+    sys.exit(run(count, out))
+
+
+def main() -> None:
+    try:
+        app()
+    except SettingsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
