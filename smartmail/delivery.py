@@ -7,7 +7,7 @@ from datetime import datetime
 from email.utils import parseaddr
 
 import structlog
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from smartmail.config import get_settings
@@ -29,7 +29,10 @@ _table = Message.__table__
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
     update(_table)
-    .where(_table.c.id == bindparam("b_id"), _table.c.state.in_([MessageState.SENDING.value, MessageState.UNKNOWN.value]))
+    # (An IN list cannot be used with executemany, hence the OR.) `unknown` is included so a late
+    # outcome from a worker the reconciler gave up on still records the truth.
+    .where(_table.c.id == bindparam("b_id"),
+           or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value))
     .values(state=bindparam("b_state"), next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_finished"),
             smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"))
 )
