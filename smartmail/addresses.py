@@ -9,7 +9,7 @@ from email.utils import getaddresses
 from email_validator import EmailNotValidError, validate_email
 
 # RFC 5322 section 2.2: a field name is printable US-ASCII except colon.
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
 # Headers SmartMail writes itself; letting callers set them would allow spoofing or duplicates.
 RESERVED_HEADERS = frozenset(
     h.lower()
@@ -62,11 +62,16 @@ def parse_mailbox(value: str, *, field: str = "address") -> Mailbox:
     display_name, address = parsed[0]
     if not address:
         raise AddressError(f"{value!r} is not an email address", field=field)
+    if address not in value:
+        # getaddresses() silently rewrites malformed input (drops whitespace inside the domain);
+        # validate what was given, not its reinterpretation.
+        raise AddressError(f"{value!r} is not a single well-formed address", field=field)
     try:
         valid = validate_email(address, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise AddressError(str(exc), field=field) from None
-    return Mailbox(address=valid.normalized, display_name=display_name)
+    # Without SMTPUTF8 the envelope must be ASCII: an IDN domain goes out as its A-label (RFC 5890).
+    return Mailbox(address=valid.ascii_email or valid.normalized, display_name=display_name)
 
 
 def normalize_address(value: str) -> str:
@@ -78,7 +83,7 @@ def check_headers(headers: dict[str, str] | None, *, field: str = "headers") -> 
     """Custom headers: valid names, no reserved names, no line breaks in values."""
     checked: dict[str, str] = {}
     for name, value in (headers or {}).items():
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise AddressError(f"{name!r} is not a valid header name", field=field)
         if name.lower() in RESERVED_HEADERS:
             raise AddressError(f"{name} is set by SmartMail and cannot be overridden", field=f"{field}.{name}")

@@ -87,7 +87,11 @@ class RetrySchedule:
     def next_attempt(self, attempts: int, created_at: datetime, now: datetime,
                      rng: random.Random | None = None) -> datetime | None:
         """When to try again after `attempts` tries, or None once the message is too old to retry."""
-        base = min(self.first_interval * self.backoff_factor ** max(attempts - 1, 0), self.max_interval)
+        try:
+            grown = self.first_interval * self.backoff_factor ** max(attempts - 1, 0)
+        except OverflowError:  # float power overflows long before a sane attempt count ends
+            grown = self.max_interval
+        base = min(grown, self.max_interval)
         # Jitter spreads retries out so a relay that came back is not hit by every deferred message at once.
         spread = (rng or random).uniform(-self.jitter, self.jitter)
         due = now + timedelta(seconds=max(base * (1 + spread), 0.0))

@@ -1,6 +1,7 @@
 """Rendering: a sandboxed Jinja2 environment that turns a template plus context into subject, HTML and text."""
 from __future__ import annotations
 
+import contextvars
 import functools
 import traceback
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ class Rendered:
     template_version: int | None = None
 
 
+# What the loader may serve right now: the one name _get() asked for (so {% include %} / {% import %}
+# / {% extends %} cannot reach other files), and the caller's session to read it with.
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("smartmail_template_requested", default=None)
+_session: contextvars.ContextVar = contextvars.ContextVar("smartmail_template_session", default=None)
+
+
 class _StoreLoader(jinja2.BaseLoader):
     """Loads `db/NAME@VERSION/PART` from the database and `file/PATH` from disk.
 
@@ -46,11 +53,13 @@ class _StoreLoader(jinja2.BaseLoader):
         self.session_factory = session_factory
 
     def get_source(self, environment, template):
+        if template != _requested.get():
+            raise jinja2.TemplateNotFound(template)
         kind, _, rest = template.partition("/")
         if kind == "db":
             ref, _, part = rest.rpartition("/")
             name, _, version = ref.partition("@")
-            source = template_store.load_part(self.session_factory, name, int(version), part)
+            source = template_store.load_part(self.session_factory, name, int(version), part, session=_session.get())
             if source is None:
                 raise jinja2.TemplateNotFound(template)
             return source, template, lambda: True
@@ -102,11 +111,15 @@ def _inline(source: str, part: str) -> jinja2.Template:
     return env.template_class.from_code(env, code, env.globals, None)
 
 
-def _get(name: str) -> jinja2.Template:
+def _get(name: str, session=None) -> jinja2.Template:
+    requested, current = _requested.set(name), _session.set(session)
     try:
         return _environment().get_template(name)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(exc.message or str(exc), template=_display(name), line=exc.lineno) from None
+    finally:
+        _requested.reset(requested)
+        _session.reset(current)
 
 
 def _display(jinja_name: str) -> str:
@@ -144,9 +157,9 @@ def render(session, *, context: dict[str, Any], template: str | None = None,
             names = {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
         else:
             names = {part: f"file/{ref.path / filename}" for part, filename in template_store.FILE_PARTS.items()}
-        parts = {"subject": _get(names["subject"]), "html": _get(names["html"])}
+        parts = {"subject": _get(names["subject"], session), "html": _get(names["html"], session)}
         if ref.has_text:
-            parts["text"] = _get(names["text"])
+            parts["text"] = _get(names["text"], session)
         name, version = ref.name, ref.version
     else:
         if subject is None or (html is None and text is None):

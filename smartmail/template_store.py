@@ -12,7 +12,7 @@ from smartmail.models import Template
 
 # A file template is a directory: subject.txt, body.html and (optional) body.txt.
 FILE_PARTS = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
 class TemplateNotFound(LookupError):
@@ -32,7 +32,7 @@ class TemplateRef:
 def parse_reference(reference: str) -> tuple[str, int | None]:
     """`welcome` (latest) or `welcome@3` (that version)."""
     name, _, version = reference.partition("@")
-    if not _NAME.match(name) or (version and not version.isdigit()):
+    if not _NAME.fullmatch(name) or (version and not version.isdigit()):
         raise ValueError(f"{reference!r} is not a template name (letters, digits, _ . -, optional @VERSION)")
     return name, int(version) if version else None
 
@@ -52,14 +52,20 @@ def resolve(session: Session, reference: str, templates_dir: Path) -> TemplateRe
     raise TemplateNotFound(f"template {reference!r} not found in {where}")
 
 
-def load_part(session_factory, name: str, version: int, part: str) -> str | None:
-    """Source of one part of a database template version (immutable once written)."""
-    with session_factory() as session:
-        row = session.execute(
-            select(Template.subject, Template.html, Template.text).where(
-                Template.name == name, Template.version == version
-            )
-        ).one_or_none()
+def load_part(session_factory, name: str, version: int, part: str, *, session: Session | None = None) -> str | None:
+    """Source of one part of a database template version (immutable once written).
+
+    Pass the caller's `session` when there is one: on SQLite a second connection would wait for
+    the write lock the caller's transaction holds (BEGIN IMMEDIATE).
+    """
+    query = select(Template.subject, Template.html, Template.text).where(
+        Template.name == name, Template.version == version
+    )
+    if session is not None:
+        row = session.execute(query).one_or_none()
+    else:
+        with session_factory() as own:
+            row = own.execute(query).one_or_none()
     if row is None:
         return None
     return {"subject": row.subject, "html": row.html, "text": row.text}[part]

@@ -22,6 +22,14 @@ from smartmail import localredis
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-key-0123456789"
+RUN_PREFIX = f"smartmail-test-{uuid.uuid4().hex[:8]}:"
+
+
+def clear_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{RUN_PREFIX}*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, message: str = "condition"):
@@ -189,11 +197,13 @@ def env(monkeypatch, database_url, redis_url, tmp_path):
         "SMARTMAIL_RETRY_JITTER": "0.1",
         "SMARTMAIL_SCHEDULER_INTERVAL": "0.3",
         "SMARTMAIL_LOG_LEVEL": "WARNING",
+        # Keys of this run only, so a concurrent run on the same Redis cannot steal its tasks.
+        "SMARTMAIL_REDIS_KEY_PREFIX": RUN_PREFIX,
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     _clear_tables(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
+    clear_redis(redis_url)
     reset_caches()
     yield values
     reset_caches()

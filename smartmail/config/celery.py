@@ -13,7 +13,8 @@ def celery_config(settings: Settings) -> dict:
         "broker_url": settings.redis_url,
         # A task whose ETA/countdown exceeds the visibility timeout would be delivered twice
         # (docs/getting-started/backends-and-brokers/redis.rst), so long waits live in the database.
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout,
+                                     "global_keyprefix": settings.redis_key_prefix},
         "broker_connection_retry_on_startup": True,
         "task_queues": [Queue(name) for name in QUEUES],
         "task_default_queue": "default",

@@ -47,10 +47,12 @@ class SmtpUrl:
             port = parts.port
         except ValueError as exc:
             raise ValueError(f"bad port: {exc}") from None
+        if port == 0:
+            raise ValueError("bad port: must be 1-65535")
         default_port = {"none": 25, "starttls": 587, "ssl": 465}[tls]
         return cls(
             host=parts.hostname,
-            port=port or default_port,
+            port=port if port is not None else default_port,
             tls=tls,  # type: ignore[arg-type]
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
@@ -90,6 +92,7 @@ class Settings(BaseSettings):
 
     # Celery / Redis.
     broker_visibility_timeout: int = Field(3600, gt=0)
+    redis_key_prefix: str = ""  # lets several SmartMail installations (or test runs) share one Redis
     batch_size: int = Field(100, ge=1, le=10000)
     claim_window: int = Field(10, ge=1, le=1000)
 
@@ -114,11 +117,11 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql")):
-            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
-        if value.startswith("postgresql://") or value.startswith("postgres://"):
+        if value.startswith(("postgresql://", "postgres://")):
             # psycopg 3 is the driver we ship; plain postgresql:// would pick psycopg2.
             value = "postgresql+psycopg://" + value.split("://", 1)[1]
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         return value
 
     @property

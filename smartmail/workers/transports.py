@@ -6,6 +6,7 @@ import ssl
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -98,16 +99,27 @@ class SmtpTransport:
             conn.smtp.close()
 
     def send(self, sender: str, recipient: str, data: bytes) -> Reply:
-        for _ in range(2):
+        if not (sender.isascii() and recipient.isascii()):
+            # Non-ASCII addresses need SMTPUTF8 (RFC 6531 section 3.7.4.1), which we do not use.
+            return Reply(553, "5.6.7 non-ASCII address requires SMTPUTF8, which SmartMail does not use")
+        for attempt in range(2):
             try:
-                conn, reused = self._acquire()
-            except smtplib.SMTPResponseException as exc:  # e.g. 421 greeting, 535 auth failure
-                return Reply(exc.smtp_code, _reply_text(exc.smtp_error))
+                # A retry opens a fresh connection: the other idle ones may be just as dead.
+                conn, reused = self._acquire() if attempt == 0 else (self._open(), False)
+            except smtplib.SMTPResponseException as exc:
+                # A refusal while setting up the session (421/554 greeting, 535 AUTH) is about the
+                # relay or our credentials, not this message: report no reply, so it is deferred.
+                return Reply(None, f"session setup refused: {exc.smtp_code} {_reply_text(exc.smtp_error)}")
             except (smtplib.SMTPException, OSError) as exc:
                 return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
             data_started = False
             try:
                 code, response = conn.smtp.mail(sender)
+                if code == 421 and reused:
+                    # RFC 5321 section 3.8: 421 closes the session; on a pooled idle connection it is
+                    # the relay's idle timeout, so try once more on a fresh connection.
+                    conn.smtp.close()
+                    continue
                 if code == 250:
                     code, response = conn.smtp.rcpt(recipient)
                 if code in (250, 251):
@@ -115,7 +127,9 @@ class SmtpTransport:
                     code, response = conn.smtp.data(data)
                 conn.sent += 1
                 if code // 100 != 2:
-                    conn.smtp.rset()  # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session
+                    # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session. A relay
+                    # that hung up after answering must not turn its answer into "connection lost".
+                    self._safe_rset(conn)
             except smtplib.SMTPResponseException as exc:
                 # smtplib raises for a non-354 answer to DATA; the session is still usable after RSET.
                 self._safe_rset(conn)
@@ -151,8 +165,9 @@ class FileTransport:
         directory.mkdir(parents=True, exist_ok=True)
 
     def send(self, sender: str, recipient: str, data: bytes) -> Reply:
-        name = f"{time.time_ns()}-{recipient.replace('/', '_')}.eml"
-        (self.directory / name).write_bytes(data)
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}-{recipient.replace('/', '_')}.eml"
+        with open(self.directory / name, "xb") as out:  # never overwrite another message
+            out.write(data)
         return Reply(250, f"2.0.0 written to {name}")
 
     def close(self) -> None:

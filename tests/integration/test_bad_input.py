@@ -15,13 +15,13 @@ import smartmail
 from smartmail.cli import app as cli
 from smartmail.db import session_scope
 from smartmail.models import Message, Template
-from tests.conftest import ROOT
+from tests.conftest import ROOT, RUN_PREFIX
 
 
 def nothing_stored_or_queued(redis_url: str) -> None:
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Message)) == 0
-    assert redis.Redis.from_url(redis_url).llen("transactional") == 0
+    assert redis.Redis.from_url(redis_url).llen(f"{RUN_PREFIX}transactional") == 0
 
 
 def send_template(name: str, **context):

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 import smartmail
 from smartmail.db import session_scope
 from smartmail.models import Message, Suppression
-from tests.conftest import wait_for
+from tests.conftest import clear_redis, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -176,3 +176,34 @@ def test_kill_9_of_a_busy_worker_never_sends_twice(relay, start_worker, monkeypa
         unknown = set(session.scalars(select(Message.message_id_header).where(Message.state == "unknown")))
     assert sent <= set(ids), "a message recorded as sent never reached the server"
     assert set(ids) <= sent | unknown
+
+
+def test_scheduled_message_is_sent_by_beat_when_due(relay, start_worker, start_beat):
+    from datetime import datetime, timedelta, timezone
+
+    start_worker(concurrency=1)
+    start_beat()
+    send_at = datetime.now(timezone.utc) + timedelta(seconds=2)
+    result = smartmail.send("later@example.com", subject="Reminder", text="now", send_at=send_at)
+    assert result.state == "scheduled"
+    wait_for(lambda: relay.count >= 1, 30, message="the scheduled message")
+    assert relay.messages[0].at >= send_at.timestamp()
+    assert smartmail.status(result.id)["state"] == "sent"
+
+
+def test_messages_whose_tasks_redis_lost_are_sent_once_by_the_reconciler(relay, start_worker, monkeypatch):
+    results = smartmail.send_many([{"to": f"lost{i}@example.com", "subject": "s", "text": "t"} for i in range(50)])
+    clear_redis(smartmail.config.get_settings().redis_url)  # the broker forgets every task
+    start_worker(concurrency=2)
+    time.sleep(1.5)
+    assert relay.count == 0 and states()["queued"] == 50
+
+    monkeypatch.setenv("SMARTMAIL_RECONCILE_QUEUED_AFTER", "1")
+    from smartmail import maintenance
+    from tests.conftest import reset_caches
+
+    reset_caches()
+    assert maintenance.reconcile().requeued == 50
+    wait_for(lambda: relay.count >= 50, 60, message="50 recovered messages")
+    assert wait_until_final(50)["sent"] == 50
+    assert sorted(m.rcpt_tos[0] for m in relay.messages) == sorted(f"lost{i}@example.com" for i in range(50))

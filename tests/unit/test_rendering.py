@@ -241,9 +241,6 @@ def test_parse_reference(reference, expected):
     assert template_store.parse_reference(reference) == expected
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: template_store._NAME ends in `$`, which matches before a trailing newline, so "
-                          "'welcome\\n' is accepted as a template name (and can be saved); use fullmatch or `\\Z`")
 def test_parse_reference_rejects_a_trailing_newline():
     with pytest.raises(ValueError):
         template_store.parse_reference("welcome\n")
@@ -291,13 +288,6 @@ def test_compiled_db_template_is_cached(session, save, templates_dir, monkeypatc
     assert sorted(calls) == [("cached", 2, "html"), ("cached", 2, "subject")]
 
 
-@pytest.mark.xfail(strict=True, raises=OperationalError,
-                   reason="BUG: render() reads the template row with the caller's session (resolve), whose "
-                          "make_engine connection issues BEGIN IMMEDIATE and so holds SQLite's write lock; the "
-                          "loader then reads the source through a second connection from _session_factory(), "
-                          "whose BEGIN IMMEDIATE waits busy_timeout (30 s) and fails with 'database is locked'. "
-                          "send_many() renders inside session_scope(), so every first send of a DB template "
-                          "version fails on SQLite")
 def test_rendering_a_db_template_inside_a_make_engine_session(db_url, save, templates_dir, monkeypatch):
     real_configure = db._configure_sqlite
 
@@ -492,10 +482,6 @@ def test_sandbox_leaves_the_context_unchanged(session):
     assert items == [1, 2, 3]
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG (security): the loader serves any 'file/<path>' name, and the sandbox does not "
-                          "restrict {% include %}/{% import %}/{% extends %}, so a user-authored template can "
-                          "read any file the worker can read (e.g. /proc/self/environ with SMARTMAIL_SECRET_KEY)")
 def test_templates_cannot_include_arbitrary_files(session, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET")

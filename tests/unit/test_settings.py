@@ -87,9 +87,6 @@ def test_parse_rejects_bad_urls(url, message):
     assert message in str(info.value)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: port 0 is not a usable destination port, but `parts.port or default_port` "
-                          "silently turns smtp://host:0 into port 25 instead of rejecting it")
 def test_parse_rejects_port_zero():
     with pytest.raises(ValueError, match="port"):
         SmtpUrl.parse("smtp://relay.example.com:0")
@@ -226,10 +223,6 @@ def test_database_url_driver(env, value, expected):
     assert load_settings().database_url == expected
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: the validator means to rewrite postgres:// (Heroku/Render style) to "
-                          "postgresql+psycopg://, but the startswith(('sqlite', 'postgresql')) check runs first "
-                          "and rejects it, so the rewrite branch for postgres:// is dead code")
 def test_database_url_postgres_scheme_alias_is_rewritten(env):
     env.setenv("SMARTMAIL_DATABASE_URL", "postgres://mail:pw@db.example.com/smartmail")
     assert load_settings().database_url == "postgresql+psycopg://mail:pw@db.example.com/smartmail"
