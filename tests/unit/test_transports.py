@@ -4,10 +4,8 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import types
@@ -15,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -549,29 +548,17 @@ def test_without_credentials_an_auth_requiring_server_refuses_mail(auth_server, 
     assert handler.received == []
 
 
-def _openssl_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1 / localhost, made with the openssl binary."""
-    ca_key, ca_pem = directory / "ca.key", directory / "ca.pem"
-    key, csr, pem, ext = directory / "server.key", directory / "server.csr", directory / "server.pem", directory / "ext.cnf"
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
-    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_pem), "-days", "2",
-        "-subj", "/CN=SmartMail Test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-                   "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key), "-set_serial", "4242",
-        "-out", str(pem), "-days", "2", "-extfile", str(ext))
-    return ca_pem, pem, key
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl binary to make a test certificate (and the cryptography package is not installed)")
-    return _openssl_certificates(tmp_path_factory.mktemp("tls"))
+    """A throw-away CA and a server certificate for 127.0.0.1 / localhost (trustme)."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca_pem, pem, key = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    server.cert_chain_pems[0].write_to_path(str(pem))
+    server.private_key_pem.write_to_path(str(key))
+    return ca_pem, pem, key
 
 
 @pytest.fixture
