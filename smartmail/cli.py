@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from smartmail.config.settings import SettingsError
+from smartmail.config.settings import SettingsError, get_settings
+from smartmail.logs import configure as configure_logging
 
 app = typer.Typer(help="SmartMail: self-hosted email sending on Celery, Redis and SMTP.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -214,6 +215,11 @@ def demo(count: Annotated[int, typer.Option(help="How many emails to send.")] = 
 
 
 def main() -> None:
+    try:
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
+    except SettingsError:
+        pass  # commands that need settings report the problem themselves
     try:
         app()
     except SettingsError as exc:

@@ -149,10 +149,18 @@ def html_to_text(html: str) -> str:
 
 def render(session, *, context: dict[str, Any], template: str | None = None,
            subject: str | None = None, html: str | None = None, text: str | None = None,
-           templates_dir: Path = Path("templates")) -> Rendered:
-    """Render a stored template by reference, or inline subject/html/text strings (also Jinja)."""
+           templates_dir: Path = Path("templates"), resolved: dict | None = None) -> Rendered:
+    """Render a stored template by reference, or inline subject/html/text strings (also Jinja).
+
+    `resolved` memoizes reference -> version across one batch, so a batch of N messages looks
+    each template up once, not N times.
+    """
     if template is not None:
-        ref = template_store.resolve(session, template, templates_dir)
+        ref = resolved.get(template) if resolved is not None else None
+        if ref is None:
+            ref = template_store.resolve(session, template, templates_dir)
+            if resolved is not None:
+                resolved[template] = ref
         if ref.version is not None:
             names = {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
         else:

@@ -82,14 +82,14 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
     }
 
 
-def _render(session, prepared: dict[str, Any], settings) -> rendering.Rendered:
+def _render(session, prepared: dict[str, Any], settings, resolved: dict) -> rendering.Rendered:
     prefix = prepared["prefix"]
     if prepared["template"] is not None and any(prepared[p] is not None for p in ("subject", "html", "text")):
         raise InvalidMessage("give either a template or subject/html/text, not both", field=f"{prefix}template")
     try:
         return rendering.render(session, context=prepared["context"], template=prepared["template"],
                                 subject=prepared["subject"], html=prepared["html"], text=prepared["text"],
-                                templates_dir=settings.templates_dir)
+                                templates_dir=settings.templates_dir, resolved=resolved)
     except rendering.TemplateError as exc:
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
     except AddressError as exc:  # a rendered subject with a line break in it
@@ -100,7 +100,10 @@ def _render(session, prepared: dict[str, Any], settings) -> rendering.Rendered:
 
 def _insert_statement(dialect: str):
     module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(Message).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    # Core, not ORM, insert: SQLAlchemy then sends the whole batch as multi-row INSERT … RETURNING
+    # statements ("insertmanyvalues"), where the ORM bulk path fell back to a statement per row.
+    table = Message.__table__
+    return module.insert(table).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.id)
 
 
 def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
@@ -111,8 +114,9 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     with session_scope() as session:
         prepared = [_prepare(spec, f"messages[{i}]." if len(specs) > 1 else "", settings) for i, spec in enumerate(specs)]
         rows: list[dict[str, Any]] = []
+        resolved: dict = {}
         for item in prepared:
-            rendered = _render(session, item, settings)
+            rendered = _render(session, item, settings, resolved)
             message_id = new_id()
             rows.append({
                 "id": message_id, "idempotency_key": item["idempotency_key"],
@@ -155,8 +159,7 @@ def _store(session, rows: list[dict[str, Any]], now: datetime) -> list[SendResul
         if key:
             seen.add(key)
     inserted = set(session.scalars(
-        _insert_statement(session.bind.dialect.name).returning(Message.id, sort_by_parameter_order=True),
-        unique,
+        _insert_statement(session.bind.dialect.name), unique,
     ).all()) if unique else set()
     earlier: dict[str, Message] = {}
     if len(inserted) < len(rows):

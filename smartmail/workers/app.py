@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import beat_init, celeryd_init, worker_process_init, worker_process_shutdown
 
 from smartmail.config import get_settings
 from smartmail.config.celery import celery_config
@@ -13,9 +13,14 @@ app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.main
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_kwargs) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+@celeryd_init.connect
+@beat_init.connect
+def _configure_logging(**_kwargs) -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    sender.conf.update(celery_config(settings))
 
 
 @worker_process_init.connect

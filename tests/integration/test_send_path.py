@@ -36,7 +36,8 @@ def wait_until_final(total: int, timeout: float = 120) -> collections.Counter:
 
 
 def send_sentinel() -> None:
-    """A last message through the same queue: once it arrives, anything sent before it has arrived too."""
+    """A last message through the same queue: once it arrives, anything sent before it has arrived
+    too — with one worker process, which takes tasks in order (prefetch 1)."""
     smartmail.send("sentinel@example.com", subject="sentinel", text="end")
 
 
@@ -73,7 +74,7 @@ def test_300_personalized_messages_arrive_exactly_once(relay, start_worker):
 
 
 def test_same_idempotency_key_sends_one_email(relay, start_worker):
-    start_worker(concurrency=2)
+    start_worker(concurrency=1)
     first = smartmail.send("ann@example.org", subject="Receipt", text="Thanks", idempotency_key="order-42")
     second = smartmail.send("ann@example.org", subject="Receipt", text="Thanks", idempotency_key="order-42")
     assert second.id == first.id and second.duplicate and not first.duplicate
@@ -115,7 +116,7 @@ def test_451_twice_then_250_is_delivered_on_the_third_attempt(relay, start_worke
 
 def test_550_hard_bounce_fails_suppresses_and_blocks_later_sends(relay, start_worker):
     relay.script["gone@example.com"] = ["550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"]
-    start_worker(concurrency=2)
+    start_worker(concurrency=1)
     result = smartmail.send("Gone <gone@example.com>", subject="Hello", text="anyone?")
     wait_for(lambda: smartmail.status(result.id)["state"] == "failed", 60, message="failed state")
     info = smartmail.status(result.id)
