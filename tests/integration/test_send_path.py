@@ -167,6 +167,7 @@ def test_kill_9_of_a_busy_worker_never_sends_twice(relay, start_worker, monkeypa
         return sum(counts[s] for s in ("sent", "unknown")) == 2000 and counts
 
     counts = wait_for(done, 180, interval=1.0, message="every message sent or unknown")
+    print(f"killed after {delivered_before} deliveries; final states {dict(counts)}")
     ids = relay.message_ids()
     duplicates = [i for i, n in collections.Counter(ids).items() if n > 1]
     assert not duplicates, f"received twice: {duplicates[:5]}"
