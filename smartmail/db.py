@@ -45,7 +45,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # No pool_pre_ping: it costs a round trip per transaction on the hot path. A connection the
+    # server dropped fails one transaction (SQLAlchemy then invalidates the pool); tasks retry.
+    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800)
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from smartmail.config import get_settings
-from smartmail.db import is_postgresql, session_scope, utcnow
+from smartmail.db import get_engine, utcnow
 from smartmail.mime import build_mime
 from smartmail.models import Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
@@ -20,11 +20,18 @@ from smartmail.workers.transports import Transport, get_transport
 
 log = structlog.get_logger("smartmail.delivery")
 
-_CLAIMED_COLUMNS = (Message.id, Message.sender, Message.recipient, Message.reply_to, Message.subject,
-                    Message.text, Message.html, Message.headers, Message.message_id_header,
-                    Message.attempts, Message.created_at)
-
 _table = Message.__table__
+# Core statements built once: the ORM's bulk-update path cost more than the SQL itself here.
+# queued -> sending for the given ids; only rows still queued come back, so a redelivered task or
+# a second worker can never send a message twice.
+_claim = (
+    update(_table)
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)), _table.c.state == MessageState.QUEUED.value)
+    .values(state=MessageState.SENDING.value, claimed_at=bindparam("now"), attempts=_table.c.attempts + 1)
+    .returning(_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
+               _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header,
+               _table.c.attempts, _table.c.created_at)
+)
 # One statement, executed many times in one round trip (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
@@ -61,18 +68,6 @@ def retry_schedule() -> RetrySchedule:
                          s.retry_jitter, s.retry_max_age)
 
 
-def _claim(session, ids: Sequence[str], now: datetime):
-    """queued -> sending for the given ids; only rows still queued come back, so a redelivered
-    task or a second worker can never send a message twice."""
-    statement = (
-        update(Message)
-        .where(Message.id.in_(ids), Message.state == MessageState.QUEUED.value)
-        .values(state=MessageState.SENDING.value, claimed_at=now, attempts=Message.attempts + 1)
-        .returning(*_CLAIMED_COLUMNS)
-    )
-    return session.execute(statement, execution_options={"synchronize_session": False}).all()
-
-
 def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime) -> _Result:
     outcome = classify(reply)
     if outcome.verdict is Verdict.SENT:
@@ -87,10 +82,10 @@ def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime) -> _Resul
     return _Result(row.id, row.recipient, MessageState.FAILED, reply, reason=reason, suppress=outcome.suppress)
 
 
-def _record_results(session, results: list[_Result], now: datetime) -> None:
+def _record_results(connection, results: list[_Result], now: datetime) -> None:
     if not results:
         return
-    session.connection().execute(_record, [
+    connection.execute(_record, [
         {"b_id": r.id, "b_state": r.state.value, "b_next": r.next_attempt_at,
          "b_finished": None if r.state is MessageState.DEFERRED else now,
          "b_code": r.reply.code, "b_reply": r.reply.text[:2000], "b_reason": r.reason}
@@ -98,8 +93,8 @@ def _record_results(session, results: list[_Result], now: datetime) -> None:
     ])
     bounces = {normalize_address(parseaddr(r.recipient)[1]): r for r in results if r.suppress}
     if bounces:
-        insert = postgresql.insert if is_postgresql(session.bind) else sqlite.insert
-        session.execute(insert(Suppression).on_conflict_do_nothing(index_elements=["email"]), [
+        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+        connection.execute(insert(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"]), [
             {"email": email, "reason": "hard_bounce", "detail": str(r.reply)[:2000], "source_message_id": r.id,
              "created_at": now}
             for email, r in bounces.items()
@@ -118,13 +113,14 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> D
     schedule = retry_schedule()
     report = DeliveryReport()
     window = settings.claim_window
+    engine = get_engine()
     pending: list[_Result] = []
     for start in range(0, len(message_ids) + window, window):
         ids = message_ids[start:start + window]
         now = utcnow()
-        with session_scope() as session:
-            _record_results(session, pending, now)
-            claimed = _claim(session, ids, now) if ids else []
+        with engine.begin() as connection:
+            _record_results(connection, pending, now)
+            claimed = connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
         for result in pending:
             report.counts[result.state.value] = report.counts.get(result.state.value, 0) + 1
             log.info("message.outcome", message_id=result.id, state=result.state.value,

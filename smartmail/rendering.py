@@ -149,18 +149,11 @@ def html_to_text(html: str) -> str:
 
 def render(session, *, context: dict[str, Any], template: str | None = None,
            subject: str | None = None, html: str | None = None, text: str | None = None,
-           templates_dir: Path = Path("templates"), resolved: dict | None = None) -> Rendered:
-    """Render a stored template by reference, or inline subject/html/text strings (also Jinja).
-
-    `resolved` memoizes reference -> version across one batch, so a batch of N messages looks
-    each template up once, not N times.
-    """
+           templates_dir: Path = Path("templates"), cache_seconds: float = 0.0) -> Rendered:
+    """Render a stored template by reference (resolution memoized for `cache_seconds`), or inline
+    subject/html/text strings (also Jinja)."""
     if template is not None:
-        ref = resolved.get(template) if resolved is not None else None
-        if ref is None:
-            ref = template_store.resolve(session, template, templates_dir)
-            if resolved is not None:
-                resolved[template] = ref
+        ref = template_store.resolve(session, template, templates_dir, max_age=cache_seconds)
         if ref.version is not None:
             names = {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
         else:

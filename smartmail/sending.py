@@ -82,14 +82,15 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
     }
 
 
-def _render(session, prepared: dict[str, Any], settings, resolved: dict) -> rendering.Rendered:
+def _render(session, prepared: dict[str, Any], settings) -> rendering.Rendered:
     prefix = prepared["prefix"]
     if prepared["template"] is not None and any(prepared[p] is not None for p in ("subject", "html", "text")):
         raise InvalidMessage("give either a template or subject/html/text, not both", field=f"{prefix}template")
     try:
         return rendering.render(session, context=prepared["context"], template=prepared["template"],
                                 subject=prepared["subject"], html=prepared["html"], text=prepared["text"],
-                                templates_dir=settings.templates_dir, resolved=resolved)
+                                templates_dir=settings.templates_dir,
+                                cache_seconds=settings.template_cache_seconds)
     except rendering.TemplateError as exc:
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
     except AddressError as exc:  # a rendered subject with a line break in it
@@ -114,9 +115,8 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     with session_scope() as session:
         prepared = [_prepare(spec, f"messages[{i}]." if len(specs) > 1 else "", settings) for i, spec in enumerate(specs)]
         rows: list[dict[str, Any]] = []
-        resolved: dict = {}
         for item in prepared:
-            rendered = _render(session, item, settings, resolved)
+            rendered = _render(session, item, settings)
             message_id = new_id()
             rows.append({
                 "id": message_id, "idempotency_key": item["idempotency_key"],
@@ -187,20 +187,7 @@ def send(to: str, *, template: str | None = None, subject: str | None = None, ht
 
 
 def publish_delivery(message_ids: Sequence[str]) -> None:
-    """Publish delivery tasks in chunks of SMARTMAIL_BATCH_SIZE ids, all in one Redis round trip."""
-    if not message_ids:
-        return
-    from smartmail.tasks.send import deliver
-    from smartmail.workers.app import app
+    """Hand queued message ids to the workers, after the commit that stored them."""
+    from smartmail.workers.dispatch import dispatch
 
-    size = get_settings().batch_size
-    chunks = [list(message_ids[i:i + size]) for i in range(0, len(message_ids), size)]
-    with app.producer_or_acquire() as producer:
-        batch = getattr(producer, "batch", None)  # kombu >= 5.7 pipelines a batch of publishes
-        if batch is None or len(chunks) == 1:
-            for chunk in chunks:
-                deliver.apply_async((chunk,), producer=producer)
-            return
-        with batch():
-            for chunk in chunks:
-                deliver.apply_async((chunk,), producer=producer)
+    dispatch(message_ids)

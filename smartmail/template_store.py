@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,29 @@ def parse_reference(reference: str) -> tuple[str, int | None]:
     return name, int(version) if version else None
 
 
-def resolve(session: Session, reference: str, templates_dir: Path) -> TemplateRef:
+# reference -> (expiry, TemplateRef): producers send the same few templates over and over, and
+# the look-up would otherwise be a query per send(). Other processes see a new version after
+# at most SMARTMAIL_TEMPLATE_CACHE_SECONDS; this process at once (save_template clears it).
+_resolved: dict[tuple[str, Path], tuple[float, TemplateRef]] = {}
+
+
+def forget_resolved() -> None:
+    _resolved.clear()
+
+
+def resolve(session: Session, reference: str, templates_dir: Path, max_age: float = 0.0) -> TemplateRef:
+    """Which template `reference` means, memoized for `max_age` seconds."""
+    key = (reference, templates_dir)
+    hit = _resolved.get(key)
+    if hit and hit[0] > time.monotonic():
+        return hit[1]
+    ref = _resolve(session, reference, templates_dir)
+    if max_age > 0:
+        _resolved[key] = (time.monotonic() + max_age, ref)
+    return ref
+
+
+def _resolve(session: Session, reference: str, templates_dir: Path) -> TemplateRef:
     """The database wins over files, so a template edited in the app replaces the shipped default."""
     name, version = parse_reference(reference)
     query = select(Template.version, Template.text.is_not(None)).where(Template.name == name)
@@ -76,6 +99,7 @@ def save_template(session: Session, name: str, *, subject: str, html: str, text:
     parse_reference(name)
     if "@" in name:
         raise ValueError("a template name must not contain @")
+    forget_resolved()
     latest = session.scalar(select(func.max(Template.version)).where(Template.name == name)) or 0
     row = Template(name=name, version=latest + 1, subject=subject, html=html, text=text)
     session.add(row)

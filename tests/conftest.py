@@ -167,9 +167,9 @@ def smtp_server():
 # --- Settings for a test -----------------------------------------------------------------------
 
 def reset_caches() -> None:
-    from smartmail import db, rendering
+    from smartmail import db, rendering, template_store
     from smartmail.config import settings
-    from smartmail.workers import transports
+    from smartmail.workers import dispatch, transports
 
     settings.get_settings.cache_clear()
     if db.get_engine.cache_info().currsize:
@@ -178,6 +178,8 @@ def reset_caches() -> None:
     db._session_factory.cache_clear()
     rendering._environment.cache_clear()
     rendering._inline.cache_clear()
+    dispatch.get_outbox.cache_clear()
+    template_store.forget_resolved()
     transports.set_transport(None)
 
 

@@ -19,7 +19,7 @@ def celery_config(settings: Settings) -> dict:
         "task_queues": [Queue(name) for name in QUEUES],
         "task_default_queue": "default",
         "task_routes": {
-            "smartmail.deliver": {"queue": "transactional"},
+            "smartmail.drain": {"queue": "transactional"},
             "smartmail.maintenance.*": {"queue": "default"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional

@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     secret_key: str = Field(min_length=16)
     message_id_domain: str | None = None
     templates_dir: Path = Path("templates")
+    template_cache_seconds: float = Field(2.0, ge=0)
 
     # Retry schedule for 4xx replies and connection errors (exponential backoff with jitter).
     retry_first_interval: float = Field(60.0, gt=0)
@@ -94,6 +95,7 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(3600, gt=0)
     redis_key_prefix: str = ""  # lets several SmartMail installations (or test runs) share one Redis
     batch_size: int = Field(100, ge=1, le=10000)
+    dispatch_drains: int = Field(4, ge=1, le=1000)
     claim_window: int = Field(10, ge=1, le=1000)
 
     log_level: str = "INFO"

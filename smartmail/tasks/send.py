@@ -1,12 +1,20 @@
-"""Delivery task for transactional messages."""
+"""Delivery task for transactional messages: a drain of the Redis outbox (see workers/dispatch.py)."""
 from sqlalchemy.exc import OperationalError
 
 from smartmail import delivery
 from smartmail.workers.app import app
+from smartmail.workers.dispatch import get_outbox, publish_drains
 
 
-# A database outage is retried shortly; anything else leaves the rows queued for the reconciler.
-@app.task(name="smartmail.deliver", autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60,
+# A database outage is retried shortly; the ids of the failed batch stay `queued` in the
+# database, and the reconciler pushes them to the outbox again.
+@app.task(name="smartmail.drain", autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60,
           max_retries=5)
-def deliver(message_ids: list[str]) -> None:
-    delivery.deliver(message_ids)
+def drain(lease: str) -> None:
+    ids = get_outbox().pop(lease)
+    if not ids:
+        return
+    # Publish the follow-up first: while this batch is delivered, another worker process can
+    # already take the next one.
+    publish_drains([lease])
+    delivery.deliver(ids)

@@ -53,10 +53,17 @@ class SmtpTransport:
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
         self.connections_opened = 0
 
+    def _tls_context(self) -> ssl.SSLContext:
+        # Built once per transport, and only when TLS is used: it loads the CA bundle, ~16 ms.
+        if self._context is None:
+            self._context = ssl.create_default_context()
+        return self._context
+
     def _open(self) -> _Connection:
-        context = ssl.create_default_context()
+        context = self._tls_context() if self.url.tls != "none" else None
         if self.url.tls == "ssl":
             smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.url.host, self.url.port, local_hostname=self.local_hostname,
                                                   timeout=self.timeout, context=context)

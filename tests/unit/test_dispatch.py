@@ -1,0 +1,51 @@
+"""The outbox's Lua scripts (fakeredis with Lua): batching, drain leases, no lost wake-ups, lease expiry."""
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from smartmail.workers import dispatch
+from smartmail.workers.dispatch import Outbox
+
+
+@pytest.fixture
+def outbox():
+    return Outbox(fakeredis.FakeRedis(), prefix="t:", max_drains=3, batch_size=4)
+
+
+def test_one_id_starts_one_drain_and_later_ids_join_it(outbox):
+    assert outbox.push(["a"]) == ["1"]
+    assert outbox.push(["b"]) == []  # the active drain will pick it up
+    assert outbox.pop("1") == ["a", "b"]
+    assert outbox.pop("1") == []  # nothing left: the lease ends
+    assert outbox.active_drains() == 0
+    assert outbox.push(["c"]) == ["2"]  # so the next id starts a new drain
+
+
+def test_backlog_starts_drains_up_to_the_cap(outbox):
+    leases = outbox.push([str(i) for i in range(10)])  # 10 ids, batch 4: 3 batches, cap 3
+    assert len(leases) == 3 and outbox.active_drains() == 3
+    assert outbox.push([str(i) for i in range(10, 30)]) == []  # capped
+    popped = [outbox.pop(lease) for lease in leases]
+    assert [len(batch) for batch in popped] == [4, 4, 4]
+    assert popped[0] == ["0", "1", "2", "3"]  # first in, first out
+
+
+def test_a_large_push_keeps_every_id(outbox):
+    ids = [f"id{i}" for i in range(10_000)]  # more than one RPUSH chunk inside the script
+    lease = outbox.push(ids)[0]
+    seen = []
+    while batch := outbox.pop(lease):
+        seen.extend(batch)
+    assert seen == ids
+
+
+def test_a_drain_whose_lease_expired_is_replaced(outbox, monkeypatch):
+    monkeypatch.setattr(dispatch, "LEASE_MS", -1)  # every lease is already expired when written
+    assert outbox.push(["a"]) == ["1"]
+    assert outbox.push(["b"]) == ["2"]  # the first drain is presumed dead: another one starts
+
+
+def test_empty_push_does_nothing(outbox):
+    assert outbox.push([]) == []
+    assert outbox.backlog() == 0
