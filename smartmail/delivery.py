@@ -1,7 +1,9 @@
 """Delivery: claim queued messages, hand them to the transport, and record each outcome with bulk UPDATEs."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
@@ -125,15 +127,30 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> D
             report.counts[result.state.value] = report.counts.get(result.state.value, 0) + 1
             log.info("message.outcome", message_id=result.id, state=result.state.value,
                      smtp_code=result.reply.code, reply=result.reply.text[:200])
-        pending = []
         if not ids:
             break
         report.claimed += len(claimed)
-        for row in claimed:
-            data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
-                              html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
-                              headers=row.headers)
-            # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-            reply = transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data)
-            pending.append(_decide(row, reply, schedule, utcnow()))
+        replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
+        pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
     return report
+
+
+def _send_one(transport: Transport, row) -> Reply:
+    data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
+                      html=row.html, message_id=row.message_id_header, reply_to=row.reply_to, headers=row.headers)
+    # Stored addresses were validated by the producer; only the bare address goes in the envelope.
+    return transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
+
+
+def _sending_pool() -> ThreadPoolExecutor:
+    """Threads that run a window's SMTP transactions side by side, each on its own pooled connection:
+    a worker process spends most of a transaction waiting for replies, and so would wait in series."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid():  # threads do not survive a fork
+        _pool = ThreadPoolExecutor(max_workers=get_settings().smtp_parallelism, thread_name_prefix="smtp")
+        _pool_pid = os.getpid()
+    return _pool

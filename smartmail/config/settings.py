@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(30.0, gt=0)
     smtp_max_messages_per_connection: int = Field(100, ge=1)
     smtp_local_hostname: str | None = None
+    smtp_parallelism: int = Field(4, ge=1, le=100)  # concurrent SMTP transactions per worker process
     file_transport_dir: Path = Path("outbox")
     default_sender: str
     secret_key: str = Field(min_length=16)

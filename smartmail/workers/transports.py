@@ -45,7 +45,7 @@ class SmtpTransport:
     """
 
     def __init__(self, url: SmtpUrl, *, timeout: float = 30.0, max_messages_per_connection: int = 100,
-                 local_hostname: str | None = None, max_idle: int = 4) -> None:
+                 local_hostname: str | None = None, max_idle: int = 8) -> None:
         self.url = url
         self.timeout = timeout
         self.max_messages = max_messages_per_connection
