@@ -1,7 +1,6 @@
 """Shared fixtures: a real Redis, SQLite and PostgreSQL databases, a scriptable SMTP server, worker and beat processes."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess

@@ -15,7 +15,7 @@ import smartmail
 from smartmail.cli import app as cli
 from smartmail.db import session_scope
 from smartmail.models import Message, Template
-from tests.conftest import ROOT, RUN_PREFIX
+from tests.conftest import RUN_PREFIX
 
 
 def nothing_stored_or_queued(redis_url: str) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 import jinja2
 import pytest
 from sqlalchemy import create_engine, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import smartmail.db as db

@@ -10,7 +10,6 @@ import threading
 import time
 import types
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trustme
