@@ -56,6 +56,8 @@ def parse_mailbox(value: str, *, field: str = "address") -> Mailbox:
     """Validate `addr@example.com` or `Name <addr@example.com>`; domain lower-cased, IDNA-checked."""
     if not isinstance(value, str) or not value.strip():
         raise AddressError("an email address is required", field=field)
+    if len(value) > 320:  # the column size; RFC 5321 section 4.5.3.1 caps the address itself at 254
+        raise AddressError("must be at most 320 characters, display name included", field=field)
     result = _parse(value)
     if isinstance(result, str):
         raise AddressError(result, field=field)

@@ -32,6 +32,8 @@ def _configure_sqlite(dbapi_connection, _record) -> None:
 
 
 def _begin_immediate(connection) -> None:
+    if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return  # read-only work (rendering) must not hold the write lock
     # A WAL transaction that reads and then writes fails at once with SQLITE_BUSY if another
     # process wrote in between; taking the write lock at BEGIN makes writers queue on
     # busy_timeout instead (https://www.sqlite.org/lang_transaction.html, SQLAlchemy's
@@ -79,6 +81,3 @@ def reset_after_fork() -> None:
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
 
-
-def is_postgresql(engine: Engine | None = None) -> bool:
-    return (engine or get_engine()).dialect.name == "postgresql"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from email.utils import parseaddr
 
 import structlog
 from sqlalchemy import bindparam, or_, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from smartmail.config import get_settings
@@ -32,7 +34,7 @@ _claim = (
     .values(state=MessageState.SENDING.value, claimed_at=bindparam("now"), attempts=_table.c.attempts + 1)
     .returning(_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
                _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header,
-               _table.c.attempts, _table.c.created_at)
+               _table.c.attempts, _table.c.created_at, _table.c.send_at)
 )
 # One statement, executed many times in one round trip (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
@@ -74,8 +76,12 @@ def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime) -> _Resul
     outcome = classify(reply)
     if outcome.verdict is Verdict.SENT:
         return _Result(row.id, row.recipient, MessageState.SENT, reply)
+    if outcome.verdict is Verdict.UNKNOWN:
+        return _Result(row.id, row.recipient, MessageState.UNKNOWN, reply,
+                       reason="connection lost after the message was sent; the relay may have accepted it")
     if outcome.verdict is Verdict.DEFERRED:
-        due = schedule.next_attempt(row.attempts, row.created_at, now)
+        # The maximum age counts from when the message was due, not when it was created.
+        due = schedule.next_attempt(row.attempts, row.send_at or row.created_at, now)
         if due is not None:
             return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due)
         return _Result(row.id, row.recipient, MessageState.FAILED, reply,
@@ -120,9 +126,15 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> D
     for start in range(0, len(message_ids) + window, window):
         ids = message_ids[start:start + window]
         now = utcnow()
-        with engine.begin() as connection:
-            _record_results(connection, pending, now)
-            claimed = connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
+        try:
+            claimed = _record_and_claim(engine, pending, ids, now)
+        except OperationalError:
+            # Give back the ids not yet claimed; the outcomes in `pending` are lost and those rows
+            # end `unknown` via the reconciler, which is why _record_and_claim retried first.
+            from smartmail.workers.dispatch import dispatch
+
+            dispatch(list(message_ids[start:]))
+            raise
         for result in pending:
             report.counts[result.state.value] = report.counts.get(result.state.value, 0) + 1
             log.info("message.outcome", message_id=result.id, state=result.state.value,
@@ -135,11 +147,35 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> D
     return report
 
 
+def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: datetime, attempts: int = 4):
+    """One transaction: the previous window's outcomes, then the next window's claim. Both are
+    conditional on the current state, so retrying after a failed attempt is safe."""
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as connection:
+                _record_results(connection, pending, now)
+                return connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
+        except OperationalError:
+            if attempt == attempts - 1:
+                raise
+            log.warning("delivery.database_retry", attempt=attempt + 1)
+            time.sleep(0.5 * 2 ** attempt)
+    return []
+
+
 def _send_one(transport: Transport, row) -> Reply:
-    data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
-                      html=row.html, message_id=row.message_id_header, reply_to=row.reply_to, headers=row.headers)
-    # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-    return transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data)
+    try:
+        data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
+                          html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
+                          headers=row.headers)
+    except (ValueError, UnicodeError) as exc:  # content that cannot be encoded will never send
+        return Reply(554, f"5.6.0 message could not be built: {exc}", "build")
+    try:
+        # Stored addresses were validated by the producer; only the bare address goes in the envelope.
+        return transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data)
+    except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's other outcomes
+        log.exception("transport.error", message_id=row.id)
+        return Reply(None, f"transport error: {exc!r}", "data")
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -11,6 +11,7 @@ from smartmail.config import get_settings
 from smartmail.db import session_scope, utcnow
 from smartmail.models import Message, MessageState
 from smartmail.sending import publish_delivery
+from smartmail.workers.dispatch import dispatch
 
 log = structlog.get_logger("smartmail.maintenance")
 
@@ -42,6 +43,7 @@ def _requeue(where, now: datetime) -> list[str]:
 def enqueue_due(now: datetime | None = None) -> int:
     """Deferred and scheduled messages whose next_attempt_at has passed: back to queued, published."""
     now = now or utcnow()
+    dispatch([])  # a drain lost with its worker leaves ids in the outbox: start a new one
     due = (Message.state.in_([MessageState.DEFERRED.value, MessageState.SCHEDULED.value]),
            Message.next_attempt_at <= now)
     total = 0

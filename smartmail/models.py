@@ -30,9 +30,6 @@ class MessageState(str, enum.Enum):
         return self.value
 
 
-FINAL_STATES = frozenset({MessageState.SENT, MessageState.FAILED, MessageState.SUPPRESSED, MessageState.UNKNOWN})
-
-
 class Template(Base):
     __tablename__ = "templates"
     __table_args__ = (UniqueConstraint("name", "version", name="uq_templates_name_version"),)
@@ -73,6 +70,7 @@ class Message(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    send_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # when scheduled for later
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     smtp_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     smtp_reply: Mapped[str | None] = mapped_column(Text, nullable=True)

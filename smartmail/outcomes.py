@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -16,6 +16,9 @@ class Reply:
 
     code: int | None
     text: str
+    # Which step it answered: "mail", "rcpt", "data" (the reply to the final dot), or None when
+    # not known. A lost connection at "data" is ambiguous: the relay may have taken the message.
+    stage: str | None = field(default=None, compare=False)
 
     @property
     def enhanced(self) -> str | None:
@@ -31,6 +34,7 @@ class Verdict(str, enum.Enum):
     SENT = "sent"
     DEFERRED = "deferred"
     FAILED = "failed"
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,20 @@ def classify(reply: Reply) -> Outcome:
     - 5xx: permanent, failed; with enhanced status 5.1.x about the recipient (RFC 3463 section 3.2),
       a hard bounce that suppresses the address; 5.7.x is a policy rejection.
     - Anything else (1xx/3xx where a final reply belongs) is a protocol error: deferred.
+    - The connection lost after the message body was sent: unknown, as the relay may have
+      accepted it (RFC 1047); re-sending could duplicate it.
+    - Rejections at MAIL FROM, and 530 (authentication required, RFC 4954) anywhere, are about
+      our sender or relay set-up, not the recipient: deferred, so fixing the set-up delivers them.
     """
     if reply.code is None:
-        return Outcome(Verdict.DEFERRED)
+        return Outcome(Verdict.UNKNOWN if reply.stage == "data" else Verdict.DEFERRED)
     klass = reply.code // 100
     if klass == 2:
         return Outcome(Verdict.SENT)
-    if klass == 4 or reply.code == 552:
+    # 552 after DATA (5.3.4, message too big) is final; at RCPT it means "too many recipients".
+    if klass == 4 or (reply.code == 552 and reply.stage != "data"):
+        return Outcome(Verdict.DEFERRED)
+    if klass == 5 and (reply.stage == "mail" or reply.code == 530):
         return Outcome(Verdict.DEFERRED)
     if klass == 5:
         enhanced = reply.enhanced

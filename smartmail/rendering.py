@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from inscriptis import get_text
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -79,12 +80,39 @@ def _autoescape(name: str | None) -> bool:
     return bool(name) and (name.endswith("/html") or name.endswith(".html") or name == "<inline html>")
 
 
+_MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (cf. the sandbox's MAX_RANGE)
+
+
+class MailSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus two limits for user-authored email: a template stands alone (no include,
+    import or extends: template names are SmartMail's, and a cached template could otherwise be
+    pulled in by name), and `*` / `**` cannot build huge values in the producer."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def _parse(self, source, name, filename):
+        tree = super()._parse(source, name, filename)
+        for node in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+            raise jinja2.TemplateSyntaxError("include, import and extends are not allowed in email templates",
+                                             node.lineno, name, filename)
+        return tree
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 100:
+            raise SecurityError("exponent too large")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > _MAX_SEQUENCE:
+                    raise SecurityError(f"result longer than {_MAX_SEQUENCE}")
+        return super().call_binop(context, operator, left, right)
+
+
 def make_environment(session_factory) -> ImmutableSandboxedEnvironment:
     # Templates are user-authored, so the sandbox keeps them away from Python internals and the
     # immutable variant stops them mutating the context (https://jinja.palletsprojects.com/en/stable/sandbox/).
     # StrictUndefined: a missing variable is an error at send time rather than a blank in a sent email;
     # templates that tolerate absence say so with `{{ name | default("there") }}` or `is defined`.
-    return ImmutableSandboxedEnvironment(
+    return MailSandbox(
         loader=_StoreLoader(session_factory),
         autoescape=_autoescape,
         undefined=jinja2.StrictUndefined,
@@ -130,7 +158,8 @@ def _display(jinja_name: str) -> str:
 def _run(template: jinja2.Template, context: dict[str, Any]) -> str:
     try:
         return template.render(context)
-    except (jinja2.TemplateError, SecurityError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+    except (jinja2.TemplateError, SecurityError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError,
+            RecursionError, MemoryError) as exc:
         line = None
         for frame in traceback.extract_tb(exc.__traceback__):
             if frame.filename == template.filename:

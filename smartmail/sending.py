@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import structlog
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -19,6 +22,7 @@ from smartmail.ids import new_id
 from smartmail.models import Message, MessageState, Suppression
 
 _MAX_TAGS = 20
+log = structlog.get_logger("smartmail.sending")
 
 
 class InvalidMessage(ValueError):
@@ -117,13 +121,14 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
         return []
     settings = get_settings()
     now = utcnow()
-    # A Core connection, not an ORM session: this runs once per send() and the session's own
-    # bookkeeping cost more than the statements.
-    with get_engine().begin() as connection:
-        prepared = [_prepare(spec, f"messages[{i}]." if len(specs) > 1 else "", settings) for i, spec in enumerate(specs)]
-        rows: list[dict[str, Any]] = []
+    prepared = [_prepare(spec, f"messages[{i}]." if len(specs) > 1 else "", settings) for i, spec in enumerate(specs)]
+    rows: list[dict[str, Any]] = []
+    # Render outside the write transaction (on SQLite it would hold the one write lock meanwhile).
+    # Core connections, not an ORM session: this runs once per send() and a session's bookkeeping
+    # cost more than the statements.
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as reader:
         for item in prepared:
-            rendered = _render(connection, item, settings)
+            rendered = _render(reader, item, settings)
             message_id = new_id()
             rows.append({
                 "id": message_id, "idempotency_key": item["idempotency_key"],
@@ -135,10 +140,17 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
                 "template_name": rendered.template_name, "template_version": rendered.template_version,
                 "attempts": 0, "created_at": now, "enqueued_at": None, "next_attempt_at": None,
                 "claimed_at": None, "finished_at": None, "smtp_code": None, "smtp_reply": None, "reason": None,
+                "send_at": None,
                 "_address": item["to"].address, "_send_at": item["send_at"],
             })
+    with get_engine().begin() as connection:
         results = _store(connection, rows, now)
-    publish_delivery([r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate])
+    try:
+        publish_delivery([r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate])
+    except (RedisError, KombuError, OSError) as exc:
+        # The rows are committed and the reconciler will dispatch them; raising here would invite
+        # the caller to send again.
+        log.error("dispatch.failed", error=str(exc), count=len(results))
     return results
 
 
@@ -148,16 +160,22 @@ _owners = select(Message.id, Message.idempotency_key, Message.state, Message.rea
     Message.idempotency_key.in_(bindparam("keys", expanding=True)))
 
 
+def _chunks(values: list, size: int = 5000):
+    """Bounded IN lists: SQLite allows 32,766 parameters per statement, PostgreSQL 65,535."""
+    return (values[i:i + size] for i in range(0, len(values), size))
+
+
 def _store(connection, rows: list[dict[str, Any]], now: datetime) -> list[SendResult]:
-    suppressed = dict(connection.execute(
-        _suppressed, {"emails": list({normalize_address(r["_address"]) for r in rows})}).all())
+    emails = list({normalize_address(r["_address"]) for r in rows})
+    suppressed = {email: reason for chunk in _chunks(emails)
+                  for email, reason in connection.execute(_suppressed, {"emails": chunk})}
     for row in rows:
         reason = suppressed.get(normalize_address(row.pop("_address")))
         send_at = row.pop("_send_at")
         if reason:
             row.update(state=MessageState.SUPPRESSED.value, reason=f"recipient suppressed: {reason}", finished_at=now)
         elif send_at is not None and send_at > now:
-            row.update(state=MessageState.SCHEDULED.value, next_attempt_at=send_at)
+            row.update(state=MessageState.SCHEDULED.value, next_attempt_at=send_at, send_at=send_at)
         else:
             row.update(state=MessageState.QUEUED.value, enqueued_at=now)
     # Two messages in one batch with the same key: the first one wins, the rest are duplicates.
@@ -171,7 +189,7 @@ def _store(connection, rows: list[dict[str, Any]], now: datetime) -> list[SendRe
             seen.add(key)
     connection.execute(_insert_statement(connection.dialect.name), unique)
     keys = [r["idempotency_key"] for r in rows if r["idempotency_key"]]
-    owners = {m.idempotency_key: m for m in connection.execute(_owners, {"keys": keys})} if keys else {}
+    owners = {m.idempotency_key: m for chunk in _chunks(keys) for m in connection.execute(_owners, {"keys": chunk})}
     results = []
     for r in rows:
         owner = owners.get(r["idempotency_key"]) if r["idempotency_key"] else None

@@ -27,10 +27,10 @@ def _configure_logging(**_kwargs) -> None:
 def _after_fork(**_kwargs) -> None:
     # A prefork child must not share the parent's database connections or SMTP sockets.
     from smartmail.db import reset_after_fork
-    from smartmail.workers.transports import set_transport
+    from smartmail.workers import transports
 
     reset_after_fork()
-    set_transport(None)
+    transports._transport = None  # forget, without QUIT: those sockets are the parent's
 
 
 @worker_process_shutdown.connect

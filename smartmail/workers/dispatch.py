@@ -66,9 +66,8 @@ class Outbox:
         self._pop = client.register_script(_POP)
 
     def push(self, ids: Sequence[str]) -> list[str]:
-        """Add ids; return the leases of drains the caller must publish (often none)."""
-        if not ids:
-            return []
+        """Add ids; return the leases of drains the caller must publish (often none). With no ids,
+        only starts drains for a backlog whose drains died (beat calls it so)."""
         leases = self._enqueue(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *ids])
         return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
 
@@ -92,7 +91,8 @@ def get_outbox() -> Outbox:
 
 
 def dispatch(message_ids: Sequence[str]) -> None:
-    """Hand committed, queued message ids to the workers (call after the database commit)."""
+    """Hand committed, queued message ids to the workers (call after the database commit); with no
+    ids, restart drains for ids left in the outbox by drains that died."""
     leases = get_outbox().push(message_ids)
     if leases:
         publish_drains(leases)

@@ -1,6 +1,7 @@
 """Transports: SMTP with a per-process connection pool, plus file, console and in-memory sinks chosen by settings."""
 from __future__ import annotations
 
+import re
 import smtplib
 import ssl
 import sys
@@ -16,6 +17,7 @@ from smartmail.config.settings import Settings, SmtpUrl
 from smartmail.outcomes import Reply
 
 log = structlog.get_logger("smartmail.smtp")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 class Transport(Protocol):
@@ -70,7 +72,11 @@ class SmtpTransport:
         else:
             smtp = smtplib.SMTP(self.url.host, self.url.port, local_hostname=self.local_hostname, timeout=self.timeout)
         try:
-            smtp.ehlo()
+            code, response = smtp.ehlo()
+            if code != 250:  # RFC 5321 section 3.2: fall back to HELO for servers without ESMTP
+                code, response = smtp.helo()
+                if code != 250:
+                    raise smtplib.SMTPHeloError(code, response)
             if self.url.tls == "starttls":
                 smtp.starttls(context=context)
                 smtp.ehlo()
@@ -119,7 +125,7 @@ class SmtpTransport:
                 return Reply(None, f"session setup refused: {exc.smtp_code} {_reply_text(exc.smtp_error)}")
             except (smtplib.SMTPException, OSError) as exc:
                 return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
-            data_started = False
+            stage = "mail"
             try:
                 code, response = conn.smtp.mail(sender)
                 if code == 421 and reused:
@@ -128,28 +134,41 @@ class SmtpTransport:
                     conn.smtp.close()
                     continue
                 if code == 250:
+                    stage = "rcpt"
                     code, response = conn.smtp.rcpt(recipient)
                 if code in (250, 251):
-                    data_started = True
-                    code, response = conn.smtp.data(data)
+                    code, response = conn.smtp.docmd("DATA")
+                    if code == 354:
+                        stage = "data"  # from here on, a lost connection may have delivered it
+                        code, response = self._send_body(conn.smtp, data)
                 conn.sent += 1
                 if code // 100 != 2:
                     # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session. A relay
                     # that hung up after answering must not turn its answer into "connection lost".
                     self._safe_rset(conn)
-            except smtplib.SMTPResponseException as exc:
-                # smtplib raises for a non-354 answer to DATA; the session is still usable after RSET.
-                self._safe_rset(conn)
-                self._release(conn)
-                return Reply(exc.smtp_code, _reply_text(exc.smtp_error))
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 conn.smtp.close()
-                if reused and not data_started:
+                if reused and stage == "mail":
                     continue  # the relay closed an idle pooled connection; open a fresh one
-                return Reply(None, f"connection lost{' during DATA' if data_started else ''}: {exc}")
+                return Reply(None, f"connection lost at {stage.upper()}: {exc}", stage)
             self._release(conn)
-            return Reply(code, _reply_text(response))
+            return Reply(code, _reply_text(response), stage)
         return Reply(None, "connection lost twice before DATA")
+
+    def _send_body(self, smtp: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
+        # Dot-stuffing per RFC 5321 section 4.5.2; the body is CRLF-terminated already (mime.py).
+        body = _LEADING_DOT.sub(b"..", data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        smtp.send(body + b".\r\n")
+        # RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for the reply to the final dot; giving
+        # up earlier would leave a message the relay may still accept as `unknown`.
+        smtp.sock.settimeout(max(self.timeout, 600.0))
+        try:
+            return smtp.getreply()
+        finally:
+            if smtp.sock is not None:
+                smtp.sock.settimeout(self.timeout)
 
     def _safe_rset(self, conn: _Connection) -> None:
         try:
@@ -214,7 +233,7 @@ def build_transport(settings: Settings) -> Transport:
     if settings.transport == "smtp":
         return SmtpTransport(settings.smtp, timeout=settings.smtp_timeout,
                              max_messages_per_connection=settings.smtp_max_messages_per_connection,
-                             local_hostname=settings.smtp_local_hostname)
+                             local_hostname=settings.smtp_local_hostname, max_idle=settings.smtp_parallelism)
     if settings.transport == "file":
         return FileTransport(settings.file_transport_dir)
     if settings.transport == "console":

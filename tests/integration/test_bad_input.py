@@ -147,3 +147,20 @@ def test_missing_settings_fail_at_start_naming_the_variable(tmp_path):
     assert result.returncode == 2
     for variable in ("SMARTMAIL_DEFAULT_SENDER", "SMARTMAIL_SECRET_KEY", "SMARTMAIL_SMTP_URL"):
         assert variable in result.stderr, result.stderr
+
+
+SANDBOX_LIMITS = [
+    ("{% include 'db/welcome@1/html' %}", "include, import and extends are not allowed"),
+    ("{% extends 'file/templates/welcome/body.html' %}", "include, import and extends are not allowed"),
+    ("{{ 'x' * 10000000 }}", "result longer than"),
+    ("{{ 10 ** 100000 }}", "exponent too large"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursion"),
+]
+
+
+@pytest.mark.parametrize("html,message", SANDBOX_LIMITS, ids=["include", "extends", "repeat", "power", "recursion"])
+def test_templates_cannot_include_others_or_exhaust_the_producer(env, html, message):
+    with pytest.raises(smartmail.InvalidMessage, match=message) as error:
+        smartmail.send("ann@example.org", subject="s", html=html)
+    assert error.value.field == "template"
+    nothing_stored_or_queued(env["SMARTMAIL_REDIS_URL"])

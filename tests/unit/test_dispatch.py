@@ -46,6 +46,12 @@ def test_a_drain_whose_lease_expired_is_replaced(outbox, monkeypatch):
     assert outbox.push(["b"]) == ["2"]  # the first drain is presumed dead: another one starts
 
 
-def test_empty_push_does_nothing(outbox):
+def test_empty_push_does_nothing_on_an_empty_outbox(outbox):
     assert outbox.push([]) == []
     assert outbox.backlog() == 0
+
+
+def test_empty_push_restarts_a_drain_for_a_stranded_backlog(outbox, monkeypatch):
+    monkeypatch.setattr(dispatch, "LEASE_MS", -1)
+    outbox.push(["a", "b"])  # its drain dies: the lease expires, the ids stay
+    assert outbox.push([]) == ["2"]

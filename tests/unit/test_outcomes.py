@@ -249,3 +249,18 @@ def test_very_many_attempts_are_still_capped():
     # Floats, as Settings (pydantic float fields) hand them to the schedule.
     schedule = RetrySchedule(first_interval=1.0, backoff_factor=2.0, max_interval=10.0, jitter=0.0, max_age=1e9)
     assert _delay(schedule, 1100) == 10
+
+
+def test_reply_stage_changes_the_verdict():
+    from smartmail.outcomes import Reply, Verdict, classify
+
+    lost_after_body = classify(Reply(None, "connection lost at DATA", "data"))
+    assert lost_after_body.verdict is Verdict.UNKNOWN  # the relay may have accepted it
+    assert classify(Reply(None, "connection lost at RCPT", "rcpt")).verdict is Verdict.DEFERRED
+    sender_refused = classify(Reply(550, "5.1.0 Sender address rejected", "mail"))
+    assert sender_refused.verdict is Verdict.DEFERRED and not sender_refused.suppress
+    assert classify(Reply(530, "5.7.0 Authentication required", "rcpt")).verdict is Verdict.DEFERRED
+    assert classify(Reply(552, "5.3.4 Message too big", "data")).verdict is Verdict.FAILED
+    assert classify(Reply(552, "5.5.3 Too many recipients", "rcpt")).verdict is Verdict.DEFERRED
+    bounce = classify(Reply(550, "5.1.1 User unknown", "rcpt"))
+    assert bounce.verdict is Verdict.FAILED and bounce.suppress

@@ -294,7 +294,9 @@ def test_concurrent_senders_share_the_pool(server, handler, make_transport):
         ("rcpt", "452 4.5.3 Too many recipients", Verdict.DEFERRED, False),
         ("data", "554 5.7.1 Message rejected as spam", Verdict.FAILED, False),
         ("data", "451 4.7.1 Greylisted, try again later", Verdict.DEFERRED, False),
-        ("mail", "553 5.1.8 Sender address rejected: Domain not found", Verdict.FAILED, False),
+        # A rejected sender is our set-up, not the recipient: deferred until it is fixed.
+        ("mail", "553 5.1.8 Sender address rejected: Domain not found", Verdict.DEFERRED, False),
+        ("mail", "550 5.1.0 Sender address rejected", Verdict.DEFERRED, False),
     ],
 )
 def test_rejection_is_reported_then_rset_and_the_connection_reused(transport, handler, stage, reply, verdict, suppress):
@@ -772,3 +774,40 @@ def test_set_transport_replaces_and_closes_the_previous_one(process_transport):
     new.send(SENDER, "a@example.net", message())
     transports.set_transport(new)
     assert len(new.outbox) == 1
+
+
+def test_connection_lost_after_the_body_is_unknown_not_retried(make_transport):
+    """The relay reads the whole message, then hangs up without answering the final dot."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():
+        conn, _ = listener.accept()
+        f = conn.makefile("rb")
+        conn.sendall(b"220 test ESMTP\r\n")
+        while line := f.readline():
+            command = line.strip().upper()
+            if command.startswith(b"EHLO"):
+                conn.sendall(b"250 test\r\n")
+            elif command.startswith((b"MAIL", b"RCPT")):
+                conn.sendall(b"250 ok\r\n")
+            elif command == b"DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                while f.readline() not in (b".\r\n", b""):
+                    pass
+                break  # the body arrived; close without a reply
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        transport = make_transport(SmtpUrl("127.0.0.1", listener.getsockname()[1], "none"))
+        reply = transport.send(SENDER, "a@example.net", message())
+        assert reply.code is None and reply.stage == "data"
+        assert classify(reply).verdict is Verdict.UNKNOWN
+    finally:
+        listener.close()
+        thread.join(5)

@@ -35,6 +35,7 @@ def upgrade() -> None:
     sa.Column('enqueued_at', sa.DateTime(), nullable=True),
     sa.Column('claimed_at', sa.DateTime(), nullable=True),
     sa.Column('next_attempt_at', sa.DateTime(), nullable=True),
+    sa.Column('send_at', sa.DateTime(), nullable=True),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.Column('smtp_code', sa.Integer(), nullable=True),
     sa.Column('smtp_reply', sa.Text(), nullable=True),
