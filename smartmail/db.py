@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from smartmail.config import get_settings
@@ -81,3 +82,7 @@ def reset_after_fork() -> None:
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
 
+
+def upsert_insert(dialect_name: str):
+    """The dialect's INSERT, which has `on_conflict_do_nothing` on both SQLite and PostgreSQL."""
+    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert

@@ -12,10 +12,9 @@ from email.utils import parseaddr
 import structlog
 from sqlalchemy import bindparam, or_, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.dialects import postgresql, sqlite
 
 from smartmail.config import get_settings
-from smartmail.db import get_engine, utcnow
+from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.mime import build_mime
 from smartmail.models import Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
@@ -101,8 +100,7 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
     ])
     bounces = {normalize_address(parseaddr(r.recipient)[1]): r for r in results if r.suppress}
     if bounces:
-        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-        connection.execute(insert(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"]), [
+        connection.execute(upsert_insert(connection.dialect.name)(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"]), [
             {"email": email, "reason": "hard_bounce", "detail": str(r.reply)[:2000], "source_message_id": r.id,
              "created_at": now}
             for email, r in bounces.items()

@@ -11,7 +11,7 @@ from smartmail.config import get_settings
 from smartmail.db import session_scope, utcnow
 from smartmail.models import Message, MessageState
 from smartmail.sending import publish_delivery
-from smartmail.workers.dispatch import dispatch
+from smartmail.workers.dispatch import dispatch, get_outbox
 
 log = structlog.get_logger("smartmail.maintenance")
 
@@ -72,7 +72,11 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     report = ReconcileReport()
     stale_queued = (Message.state == MessageState.QUEUED.value,
                     Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
-    while ids := _requeue(stale_queued, now):
+    outbox = get_outbox()
+    # While drains are working through a backlog, old `queued` rows are most likely still in it:
+    # pushing them again would only double the backlog. Lost ids are pushed once it is drained.
+    busy = outbox.backlog() > 0 and outbox.active_drains() > 0
+    while not busy and (ids := _requeue(stale_queued, now)):
         publish_delivery(ids)
         report.requeued += len(ids)
         if len(ids) < _PAGE:

@@ -12,12 +12,11 @@ import structlog
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from smartmail import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox, reject_line_breaks
 from smartmail.config import get_settings
-from smartmail.db import get_engine, utcnow
+from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import Message, MessageState, Suppression
 
@@ -110,8 +109,7 @@ def _insert_statement(dialect: str):
     # Core executemany without RETURNING: psycopg pipelines one prepared INSERT per row, ~20 ms per
     # 1,000 rows here, where a multi-row INSERT … RETURNING cost ~200 ms (client-side parsing of a
     # 23,000-placeholder statement). Which rows a conflicting idempotency key skipped is read back.
-    module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(Message.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return upsert_insert(dialect)(Message.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"])
 
 
 def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
