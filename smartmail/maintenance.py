@@ -70,6 +70,7 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     settings = get_settings()
     now = now or utcnow()
     report = ReconcileReport()
+    dispatch([])  # first restart drains for ids that dead drains left in the outbox
     stale_queued = (Message.state == MessageState.QUEUED.value,
                     Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
     outbox = get_outbox()

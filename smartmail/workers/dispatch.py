@@ -80,7 +80,9 @@ class Outbox:
         return self.client.llen(self.keys[0])
 
     def active_drains(self) -> int:
-        return self.client.zcard(self.keys[1])
+        """Drains whose lease has not expired (expired ones are only pruned by the scripts)."""
+        seconds, micros = self.client.time()
+        return self.client.zcount(self.keys[1], seconds * 1000 + micros // 1000, "+inf")
 
 
 @functools.lru_cache(maxsize=1)

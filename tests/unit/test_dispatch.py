@@ -43,6 +43,7 @@ def test_a_large_push_keeps_every_id(outbox):
 def test_a_drain_whose_lease_expired_is_replaced(outbox, monkeypatch):
     monkeypatch.setattr(dispatch, "LEASE_MS", -1)  # every lease is already expired when written
     assert outbox.push(["a"]) == ["1"]
+    assert outbox.active_drains() == 0  # an expired lease is not an active drain
     assert outbox.push(["b"]) == ["2"]  # the first drain is presumed dead: another one starts
 
 
