@@ -17,7 +17,9 @@ import redis
 
 from smartmail.config import get_settings
 
-LEASE_MS = 60_000  # a drain not heard from for this long is presumed dead
+# A drain renews its lease at every batch; one not heard from for this long is presumed dead and
+# replaced. A slow batch that outlives it only means one drain more than the cap for a while.
+LEASE_MS = 15_000
 
 # Push ids; start drains for the backlog, up to the cap; return the new lease ids to publish.
 _ENQUEUE = """
