@@ -10,7 +10,6 @@ from sqlalchemy import select, update
 from smartmail.config import get_settings
 from smartmail.db import session_scope, utcnow
 from smartmail.models import Message, MessageState
-from smartmail.sending import publish_delivery
 from smartmail.workers.dispatch import dispatch, get_outbox
 
 log = structlog.get_logger("smartmail.maintenance")
@@ -48,7 +47,7 @@ def enqueue_due(now: datetime | None = None) -> int:
            Message.next_attempt_at <= now)
     total = 0
     while ids := _requeue(due, now):
-        publish_delivery(ids)
+        dispatch(ids)
         total += len(ids)
         if len(ids) < _PAGE:
             break
@@ -78,7 +77,7 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     # pushing them again would only double the backlog. Lost ids are pushed once it is drained.
     busy = outbox.backlog() > 0 and outbox.active_drains() > 0
     while not busy and (ids := _requeue(stale_queued, now)):
-        publish_delivery(ids)
+        dispatch(ids)
         report.requeued += len(ids)
         if len(ids) < _PAGE:
             break

@@ -19,6 +19,7 @@ from smartmail.config import get_settings
 from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import Message, MessageState, Suppression
+from smartmail.workers.dispatch import dispatch
 
 _MAX_TAGS = 20
 log = structlog.get_logger("smartmail.sending")
@@ -144,7 +145,7 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     with get_engine().begin() as connection:
         results = _store(connection, rows, now)
     try:
-        publish_delivery([r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate])
+        dispatch([r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate])
     except (RedisError, KombuError, OSError) as exc:
         # The rows are committed and the reconciler will dispatch them; raising here would invite
         # the caller to send again.
@@ -207,10 +208,3 @@ def send(to: str, *, template: str | None = None, subject: str | None = None, ht
             "context": context, "from_": from_, "reply_to": reply_to, "headers": headers,
             "tags": list(tags or []), "idempotency_key": idempotency_key, "send_at": send_at}
     return send_many([spec])[0]
-
-
-def publish_delivery(message_ids: Sequence[str]) -> None:
-    """Hand queued message ids to the workers, after the commit that stored them."""
-    from smartmail.workers.dispatch import dispatch
-
-    dispatch(message_ids)
