@@ -19,6 +19,7 @@ from smartmail.mime import build_mime
 from smartmail.models import Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.addresses import normalize_address
+from smartmail.workers.dispatch import dispatch
 from smartmail.workers.transports import Transport, get_transport
 
 log = structlog.get_logger("smartmail.delivery")
@@ -129,8 +130,6 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> D
         except OperationalError:
             # Give back the ids not yet claimed; the outcomes in `pending` are lost and those rows
             # end `unknown` via the reconciler, which is why _record_and_claim retried first.
-            from smartmail.workers.dispatch import dispatch
-
             dispatch(list(message_ids[start:]))
             raise
         for result in pending:
