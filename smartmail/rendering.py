@@ -37,9 +37,9 @@ class Rendered:
     template_version: int | None = None
 
 
-# What the loader may serve right now: the one name _get() asked for (so {% include %} / {% import %}
-# / {% extends %} cannot reach other files), and the caller's session to read it with.
-_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("smartmail_template_requested", default=None)
+# The caller's connection, for the loader to read a database template with (on SQLite a second
+# connection would wait for the write lock). Templates cannot name other templates: MailSandbox
+# refuses include, import and extends when it parses them.
 _session: contextvars.ContextVar = contextvars.ContextVar("smartmail_template_session", default=None)
 
 
@@ -54,8 +54,6 @@ class _StoreLoader(jinja2.BaseLoader):
         self.session_factory = session_factory
 
     def get_source(self, environment, template):
-        if template != _requested.get():
-            raise jinja2.TemplateNotFound(template)
         kind, _, rest = template.partition("/")
         if kind == "db":
             ref, _, part = rest.rpartition("/")
@@ -140,13 +138,12 @@ def _inline(source: str, part: str) -> jinja2.Template:
 
 
 def _get(name: str, session=None) -> jinja2.Template:
-    requested, current = _requested.set(name), _session.set(session)
+    current = _session.set(session)
     try:
         return _environment().get_template(name)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(exc.message or str(exc), template=_display(name), line=exc.lineno) from None
     finally:
-        _requested.reset(requested)
         _session.reset(current)
 
 

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
 
 from smartmail import rendering
-from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox, reject_line_breaks
+from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
 from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.ids import new_id
@@ -75,11 +75,6 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
     context = spec.get("context") or {}
     if not isinstance(context, Mapping):
         raise InvalidMessage("must be a mapping", field=f"{prefix}context")
-    if spec.get("subject") is not None:
-        try:
-            reject_line_breaks(spec["subject"], field=f"{prefix}subject")
-        except AddressError as exc:
-            raise InvalidMessage(exc.reason, field=exc.field) from None
     return {
         "to": to, "sender": sender, "reply_to": reply_to, "headers": headers, "tags": tags,
         "idempotency_key": key, "send_at": send_at, "context": dict(context),
@@ -99,8 +94,8 @@ def _render(connection, prepared: dict[str, Any], settings) -> rendering.Rendere
                                 cache_seconds=settings.template_cache_seconds)
     except rendering.TemplateError as exc:
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
-    except AddressError as exc:  # a rendered subject with a line break in it
-        raise InvalidMessage(f"rendered {exc.reason}", field=f"{prefix}subject") from None
+    except AddressError as exc:  # a subject with a line break in it, as given or as rendered
+        raise InvalidMessage(exc.reason, field=f"{prefix}subject") from None
     except (LookupError, ValueError) as exc:  # TemplateNotFound, bad template reference
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
 
