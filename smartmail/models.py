@@ -85,3 +85,129 @@ class Suppression(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     source_message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# --- Contacts, lists, segments, events and imports (issue 4) ------------------------------------
+# Appended here so Base.metadata (and so Alembic) sees every table; see smartmail/contacts.py.
+
+from sqlalchemy import BigInteger, ForeignKey  # noqa: E402
+from sqlalchemy.dialects.postgresql import JSONB  # noqa: E402
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+# JSONB on PostgreSQL: binary, indexable, and `||` merges objects in upserts.
+_Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class ContactStatus(str, enum.Enum):
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    BLOCKED = "blocked"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Contact(Base):
+    __tablename__ = "contacts"
+    __table_args__ = (Index("ix_contacts_status", "status"), Index("ix_contacts_created_at", "created_at"))
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)  # normalized: lower-case, IDN as A-label
+    status: Mapped[str] = mapped_column(String(16), default=ContactStatus.SUBSCRIBED.value)
+    attributes: Mapped[dict] = mapped_column(_Json, default=dict)
+    timezone: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    locale: Mapped[str | None] = mapped_column(String(35), nullable=True)
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_open_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_click_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The import job that last wrote this row: how a job tells an address repeated later in its
+    # file from one it has not seen, without holding every address of the file in memory.
+    last_import_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
+
+
+class ContactList(Base):
+    __tablename__ = "lists"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ListMembership(Base):
+    __tablename__ = "list_memberships"
+    __table_args__ = (Index("ix_list_memberships_contact_id", "contact_id"),)
+
+    list_id: Mapped[int] = mapped_column(ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="subscribed")  # subscribed | unsubscribed
+    joined_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # api | cli | import:<job id> | …
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        # Segments ask "which contacts had an event of type T since S": an index-only range scan.
+        Index("ix_events_type_occurred_at_contact_id", "type", "occurred_at", "contact_id"),
+        # A contact's own history, and the cascade when a contact is erased.
+        Index("ix_events_contact_id_type_occurred_at", "contact_id", "type", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(String(64))  # open | click | … | a custom name such as order_placed
+    contact_id: Mapped[int | None] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"),
+                                                   nullable=True)
+    message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
+    properties: Mapped[dict] = mapped_column(_Json, default=dict)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Segment(Base):
+    __tablename__ = "segments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    rules: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ImportJob(Base):
+    __tablename__ = "import_jobs"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | running | done | failed
+    path: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # format, mode, mapping, types, list, …
+    list_id: Mapped[int | None] = mapped_column(ForeignKey("lists.id", ondelete="SET NULL"), nullable=True)
+    total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Checkpoint: every row up to here is committed, with its errors, in the same transaction.
+    rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0)  # exists (create only) / missing (update only)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ImportRowError(Base):
+    """One bad row of an import: the downloadable error report is made from these."""
+
+    __tablename__ = "import_errors"
+
+    job_id: Mapped[str] = mapped_column(String(26), ForeignKey("import_jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    row: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 1 = first data row (line after the header)
+    field: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    value: Mapped[str | None] = mapped_column(Text, nullable=True)  # the offending value, truncated

@@ -94,7 +94,8 @@ def database_url(request, tmp_path_factory):
 def _clear_tables(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        for table in ("messages", "suppressions", "templates"):
+        for table in ("import_errors", "import_jobs", "events", "list_memberships", "segments", "lists", "contacts",
+                      "messages", "suppressions", "templates"):
             conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()
 
