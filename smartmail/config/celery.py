@@ -21,6 +21,7 @@ def celery_config(settings: Settings) -> dict:
         "task_routes": {
             "smartmail.drain": {"queue": "transactional"},
             "smartmail.maintenance.*": {"queue": "default"},
+            "smartmail.imports.*": {"queue": "imports"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").

@@ -8,7 +8,8 @@ from smartmail.config import get_settings
 from smartmail.config.celery import celery_config
 from smartmail.logs import configure as configure_logging
 
-app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.maintenance"])
+app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.maintenance",
+                                     "smartmail.tasks.imports"])
 
 
 @app.on_configure.connect
