@@ -6,11 +6,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from email.utils import parseaddr
 
 import structlog
-from sqlalchemy import bindparam, or_, update
+from sqlalchemy import and_, bindparam, or_, update
+from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
 from smartmail.config import get_settings
@@ -19,8 +20,10 @@ from smartmail.mime import build_mime
 from smartmail.models import Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.addresses import normalize_address
-from smartmail.workers.dispatch import dispatch
-from smartmail.workers.transports import Transport, get_transport
+from smartmail.config.policy import Site
+from smartmail.workers.dispatch import dispatch, dispatch_later
+from smartmail.workers.shaping import Hold, Shaper, get_shaper
+from smartmail.workers.transports import AT_CONNECTION_LIMIT, Transport, get_transport
 
 log = structlog.get_logger("smartmail.delivery")
 
@@ -30,7 +33,11 @@ _table = Message.__table__
 # a second worker can never send a message twice.
 _claim = (
     update(_table)
-    .where(_table.c.id.in_(bindparam("ids", expanding=True)), _table.c.state == MessageState.QUEUED.value)
+    # A deferred message whose time has come may be claimed straight from `deferred`: drains get
+    # such ids from the outbox's delayed set (throttled messages, short retries).
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)),
+           or_(_table.c.state == MessageState.QUEUED.value,
+               and_(_table.c.state == MessageState.DEFERRED.value, _table.c.next_attempt_at <= bindparam("now"))))
     .values(state=MessageState.SENDING.value, claimed_at=bindparam("now"), attempts=_table.c.attempts + 1)
     .returning(_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
                _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header,
@@ -45,8 +52,12 @@ _record = (
     .where(_table.c.id == bindparam("b_id"),
            or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value))
     .values(state=bindparam("b_state"), next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_finished"),
-            smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"))
+            smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"),
+            # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
+            attempts=_table.c.attempts - bindparam("b_unattempted"))
 )
+# Waits up to this long are timed in Redis (dispatch_later) rather than left to beat's next round.
+SHORT_WAIT = timedelta(seconds=60)
 
 
 @dataclass
@@ -64,30 +75,49 @@ class _Result:
     next_attempt_at: datetime | None = None
     reason: str | None = None
     suppress: bool = False
+    site: str | None = None
+    attempted: bool = True
 
 
 def retry_schedule() -> RetrySchedule:
+    """The retry schedule when traffic shaping is off (with it on, each site has its own)."""
     s = get_settings()
     return RetrySchedule(s.retry_first_interval, s.retry_backoff_factor, s.retry_max_interval,
                          s.retry_jitter, s.retry_max_age)
 
 
-def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime) -> _Result:
+def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime, site: str | None = None,
+            bounce: bool = False) -> _Result:
     outcome = classify(reply)
     if outcome.verdict is Verdict.SENT:
-        return _Result(row.id, row.recipient, MessageState.SENT, reply)
+        return _Result(row.id, row.recipient, MessageState.SENT, reply, site=site)
     if outcome.verdict is Verdict.UNKNOWN:
-        return _Result(row.id, row.recipient, MessageState.UNKNOWN, reply,
+        return _Result(row.id, row.recipient, MessageState.UNKNOWN, reply, site=site,
                        reason="connection lost after the message was sent; the relay may have accepted it")
+    if bounce:
+        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site,
+                       reason="bounced by a policy response rule")
     if outcome.verdict is Verdict.DEFERRED:
         # The maximum age counts from when the message was due, not when it was created.
         due = schedule.next_attempt(row.attempts, row.send_at or row.created_at, now)
         if due is not None:
-            return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due)
-        return _Result(row.id, row.recipient, MessageState.FAILED, reply,
+            return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due, site=site)
+        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site,
                        reason=f"expired: still deferred after {row.attempts} attempts")
     reason = "hard bounce" if outcome.suppress else "policy rejection" if outcome.policy else "rejected"
-    return _Result(row.id, row.recipient, MessageState.FAILED, reply, reason=reason, suppress=outcome.suppress)
+    return _Result(row.id, row.recipient, MessageState.FAILED, reply, reason=reason, suppress=outcome.suppress,
+                   site=site)
+
+
+def _hold(row, hold: Hold, site: Site, now: datetime) -> _Result:
+    """A message traffic shaping held back: deferred to its slot, or failed once past the site's max age."""
+    due = now + timedelta(seconds=hold.seconds)
+    reply = Reply(None, hold.reason, AT_CONNECTION_LIMIT)
+    if due > (row.send_at or row.created_at) + timedelta(seconds=site.retry.max_age):
+        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site.name, attempted=False,
+                       reason=f"expired: {hold.reason}")
+    return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due, reason=hold.reason,
+                   site=site.name, attempted=False)
 
 
 def _record_results(connection, results: list[_Result], now: datetime) -> None:
@@ -96,7 +126,8 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
     connection.execute(_record, [
         {"b_id": r.id, "b_state": r.state.value, "b_next": r.next_attempt_at,
          "b_finished": None if r.state is MessageState.DEFERRED else now,
-         "b_code": r.reply.code, "b_reply": r.reply.text[:2000], "b_reason": r.reason}
+         "b_code": r.reply.code, "b_reply": r.reply.text[:2000], "b_reason": r.reason,
+         "b_unattempted": 0 if r.attempted else 1}
         for r in results
     ])
     bounces = {normalize_address(parseaddr(r.recipient)[1]): r for r in results if r.suppress}
@@ -108,15 +139,20 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
         ])
 
 
-def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> DeliveryReport:
-    """Send the given messages that are still queued.
+def deliver(message_ids: Sequence[str], transport: Transport | None = None,
+            shaper: Shaper | None = None) -> DeliveryReport:
+    """Send the given messages that are still queued (or deferred and due).
 
     Works in windows of SMARTMAIL_CLAIM_WINDOW messages: one transaction records the outcomes of
     the previous window and claims the next, so a worker killed mid-window leaves at most one
-    window of rows in `sending` (which the reconciler marks `unknown`, never re-sends).
+    window of rows in `sending` (which the reconciler marks `unknown`, never re-sends). With
+    traffic shaping on, each window takes its sites' rate tokens first; messages that may not go
+    yet are deferred to their slot and handed back to the outbox when it comes.
     """
     settings = get_settings()
     transport = transport or get_transport()
+    if shaper is None and settings.shaping:
+        shaper = get_shaper()
     schedule = retry_schedule()
     report = DeliveryReport()
     window = settings.claim_window
@@ -132,16 +168,74 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None) -> D
             # end `unknown` via the reconciler, which is why _record_and_claim retried first.
             dispatch(list(message_ids[start:]))
             raise
-        for result in pending:
-            report.counts[result.state.value] = report.counts.get(result.state.value, 0) + 1
-            log.info("message.outcome", message_id=result.id, state=result.state.value,
-                     smtp_code=result.reply.code, reply=result.reply.text[:200])
+        _after_recording(pending, report, shaper)
         if not ids:
             break
         report.claimed += len(claimed)
-        replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
-        pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
+        if shaper is None:
+            replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
+            pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
+        else:
+            pending = _shaped_window(claimed, transport, shaper, now)
     return report
+
+
+def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime) -> list[_Result]:
+    """Send one window under traffic shaping: tokens per site, then the sends, then the rules."""
+    by_site: dict[str, tuple[Site, list]] = {}
+    for row in claimed:
+        site = shaper.site_for(parseaddr(row.recipient)[1].rpartition("@")[2])
+        by_site.setdefault(site.name, (site, []))[1].append(row)
+    results: list[_Result] = []
+    admitted: list[tuple[object, Site]] = []
+    for site, rows in by_site.values():
+        try:
+            granted, holds = shaper.admit(site, len(rows))
+        except RedisError as exc:
+            # Without the shared limiter no rate can be kept: hold the site's messages briefly.
+            log.error("shaping.limiter_unavailable", site=site.name, error=str(exc))
+            granted, holds = 0, [Hold(5.0, "throttled: rate limiter unavailable")] * len(rows)
+        admitted += [(row, site) for row in rows[:granted]]
+        results += [_hold(row, hold, site, now) for row, hold in zip(rows[granted:], holds)]
+    replies = _sending_pool().map(lambda pair: _send_one(transport, pair[0], pair[1]), admitted)
+    reacted: set[str] = set()
+    for (row, site), reply in zip(admitted, replies):
+        if reply.stage == AT_CONNECTION_LIMIT:
+            results.append(_hold(row, shaper.connection_hold(site), site, utcnow()))
+            continue
+        bounce = False
+        if reply.code is not None and reply.code // 100 != 2:
+            try:
+                bounce = shaper.react(site, reply, reacted) == "bounce"
+            except RedisError as exc:
+                log.error("shaping.rule_not_applied", site=site.name, error=str(exc), reply=str(reply)[:200])
+        results.append(_decide(row, reply, site.retry, utcnow(), site.name, bounce))
+    return results
+
+
+def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Shaper | None) -> None:
+    """Once a window's outcomes are committed: count and log them, and time the short waits."""
+    counts: dict[str, dict[str, int]] = {}
+    soon = utcnow() + SHORT_WAIT
+    wake = []
+    for result in results:
+        state = result.state.value
+        report.counts[state] = report.counts.get(state, 0) + 1
+        if result.site:
+            counter = state if result.attempted else "throttled"
+            by_site = counts.setdefault(result.site, {})
+            by_site[counter] = by_site.get(counter, 0) + 1
+        if result.attempted:
+            log.info("message.outcome", message_id=result.id, state=state, smtp_code=result.reply.code,
+                     reply=result.reply.text[:200], site=result.site)
+        if result.next_attempt_at is not None and result.next_attempt_at <= soon:
+            wake.append((result.id, result.next_attempt_at.replace(tzinfo=timezone.utc).timestamp()))
+    try:
+        dispatch_later(wake)
+        if shaper is not None:
+            shaper.throttle.count(counts)
+    except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due
+        log.error("dispatch.later_failed", error=str(exc), count=len(wake))
 
 
 def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: datetime, attempts: int = 4):
@@ -160,7 +254,7 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
     return []
 
 
-def _send_one(transport: Transport, row) -> Reply:
+def _send_one(transport: Transport, row, site: Site | None = None) -> Reply:
     try:
         data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
                           html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
@@ -169,7 +263,7 @@ def _send_one(transport: Transport, row) -> Reply:
         return Reply(554, f"5.6.0 message could not be built: {exc}", "build")
     try:
         # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-        return transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data)
+        return transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data, site)
     except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's other outcomes
         log.exception("transport.error", message_id=row.id)
         return Reply(None, f"transport error: {exc!r}", "data")

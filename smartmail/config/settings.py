@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     dispatch_drains: int = Field(4, ge=1, le=1000)
     claim_window: int = Field(10, ge=1, le=1000)
 
+    # Traffic shaping (see policy.toml): off sends without rate, connection or rule checks.
+    shaping: bool = True
+    policy_file: Path | None = None  # default: the policy.toml shipped in smartmail/config/
+    policy_check_interval: float = Field(1.0, ge=0)
+    smtp_idle_timeout: float = Field(5.0, gt=0)  # an idle pooled connection is closed after this
+
     log_level: str = "INFO"
     log_format: Literal["console", "json"] = "console"
 

@@ -12,6 +12,9 @@ from smartmail.workers.dispatch import get_outbox, publish_drains
           max_retries=5)
 def drain(lease: str) -> None:
     ids = get_outbox().pop(lease)
+    if isinstance(ids, float):  # this drain times the waiting ids: back when the first is due
+        drain.apply_async((lease,), countdown=ids)
+        return
     if not ids:
         return
     # Publish the follow-up first: while this batch is delivered, another worker process can

@@ -21,17 +21,34 @@ from smartmail.config import get_settings
 # replaced. A slow batch that outlives it only means one drain more than the cap for a while.
 LEASE_MS = 15_000
 
-# Push ids; start drains for the backlog, up to the cap; return the new lease ids to publish.
-_ENQUEUE = """
+# Ids whose wait has ended move from the delayed set to the outbox list (at most 5,000 per call).
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 5000)
+if #due > 0 then
+  redis.call('ZREM', KEYS[4], unpack(due))
+  redis.call('RPUSH', KEYS[1], unpack(due))
+end
+"""
+
+_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Push ids; start drains for the backlog, up to the cap, and one for waiting ids when no drain
+# is timing them; return the new lease ids to publish.
+_ENQUEUE = _NOW + """
 for i = 4, #ARGV, 4000 do
   redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
 end
+""" + _MOVE_DUE + """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local backlog = redis.call('LLEN', KEYS[1])
 local active = redis.call('ZCARD', KEYS[2])
 local wanted = math.min(tonumber(ARGV[1]), math.ceil(backlog / tonumber(ARGV[3]))) - active
+if wanted < 1 and active == 0 and redis.call('ZCARD', KEYS[4]) > 0 and redis.call('EXISTS', KEYS[5]) == 0 then
+  wanted = 1
+end
 local leases = {}
 for i = 1, wanted do
   local lease = tostring(redis.call('INCR', KEYS[3]))
@@ -41,19 +58,31 @@ end
 return leases
 """
 
-# Pop a batch for a drain and renew its lease; with nothing left, end the lease in the same step,
-# so an enqueue either sees this drain still active (and its ids get popped) or starts a new one.
-_POP = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+# Pop a batch for a drain and renew its lease. With nothing to pop, end the lease in the same
+# step (so an enqueue either sees this drain still active, or starts a new one); and if ids are
+# waiting and no drain is timing them, this drain becomes the timer: it returns {'wait', ms}
+# and comes back (a Celery countdown) when the first of them is due.
+_POP = _NOW + _MOVE_DUE + """
 local ids = redis.call('LPOP', KEYS[1], tonumber(ARGV[3]))
-if not ids then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return {}
+if ids then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+  return ids
 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-return ids
+redis.call('ZREM', KEYS[2], ARGV[1])
+local timer = redis.call('GET', KEYS[5])
+if timer == ARGV[1] then redis.call('DEL', KEYS[5]); timer = false end
+local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if #first > 0 and not timer then
+  local wait = math.min(math.max(tonumber(first[2]) - now, 0), tonumber(ARGV[4]))
+  redis.call('SET', KEYS[5], ARGV[1], 'PX', wait + tonumber(ARGV[2]))
+  return {'wait', tostring(wait)}
+end
+return {}
 """
+
+# The longest a timer drain sleeps before looking again (a Celery countdown, far below the
+# broker's visibility timeout); the beat job also restarts timing if the timer drain died.
+MAX_TIMER_MS = 30_000
 
 
 class Outbox:
@@ -61,7 +90,8 @@ class Outbox:
 
     def __init__(self, client: redis.Redis, prefix: str = "", max_drains: int = 4, batch_size: int = 100) -> None:
         self.client = client
-        self.keys = [f"{prefix}smartmail:outbox", f"{prefix}smartmail:outbox:drains", f"{prefix}smartmail:outbox:lease"]
+        base = f"{prefix}smartmail:outbox"
+        self.keys = [base, f"{base}:drains", f"{base}:lease", f"{base}:delayed", f"{base}:timer"]
         self.max_drains = max_drains
         self.batch_size = batch_size
         self._enqueue = client.register_script(_ENQUEUE)
@@ -73,13 +103,26 @@ class Outbox:
         leases = self._enqueue(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *ids])
         return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
 
-    def pop(self, lease: str) -> list[str]:
-        """The next batch for the drain holding `lease`; empty means the drain is done."""
-        ids = self._pop(keys=self.keys[:2], args=[lease, LEASE_MS, self.batch_size])
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+    def push_later(self, due: Sequence[tuple[str, float]]) -> None:
+        """Hold ids until their time (epoch seconds) and then hand them to drains: for waits too
+        short for beat's schedule (throttled messages, quick retries)."""
+        if due:
+            self.client.zadd(self.keys[3], {message_id: int(at * 1000) for message_id, at in due})
+
+    def pop(self, lease: str) -> list[str] | float:
+        """The next batch for the drain holding `lease`; empty means the drain is done; a number
+        means: come back in that many seconds, ids are waiting."""
+        ids = self._pop(keys=self.keys, args=[lease, LEASE_MS, self.batch_size, MAX_TIMER_MS])
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        if ids and ids[0] == "wait":
+            return int(ids[1]) / 1000
+        return ids
 
     def backlog(self) -> int:
         return self.client.llen(self.keys[0])
+
+    def waiting(self) -> int:
+        return self.client.zcard(self.keys[3])
 
     def active_drains(self) -> int:
         """Drains whose lease has not expired (expired ones are only pruned by the scripts)."""
@@ -92,6 +135,11 @@ def get_outbox() -> Outbox:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     return Outbox(client, settings.redis_key_prefix, settings.dispatch_drains, settings.batch_size)
+
+
+def dispatch_later(due: Sequence[tuple[str, float]]) -> None:
+    """Hand committed, deferred message ids to the workers when due (epoch seconds)."""
+    get_outbox().push_later(due)
 
 
 def dispatch(message_ids: Sequence[str]) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import structlog
 
+from smartmail.config.policy import Site
 from smartmail.config.settings import Settings, SmtpUrl
 from smartmail.outcomes import Reply
 
@@ -21,17 +22,40 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 class Transport(Protocol):
-    """Hands one message to the next hop and reports the reply; never raises for delivery failures."""
+    """Hands one message to the next hop and reports the reply; never raises for delivery failures.
+    `site` (traffic shaping) selects the connection pool and its limits; None means no limits."""
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply: ...
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply: ...
 
     def close(self) -> None: ...
 
 
+class ConnectionGate(Protocol):
+    """Cross-process connection limits per site (limiter.SiteThrottle implements it in Redis)."""
+
+    lease_ms: int
+
+    def lease_connection(self, site: Site, lease: str) -> bool: ...
+
+    def renew_connections(self, site_name: str, leases: list[str]) -> list[str]: ...
+
+    def release_connection(self, site_name: str, lease: str) -> None: ...
+
+
+# The reply for a message that found its site at the connection limit in every process: it was
+# not attempted, and delivery puts it back to wait (see delivery.py).
+AT_CONNECTION_LIMIT = "throttled"
+
+
 class _Connection:
-    def __init__(self, smtp: smtplib.SMTP) -> None:
+    def __init__(self, smtp: smtplib.SMTP, pool: str, lease: str | None, max_messages: int) -> None:
         self.smtp = smtp
+        self.pool = pool
+        self.lease = lease
+        self.max_messages = max_messages
         self.sent = 0
+        self.idle_since = 0.0
+        self.retired = False
 
 
 def _reply_text(response: bytes | str) -> str:
@@ -41,21 +65,31 @@ def _reply_text(response: bytes | str) -> str:
 class SmtpTransport:
     """SMTP client that reuses connections across messages (RSET after a failed transaction).
 
-    A connection is retired after `max_messages_per_connection` transactions, as relays limit
-    them. A pooled connection the relay has closed meanwhile is replaced once, transparently,
-    when that is noticed before DATA started — never after, so nothing is sent twice.
+    Connections are pooled per site. A connection is retired after the site's
+    `max_messages_per_connection` transactions, as relays limit them, and closed after
+    `idle_timeout` seconds unused. A pooled connection the relay has closed meanwhile is replaced
+    once, transparently, when that is noticed before DATA started — never after, so nothing is
+    sent twice. With a `gate`, every open connection holds a lease on its site's
+    `max_connections` across all processes; a background thread renews the leases of open
+    connections, so those of a process that died expire on their own.
     """
 
     def __init__(self, url: SmtpUrl, *, timeout: float = 30.0, max_messages_per_connection: int = 100,
-                 local_hostname: str | None = None, max_idle: int = 8) -> None:
+                 local_hostname: str | None = None, max_idle: int = 8, idle_timeout: float = 5.0,
+                 gate: ConnectionGate | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.max_messages = max_messages_per_connection
         self.local_hostname = local_hostname
         self.max_idle = max_idle
-        self._idle: list[_Connection] = []
-        self._lock = threading.Lock()
+        self.idle_timeout = idle_timeout
+        self.gate = gate
+        self._idle: dict[str, list[_Connection]] = {}
+        self._busy: dict[str, set[_Connection]] = {}
+        self._lock = threading.Condition()
         self._context: ssl.SSLContext | None = None
+        self._sweeper: threading.Thread | None = None
+        self._closed = threading.Event()
         self.connections_opened = 0
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -64,7 +98,7 @@ class SmtpTransport:
             self._context = ssl.create_default_context()
         return self._context
 
-    def _open(self) -> _Connection:
+    def _connect(self) -> smtplib.SMTP:
         context = self._tls_context() if self.url.tls != "none" else None
         if self.url.tls == "ssl":
             smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.url.host, self.url.port, local_hostname=self.local_hostname,
@@ -85,53 +119,107 @@ class SmtpTransport:
         except BaseException:
             smtp.close()
             raise
-        self.connections_opened += 1
-        return _Connection(smtp)
+        return smtp
 
-    def _acquire(self) -> tuple[_Connection, bool]:
+    def _open(self, site: Site | None) -> _Connection | None:
+        """A new connection for the site, or None when the site is at its connection limit."""
+        pool = site.name if site else ""
+        lease = None
+        if site is not None and self.gate is not None:
+            lease = uuid.uuid4().hex
+            if not self.gate.lease_connection(site, lease):
+                return None
+        self._start_sweeper()
+        try:
+            conn = _Connection(self._connect(), pool, lease,
+                               site.max_messages_per_connection if site else self.max_messages)
+        except BaseException:
+            if lease:
+                self.gate.release_connection(pool, lease)
+            raise
         with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        return self._open(), False
+            self.connections_opened += 1
+            self._busy.setdefault(pool, set()).add(conn)
+        return conn
+
+    def _acquire(self, site: Site | None) -> tuple[_Connection | None, bool]:
+        """An idle pooled connection, else a new one, else (None, False) at the site's limit. While
+        this process's own connections to the site are all busy, wait for one of them: they free
+        up within a transaction, where other processes' may not for seconds."""
+        pool = site.name if site else ""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self._lock:
+                idle = self._idle.get(pool)
+                if idle:
+                    conn = idle.pop()
+                    self._busy.setdefault(pool, set()).add(conn)
+                    return conn, True
+            conn = self._open(site)
+            if conn is not None:
+                return conn, False
+            with self._lock:
+                if not self._busy.get(pool) or time.monotonic() > deadline:
+                    return None, False
+                self._lock.wait(0.05)
 
     def _release(self, conn: _Connection) -> None:
-        if conn.sent >= self.max_messages:
-            self._quit(conn)
-            return
         with self._lock:
-            if len(self._idle) < self.max_idle:
-                self._idle.append(conn)
+            self._busy.get(conn.pool, set()).discard(conn)
+            idle = self._idle.setdefault(conn.pool, [])
+            if not conn.retired and conn.sent < conn.max_messages and len(idle) < self.max_idle:
+                conn.idle_since = time.monotonic()
+                idle.append(conn)
+                self._lock.notify_all()
                 return
         self._quit(conn)
 
-    @staticmethod
-    def _quit(conn: _Connection) -> None:
+    def _forget(self, conn: _Connection) -> None:
+        """A connection that closed: drop it from the books and give back its lease."""
+        with self._lock:
+            self._busy.get(conn.pool, set()).discard(conn)
+            self._lock.notify_all()
+        if conn.lease and self.gate is not None:
+            try:
+                self.gate.release_connection(conn.pool, conn.lease)
+            except Exception:  # noqa: BLE001 - an unreleased lease only expires later
+                log.warning("smtp.lease_release_failed", site=conn.pool)
+
+    def _quit(self, conn: _Connection) -> None:
         try:
             conn.smtp.quit()
         except (smtplib.SMTPException, OSError):
             conn.smtp.close()
+        self._forget(conn)
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def _drop(self, conn: _Connection) -> None:
+        conn.smtp.close()
+        self._forget(conn)
+
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
         if not (sender.isascii() and recipient.isascii()):
             # Non-ASCII addresses need SMTPUTF8 (RFC 6531 section 3.7.4.1), which we do not use.
             return Reply(553, "5.6.7 non-ASCII address requires SMTPUTF8, which SmartMail does not use")
         for attempt in range(2):
             try:
                 # A retry opens a fresh connection: the other idle ones may be just as dead.
-                conn, reused = self._acquire() if attempt == 0 else (self._open(), False)
+                conn, reused = self._acquire(site) if attempt == 0 else (self._open(site), False)
             except smtplib.SMTPResponseException as exc:
                 # A refusal while setting up the session (421/554 greeting, 535 AUTH) is about the
                 # relay or our credentials, not this message: report no reply, so it is deferred.
                 return Reply(None, f"session setup refused: {exc.smtp_code} {_reply_text(exc.smtp_error)}")
             except (smtplib.SMTPException, OSError) as exc:
                 return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
+            if conn is None:
+                return Reply(None, f"site {site.name} is at its limit of {site.max_connections} connections",
+                             AT_CONNECTION_LIMIT)
             stage = "mail"
             try:
                 code, response = conn.smtp.mail(sender)
                 if code == 421 and reused:
                     # RFC 5321 section 3.8: 421 closes the session; on a pooled idle connection it is
                     # the relay's idle timeout, so try once more on a fresh connection.
-                    conn.smtp.close()
+                    self._drop(conn)
                     continue
                 if code == 250:
                     stage = "rcpt"
@@ -147,7 +235,7 @@ class SmtpTransport:
                     # that hung up after answering must not turn its answer into "connection lost".
                     self._safe_rset(conn)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
-                conn.smtp.close()
+                self._drop(conn)
                 if reused and stage == "mail":
                     continue  # the relay closed an idle pooled connection; open a fresh one
                 return Reply(None, f"connection lost at {stage.upper()}: {exc}", stage)
@@ -174,13 +262,68 @@ class SmtpTransport:
         try:
             conn.smtp.rset()
         except (smtplib.SMTPException, OSError):
-            conn.sent = self.max_messages  # retire it on release
+            conn.retired = True  # closed on release
+
+    # --- Housekeeping: idle connections close, leases of open ones stay renewed -----------------
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or not self._sweeper.is_alive():
+            with self._lock:
+                if self._sweeper is None or not self._sweeper.is_alive():
+                    self._closed.clear()
+                    self._sweeper = threading.Thread(target=self._sweep_forever, name="smtp-sweeper", daemon=True)
+                    self._sweeper.start()
+
+    def _sweep_forever(self) -> None:
+        renew_every = self.gate.lease_ms / 3000 if self.gate else 10.0
+        last_renewal = time.monotonic()
+        while not self._closed.wait(min(1.0, self.idle_timeout / 2)):
+            try:
+                self.close_idle(time.monotonic() - self.idle_timeout)
+                if time.monotonic() - last_renewal >= renew_every:
+                    last_renewal = time.monotonic()
+                    self.renew_leases()
+            except Exception:  # noqa: BLE001 - keep sweeping; Redis may be back next time
+                log.warning("smtp.sweep_failed", exc_info=True)
+
+    def close_idle(self, idle_before: float = float("inf")) -> None:
+        """Close pooled connections idle since before `idle_before` (monotonic); all by default."""
+        with self._lock:
+            stale = [c for idle in self._idle.values() for c in idle if c.idle_since < idle_before]
+            for pool, idle in self._idle.items():
+                self._idle[pool] = [c for c in idle if c.idle_since >= idle_before]
+        for conn in stale:
+            self._quit(conn)
+
+    def renew_leases(self) -> None:
+        if self.gate is None:
+            return
+        with self._lock:
+            by_site: dict[str, list[_Connection]] = {}
+            for conn in [c for idle in self._idle.values() for c in idle] + [c for b in self._busy.values() for c in b]:
+                if conn.lease:
+                    by_site.setdefault(conn.pool, []).append(conn)
+        for site_name, conns in by_site.items():
+            lost = set(self.gate.renew_connections(site_name, [c.lease for c in conns]))
+            for conn in conns:
+                if conn.lease in lost:
+                    # Another process may hold this permit now: stop using the connection.
+                    log.warning("smtp.lease_lost", site=site_name)
+                    conn.lease = None
+                    conn.retired = True
+        self.close_idle_retired()
+
+    def close_idle_retired(self) -> None:
+        with self._lock:
+            retired = [c for idle in self._idle.values() for c in idle if c.retired]
+            for pool, idle in self._idle.items():
+                self._idle[pool] = [c for c in idle if not c.retired]
+        for conn in retired:
+            self._quit(conn)
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            self._quit(conn)
+        self._closed.set()
+        self.close_idle()
 
 
 class FileTransport:
@@ -190,7 +333,7 @@ class FileTransport:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}-{recipient.replace('/', '_')}.eml"
         with open(self.directory / name, "xb") as out:  # never overwrite another message
             out.write(data)
@@ -206,7 +349,7 @@ class ConsoleTransport:
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stdout
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
         self.stream.write(f"--- message from {sender} to {recipient}\n{data.decode('utf-8', 'replace')}\n")
         self.stream.flush()
         return Reply(250, "2.0.0 printed")
@@ -221,7 +364,7 @@ class MemoryTransport:
     def __init__(self) -> None:
         self.outbox: list[tuple[str, str, bytes]] = []
 
-    def send(self, sender: str, recipient: str, data: bytes) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
         self.outbox.append((sender, recipient, data))
         return Reply(250, "2.0.0 stored in memory")
 
@@ -230,10 +373,13 @@ class MemoryTransport:
 
 
 def build_transport(settings: Settings) -> Transport:
+    from smartmail.workers.limiter import make_throttle
+
     if settings.transport == "smtp":
         return SmtpTransport(settings.smtp, timeout=settings.smtp_timeout,
                              max_messages_per_connection=settings.smtp_max_messages_per_connection,
-                             local_hostname=settings.smtp_local_hostname, max_idle=settings.smtp_parallelism)
+                             local_hostname=settings.smtp_local_hostname, max_idle=settings.smtp_parallelism,
+                             idle_timeout=settings.smtp_idle_timeout, gate=make_throttle(settings) if settings.shaping else None)
     if settings.transport == "file":
         return FileTransport(settings.file_transport_dir)
     if settings.transport == "console":

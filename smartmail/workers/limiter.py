@@ -1,0 +1,228 @@
+"""Shared per-site traffic state in Redis: a GCRA rate limiter, connection leases, slow-downs, suspensions and counters."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import redis
+
+from smartmail.config import Settings, get_settings
+from smartmail.config.policy import Rule, Site
+
+# GCRA (the generic cell rate algorithm, as in redis-cell and KumoMTA's throttles): one key per
+# site holds the theoretical arrival time (TAT) of the next message, in microseconds of Redis'
+# own clock, so every worker on every machine shares one bucket and one clock. A site allows
+# `burst` messages back to back, then one every `interval`; in any window of W seconds at most
+# burst + rate * W messages pass. Taking n tokens at once grants as many as are due now, and says
+# exactly when the next one will be (retry_after). A suspension or slow-down, when present,
+# overrides the configured pace in the same call.
+#
+# Messages refused now are spread over future slots (the "promise" key) so that, when they come
+# back, they do not all race for the same token; the GCRA check at send time stays the authority.
+_ACQUIRE = """
+local now
+if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
+  local t = redis.call('TIME'); now = tonumber(t[1]) * 1000000 + tonumber(t[2]) end
+local n = tonumber(ARGV[1])
+local suspended = redis.call('PTTL', KEYS[3])
+if suspended > 0 then return {0, suspended * 1000, suspended * 1000, 0} end
+local interval = tonumber(ARGV[2])
+local slow = tonumber(redis.call('GET', KEYS[2]) or '0')
+if slow > interval then interval = slow end
+if interval <= 0 then return {n, 0, 0, 0} end
+local capacity = tonumber(ARGV[3]) * interval
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local granted = math.floor((capacity - (tat - now)) / interval)
+if granted > n then granted = n end
+if granted < 0 then granted = 0 end
+tat = tat + granted * interval
+if granted > 0 then
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+local retry_after = tat + interval - capacity - now
+if retry_after < 0 then retry_after = 0 end
+local first = 0
+local rest = n - granted
+if rest > 0 then
+  local promised = tonumber(redis.call('GET', KEYS[4]) or '0')
+  local start = now + retry_after
+  if promised > start then start = promised end
+  local last = start + rest * interval
+  redis.call('SET', KEYS[4], string.format('%.0f', last), 'PX', math.ceil((last - now) / 1000) + 1000)
+  first = start - now
+end
+return {granted, retry_after, first, interval}
+"""
+
+# A connection lease: granted while fewer than max unexpired leases exist for the site.
+_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"""
+
+# Extend leases still held; return those already lost (expired, so maybe re-granted elsewhere).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = {}
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) > now then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return lost
+"""
+
+# Arm a slow-down (value: interval in µs; the slower one wins) or a suspension (value: the reply)
+# for ttl ms. Returns 1 when this changed the site's state, 0 when it only extended it.
+_ARM = """
+local current = redis.call('GET', KEYS[1])
+local changed = 1
+if current then
+  changed = 0
+  if ARGV[3] == 'slow' and tonumber(ARGV[1]) > tonumber(current) then changed = 1 end
+end
+if changed == 1 or ARGV[3] ~= 'slow' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return changed
+"""
+
+COUNTERS = ("sent", "deferred", "failed", "throttled", "unknown")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Tokens taken now, and when the rest may go: `retry_after` is exact for the next token;
+    message i of those refused is best retried at `first_wait + i * spacing` seconds from now."""
+
+    granted: int
+    retry_after: float
+    first_wait: float
+    spacing: float
+    suspended: bool = False
+
+
+@dataclass(frozen=True)
+class SiteState:
+    slowed_rate: float | None     # messages/s while a slow-down is active
+    slowed_for: float | None      # seconds left
+    suspended_for: float | None
+    suspended_reason: str | None
+    connections: int
+    counters: dict[str, int]
+
+
+def interval_us(rate: float | None) -> int:
+    return 0 if rate is None else max(1, round(1_000_000 / rate))
+
+
+class SiteThrottle:
+    """The Redis side of traffic shaping; `client` is any redis-py client (unit tests pass fakeredis)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "", lease_ms: int = 30_000) -> None:
+        self.client = client
+        self.prefix = f"{prefix}smartmail:site:"
+        self.lease_ms = lease_ms
+        self._acquire = client.register_script(_ACQUIRE)
+        self._lease = client.register_script(_LEASE)
+        self._renew = client.register_script(_RENEW)
+        self._arm = client.register_script(_ARM)
+
+    def _key(self, site: str, part: str) -> str:
+        return f"{self.prefix}{site}:{part}"
+
+    def acquire(self, site: Site, n: int, *, now_us: int | None = None) -> Grant:
+        """Take up to n send tokens for the site in one round trip (now_us: a clock for tests)."""
+        keys = [self._key(site.name, k) for k in ("tat", "slow", "suspend", "promise")]
+        granted, retry_after, first, interval = self._acquire(
+            keys=keys, args=[n, interval_us(site.rate), site.burst, "" if now_us is None else now_us])
+        suspended = granted == 0 and interval == 0 and retry_after > 0
+        return Grant(int(granted), retry_after / 1e6, first / 1e6, interval / 1e6, suspended)
+
+    # Connection leases (a semaphore per site whose permits expire with a worker that died).
+    def lease_connection(self, site: Site, lease: str) -> bool:
+        return bool(self._lease(keys=[self._key(site.name, "connections")],
+                                args=[site.max_connections, lease, self.lease_ms]))
+
+    def renew_connections(self, site_name: str, leases: list[str]) -> list[str]:
+        """Extend the given leases; return those lost (their connections must close)."""
+        lost = self._renew(keys=[self._key(site_name, "connections")], args=[self.lease_ms, *leases])
+        return [x.decode() if isinstance(x, bytes) else x for x in lost]
+
+    def release_connection(self, site_name: str, lease: str) -> None:
+        self.client.zrem(self._key(site_name, "connections"), lease)
+
+    # Response rules.
+    def apply_rule(self, site: Site, rule: Rule, reply_text: str) -> bool:
+        """Arm the rule's slow-down or suspension for every worker; True when it changed the site."""
+        ttl = max(1, int(rule.duration * 1000))
+        if rule.action == "slow":
+            rate = site.slowed_rate(rule)
+            if rate is None:
+                return False
+            return bool(self._arm(keys=[self._key(site.name, "slow")], args=[interval_us(rate), ttl, "slow"]))
+        if rule.action == "suspend":
+            return bool(self._arm(keys=[self._key(site.name, "suspend")], args=[reply_text[:500], ttl, "suspend"]))
+        return False
+
+    def count(self, counts: dict[str, dict[str, int]]) -> None:
+        """Add outcome counts per site (site → counter → n) in one pipeline."""
+        if not counts:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for site_name, by_state in counts.items():
+                for counter, n in by_state.items():
+                    pipe.hincrby(self._key(site_name, "counters"), counter, n)
+            pipe.execute()
+
+    def state(self, site_name: str) -> SiteState:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self._key(site_name, "slow"))
+            pipe.pttl(self._key(site_name, "slow"))
+            pipe.get(self._key(site_name, "suspend"))
+            pipe.pttl(self._key(site_name, "suspend"))
+            pipe.time()
+            pipe.zrange(self._key(site_name, "connections"), 0, -1, withscores=True)
+            pipe.hgetall(self._key(site_name, "counters"))
+            slow, slow_ttl, suspend, suspend_ttl, (seconds, micros), leases, counters = pipe.execute()
+        now_ms = seconds * 1000 + micros // 1000
+        return SiteState(
+            slowed_rate=1_000_000 / int(slow) if slow else None,
+            slowed_for=slow_ttl / 1000 if slow else None,
+            suspended_for=suspend_ttl / 1000 if suspend else None,
+            suspended_reason=suspend.decode("utf-8", "replace") if suspend else None,
+            connections=sum(1 for _, score in leases if score > now_ms),
+            counters={k.decode(): int(v) for k, v in counters.items()},
+        )
+
+    def known_sites(self) -> set[str]:
+        """Sites with any state in Redis (for the status view of domains no policy site names)."""
+        names = set()
+        for key in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
+            key = key.decode() if isinstance(key, bytes) else key
+            names.add(key[len(self.prefix):].rsplit(":", 1)[0])
+        return names
+
+
+def make_throttle(settings: Settings) -> SiteThrottle:
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    return SiteThrottle(client, settings.redis_key_prefix)
+
+
+@functools.lru_cache(maxsize=1)
+def get_throttle() -> SiteThrottle:
+    return make_throttle(get_settings())

@@ -1,0 +1,125 @@
+"""Traffic shaping on the send path: which site a recipient belongs to, how many of a window may go now, and what replies change."""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from smartmail.config.policy import Policy, Site, get_policy
+from smartmail.outcomes import Reply
+from smartmail.workers.limiter import SiteThrottle, get_throttle
+
+log = structlog.get_logger("smartmail.shaping")
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A message that may not go now: wait `seconds`, then try again (not counted as an attempt)."""
+
+    seconds: float
+    reason: str
+
+
+class MxResolver:
+    """MX host names of a domain via dnspython, cached per process (failures too, briefly)."""
+
+    def __init__(self, timeout: float = 2.0, cache_seconds: float = 3600.0,
+                 lookup: Callable[[str, float], list[str]] | None = None) -> None:
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self._lookup = lookup or _dns_mx
+        self._cache: dict[str, tuple[float, list[str]]] = {}
+
+    def __call__(self, domain: str) -> list[str]:
+        cached = self._cache.get(domain)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            hosts, ttl = self._lookup(domain, self.timeout), self.cache_seconds
+        except Exception as exc:  # noqa: BLE001 - no MX answer: the domain stays a site of its own
+            log.info("mx.lookup_failed", domain=domain, error=str(exc))
+            hosts, ttl = [], min(self.cache_seconds, 300.0)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[domain] = (time.monotonic() + ttl, hosts)
+        return hosts
+
+
+def _dns_mx(domain: str, timeout: float) -> list[str]:
+    import dns.resolver
+
+    answer = dns.resolver.resolve(domain, "MX", lifetime=timeout)
+    return [str(r.exchange).rstrip(".").lower() for r in sorted(answer, key=lambda r: r.preference)]
+
+
+class Shaper:
+    """The per-process front of traffic shaping; policy and Redis state are shared by all workers."""
+
+    def __init__(self, throttle: SiteThrottle, policy: Callable[[], Policy] = get_policy,
+                 resolver: MxResolver | None = None) -> None:
+        self.throttle = throttle
+        self.policy = policy
+        self.resolver = resolver
+
+    def site_for(self, domain: str) -> Site:
+        """The site a recipient domain belongs to: listed in the policy, else by MX suffix when MX
+        look-ups are on, else a site of its own with the default limits."""
+        policy = self.policy()
+        domain = domain.lower().rstrip(".")
+        site = policy.site_for_domain(domain)
+        if site is None and policy.mx.enabled and policy.mx_suffixes:
+            if self.resolver is None or self.resolver.timeout != policy.mx.timeout:
+                self.resolver = MxResolver(policy.mx.timeout, policy.mx.cache_seconds)
+            site = policy.site_for_mx(self.resolver(domain))
+        return site or policy.unknown_site(domain)
+
+    def admit(self, site: Site, count: int) -> tuple[int, list[Hold]]:
+        """How many of `count` messages for the site may go now, and a hold for each of the rest,
+        spread over the site's coming token times."""
+        grant = self.throttle.acquire(site, count)
+        if grant.suspended:
+            reason = f"site {site.name} suspended"
+        else:
+            rate = f"{1 / grant.spacing:g}/s" if grant.spacing else "unlimited"
+            reason = f"throttled: site {site.name} at {rate}"
+        holds = [Hold(grant.first_wait + i * grant.spacing, reason) for i in range(count - grant.granted)]
+        return grant.granted, holds
+
+    @staticmethod
+    def connection_hold(site: Site) -> Hold:
+        # Connections free up within a transaction or two elsewhere; jitter keeps the waiting
+        # messages of several workers from coming back at the same instant.
+        return Hold(random.uniform(0.2, 1.0), f"throttled: site {site.name} at {site.max_connections} connections")
+
+    def react(self, site: Site, reply: Reply, reacted: set[str]) -> str | None:
+        """Apply the first response rule the reply matches, for every worker at once; returns the
+        action when it concerns this message (`bounce`), else None. `reacted` holds the sites
+        already acted on in this window: one Redis call per site and window is enough."""
+        rule = site.rule_for(reply)
+        if rule is None:
+            return None
+        if rule.action == "bounce":
+            return "bounce"
+        if site.name in reacted:
+            return None
+        reacted.add(site.name)
+        if self.throttle.apply_rule(site, rule, str(reply)):
+            if rule.action == "slow":
+                log.warning("site.slowed", site=site.name, rate=site.slowed_rate(rule), seconds=rule.duration,
+                            reply=str(reply)[:300])
+            else:
+                log.warning("site.suspended", site=site.name, seconds=rule.duration, reply=str(reply)[:300])
+        return None
+
+
+_shaper: Shaper | None = None
+
+
+def get_shaper() -> Shaper:
+    global _shaper
+    if _shaper is None:
+        _shaper = Shaper(get_throttle())
+    return _shaper
