@@ -168,10 +168,13 @@ def smtp_server():
 
 def reset_caches() -> None:
     from smartmail import db, rendering, template_store
-    from smartmail.config import settings
-    from smartmail.workers import dispatch, transports
+    from smartmail.config import policy, settings
+    from smartmail.workers import dispatch, limiter, shaping, transports
 
     settings.get_settings.cache_clear()
+    policy.forget_policy()
+    limiter.get_throttle.cache_clear()
+    shaping._shaper = None
     if db.get_engine.cache_info().currsize:
         db.get_engine().dispose()
     db.get_engine.cache_clear()
