@@ -16,3 +16,24 @@ def __getattr__(name: str):
 
         return status
     raise AttributeError(name)
+
+
+# Contacts, lists, imports and segments (issue 4).
+__all__ += ["track", "contacts", "imports", "segments"]
+_AUDIENCE_MODULES = ("contacts", "imports", "segments", "exports")
+
+
+def _audience_getattr(name: str):
+    import importlib
+
+    if name == "track":
+        from smartmail.contacts import track
+
+        return track
+    if name in _AUDIENCE_MODULES:
+        return importlib.import_module(f"smartmail.{name}")
+    return _base_getattr(name)
+
+
+_base_getattr = __getattr__
+__getattr__ = _audience_getattr  # noqa: F811
