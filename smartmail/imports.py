@@ -601,12 +601,14 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
         job = session.get(ImportJob, job_id)
         if job is None:
             raise InvalidInput(f"no import job {job_id}", field="job_id")
-        if job.state == "done":
-            return job_status(job_id)
-        job.state, job.error = "running", None
+        finished = job.state == "done"
+        if not finished:
+            job.state, job.error = "running", None
         job.started_at = job.started_at or utcnow()
         options = ImportOptions(**job.options)
         path, list_id, checkpoint = Path(job.path), job.list_id, job.rows_done
+    if finished:
+        return job_status(job_id)
     log.info("import.started", job_id=job_id, path=str(path), resume_after_row=checkpoint)
     try:
         reader = read_jsonl if options.format == "jsonl" else read_csv
