@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from sqlalchemy import select
 
-from smartmail.db import get_engine
+from smartmail.contacts import reader
 from smartmail.models import Contact
 
 # A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets;
@@ -41,9 +41,8 @@ def export_contacts(out: TextIO, *, contact_ids=None, batch: int = 5000) -> int:
     query = select(Contact.id, Contact.attributes, *[getattr(Contact, c) for c in BASE_COLUMNS]).order_by(Contact.id)
     if contact_ids is not None:
         query = query.where(Contact.id.in_(contact_ids))
-    engine = get_engine()
     names: dict[str, None] = {}
-    with engine.connect() as connection:
+    with reader() as connection:
         for row in connection.execution_options(yield_per=batch).execute(query):
             for name in row.attributes or {}:
                 names.setdefault(name)
@@ -51,7 +50,7 @@ def export_contacts(out: TextIO, *, contact_ids=None, batch: int = 5000) -> int:
     writer = csv.writer(out)
     writer.writerow([*BASE_COLUMNS, *(safe_cell(a) for a in attributes)])
     count = 0
-    with engine.connect() as connection:
+    with reader() as connection:
         for row in connection.execution_options(yield_per=batch).execute(query):
             values = row.attributes or {}
             writer.writerow([*(_cell(getattr(row, c)) for c in BASE_COLUMNS), *(_cell(values.get(a)) for a in attributes)])

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
-from smartmail.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
+from smartmail.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name, reader
 from smartmail.db import get_engine, session_scope, utcnow
 from smartmail.models import Contact, ContactList, Event, ListMembership, Message, Segment
 
@@ -211,9 +211,9 @@ class _Json:
         self.dialect = dialect
         column = contacts_t.c.attributes
         if dialect == "postgresql":
-            self.node = column.op("->")(literal(name, String))
-            self.type_ = func.jsonb_typeof(self.node)
-            self.text = column.op("->>")(literal(name, String))
+            self.node = column.op("->", return_type=JSONB)(literal(name, String))
+            self.type_ = func.jsonb_typeof(self.node, type_=String)
+            self.text = column.op("->>", return_type=String)(literal(name, String))
         else:
             # A quoted key in the JSON path, so names with dots or spaces stay one key.
             path = literal('$."' + name + '"', String)
@@ -441,9 +441,8 @@ def count(rules_or_name: Any) -> int:
     """How many contacts the rules (or the saved segment of that name) select: one query."""
     rules = _resolve(rules_or_name)
     check(rules)
-    engine = get_engine()
-    query = select(func.count()).select_from(contacts_t).where(compile_where(rules, engine.dialect.name))
-    with engine.connect() as connection:
+    query = select(func.count()).select_from(contacts_t).where(compile_where(rules, get_engine().dialect.name))
+    with reader() as connection:
         return connection.scalar(query)
 
 
