@@ -7,13 +7,16 @@ import io
 import json
 import math
 import os
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+import psycopg
 import structlog
 from charset_normalizer import from_bytes
 from sqlalchemy import select, update
@@ -501,7 +504,7 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
                      json.dumps(record.attributes, ensure_ascii=False, allow_nan=False)))
         members.append(record.email)
     if rows:
-        _upsert(connection, job_id, rows, options, list_id)
+        _upsert(connection, job_id, rows, options, list_id, all_new=not known)
         if new_suppressions:
             _suppress(connection, new_suppressions)
         if list_id is not None and connection.dialect.name != "postgresql":  # PostgreSQL joins in _upsert
@@ -510,7 +513,7 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
 
 
 def _upsert(connection: Connection, job_id: str, rows: list[tuple], options: ImportOptions,
-            list_id: int | None) -> None:
+            list_id: int | None, all_new: bool) -> None:
     now = utcnow()
     set_clause = _MARK_ONLY_SET if options.mode == "create" else _UPSERT_SET[connection.dialect.name]
     if connection.dialect.name == "postgresql":
@@ -522,17 +525,31 @@ def _upsert(connection: Connection, job_id: str, rows: list[tuple], options: Imp
                          "FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-        upsert = ("INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
+        insert = ("INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
                   "last_import_id) SELECT email, status, timezone, locale, attributes, %(source)s, %(now)s, %(now)s, "
-                  f"%(job)s FROM smartmail_import_staging ON CONFLICT (email) DO UPDATE SET {set_clause}")
+                  "%(job)s FROM smartmail_import_staging")
+        upsert = f"{insert} ON CONFLICT (email) DO UPDATE SET {set_clause}"
         params = {"source": options.source, "now": now, "job": job_id}
         if list_id is not None:
             # The upserted ids join the list in the same statement: no second look-up by email.
             # ON CONFLICT DO NOTHING: someone who left the list stays off it.
-            upsert = (f"WITH upserted AS ({upsert} RETURNING id) INSERT INTO list_memberships "
-                      "(list_id, contact_id, status, joined_at, source) SELECT %(list)s, id, 'subscribed', %(now)s, "
-                      "%(member_source)s FROM upserted ON CONFLICT DO NOTHING")
             params.update(list=list_id, member_source=f"import:{job_id}")
+            # (New contacts cannot be members yet, so their memberships need no ON CONFLICT either.)
+            insert, upsert = ((f"WITH upserted AS ({statement} RETURNING id) INSERT INTO list_memberships "
+                               "(list_id, contact_id, status, joined_at, source) SELECT %(list)s, id, 'subscribed', "
+                               f"%(now)s, %(member_source)s FROM upserted{conflict}")
+                              for statement, conflict in ((insert, ""), (upsert, " ON CONFLICT DO NOTHING")))
+        if all_new:
+            # Every address was unknown a moment ago: a plain INSERT skips ON CONFLICT's speculative
+            # insertion (~35% of the statement's time). A concurrent writer may have added one since:
+            # then the savepoint is rolled back and the upsert runs after all.
+            cursor.execute("SAVEPOINT smartmail_import")
+            try:
+                cursor.execute(insert, params)
+                cursor.execute("RELEASE SAVEPOINT smartmail_import")
+                return
+            except psycopg.errors.UniqueViolation:
+                cursor.execute("ROLLBACK TO SAVEPOINT smartmail_import")
         cursor.execute(upsert, params)
         return  # the staging rows go at COMMIT
     stamp = _sqlite_time(now)
@@ -602,6 +619,75 @@ class JobGone(Exception):
     """Another run of the same job moved its checkpoint: this run stops."""
 
 
+Batch = tuple[list[Record], list[tuple[int, RowError]], int, int]  # records, errors, last row, bytes read
+
+
+def _batches(path: Path, options: ImportOptions, checkpoint: int) -> Iterator[Batch]:
+    """The rows after the checkpoint in batches of options.batch_size (good and bad rows counted)."""
+    reader = read_jsonl if options.format == "jsonl" else read_csv
+    records: list[Record] = []
+    errors: list[tuple[int, RowError]] = []
+    last_row, position = checkpoint, 0
+    for row_no, item, position in reader(path, options):
+        if row_no <= checkpoint:
+            continue
+        last_row = row_no
+        if isinstance(item, RowError):
+            errors.append((row_no, item))
+        else:
+            records.append(item)
+        if len(records) + len(errors) >= options.batch_size:
+            yield records, errors, last_row, position
+            records, errors = [], []
+    if records or errors or last_row != checkpoint:
+        yield records, errors, last_row, position
+
+
+_DONE = object()
+
+
+def _read_ahead(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """Parse the next batches in a thread while this one is written: the database driver releases
+    the GIL while it waits for the server, so parsing and writing overlap. At most `depth` batches
+    wait, so memory stays bounded."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        handoff.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            handoff.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            handoff.put(exc)
+
+    thread = threading.Thread(target=produce, name="smartmail-import-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                handoff.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(0.05)
+
+
 def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) an import job: rows up to the job's checkpoint are skipped, each batch is
     committed together with its errors and the new checkpoint, so a run killed midway resumes
@@ -620,25 +706,10 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
         return job_status(job_id)
     log.info("import.started", job_id=job_id, path=str(path), resume_after_row=checkpoint)
     try:
-        reader = read_jsonl if options.format == "jsonl" else read_csv
-        records: list[Record] = []
-        errors: list[tuple[int, RowError]] = []
-        last_row, position = checkpoint, 0
-        for row_no, item, position in reader(path, options):
-            if row_no <= checkpoint:
-                continue
-            last_row = row_no
-            if isinstance(item, RowError):
-                errors.append((row_no, item))
-            else:
-                records.append(item)
-            if len(records) + len(errors) >= options.batch_size:
-                checkpoint = _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id)
-                records, errors = [], []
-                if on_progress:
-                    on_progress(job_status(job_id))
-        if records or errors or last_row != checkpoint:
-            _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id)
+        for records, errors, last_row, position in _read_ahead(_batches(path, options, checkpoint)):
+            checkpoint = _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id)
+            if on_progress:
+                on_progress(job_status(job_id))
     except JobGone:
         log.warning("import.superseded", job_id=job_id)
         return job_status(job_id)
