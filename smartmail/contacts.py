@@ -415,8 +415,9 @@ def add_members(list_name: str, emails: Iterable[str], *, source: str = "api") -
                                               joined_at=now, source=source)
                 .on_conflict_do_update(index_elements=["list_id", "contact_id"],
                                        set_={"status": "subscribed", "joined_at": now, "source": source},
-                                       where=ListMembership.status != "subscribed"))
-            joined += result.rowcount
+                                       where=ListMembership.status != "subscribed")
+                .returning(ListMembership.contact_id))
+            joined += len(result.all())
         return joined
 
 
@@ -427,8 +428,8 @@ def remove_members(list_name: str, emails: Iterable[str]) -> int:
     with session_scope() as session:
         target = _list_by_name(session, list_name)
         ids = select(Contact.id).where(Contact.email.in_(normalized)).scalar_subquery()
-        result = session.execute(delete(ListMembership).where(ListMembership.list_id == target.id,
-                                                              ListMembership.contact_id.in_(ids)))
+        result = session.connection().execute(delete(ListMembership.__table__).where(
+            ListMembership.list_id == target.id, ListMembership.contact_id.in_(ids)))
         return result.rowcount
 
 
