@@ -181,7 +181,13 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
 
 
 def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime) -> list[_Result]:
-    """Send one window under traffic shaping: tokens per site, then the sends, then the rules."""
+    """Send one window under traffic shaping: rate tokens per site, then the sends, then the rules.
+
+    A site with a configured rate takes each message's token in the sending thread, right before
+    its SMTP transaction: tokens taken for a whole window would let the window's delays bunch
+    messages up at the receiver beyond rate + burst. A site without one takes the window's
+    tokens in one call, which still honours its suspensions and slow-downs.
+    """
     by_site: dict[str, tuple[Site, list]] = {}
     for row in claimed:
         site = shaper.site_for(parseaddr(row.recipient)[1].rpartition("@")[2])
@@ -189,28 +195,45 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     results: list[_Result] = []
     admitted: list[tuple[object, Site]] = []
     for site, rows in by_site.values():
-        try:
-            granted, holds = shaper.admit(site, len(rows))
-        except RedisError as exc:
-            # Without the shared limiter no rate can be kept: hold the site's messages briefly.
-            log.error("shaping.limiter_unavailable", site=site.name, error=str(exc))
-            granted, holds = 0, [Hold(5.0, "throttled: rate limiter unavailable")] * len(rows)
+        if site.rate is not None:
+            admitted += [(row, site) for row in rows]
+            continue
+        granted, holds = _admit(shaper, site, len(rows))
         admitted += [(row, site) for row in rows[:granted]]
         results += [_hold(row, hold, site, now) for row, hold in zip(rows[granted:], holds)]
-    replies = _sending_pool().map(lambda pair: _send_one(transport, pair[0], pair[1]), admitted)
+
+    def send(pair) -> Reply | Hold:
+        row, site = pair
+        if site.rate is not None:
+            granted, holds = _admit(shaper, site, 1)
+            if not granted:
+                return holds[0]
+        return _send_one(transport, row, site)
+
     reacted: set[str] = set()
-    for (row, site), reply in zip(admitted, replies):
-        if reply.stage == AT_CONNECTION_LIMIT:
+    for (row, site), reply in zip(admitted, _sending_pool().map(send, admitted)):
+        if isinstance(reply, Hold):
+            results.append(_hold(row, reply, site, utcnow()))
+        elif reply.stage == AT_CONNECTION_LIMIT:
             results.append(_hold(row, shaper.connection_hold(site), site, utcnow()))
-            continue
-        bounce = False
-        if reply.code is not None and reply.code // 100 != 2:
-            try:
-                bounce = shaper.react(site, reply, reacted) == "bounce"
-            except RedisError as exc:
-                log.error("shaping.rule_not_applied", site=site.name, error=str(exc), reply=str(reply)[:200])
-        results.append(_decide(row, reply, site.retry, utcnow(), site.name, bounce))
+        else:
+            bounce = False
+            if reply.code is not None and reply.code // 100 != 2:
+                try:
+                    bounce = shaper.react(site, reply, reacted) == "bounce"
+                except RedisError as exc:
+                    log.error("shaping.rule_not_applied", site=site.name, error=str(exc), reply=str(reply)[:200])
+            results.append(_decide(row, reply, site.retry, utcnow(), site.name, bounce))
     return results
+
+
+def _admit(shaper: Shaper, site: Site, count: int) -> tuple[int, list[Hold]]:
+    try:
+        return shaper.admit(site, count)
+    except RedisError as exc:
+        # Without the shared limiter no rate can be kept: hold the site's messages briefly.
+        log.error("shaping.limiter_unavailable", site=site.name, error=str(exc))
+        return 0, [Hold(5.0, "throttled: rate limiter unavailable")] * count
 
 
 def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Shaper | None) -> None:

@@ -219,10 +219,11 @@ def env(monkeypatch, database_url, redis_url, tmp_path):
 class Process:
     """A celery worker or beat subprocess in its own process group (so kill -9 takes its children too)."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, nice: int = 0) -> None:
         self.log = log
         self.popen = subprocess.Popen(argv, env=dict(os.environ), cwd=ROOT, stdout=log.open("wb"),
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -245,12 +246,13 @@ class Process:
 def start_worker(tmp_path):
     started: list[Process] = []
 
-    def start(concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default") -> Process:
+    def start(concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default",
+              nice: int = 0) -> Process:
         log = tmp_path / f"worker-{len(started)}.log"
         process = Process([sys.executable, "-m", "celery", "-A", "smartmail.workers.app", "worker",
                            "-Q", queues, "--pool", pool, "-c", str(concurrency), "-l", "INFO",
                            "--without-gossip", "--without-mingle", "--without-heartbeat",
-                           "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h"], log)
+                           "-n", f"test{len(started)}-{uuid.uuid4().hex[:6]}@%h"], log, nice)
         started.append(process)
         wait_for(lambda: "ready." in process.output() or process.popen.poll() is not None, 60, message="worker ready")
         assert process.popen.poll() is None, process.output()

@@ -35,13 +35,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# Push ids; start drains for the backlog, up to the cap, and one for waiting ids when no drain
-# is timing them; return the new lease ids to publish.
-_ENQUEUE = _NOW + """
-for i = 4, #ARGV, 4000 do
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
-end
-""" + _MOVE_DUE + """
+# Start drains for the backlog, up to the cap, and one for waiting ids when no drain is active
+# or timing them; return the new lease ids, which the caller publishes.
+_START_DRAINS = """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local backlog = redis.call('LLEN', KEYS[1])
 local active = redis.call('ZCARD', KEYS[2])
@@ -57,6 +53,21 @@ for i = 1, wanted do
 end
 return leases
 """
+
+# Push ids (ARGV[4..]) to the outbox.
+_ENQUEUE = _NOW + """
+for i = 4, #ARGV, 4000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+""" + _MOVE_DUE + _START_DRAINS
+
+# Add ids to the delayed set (ARGV[4..]: score, id, score, id, ...). Starting a drain here, not
+# only in _POP, matters: the drain that deferred them may have let its follow-up finish already.
+_ENQUEUE_LATER = _NOW + """
+for i = 4, #ARGV, 4000 do
+  redis.call('ZADD', KEYS[4], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+""" + _MOVE_DUE + _START_DRAINS
 
 # Pop a batch for a drain and renew its lease. With nothing to pop, end the lease in the same
 # step (so an enqueue either sees this drain still active, or starts a new one); and if ids are
@@ -95,6 +106,7 @@ class Outbox:
         self.max_drains = max_drains
         self.batch_size = batch_size
         self._enqueue = client.register_script(_ENQUEUE)
+        self._enqueue_later = client.register_script(_ENQUEUE_LATER)
         self._pop = client.register_script(_POP)
 
     def push(self, ids: Sequence[str]) -> list[str]:
@@ -103,11 +115,14 @@ class Outbox:
         leases = self._enqueue(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *ids])
         return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
 
-    def push_later(self, due: Sequence[tuple[str, float]]) -> None:
-        """Hold ids until their time (epoch seconds) and then hand them to drains: for waits too
-        short for beat's schedule (throttled messages, quick retries)."""
-        if due:
-            self.client.zadd(self.keys[3], {message_id: int(at * 1000) for message_id, at in due})
+    def push_later(self, due: Sequence[tuple[str, float]]) -> list[str]:
+        """Hold ids until their time (epoch seconds), then hand them to drains: for waits too short
+        for beat's schedule (throttled messages, quick retries). Returns leases to publish, as push."""
+        if not due:
+            return []
+        args = [x for message_id, at in due for x in (int(at * 1000), message_id)]
+        leases = self._enqueue_later(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *args])
+        return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
 
     def pop(self, lease: str) -> list[str] | float:
         """The next batch for the drain holding `lease`; empty means the drain is done; a number
@@ -139,7 +154,9 @@ def get_outbox() -> Outbox:
 
 def dispatch_later(due: Sequence[tuple[str, float]]) -> None:
     """Hand committed, deferred message ids to the workers when due (epoch seconds)."""
-    get_outbox().push_later(due)
+    leases = get_outbox().push_later(due)
+    if leases:
+        publish_drains(leases)
 
 
 def dispatch(message_ids: Sequence[str]) -> None:

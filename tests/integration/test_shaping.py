@@ -1,0 +1,239 @@
+"""Traffic shaping on real parts: three worker processes, Redis, and an SMTP server that timestamps every message per site."""
+from __future__ import annotations
+
+import bisect
+import collections
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+from sqlalchemy import select
+
+import smartmail
+from smartmail import localredis
+from smartmail.db import session_scope
+from smartmail.models import Message
+from tests.conftest import reset_caches, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class SiteServer:
+    """Accepts everything, except `refuse[domain]` DATA attempts answered with `refusal`; records
+    when each message arrived, by recipient domain, and how many sessions carried each domain at once.
+
+    A message's time is when its transaction began (MAIL FROM): this one-threaded server, flooded
+    by the unlimited site, falls behind by a varying few milliseconds before it finishes reading a
+    body, and that lag is the server's, not the sender's pace.
+    """
+
+    refusal: str = "421 4.7.0 Try again later"
+    refuse: dict[str, int] = field(default_factory=dict)
+    received: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: collections.defaultdict(list))
+    refused: list[tuple[float, str]] = field(default_factory=list)
+    open_sessions: collections.Counter = field(default_factory=collections.Counter)
+    max_sessions: collections.Counter = field(default_factory=collections.Counter)
+    _session_domains: dict[int, set[str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        domain = address.rsplit("@", 1)[1].lower()
+        with self.lock:
+            seen = self._session_domains.setdefault(id(session), set())
+            if domain not in seen:
+                seen.add(domain)
+                self.open_sessions[domain] += 1
+                self.max_sessions[domain] = max(self.max_sessions[domain], self.open_sessions[domain])
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        envelope.mail_from = address
+        session.mail_at = time.time()
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        recipient = envelope.rcpt_tos[0].lower()
+        domain = recipient.rsplit("@", 1)[1]
+        with self.lock:
+            if self.refuse.get(domain, 0) > 0:
+                self.refuse[domain] -= 1
+                self.refused.append((time.time(), recipient))
+                return self.refusal
+            self.received[domain].append((session.mail_at, recipient))
+        return "250 2.0.0 Ok: queued"
+
+    def session_closed(self, session) -> None:
+        with self.lock:
+            for domain in self._session_domains.pop(id(session), ()):
+                self.open_sessions[domain] -= 1
+
+    def count(self, domain: str | None = None) -> int:
+        with self.lock:
+            return sum(len(v) for d, v in self.received.items() if domain in (None, d))
+
+
+class _TrackingSMTP(SMTP):
+    def connection_lost(self, error):
+        self.event_handler.session_closed(self.session)
+        super().connection_lost(error)
+
+
+class _TrackingController(Controller):
+    def factory(self):
+        return _TrackingSMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def site_server():
+    handler = SiteServer()
+    port = localredis.free_port()
+    controller = _TrackingController(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    handler.port = port
+    yield handler
+    controller.stop()
+
+
+@pytest.fixture
+def shaped(env, site_server, monkeypatch, tmp_path):
+    """Point SmartMail at the site server with a policy written for the test."""
+    def configure(policy: str) -> SiteServer:
+        path = tmp_path / "policy.toml"
+        path.write_text(policy)
+        monkeypatch.setenv("SMARTMAIL_POLICY_FILE", str(path))
+        monkeypatch.setenv("SMARTMAIL_SMTP_URL", f"smtp://127.0.0.1:{site_server.port}?tls=none")
+        reset_caches()
+        return site_server
+
+    return configure
+
+
+def max_in_any_second(stamps: list[float]) -> int:
+    """The most messages that arrived within any one-second window [t, t + 1)."""
+    stamps = sorted(stamps)
+    return max((bisect.bisect_left(stamps, t + 1.0) - i for i, t in enumerate(stamps)), default=0)
+
+
+def send_all(recipients: list[str]) -> None:
+    for start in range(0, len(recipients), 500):
+        smartmail.send_many([{"to": to, "subject": "Hello {{ n }}", "text": "Message {{ n }}", "context": {"n": i}}
+                             for i, to in enumerate(recipients[start:start + 500], start)])
+
+
+def sent_states() -> collections.Counter:
+    with session_scope() as session:
+        return collections.Counter(session.scalars(select(Message.state)))
+
+
+def test_each_site_keeps_its_rate_and_an_unlimited_site_is_not_held_back(shaped, start_worker):
+    server = shaped("""
+        [default]
+        rate = "unlimited"
+        [sites.fifty]
+        domains = ["fifty.example"]
+        rate = "50/s"
+        burst = 5
+        [sites.twenty]
+        domains = ["twenty.example"]
+        rate = "20/s"
+        burst = 5
+        [sites.fast]
+        domains = ["fast.example"]
+    """)
+    for _ in range(3):
+        # Workers and this test's one-threaded SMTP server share two cores; at a lower priority the
+        # workers cannot starve the server, whose lag would show as bunching that no sender caused.
+        start_worker(concurrency=1, nice=10)
+    counts = {"fifty.example": 500, "twenty.example": 200, "fast.example": 2300}
+    recipients = [f"user{i}@{domain}" for domain, n in counts.items() for i in range(n)]
+    random.Random(7).shuffle(recipients)
+    send_all(recipients)
+
+    wait_for(lambda: server.count() >= 3000, 120, interval=0.2, message="3,000 messages at the server")
+    time.sleep(0.5)
+    for domain, n in counts.items():
+        got = [rcpt for _, rcpt in server.received[domain]]
+        assert len(got) == len(set(got)) == n, domain  # every message, exactly once
+    assert wait_for(lambda: sent_states().get("sent") == 3000 and sent_states(), 30, message="all sent")
+
+    stamps = {domain: [t for t, _ in server.received[domain]] for domain in counts}
+    assert max_in_any_second(stamps["fifty.example"]) <= 50 + 5
+    assert max_in_any_second(stamps["twenty.example"]) <= 20 + 5
+    # The limited sites took their time (at least their volume over their rate, less one burst) ...
+    start = min(min(s) for s in stamps.values())
+    assert max(stamps["fifty.example"]) - start >= (500 - 5) / 50 - 0.5
+    assert max(stamps["twenty.example"]) - start >= (200 - 5) / 20 - 0.5
+    # ... while the unlimited site, sharing the same workers, finished long before either.
+    fast_done = max(stamps["fast.example"]) - start
+    assert fast_done < 0.7 * (max(stamps["fifty.example"]) - start), fast_done
+
+
+def test_a_try_again_later_reply_slows_that_site_only(shaped, start_worker):
+    from smartmail.workers.limiter import get_throttle
+
+    server = shaped("""
+        [sites.busy]
+        domains = ["busy.example"]
+        rate = "20/s"
+        burst = 5
+        [[sites.busy.rules]]
+        match = '(?i)^421 .*try again later'
+        action = "slow"
+        rate = "4/s"
+        duration = "60s"
+        [sites.calm]
+        domains = ["calm.example"]
+    """)
+    server.refuse["busy.example"] = 5
+    workers = [start_worker(concurrency=1) for _ in range(3)]
+    busy = [f"b{i}@busy.example" for i in range(30)]
+    calm = [f"c{i}@calm.example" for i in range(300)]
+    send_all(busy + calm)
+
+    wait_for(lambda: server.count() >= 330, 60, interval=0.2, message="330 messages at the server")
+    got = [rcpt for _, rcpt in server.received["busy.example"]]
+    assert sorted(got) == sorted(busy)  # all delivered, once, the refused ones on a later attempt
+    refused = {rcpt for _, rcpt in server.refused}
+    assert len(refused) == 5
+    with session_scope() as session:
+        attempts = dict(session.execute(select(Message.recipient, Message.attempts)).all())
+    assert all(attempts[r] >= 2 for r in refused)
+
+    # The slow-down is shared state in Redis, with the rule's rate, and was logged with the reply.
+    state = get_throttle().state("busy")
+    assert state.slowed_rate == pytest.approx(4.0) and 0 < state.slowed_for <= 60
+    assert get_throttle().state("calm").slowed_rate is None
+    assert wait_for(lambda: any("site.slowed" in w.output() and "Try again later" in w.output() for w in workers),
+                    10, message="site.slowed in a worker log")
+
+    # After the first refusal, busy.example got at most 4/s plus its burst; calm.example was not held back.
+    first_refusal = min(t for t, _ in server.refused)
+    after = [t for t, _ in server.received["busy.example"] if t > first_refusal + 0.05]
+    assert max_in_any_second(after) <= 4 + 5
+    assert max(t for t, _ in server.received["calm.example"]) < max(t for t, _ in server.received["busy.example"])
+
+
+def test_a_site_never_gets_more_connections_than_its_limit(shaped, start_worker):
+    server = shaped("""
+        [sites.two]
+        domains = ["two.example"]
+        max_connections = 2
+        [sites.wide]
+        domains = ["wide.example"]
+    """)
+    for _ in range(3):
+        start_worker(concurrency=2)  # six processes, each sending four messages at a time
+    two = [f"t{i}@two.example" for i in range(300)]
+    wide = [f"w{i}@wide.example" for i in range(300)]
+    send_all([x for pair in zip(two, wide) for x in pair])
+
+    wait_for(lambda: server.count() >= 600, 120, interval=0.2, message="600 messages at the server")
+    assert sorted(r for _, r in server.received["two.example"]) == sorted(two)
+    assert server.max_sessions["two.example"] <= 2
+    assert server.max_sessions["wide.example"] > 2  # the limit is per site: the other one used more
