@@ -312,12 +312,13 @@ def _build(row_no: int, values: dict[str, Any], attributes: dict[str, Any], opti
     return Record(row_no, email, status, tz, locale, attributes)
 
 
-def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record | RowError, int]]:
-    """(row number, record or error, bytes read so far); the header is row 1, as in a spreadsheet."""
+def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record | RowError, Callable[[], int]]]:
+    """(row number, record or error, a function giving the bytes read so far); the header is
+    row 1, as in a spreadsheet."""
     text, header, reader = _open_csv(path, options)
     plan = _column_plan(header, options)
     width = len(header)
-    raw = text.buffer
+    tell = text.buffer.tell  # called once per batch, not per row
     with text:
         row_no = 1
         for cells in reader:
@@ -326,7 +327,7 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record |
                 continue  # a blank line
             if len(cells) != width:
                 yield row_no, RowError("(row)", f"expected {width} columns, found {len(cells)}",
-                                       options.delimiter.join(cells)), raw.tell()
+                                       options.delimiter.join(cells)), tell
                 continue
             values: dict[str, Any] = {}
             attributes: dict[str, Any] = {}
@@ -349,14 +350,22 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record |
                     item = exc
             else:
                 item = bad
-            yield row_no, item, raw.tell()
+            yield row_no, item, tell
 
 
-def read_jsonl(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record | RowError, int]]:
-    """(line number, record or error, bytes read so far) for a JSON Lines file (UTF-8, RFC 8259)."""
+def _has_lone_surrogate(item: Any) -> bool:
+    try:
+        json.dumps(item, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def read_jsonl(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record | RowError, Callable[[], int]]]:
+    """(line number, record or error, bytes-read function) for a JSON Lines file (UTF-8, RFC 8259)."""
     with path.open("rb") as raw:
+        position = raw.tell
         for row_no, line in enumerate(raw, start=1):
-            position = raw.tell()
             if row_no == 1 and line.startswith(codecs.BOM_UTF8):
                 line = line[3:]
             if not line.strip():
@@ -368,6 +377,10 @@ def read_jsonl(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record
                 continue
             except json.JSONDecodeError as exc:
                 yield row_no, RowError("(row)", f"not valid JSON: {exc.msg} at column {exc.colno}",
+                                       line.decode("utf-8")), position
+                continue
+            if (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(item):
+                yield row_no, RowError("(row)", "a \\u escape encodes half a character (a lone surrogate)",
                                        line.decode("utf-8")), position
                 continue
             if not isinstance(item, dict):
@@ -415,6 +428,15 @@ _UPSERT_SET = {
 }
 # In create-only mode known addresses are left alone, except for the mark that says this job saw them.
 _MARK_ONLY_SET = "last_import_id = excluded.last_import_id"
+
+
+_to_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+# COPY text format: backslash, tab, newline and carriage return are escaped; \N is NULL.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_line(row: tuple) -> str:
+    return "\t".join("\\N" if v is None else v.translate(_COPY_ESCAPES) for v in row) + "\n"
 
 
 @dataclass
@@ -500,8 +522,7 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
             status = record.status or current or "subscribed"
             if status in contacts.STATUS_TO_SUPPRESSION:
                 new_suppressions.append((record.email, contacts.STATUS_TO_SUPPRESSION[status]))
-        rows.append((record.email, status, record.timezone, record.locale,
-                     json.dumps(record.attributes, ensure_ascii=False, allow_nan=False)))
+        rows.append((record.email, status, record.timezone, record.locale, _to_json(record.attributes)))
         members.append(record.email)
     if rows:
         _upsert(connection, job_id, rows, options, list_id, all_new=not known)
@@ -523,8 +544,7 @@ def _upsert(connection: Connection, job_id: str, rows: list[tuple], options: Imp
         cursor.execute(_PG_STAGING)
         with cursor.copy("COPY smartmail_import_staging (email, status, timezone, locale, attributes) "
                          "FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+            copy.write("".join(map(_copy_line, rows)))  # one write: ~3x cheaper than write_row per row
         insert = ("INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
                   "last_import_id) SELECT email, status, timezone, locale, attributes, %(source)s, %(now)s, %(now)s, "
                   "%(job)s FROM smartmail_import_staging")
@@ -627,8 +647,8 @@ def _batches(path: Path, options: ImportOptions, checkpoint: int) -> Iterator[Ba
     reader = read_jsonl if options.format == "jsonl" else read_csv
     records: list[Record] = []
     errors: list[tuple[int, RowError]] = []
-    last_row, position = checkpoint, 0
-    for row_no, item, position in reader(path, options):
+    last_row, tell = checkpoint, (lambda: 0)
+    for row_no, item, tell in reader(path, options):
         if row_no <= checkpoint:
             continue
         last_row = row_no
@@ -637,10 +657,10 @@ def _batches(path: Path, options: ImportOptions, checkpoint: int) -> Iterator[Ba
         else:
             records.append(item)
         if len(records) + len(errors) >= options.batch_size:
-            yield records, errors, last_row, position
+            yield records, errors, last_row, tell()
             records, errors = [], []
     if records or errors or last_row != checkpoint:
-        yield records, errors, last_row, position
+        yield records, errors, last_row, path.stat().st_size  # the reader has closed the file: all read
 
 
 _DONE = object()
