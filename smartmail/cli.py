@@ -160,6 +160,45 @@ def status(message_id: str, as_json: Annotated[bool, typer.Option("--json")] = F
     out.print(table)
 
 
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "unlimited"
+    return f"{value:g}/s" if value >= 1 else f"{value * 60:g}/min"
+
+
+@app.command()
+def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show each site's configured and current rate, connections, deferred mail, slow-downs and suspensions."""
+    from smartmail.config.policy import PolicyError
+    from smartmail.sites import site_statuses
+
+    try:
+        statuses = site_statuses()
+    except PolicyError as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps([{
+            "site": s.site.name, "domains": s.domains, "rate": s.site.rate, "current_rate": s.current_rate,
+            "burst": s.site.burst, "connections": s.state.connections, "max_connections": s.site.max_connections,
+            "deferred": s.deferred, "slowed_rate": s.state.slowed_rate, "slowed_for": s.state.slowed_for,
+            "suspended_for": s.state.suspended_for, "suspended_reason": s.state.suspended_reason,
+            "counters": s.state.counters} for s in statuses]))
+        return
+    table = Table("site", "domains", "rate", "now", "burst", "connections", "deferred", "sent", "throttled", "notes")
+    for s in statuses:
+        notes = []
+        if s.state.suspended_for:
+            notes.append(f"suspended {s.state.suspended_for:.0f}s more: {s.state.suspended_reason}")
+        if s.state.slowed_rate is not None:
+            notes.append(f"slowed {s.state.slowed_for:.0f}s more")
+        domains = (s.domains[0] + (f" +{len(s.domains) - 1}" if len(s.domains) > 1 else "")) if s.domains else ""
+        table.add_row(s.site.name, domains, _rate(s.site.rate), _rate(s.current_rate), str(s.site.burst) if s.site.rate else "-",
+                      f"{s.state.connections}/{s.site.max_connections}", str(s.deferred),
+                      str(s.state.counters.get("sent", 0)), str(s.state.counters.get("throttled", 0)),
+                      "; ".join(notes), style="red" if s.state.suspended_for else None)
+    out.print(table)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
     ctx: typer.Context,

@@ -24,6 +24,19 @@ def _configure_logging(**_kwargs) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
+@celeryd_init.connect
+def _check_policy(**_kwargs) -> None:
+    """A worker must not start on a malformed traffic-shaping policy."""
+    from smartmail.config.policy import PolicyError, get_policy
+
+    if get_settings().shaping:
+        try:
+            get_policy()
+        except PolicyError as exc:
+            # SystemExit, because Celery's signal dispatch logs and swallows ordinary exceptions.
+            raise SystemExit(f"error: {exc}") from None
+
+
 @worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
     # A prefork child must not share the parent's database connections or SMTP sockets.

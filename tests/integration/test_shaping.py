@@ -237,3 +237,68 @@ def test_a_site_never_gets_more_connections_than_its_limit(shaped, start_worker)
     assert sorted(r for _, r in server.received["two.example"]) == sorted(two)
     assert server.max_sessions["two.example"] <= 2
     assert server.max_sessions["wide.example"] > 2  # the limit is per site: the other one used more
+
+
+def test_sites_command_shows_rates_connections_deferred_mail_and_rules_in_force(shaped, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from smartmail.cli import app as cli
+    from smartmail.config.policy import get_policy
+    from smartmail.db import get_engine, utcnow
+    from smartmail.workers.limiter import get_throttle
+
+    shaped("""
+        [sites.busy]
+        domains = ["busy.example"]
+        rate = "600/min"
+        burst = 7
+        max_connections = 3
+        [[sites.busy.rules]]
+        match = 'try again'
+        action = "slow"
+        factor = 0.5
+        duration = "10m"
+        [sites.blocked]
+        domains = ["blocked.example"]
+        [[sites.blocked.rules]]
+        match = 'blocked'
+        action = "suspend"
+        duration = "1h"
+    """)
+    policy = get_policy()
+    busy, blocked = policy.sites["busy"], policy.sites["blocked"]
+    throttle = get_throttle()
+    assert throttle.apply_rule(busy, busy.rules[0], "421 4.7.0 try again later")
+    assert throttle.apply_rule(blocked, blocked.rules[0], "554 5.7.1 blocked by policy")
+    assert throttle.lease_connection(busy, "lease-1")
+    result = smartmail.send_many([{"to": f"Ann {i} <ann{i}@{domain}>", "subject": "s", "text": "t"}
+                                  for i, domain in enumerate(["busy.example", "busy.example", "other.example"])])
+    with get_engine().begin() as connection:  # as if delivery had deferred them
+        connection.execute(Message.__table__.update().where(Message.id.in_([r.id for r in result]))
+                           .values(state="deferred", next_attempt_at=utcnow()))
+
+    out = CliRunner().invoke(cli, ["sites", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {row["site"]: row for row in json.loads(out.output)}
+    assert rows["busy"]["rate"] == 10 and rows["busy"]["current_rate"] == 5 and rows["busy"]["burst"] == 7
+    assert rows["busy"]["connections"] == 1 and rows["busy"]["max_connections"] == 3
+    assert rows["busy"]["deferred"] == 2 and 590 < rows["busy"]["slowed_for"] <= 600
+    assert rows["blocked"]["current_rate"] == 0 and "blocked by policy" in rows["blocked"]["suspended_reason"]
+    assert rows["other.example"]["deferred"] == 1 and rows["other.example"]["rate"] is None
+    assert rows["default"]["deferred"] == 0
+
+    table = CliRunner().invoke(cli, ["sites"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "suspended" in table.output and "slowed" in table.output
+
+
+def test_sites_command_names_the_bad_key_of_a_malformed_policy(shaped):
+    from typer.testing import CliRunner
+
+    from smartmail.cli import app as cli
+
+    shaped('[sites.x]\ndomains = ["x.example"]\nmax_conections = 3\n')
+    result = CliRunner().invoke(cli, ["sites"])
+    assert result.exit_code == 2
+    assert "sites.x.max_conections" in result.output and "policy.toml" in result.output
