@@ -234,6 +234,8 @@ def convert(value: Any, kind: str) -> Any:
         if text in _FALSE:
             return False
         raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, 1/0)")
+    if kind == "integer" and type(value) is str and value.isdigit():  # the common case, first
+        return int(value)
     if kind in ("number", "integer"):
         if isinstance(value, bool):
             raise ValueError(f"{value!r} is not a number")
@@ -292,17 +294,18 @@ def _build(row_no: int, values: dict[str, Any], attributes: dict[str, Any], opti
     if reason:
         raise RowError("email", reason, raw_email)
     status = values.get("status") or None
-    if status is not None:
+    if status is not None and status not in contacts.STATUSES:
         status = status.strip().lower() if isinstance(status, str) else status
         if status not in contacts.STATUSES:
             raise RowError("status", f"{status!r} is not one of {', '.join(contacts.STATUSES)}", status)
     tz = values.get("timezone") or None
     locale = values.get("locale") or None
-    try:
-        tz = contacts.check_timezone(tz)
-        locale = contacts.check_locale(locale)
-    except InvalidInput as exc:
-        raise RowError(exc.field, exc.reason, tz if exc.field == "timezone" else locale) from None
+    if tz is not None or locale is not None:
+        try:
+            tz = contacts.check_timezone(tz)
+            locale = contacts.check_locale(locale)
+        except InvalidInput as exc:
+            raise RowError(exc.field, exc.reason, tz if exc.field == "timezone" else locale) from None
     for name, kind in options.types.items():
         if name in attributes:
             try:
@@ -317,6 +320,8 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record |
     row 1, as in a spreadsheet."""
     text, header, reader = _open_csv(path, options)
     plan = _column_plan(header, options)
+    attribute_columns = [(i, name) for i, kind, name in plan if kind == "attr"]
+    field_columns = [(i, kind) for i, kind, _ in plan if kind != "attr"]
     width = len(header)
     tell = text.buffer.tell  # called once per batch, not per row
     with text:
@@ -329,27 +334,18 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record |
                 yield row_no, RowError("(row)", f"expected {width} columns, found {len(cells)}",
                                        options.delimiter.join(cells)), tell
                 continue
-            values: dict[str, Any] = {}
-            attributes: dict[str, Any] = {}
-            bad = None
-            undecodable = _SURROGATE.search("\0".join(cells)) is not None  # one search per row, not per cell
-            for index, kind, name in plan:
-                cell = cells[index]
-                if undecodable and _SURROGATE.search(cell):
-                    bad = RowError(header[index], f"undecodable bytes (not valid {options.encoding})", cell)
-                    break
-                if kind == "attr":
-                    if cell != "":  # an empty cell sets nothing (and so erases nothing)
-                        attributes[name] = cell
-                else:
-                    values[kind] = cell
-            if bad is None:
+            if _SURROGATE.search("\0".join(cells)):  # one search per row; the cell is found only if needed
+                index = next(i for i, _, _ in plan if _SURROGATE.search(cells[i]))
+                item: Record | RowError = RowError(header[index], f"undecodable bytes (not valid {options.encoding})",
+                                                   cells[index])
+            else:
+                # An empty cell sets nothing (and so erases nothing).
+                attributes = {name: cells[i] for i, name in attribute_columns if cells[i] != ""}
+                values = {kind: cells[i] for i, kind in field_columns}
                 try:
-                    item: Record | RowError = _build(row_no, values, attributes, options)
+                    item = _build(row_no, values, attributes, options)
                 except RowError as exc:
                     item = exc
-            else:
-                item = bad
             yield row_no, item, tell
 
 
