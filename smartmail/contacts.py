@@ -257,9 +257,9 @@ def _apply(session: Session, contact: Contact, fields: dict[str, Any], *, merge:
 def _create(session: Session, email: str, fields: dict[str, Any]) -> Contact:
     now = utcnow()
     suppressed_as = _suppression_status(session, email)
+    # A given status wins (an explicit `subscribed` lifts the suppression); otherwise a suppressed
+    # address starts with the matching status.
     status = fields.get("status") or suppressed_as or ContactStatus.SUBSCRIBED.value
-    if suppressed_as and status == ContactStatus.SUBSCRIBED.value and "status" not in fields:
-        status = suppressed_as
     contact = Contact(email=email, status=status,
                       attributes={k: v for k, v in fields.get("attributes", {}).items() if v is not None},
                       timezone=fields.get("timezone"), locale=fields.get("locale"), source=fields.get("source"),

@@ -67,6 +67,7 @@ def test_depth_and_size_are_bounded():
 @pytest.mark.parametrize("dialect", [sqlite.dialect(), postgresql.dialect()], ids=["sqlite", "postgresql"])
 def test_rules_compile_to_one_select_with_values_bound(dialect):
     rules = {"all": [{"attr": "plan", "op": "eq", "value": "pro'); DROP TABLE contacts; --"},
+                     {"attr": "name", "op": "gt", "value": "M"},
                      {"list": "news"}, {"opened_within": 30}, {"not": {"event": "order_placed", "min_count": 2}}]}
     query = segments.audience_query(rules, dialect.name)
     sql = str(query.compile(dialect=dialect))
