@@ -5,7 +5,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -85,9 +85,9 @@ def _contact_fields(attr: list[str], status: str | None, timezone: str | None, l
 def contacts_add(
     email: str,
     attr: Annotated[list[str], typer.Option("--attr", help="Attribute NAME=VALUE (repeatable; JSON values keep their type).")] = [],
-    status: Annotated[Optional[str], typer.Option(help="subscribed, unsubscribed, bounced, complained or blocked.")] = None,
-    timezone: Annotated[Optional[str], typer.Option(help="IANA time zone, e.g. Europe/Paris.")] = None,
-    locale: Annotated[Optional[str], typer.Option(help="e.g. en or pt-BR.")] = None,
+    status: Annotated[str | None, typer.Option(help="subscribed, unsubscribed, bounced, complained or blocked.")] = None,
+    timezone: Annotated[str | None, typer.Option(help="IANA time zone, e.g. Europe/Paris.")] = None,
+    locale: Annotated[str | None, typer.Option(help="e.g. en or pt-BR.")] = None,
     list_: Annotated[list[str], typer.Option("--list", help="Join this list (repeatable).")] = [],
     upsert: Annotated[bool, typer.Option(help="Update the contact if the address is known.")] = False,
 ) -> None:
@@ -135,9 +135,9 @@ def contacts_update(
     email: str,
     attr: Annotated[list[str], typer.Option("--attr", help="Set attribute NAME=VALUE (repeatable).")] = [],
     unset: Annotated[list[str], typer.Option("--unset", help="Remove this attribute (repeatable).")] = [],
-    status: Annotated[Optional[str], typer.Option()] = None,
-    timezone: Annotated[Optional[str], typer.Option()] = None,
-    locale: Annotated[Optional[str], typer.Option()] = None,
+    status: Annotated[str | None, typer.Option()] = None,
+    timezone: Annotated[str | None, typer.Option()] = None,
+    locale: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Change a contact's status, time zone, locale or attributes."""
     from smartmail import contacts
@@ -174,7 +174,7 @@ def contacts_delete(email: str, yes: Annotated[bool, typer.Option("--yes", help=
 @contacts_app.command("track")
 def contacts_track(
     email: str, event: str,
-    properties: Annotated[Optional[str], typer.Option(help="Event properties as a JSON object.")] = None,
+    properties: Annotated[str | None, typer.Option(help="Event properties as a JSON object.")] = None,
 ) -> None:
     """Record a custom event, e.g. order_placed, for a contact."""
     import smartmail
@@ -218,17 +218,17 @@ def _progress_loop(job_id: str, inline: bool) -> dict[str, Any]:
 @contacts_app.command("import")
 def contacts_import(
     file: Annotated[Path, typer.Argument(help="CSV (header row) or JSON Lines file.")],
-    list_: Annotated[Optional[str], typer.Option("--list", help="Join every imported contact to this list.")] = None,
+    list_: Annotated[str | None, typer.Option("--list", help="Join every imported contact to this list.")] = None,
     mode: Annotated[str, typer.Option(help="upsert, create (new addresses only) or update (known ones only).")] = "upsert",
-    format_: Annotated[Optional[str], typer.Option("--format", help="csv or jsonl (default: from the file name).")] = None,
+    format_: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from the file name).")] = None,
     map_: Annotated[list[str], typer.Option("--map", help="COLUMN=TARGET: email, status, timezone, locale, ignore "
                                                           "or an attribute name (repeatable).")] = [],
     type_: Annotated[list[str], typer.Option("--type", help="ATTRIBUTE=TYPE: string, number, integer, boolean, date, "
                                                             "datetime or json (repeatable).")] = [],
-    delimiter: Annotated[Optional[str], typer.Option(help="CSV delimiter (default: detected).")] = None,
-    encoding: Annotated[Optional[str], typer.Option(help="CSV encoding (default: detected).")] = None,
+    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (default: detected).")] = None,
+    encoding: Annotated[str | None, typer.Option(help="CSV encoding (default: detected).")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per transaction.")] = 5000,
-    errors: Annotated[Optional[Path], typer.Option(help="Where to write the error report (default FILE.errors.csv).")] = None,
+    errors: Annotated[Path | None, typer.Option(help="Where to write the error report (default FILE.errors.csv).")] = None,
     inline: Annotated[bool, typer.Option(help="Run here instead of on a worker of the imports queue.")] = False,
     wait: Annotated[bool, typer.Option(help="Show progress until the import ends.")] = True,
 ) -> None:
@@ -284,7 +284,7 @@ def contacts_import_status(job_id: str, as_json: Annotated[bool, typer.Option("-
 
 
 @contacts_app.command("import-errors")
-def contacts_import_errors(job_id: str, out_file: Annotated[Optional[Path], typer.Option("--out")] = None) -> None:
+def contacts_import_errors(job_id: str, out_file: Annotated[Path | None, typer.Option("--out")] = None) -> None:
     """Write an import job's error report (CSV: row, field, reason, value) to --out or standard output."""
     from smartmail import imports
 
@@ -316,9 +316,9 @@ def contacts_import_resume(job_id: str, inline: Annotated[bool, typer.Option()] 
 
 @contacts_app.command("export")
 def contacts_export(
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="CSV file (default: standard output).")] = None,
-    list_: Annotated[Optional[str], typer.Option("--list", help="Only members of this list.")] = None,
-    segment: Annotated[Optional[str], typer.Option(help="Only this saved segment's contacts.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="CSV file (default: standard output).")] = None,
+    list_: Annotated[str | None, typer.Option("--list", help="Only members of this list.")] = None,
+    segment: Annotated[str | None, typer.Option(help="Only this saved segment's contacts.")] = None,
 ) -> None:
     """Export contacts as CSV; cells that a spreadsheet would run as formulas are neutralized."""
     from sqlalchemy import select
@@ -349,7 +349,7 @@ def contacts_export(
 # --- lists -----------------------------------------------------------------------------------------
 
 @lists_app.command("create")
-def lists_create(name: str, description: Annotated[Optional[str], typer.Option()] = None) -> None:
+def lists_create(name: str, description: Annotated[str | None, typer.Option()] = None) -> None:
     """Create a list."""
     from smartmail import contacts
 
@@ -436,8 +436,8 @@ def segments_save(name: str, rules: Annotated[str, typer.Option(help="Rules as J
 
 
 @segments_app.command("count")
-def segments_count(name: Annotated[Optional[str], typer.Argument()] = None,
-                   rules: Annotated[Optional[str], typer.Option(help="Rules as JSON, or @FILE.")] = None) -> None:
+def segments_count(name: Annotated[str | None, typer.Argument()] = None,
+                   rules: Annotated[str | None, typer.Option(help="Rules as JSON, or @FILE.")] = None) -> None:
     """Count a saved segment's (or some rules') contacts."""
     from smartmail import segments
 
@@ -451,8 +451,8 @@ def segments_count(name: Annotated[Optional[str], typer.Argument()] = None,
 
 
 @segments_app.command("preview")
-def segments_preview(name: Annotated[Optional[str], typer.Argument()] = None,
-                     rules: Annotated[Optional[str], typer.Option()] = None,
+def segments_preview(name: Annotated[str | None, typer.Argument()] = None,
+                     rules: Annotated[str | None, typer.Option()] = None,
                      limit: Annotated[int, typer.Option()] = 10) -> None:
     """Show the first contacts a segment selects."""
     from smartmail import segments

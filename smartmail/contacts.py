@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone as dt_timezone
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from smartmail.db import get_engine, session_scope, upsert_insert, utcnow
-from smartmail.models import (Contact, ContactList, ContactStatus, Event, ListMembership, Suppression)
+from smartmail.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
 
 log = structlog.get_logger("smartmail.contacts")
 
@@ -456,7 +456,7 @@ def track(email: str, event: str, properties: Mapping[str, Any] | None = None, *
     elif not isinstance(occurred_at, datetime):
         raise InvalidInput("must be a datetime", field="occurred_at")
     elif occurred_at.tzinfo is not None:  # naive datetimes are taken as UTC
-        occurred_at = occurred_at.astimezone(dt_timezone.utc).replace(tzinfo=None)
+        occurred_at = occurred_at.astimezone(UTC).replace(tzinfo=None)
     with session_scope() as session:
         contact = _get(session, email) or _create(session, email, {"source": "track"})
         row = Event(type=event, contact_id=contact.id, properties=dict(properties), occurred_at=occurred_at)

@@ -12,7 +12,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -259,7 +259,7 @@ def convert(value: Any, kind: str) -> Any:
     if kind == "datetime":
         moment = datetime.fromisoformat(str(value).strip())
         if moment.tzinfo is not None:  # stored as naive UTC, like every time in SmartMail
-            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
         return moment.isoformat(timespec="seconds")
     raise ValueError(f"unknown type {kind}")
 

@@ -14,8 +14,7 @@ from smartmail import contacts
 from smartmail.cli import app as cli
 from smartmail.contacts import InvalidInput, NotFound
 from smartmail.db import session_scope
-from smartmail.models import (Contact, ContactList, Event, ImportJob, ListMembership, Message, Segment,
-                              Suppression)
+from smartmail.models import Contact, ContactList, Event, ImportJob, ListMembership, Message, Segment, Suppression
 
 runner = CliRunner()
 TABLES = (Contact, ContactList, ListMembership, Event, Suppression, Segment, ImportJob, Message)
