@@ -45,6 +45,7 @@ _FALSE = frozenset({"false", "no", "n", "f", "0", "off"})
 _INT = re.compile(r"[+-]?\d+")
 _SAMPLE = 64 * 1024
 _MAX_VALUE_IN_REPORT = 200
+_SQLITE_CACHE_KB = 128 * 1024
 
 
 @dataclass
@@ -510,13 +511,16 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
             result.updated += 1
         else:
             result.created += 1
-        # A bulk import never resubscribes an address that bounced, complained or unsubscribed.
+        # A bulk import never resubscribes an address that bounced, complained or unsubscribed:
+        # it can move a contact away from `subscribed`, never back.
         reason = suppressed.get(record.email)
         if reason:
             status = contacts.SUPPRESSION_TO_STATUS.get(reason, "blocked")
+        elif current in contacts.STATUS_TO_SUPPRESSION and record.status in (None, "subscribed"):
+            status = current
         else:
             status = record.status or current or "subscribed"
-            if status in contacts.STATUS_TO_SUPPRESSION:
+            if status in contacts.STATUS_TO_SUPPRESSION and not (options.mode == "create" and exists):
                 new_suppressions.append((record.email, contacts.STATUS_TO_SUPPRESSION[status]))
         rows.append((record.email, status, record.timezone, record.locale, _to_json(record.attributes)))
         members.append(record.email)
@@ -748,6 +752,10 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
 def _commit_batch(job_id: str, checkpoint: int, last_row: int, position: int, records: list[Record],
                   errors: list[tuple[int, RowError]], options: ImportOptions, list_id: int | None) -> int:
     with get_engine().begin() as connection:
+        if connection.dialect.name == "sqlite":
+            # SQLite's default page cache is 2 MB: past a few hundred thousand contacts the email
+            # index no longer fits and every look-up and insert reads pages through the OS.
+            connection.exec_driver_sql(f"PRAGMA cache_size = -{_SQLITE_CACHE_KB}")
         result = write_batch(connection, job_id, records, options, list_id) if records else BatchResult()
         all_errors = errors + result.errors
         if all_errors:

@@ -191,6 +191,16 @@ def test_modes_lists_types_and_suppressions(env, tmp_path):
         reasons = dict(session.execute(select(Suppression.email, Suppression.reason)).all())
     assert reasons == {"gone@example.org": "hard_bounce", "new@example.org": "unsubscribed"}
 
+    # Nor does it resubscribe an unsubscribed contact whose suppression entry went missing.
+    with session_scope() as session:
+        session.execute(Suppression.__table__.delete().where(Suppression.email == "new@example.org"))
+    again = tmp_path / "again.csv"
+    again.write_text("email,status\nnew@example.org,subscribed\nold@example.org,blocked\n", encoding="utf-8")
+    imports.run_job(imports.create_job(again))
+    assert contacts.get_contact("new@example.org")["status"] == "unsubscribed"
+    assert contacts.get_contact("old@example.org")["status"] == "blocked"
+    contacts.update_contact("old@example.org", status="subscribed")
+
     only_update = tmp_path / "b.csv"
     only_update.write_text("email,plan\nnobody@example.org,x\nold@example.org,team\n", encoding="utf-8")
     status = imports.run_job(imports.create_job(only_update, mode="update"))
