@@ -218,6 +218,24 @@ def build_policy(spec: PolicySpec, defaults: RetrySchedule) -> Policy:
     return Policy(make("default", base), sites, domains, tuple(suffixes), spec.mx)
 
 
+def _file_path(data: Any, loc: tuple) -> list:
+    """The part of a pydantic error location that names the file's own keys (pydantic adds
+    labels of its own, such as union branches, that are not keys)."""
+    path = []
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif isinstance(data, dict) and isinstance(part, str) and "[" not in part \
+                and not part.startswith(("function-", "literal")):
+            data = None  # a required key that is missing: the error is about it
+        else:
+            continue
+        path.append(part)
+    return path
+
+
 def load_policy(path: Path, defaults: RetrySchedule) -> Policy:
     """Read and validate a policy file; raise PolicyError naming the file and the bad key."""
     try:
@@ -231,9 +249,7 @@ def load_policy(path: Path, defaults: RetrySchedule) -> Policy:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            # Drop pydantic's union-branch labels so the path reads like the file's keys.
-            parts = [p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith(("function-", "literal"))))]
-            key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+            key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in _file_path(data, error["loc"])).lstrip(".")
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{key or '(top level)'}: {message}")
         raise PolicyError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import redis
@@ -38,7 +39,7 @@ if granted > n then granted = n end
 if granted < 0 then granted = 0 end
 tat = tat + granted * interval
 if granted > 0 then
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.min(math.ceil((tat - now) / 1000) + 1000, 86400000))
 end
 local retry_after = tat + interval - capacity - now
 if retry_after < 0 then retry_after = 0 end
@@ -49,7 +50,7 @@ if rest > 0 then
   local start = now + retry_after
   if promised > start then start = promised end
   local last = start + rest * interval
-  redis.call('SET', KEYS[4], string.format('%.0f', last), 'PX', math.ceil((last - now) / 1000) + 1000)
+  redis.call('SET', KEYS[4], string.format('%.0f', last), 'PX', math.min(math.ceil((last - now) / 1000) + 1000, 86400000))
   first = start - now
 end
 return {granted, retry_after, first, interval}
@@ -84,21 +85,24 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return lost
 """
 
-# Arm a slow-down (value: interval in µs; the slower one wins) or a suspension (value: the reply)
-# for ttl ms. Returns 1 when this changed the site's state, 0 when it only extended it.
+# Arm a slow-down (value: interval in µs) or a suspension (value: the reply) for ttl ms. The
+# slower of two slow-downs wins, and no rule shortens one already armed: a state lasts until the
+# longest of the durations that armed it runs out. Returns 1 when this changed the site's state,
+# 0 when it only kept or extended it.
 _ARM = """
-local current = redis.call('GET', KEYS[1])
-local changed = 1
-if current then
-  changed = 0
-  if ARGV[3] == 'slow' and tonumber(ARGV[1]) > tonumber(current) then changed = 1 end
+local left = redis.call('PTTL', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if left < 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+  return 1
 end
-if changed == 1 or ARGV[3] ~= 'slow' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ttl < left then ttl = left end
+if ARGV[3] == 'slow' and tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1])) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+  return 1
 end
-return changed
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 0
 """
 
 COUNTERS = ("sent", "deferred", "failed", "throttled", "unknown")
@@ -127,7 +131,8 @@ class SiteState:
 
 
 def interval_us(rate: float | None) -> int:
-    return 0 if rate is None else max(1, round(1_000_000 / rate))
+    # Rounded up: a shorter interval than the true one would let a site exceed its rate.
+    return 0 if rate is None else max(1, math.ceil(1_000_000 / rate))
 
 
 class SiteThrottle:

@@ -71,8 +71,9 @@ class Shaper:
         domain = domain.lower().rstrip(".")
         site = policy.site_for_domain(domain)
         if site is None and policy.mx.enabled and policy.mx_suffixes:
-            if self.resolver is None or self.resolver.timeout != policy.mx.timeout:
+            if self.resolver is None:
                 self.resolver = MxResolver(policy.mx.timeout, policy.mx.cache_seconds)
+            self.resolver.timeout, self.resolver.cache_seconds = policy.mx.timeout, policy.mx.cache_seconds
             site = policy.site_for_mx(self.resolver(domain))
         return site or policy.unknown_site(domain)
 
