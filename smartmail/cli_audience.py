@@ -215,6 +215,19 @@ def _progress_loop(job_id: str, inline: bool) -> dict[str, Any]:
     return status
 
 
+def _enqueue(job_id: str) -> None:
+    from kombu.exceptions import KombuError
+    from redis.exceptions import RedisError
+
+    from smartmail import imports
+
+    try:
+        imports.enqueue(job_id)
+    except (RedisError, KombuError, OSError) as exc:
+        fail(f"import job {job_id} is stored but could not be queued ({exc}); "
+             f"run `smartmail contacts import-resume {job_id} --inline`, or start Redis and a worker", code=1)
+
+
 @contacts_app.command("import")
 def contacts_import(
     file: Annotated[Path, typer.Argument(help="CSV (header row) or JSON Lines file.")],
@@ -243,7 +256,7 @@ def contacts_import(
     except InvalidInput as exc:
         fail(str(exc))
     if not inline:
-        imports.enqueue(job_id)
+        _enqueue(job_id)
     if not wait and not inline:
         out.print(f"import job {job_id} queued", highlight=False)
         return
@@ -310,7 +323,7 @@ def contacts_import_resume(job_id: str, inline: Annotated[bool, typer.Option()] 
     except InvalidInput as exc:
         fail(str(exc), code=1)
     if not inline:
-        imports.enqueue(job_id)
+        _enqueue(job_id)
     _summary(_progress_loop(job_id, inline))
 
 
