@@ -171,6 +171,15 @@ class SiteThrottle:
     def release_connection(self, site_name: str, lease: str) -> None:
         self.client.zrem(self._key(site_name, "connections"), lease)
 
+    def want_connection(self, site_name: str) -> None:
+        """Say, for two seconds, that a worker found the site at its connection limit."""
+        self.client.set(self._key(site_name, "wanted"), 1, px=2000)
+
+    def wanted(self, site_names: list[str]) -> set[str]:
+        """Those of the sites some worker is waiting to connect to."""
+        values = self.client.mget([self._key(name, "wanted") for name in site_names])
+        return {name for name, value in zip(site_names, values) if value}
+
     # Response rules.
     def apply_rule(self, site: Site, rule: Rule, reply_text: str) -> bool:
         """Arm the rule's slow-down or suspension for every worker; True when it changed the site."""

@@ -41,6 +41,10 @@ class ConnectionGate(Protocol):
 
     def release_connection(self, site_name: str, lease: str) -> None: ...
 
+    def want_connection(self, site_name: str) -> None: ...
+
+    def wanted(self, site_names: list[str]) -> set[str]: ...
+
 
 # The reply for a message that found its site at the connection limit in every process: it was
 # not attempted, and delivery puts it back to wait (see delivery.py).
@@ -128,6 +132,10 @@ class SmtpTransport:
         if site is not None and self.gate is not None:
             lease = uuid.uuid4().hex
             if not self.gate.lease_connection(site, lease):
+                try:
+                    self.gate.want_connection(pool)  # ask other processes to give back idle ones
+                except Exception:  # noqa: BLE001 - only a hint
+                    pass
                 return None
         self._start_sweeper()
         try:
@@ -277,9 +285,10 @@ class SmtpTransport:
     def _sweep_forever(self) -> None:
         renew_every = self.gate.lease_ms / 3000 if self.gate else 10.0
         last_renewal = time.monotonic()
-        while not self._closed.wait(min(1.0, self.idle_timeout / 2)):
+        while not self._closed.wait(min(0.25, self.idle_timeout / 2)):
             try:
                 self.close_idle(time.monotonic() - self.idle_timeout)
+                self.close_wanted()
                 if time.monotonic() - last_renewal >= renew_every:
                     last_renewal = time.monotonic()
                     self.renew_leases()
@@ -294,6 +303,20 @@ class SmtpTransport:
                 self._idle[pool] = [c for c in idle if c.idle_since >= idle_before]
         for conn in stale:
             self._quit(conn)
+
+    def close_wanted(self) -> None:
+        """Close idle connections of sites another process is waiting for: an idle connection
+        holds one of the site's few leases that a busy worker could use."""
+        if self.gate is None:
+            return
+        with self._lock:
+            sites = [pool for pool, idle in self._idle.items() if any(c.lease for c in idle)]
+        wanted = self.gate.wanted(sites) if sites else set()
+        if wanted:
+            with self._lock:
+                closing = [c for pool in wanted for c in self._idle.pop(pool, [])]
+            for conn in closing:
+                self._quit(conn)
 
     def renew_leases(self) -> None:
         if self.gate is None:

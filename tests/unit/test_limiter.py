@@ -458,6 +458,12 @@ def test_leases_expire_with_time(client):
     assert throttle.renew_connections("site", ["a", "b"]) == ["a"]
 
 
+def test_a_site_is_wanted_for_two_seconds_after_a_refused_lease(throttle, client):
+    throttle.want_connection("busy")
+    assert throttle.wanted(["busy", "calm"]) == {"busy"}
+    assert 1900 <= client.pttl(throttle._key("busy", "wanted")) <= 2000
+
+
 def test_renew_returns_lost_leases_and_keeps_live_ones(throttle, client):
     site = make_site(None, max_connections=2)
     key = "t:smartmail:site:site:connections"
