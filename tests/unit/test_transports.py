@@ -811,3 +811,79 @@ def test_connection_lost_after_the_body_is_unknown_not_retried(make_transport):
     finally:
         listener.close()
         thread.join(5)
+
+
+# --- Per-site pools and connection leases --------------------------------------------------------
+
+class FakeGate:
+    """A ConnectionGate in memory: grants up to `limit` leases per site."""
+
+    lease_ms = 30_000
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.leases: dict[str, set[str]] = {}
+        self.wanted_sites: set[str] = set()
+
+    def lease_connection(self, site, lease):
+        held = self.leases.setdefault(site.name, set())
+        if len(held) >= self.limit:
+            return False
+        held.add(lease)
+        return True
+
+    def renew_connections(self, site_name, leases):
+        return [lease for lease in leases if lease not in self.leases.get(site_name, set())]
+
+    def release_connection(self, site_name, lease):
+        self.leases.get(site_name, set()).discard(lease)
+
+    def want_connection(self, site_name):
+        self.wanted_sites.add(site_name)
+
+    def wanted(self, site_names):
+        return self.wanted_sites & set(site_names)
+
+
+def site(name: str, max_connections: int = 1, max_messages: int = 100):
+    from smartmail.config.policy import Site
+    from smartmail.outcomes import RetrySchedule
+
+    return Site(name, None, 1, max_connections, max_messages, RetrySchedule())
+
+
+def test_each_site_has_its_own_pool_and_connection_limit(server, handler, make_transport):
+    gate = FakeGate(limit=1)
+    transport = make_transport(server.url(), gate=gate)
+    google, yahoo = site("google"), site("yahoo", max_messages=2)
+    for i in range(3):
+        assert transport.send(SENDER, f"g{i}@gmail.com", message(i), google).code == 250
+        assert transport.send(SENDER, f"y{i}@yahoo.com", message(i), yahoo).code == 250
+    # One connection for google; yahoo's was retired after 2 messages and a second one opened.
+    assert handler.connections == 3
+    assert len(gate.leases["google"]) == 1 and len(gate.leases["yahoo"]) == 1  # the retired one gave its lease back
+
+
+def test_a_site_at_its_limit_elsewhere_is_reported_not_attempted_and_marked_wanted(server, handler, make_transport):
+    gate = FakeGate(limit=1)
+    busy = site("busy")
+    gate.lease_connection(busy, "another-process")
+    transport = make_transport(server.url(), gate=gate)
+    reply = transport.send(SENDER, "a@busy.example", message(), busy)
+    assert reply.stage == transports.AT_CONNECTION_LIMIT and reply.code is None
+    assert handler.connections == 0 and gate.wanted_sites == {"busy"}
+
+
+def test_idle_connections_of_a_wanted_site_close_and_give_back_their_leases(server, handler, make_transport):
+    gate = FakeGate(limit=2)
+    transport = make_transport(server.url(), gate=gate)
+    wanted, other = site("wanted"), site("other")
+    transport.send(SENDER, "a@wanted.example", message(), wanted)
+    transport.send(SENDER, "b@other.example", message(), other)
+    gate.want_connection("wanted")
+    transport.close_wanted()
+    assert gate.leases["wanted"] == set() and len(gate.leases["other"]) == 1
+    deadline = time.monotonic() + 2
+    while len(handler.quits) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(handler.quits) == 1
