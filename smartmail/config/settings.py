@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     policy_check_interval: float = Field(1.0, ge=0)
     smtp_idle_timeout: float = Field(5.0, gt=0)  # an idle pooled connection is closed after this
 
+    # Links in messages (unsubscribe, and tracking later) point at the web app here.
+    public_url: str = "http://127.0.0.1:8000"
+    unsubscribe_mailto: str | None = None  # default: unsubscribe@<the default sender's domain>
+
     log_level: str = "INFO"
     log_format: Literal["console", "json"] = "console"
 
@@ -132,6 +136,14 @@ class Settings(BaseSettings):
         if not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an http(s):// base URL without query or fragment, e.g. https://mail.example.com")
+        return value.rstrip("/")
 
     @property
     def smtp(self) -> SmtpUrl:
