@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from smartmail.db import utcnow
@@ -25,6 +25,7 @@ class MessageState(str, enum.Enum):
     FAILED = "failed"         # 5xx, or deferred past the maximum age
     SUPPRESSED = "suppressed" # recipient on the suppression list; never sent
     UNKNOWN = "unknown"       # worker died while sending; not re-sent automatically
+    CANCELLED = "cancelled"   # its campaign was cancelled before it was sent
 
     def __str__(self) -> str:
         return self.value
@@ -49,6 +50,8 @@ class Message(Base):
         Index("ix_messages_state_next_attempt_at", "state", "next_attempt_at"),
         Index("ix_messages_state_enqueued_at", "state", "enqueued_at"),
         Index("ix_messages_state_claimed_at", "state", "claimed_at"),
+        Index("uq_messages_campaign_id_contact_id", "campaign_id", "contact_id", unique=True),
+        Index("ix_messages_campaign_id_state", "campaign_id", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)
@@ -75,6 +78,10 @@ class Message(Base):
     smtp_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     smtp_reply: Mapped[str | None] = mapped_column(Text, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Campaign messages: one per campaign and contact (the unique index makes a relaunch add
+    # nothing); their content is rendered when sent, from the campaign's frozen template.
+    campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    contact_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), nullable=True)
 
 
 class Suppression(Base):
@@ -90,7 +97,7 @@ class Suppression(Base):
 # --- Contacts, lists, segments, events and imports (issue 4) ------------------------------------
 # Appended here so Base.metadata (and so Alembic) sees every table; see smartmail/contacts.py.
 
-from sqlalchemy import BigInteger, ForeignKey  # noqa: E402
+from sqlalchemy import ForeignKey  # noqa: E402
 from sqlalchemy.dialects.postgresql import JSONB  # noqa: E402
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
@@ -211,3 +218,48 @@ class ImportRowError(Base):
     field: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
     value: Mapped[str | None] = mapped_column(Text, nullable=True)  # the offending value, truncated
+
+
+# --- Campaigns (issue 5) -----------------------------------------------------------------------
+
+class CampaignState(str, enum.Enum):
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"      # launched: fanning out and/or delivering
+    PAUSED = "paused"
+    SENT = "sent"            # every message reached a final state
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+    __table_args__ = (Index("ix_campaigns_state_send_at", "state", "send_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=CampaignState.DRAFT.value)
+    template_name: Mapped[str] = mapped_column(String(200))
+    # The template as it was at launch: later edits to the template do not change a campaign.
+    subject: Mapped[str | None] = mapped_column(Text, nullable=True)
+    html: Mapped[str | None] = mapped_column(Text, nullable=True)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    template_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lists: Mapped[list] = mapped_column(JSON, default=list)          # list names
+    segment: Mapped[str | None] = mapped_column(String(200), nullable=True)  # a saved segment's name
+    sender: Mapped[str] = mapped_column(String(320))
+    reply_to: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    send_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    window_start: Mapped[str | None] = mapped_column(String(5), nullable=True)  # "08:00", recipient's time zone
+    window_end: Mapped[str | None] = mapped_column(String(5), nullable=True)
+    window_timezone: Mapped[str] = mapped_column(String(64), default="UTC")  # for contacts without one
+    rate_cap: Mapped[float | None] = mapped_column(Float, nullable=True)  # messages per second, campaign-wide
+    # Fan-out checkpoint: every audience contact up to this id has its message row.
+    cursor: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), default=0)
+    fanned_out: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    launched_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

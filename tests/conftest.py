@@ -95,7 +95,7 @@ def _clear_tables(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         for table in ("import_errors", "import_jobs", "events", "list_memberships", "segments", "lists", "contacts",
-                      "messages", "suppressions", "templates"):
+                      "messages", "campaigns", "suppressions", "templates"):
             conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()
 
