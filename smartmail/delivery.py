@@ -21,7 +21,7 @@ from smartmail.models import Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.addresses import normalize_address
 from smartmail.config.policy import Site
-from smartmail.workers.dispatch import dispatch, dispatch_later
+from smartmail.workers.dispatch import TRANSACTIONAL, dispatch, dispatch_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
 from smartmail.workers.transports import AT_CONNECTION_LIMIT, Transport, get_transport
 
@@ -142,7 +142,7 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
 
 
 def deliver(message_ids: Sequence[str], transport: Transport | None = None,
-            shaper: Shaper | None = None) -> DeliveryReport:
+            shaper: Shaper | None = None, stream: str = TRANSACTIONAL) -> DeliveryReport:
     """Send the given messages that are still queued (or deferred and due).
 
     Works in windows of SMARTMAIL_CLAIM_WINDOW messages: one transaction records the outcomes of
@@ -168,9 +168,9 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
         except OperationalError:
             # Give back the ids not yet claimed; the outcomes in `pending` are lost and those rows
             # end `unknown` via the reconciler, which is why _record_and_claim retried first.
-            dispatch(list(message_ids[start:]))
+            dispatch(list(message_ids[start:]), stream)
             raise
-        _after_recording(pending, report, shaper)
+        _after_recording(pending, report, shaper, stream)
         if not ids:
             break
         report.claimed += len(claimed)
@@ -244,7 +244,7 @@ def _admit(shaper: Shaper, site: Site, count: int) -> tuple[int, list[Hold]]:
         return 0, [Hold(5.0, "throttled: rate limiter unavailable")] * count
 
 
-def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Shaper | None) -> None:
+def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Shaper | None, stream: str) -> None:
     """Once a window's outcomes are committed: count and log them, and time the short waits."""
     counts: dict[str, dict[str, int]] = {}
     soon = utcnow() + SHORT_WAIT
@@ -262,7 +262,7 @@ def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Sha
         if result.next_attempt_at is not None and result.next_attempt_at <= soon:
             wake.append((result.id, result.next_attempt_at.replace(tzinfo=timezone.utc).timestamp()))
     try:
-        dispatch_later(wake)
+        dispatch_later(wake, stream)
         if shaper is not None:
             shaper.throttle.count(counts)
     except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due

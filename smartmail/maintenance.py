@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from smartmail.config import get_settings
 from smartmail.db import session_scope, utcnow
 from smartmail.models import Message, MessageState
-from smartmail.workers.dispatch import dispatch, get_outbox
+from smartmail.workers.dispatch import BULK, TRANSACTIONAL, dispatch, get_outbox
 
 log = structlog.get_logger("smartmail.maintenance")
 
@@ -23,33 +23,45 @@ class ReconcileReport:
     unknown: int = 0
 
 
-def _requeue(where, now: datetime) -> list[str]:
-    """Move matching rows to queued (conditionally) and return their ids, a page at a time."""
+def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
+    """Move matching rows to queued (conditionally); return (id, campaign id) pairs, a page at a time."""
     with session_scope() as session:
         ids = list(session.scalars(select(Message.id).where(*where).limit(_PAGE)))
         if not ids:
             return []
-        moved = session.scalars(
+        moved = session.execute(
             update(Message)
             .where(Message.id.in_(ids), *where)
             .values(state=MessageState.QUEUED.value, enqueued_at=now)
-            .returning(Message.id),
+            .returning(Message.id, Message.campaign_id),
             execution_options={"synchronize_session": False},
         ).all()
-    return list(moved)
+    return [tuple(row) for row in moved]
+
+
+def _dispatch_by_stream(moved: list[tuple[str, int | None]]) -> None:
+    """Campaign messages go to the bulk outbox, the others to the transactional one."""
+    dispatch([i for i, campaign in moved if campaign is None], TRANSACTIONAL)
+    dispatch([i for i, campaign in moved if campaign is not None], BULK)
+
+
+def restart_drains() -> None:
+    """Start drains for ids that drains lost with their worker left in either outbox."""
+    for stream in (TRANSACTIONAL, BULK):
+        dispatch([], stream)
 
 
 def enqueue_due(now: datetime | None = None) -> int:
     """Deferred and scheduled messages whose next_attempt_at has passed: back to queued, published."""
     now = now or utcnow()
-    dispatch([])  # a drain lost with its worker leaves ids in the outbox: start a new one
+    restart_drains()
     due = (Message.state.in_([MessageState.DEFERRED.value, MessageState.SCHEDULED.value]),
            Message.next_attempt_at <= now)
     total = 0
-    while ids := _requeue(due, now):
-        dispatch(ids)
-        total += len(ids)
-        if len(ids) < _PAGE:
+    while moved := _requeue(due, now):
+        _dispatch_by_stream(moved)
+        total += len(moved)
+        if len(moved) < _PAGE:
             break
     if total:
         log.info("maintenance.enqueued_due", count=total)
@@ -69,17 +81,16 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     settings = get_settings()
     now = now or utcnow()
     report = ReconcileReport()
-    dispatch([])  # first restart drains for ids that dead drains left in the outbox
+    restart_drains()  # first restart drains for ids that dead drains left in the outboxes
     stale_queued = (Message.state == MessageState.QUEUED.value,
                     Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
-    outbox = get_outbox()
     # While drains are working through a backlog, old `queued` rows are most likely still in it:
     # pushing them again would only double the backlog. Lost ids are pushed once it is drained.
-    busy = outbox.backlog() > 0 and outbox.active_drains() > 0
-    while not busy and (ids := _requeue(stale_queued, now)):
-        dispatch(ids)
-        report.requeued += len(ids)
-        if len(ids) < _PAGE:
+    busy = any(o.backlog() > 0 and o.active_drains() > 0 for o in (get_outbox(TRANSACTIONAL), get_outbox(BULK)))
+    while not busy and (moved := _requeue(stale_queued, now)):
+        _dispatch_by_stream(moved)
+        report.requeued += len(moved)
+        if len(moved) < _PAGE:
             break
     with session_scope() as session:
         result = session.execute(

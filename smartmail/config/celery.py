@@ -20,6 +20,8 @@ def celery_config(settings: Settings) -> dict:
         "task_default_queue": "default",
         "task_routes": {
             "smartmail.drain": {"queue": "transactional"},
+            "smartmail.drain_bulk": {"queue": "bulk"},
+            "smartmail.campaign.*": {"queue": "bulk"},
             "smartmail.maintenance.*": {"queue": "default"},
             "smartmail.imports.*": {"queue": "imports"},
         },

@@ -91,6 +91,10 @@ end
 return {}
 """
 
+# Streams of messages, each with its own outbox and drain task on its own queue, so a campaign's
+# backlog never delays a password reset.
+TRANSACTIONAL, BULK = "transactional", "bulk"
+
 # The longest a timer drain sleeps before looking again (a Celery countdown, far below the
 # broker's visibility timeout); the beat job also restarts timing if the timer drain died.
 MAX_TIMER_MS = 30_000
@@ -99,9 +103,11 @@ MAX_TIMER_MS = 30_000
 class Outbox:
     """The Redis side of dispatch; `client` is any redis-py client (tests pass fakeredis)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "", max_drains: int = 4, batch_size: int = 100) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "", max_drains: int = 4, batch_size: int = 100,
+                 stream: str = TRANSACTIONAL) -> None:
         self.client = client
-        base = f"{prefix}smartmail:outbox"
+        self.stream = stream
+        base = f"{prefix}smartmail:outbox" + ("" if stream == TRANSACTIONAL else f":{stream}")
         self.keys = [base, f"{base}:drains", f"{base}:lease", f"{base}:delayed", f"{base}:timer"]
         self.max_drains = max_drains
         self.batch_size = batch_size
@@ -145,38 +151,39 @@ class Outbox:
         return self.client.zcount(self.keys[1], seconds * 1000 + micros // 1000, "+inf")
 
 
-@functools.lru_cache(maxsize=1)
-def get_outbox() -> Outbox:
+@functools.lru_cache(maxsize=2)
+def get_outbox(stream: str = TRANSACTIONAL) -> Outbox:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    return Outbox(client, settings.redis_key_prefix, settings.dispatch_drains, settings.batch_size)
+    return Outbox(client, settings.redis_key_prefix, settings.dispatch_drains, settings.batch_size, stream)
 
 
-def dispatch_later(due: Sequence[tuple[str, float]]) -> None:
+def dispatch_later(due: Sequence[tuple[str, float]], stream: str = TRANSACTIONAL) -> None:
     """Hand committed, deferred message ids to the workers when due (epoch seconds)."""
-    leases = get_outbox().push_later(due)
+    leases = get_outbox(stream).push_later(due)
     if leases:
-        publish_drains(leases)
+        publish_drains(leases, stream)
 
 
-def dispatch(message_ids: Sequence[str]) -> None:
+def dispatch(message_ids: Sequence[str], stream: str = TRANSACTIONAL) -> None:
     """Hand committed, queued message ids to the workers (call after the database commit); with no
     ids, restart drains for ids left in the outbox by drains that died."""
-    leases = get_outbox().push(message_ids)
+    leases = get_outbox(stream).push(message_ids)
     if leases:
-        publish_drains(leases)
+        publish_drains(leases, stream)
 
 
-def publish_drains(leases: Sequence[str]) -> None:
-    from smartmail.tasks.send import drain
+def publish_drains(leases: Sequence[str], stream: str = TRANSACTIONAL) -> None:
+    from smartmail.tasks.send import drain, drain_bulk
     from smartmail.workers.app import app
 
+    task = drain if stream == TRANSACTIONAL else drain_bulk
     with app.producer_or_acquire() as producer:
         batch = getattr(producer, "batch", None)  # kombu >= 5.7 pipelines a batch of publishes
         if batch is None or len(leases) == 1:
             for lease in leases:
-                drain.apply_async((lease,), producer=producer)
+                task.apply_async((lease,), producer=producer)
             return
         with batch():
             for lease in leases:
-                drain.apply_async((lease,), producer=producer)
+                task.apply_async((lease,), producer=producer)
