@@ -250,6 +250,18 @@ def sink(
 
 
 @app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Run the web app (unsubscribe pages, one-click unsubscribe, /healthz) with uvicorn."""
+    import uvicorn
+
+    settings = get_settings()  # a bad configuration stops here with a message naming the variable
+    uvicorn.run("smartmail.web.app:app", host=host, port=port, log_level=settings.log_level.lower())
+
+
+@app.command()
 def demo(count: Annotated[int, typer.Option(help="How many emails to send.")] = 5) -> None:
     """Start what is missing (Redis, SQLite, a sink, a worker), send personalized emails, show what arrived."""
     from smartmail.demo import run

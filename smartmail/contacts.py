@@ -464,3 +464,10 @@ def track(email: str, event: str, properties: Mapping[str, Any] | None = None, *
         session.flush()
         return row.id
 
+
+# --- For modules that change a contact inside their own transaction (unsubscribe, …) ----------------
+
+def sync_suppression(session: Session, email: str, status: str) -> None:
+    """Public name of `_sync_suppression`: put the address on (or take it off) the suppression list
+    to match `status`, in the caller's transaction. An existing suppression keeps its reason."""
+    _sync_suppression(session, email, status)

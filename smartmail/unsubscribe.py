@@ -1,0 +1,142 @@
+"""Unsubscribe links: signed tokens, the List-Unsubscribe headers (RFC 2369, RFC 8058) and the unsubscribe itself."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from urllib.parse import quote
+
+import structlog
+from sqlalchemy import select
+
+from smartmail.addresses import AddressError, parse_mailbox
+from smartmail.config import get_settings
+from smartmail.contacts import sync_suppression
+from smartmail.db import session_scope, utcnow
+from smartmail.models import Contact, ContactStatus, Event, Suppression
+
+log = structlog.get_logger("smartmail.unsubscribe")
+
+# Tokens are `<contact id>.<campaign id or empty>.<signature>`, e.g. `42.7.3q2-…` (~50 characters,
+# all URL-safe). The ids are signed, not encrypted: they are opaque database keys, not personal data.
+# The signature is HMAC-SHA256 (RFC 2104) over the payload, keyed with a key derived from
+# SMARTMAIL_SECRET_KEY and the purpose "unsubscribe", so a token signed for another purpose
+# (click tracking, say) never verifies here, and vice versa.
+#
+# Tokens never expire, on purpose: an unsubscribe link in a message opened years later must still
+# work (an opt-out that fails is a complaint, and a legal problem under CAN-SPAM and GDPR).
+# Rotating SMARTMAIL_SECRET_KEY invalidates every link already sent.
+PURPOSE = "unsubscribe"
+_ID = r"[1-9][0-9]{0,18}"  # canonical decimal (no sign, no leading zero); fits a 64-bit id
+_TOKEN = re.compile(rf"({_ID})\.({_ID})?\.([A-Za-z0-9_-]{{43}})")  # 43 = unpadded base64url of 32 bytes
+_MAX_ID = 2**63 - 1
+# What must never reach a header value: CR/LF would start a new header (RFC 5322 section 2.2);
+# other controls, spaces, `<`, `>` and `,` would break the `<uri>, <uri>` list of RFC 2369.
+_BAD_IN_URI = re.compile(r"[\x00-\x20\x7f<>,]")
+
+
+class InvalidToken(ValueError):
+    """An unsubscribe token that is malformed, truncated, altered or not signed by this installation."""
+
+
+def _key(purpose: str) -> bytes:
+    secret = get_settings().secret_key.encode()
+    return hmac.new(secret, b"smartmail.token:" + purpose.encode(), hashlib.sha256).digest()
+
+
+def _signature(payload: str, purpose: str = PURPOSE) -> str:
+    digest = hmac.new(_key(purpose), payload.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _check_id(value: object, name: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_ID:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def make_token(contact_id: int, campaign_id: int | None) -> str:
+    """A URL-safe token naming the contact (and the campaign the message came from, if any)."""
+    _check_id(contact_id, "contact_id")
+    _check_id(campaign_id, "campaign_id", optional=True)
+    payload = f"{contact_id}.{'' if campaign_id is None else campaign_id}"
+    return f"{payload}.{_signature(payload)}"
+
+
+def read_token(token: object) -> tuple[int, int | None]:
+    """(contact_id, campaign_id) from a token made by make_token; InvalidToken for anything else."""
+    if not isinstance(token, str) or len(token) > 100:
+        raise InvalidToken("the unsubscribe token is malformed")
+    match = _TOKEN.fullmatch(token)
+    if match is None:
+        raise InvalidToken("the unsubscribe token is malformed or truncated")
+    contact, campaign, signature = match.groups()
+    # Compare the encoded signatures: the last base64 character carries 2 unused bits, so comparing
+    # decoded bytes would accept 4 spellings of one signature. compare_digest: constant time.
+    if not hmac.compare_digest(signature, _signature(f"{contact}.{campaign or ''}")):
+        raise InvalidToken("the unsubscribe token's signature does not match")
+    return int(contact), (int(campaign) if campaign else None)
+
+
+def unsubscribe_url(token: str) -> str:
+    """The link in messages and the RFC 8058 one-click POST target: `{public_url}/unsubscribe/{token}`."""
+    return f"{get_settings().public_url}/unsubscribe/{token}"
+
+
+def _mailto_address() -> str:
+    settings = get_settings()
+    if not settings.unsubscribe_mailto:
+        return f"unsubscribe@{settings.sender_domain}"
+    try:  # accepts `addr@domain` or `Name <addr@domain>`; only the address goes in the URI
+        return parse_mailbox(settings.unsubscribe_mailto, field="SMARTMAIL_UNSUBSCRIBE_MAILTO").address
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def list_unsubscribe_headers(contact_id: int, campaign_id: int | None) -> dict[str, str]:
+    """`List-Unsubscribe` (an https link first, for RFC 8058 one-click, then a mailto: RFC 2369
+    section 3.2) and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058 section 3.1)."""
+    token = make_token(contact_id, campaign_id)
+    url = unsubscribe_url(token)
+    # RFC 6068: the address and subject are percent-encoded; `@` and `+` may stay as they are.
+    mailto = f"mailto:{quote(_mailto_address(), safe='@+')}?subject={quote('unsubscribe ' + token, safe='')}"
+    for uri in (url, mailto):
+        # SMARTMAIL_PUBLIC_URL is validated as a URL, but urlsplit silently drops CR, LF and tab,
+        # so check what actually goes in the header. A raise, not an assert: asserts vanish under -O.
+        if _BAD_IN_URI.search(uri):
+            raise ValueError(f"unsubscribe URI {uri!r} contains a control character, space, '<', '>' or ','"
+                             " (check SMARTMAIL_PUBLIC_URL and SMARTMAIL_UNSUBSCRIBE_MAILTO)")
+    return {"List-Unsubscribe": f"<{url}>, <{mailto}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+def unsubscribe(contact_id: int, campaign_id: int | None, *, source: str) -> bool:
+    """Unsubscribe the contact, in one transaction: a `subscribed` contact becomes `unsubscribed`
+    (bounced, complained and blocked stay as they are), the address is on the suppression list
+    (an existing entry keeps its reason), and an `unsubscribe` event records {campaign_id, source}.
+
+    True if this call changed anything. Idempotent: a repeat (or a concurrent duplicate, such as a
+    provider's one-click POST racing the recipient's own click) changes nothing and returns False,
+    as does an unknown contact id: an erased contact's address is already suppressed."""
+    with session_scope() as session:
+        # Row lock on PostgreSQL so concurrent calls for one contact run one after the other
+        # (SQLite ignores FOR UPDATE; its BEGIN IMMEDIATE already serializes writers).
+        contact = session.scalar(select(Contact).where(Contact.id == contact_id).with_for_update())
+        if contact is None:
+            return False
+        changed = False
+        if contact.status == ContactStatus.SUBSCRIBED.value:
+            contact.status = ContactStatus.UNSUBSCRIBED.value
+            contact.updated_at = utcnow()
+            changed = True
+        if session.scalar(select(Suppression.email).where(Suppression.email == contact.email)) is None:
+            sync_suppression(session, contact.email, ContactStatus.UNSUBSCRIBED.value)
+            changed = True
+        if changed:
+            session.add(Event(type="unsubscribe", contact_id=contact.id, occurred_at=utcnow(),
+                              properties={"campaign_id": campaign_id, "source": source}))
+    if changed:
+        log.info("contact.unsubscribed", contact_id=contact_id, campaign_id=campaign_id, source=source)
+    return changed
