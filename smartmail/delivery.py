@@ -10,14 +10,15 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parseaddr
 
 import structlog
-from sqlalchemy import and_, bindparam, or_, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
+from smartmail import campaign_delivery
 from smartmail.config import get_settings
 from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.mime import build_mime
-from smartmail.models import Message, MessageState, Suppression
+from smartmail.models import Campaign, CampaignState, Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.addresses import normalize_address
 from smartmail.config.policy import Site
@@ -37,11 +38,15 @@ _claim = (
     # such ids from the outbox's delayed set (throttled messages, short retries).
     .where(_table.c.id.in_(bindparam("ids", expanding=True)),
            or_(_table.c.state == MessageState.QUEUED.value,
-               and_(_table.c.state == MessageState.DEFERRED.value, _table.c.next_attempt_at <= bindparam("now"))))
+               and_(_table.c.state == MessageState.DEFERRED.value, _table.c.next_attempt_at <= bindparam("now"))),
+           # A paused or cancelled campaign's messages are not claimed: that is what makes pause and
+           # cancel take effect at once on every worker.
+           or_(_table.c.campaign_id.is_(None),
+               _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))))
     .values(state=MessageState.SENDING.value, claimed_at=bindparam("now"), attempts=_table.c.attempts + 1)
     .returning(_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
                _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header,
-               _table.c.attempts, _table.c.created_at, _table.c.send_at)
+               _table.c.attempts, _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
 )
 # One statement, executed many times in one round trip (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
@@ -111,15 +116,16 @@ def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime, site: str
                    site=site)
 
 
-def _hold(row, hold: Hold, site: Site, now: datetime) -> _Result:
-    """A message traffic shaping held back: deferred to its slot, or failed once past the site's max age."""
+def _hold(row, hold: Hold, max_age: float, now: datetime, site: str | None = None) -> _Result:
+    """A message held back (traffic shaping, a campaign's window or cap): deferred to its slot, not
+    counted as an attempt, or failed once past its maximum age."""
     due = now + timedelta(seconds=hold.seconds)
     reply = Reply(None, hold.reason, AT_CONNECTION_LIMIT)
-    if due > (row.send_at or row.created_at) + timedelta(seconds=site.retry.max_age):
-        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site.name, attempted=False,
+    if due > (row.send_at or row.created_at) + timedelta(seconds=max_age):
+        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site, attempted=False,
                        reason=f"expired: {hold.reason}")
     return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due, reason=hold.reason,
-                   site=site.name, attempted=False)
+                   site=site, attempted=False)
 
 
 def _record_results(connection, results: list[_Result], now: datetime) -> None:
@@ -174,12 +180,28 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
         if not ids:
             break
         report.claimed += len(claimed)
+        skipped: list[_Result] = []
+        if any(row.campaign_id is not None for row in claimed):
+            claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
         if shaper is None:
             replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
             pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
         else:
             pending = _shaped_window(claimed, transport, shaper, now)
+        pending += skipped
     return report
+
+
+def _prepare_campaign_rows(claimed, schedule: RetrySchedule, now: datetime) -> tuple[list, list[_Result]]:
+    """Campaign rows re-checked, windowed, capped and rendered (campaign_delivery.py); the rows to
+    send, and the results of those that will not go now."""
+    prepared = campaign_delivery.prepare(claimed, now)
+    skipped = [_Result(row.id, row.recipient, MessageState.SUPPRESSED, Reply(None, reason), reason=reason,
+                       attempted=False) for row, reason in prepared.suppressed]
+    skipped += [_Result(row.id, row.recipient, MessageState.FAILED, Reply(None, reason), reason=reason)
+                for row, reason in prepared.failed]
+    skipped += [_hold(row, Hold(seconds, reason), schedule.max_age, now) for row, seconds, reason in prepared.held]
+    return prepared.ready, skipped
 
 
 def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime) -> list[_Result]:
@@ -204,7 +226,7 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
             continue
         granted, holds = _admit(shaper, site, len(rows))
         admitted += [(row, site) for row in rows[:granted]]
-        results += [_hold(row, hold, site, now) for row, hold in zip(rows[granted:], holds)]
+        results += [_hold(row, hold, site.retry.max_age, now, site.name) for row, hold in zip(rows[granted:], holds)]
 
     def send(pair) -> Reply | Hold:
         row, site = pair
@@ -217,9 +239,9 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     reacted: set[str] = set()
     for (row, site), reply in zip(admitted, _sending_pool().map(send, admitted)):
         if isinstance(reply, Hold):
-            results.append(_hold(row, reply, site, utcnow()))
+            results.append(_hold(row, reply, site.retry.max_age, utcnow(), site.name))
         elif reply.stage == AT_CONNECTION_LIMIT:
-            results.append(_hold(row, shaper.connection_hold(site), site, utcnow()))
+            results.append(_hold(row, shaper.connection_hold(site), site.retry.max_age, utcnow(), site.name))
         else:
             bounce = False
             if reply.code is not None and reply.code // 100 != 2:

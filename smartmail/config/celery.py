@@ -42,5 +42,6 @@ def celery_config(settings: Settings) -> dict:
                                      "schedule": settings.scheduler_interval},
             "reconcile": {"task": "smartmail.maintenance.reconcile",
                           "schedule": settings.reconcile_interval},
+            "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
         },
     }

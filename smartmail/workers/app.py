@@ -9,7 +9,7 @@ from smartmail.config.celery import celery_config
 from smartmail.logs import configure as configure_logging
 
 app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.maintenance",
-                                     "smartmail.tasks.imports"])
+                                     "smartmail.tasks.imports", "smartmail.tasks.campaigns"])
 
 
 @app.on_configure.connect

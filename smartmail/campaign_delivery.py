@@ -1,0 +1,126 @@
+"""Campaign messages at send time: re-check the recipient, keep the send window and rate cap, and render from the frozen template."""
+from __future__ import annotations
+
+import html as html_lib
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+from sqlalchemy import bindparam, select
+
+from smartmail import rendering
+from smartmail.campaigns import window_opens
+from smartmail.config.policy import Site
+from smartmail.contacts import reader
+from smartmail.models import Campaign, Contact, ContactStatus, Suppression
+from smartmail.outcomes import RetrySchedule
+from smartmail.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe_url
+from smartmail.workers.limiter import get_throttle
+
+log = structlog.get_logger("smartmail.campaigns")
+
+_contacts = select(Contact.id, Contact.email, Contact.status, Contact.attributes, Contact.timezone).where(
+    Contact.id.in_(bindparam("ids", expanding=True)))
+_suppressed = select(Suppression.email, Suppression.reason).where(Suppression.email.in_(bindparam("emails", expanding=True)))
+_campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, Campaign.text, Campaign.rate_cap,
+                   Campaign.window_start, Campaign.window_end, Campaign.window_timezone).where(Campaign.id == bindparam("id"))
+
+# Frozen at launch, so a process may keep them: campaign id -> its row.
+_frozen: dict[int, Any] = {}
+
+
+@dataclass
+class Prepared:
+    ready: list = field(default_factory=list)       # rows to send, content rendered
+    suppressed: list = field(default_factory=list)  # (row, reason): not sent, never will be
+    held: list = field(default_factory=list)        # (row, seconds, reason): outside the window, over the cap
+    failed: list = field(default_factory=list)      # (row, reason): the template cannot render for this contact
+
+
+def _campaign_row(connection, campaign_id: int):
+    if campaign_id not in _frozen:
+        if len(_frozen) > 1000:
+            _frozen.clear()
+        _frozen[campaign_id] = connection.execute(_campaign, {"id": campaign_id}).one()
+    return _frozen[campaign_id]
+
+
+def prepare(rows: list, now: datetime) -> Prepared:
+    """Split a claimed window: transactional rows pass through; each campaign row is re-checked
+    (its contact still subscribed, its address not suppressed), kept to its send window and its
+    campaign's rate cap, and rendered with the campaign's compiled template."""
+    prepared = Prepared()
+    mine = [r for r in rows if r.campaign_id is not None]
+    prepared.ready = [r for r in rows if r.campaign_id is None]
+    if not mine:
+        return prepared
+    with reader() as connection:
+        contacts = {c.id: c for c in connection.execute(_contacts, {"ids": [r.contact_id for r in mine]})}
+        suppressed = dict(connection.execute(_suppressed, {"emails": [c.email for c in contacts.values()]}).all())
+        campaigns = {r.campaign_id: _campaign_row(connection, r.campaign_id) for r in mine}
+    sendable = []
+    for row in mine:
+        contact = contacts.get(row.contact_id)
+        campaign = campaigns[row.campaign_id]
+        if contact is None:
+            prepared.suppressed.append((row, "contact erased"))
+        elif contact.status != ContactStatus.SUBSCRIBED.value:
+            prepared.suppressed.append((row, f"contact {contact.status}"))
+        elif contact.email in suppressed:
+            prepared.suppressed.append((row, f"recipient suppressed: {suppressed[contact.email]}"))
+        elif campaign.window_start and (opens := window_opens(now, contact.timezone or campaign.window_timezone,
+                                                             campaign.window_start, campaign.window_end)):
+            prepared.held.append((row, (opens - now).total_seconds(), "outside the campaign's send window"))
+        else:
+            sendable.append((row, contact, campaign))
+    for row, contact, campaign in _rate_capped(sendable, prepared):
+        try:
+            prepared.ready.append(_render(row, contact, campaign))
+        except rendering.TemplateError as exc:
+            prepared.failed.append((row, f"template error: {exc}"))
+    return prepared
+
+
+def _rate_capped(sendable: list, prepared: Prepared):
+    """Yield what each campaign's rate cap lets go now; hold the rest for their slot."""
+    by_campaign: dict[int, list] = {}
+    for item in sendable:
+        by_campaign.setdefault(item[0].campaign_id, []).append(item)
+    for campaign_id, items in by_campaign.items():
+        cap = items[0][2].rate_cap
+        if cap is None:
+            yield from items
+            continue
+        # The campaign-wide cap is one more GCRA bucket, shared by every worker like a site's.
+        bucket = Site(f"campaign-{campaign_id}", cap, max(1, int(cap)), 1, 1, RetrySchedule())
+        try:
+            grant = get_throttle().acquire(bucket, len(items))
+            granted, first, spacing = grant.granted, grant.first_wait, grant.spacing
+        except RedisError as exc:
+            log.error("campaign.rate_cap_unavailable", campaign_id=campaign_id, error=str(exc))
+            granted, first, spacing = 0, 5.0, 0.0
+        yield from items[:granted]
+        prepared.held += [(item[0], first + i * spacing, "throttled: campaign rate cap")
+                          for i, item in enumerate(items[granted:])]
+
+
+def _render(row, contact, campaign) -> SimpleNamespace:
+    url = unsubscribe_url(make_token(contact.id, campaign.id))
+    context = {**(contact.attributes or {}), "email": contact.email, "unsubscribe_url": url,
+               "campaign": campaign.name}
+    rendered = rendering.render(None, context=context, subject=campaign.subject, html=campaign.html,
+                                text=campaign.text)
+    html, text = rendered.html, rendered.text
+    # Every marketing message shows a way out, whether or not the template placed the link.
+    if "unsubscribe_url" not in (campaign.html or "") and html is not None:
+        footer = f'<p style="font-size:12px;color:#666"><a href="{html_lib.escape(url)}">Unsubscribe</a></p>'
+        html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
+    if "unsubscribe_url" not in (campaign.text or "") and url not in text:
+        text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
+    headers = {**list_unsubscribe_headers(contact.id, campaign.id),
+               "X-SmartMail-Campaign": str(campaign.id), "X-SmartMail-Contact": str(contact.id)}
+    return SimpleNamespace(**{**row._asdict(), "subject": rendered.subject, "html": html, "text": text,
+                              "headers": headers})

@@ -1,0 +1,355 @@
+"""Campaigns: create, schedule, launch, pause, resume and cancel; fan a campaign out to its audience; report progress."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from sqlalchemy import exists, func, select, update
+
+from smartmail import segments, template_store
+from smartmail.addresses import AddressError, parse_mailbox
+from smartmail.config import get_settings
+from smartmail.contacts import InvalidInput, NotFound, reader
+from smartmail.db import get_engine, session_scope, upsert_insert, utcnow
+from smartmail.ids import new_id
+from smartmail.models import (
+    Campaign,
+    CampaignState,
+    Contact,
+    ContactList,
+    ContactStatus,
+    Message,
+    MessageState,
+    Segment,
+    Suppression,
+)
+from smartmail.workers.dispatch import BULK, dispatch
+
+log = structlog.get_logger("smartmail.campaigns")
+
+PAGE = 1000  # contacts per fan-out page: one audience query, one INSERT, one checkpoint
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+_OPEN = (MessageState.QUEUED.value, MessageState.SENDING.value, MessageState.DEFERRED.value,
+         MessageState.SCHEDULED.value)
+
+
+# --- Send windows ------------------------------------------------------------------------------
+
+def parse_window(value: str | None, *, field: str = "window") -> tuple[str, str] | None:
+    """`"08:00-20:00"` → ("08:00", "20:00"); a window may wrap midnight ("22:00-06:00")."""
+    if value is None:
+        return None
+    match = _WINDOW.match(value) if isinstance(value, str) else None
+    if not match or value[:5] == value[6:]:
+        raise InvalidInput('expected "HH:MM-HH:MM" in 24-hour time, start and end different', field=field)
+    return value[:5], value[6:]
+
+
+def window_opens(now: datetime, zone: str, start: str, end: str) -> datetime | None:
+    """None when `now` (naive UTC) is inside the daily window in `zone`; else when it next opens (naive UTC)."""
+    local = now.replace(tzinfo=timezone.utc).astimezone(ZoneInfo(zone))
+    s_h, s_m = map(int, start.split(":"))
+    e_h, e_m = map(int, end.split(":"))
+    minute = local.hour * 60 + local.minute
+    s, e = s_h * 60 + s_m, e_h * 60 + e_m
+    inside = s <= minute < e if s < e else (minute >= s or minute < e)
+    if inside:
+        return None
+    opening = local.replace(hour=s_h, minute=s_m, second=0, microsecond=0)
+    if opening <= local:
+        opening += timedelta(days=1)
+    return opening.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _zone(name: str | None, fallback: str) -> str:
+    try:
+        return name if name and ZoneInfo(name) else fallback
+    except (KeyError, ValueError):
+        return fallback
+
+
+# --- The API -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CampaignStatus:
+    name: str
+    state: str
+    counts: dict[str, int]
+    total: int
+    rate: float           # messages sent per second over the last minute
+    eta_seconds: float | None
+    fanned_out: bool
+
+
+def _get(session, name: str) -> Campaign:
+    campaign = session.scalar(select(Campaign).where(Campaign.name == name))
+    if campaign is None:
+        raise NotFound(f"no campaign named {name!r}")
+    return campaign
+
+
+def create_campaign(name: str, *, template: str, lists: Iterable[str] = (), segment: str | None = None,
+                    from_: str | None = None, reply_to: str | None = None, send_at: datetime | None = None,
+                    window: str | None = None, window_timezone: str = "UTC", rate_cap: float | None = None,
+                    tags: Iterable[str] = ()) -> dict[str, Any]:
+    """A draft campaign: `template` to the members of `lists` and/or the saved `segment`, minus
+    suppressed and non-subscribed contacts. Errors name the field; nothing is stored then."""
+    settings = get_settings()
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InvalidInput("a name of 1-200 characters is required", field="name")
+    lists = list(lists)
+    if not lists and not segment:
+        raise InvalidInput("give lists, a segment, or both", field="audience")
+    try:
+        sender = str(parse_mailbox(from_ or settings.default_sender, field="from_"))
+        reply = str(parse_mailbox(reply_to, field="reply_to")) if reply_to else None
+    except AddressError as exc:
+        raise InvalidInput(exc.reason, field=exc.field) from None
+    start_end = parse_window(window)
+    if _zone(window_timezone, "") != window_timezone:
+        raise InvalidInput(f"unknown time zone {window_timezone!r}", field="window_timezone")
+    if rate_cap is not None and (isinstance(rate_cap, bool) or not isinstance(rate_cap, (int, float)) or rate_cap <= 0):
+        raise InvalidInput("must be a positive number of messages per second", field="rate_cap")
+    if send_at is not None and send_at.tzinfo is not None:
+        send_at = send_at.astimezone(timezone.utc).replace(tzinfo=None)
+    with session_scope() as session:
+        try:
+            template_store.resolve(session, template, settings.templates_dir)
+        except (template_store.TemplateNotFound, ValueError) as exc:
+            raise InvalidInput(str(exc), field="template") from None
+        for i, list_name in enumerate(lists):
+            if session.scalar(select(ContactList.id).where(ContactList.name == list_name)) is None:
+                raise InvalidInput(f"no list named {list_name!r}", field=f"lists[{i}]")
+        if segment and session.scalar(select(Segment.id).where(Segment.name == segment)) is None:
+            raise InvalidInput(f"no saved segment named {segment!r}", field="segment")
+        if session.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
+            raise InvalidInput(f"a campaign named {name!r} exists already", field="name")
+        campaign = Campaign(name=name, state=CampaignState.DRAFT.value, template_name=template, lists=lists,
+                            segment=segment, sender=sender, reply_to=reply, send_at=send_at, tags=list(tags),
+                            window_start=start_end[0] if start_end else None,
+                            window_end=start_end[1] if start_end else None, window_timezone=window_timezone,
+                            rate_cap=rate_cap, cursor=0, fanned_out=False)
+        session.add(campaign)
+        session.flush()
+        if send_at is not None:
+            campaign.state = CampaignState.SCHEDULED.value
+        return {"id": campaign.id, "name": name, "state": campaign.state}
+
+
+def schedule_campaign(name: str, send_at: datetime) -> None:
+    """Start the campaign at `send_at` (beat starts it); a draft or scheduled campaign only."""
+    if send_at.tzinfo is not None:
+        send_at = send_at.astimezone(timezone.utc).replace(tzinfo=None)
+    _transition(name, {CampaignState.DRAFT, CampaignState.SCHEDULED}, CampaignState.SCHEDULED, send_at=send_at)
+
+
+def launch_campaign(name: str) -> None:
+    """Start now: freeze the template and fan out on the bulk queue."""
+    with session_scope() as session:
+        campaign = _get(session, name)
+        if not _start(session, campaign):
+            raise InvalidInput(f"campaign {name!r} is {campaign.state}; only a draft or scheduled one can launch",
+                               field="state")
+        campaign_id = campaign.id
+    _publish_fan_out(campaign_id)
+
+
+def pause_campaign(name: str) -> None:
+    """Workers stop claiming its messages at once; the rest stay queued until resumed."""
+    _transition(name, {CampaignState.SENDING}, CampaignState.PAUSED)
+
+
+def resume_campaign(name: str) -> None:
+    with session_scope() as session:
+        campaign = _get(session, name)
+        if campaign.state != CampaignState.PAUSED.value:
+            raise InvalidInput(f"campaign {name!r} is {campaign.state}, not paused", field="state")
+        campaign.state = CampaignState.SENDING.value
+        campaign_id = campaign.id
+    _publish_fan_out(campaign_id)  # finishes the fan-out if unfinished, and re-dispatches what waits
+
+
+def cancel_campaign(name: str) -> int:
+    """Nothing more is sent; messages not yet sent become `cancelled`. Returns how many."""
+    with session_scope() as session:
+        campaign = _get(session, name)
+        if campaign.state in (CampaignState.SENT.value, CampaignState.CANCELLED.value):
+            raise InvalidInput(f"campaign {name!r} is {campaign.state} already", field="state")
+        campaign.state = CampaignState.CANCELLED.value
+        campaign.finished_at = utcnow()
+        result = session.execute(
+            update(Message).where(Message.campaign_id == campaign.id,
+                                  Message.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value,
+                                                     MessageState.SCHEDULED.value]))
+            .values(state=MessageState.CANCELLED.value, finished_at=utcnow(), reason="campaign cancelled"),
+            execution_options={"synchronize_session": False})
+        return result.rowcount
+
+
+def _transition(name: str, sources: set[CampaignState], target: CampaignState, **values) -> None:
+    with session_scope() as session:
+        campaign = _get(session, name)
+        if campaign.state not in {s.value for s in sources}:
+            raise InvalidInput(f"campaign {name!r} is {campaign.state}; cannot go to {target.value}", field="state")
+        campaign.state = target.value
+        for key, value in values.items():
+            setattr(campaign, key, value)
+
+
+def _start(session, campaign: Campaign) -> bool:
+    """draft/scheduled → sending, with the template frozen; False if it was not startable."""
+    if campaign.state not in (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value):
+        return False
+    settings = get_settings()
+    ref = template_store.resolve(session, campaign.template_name, settings.templates_dir)
+    if ref.version is not None:
+        parts = {part: template_store.load_part(None, ref.name, ref.version, part, session=session)
+                 for part in ("subject", "html", "text")}
+    else:
+        parts = {part: (ref.path / filename).read_text(encoding="utf-8") if (ref.path / filename).is_file() else None
+                 for part, filename in template_store.FILE_PARTS.items()}
+    campaign.subject, campaign.html, campaign.text = parts["subject"], parts["html"], parts["text"]
+    campaign.template_version = ref.version
+    campaign.state = CampaignState.SENDING.value
+    campaign.launched_at = utcnow()
+    return True
+
+
+def _publish_fan_out(campaign_id: int) -> None:
+    from smartmail.tasks.campaigns import fan_out_task
+
+    fan_out_task.delay(campaign_id)
+
+
+def campaign_status(name: str) -> CampaignStatus:
+    with reader() as connection:
+        campaign = connection.execute(select(Campaign.id, Campaign.state, Campaign.fanned_out)
+                                      .where(Campaign.name == name)).first()
+        if campaign is None:
+            raise NotFound(f"no campaign named {name!r}")
+        counts = dict(connection.execute(select(Message.state, func.count()).where(Message.campaign_id == campaign.id)
+                                         .group_by(Message.state)).all())
+        minute_ago = utcnow() - timedelta(seconds=60)
+        recent = connection.scalar(select(func.count()).where(Message.campaign_id == campaign.id,
+                                                              Message.state == MessageState.SENT.value,
+                                                              Message.finished_at >= minute_ago))
+    remaining = sum(counts.get(s, 0) for s in _OPEN)
+    rate = recent / 60.0
+    return CampaignStatus(name, campaign.state, counts, sum(counts.values()), rate,
+                          remaining / rate if rate > 0 else None, bool(campaign.fanned_out))
+
+
+# --- Fan-out -----------------------------------------------------------------------------------
+
+def audience_query(session, campaign: Campaign):
+    """SELECT contact id, email, time zone of the campaign's audience: subscribed contacts in any
+    of its lists and/or its saved segment, minus suppressed addresses (one query per page)."""
+    rules: list[Any] = [{"status": ContactStatus.SUBSCRIBED.value}]
+    if campaign.lists:
+        rules.append({"any": [{"list": name} for name in campaign.lists]})
+    if campaign.segment:
+        segment_rules = session.scalar(select(Segment.rules).where(Segment.name == campaign.segment))
+        if segment_rules is None:
+            raise NotFound(f"campaign {campaign.name!r}: no saved segment named {campaign.segment!r}")
+        rules.append(segment_rules)
+    contacts = Contact.__table__
+    return (segments.audience_query({"all": rules}, session.get_bind().dialect.name)
+            .add_columns(contacts.c.email, contacts.c.timezone)
+            .where(~exists().where(Suppression.email == contacts.c.email)))
+
+
+def fan_out(campaign_id: int) -> int:
+    """Create the campaign's message rows a page of contacts at a time and hand them to the bulk
+    queue. Each page's rows and the checkpoint commit together, and rows are unique per campaign
+    and contact, so a fan-out that crashed resumes where it stopped and a relaunch adds nothing."""
+    settings = get_settings()
+    engine = get_engine()
+    _redispatch_waiting(campaign_id)
+    created = 0
+    while True:
+        with session_scope() as session:
+            campaign = session.get(Campaign, campaign_id)
+            if campaign is None or campaign.state != CampaignState.SENDING.value or campaign.fanned_out:
+                return created
+            contacts = Contact.__table__
+            page = session.execute(audience_query(session, campaign).where(contacts.c.id > campaign.cursor)
+                                   .order_by(contacts.c.id).limit(PAGE)).all()
+            if not page:
+                campaign.fanned_out = True
+                log.info("campaign.fanned_out", campaign=campaign.name, messages=created)
+                return created
+            now = utcnow()
+            rows = [_message_row(campaign, contact_id, email, zone, now, settings.sender_domain)
+                    for contact_id, email, zone in page]
+            insert = (upsert_insert(engine.dialect.name)(Message.__table__)
+                      .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"])
+                      .returning(Message.id, Message.state))
+            inserted = session.execute(insert, rows).all()
+            campaign.cursor = page[-1][0]
+        queued = [message_id for message_id, state in inserted if state == MessageState.QUEUED.value]
+        dispatch(queued, BULK)  # after the commit
+        created += len(inserted)
+
+
+def _message_row(campaign: Campaign, contact_id: int, email: str, zone: str | None, now: datetime,
+                 domain: str) -> dict[str, Any]:
+    message_id = new_id()
+    opens = None
+    if campaign.window_start:
+        opens = window_opens(now, _zone(zone, campaign.window_timezone), campaign.window_start, campaign.window_end)
+    return {
+        "id": message_id, "idempotency_key": None,
+        "state": MessageState.SCHEDULED.value if opens else MessageState.QUEUED.value,
+        "sender": campaign.sender, "recipient": email, "reply_to": campaign.reply_to,
+        "subject": "", "html": None, "text": "",  # rendered when sent (campaign_delivery.py)
+        "headers": {}, "tags": campaign.tags, "message_id_header": f"<{message_id}@{domain}>",
+        "template_name": campaign.template_name, "template_version": campaign.template_version,
+        "attempts": 0, "created_at": now, "enqueued_at": None if opens else now, "claimed_at": None,
+        "next_attempt_at": opens, "send_at": opens, "finished_at": None, "smtp_code": None, "smtp_reply": None,
+        "reason": None, "campaign_id": campaign.id, "contact_id": contact_id,
+    }
+
+
+def _redispatch_waiting(campaign_id: int) -> None:
+    """Queued rows whose ids are not in the outbox (a pause dropped them, or a fan-out died between
+    its commit and its dispatch): hand them to the bulk queue again; claims are conditional."""
+    last = ""
+    while True:
+        with reader() as connection:
+            ids = list(connection.scalars(
+                select(Message.id).where(Message.campaign_id == campaign_id, Message.state == MessageState.QUEUED.value,
+                                         Message.id > last).order_by(Message.id).limit(5000)))
+        if not ids:
+            return
+        dispatch(ids, BULK)
+        last = ids[-1]
+
+
+# --- Beat ----------------------------------------------------------------------------------------
+
+def run_due(now: datetime | None = None) -> None:
+    """Start scheduled campaigns whose time has come; mark finished ones sent."""
+    now = now or utcnow()
+    with session_scope() as session:
+        due = session.scalars(select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value,
+                                                     Campaign.send_at <= now)).all()
+        started = [c.id for c in due if _start(session, c)]
+    for campaign_id in started:
+        log.info("campaign.started", campaign_id=campaign_id)
+        _publish_fan_out(campaign_id)
+    open_messages = exists().where(Message.campaign_id == Campaign.id, Message.state.in_(_OPEN))
+    with session_scope() as session:
+        session.execute(update(Campaign).where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out,
+                                               ~open_messages)
+                        .values(state=CampaignState.SENT.value, finished_at=now),
+                        execution_options={"synchronize_session": False})
+
+
+__all__ = ["CampaignStatus", "audience_query", "campaign_status", "cancel_campaign", "create_campaign",
+           "fan_out", "launch_campaign", "parse_window", "pause_campaign", "resume_campaign", "run_due",
+           "schedule_campaign", "window_opens"]

@@ -1,0 +1,18 @@
+"""Campaign tasks: fan a launched campaign out to its audience (bulk queue)."""
+from sqlalchemy.exc import OperationalError
+
+from smartmail import campaigns
+from smartmail.workers.app import app
+
+
+# Late ack (the app default) and a checkpoint per page: a fan-out lost with its worker is
+# delivered again and resumes after the last committed page.
+@app.task(name="smartmail.campaign.fan_out", autoretry_for=(OperationalError,), retry_backoff=2,
+          retry_backoff_max=60, max_retries=10)
+def fan_out_task(campaign_id: int) -> None:
+    campaigns.fan_out(campaign_id)
+
+
+@app.task(name="smartmail.maintenance.campaigns")
+def run_due_campaigns() -> None:
+    campaigns.run_due()
