@@ -22,10 +22,12 @@ templates_app = typer.Typer(help="Templates stored in the database (versioned)."
 app.add_typer(db_app, name="db")
 app.add_typer(templates_app, name="templates")
 from smartmail.cli_audience import contacts_app, lists_app, segments_app  # noqa: E402
+from smartmail.cli_campaigns import campaign_app  # noqa: E402
 
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
 app.add_typer(segments_app, name="segments")
+app.add_typer(campaign_app, name="campaign")
 out = Console()
 err = Console(stderr=True)
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, insert, select
 from smartmail import campaigns
 from smartmail.contacts import InvalidInput, create_list
 from smartmail.db import get_engine, session_scope, utcnow
-from smartmail.models import Campaign, Contact, ListMembership, Message, Suppression
+from smartmail.models import Campaign, Contact, ContactList, ListMembership, Message, Suppression
 from smartmail.template_store import save_template
 from smartmail.unsubscribe import read_token
 from tests.conftest import reset_caches, wait_for
@@ -44,9 +44,6 @@ def make_audience(n: int, *, unsubscribed_every: int = 0, suppressed_every: int 
     with get_engine().begin() as connection:
         for start in range(0, n, 5000):
             connection.execute(insert(Contact), rows[start:start + 5000])
-        list_id = connection.scalar(select(func.max(ListMembership.list_id)).select_from(ListMembership)) or None
-        from smartmail.models import ContactList
-
         list_id = connection.scalar(select(ContactList.id).where(ContactList.name == list_name))
         ids = list(connection.scalars(select(Contact.id)))
         for start in range(0, len(ids), 5000):
@@ -105,3 +102,185 @@ def test_a_campaign_reaches_every_eligible_contact_exactly_once_with_unsubscribe
         campaigns.launch_campaign("spring")
     campaigns.fan_out(campaign_id)
     assert campaigns.campaign_status("spring").total == len(eligible)
+
+
+def _stable_count(relay, seconds: float = 1.5) -> int:
+    """The server's count once it has stopped moving (messages already in an SMTP transaction finish)."""
+    time.sleep(seconds)
+    return relay.count
+
+
+def test_pause_stops_every_worker_and_resume_delivers_the_rest_once(relay, start_worker):
+    eligible = make_audience(1500)
+    start_bulk_worker(start_worker)
+    campaigns.create_campaign("paced", template="newsletter", lists=["news"], rate_cap=250)
+    campaigns.launch_campaign("paced")
+    wait_for(lambda: relay.count >= 200, 60, message="200 delivered")
+    campaigns.pause_campaign("paced")
+    paused_at = _stable_count(relay)
+    assert paused_at < len(eligible)
+    assert _stable_count(relay, 2.0) == paused_at  # nothing more while paused
+    assert campaigns.campaign_status("paced").state == "paused"
+
+    campaigns.resume_campaign("paced")
+    wait_for(lambda: relay.count >= len(eligible), 60, message="the rest after resume")
+    got = [m.rcpt_tos[0] for m in relay.messages]
+    assert len(got) == len(set(got)) and set(got) == eligible
+
+
+def test_cancel_mid_send_sends_nothing_more(relay, start_worker):
+    make_audience(1500)
+    start_bulk_worker(start_worker)
+    campaigns.create_campaign("oops", template="newsletter", lists=["news"], rate_cap=250)
+    campaigns.launch_campaign("oops")
+    wait_for(lambda: relay.count >= 200, 60, message="200 delivered")
+    cancelled = campaigns.cancel_campaign("oops")
+    settled = _stable_count(relay)
+    assert _stable_count(relay, 2.0) == settled and settled < 1500
+    counts = campaigns.campaign_status("oops").counts
+    # Every message was sent (and received) or cancelled; only windows in flight at the cancel finished.
+    assert set(counts) == {"sent", "cancelled"} and counts["sent"] == settled
+    assert counts["cancelled"] == cancelled and campaigns.campaign_status("oops").state == "cancelled"
+
+
+def test_a_scheduled_campaign_starts_on_time_via_beat(relay, start_worker, start_beat):
+    from datetime import datetime, timedelta, timezone
+
+    eligible = make_audience(50)
+    start_bulk_worker(start_worker, concurrency=1)
+    start_beat()
+    send_at = datetime.now(timezone.utc) + timedelta(seconds=3)
+    assert campaigns.create_campaign("later", template="newsletter", lists=["news"], send_at=send_at)["state"] == \
+        "scheduled"
+    time.sleep(1)
+    assert relay.count == 0
+    wait_for(lambda: relay.count >= 50, 60, message="the scheduled campaign's messages")
+    assert {m.rcpt_tos[0] for m in relay.messages} == eligible
+    assert min(m.at for m in relay.messages) >= send_at.timestamp()
+    wait_for(lambda: campaigns.campaign_status("later").state == "sent", 30, message="campaign marked sent")
+
+
+def test_a_451_to_one_recipient_in_ten_is_retried_and_delivered(relay, start_worker):
+    eligible = sorted(make_audience(500))
+    refused = eligible[::10]
+    for address in refused:
+        relay.script[address] = ["451 4.3.0 Temporary local problem"]
+    start_bulk_worker(start_worker)
+    campaigns.create_campaign("retry", template="newsletter", lists=["news"])
+    campaigns.launch_campaign("retry")
+    wait_for(lambda: relay.count >= 500, 90, message="all 500, the refused ones on retry")
+    assert sorted(m.rcpt_tos[0] for m in relay.messages) == eligible
+    assert all(relay.attempts[a] == 2 for a in refused)
+    with session_scope() as session:
+        attempts = dict(session.execute(select(Message.recipient, Message.attempts)).all())
+    assert all(attempts[a] == 2 for a in refused) and attempts[eligible[1]] == 1
+
+
+def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch):
+    eligible = make_audience(2500)
+    campaigns.create_campaign("resumable", template="newsletter", lists=["news"])
+    with session_scope() as session:
+        campaign = session.scalar(select(Campaign).where(Campaign.name == "resumable"))
+        assert campaigns._start(session, campaign)
+        campaign_id = campaign.id
+    monkeypatch.setattr(campaigns, "PAGE", 400)
+    calls = {"n": 0}
+    real_dispatch = campaigns.dispatch
+
+    def dispatch_then_die(ids, stream):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third page is committed, then the process "dies" before dispatching
+            raise KeyboardInterrupt("simulated crash")
+        real_dispatch(ids, stream)
+
+    monkeypatch.setattr(campaigns, "dispatch", dispatch_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        campaigns.fan_out(campaign_id)
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).where(Message.campaign_id == campaign_id)) == 1200
+    monkeypatch.setattr(campaigns, "dispatch", real_dispatch)
+    campaigns.fan_out(campaign_id)  # what a redelivered task does
+    with session_scope() as session:
+        recipients = list(session.scalars(select(Message.recipient).where(Message.campaign_id == campaign_id)))
+        fanned_out = session.scalar(select(Campaign.fanned_out).where(Campaign.id == campaign_id))
+    assert len(recipients) == len(set(recipients)) and set(recipients) == eligible and fanned_out
+
+
+def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, monkeypatch):
+    from smartmail import maintenance
+
+    eligible = make_audience(3000)
+    concurrency, window = 2, 10
+    first = start_bulk_worker(start_worker, concurrency=concurrency)
+    campaigns.create_campaign("crash", template="newsletter", lists=["news"])
+    campaigns.launch_campaign("crash")
+    wait_for(lambda: relay.count >= 500, 120, message="500 delivered before the kill")
+    first.kill9()
+    delivered_before = relay.count
+    assert delivered_before < len(eligible), "finished before the kill; the test proved nothing"
+
+    monkeypatch.setenv("SMARTMAIL_SENDING_TIMEOUT", "1")
+    monkeypatch.setenv("SMARTMAIL_RECONCILE_QUEUED_AFTER", "1")
+    reset_caches()
+    time.sleep(1.2)
+    maintenance.reconcile()
+    start_bulk_worker(start_worker, concurrency=concurrency)
+
+    def done():
+        maintenance.reconcile()
+        counts = message_states("crash")
+        return sum(counts[s] for s in ("sent", "unknown")) == len(eligible) and counts
+
+    counts = wait_for(done, 180, interval=1.0, message="every message sent or unknown")
+    got = [m.rcpt_tos[0] for m in relay.messages]
+    assert len(got) == len(set(got)), "a contact received two messages"
+    assert counts["unknown"] <= concurrency * window, counts
+    with session_scope() as session:
+        sent = set(session.scalars(select(Message.recipient).where(Message.campaign_id.is_not(None),
+                                                                   Message.state == "sent")))
+    assert sent <= set(got) <= eligible
+
+
+def test_bad_campaign_input_names_the_field_and_stores_nothing(relay):
+    make_audience(3)
+    cases = [
+        (dict(name="", template="newsletter", lists=["news"]), "name"),
+        (dict(name="x", template="nope", lists=["news"]), "template"),
+        (dict(name="x", template="newsletter", lists=["missing"]), "lists[0]"),
+        (dict(name="x", template="newsletter"), "audience"),
+        (dict(name="x", template="newsletter", lists=["news"], from_="not an address"), "from_"),
+        (dict(name="x", template="newsletter", lists=["news"], window="8-20"), "window"),
+        (dict(name="x", template="newsletter", lists=["news"], window_timezone="Mars/Base"), "window_timezone"),
+        (dict(name="x", template="newsletter", lists=["news"], rate_cap=0), "rate_cap"),
+        (dict(name="x", template="newsletter", lists=["news"], segment="nobody"), "segment"),
+    ]
+    for kwargs, field in cases:
+        name = kwargs.pop("name")
+        with pytest.raises(InvalidInput) as caught:
+            campaigns.create_campaign(name, **kwargs)
+        assert caught.value.field == field, (field, str(caught.value))
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Campaign)) == 0
+    campaigns.create_campaign("ok", template="newsletter", lists=["news"])
+    with pytest.raises(InvalidInput, match="exists already"):
+        campaigns.create_campaign("ok", template="newsletter", lists=["news"])
+    with pytest.raises(InvalidInput, match="not paused"):
+        campaigns.resume_campaign("ok")
+
+
+def test_campaign_cli_reports_bad_input_and_shows_status(relay):
+    from typer.testing import CliRunner
+
+    from smartmail.cli import app as cli
+
+    make_audience(3)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["campaign", "create", "c1", "--template", "newsletter", "--list", "missing"])
+    assert result.exit_code == 2 and "lists[0]" in result.output
+    assert runner.invoke(cli, ["campaign", "status", "nope"]).exit_code == 1
+    result = runner.invoke(cli, ["campaign", "create", "c1", "--template", "newsletter", "--list", "news",
+                                 "--window", "08:00-20:00", "--rate-cap", "5"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["campaign", "status", "c1", "--json"])
+    assert result.exit_code == 0 and '"state": "draft"' in result.output
+    assert runner.invoke(cli, ["campaign", "pause", "c1"]).exit_code == 2  # a draft cannot pause

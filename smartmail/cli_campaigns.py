@@ -1,0 +1,124 @@
+"""`smartmail campaign …`: create, schedule, launch, pause, resume, cancel, and watch a campaign's progress."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from smartmail import campaigns
+from smartmail.contacts import InvalidInput, NotFound
+
+campaign_app = typer.Typer(help="Campaigns: one template to lists and segments, now or later.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+def _run(action, *args, **kwargs):
+    """Call the API; bad input exits 2 and an unknown campaign 1, each with a message."""
+    try:
+        return action(*args, **kwargs)
+    except InvalidInput as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    except NotFound as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@campaign_app.command("create")
+def create(
+    name: str,
+    template: Annotated[str, typer.Option(help="Template name (NAME or NAME@VERSION).")],
+    list_: Annotated[list[str], typer.Option("--list", help="Audience list (repeatable).")] = [],  # noqa: B006
+    segment: Annotated[str | None, typer.Option(help="A saved segment's name.")] = None,
+    from_: Annotated[str | None, typer.Option("--from")] = None,
+    reply_to: Annotated[str | None, typer.Option()] = None,
+    send_at: Annotated[datetime | None, typer.Option(help="ISO time (naive = UTC); scheduled if given.")] = None,
+    window: Annotated[str | None, typer.Option(help='Daily send window in the recipient\'s time zone, "08:00-20:00".')] = None,
+    window_timezone: Annotated[str, typer.Option(help="Time zone for contacts without one.")] = "UTC",
+    rate_cap: Annotated[float | None, typer.Option(help="Campaign-wide messages per second.")] = None,
+    tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],  # noqa: B006
+) -> None:
+    """Create a campaign (a draft, or scheduled with --send-at)."""
+    created = _run(campaigns.create_campaign, name, template=template, lists=list_, segment=segment, from_=from_,
+                   reply_to=reply_to, send_at=send_at, window=window, window_timezone=window_timezone,
+                   rate_cap=rate_cap, tags=tag)
+    out.print(f"campaign {escape(name)} created ({created['state']})")
+
+
+@campaign_app.command("schedule")
+def schedule(name: str, send_at: Annotated[datetime, typer.Argument(help="ISO time; naive times are UTC.")]) -> None:
+    """Start the campaign at SEND_AT (beat starts it)."""
+    _run(campaigns.schedule_campaign, name, send_at)
+    out.print(f"campaign {escape(name)} scheduled for {send_at.isoformat()}")
+
+
+@campaign_app.command("launch")
+def launch(name: str) -> None:
+    """Start sending now."""
+    _run(campaigns.launch_campaign, name)
+    out.print(f"campaign {escape(name)} launched")
+
+
+@campaign_app.command("pause")
+def pause(name: str) -> None:
+    """Stop sending; every worker stops claiming its messages at once."""
+    _run(campaigns.pause_campaign, name)
+    out.print(f"campaign {escape(name)} paused")
+
+
+@campaign_app.command("resume")
+def resume(name: str) -> None:
+    """Go on sending a paused campaign."""
+    _run(campaigns.resume_campaign, name)
+    out.print(f"campaign {escape(name)} resumed")
+
+
+@campaign_app.command("cancel")
+def cancel(name: str) -> None:
+    """Send nothing more; unsent messages become cancelled."""
+    count = _run(campaigns.cancel_campaign, name)
+    out.print(f"campaign {escape(name)} cancelled; {count} unsent message(s) cancelled")
+
+
+def _table(status: campaigns.CampaignStatus) -> Table:
+    table = Table("campaign", "state", "messages", *sorted(status.counts), "rate", "eta")
+    eta = f"{status.eta_seconds:.0f}s" if status.eta_seconds is not None else "-"
+    table.add_row(status.name, status.state, str(status.total), *(str(status.counts[k]) for k in sorted(status.counts)),
+                  f"{status.rate:.1f}/s", eta)
+    return table
+
+
+@campaign_app.command("status")
+def status(name: str, watch: Annotated[bool, typer.Option("--watch", help="A live progress bar until it ends.")] = False,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Counts per state, rate over the last minute and the time left."""
+    current = _run(campaigns.campaign_status, name)
+    if as_json:
+        out.print_json(json.dumps({"name": current.name, "state": current.state, "counts": current.counts,
+                                   "total": current.total, "rate": current.rate, "eta_seconds": current.eta_seconds,
+                                   "fanned_out": current.fanned_out}))
+        return
+    if not watch:
+        out.print(_table(current))
+        return
+    final = ("sent", "failed", "suppressed", "unknown", "cancelled")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=out) as progress:
+        task = progress.add_task(name, total=max(current.total, 1), rate="")
+        while True:
+            done = sum(current.counts.get(k, 0) for k in final)
+            progress.update(task, total=max(current.total, 1), completed=done,
+                            description=f"{name} ({current.state})", rate=f"{current.rate:.1f}/s")
+            if current.state in ("sent", "cancelled"):
+                break
+            time.sleep(1)
+            current = campaigns.campaign_status(name)
+    out.print(_table(current))
