@@ -108,7 +108,8 @@ def _rate_capped(sendable: list, prepared: Prepared):
 
 
 def _render(row, contact, campaign) -> SimpleNamespace:
-    url = unsubscribe_url(make_token(contact.id, campaign.id))
+    token = make_token(contact.id, campaign.id)
+    url = unsubscribe_url(token)
     context = {**(contact.attributes or {}), "email": contact.email, "unsubscribe_url": url,
                "campaign": campaign.name}
     rendered = rendering.render(None, context=context, subject=campaign.subject, html=campaign.html,
@@ -120,7 +121,7 @@ def _render(row, contact, campaign) -> SimpleNamespace:
         html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
     if "unsubscribe_url" not in (campaign.text or "") and url not in text:
         text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
-    headers = {**list_unsubscribe_headers(contact.id, campaign.id),
+    headers = {**list_unsubscribe_headers(contact.id, campaign.id, token=token),
                "X-SmartMail-Campaign": str(campaign.id), "X-SmartMail-Contact": str(contact.id)}
     return SimpleNamespace(**{**row._asdict(), "subject": rendered.subject, "html": html, "text": text,
                               "headers": headers})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -41,8 +42,14 @@ class InvalidToken(ValueError):
 
 
 def _key(purpose: str) -> bytes:
-    secret = get_settings().secret_key.encode()
-    return hmac.new(secret, b"smartmail.token:" + purpose.encode(), hashlib.sha256).digest()
+    return _derived_key(get_settings().secret_key, purpose)
+
+
+@functools.lru_cache(maxsize=8)
+def _derived_key(secret: str, purpose: str) -> bytes:
+    # Cached: a campaign signs a token per message. Keyed by the secret, so a new key is derived
+    # when SMARTMAIL_SECRET_KEY changes (settings reloaded).
+    return hmac.new(secret.encode(), b"smartmail.token:" + purpose.encode(), hashlib.sha256).digest()
 
 
 def _signature(payload: str, purpose: str = PURPOSE) -> str:
@@ -95,10 +102,11 @@ def _mailto_address() -> str:
         raise ValueError(str(exc)) from None
 
 
-def list_unsubscribe_headers(contact_id: int, campaign_id: int | None) -> dict[str, str]:
+def list_unsubscribe_headers(contact_id: int, campaign_id: int | None, *, token: str | None = None) -> dict[str, str]:
     """`List-Unsubscribe` (an https link first, for RFC 8058 one-click, then a mailto: RFC 2369
-    section 3.2) and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058 section 3.1)."""
-    token = make_token(contact_id, campaign_id)
+    section 3.2) and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058 section 3.1).
+    `token`: the caller's make_token(contact_id, campaign_id), when it has one already."""
+    token = token or make_token(contact_id, campaign_id)
     url = unsubscribe_url(token)
     # RFC 6068: the address and subject are percent-encoded; `@` and `+` may stay as they are.
     mailto = f"mailto:{quote(_mailto_address(), safe='@+')}?subject={quote('unsubscribe ' + token, safe='')}"
