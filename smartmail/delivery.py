@@ -32,22 +32,27 @@ _table = Message.__table__
 # Core statements built once: the ORM's bulk-update path cost more than the SQL itself here.
 # queued -> sending for the given ids; only rows still queued come back, so a redelivered task or
 # a second worker can never send a message twice.
-_claim = (
-    update(_table)
-    # A deferred message whose time has come may be claimed straight from `deferred`: drains get
-    # such ids from the outbox's delayed set (throttled messages, short retries).
-    .where(_table.c.id.in_(bindparam("ids", expanding=True)),
-           or_(_table.c.state == MessageState.QUEUED.value,
-               and_(_table.c.state == MessageState.DEFERRED.value, _table.c.next_attempt_at <= bindparam("now"))),
-           # A paused or cancelled campaign's messages are not claimed: that is what makes pause and
-           # cancel take effect at once on every worker.
-           or_(_table.c.campaign_id.is_(None),
-               _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))))
-    .values(state=MessageState.SENDING.value, claimed_at=bindparam("now"), attempts=_table.c.attempts + 1)
-    .returning(_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
-               _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header,
-               _table.c.attempts, _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
+# A claimable row: queued, or deferred and due (drains get such ids from the outbox's delayed set:
+# throttled messages, short retries), and not of a paused or cancelled campaign: that is what makes
+# pause and cancel take effect at once on every worker.
+_claimable = (
+    _table.c.id.in_(bindparam("ids", expanding=True)),
+    or_(_table.c.state == MessageState.QUEUED.value,
+        and_(_table.c.state == MessageState.DEFERRED.value, _table.c.next_attempt_at <= bindparam("now"))),
+    or_(_table.c.campaign_id.is_(None),
+        _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))),
 )
+_claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
+                    _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header, _table.c.attempts,
+                    _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
+_claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
+_claim = update(_table).where(*_claimable).values(**_claim_values).returning(*_claimed_columns)
+# On PostgreSQL, rows another worker is claiming right now are skipped rather than waited for
+# (FOR UPDATE SKIP LOCKED): that worker will send them. SQLite has one writer at a time anyway.
+_claim_pg = (update(_table)
+             .where(_table.c.id.in_(select(_table.c.id).where(*_claimable).with_for_update(skip_locked=True)
+                                    .scalar_subquery()))
+             .values(**_claim_values).returning(*_claimed_columns))
 # One statement, executed many times in one round trip (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
@@ -298,7 +303,8 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
         try:
             with engine.begin() as connection:
                 _record_results(connection, pending, now)
-                return connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
+                claim = _claim_pg if connection.dialect.name == "postgresql" else _claim
+                return connection.execute(claim, {"ids": list(ids), "now": now}).all() if ids else []
         except OperationalError:
             if attempt == attempts - 1:
                 raise

@@ -187,7 +187,8 @@ def test_scheduled_message_is_sent_by_beat_when_due(relay, start_worker, start_b
     assert result.state == "scheduled"
     wait_for(lambda: relay.count >= 1, 30, message="the scheduled message")
     assert relay.messages[0].at >= send_at.timestamp()
-    assert smartmail.status(result.id)["state"] == "sent"
+    # The outcome is recorded just after the relay's reply, so it may lag the receipt a moment.
+    wait_for(lambda: smartmail.status(result.id)["state"] == "sent", 10, message="the outcome recorded")
 
 
 def test_messages_whose_tasks_redis_lost_are_sent_once_by_the_reconciler(relay, start_worker, monkeypatch):
