@@ -309,3 +309,29 @@ def test_sites_command_names_the_bad_key_of_a_malformed_policy(shaped):
     result = CliRunner().invoke(cli, ["sites"])
     assert result.exit_code == 2
     assert "sites.x.max_conections" in result.output and "policy.toml" in result.output
+
+
+def test_a_policy_change_reaches_running_workers_without_a_restart(shaped, start_worker, tmp_path):
+    server = shaped("""
+        [sites.edited]
+        domains = ["edited.example"]
+    """)
+    start_worker(concurrency=1)
+    send_all([f"a{i}@edited.example" for i in range(20)])
+    wait_for(lambda: server.count() >= 20, 30, message="20 messages at the unlimited site")
+    first = [t for t, _ in server.received["edited.example"]]
+    assert max(first) - min(first) < 2.0
+
+    time.sleep(1.1)  # a new mtime, whatever the file system's timestamp granularity
+    (tmp_path / "policy.toml").write_text("""
+        [sites.edited]
+        domains = ["edited.example"]
+        rate = "10/s"
+        burst = 1
+    """)
+    time.sleep(1.5)  # SMARTMAIL_POLICY_CHECK_INTERVAL is 1 s
+    send_all([f"b{i}@edited.example" for i in range(20)])
+    wait_for(lambda: server.count() >= 40, 60, message="20 more at the now limited site")
+    second = sorted(t for t, rcpt in server.received["edited.example"] if rcpt.startswith("b"))
+    assert second[-1] - second[0] >= (20 - 1) / 10 - 0.3  # one burst token, then 10/s
+    assert max_in_any_second(second) <= 10 + 1
