@@ -10,18 +10,18 @@ from datetime import datetime, timedelta, timezone
 from email.utils import parseaddr
 
 import structlog
-from sqlalchemy import and_, bindparam, or_, select, update
 from redis.exceptions import RedisError
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from smartmail import campaign_delivery
+from smartmail.addresses import normalize_address
 from smartmail.config import get_settings
+from smartmail.config.policy import Site
 from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.mime import build_mime
 from smartmail.models import Campaign, CampaignState, Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
-from smartmail.addresses import normalize_address
-from smartmail.config.policy import Site
 from smartmail.workers.dispatch import TRANSACTIONAL, dispatch, dispatch_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
 from smartmail.workers.transports import AT_CONNECTION_LIMIT, Transport, get_transport
@@ -93,9 +93,7 @@ class _Result:
 
 def retry_schedule() -> RetrySchedule:
     """The retry schedule when traffic shaping is off (with it on, each site has its own)."""
-    s = get_settings()
-    return RetrySchedule(s.retry_first_interval, s.retry_backoff_factor, s.retry_max_interval,
-                         s.retry_jitter, s.retry_max_age)
+    return RetrySchedule.from_settings(get_settings())
 
 
 def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime, site: str | None = None,

@@ -95,6 +95,12 @@ class RetrySchedule:
     jitter: float = 0.2
     max_age: float = 3 * 86400.0
 
+    @classmethod
+    def from_settings(cls, settings) -> RetrySchedule:
+        """SMARTMAIL_RETRY_*: the schedule with shaping off, and of any site whose policy sets none."""
+        return cls(settings.retry_first_interval, settings.retry_backoff_factor, settings.retry_max_interval,
+                   settings.retry_jitter, settings.retry_max_age)
+
     def next_attempt(self, attempts: int, created_at: datetime, now: datetime,
                      rng: random.Random | None = None) -> datetime | None:
         """When to try again after `attempts` tries, or None once the message is too old to retry."""

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from smartmail.outcomes import Reply, RetrySchedule
 
@@ -305,10 +312,8 @@ def get_policy() -> Policy:
         from smartmail.config import get_settings
 
         s = get_settings()
-        # SMARTMAIL_RETRY_* are the retry schedule of any site, [default] included, that sets none.
-        defaults = RetrySchedule(s.retry_first_interval, s.retry_backoff_factor, s.retry_max_interval,
-                                 s.retry_jitter, s.retry_max_age)
-        _store = PolicyStore(s.policy_file or DEFAULT_POLICY_FILE, defaults, s.policy_check_interval)
+        _store = PolicyStore(s.policy_file or DEFAULT_POLICY_FILE, RetrySchedule.from_settings(s),
+                             s.policy_check_interval)
     return _store.get()
 
 

@@ -10,7 +10,14 @@ from sqlalchemy import func, insert, select
 from smartmail import campaigns
 from smartmail.contacts import InvalidInput, create_list
 from smartmail.db import get_engine, session_scope, utcnow
-from smartmail.models import Campaign, Contact, ContactList, ListMembership, Message, Suppression
+from smartmail.models import (
+    Campaign,
+    Contact,
+    ContactList,
+    ListMembership,
+    Message,
+    Suppression,
+)
 from smartmail.template_store import save_template
 from smartmail.unsubscribe import read_token
 from tests.conftest import reset_caches, wait_for
