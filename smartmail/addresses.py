@@ -5,7 +5,7 @@ import functools
 import re
 from dataclasses import dataclass
 from email.headerregistry import Address
-from email.utils import getaddresses
+from email.utils import getaddresses, parseaddr
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -107,3 +107,10 @@ def check_headers(headers: dict[str, str] | None, *, field: str = "headers") -> 
         reject_line_breaks(value, field=f"{field}.{name}")
         checked[name] = value
     return checked
+
+
+@functools.lru_cache(maxsize=65536)
+def bare_address(stored: str) -> str:
+    """`addr@domain` out of a stored, already validated `Name <addr@domain>` (memoized: delivery
+    asks for the sender and recipient of every message, and senders repeat)."""
+    return parseaddr(stored)[1]

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from email.utils import parseaddr
 
 import structlog
 from redis.exceptions import RedisError
@@ -15,7 +14,7 @@ from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from smartmail import campaign_delivery
-from smartmail.addresses import normalize_address
+from smartmail.addresses import bare_address, normalize_address
 from smartmail.config import get_settings
 from smartmail.config.policy import Site
 from smartmail.db import get_engine, upsert_insert, utcnow
@@ -141,7 +140,7 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
          "b_unattempted": 0 if r.attempted else 1}
         for r in results
     ])
-    bounces = {normalize_address(parseaddr(r.recipient)[1]): r for r in results if r.suppress}
+    bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}
     if bounces:
         connection.execute(upsert_insert(connection.dialect.name)(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"]), [
             {"email": email, "reason": "hard_bounce", "detail": str(r.reply)[:2000], "source_message_id": r.id,
@@ -219,7 +218,7 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     """
     by_site: dict[str, tuple[Site, list]] = {}
     for row in claimed:
-        site = shaper.site_for(parseaddr(row.recipient)[1].rpartition("@")[2])
+        site = shaper.site_for(bare_address(row.recipient).rpartition("@")[2])
         by_site.setdefault(site.name, (site, []))[1].append(row)
     results: list[_Result] = []
     admitted: list[tuple[object, Site]] = []
@@ -320,7 +319,7 @@ def _send_one(transport: Transport, row, site: Site | None = None) -> Reply:
         return Reply(554, f"5.6.0 message could not be built: {exc}", "build")
     try:
         # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-        return transport.send(parseaddr(row.sender)[1], parseaddr(row.recipient)[1], data, site)
+        return transport.send(bare_address(row.sender), bare_address(row.recipient), data, site)
     except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's other outcomes
         log.exception("transport.error", message_id=row.id)
         return Reply(None, f"transport error: {exc!r}", "data")
