@@ -165,7 +165,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
         shaper = get_shaper()
     schedule = retry_schedule()
     report = DeliveryReport()
-    window = settings.claim_window
+    window = settings.claim_window if stream == TRANSACTIONAL else settings.bulk_claim_window
     engine = get_engine()
     pending: list[_Result] = []
     for start in range(0, len(message_ids) + window, window):

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(100, ge=1, le=10000)
     dispatch_drains: int = Field(4, ge=1, le=1000)
     claim_window: int = Field(10, ge=1, le=1000)
+    # Campaigns (the bulk stream) favour throughput: bigger batches and claim windows cost fewer
+    # transactions per message, and a crash may leave more messages `unknown` (processes x window).
+    bulk_batch_size: int = Field(500, ge=1, le=10000)
+    bulk_claim_window: int = Field(50, ge=1, le=1000)
 
     # Traffic shaping (see policy.toml): off sends without rate, connection or rule checks.
     shaping: bool = True

@@ -155,7 +155,8 @@ class Outbox:
 def get_outbox(stream: str = TRANSACTIONAL) -> Outbox:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
-    return Outbox(client, settings.redis_key_prefix, settings.dispatch_drains, settings.batch_size, stream)
+    batch_size = settings.batch_size if stream == TRANSACTIONAL else settings.bulk_batch_size
+    return Outbox(client, settings.redis_key_prefix, settings.dispatch_drains, batch_size, stream)
 
 
 def dispatch_later(due: Sequence[tuple[str, float]], stream: str = TRANSACTIONAL) -> None:

@@ -217,7 +217,7 @@ def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, 
     from smartmail import maintenance
 
     eligible = make_audience(3000)
-    concurrency, window = 2, 10
+    concurrency, window = 2, 50  # SMARTMAIL_BULK_CLAIM_WINDOW
     first = start_bulk_worker(start_worker, concurrency=concurrency)
     campaigns.create_campaign("crash", template="newsletter", lists=["news"])
     campaigns.launch_campaign("crash")
