@@ -75,6 +75,7 @@ SHORT_WAIT = timedelta(seconds=60)
 class DeliveryReport:
     claimed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    site_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> counter -> n
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
             # end `unknown` via the reconciler, which is why _record_and_claim retried first.
             dispatch(list(message_ids[start:]), stream)
             raise
-        _after_recording(pending, report, shaper, stream)
+        _after_recording(pending, report, stream)
         if not ids:
             break
         report.claimed += len(claimed)
@@ -191,6 +192,11 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
         else:
             pending = _shaped_window(claimed, transport, shaper, now)
         pending += skipped
+    if shaper is not None and report.site_counts:
+        try:  # once per call, not per window: the counters are for metrics, a round trip each adds up
+            shaper.throttle.count(report.site_counts)
+        except RedisError as exc:
+            log.warning("shaping.counters_lost", error=str(exc))
     return report
 
 
@@ -268,9 +274,8 @@ def _admit(shaper: Shaper, site: Site, count: int) -> tuple[int, list[Hold]]:
         return 0, [Hold(5.0, "throttled: rate limiter unavailable")] * count
 
 
-def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Shaper | None, stream: str) -> None:
+def _after_recording(results: list[_Result], report: DeliveryReport, stream: str) -> None:
     """Once a window's outcomes are committed: count and log them, and time the short waits."""
-    counts: dict[str, dict[str, int]] = {}
     soon = utcnow() + SHORT_WAIT
     wake = []
     for result in results:
@@ -278,7 +283,7 @@ def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Sha
         report.counts[state] = report.counts.get(state, 0) + 1
         if result.site:
             counter = state if result.attempted else "throttled"
-            by_site = counts.setdefault(result.site, {})
+            by_site = report.site_counts.setdefault(result.site, {})
             by_site[counter] = by_site.get(counter, 0) + 1
         if result.attempted:
             log.info("message.outcome", message_id=result.id, state=state, smtp_code=result.reply.code,
@@ -287,8 +292,6 @@ def _after_recording(results: list[_Result], report: DeliveryReport, shaper: Sha
             wake.append((result.id, result.next_attempt_at.replace(tzinfo=timezone.utc).timestamp()))
     try:
         dispatch_later(wake, stream)
-        if shaper is not None:
-            shaper.throttle.count(counts)
     except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due
         log.error("dispatch.later_failed", error=str(exc), count=len(wake))
 
