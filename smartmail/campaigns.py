@@ -9,7 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 
 from smartmail import rendering, segments, template_store
 from smartmail.addresses import AddressError, parse_mailbox
@@ -330,14 +330,17 @@ def _message_row(campaign: Campaign, contact_id: int, email: str, zone: str | No
 
 
 def _redispatch_waiting(campaign_id: int) -> None:
-    """Queued rows whose ids are not in the outbox (a pause dropped them, or a fan-out died between
-    its commit and its dispatch): hand them to the bulk queue again; claims are conditional."""
+    """Rows whose ids are not in the outbox: queued ones (a pause dropped them, or a fan-out died
+    between its commit and its dispatch) and deferred ones that came due while the campaign was
+    paused. Hand them to the bulk queue again; claims are conditional."""
+    waiting = or_(Message.state == MessageState.QUEUED.value,
+                  and_(Message.state == MessageState.DEFERRED.value, Message.next_attempt_at <= utcnow()))
     last = ""
     while True:
         with reader() as connection:
             ids = list(connection.scalars(
-                select(Message.id).where(Message.campaign_id == campaign_id, Message.state == MessageState.QUEUED.value,
-                                         Message.id > last).order_by(Message.id).limit(5000)))
+                select(Message.id).where(Message.campaign_id == campaign_id, waiting, Message.id > last)
+                .order_by(Message.id).limit(5000)))
         if not ids:
             return
         dispatch(ids, BULK)
