@@ -41,8 +41,10 @@ def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
 
 def _dispatch_by_stream(moved: list[tuple[str, int | None]]) -> None:
     """Campaign messages go to the bulk outbox, the others to the transactional one."""
-    dispatch([i for i, campaign in moved if campaign is None], TRANSACTIONAL)
-    dispatch([i for i, campaign in moved if campaign is not None], BULK)
+    for stream, ids in ((TRANSACTIONAL, [i for i, campaign in moved if campaign is None]),
+                        (BULK, [i for i, campaign in moved if campaign is not None])):
+        if ids:  # an empty push would only repeat restart_drains' round trip
+            dispatch(ids, stream)
 
 
 def restart_drains() -> None:
