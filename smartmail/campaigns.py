@@ -170,6 +170,7 @@ def resume_campaign(name: str) -> None:
         if campaign.state != CampaignState.PAUSED.value:
             raise InvalidInput(f"campaign {name!r} is {campaign.state}, not paused", field="state")
         campaign.state = CampaignState.SENDING.value
+        campaign.fan_out_until = _lease_end()
         campaign_id = campaign.id
     _publish_fan_out(campaign_id)  # finishes the fan-out if unfinished, and re-dispatches what waits
 
@@ -219,7 +220,12 @@ def _start(session, campaign: Campaign) -> bool:
     campaign.template_version = ref.version
     campaign.state = CampaignState.SENDING.value
     campaign.launched_at = utcnow()
+    campaign.fan_out_until = _lease_end()
     return True
+
+
+def _lease_end(now: datetime | None = None) -> datetime:
+    return (now or utcnow()) + timedelta(seconds=get_settings().fan_out_lease)
 
 
 def _text_from_html_source(html: str) -> str | None:
@@ -280,16 +286,19 @@ def audience_query(session, campaign: Campaign):
 def fan_out(campaign_id: int) -> int:
     """Create the campaign's message rows a page of contacts at a time and hand them to the bulk
     queue. Each page's rows and the checkpoint commit together, and rows are unique per campaign
-    and contact, so a fan-out that crashed resumes where it stopped and a relaunch adds nothing."""
+    and contact, so a fan-out that crashed resumes where it stopped and a relaunch adds nothing.
+    Each page also renews the fan-out's lease (see run_due); the campaign row is locked for the
+    page, so two fan-outs of one campaign (a lost one redelivered late) take turns."""
     settings = get_settings()
     engine = get_engine()
     _redispatch_waiting(campaign_id)
     created = 0
     while True:
         with session_scope() as session:
-            campaign = session.get(Campaign, campaign_id)
+            campaign = session.get(Campaign, campaign_id, with_for_update=True)
             if campaign is None or campaign.state != CampaignState.SENDING.value or campaign.fanned_out:
                 return created
+            campaign.fan_out_until = _lease_end()
             contacts = Contact.__table__
             page = session.execute(audience_query(session, campaign).where(contacts.c.id > campaign.cursor)
                                    .order_by(contacts.c.id).limit(PAGE)).all()
@@ -350,15 +359,24 @@ def _redispatch_waiting(campaign_id: int) -> None:
 # --- Beat ----------------------------------------------------------------------------------------
 
 def run_due(now: datetime | None = None) -> None:
-    """Start scheduled campaigns whose time has come; mark finished ones sent."""
+    """Start scheduled campaigns whose time has come, restart fan-outs whose lease ran out, and
+    mark finished campaigns sent."""
     now = now or utcnow()
     with session_scope() as session:
         due = session.scalars(select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value,
                                                      Campaign.send_at <= now)).all()
         started = [c.id for c in due if _start(session, c)]
+        lost = session.scalars(select(Campaign).where(
+            Campaign.state == CampaignState.SENDING.value, ~Campaign.fanned_out,
+            or_(Campaign.fan_out_until.is_(None), Campaign.fan_out_until < now))).all()
+        for campaign in lost:
+            campaign.fan_out_until = _lease_end(now)
     for campaign_id in started:
         log.info("campaign.started", campaign_id=campaign_id)
         _publish_fan_out(campaign_id)
+    for campaign in lost:
+        log.warning("campaign.fan_out_restarted", campaign=campaign.name, cursor=campaign.cursor)
+        _publish_fan_out(campaign.id)
     open_messages = exists().where(Message.campaign_id == Campaign.id, Message.state.in_(_OPEN))
     with session_scope() as session:
         session.execute(update(Campaign).where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out,

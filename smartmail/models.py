@@ -260,6 +260,10 @@ class Campaign(Base):
     # Fan-out checkpoint: every audience contact up to this id has its message row.
     cursor: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), default=0)
     fanned_out: Mapped[bool] = mapped_column(default=False)
+    # The fan-out's lease, renewed with each page: a fan-out not heard from by then was lost with
+    # its worker (Redis would redeliver its task only after the visibility timeout), so beat starts
+    # another, which resumes at the checkpoint.
+    fan_out_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     launched_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

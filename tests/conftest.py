@@ -31,14 +31,15 @@ def clear_redis(url: str) -> None:
         client.delete(*keys)
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, message: str = "condition"):
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, message="condition"):
+    """Poll `predicate` until it is truthy; `message` may be a callable that describes the state on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
         time.sleep(interval)
 
 
