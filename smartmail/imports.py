@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import io
 import json
@@ -11,6 +12,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -432,10 +434,24 @@ _MARK_ONLY_SET = "last_import_id = excluded.last_import_id"
 _to_json = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 # COPY text format: backslash, tab, newline and carriage return are escaped; \N is NULL.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_NULL, _BS, _BS2 = "\\N", "\\", "\\\\"
 
 
 def _copy_line(row: tuple) -> str:
     return "\t".join("\\N" if v is None else v.translate(_COPY_ESCAPES) for v in row) + "\n"
+
+
+def _copy_text(rows: list[tuple[str, str, str | None, str | None, str]]) -> str:
+    """The batch's (email, status, timezone, locale, attributes JSON) rows as COPY text.
+
+    str.translate costs ~2 us a field, most of the Python time of a PostgreSQL import, and the
+    validated fields almost never need it: the text fields are checked in one search over the
+    whole batch, and the JSON (ASCII, its control characters escaped by the encoder) only ever
+    needs its backslashes doubled."""
+    if _COPY_SPECIAL.search("".join([f"{e}{t or ''}{lo or ''}" for e, _, t, lo, _ in rows])):
+        return "".join(map(_copy_line, rows))
+    return "".join([f"{e}\t{s}\t{t or _NULL}\t{lo or _NULL}\t{a.replace(_BS, _BS2)}\n" for e, s, t, lo, a in rows])
 
 
 @dataclass
@@ -463,13 +479,16 @@ def _known(connection: Connection, emails: list[str]) -> tuple[dict[str, tuple[s
         # Index look-ups whatever the statistics say: while a new or truncated table is being
         # loaded its statistics lag behind and the planner picks a sequential scan of millions of
         # rows per batch (seen: 20 s a batch instead of 20 ms).
+        # One query for both tables: half the time of two `= ANY(array)` look-ups (measured).
         cursor.execute("SET LOCAL enable_seqscan = off")
-        cursor.execute("SELECT email, last_import_id, status FROM contacts WHERE email = ANY(%s::text[])", (array,))
-        known = {email: (mark, status) for email, mark, status in cursor.fetchall()}
-        cursor.execute("SELECT email, reason FROM suppressions WHERE email = ANY(%s::text[])", (array,))
-        suppressed = dict(cursor.fetchall())
+        cursor.execute("SELECT b.email, c.id IS NOT NULL, c.last_import_id, c.status, s.reason "
+                       "FROM unnest(%s::text[]) b(email) LEFT JOIN contacts c ON c.email = b.email "
+                       "LEFT JOIN suppressions s ON s.email = b.email WHERE c.id IS NOT NULL OR s.email IS NOT NULL",
+                       (array,))
+        rows = cursor.fetchall()
         cursor.execute("SET LOCAL enable_seqscan = DEFAULT")
-        return known, suppressed
+        known = {email: (mark, status) for email, is_contact, mark, status, _ in rows if is_contact}
+        return known, {email: reason for email, _, _, _, reason in rows if reason is not None}
     known, suppressed = {}, {}
     for start in range(0, len(emails), 30000):  # SQLite allows 32,766 parameters per statement
         chunk = emails[start:start + 30000]
@@ -552,7 +571,7 @@ def _upsert(connection: Connection, job_id: str, rows: list[tuple], options: Imp
         cursor.execute(_PG_STAGING)
         with cursor.copy("COPY smartmail_import_staging (email, status, timezone, locale, attributes) "
                          "FROM STDIN") as copy:
-            copy.write("".join(map(_copy_line, rows)))  # one write: ~3x cheaper than write_row per row
+            copy.write(_copy_text(rows))  # one write: ~3x cheaper than write_row per row
         insert = ("INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
                   "last_import_id) SELECT email, status, timezone, locale, attributes, %(source)s, %(now)s, %(now)s, "
                   "%(job)s FROM smartmail_import_staging")
@@ -737,10 +756,8 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
         return job_status(job_id)
     log.info("import.started", job_id=job_id, path=str(path), resume_after_row=checkpoint)
     try:
-        for records, errors, last_row, position in _read_ahead(_batches(path, options, checkpoint)):
-            checkpoint = _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id)
-            if on_progress:
-                on_progress(job_status(job_id))
+        _write_in_order(job_id, _read_ahead(_batches(path, options, checkpoint)), checkpoint, options, list_id,
+                        on_progress)
     except JobGone:
         log.warning("import.superseded", job_id=job_id)
         return job_status(job_id)
@@ -760,8 +777,64 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
     return status
 
 
+def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, options: ImportOptions,
+                    list_id: int | None, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    """Commit the batches in file order. On PostgreSQL two batches are written at once, on two
+    connections: one server process alone is the bottleneck of an import there, and the second
+    core would otherwise idle. Order and the checkpoint still hold: a batch moves the job's
+    checkpoint from where the previous batch leaves it, and only once that batch has committed,
+    so it commits after it, or finds the checkpoint unmoved (JobGone) if that batch failed. A
+    batch cannot see the rows of the one being written beside it, so addresses repeated between
+    the two are found here, in memory."""
+    if get_engine().dialect.name != "postgresql":  # one writer at a time in SQLite anyway
+        for records, errors, last_row, position in batches:
+            checkpoint = _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id)
+            if on_progress:
+                on_progress(job_status(job_id))
+        return
+    in_flight: collections.deque[Future] = collections.deque()
+    previous: dict[str, int] = {}  # email -> row, of the batch before
+    committed = threading.Event()  # the previous batch's transaction has ended
+    committed.set()
+
+    def write(batch: Batch, checkpoint: int, after: threading.Event, done: threading.Event) -> int:
+        try:
+            return _commit_batch(job_id, checkpoint, *batch[2:], *batch[:2], options, list_id, after=after)
+        finally:
+            done.set()
+
+    def finish_oldest() -> None:
+        in_flight.popleft().result()
+        if on_progress:
+            on_progress(job_status(job_id))
+
+    with ThreadPoolExecutor(2, thread_name_prefix="smartmail-import-writer") as pool:
+        for records, errors, last_row, position in batches:
+            records, errors, previous = _drop_repeats(records, errors, previous)
+            if len(in_flight) == 2:
+                finish_oldest()
+            after, committed = committed, threading.Event()
+            in_flight.append(pool.submit(write, (records, errors, last_row, position), checkpoint, after, committed))
+            checkpoint = last_row
+        while in_flight:
+            finish_oldest()
+
+
+def _drop_repeats(records: list[Record], errors: list[tuple[int, RowError]],
+                  previous: dict[str, int]) -> tuple[list[Record], list[tuple[int, RowError]], dict[str, int]]:
+    """Rows whose address the previous batch has: reported as duplicates. Returns this batch's
+    records and errors, and its own email -> first row."""
+    repeated = [r for r in records if r.email in previous]
+    if repeated:
+        records = [r for r in records if r.email not in previous]
+        errors = errors + [(r.row, RowError("email", f"duplicate of row {previous[r.email]}", r.email))
+                           for r in repeated]
+    return records, errors, {r.email: r.row for r in reversed(records)}
+
+
 def _commit_batch(job_id: str, checkpoint: int, last_row: int, position: int, records: list[Record],
-                  errors: list[tuple[int, RowError]], options: ImportOptions, list_id: int | None) -> int:
+                  errors: list[tuple[int, RowError]], options: ImportOptions, list_id: int | None,
+                  after: threading.Event | None = None) -> int:
     with get_engine().begin() as connection:
         if connection.dialect.name == "sqlite":
             # SQLite's default page cache is 2 MB: past a few hundred thousand contacts the email
@@ -775,6 +848,8 @@ def _commit_batch(job_id: str, checkpoint: int, last_row: int, position: int, re
                  "value": _clip(error.value)} for row, error in all_errors])
         # The checkpoint moves only from where this run found it: a second run of the same job
         # (a redelivered task) cannot commit the same rows twice.
+        if after is not None:
+            after.wait()  # the batch before has committed (or failed: then the checkpoint has not moved)
         moved = connection.execute(
             update(ImportJob).where(ImportJob.id == job_id, ImportJob.rows_done == checkpoint)
             .values(rows_done=last_row, bytes_read=position, created=ImportJob.created + result.created,

@@ -127,6 +127,61 @@ def test_a_job_killed_midway_resumes_without_duplicates(env, tmp_path):
     assert imports.run_job(job_id)["created"] == 5000 - len(bad)  # a finished job does nothing
 
 
+def test_an_address_repeated_in_the_next_batch_is_reported_not_written_twice(env, tmp_path, monkeypatch):
+    # On PostgreSQL two batches are written at once, and neither sees the other's rows: slow
+    # writes make sure each batch is still uncommitted while the next one looks its addresses up.
+    real_upsert = imports._upsert
+
+    def slow_upsert(*args, **kwargs):
+        real_upsert(*args, **kwargs)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(imports, "_upsert", slow_upsert)
+    path = tmp_path / "c.csv"
+    lines, n, repeated = [], 0, []
+    for batch in range(6):  # batches of 10 rows; each after the first opens with an address of the one before
+        if batch:
+            lines.append(f"U{n - 3}@Example.org,again")
+            repeated.append(f"u{n - 3}@example.org")
+        while len(lines) < 10 * (batch + 1):
+            lines.append(f"u{n}@example.org,N{n}")
+            n += 1
+    path.write_text("email,first_name\n" + "\n".join(lines) + "\n")
+    status = imports.run_job(imports.create_job(path, batch_size=10))
+    assert (status["created"], status["failed"]) == (55, 5)
+    assert count(Contact) == 55
+    errors = report_rows(status["job_id"])
+    assert {(e["field"], e["value"]) for e in errors} == {("email", e) for e in repeated}
+    assert all(e["reason"].startswith("duplicate of") for e in errors)
+    with session_scope() as session:
+        names = dict(session.execute(select(Contact.email, Contact.attributes["first_name"].as_string())).all())
+    assert all(name.startswith("N") for name in names.values())  # the first row of an address wins
+
+
+def test_a_batch_that_fails_stops_the_import_at_the_batch_before(env, tmp_path, monkeypatch):
+    path = tmp_path / "c.csv"
+    generate_csv(path, 1000, bad_every=10_000)
+    job_id = imports.create_job(path, batch_size=100)
+    real_write = imports.write_batch
+    calls = {"n": 0}
+
+    def third_fails(connection, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk full")
+        return real_write(connection, *args, **kwargs)
+
+    monkeypatch.setattr(imports, "write_batch", third_fails)
+    with pytest.raises(RuntimeError, match="disk full"):
+        imports.run_job(job_id)
+    status = imports.job_status(job_id)
+    # Nothing after the failed batch is committed, even the one written beside it.
+    assert status["state"] == "failed" and status["rows_done"] == 201 and count(Contact) == 200
+    monkeypatch.setattr(imports, "write_batch", real_write)
+    status = imports.run_job(job_id)
+    assert (status["state"], status["created"], status["failed"]) == ("done", 1000, 0) and count(Contact) == 1000
+
+
 def test_a_second_run_of_the_same_job_cannot_commit_the_same_rows(env, tmp_path):
     path = tmp_path / "c.csv"
     generate_csv(path, 300, bad_every=1000)
