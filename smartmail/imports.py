@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
 import psycopg
 import structlog
 from charset_normalizer import from_bytes
@@ -352,6 +353,10 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record |
             yield row_no, item, tell
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json accepts NaN and Infinity; databases do not
+
+
 def _has_lone_surrogate(item: Any) -> bool:
     try:
         json.dumps(item, ensure_ascii=False).encode("utf-8")
@@ -370,13 +375,16 @@ def read_jsonl(path: Path, options: ImportOptions) -> Iterator[tuple[int, Record
             if not line.strip():
                 continue
             try:
-                item = json.loads(line.decode("utf-8"))
+                item = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
             except UnicodeDecodeError as exc:
                 yield row_no, RowError("(row)", f"undecodable bytes (not valid UTF-8): {exc.reason}", line), position
                 continue
             except json.JSONDecodeError as exc:
                 yield row_no, RowError("(row)", f"not valid JSON: {exc.msg} at column {exc.colno}",
                                        line.decode("utf-8")), position
+                continue
+            except ValueError as exc:  # _refuse_constant
+                yield row_no, RowError("(row)", f"not valid JSON: {exc}", line.decode("utf-8")), position
                 continue
             if (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(item):
                 yield row_no, RowError("(row)", "a \\u escape encodes half a character (a lone surrogate)",
@@ -429,9 +437,17 @@ _UPSERT_SET = {
 _MARK_ONLY_SET = "last_import_id = excluded.last_import_id"
 
 
-# ensure_ascii: CPython escapes ASCII-only output in C, but runs a Python function per string
-# otherwise (~9 us per row here); \u escapes are the same JSON to both databases.
-_to_json = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
+_json_fallback = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
+
+
+def _to_json(attributes: dict[str, Any]) -> str:
+    """orjson: 0.7 us a row here against 3 us for the standard library's C encoder (itself 3x
+    faster with ensure_ascii than without), a tenth of an import's Python time. Integers beyond
+    64 bits are left to the standard library; NaN never gets here (the readers refuse it)."""
+    try:
+        return orjson.dumps(attributes).decode()
+    except orjson.JSONEncodeError:
+        return _json_fallback(attributes)
 # COPY text format: backslash, tab, newline and carriage return are escaped; \N is NULL.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
@@ -840,6 +856,10 @@ def _commit_batch(job_id: str, checkpoint: int, last_row: int, position: int, re
             # SQLite's default page cache is 2 MB: past a few hundred thousand contacts the email
             # index no longer fits and every look-up and insert reads pages through the OS.
             connection.exec_driver_sql(f"PRAGMA cache_size = -{_SQLITE_CACHE_KB}")
+        else:
+            # A batch commits with its checkpoint, so one lost in a server crash is imported again
+            # by the re-run; the job's final commit is synchronous and makes every batch durable.
+            connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
         result = write_batch(connection, job_id, records, options, list_id) if records else BatchResult()
         all_errors = errors + result.errors
         if all_errors:
