@@ -11,7 +11,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from smartmail import contacts
+from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, check_attribute_name
 from smartmail.db import get_engine, session_scope, utcnow
 from smartmail.ids import new_id
@@ -795,21 +796,22 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
 
 def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, options: ImportOptions,
                     list_id: int | None, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
-    """Commit the batches in file order. On PostgreSQL two batches are written at once, on two
-    connections: one server process alone is the bottleneck of an import there, and the second
-    core would otherwise idle. Order and the checkpoint still hold: a batch moves the job's
+    """Commit the batches in file order. On PostgreSQL SMARTMAIL_IMPORT_WRITERS batches are written
+    at once, each on its own connection: one server process alone is the bottleneck of an import
+    there, and other cores would idle. Order and the checkpoint still hold: a batch moves the job's
     checkpoint from where the previous batch leaves it, and only once that batch has committed,
     so it commits after it, or finds the checkpoint unmoved (JobGone) if that batch failed. A
-    batch cannot see the rows of the one being written beside it, so addresses repeated between
-    the two are found here, in memory."""
-    if get_engine().dialect.name != "postgresql":  # one writer at a time in SQLite anyway
+    batch cannot see the rows of the batches being written beside it, so addresses repeated
+    between them are found here, in memory."""
+    writers = get_settings().import_writers
+    if writers == 1 or get_engine().dialect.name != "postgresql":  # one writer at a time in SQLite anyway
         for records, errors, last_row, position in batches:
             checkpoint = _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id)
             if on_progress:
                 on_progress(job_status(job_id))
         return
     in_flight: collections.deque[Future] = collections.deque()
-    previous: dict[str, int] = {}  # email -> row, of the batch before
+    recent: collections.deque[dict[str, int]] = collections.deque(maxlen=writers - 1)  # email -> row
     committed = threading.Event()  # the previous batch's transaction has ended
     committed.set()
 
@@ -824,10 +826,11 @@ def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, opti
         if on_progress:
             on_progress(job_status(job_id))
 
-    with ThreadPoolExecutor(2, thread_name_prefix="smartmail-import-writer") as pool:
+    with ThreadPoolExecutor(writers, thread_name_prefix="smartmail-import-writer") as pool:
         for records, errors, last_row, position in batches:
-            records, errors, previous = _drop_repeats(records, errors, previous)
-            if len(in_flight) == 2:
+            records, errors, mine = _drop_repeats(records, errors, recent)
+            recent.append(mine)
+            if len(in_flight) == writers:
                 finish_oldest()
             after, committed = committed, threading.Event()
             in_flight.append(pool.submit(write, (records, errors, last_row, position), checkpoint, after, committed))
@@ -837,9 +840,12 @@ def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, opti
 
 
 def _drop_repeats(records: list[Record], errors: list[tuple[int, RowError]],
-                  previous: dict[str, int]) -> tuple[list[Record], list[tuple[int, RowError]], dict[str, int]]:
-    """Rows whose address the previous batch has: reported as duplicates. Returns this batch's
-    records and errors, and its own email -> first row."""
+                  recent: Iterable[dict[str, int]]) -> tuple[list[Record], list[tuple[int, RowError]], dict[str, int]]:
+    """Rows whose address one of the recent batches has: reported as duplicates. Returns this
+    batch's records and errors, and its own email -> first row."""
+    previous: dict[str, int] = {}
+    for batch in recent:
+        previous.update(batch)
     repeated = [r for r in records if r.email in previous]
     if repeated:
         records = [r for r in records if r.email not in previous]

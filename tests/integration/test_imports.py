@@ -139,10 +139,11 @@ def test_an_address_repeated_in_the_next_batch_is_reported_not_written_twice(env
     monkeypatch.setattr(imports, "_upsert", slow_upsert)
     path = tmp_path / "c.csv"
     lines, n, repeated = [], 0, []
-    for batch in range(6):  # batches of 10 rows; each after the first opens with an address of the one before
+    for batch in range(6):  # batches of 10 rows; each after the first opens with an address of one of the two before
         if batch:
-            lines.append(f"U{n - 3}@Example.org,again")
-            repeated.append(f"u{n - 3}@example.org")
+            earlier = n - 13 if batch % 2 == 0 else n - 3
+            lines.append(f"U{earlier}@Example.org,again")
+            repeated.append(f"u{earlier}@example.org")
         while len(lines) < 10 * (batch + 1):
             lines.append(f"u{n}@example.org,N{n}")
             n += 1
