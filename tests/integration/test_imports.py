@@ -164,13 +164,11 @@ def test_a_batch_that_fails_stops_the_import_at_the_batch_before(env, tmp_path, 
     generate_csv(path, 1000, bad_every=10_000)
     job_id = imports.create_job(path, batch_size=100)
     real_write = imports.write_batch
-    calls = {"n": 0}
 
-    def third_fails(connection, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def third_fails(connection, job_id, records, *args, **kwargs):
+        if records[0].row == 202:  # rows 202-301: the third batch
             raise RuntimeError("disk full")
-        return real_write(connection, *args, **kwargs)
+        return real_write(connection, job_id, records, *args, **kwargs)
 
     monkeypatch.setattr(imports, "write_batch", third_fails)
     with pytest.raises(RuntimeError, match="disk full"):
