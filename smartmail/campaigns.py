@@ -155,8 +155,8 @@ def launch_campaign(name: str) -> None:
         if not _start(session, campaign):
             raise InvalidInput(f"campaign {name!r} is {campaign.state}; only a draft or scheduled one can launch",
                                field="state")
-        campaign_id = campaign.id
-    _publish_fan_out(campaign_id)
+        campaign_id, owner = campaign.id, campaign.fan_out_owner
+    _publish_fan_out(campaign_id, owner)
 
 
 def pause_campaign(name: str) -> None:
@@ -170,9 +170,9 @@ def resume_campaign(name: str) -> None:
         if campaign.state != CampaignState.PAUSED.value:
             raise InvalidInput(f"campaign {name!r} is {campaign.state}, not paused", field="state")
         campaign.state = CampaignState.SENDING.value
-        campaign.fan_out_until = _lease_end()
+        owner = _hand_fan_out(campaign, utcnow())
         campaign_id = campaign.id
-    _publish_fan_out(campaign_id)  # finishes the fan-out if unfinished, and re-dispatches what waits
+    _publish_fan_out(campaign_id, owner)  # finishes the fan-out if unfinished, and re-dispatches what waits
 
 
 def cancel_campaign(name: str) -> int:
@@ -202,7 +202,7 @@ def _transition(name: str, sources: set[CampaignState], target: CampaignState, *
             setattr(campaign, key, value)
 
 
-def _start(session, campaign: Campaign) -> bool:
+def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
     """draft/scheduled → sending, with the template frozen; False if it was not startable."""
     if campaign.state not in (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value):
         return False
@@ -219,9 +219,17 @@ def _start(session, campaign: Campaign) -> bool:
         campaign.text = _text_from_html_source(campaign.html)
     campaign.template_version = ref.version
     campaign.state = CampaignState.SENDING.value
-    campaign.launched_at = utcnow()
-    campaign.fan_out_until = _lease_end()
+    campaign.launched_at = now or utcnow()
+    _hand_fan_out(campaign, campaign.launched_at)
     return True
+
+
+def _hand_fan_out(campaign: Campaign, now: datetime) -> str:
+    """Make a new fan-out run the campaign's only one: it gets a lease and an owner token, and a
+    fan-out task holding another token (a lost one redelivered late, a duplicate) stops at once."""
+    campaign.fan_out_owner = new_id()
+    campaign.fan_out_until = _lease_end(now)
+    return campaign.fan_out_owner
 
 
 def _lease_end(now: datetime | None = None) -> datetime:
@@ -240,10 +248,10 @@ def _text_from_html_source(html: str) -> str | None:
     return derived
 
 
-def _publish_fan_out(campaign_id: int) -> None:
+def _publish_fan_out(campaign_id: int, owner: str | None) -> None:
     from smartmail.tasks.campaigns import fan_out_task
 
-    fan_out_task.delay(campaign_id)
+    fan_out_task.delay(campaign_id, owner)
 
 
 def campaign_status(name: str) -> CampaignStatus:
@@ -283,20 +291,25 @@ def audience_query(session, campaign: Campaign):
             .where(~exists().where(Suppression.email == contacts.c.email)))
 
 
-def fan_out(campaign_id: int) -> int:
+def fan_out(campaign_id: int, owner: str | None = None) -> int:
     """Create the campaign's message rows a page of contacts at a time and hand them to the bulk
     queue. Each page's rows and the checkpoint commit together, and rows are unique per campaign
     and contact, so a fan-out that crashed resumes where it stopped and a relaunch adds nothing.
-    Each page also renews the fan-out's lease (see run_due); the campaign row is locked for the
-    page, so two fan-outs of one campaign (a lost one redelivered late) take turns."""
+    Each page, with the campaign row locked, checks that this run still owns the fan-out (`owner`
+    from _hand_fan_out; None: unconditionally) and renews its lease (see run_due)."""
     settings = get_settings()
     engine = get_engine()
+    if not _owns(campaign_id, owner):
+        return 0
     _redispatch_waiting(campaign_id)
     created = 0
     while True:
         with session_scope() as session:
             campaign = session.get(Campaign, campaign_id, with_for_update=True)
             if campaign is None or campaign.state != CampaignState.SENDING.value or campaign.fanned_out:
+                return created
+            if owner is not None and campaign.fan_out_owner != owner:
+                log.info("campaign.fan_out_superseded", campaign=campaign.name)
                 return created
             campaign.fan_out_until = _lease_end()
             contacts = Contact.__table__
@@ -317,6 +330,12 @@ def fan_out(campaign_id: int) -> int:
         queued = [message_id for message_id, state in inserted if state == MessageState.QUEUED.value]
         dispatch(queued, BULK)  # after the commit
         created += len(inserted)
+
+
+def _owns(campaign_id: int, owner: str | None) -> bool:
+    with reader() as connection:
+        current = connection.execute(select(Campaign.fan_out_owner).where(Campaign.id == campaign_id)).first()
+    return current is not None and (owner is None or current[0] == owner)
 
 
 def _message_row(campaign: Campaign, contact_id: int, email: str, zone: str | None, now: datetime,
@@ -358,6 +377,18 @@ def _redispatch_waiting(campaign_id: int) -> None:
 
 # --- Beat ----------------------------------------------------------------------------------------
 
+def _take_lost_fan_outs(now: datetime) -> list[tuple[int, str, str]]:
+    """Campaigns whose fan-out's lease ran out, each handed to a new run: the rows are locked
+    (SKIP LOCKED: a fan-out renewing its lease right now is alive), so two beats cannot both
+    restart one, and a renewal cannot slip in between."""
+    with session_scope() as session:
+        lost = session.scalars(select(Campaign).where(
+            Campaign.state == CampaignState.SENDING.value, ~Campaign.fanned_out,
+            or_(Campaign.fan_out_until.is_(None), Campaign.fan_out_until < now))
+            .with_for_update(skip_locked=True)).all()
+        return [(c.id, c.name, _hand_fan_out(c, now)) for c in lost]
+
+
 def run_due(now: datetime | None = None) -> None:
     """Start scheduled campaigns whose time has come, restart fan-outs whose lease ran out, and
     mark finished campaigns sent."""
@@ -365,18 +396,13 @@ def run_due(now: datetime | None = None) -> None:
     with session_scope() as session:
         due = session.scalars(select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value,
                                                      Campaign.send_at <= now)).all()
-        started = [c.id for c in due if _start(session, c)]
-        lost = session.scalars(select(Campaign).where(
-            Campaign.state == CampaignState.SENDING.value, ~Campaign.fanned_out,
-            or_(Campaign.fan_out_until.is_(None), Campaign.fan_out_until < now))).all()
-        for campaign in lost:
-            campaign.fan_out_until = _lease_end(now)
-    for campaign_id in started:
+        started = [(c.id, c.fan_out_owner) for c in due if _start(session, c, now)]
+    for campaign_id, owner in started:
         log.info("campaign.started", campaign_id=campaign_id)
-        _publish_fan_out(campaign_id)
-    for campaign in lost:
-        log.warning("campaign.fan_out_restarted", campaign=campaign.name, cursor=campaign.cursor)
-        _publish_fan_out(campaign.id)
+        _publish_fan_out(campaign_id, owner)
+    for campaign_id, name, owner in _take_lost_fan_outs(now):
+        log.warning("campaign.fan_out_restarted", campaign=name)
+        _publish_fan_out(campaign_id, owner)
     open_messages = exists().where(Message.campaign_id == Campaign.id, Message.state.in_(_OPEN))
     with session_scope() as session:
         session.execute(update(Campaign).where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out,

@@ -264,6 +264,7 @@ class Campaign(Base):
     # its worker (Redis would redeliver its task only after the visibility timeout), so beat starts
     # another, which resumes at the checkpoint.
     fan_out_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    fan_out_owner: Mapped[str | None] = mapped_column(String(26), nullable=True)  # the current run's token
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     launched_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

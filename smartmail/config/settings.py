@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     bulk_batch_size: int = Field(500, ge=1, le=10000)
     bulk_claim_window: int = Field(50, ge=1, le=1000)
     fan_out_lease: float = Field(60.0, gt=0)  # seconds a campaign fan-out may go silent before beat restarts it
-    import_writers: int = Field(3, ge=1, le=32)  # PostgreSQL connections an import writes batches on at once
+    import_writers: int = Field(3, ge=1, le=8)  # PostgreSQL connections an import writes batches on at once (the pool holds 10)
 
     # Traffic shaping (see policy.toml): off sends without rate, connection or rule checks.
     shaping: bool = True

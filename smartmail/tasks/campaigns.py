@@ -5,12 +5,12 @@ from smartmail import campaigns
 from smartmail.workers.app import app
 
 
-# Late ack (the app default) and a checkpoint per page: a fan-out lost with its worker is
-# delivered again and resumes after the last committed page.
+# Late ack (the app default) and a checkpoint per page: a fan-out lost with its worker resumes
+# after the last committed page, restarted by beat once its lease ends (campaigns.run_due).
 @app.task(name="smartmail.campaign.fan_out", autoretry_for=(OperationalError,), retry_backoff=2,
           retry_backoff_max=60, max_retries=10)
-def fan_out_task(campaign_id: int) -> None:
-    campaigns.fan_out(campaign_id)
+def fan_out_task(campaign_id: int, owner: str | None = None) -> None:
+    campaigns.fan_out(campaign_id, owner)
 
 
 @app.task(name="smartmail.maintenance.campaigns")

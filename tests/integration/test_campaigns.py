@@ -219,15 +219,20 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
     monkeypatch.setattr(campaigns, "dispatch", real_dispatch)
     # Its task is gone with the "dead" process: beat starts another once the fan-out's lease ends.
     published = []
-    monkeypatch.setattr(campaigns, "_publish_fan_out", published.append)
+    monkeypatch.setattr(campaigns, "_publish_fan_out", lambda campaign_id, owner: published.append(owner))
     campaigns.run_due()
     assert published == []  # the lease was renewed by the last page
     later = utcnow() + timedelta(seconds=61)  # SMARTMAIL_FAN_OUT_LEASE = 60
     campaigns.run_due(later)
-    assert published == [campaign_id]
     campaigns.run_due(later)
-    assert published == [campaign_id]  # restarting took a new lease
-    campaigns.fan_out(campaign_id)  # what the restarted task does
+    assert len(published) == 1 and published[0]  # restarting took a new lease
+    with session_scope() as session:
+        first_owner = session.scalar(select(Campaign.fan_out_owner).where(Campaign.id == campaign_id))
+    campaigns.run_due(later + timedelta(seconds=61))  # the restarted task never ran either
+    assert len(published) == 2 and published[1] != published[0]
+    assert campaigns.fan_out(campaign_id, published[0]) == 0  # a superseded run stops at once
+    assert first_owner == published[0]
+    campaigns.fan_out(campaign_id, published[1])  # what the current restarted task does
     with session_scope() as session:
         recipients = list(session.scalars(select(Message.recipient).where(Message.campaign_id == campaign_id)))
         fanned_out = session.scalar(select(Campaign.fanned_out).where(Campaign.id == campaign_id))

@@ -289,10 +289,11 @@ def test_jsonl_bad_lines_are_reported(env, tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_bytes(b'{"email": "a@example.org"}\n{"email": \n[1, 2]\n{"email": "b@example.org", "status": 5}\n'
                      b'{"email": "c@example.org", "name": "\xff"}\n\n{"email": "d@example.org", "age": "x"}\n'
-                     b'{"email": "e@example.org", "name": "\\ud800"}\n{"email": "f@example.org", "score": NaN}\n')
+                     b'{"email": "e@example.org", "name": "\\ud800"}\n{"email": "f@example.org", "score": NaN}\n'
+                     b'{"email": "g@example.org", "score": 1e400}\n')
     job_id = imports.create_job(path, types={"age": "integer"})
     status = imports.run_job(job_id)
-    assert (status["created"], status["failed"]) == (1, 7)
+    assert (status["created"], status["failed"]) == (1, 8)
     got = {r["row"]: (r["field"], r["reason"]) for r in report_rows(job_id)}
     assert got["2"][0] == "(row)" and "not valid JSON" in got["2"][1]
     assert got["3"] == ("(row)", "each line must be a JSON object")
@@ -301,6 +302,7 @@ def test_jsonl_bad_lines_are_reported(env, tmp_path):
     assert got["7"][0] == "age" and "not a valid integer" in got["7"][1]
     assert "lone surrogate" in got["8"][1]
     assert got["9"] == ("(row)", "not valid JSON: NaN is not a JSON number")  # Python reads it; databases do not
+    assert got["10"] == ("(row)", "not valid JSON: 1e400 is out of range for a number")
 
 
 BAD_OPTIONS = [

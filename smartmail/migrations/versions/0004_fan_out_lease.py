@@ -1,4 +1,4 @@
-"""campaign fan-out lease
+"""campaign fan-out lease and owner
 
 Revision ID: 0004
 Revises: 0003
@@ -16,8 +16,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("campaigns") as batch:
         batch.add_column(sa.Column("fan_out_until", sa.DateTime(), nullable=True))
+        batch.add_column(sa.Column("fan_out_owner", sa.String(length=26), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("campaigns") as batch:
+        batch.drop_column("fan_out_owner")
         batch.drop_column("fan_out_until")
