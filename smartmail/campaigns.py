@@ -1,6 +1,7 @@
 """Campaigns: create, schedule, launch, pause, resume and cancel; fan a campaign out to its audience; report progress."""
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from smartmail import rendering, segments, template_store
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, NotFound, reader
-from smartmail.db import get_engine, session_scope, upsert_insert, utcnow
+from smartmail.db import session_scope, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import (
     Campaign,
@@ -298,7 +299,6 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
     Each page, with the campaign row locked, checks that this run still owns the fan-out (`owner`
     from _hand_fan_out; None: unconditionally) and renews its lease (see run_due)."""
     settings = get_settings()
-    engine = get_engine()
     if not _owns(campaign_id, owner):
         return 0
     _redispatch_waiting(campaign_id)
@@ -319,13 +319,7 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
                 campaign.fanned_out = True
                 log.info("campaign.fanned_out", campaign=campaign.name, messages=created)
                 return created
-            now = utcnow()
-            rows = [_message_row(campaign, contact_id, email, zone, now, settings.sender_domain)
-                    for contact_id, email, zone in page]
-            insert = (upsert_insert(engine.dialect.name)(Message.__table__)
-                      .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"])
-                      .returning(Message.id, Message.state))
-            inserted = session.execute(insert, rows).all()
+            inserted = _insert_page(session, campaign, page, utcnow(), settings.sender_domain)
             campaign.cursor = page[-1][0]
         queued = [message_id for message_id, state in inserted if state == MessageState.QUEUED.value]
         dispatch(queued, BULK)  # after the commit
@@ -336,6 +330,50 @@ def _owns(campaign_id: int, owner: str | None) -> bool:
     with reader() as connection:
         current = connection.execute(select(Campaign.fan_out_owner).where(Campaign.id == campaign_id)).first()
     return current is not None and (owner is None or current[0] == owner)
+
+
+def _insert_page(session, campaign: Campaign, page: list, now: datetime, domain: str) -> list[tuple[str, str]]:
+    """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
+    rows = [_message_row(campaign, contact_id, email, zone, now, domain) for contact_id, email, zone in page]
+    connection = session.connection()
+    if connection.dialect.name == "postgresql" and not _COPY_UNSAFE.search("".join(r["recipient"] for r in rows)):
+        return _insert_page_by_copy(connection, campaign, rows, now, domain)
+    insert = (upsert_insert(connection.dialect.name)(Message.__table__)
+              .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"])
+              .returning(Message.id, Message.state))
+    return [tuple(r) for r in session.execute(insert, rows)]
+
+
+# On PostgreSQL a page goes through COPY into a staging table and one INSERT … SELECT: the generic
+# multi-row INSERT … RETURNING of 1,000 rows × 26 columns took more than half of a worker's CPU
+# while a campaign fanned out (psycopg parses every such statement's 26,000 placeholders).
+_COPY_UNSAFE = re.compile(r"[\\\t\n\r]")
+_PG_FAN_OUT_STAGING = """CREATE TEMP TABLE IF NOT EXISTS smartmail_fan_out (
+    id text, state text, recipient text, contact_id bigint, due timestamp, enqueued_at timestamp) ON COMMIT DELETE ROWS"""
+_PG_FAN_OUT_INSERT = """INSERT INTO messages (id, state, sender, recipient, reply_to, subject, text, headers, tags,
+    message_id_header, template_name, template_version, attempts, created_at, enqueued_at, next_attempt_at, send_at,
+    campaign_id, contact_id)
+SELECT s.id, s.state, %(sender)s, s.recipient, %(reply_to)s, '', '', '{}'::json, %(tags)s::json,
+    '<' || s.id || '@' || %(domain)s || '>', %(template)s, %(version)s, 0, %(now)s, s.enqueued_at, s.due, s.due,
+    %(campaign)s, s.contact_id
+FROM smartmail_fan_out s ON CONFLICT (campaign_id, contact_id) DO NOTHING RETURNING id, state"""
+
+
+def _insert_page_by_copy(connection, campaign: Campaign, rows: list[dict[str, Any]], now: datetime,
+                         domain: str) -> list[tuple[str, str]]:
+    def stamp(moment: datetime | None) -> str:
+        return "\\N" if moment is None else moment.isoformat(sep=" ")
+
+    cursor = connection.connection.driver_connection.cursor()
+    cursor.execute(_PG_FAN_OUT_STAGING)
+    with cursor.copy("COPY smartmail_fan_out FROM STDIN") as copy:
+        copy.write("".join([f"{r['id']}\t{r['state']}\t{r['recipient']}\t{r['contact_id']}\t{stamp(r['send_at'])}\t"
+                            f"{stamp(r['enqueued_at'])}\n" for r in rows]))
+    cursor.execute(_PG_FAN_OUT_INSERT, {
+        "sender": campaign.sender, "reply_to": campaign.reply_to, "tags": json.dumps(campaign.tags), "domain": domain,
+        "template": campaign.template_name, "version": campaign.template_version, "now": now,
+        "campaign": campaign.id})
+    return cursor.fetchall()
 
 
 def _message_row(campaign: Campaign, contact_id: int, email: str, zone: str | None, now: datetime,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import time
 from datetime import timedelta
 
@@ -237,6 +238,34 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
         recipients = list(session.scalars(select(Message.recipient).where(Message.campaign_id == campaign_id)))
         fanned_out = session.scalar(select(Campaign.fanned_out).where(Campaign.id == campaign_id))
     assert len(recipients) == len(set(recipients)) and set(recipients) == eligible and fanned_out
+
+
+def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_insert(relay, monkeypatch):
+    make_audience(30)
+    now = utcnow()
+    closed = f"{(now.hour + 2) % 24:02d}:00-{(now.hour + 3) % 24:02d}:00"  # opens in 1-2 hours
+    columns = [c for c in Message.__table__.c if c.name not in ("id", "message_id_header", "campaign_id", "created_at")]
+    written = {}
+    for name in ("copy", "insert"):
+        if name == "insert":  # PostgreSQL fans out by COPY unless an address would need escaping
+            monkeypatch.setattr(campaigns, "_COPY_UNSAFE", re.compile(""))
+        campaigns.create_campaign(name, template="newsletter", lists=["news"], window=closed, tags=["spring"],
+                                  reply_to="Help <help@example.com>")
+        with session_scope() as session:
+            campaign = session.scalar(select(Campaign).where(Campaign.name == name))
+            assert campaigns._start(session, campaign)
+            campaign_id = campaign.id
+        assert campaigns.fan_out(campaign_id) == 30
+        with session_scope() as session:
+            rows = session.execute(select(Message.id, Message.message_id_header, *columns)
+                                   .where(Message.campaign_id == campaign_id).order_by(Message.contact_id)).all()
+        assert all(r.message_id_header == f"<{r.id}@example.com>" for r in rows)
+        written[name] = [tuple(r)[2:] for r in rows]
+    assert written["copy"] == written["insert"]
+    first = dict(zip([c.name for c in columns], written["copy"][0]))
+    assert first["state"] == "scheduled" and first["enqueued_at"] is None and first["tags"] == ["spring"]
+    assert first["next_attempt_at"] == first["send_at"] and 3600 <= (first["send_at"] - now).total_seconds() <= 7200
+    assert first["reply_to"] == "Help <help@example.com>" and first["headers"] == {} and first["attempts"] == 0
 
 
 def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, monkeypatch):
