@@ -109,8 +109,19 @@ def check_headers(headers: dict[str, str] | None, *, field: str = "headers") -> 
     return checked
 
 
-@functools.lru_cache(maxsize=65536)
 def bare_address(stored: str) -> str:
-    """`addr@domain` out of a stored, already validated `Name <addr@domain>` (memoized: delivery
-    asks for the sender and recipient of every message, and senders repeat)."""
+    """`addr@domain` out of a stored, already validated `Name <addr@domain>` or `addr@domain`.
+    A plain address is returned as it is: campaign recipients are, and each is seen once, so the
+    memo below would only miss (parseaddr costs ~10 us)."""
+    if _PLAIN_ADDRESS.fullmatch(stored):
+        return stored
+    return _parsed_address(stored)
+
+
+_PLAIN_ADDRESS = re.compile(r"[^<>\"(),;:\\\s]+@[^<>\"(),;:\\\s@]+")
+
+
+@functools.lru_cache(maxsize=65536)
+def _parsed_address(stored: str) -> str:
+    """Memoized: delivery asks for the sender and recipient of every message, and senders repeat."""
     return parseaddr(stored)[1]
