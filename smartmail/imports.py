@@ -829,8 +829,10 @@ def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, opti
     committed.set()
 
     def write(batch: Batch, checkpoint: int, after: threading.Event, done: threading.Event) -> int:
+        records, errors, last_row, position = batch
         try:
-            return _commit_batch(job_id, checkpoint, *batch[2:], *batch[:2], options, list_id, after=after)
+            return _commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id,
+                                 after=after)
         finally:
             done.set()
 
