@@ -65,6 +65,16 @@ _record = (
             # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
             attempts=_table.c.attempts - bindparam("b_unattempted"))
 )
+# A campaign cancelled while a window was in flight: the window's deferred messages (held by the
+# rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
+# never send again. Run in the recording transaction, after the cancel or before it: in the second
+# case the cancel's own UPDATE waits for these rows and then finds them deferred.
+_cancel_deferred_of_cancelled = (
+    update(_table)
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)), _table.c.state == MessageState.DEFERRED.value,
+           _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
+    .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
+)
 # Sites up to this rate (messages/s) take a token per message; see _shaped_window.
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
 # Waits up to this long are timed in Redis (dispatch_later) rather than left to beat's next round.
@@ -141,6 +151,9 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
          "b_unattempted": 0 if r.attempted else 1}
         for r in results
     ])
+    deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
+    if deferred:
+        connection.execute(_cancel_deferred_of_cancelled, {"ids": deferred, "now": now})
     bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}
     if bounces:
         connection.execute(upsert_insert(connection.dialect.name)(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"]), [

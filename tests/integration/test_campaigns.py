@@ -7,7 +7,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from smartmail import campaigns
 from smartmail.contacts import InvalidInput, create_list
@@ -18,6 +18,7 @@ from smartmail.models import (
     ContactList,
     ListMembership,
     Message,
+    MessageState,
     Suppression,
 )
 from smartmail.template_store import save_template
@@ -160,6 +161,30 @@ def test_cancel_mid_send_sends_nothing_more(relay, start_worker):
     # Every message was sent (and received) or cancelled; only windows in flight at the cancel finished.
     assert set(counts) == {"sent", "cancelled"} and counts["sent"] == settled
     assert counts["cancelled"] == cancelled and campaigns.campaign_status("oops").state == "cancelled"
+
+
+def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(relay):
+    from smartmail import delivery
+    from smartmail.outcomes import Reply
+
+    make_audience(4)
+    campaigns.create_campaign("late", template="newsletter", lists=["news"], rate_cap=1)
+    with session_scope() as session:
+        campaign = session.scalar(select(Campaign).where(Campaign.name == "late"))
+        assert campaigns._start(session, campaign)
+        campaign_id = campaign.id
+    campaigns.fan_out(campaign_id)
+    with session_scope() as session:  # a worker's window claimed them
+        session.execute(update(Message).values(state="sending"))
+        ids = list(session.scalars(select(Message.id).order_by(Message.id)))
+    assert campaigns.cancel_campaign("late") == 0  # nothing queued: all in flight
+    now = utcnow()
+    held = [delivery._Result(i, "x@example.com", MessageState.DEFERRED, Reply(None, "throttled: campaign rate cap"),
+                             next_attempt_at=now + timedelta(seconds=1), attempted=False) for i in ids[:3]]
+    sent = delivery._Result(ids[3], "x@example.com", MessageState.SENT, Reply(250, "ok"))
+    with get_engine().begin() as connection:
+        delivery._record_results(connection, [*held, sent], now)
+    assert message_states("late") == {"cancelled": 3, "sent": 1}
 
 
 def test_a_scheduled_campaign_starts_on_time_via_beat(relay, start_worker, start_beat):
