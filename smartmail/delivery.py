@@ -229,9 +229,10 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     """Send one window under traffic shaping: rate tokens per site, then the sends, then the rules.
 
     A site with a configured rate up to PER_MESSAGE_TOKENS_UP_TO takes each message's token in the
-    sending thread, right before its SMTP transaction: tokens taken for a whole window would let
-    the window's send delays (milliseconds, more on a busy host) bunch messages up at the receiver
-    beyond rate + burst. Faster or unlimited sites take the window's tokens in one call (which
+    sending thread, once the message is built and a session is open, right before MAIL FROM:
+    tokens taken earlier (for a whole window, or before building and connecting) let the delays
+    in between (milliseconds, more on a busy host) bunch messages up at the receiver beyond
+    rate + burst. Faster or unlimited sites take the window's tokens in one call (which
     still honours suspensions and slow-downs): a round trip per message would cost them more
     throughput than the few-percent bunching is worth.
     """
@@ -251,11 +252,17 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
 
     def send(pair) -> Reply | Hold:
         row, site = pair
-        if _per_message(site):
+        if not _per_message(site):
+            return _send_one(transport, row, site)
+        refused: list[Hold] = []
+
+        def take_token() -> bool:  # called by the transport with a session open, right before MAIL
             granted, holds = _admit(shaper, site, 1)
-            if not granted:
-                return holds[0]
-        return _send_one(transport, row, site)
+            refused.extend(holds[:1] if not granted else ())
+            return bool(granted)
+
+        reply = _send_one(transport, row, site, take_token)
+        return refused[0] if refused else reply
 
     reacted: set[str] = set()
     for (row, site), reply in zip(admitted, _sending_pool().map(send, admitted)):
@@ -326,7 +333,7 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
     return []
 
 
-def _send_one(transport: Transport, row, site: Site | None = None) -> Reply:
+def _send_one(transport: Transport, row, site: Site | None = None, ready=None) -> Reply:
     try:
         data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
                           html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
@@ -335,7 +342,7 @@ def _send_one(transport: Transport, row, site: Site | None = None) -> Reply:
         return Reply(554, f"5.6.0 message could not be built: {exc}", "build")
     try:
         # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-        return transport.send(bare_address(row.sender), bare_address(row.recipient), data, site)
+        return transport.send(bare_address(row.sender), bare_address(row.recipient), data, site, ready)
     except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's other outcomes
         log.exception("transport.error", message_id=row.id)
         return Reply(None, f"transport error: {exc!r}", "data")

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,9 +24,12 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 class Transport(Protocol):
     """Hands one message to the next hop and reports the reply; never raises for delivery failures.
-    `site` (traffic shaping) selects the connection pool and its limits; None means no limits."""
+    `site` (traffic shaping) selects the connection pool and its limits; None means no limits.
+    `ready`, when given, is called once the message is about to go (a session is open): if it
+    returns False the message is not sent and the reply has stage HELD."""
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply: ...
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
+             ready: Callable[[], bool] | None = None) -> Reply: ...
 
     def close(self) -> None: ...
 
@@ -49,6 +53,9 @@ class ConnectionGate(Protocol):
 # The reply for a message that found its site at the connection limit in every process: it was
 # not attempted, and delivery puts it back to wait (see delivery.py).
 AT_CONNECTION_LIMIT = "throttled"
+# The reply stage of a message not sent because `ready()` said no (traffic shaping held it back).
+HELD = "held"
+_HELD = Reply(None, "held back before MAIL FROM", HELD)
 
 
 class _Connection:
@@ -204,7 +211,8 @@ class SmtpTransport:
         conn.smtp.close()
         self._forget(conn)
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
+             ready: Callable[[], bool] | None = None) -> Reply:
         if not (sender.isascii() and recipient.isascii()):
             # Non-ASCII addresses need SMTPUTF8 (RFC 6531 section 3.7.4.1), which we do not use.
             return Reply(553, "5.6.7 non-ASCII address requires SMTPUTF8, which SmartMail does not use")
@@ -221,6 +229,11 @@ class SmtpTransport:
             if conn is None:
                 return Reply(None, f"site {site.name} is at its limit of {site.max_connections} connections",
                              AT_CONNECTION_LIMIT)
+            if ready is not None:
+                if not ready():
+                    self._release(conn)
+                    return _HELD
+                ready = None  # once: a retry on a fresh connection is the same message
             stage = "mail"
             try:
                 code, response = conn.smtp.mail(sender)
@@ -356,7 +369,10 @@ class FileTransport:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
+             ready: Callable[[], bool] | None = None) -> Reply:
+        if ready is not None and not ready():
+            return _HELD
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}-{recipient.replace('/', '_')}.eml"
         with open(self.directory / name, "xb") as out:  # never overwrite another message
             out.write(data)
@@ -372,7 +388,10 @@ class ConsoleTransport:
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stdout
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
+             ready: Callable[[], bool] | None = None) -> Reply:
+        if ready is not None and not ready():
+            return _HELD
         self.stream.write(f"--- message from {sender} to {recipient}\n{data.decode('utf-8', 'replace')}\n")
         self.stream.flush()
         return Reply(250, "2.0.0 printed")
@@ -387,7 +406,10 @@ class MemoryTransport:
     def __init__(self) -> None:
         self.outbox: list[tuple[str, str, bytes]] = []
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None) -> Reply:
+    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
+             ready: Callable[[], bool] | None = None) -> Reply:
+        if ready is not None and not ready():
+            return _HELD
         self.outbox.append((sender, recipient, data))
         return Reply(250, "2.0.0 stored in memory")
 
