@@ -16,7 +16,7 @@ from smartmail import rendering, segments, template_store
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, NotFound, reader
-from smartmail.db import session_scope, upsert_insert, utcnow
+from smartmail.db import COPY_SPECIAL, session_scope, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import (
     Campaign,
@@ -336,7 +336,7 @@ def _insert_page(session, campaign: Campaign, page: list, now: datetime, domain:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
     rows = [_message_row(campaign, contact_id, email, zone, now, domain) for contact_id, email, zone in page]
     connection = session.connection()
-    if connection.dialect.name == "postgresql" and not _COPY_UNSAFE.search("".join(r["recipient"] for r in rows)):
+    if connection.dialect.name == "postgresql" and not COPY_SPECIAL.search("".join(r["recipient"] for r in rows)):
         return _insert_page_by_copy(connection, campaign, rows, now, domain)
     insert = (upsert_insert(connection.dialect.name)(Message.__table__)
               .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"])
@@ -347,7 +347,6 @@ def _insert_page(session, campaign: Campaign, page: list, now: datetime, domain:
 # On PostgreSQL a page goes through COPY into a staging table and one INSERT … SELECT: the generic
 # multi-row INSERT … RETURNING of 1,000 rows × 26 columns took more than half of a worker's CPU
 # while a campaign fanned out (psycopg parses every such statement's 26,000 placeholders).
-_COPY_UNSAFE = re.compile(r"[\\\t\n\r]")
 _PG_FAN_OUT_STAGING = """CREATE TEMP TABLE IF NOT EXISTS smartmail_fan_out (
     id text, state text, recipient text, contact_id bigint, due timestamp, enqueued_at timestamp) ON COMMIT DELETE ROWS"""
 _PG_FAN_OUT_INSERT = """INSERT INTO messages (id, state, sender, recipient, reply_to, subject, text, headers, tags,

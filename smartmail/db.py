@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -11,6 +12,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from smartmail.config import get_settings
+
+# Characters PostgreSQL's COPY text format needs escaped; rows built with f-strings check for them.
+COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 
 
 def utcnow() -> datetime:

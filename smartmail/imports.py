@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 from smartmail import contacts
 from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, check_attribute_name
-from smartmail.db import get_engine, session_scope, utcnow
+from smartmail.db import COPY_SPECIAL, get_engine, session_scope, utcnow
 from smartmail.ids import new_id
 from smartmail.models import ContactList, ImportJob, ImportRowError
 
@@ -460,7 +460,6 @@ def _to_json(attributes: dict[str, Any]) -> str:
         return _json_fallback(attributes)
 # COPY text format: backslash, tab, newline and carriage return are escaped; \N is NULL.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 _NULL, _BS, _BS2 = "\\N", "\\", "\\\\"
 
 
@@ -475,7 +474,7 @@ def _copy_text(rows: list[tuple[str, str, str | None, str | None, str]]) -> str:
     validated fields almost never need it: the text fields are checked in one search over the
     whole batch, and the JSON (ASCII, its control characters escaped by the encoder) only ever
     needs its backslashes doubled."""
-    if _COPY_SPECIAL.search("".join([f"{e}{t or ''}{lo or ''}" for e, _, t, lo, _ in rows])):
+    if COPY_SPECIAL.search("".join([f"{e}{t or ''}{lo or ''}" for e, _, t, lo, _ in rows])):
         return "".join(map(_copy_line, rows))
     return "".join([f"{e}\t{s}\t{t or _NULL}\t{lo or _NULL}\t{a.replace(_BS, _BS2)}\n" for e, s, t, lo, a in rows])
 

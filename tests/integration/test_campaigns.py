@@ -273,7 +273,7 @@ def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_in
     written = {}
     for name in ("copy", "insert"):
         if name == "insert":  # PostgreSQL fans out by COPY unless an address would need escaping
-            monkeypatch.setattr(campaigns, "_COPY_UNSAFE", re.compile(""))
+            monkeypatch.setattr(campaigns, "COPY_SPECIAL", re.compile(""))
         campaigns.create_campaign(name, template="newsletter", lists=["news"], window=closed, tags=["spring"],
                                   reply_to="Help <help@example.com>")
         with session_scope() as session:
