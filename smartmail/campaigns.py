@@ -19,6 +19,7 @@ from smartmail.contacts import InvalidInput, NotFound, reader
 from smartmail.db import COPY_SPECIAL, session_scope, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import (
+    OF_CAMPAIGNS,
     Campaign,
     CampaignState,
     Contact,
@@ -339,7 +340,7 @@ def _insert_page(session, campaign: Campaign, page: list, now: datetime, domain:
     if connection.dialect.name == "postgresql" and not COPY_SPECIAL.search("".join(r["recipient"] for r in rows)):
         return _insert_page_by_copy(connection, campaign, rows, now, domain)
     insert = (upsert_insert(connection.dialect.name)(Message.__table__)
-              .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"])
+              .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"], index_where=OF_CAMPAIGNS)
               .returning(Message.id, Message.state))
     return [tuple(r) for r in session.execute(insert, rows)]
 
@@ -355,7 +356,8 @@ _PG_FAN_OUT_INSERT = """INSERT INTO messages (id, state, sender, recipient, repl
 SELECT s.id, s.state, %(sender)s, s.recipient, %(reply_to)s, '', '', '{}'::json, %(tags)s::json,
     '<' || s.id || '@' || %(domain)s || '>', %(template)s, %(version)s, 0, %(now)s, s.enqueued_at, s.due, s.due,
     %(campaign)s, s.contact_id
-FROM smartmail_fan_out s ON CONFLICT (campaign_id, contact_id) DO NOTHING RETURNING id, state"""
+FROM smartmail_fan_out s ON CONFLICT (campaign_id, contact_id) WHERE campaign_id IS NOT NULL DO NOTHING
+RETURNING id, state"""
 
 
 def _insert_page_by_copy(connection, campaign: Campaign, rows: list[dict[str, Any]], now: datetime,

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 from redis.exceptions import RedisError
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from smartmail import campaign_delivery
@@ -33,11 +33,12 @@ _table = Message.__table__
 # a second worker can never send a message twice.
 # A claimable row: queued, or deferred and due (drains get such ids from the outbox's delayed set:
 # throttled messages, short retries), and not of a paused or cancelled campaign: that is what makes
-# pause and cancel take effect at once on every worker.
+# pause and cancel take effect at once on every worker. The state test is written so that it
+# implies no partial index's predicate (models.py): the rows are found by primary key, always.
 _claimable = (
     _table.c.id.in_(bindparam("ids", expanding=True)),
-    or_(_table.c.state == MessageState.QUEUED.value,
-        and_(_table.c.state == MessageState.DEFERRED.value, _table.c.next_attempt_at <= bindparam("now"))),
+    _table.c.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value]),
+    or_(_table.c.state == MessageState.QUEUED.value, _table.c.next_attempt_at <= bindparam("now")),
     or_(_table.c.campaign_id.is_(None),
         _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))),
 )

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from smartmail.config import get_settings
 from smartmail.db import session_scope, utcnow
-from smartmail.models import Message, MessageState
+from smartmail.models import QUEUED, SENDING, WAITING, Message, MessageState
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, dispatch, get_outbox
 
 log = structlog.get_logger("smartmail.maintenance")
@@ -57,8 +57,7 @@ def enqueue_due(now: datetime | None = None) -> int:
     """Deferred and scheduled messages whose next_attempt_at has passed: back to queued, published."""
     now = now or utcnow()
     restart_drains()
-    due = (Message.state.in_([MessageState.DEFERRED.value, MessageState.SCHEDULED.value]),
-           Message.next_attempt_at <= now)
+    due = (WAITING, Message.next_attempt_at <= now)
     total = 0
     while moved := _requeue(due, now):
         _dispatch_by_stream(moved)
@@ -84,7 +83,7 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     now = now or utcnow()
     report = ReconcileReport()
     restart_drains()  # first restart drains for ids that dead drains left in the outboxes
-    stale_queued = (Message.state == MessageState.QUEUED.value,
+    stale_queued = (QUEUED,
                     Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
     # While drains are working through a backlog, old `queued` rows are most likely still in it:
     # pushing them again would only double the backlog. Lost ids are pushed once it is drained.
@@ -97,7 +96,7 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     with session_scope() as session:
         result = session.execute(
             update(Message)
-            .where(Message.state == MessageState.SENDING.value,
+            .where(SENDING,
                    Message.claimed_at < now - timedelta(seconds=settings.sending_timeout))
             .values(state=MessageState.UNKNOWN.value, finished_at=now,
                     reason="worker lost during the SMTP transaction; not re-sent automatically"),

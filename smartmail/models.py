@@ -4,7 +4,18 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    literal_column,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from smartmail.db import utcnow
@@ -46,14 +57,6 @@ class Template(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (
-        Index("ix_messages_state_next_attempt_at", "state", "next_attempt_at"),
-        Index("ix_messages_state_enqueued_at", "state", "enqueued_at"),
-        Index("ix_messages_state_claimed_at", "state", "claimed_at"),
-        Index("uq_messages_campaign_id_contact_id", "campaign_id", "contact_id", unique=True),
-        Index("ix_messages_campaign_id_state", "campaign_id", "state"),
-    )
-
     id: Mapped[str] = mapped_column(String(26), primary_key=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
     state: Mapped[str] = mapped_column(String(16))
@@ -82,6 +85,32 @@ class Message(Base):
     # nothing); their content is rendered when sent, from the campaign's frozen template.
     campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     contact_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), nullable=True)
+
+
+def in_state(*states: MessageState):
+    """`messages.state` in the given states, the values written into the SQL: a partial index below
+    serves a query only when the database can see that the query's states imply the index's,
+    which a bound parameter hides from a prepared statement's generic plan (and from SQLite)."""
+    values = [literal_column(f"'{state.value}'") for state in states]
+    return Message.state == values[0] if len(values) == 1 else Message.state.in_(values)
+
+
+# A change of state cannot be a HOT update, so every index on messages gets a new entry for each
+# state a row goes through. The indexes that find rows by state are therefore partial: a row is
+# in one only while it is in the state that index serves, and finished rows (most of the table)
+# are in none. They also keep the claim, which looks rows up by id, off them: a planner that still
+# believes no row is queued would otherwise scan every queued entry on each claim (seen in
+# auto_explain: 10 ms per claim of 50 ids with 30,000 queued, with the old (state, …) indexes).
+WAITING = in_state(MessageState.DEFERRED, MessageState.SCHEDULED)
+Index("ix_messages_waiting_next_attempt_at", Message.next_attempt_at, postgresql_where=WAITING, sqlite_where=WAITING)
+QUEUED = in_state(MessageState.QUEUED)
+Index("ix_messages_queued_enqueued_at", Message.enqueued_at, postgresql_where=QUEUED, sqlite_where=QUEUED)
+SENDING = in_state(MessageState.SENDING)
+Index("ix_messages_sending_claimed_at", Message.claimed_at, postgresql_where=SENDING, sqlite_where=SENDING)
+# One message per campaign and contact (a relaunch adds nothing); it also finds a campaign's rows.
+OF_CAMPAIGNS = Message.campaign_id.isnot(None)
+Index("uq_messages_campaign_id_contact_id", Message.campaign_id, Message.contact_id, unique=True,
+      postgresql_where=OF_CAMPAIGNS, sqlite_where=OF_CAMPAIGNS)
 
 
 class Suppression(Base):

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 
 from smartmail.config.policy import Site, get_policy
 from smartmail.db import get_engine
-from smartmail.models import Message, MessageState
+from smartmail.models import Message, MessageState, in_state
 from smartmail.workers.limiter import SiteState, get_throttle
 from smartmail.workers.shaping import get_shaper
 
@@ -36,7 +36,7 @@ def _deferred_by_domain() -> Counter:
         domain = func.split_part(recipient, "@", 2)
     else:
         domain = func.substr(recipient, func.instr(recipient, "@") + 1)
-    query = (select(func.lower(domain), func.count()).where(Message.state == MessageState.DEFERRED.value)
+    query = (select(func.lower(domain), func.count()).where(in_state(MessageState.DEFERRED))
              .group_by(func.lower(domain)))
     with engine.connect() as connection:
         return Counter(dict(connection.execute(query).all()))

@@ -160,7 +160,9 @@ def test_cancel_mid_send_sends_nothing_more(relay, start_worker):
     counts = campaigns.campaign_status("oops").counts
     # Every message was sent (and received) or cancelled; only windows in flight at the cancel finished.
     assert set(counts) == {"sent", "cancelled"} and counts["sent"] == settled
-    assert counts["cancelled"] == cancelled and campaigns.campaign_status("oops").state == "cancelled"
+    # cancel_campaign counts the rows it moved; a window in flight may cancel a few more when it
+    # records them (messages its rate cap held back: delivery._cancel_deferred_of_cancelled).
+    assert counts["cancelled"] >= cancelled and campaigns.campaign_status("oops").state == "cancelled"
 
 
 def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(relay):

@@ -1,0 +1,75 @@
+"""The statements on messages that run per window or per beat tick use the index meant for them, whatever the statistics say."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import event, select, update
+
+from smartmail import maintenance
+from smartmail.db import get_engine, utcnow
+from smartmail.delivery import _claim, _claim_pg
+from smartmail.models import Message
+
+
+def _queue(count: int, state: str = "queued") -> list[str]:
+    now = utcnow()
+    rows = [{"id": f"plan{i:022d}", "state": state, "sender": "a@example.com", "recipient": f"u{i}@example.com",
+             "subject": "s", "text": "t", "headers": {}, "tags": [], "message_id_header": f"<{i}@example.com>",
+             "attempts": 0, "created_at": now, "enqueued_at": now, "next_attempt_at": now - timedelta(seconds=1)}
+            for i in range(count)]
+    with get_engine().begin() as connection:
+        connection.execute(Message.__table__.insert(), rows)
+    return [r["id"] for r in rows]
+
+
+def _plan(connection, run) -> str:
+    """The plan of the first statement `run` executes on `connection` (inside a transaction rolled back)."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        seen.append((statement, parameters))
+
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        run(connection)
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    statement, parameters = seen[0]
+    explain = "EXPLAIN " if connection.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+    return "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + statement, parameters))
+
+
+def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_nothing_is_queued(env):
+    engine = get_engine()
+    with engine.begin() as connection:  # statistics of a table with nothing waiting in it
+        connection.exec_driver_sql("ANALYZE messages")
+    ids = _queue(3000)  # then a backlog the statistics know nothing of
+
+    with engine.connect() as connection:
+        claim = _claim_pg if connection.dialect.name == "postgresql" else _claim
+        with connection.begin():
+            plan = _plan(connection, lambda c: c.execute(claim, {"ids": ids[:50], "now": utcnow()}).all())
+            connection.rollback()
+
+    # The state indexes would have the claim read every queued entry to find its 50 rows.
+    assert "ix_messages" not in plan, plan
+    assert ("messages_pkey" in plan) if engine.dialect.name == "postgresql" else ("autoindex_messages" in plan), plan
+
+
+def test_beat_finds_due_stale_and_stuck_rows_through_the_partial_indexes(env):
+    _queue(200, "deferred")
+    now = utcnow()
+    queries = {
+        "ix_messages_waiting_next_attempt_at": select(Message.id).where(maintenance.WAITING,
+                                                                         Message.next_attempt_at <= now),
+        "ix_messages_queued_enqueued_at": select(Message.id).where(maintenance.QUEUED, Message.enqueued_at < now),
+        "ix_messages_sending_claimed_at": update(Message).where(maintenance.SENDING, Message.claimed_at < now)
+                                          .values(state="unknown"),
+    }
+    with get_engine().connect() as connection, connection.begin():
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a small table: ask what can serve
+        for index, query in queries.items():
+            plan = _plan(connection, lambda c: c.execute(query))
+            assert index in plan, plan
+        connection.rollback()
