@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import smtplib
 import socket
 import ssl
 import threading
@@ -54,7 +55,8 @@ class RecordingHandler:
     make the server close the connection right after sending that reply.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pipelining: bool = False) -> None:
+        self.pipelining = pipelining  # offer PIPELINING (aiosmtpd reads pipelined commands in order)
         self.connections = 0
         self.ehlo_names: list[str] = []
         self.received: list[Received] = []
@@ -87,6 +89,8 @@ class RecordingHandler:
             server.test_conn = self.connections
             self.protocols.append(server)
             self.ehlo_names.append(hostname)
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -169,9 +173,10 @@ class Server:
         return SmtpUrl("127.0.0.1", self.port, tls, username, password)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def handler() -> RecordingHandler:
-    return RecordingHandler()
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def handler(request) -> RecordingHandler:
+    """Every transport test runs against a relay without and with PIPELINING (RFC 2920)."""
+    return RecordingHandler(pipelining=request.param)
 
 
 @pytest.fixture
@@ -212,6 +217,29 @@ def test_delivers_the_message_as_given(transport, handler):
     assert got.mail_from == SENDER
     assert got.rcpt_tos == ["alice@example.net"]
     assert got.content == message(1, "alice@example.net")  # dot-stuffing undone, CRLF kept
+
+
+def test_mail_rcpt_and_data_go_in_one_write_when_the_relay_offers_pipelining(transport, handler, monkeypatch):
+    writes: list[bytes] = []
+    real_send = smtplib.SMTP.send
+    monkeypatch.setattr(smtplib.SMTP, "send", lambda self, data: writes.append(data) or real_send(self, data))
+    transport.send(SENDER, "warm-up@example.net", message())  # the session: EHLO
+    writes.clear()
+
+    assert transport.send(SENDER, "rcpt@example.net", message()).code == 250
+    assert transport.send(SENDER, "rcpt2@example.net", message()).code == 250
+
+    if handler.pipelining:
+        assert len(writes) == 4  # per message: the three commands, then the body
+        assert writes[0] == f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n".encode()
+    else:
+        assert len(writes) == 8
+    assert [r.rcpt_tos for r in handler.received[1:]] == [["rcpt@example.net"], ["rcpt2@example.net"]]
+
+
+def test_a_line_break_in_an_envelope_address_is_refused_before_anything_is_sent(transport, handler):
+    got = transport.send(SENDER, "rcpt@example.net\r\nRCPT TO:<other@example.net>", message())
+    assert (got.code, handler.connections, handler.received) == (553, 0, [])
 
 
 def test_reuses_one_connection_for_many_messages(transport, handler):
