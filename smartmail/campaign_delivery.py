@@ -4,7 +4,6 @@ from __future__ import annotations
 import html as html_lib
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any
 
 import structlog
@@ -22,9 +21,11 @@ from smartmail.workers.limiter import get_throttle
 
 log = structlog.get_logger("smartmail.campaigns")
 
-_contacts = select(Contact.id, Contact.email, Contact.status, Contact.attributes, Contact.timezone).where(
-    Contact.id.in_(bindparam("ids", expanding=True)))
-_suppressed = select(Suppression.email, Suppression.reason).where(Suppression.email.in_(bindparam("emails", expanding=True)))
+# The window's contacts, each with its address's suppression reason (None when not suppressed).
+_contacts = (select(Contact.id, Contact.email, Contact.status, Contact.attributes, Contact.timezone,
+                    Suppression.reason.label("suppressed"))
+             .outerjoin(Suppression, Suppression.email == Contact.email)
+             .where(Contact.id.in_(bindparam("ids", expanding=True))))
 _campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, Campaign.text, Campaign.rate_cap,
                    Campaign.window_start, Campaign.window_end, Campaign.window_timezone).where(Campaign.id == bindparam("id"))
 
@@ -59,7 +60,6 @@ def prepare(rows: list, now: datetime) -> Prepared:
         return prepared
     with reader() as connection:
         contacts = {c.id: c for c in connection.execute(_contacts, {"ids": [r.contact_id for r in mine]})}
-        suppressed = dict(connection.execute(_suppressed, {"emails": [c.email for c in contacts.values()]}).all())
         campaigns = {r.campaign_id: _campaign_row(connection, r.campaign_id) for r in mine}
     sendable = []
     for row in mine:
@@ -69,8 +69,8 @@ def prepare(rows: list, now: datetime) -> Prepared:
             prepared.suppressed.append((row, "contact erased"))
         elif contact.status != ContactStatus.SUBSCRIBED.value:
             prepared.suppressed.append((row, f"contact {contact.status}"))
-        elif contact.email in suppressed:
-            prepared.suppressed.append((row, f"recipient suppressed: {suppressed[contact.email]}"))
+        elif contact.suppressed is not None:
+            prepared.suppressed.append((row, f"recipient suppressed: {contact.suppressed}"))
         elif campaign.window_start and (opens := window_opens(now, contact.timezone or campaign.window_timezone,
                                                              campaign.window_start, campaign.window_end)):
             prepared.held.append((row, (opens - now).total_seconds(), "outside the campaign's send window"))
@@ -107,7 +107,19 @@ def _rate_capped(sendable: list, prepared: Prepared):
                           for i, item in enumerate(items[granted:])]
 
 
-def _render(row, contact, campaign) -> SimpleNamespace:
+class Rendered:
+    """A claimed row with its content rendered: the rendered fields, and the row's for the rest."""
+
+    __slots__ = ("row", "subject", "html", "text", "headers")
+
+    def __init__(self, row, subject: str, html: str | None, text: str, headers: dict[str, str]) -> None:
+        self.row, self.subject, self.html, self.text, self.headers = row, subject, html, text, headers
+
+    def __getattr__(self, name: str):  # only for names not in __slots__
+        return getattr(self.row, name)
+
+
+def _render(row, contact, campaign) -> Rendered:
     token = make_token(contact.id, campaign.id)
     url = unsubscribe_url(token)
     context = {**(contact.attributes or {}), "email": contact.email, "unsubscribe_url": url,
@@ -123,5 +135,4 @@ def _render(row, contact, campaign) -> SimpleNamespace:
         text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
     headers = {**list_unsubscribe_headers(contact.id, campaign.id, token=token),
                "X-SmartMail-Campaign": str(campaign.id), "X-SmartMail-Contact": str(contact.id)}
-    return SimpleNamespace(**{**row._asdict(), "subject": rendered.subject, "html": html, "text": text,
-                              "headers": headers})
+    return Rendered(row, rendered.subject, html, text, headers)

@@ -272,7 +272,7 @@ class SmtpTransport:
 
     def _send_body(self, smtp: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
         # Dot-stuffing per RFC 5321 section 4.5.2; the body is CRLF-terminated already (mime.py).
-        body = _LEADING_DOT.sub(b"..", data)
+        body = _LEADING_DOT.sub(b"..", data) if data.startswith(b".") or b"\n." in data else data
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         smtp.send(body + b".\r\n")
