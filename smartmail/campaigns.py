@@ -16,7 +16,7 @@ from smartmail import rendering, segments, template_store
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, NotFound, reader
-from smartmail.db import COPY_SPECIAL, session_scope, upsert_insert, utcnow
+from smartmail.db import COPY_SPECIAL, refresh_statistics, session_scope, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import (
     OF_CAMPAIGNS,
@@ -35,6 +35,7 @@ from smartmail.workers.dispatch import BULK, dispatch
 log = structlog.get_logger("smartmail.campaigns")
 
 PAGE = 1000  # contacts per fan-out page: one audience query, one INSERT, one checkpoint
+_AUDIENCE_TABLES = ["contacts", "list_memberships", "suppressions", "events"]  # what audience queries read
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 _OPEN = (MessageState.QUEUED.value, MessageState.SENDING.value, MessageState.DEFERRED.value,
          MessageState.SCHEDULED.value)
@@ -303,6 +304,9 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
     if not _owns(campaign_id, owner):
         return 0
     _redispatch_waiting(campaign_id)
+    with session_scope() as session:
+        if analyzed := refresh_statistics(session.connection(), _AUDIENCE_TABLES):
+            log.info("campaign.statistics_refreshed", tables=analyzed)
     created = 0
     while True:
         with session_scope() as session:

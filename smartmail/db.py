@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -90,3 +90,28 @@ def reset_after_fork() -> None:
 def upsert_insert(dialect_name: str):
     """The dialect's INSERT, which has `on_conflict_do_nothing` on both SQLite and PostgreSQL."""
     return postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+
+
+# A table is analyzed first when it was never analyzed, has grown by more than a tenth since
+# (its pages, which do not wait for the statistics collector), or had more than a tenth of its
+# rows changed (counters that backends report a few seconds late).
+_STALE = text("""SELECT c.relname FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.relname = ANY(:tables) AND (c.reltuples < 0
+    OR pg_relation_size(c.oid) / current_setting('block_size')::int > 1.1 * greatest(c.relpages, 10)
+    OR s.n_mod_since_analyze > 0.1 * greatest(s.n_live_tup, 1000))""")
+
+
+def refresh_statistics(connection, tables: list[str]) -> list[str]:
+    """ANALYZE those of `tables` (PostgreSQL) that changed much since their last analyze; which.
+
+    Autovacuum analyzes a table some time after it changes; a campaign launched right after a
+    large import would be planned on the statistics of the table before it: the audience page
+    query then walked the whole list for each page of 1,000 (400 ms a page, measured with 100,000
+    contacts) instead of 1,000 rows in id order.
+    """
+    if connection.dialect.name != "postgresql":
+        return []
+    stale = list(connection.execute(_STALE, {"tables": tables}).scalars())
+    for table in stale:
+        connection.exec_driver_sql(f'ANALYZE "{table}"')
+    return stale

@@ -70,14 +70,15 @@ _record = (
             attempts=_table.c.attempts - bindparam("b_unattempted"))
 )
 # On PostgreSQL the outcomes go in one UPDATE over unnest()ed arrays: one constant statement a
-# window instead of one UPDATE per message. Measured on 50-row windows: 0.85 ms of client and
+# window instead of one UPDATE per message (the `= ANY` keeps the plan on the primary key
+# whatever the statistics say). Measured on 50-row windows: 0.85 ms of client and
 # 0.9 ms of server CPU, against 1.55 and 1.8 ms for the pipelined executemany above.
 _RECORD_PG = """UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
     smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
 FROM unnest(%(id)s::text[], %(state)s::text[], %(next)s::timestamp[], %(finished)s::timestamp[],
             %(code)s::int[], %(reply)s::text[], %(reason)s::text[], %(unattempted)s::int[])
      AS v(id, state, next, finished, code, reply, reason, unattempted)
-WHERE m.id = v.id AND m.state IN ('sending', 'unknown')"""
+WHERE m.id = ANY(%(id)s::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')"""
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
 # rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
 # never send again. Run in the recording transaction, after the cancel or before it: in the second

@@ -6,9 +6,9 @@ from datetime import timedelta
 from sqlalchemy import event, select, update
 
 from smartmail import maintenance
-from smartmail.db import get_engine, utcnow
+from smartmail.db import get_engine, refresh_statistics, utcnow
 from smartmail.delivery import _claim, _claim_pg
-from smartmail.models import Message
+from smartmail.models import Contact, Message
 
 
 def _queue(count: int, state: str = "queued") -> list[str]:
@@ -73,3 +73,23 @@ def test_beat_finds_due_stale_and_stuck_rows_through_the_partial_indexes(env):
             plan = _plan(connection, lambda c: c.execute(query))
             assert index in plan, plan
         connection.rollback()
+
+
+def test_tables_changed_much_since_their_last_analyze_are_analyzed_before_a_fan_out(env):
+    engine = get_engine()
+    tables = ["contacts", "list_memberships", "suppressions", "events"]
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ANALYZE")  # everything fresh: nothing to do
+        assert refresh_statistics(connection, tables) == []
+        now = utcnow()
+        connection.execute(Contact.__table__.insert(), [
+            {"email": f"u{i}@example.com", "status": "subscribed", "attributes": {}, "created_at": now,
+             "updated_at": now} for i in range(3000)])
+    with engine.begin() as connection:
+        analyzed = refresh_statistics(connection, tables)
+        again = refresh_statistics(connection, tables)
+
+    if engine.dialect.name == "postgresql":  # SQLite has no autovacuum to wait for, and no statistics by default
+        assert (analyzed, again) == (["contacts"], [])
+    else:
+        assert (analyzed, again) == ([], [])
