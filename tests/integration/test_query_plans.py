@@ -79,6 +79,8 @@ def test_tables_changed_much_since_their_last_analyze_are_analyzed_before_a_fan_
     engine = get_engine()
     tables = ["contacts", "list_memberships", "suppressions", "events"]
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":  # an empty table file: earlier tests' rows left free pages
+            connection.exec_driver_sql("TRUNCATE contacts CASCADE")
         connection.exec_driver_sql("ANALYZE")  # everything fresh: nothing to do
         assert refresh_statistics(connection, tables) == []
         now = utcnow()
