@@ -54,13 +54,6 @@ def make_engine(url: str) -> Engine:
         return engine
     # No pool_pre_ping: it costs a round trip per transaction on the hot path. A connection the
     # server dropped fails one transaction (SQLAlchemy then invalidates the pool); tasks retry.
-    # psycopg prepares a statement run five times; PostgreSQL may then keep one generic plan for
-    # it, made when the table was small (seen: the claim kept a sequential scan of messages while
-    # the table grew to 10,000 rows, 3 ms a claim). Custom plans follow the table's size and the
-    # values at hand (state columns are very skewed), and still skip parsing.
-    if url.startswith("postgresql"):
-        return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800,
-                             connect_args={"options": "-c plan_cache_mode=force_custom_plan"})
     return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800)
 
 

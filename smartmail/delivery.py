@@ -89,6 +89,12 @@ _cancel_deferred_of_cancelled = (
            _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
     .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
 )
+# psycopg prepares a statement run five times, and PostgreSQL may then keep one generic plan for
+# it, made while the table was small: the claim kept a sequential scan of messages as the table
+# grew to 10,000 rows (auto_explain: 3 ms a claim, 3.4 ms of PostgreSQL CPU per message). The
+# claim and the outcomes are planned for the table as it is now; planning every statement of
+# every connection instead cost send_many's INSERT 0.09 ms of PostgreSQL CPU a message.
+_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 # Sites up to this rate (messages/s) take a token per message; see _shaped_window.
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
 # Waits up to this long are timed in Redis (dispatch_later) rather than left to beat's next round.
@@ -337,6 +343,8 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
     for attempt in range(attempts):
         try:
             with engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql(_CUSTOM_PLANS)
                 _record_results(connection, pending, now)
                 claim = _claim_pg if connection.dialect.name == "postgresql" else _claim
                 return connection.execute(claim, {"ids": list(ids), "now": now}).all() if ids else []
