@@ -46,7 +46,8 @@ _claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.r
                     _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header, _table.c.attempts,
                     _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
 _claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
-_claim = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable).values(**_claim_values).returning(*_claimed_columns)
+_claim = (update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
+          .values(**_claim_values).returning(*_claimed_columns))
 # On PostgreSQL, rows another worker is claiming right now are skipped rather than waited for
 # (FOR UPDATE SKIP LOCKED): that worker will send them. SQLite has one writer at a time anyway.
 # The ids go as one array (= ANY): a constant statement that psycopg prepares once, where an IN
@@ -56,7 +57,7 @@ _claim_pg = (update(_table)
                                     .where(_table.c.id == any_(bindparam("ids", type_=ARRAY(String))), *_claimable)
                                     .with_for_update(skip_locked=True).scalar_subquery()))
              .values(**_claim_values).returning(*_claimed_columns))
-# One statement, executed many times in one round trip (executemany), for every outcome of a window.
+# SQLite: one statement, executed many times (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
     update(_table)
