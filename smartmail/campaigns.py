@@ -219,7 +219,7 @@ def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
                  for part, filename in template_store.FILE_PARTS.items()}
     campaign.subject, campaign.html, campaign.text = parts["subject"], parts["html"], parts["text"]
     if campaign.text is None and campaign.html:
-        campaign.text = _text_from_html_source(campaign.html)
+        campaign.text = rendering.text_source_from_html(campaign.html)
     campaign.template_version = ref.version
     campaign.state = CampaignState.SENDING.value
     campaign.launched_at = now or utcnow()
@@ -237,18 +237,6 @@ def _hand_fan_out(campaign: Campaign, now: datetime) -> str:
 
 def _lease_end(now: datetime | None = None) -> datetime:
     return (now or utcnow()) + timedelta(seconds=get_settings().fan_out_lease)
-
-
-def _text_from_html_source(html: str) -> str | None:
-    """A text template derived once from the HTML template's source, so that each message does
-    not convert its own rendered HTML (inscriptis, ~1 ms a message). Jinja tags sit in text nodes
-    and survive; the derived template must compile, else each message is converted as usual."""
-    derived = rendering.html_to_text(html)
-    try:
-        rendering.check_template_source("", "", derived)
-    except rendering.TemplateError:
-        return None
-    return derived
 
 
 def _publish_fan_out(campaign_id: int, owner: str | None) -> None:

@@ -14,7 +14,7 @@ from smartmail import migrate, rendering, template_store
 from smartmail.addresses import AddressError
 from smartmail.config.settings import get_settings
 from smartmail.models import Template
-from smartmail.rendering import Rendered, TemplateError, render
+from smartmail.rendering import Rendered, TemplateError, html_to_text, render, text_source_from_html
 from smartmail.template_store import TemplateNotFound, TemplateRef
 
 
@@ -281,10 +281,12 @@ def test_compiled_db_template_is_cached(session, save, templates_dir, monkeypatc
     third = render(session, context={"n": 3}, template="cached@1", templates_dir=templates_dir)
     assert calls == []
     assert (first.subject, second.subject, third.subject) == ("Hi 1", "Hi 2", "Hi 3")
-    # A new version is a new template: its source is loaded once.
+    # A new version is a new template: its parts are loaded once (the HTML once more, to derive
+    # the text part it lacks), however many messages it renders.
     save("cached", subject="v2 {{ n }}", html="<p>v2</p>")
-    assert render(session, context={"n": 4}, template="cached", templates_dir=templates_dir).subject == "v2 4"
-    assert sorted(calls) == [("cached", 2, "html"), ("cached", 2, "subject")]
+    for n in (4, 5):
+        assert render(session, context={"n": n}, template="cached", templates_dir=templates_dir).subject == f"v2 {n}"
+    assert sorted(calls) == [("cached", 2, "html"), ("cached", 2, "html"), ("cached", 2, "subject")]
 
 
 def test_rendering_a_db_template_inside_a_make_engine_session(db_url, save, templates_dir, monkeypatch):
@@ -489,3 +491,20 @@ def test_templates_cannot_include_arbitrary_files(session, tmp_path):
     except (TemplateError, jinja2.TemplateNotFound):
         return
     assert "TOP-SECRET" not in result.html
+
+
+def test_a_text_part_derived_from_the_html_source_matches_converting_each_message(session, templates_dir):
+    html = ("<h1>Hello {{ name }},</h1>\n<p>Your code is <b>{{ code }}</b>.</p>\n"
+            "{% if plan is defined %}<p>Plan: {{ plan }}</p>{% endif %}")
+    write_file_template(templates_dir, "derived", subject="Code", html=html)
+    for context in ({"name": "Ann", "code": "X1"}, {"name": "Bob & <Co>", "code": "42", "plan": "pro"}):
+        result = render(session, context=context, template="derived", templates_dir=templates_dir)
+        assert result.text == html_to_text(result.html)
+        inline = render(None, context=context, subject="Code", html=html)
+        assert inline.text == result.text
+
+
+def test_html_whose_jinja_tags_hold_markup_is_converted_per_message(session, templates_dir):
+    html = "<p>{{ note | default('<b>none</b>') }}</p>"
+    assert text_source_from_html(html) is None
+    assert render(None, context={}, subject="s", html=html).text == "<b>none</b>\n"
