@@ -63,9 +63,21 @@ end
 
 # Add ids to the delayed set (ARGV[4..]: score, id, score, id, ...). Starting a drain here, not
 # only in _POP, matters: the drain that deferred them may have let its follow-up finish already.
+# An id due before the timer drain wakes (its key lives wait + lease ms) ends that timer: else
+# it would wait up to MAX_TIMER_MS for no reason (seen in CI: a message held 0.5 s for a
+# connection slot delivered 17 s late); a drain started here, or an active one, times it anew.
 _ENQUEUE_LATER = _NOW + """
+local earliest = nil
+for i = 4, #ARGV, 2 do
+  local due = tonumber(ARGV[i])
+  if earliest == nil or due < earliest then earliest = due end
+end
 for i = 4, #ARGV, 4000 do
   redis.call('ZADD', KEYS[4], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+local ttl = redis.call('PTTL', KEYS[5])
+if earliest and ttl > 0 and earliest < now + ttl - tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[5])
 end
 """ + _MOVE_DUE + _START_DRAINS
 

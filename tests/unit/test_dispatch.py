@@ -1,6 +1,8 @@
 """The outbox's Lua scripts (fakeredis with Lua): batching, drain leases, no lost wake-ups, lease expiry."""
 from __future__ import annotations
 
+import time
+
 import fakeredis
 import pytest
 
@@ -56,3 +58,14 @@ def test_empty_push_restarts_a_drain_for_a_stranded_backlog(outbox, monkeypatch)
     monkeypatch.setattr(dispatch, "LEASE_MS", -1)
     outbox.push(["a", "b"])  # its drain dies: the lease expires, the ids stay
     assert outbox.push([]) == ["2"]
+
+
+def test_an_id_due_before_the_timer_wakes_gets_a_timer_of_its_own(outbox):
+    now = time.time()
+    first = outbox.push_later([("late", now + 20)])
+    assert len(first) == 1
+    assert outbox.pop(first[0]) == pytest.approx(20, abs=1)  # that drain now times the late id
+    second = outbox.push_later([("soon", now + 0.2)])
+    assert len(second) == 1  # the timer would sleep 20 s past it: a new drain times it
+    assert outbox.pop(second[0]) < 1
+    assert outbox.push_later([("later", now + 25)]) == []  # a later id leaves the timer alone
