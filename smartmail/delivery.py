@@ -344,10 +344,11 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
     for attempt in range(attempts):
         try:
             with engine.begin() as connection:
-                if connection.dialect.name == "postgresql":
+                postgresql = connection.dialect.name == "postgresql"
+                if postgresql:
                     connection.exec_driver_sql(_CUSTOM_PLANS)
                 _record_results(connection, pending, now)
-                claim = _claim_pg if connection.dialect.name == "postgresql" else _claim
+                claim = _claim_pg if postgresql else _claim
                 return connection.execute(claim, {"ids": list(ids), "now": now}).all() if ids else []
         except OperationalError:
             if attempt == attempts - 1:

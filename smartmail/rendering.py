@@ -1,6 +1,7 @@
 """Rendering: a sandboxed Jinja2 environment that turns a template plus context into subject, HTML and text."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import re
@@ -140,22 +141,27 @@ def _inline(source: str, part: str) -> jinja2.Template:
     return env.template_class.from_code(env, code, env.globals, None)
 
 
-def _get(name: str, session=None) -> jinja2.Template:
+@contextlib.contextmanager
+def _loading_with(session):
+    """The loader reads database templates with the caller's session meanwhile."""
     current = _session.set(session)
     try:
-        return _environment().get_template(name)
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(exc.message or str(exc), template=_display(name), line=exc.lineno) from None
+        yield _environment()
     finally:
         _session.reset(current)
+
+
+def _get(name: str, session=None) -> jinja2.Template:
+    with _loading_with(session) as env:
+        try:
+            return env.get_template(name)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(exc.message or str(exc), template=_display(name), line=exc.lineno) from None
 
 
 def _source(name: str, session=None) -> str:
-    current = _session.set(session)
-    try:
-        return _environment().loader.get_source(_environment(), name)[0]
-    finally:
-        _session.reset(current)
+    with _loading_with(session) as env:
+        return env.loader.get_source(env, name)[0]
 
 
 def _display(jinja_name: str) -> str:
