@@ -1,9 +1,10 @@
 """Delivery: claim queued messages, hand them to the transport, and record each outcome with bulk UPDATEs."""
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -185,9 +186,10 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
         ])
 
 
-def deliver(message_ids: Sequence[str], transport: Transport | None = None,
-            shaper: Shaper | None = None, stream: str = TRANSACTIONAL) -> DeliveryReport:
-    """Send the given messages that are still queued (or deferred and due).
+def deliver(message_ids: Sequence[str], transport: Transport | None = None, shaper: Shaper | None = None,
+            stream: str = TRANSACTIONAL, more: Iterable[Sequence[str]] = ()) -> DeliveryReport:
+    """Send the given messages that are still queued (or deferred and due), then the batches of
+    `more` (a drain's later pops from the outbox).
 
     Works in windows of SMARTMAIL_CLAIM_WINDOW messages: one transaction records the outcomes of
     the previous window and claims the next, so a worker killed mid-window leaves at most one
@@ -204,35 +206,42 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None,
     window = settings.claim_window if stream == TRANSACTIONAL else settings.bulk_claim_window
     engine = get_engine()
     pending: list[_Result] = []
-    for start in range(0, len(message_ids) + window, window):
-        ids = message_ids[start:start + window]
-        now = utcnow()
-        try:
-            claimed = _record_and_claim(engine, pending, ids, now)
-        except OperationalError:
-            # Give back the ids not yet claimed; the outcomes in `pending` are lost and those rows
-            # end `unknown` via the reconciler, which is why _record_and_claim retried first.
-            dispatch(list(message_ids[start:]), stream)
-            raise
-        _after_recording(pending, report, stream)
-        if not ids:
-            break
-        report.claimed += len(claimed)
-        skipped: list[_Result] = []
-        if any(row.campaign_id is not None for row in claimed):
-            claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
-        if shaper is None:
-            replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
-            pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
-        else:
-            pending = _shaped_window(claimed, transport, shaper, now)
-        pending += skipped
+    for batch in itertools.chain([message_ids], more):
+        for start in range(0, len(batch), window):
+            now = utcnow()
+            claimed = _record_then_claim(engine, pending, batch[start:start + window], batch[start:], report, stream)
+            skipped: list[_Result] = []
+            if any(row.campaign_id is not None for row in claimed):
+                claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
+            if shaper is None:
+                replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
+                pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
+            else:
+                pending = _shaped_window(claimed, transport, shaper, now)
+            pending += skipped
+    _record_then_claim(engine, pending, [], [], report, stream)
     if shaper is not None and report.site_counts:
         try:  # once per call, not per window: the counters are for metrics, a round trip each adds up
             shaper.throttle.count(report.site_counts)
         except RedisError as exc:
             log.warning("shaping.counters_lost", error=str(exc))
     return report
+
+
+def _record_then_claim(engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str],
+                       report: DeliveryReport, stream: str) -> list:
+    """Record the previous window's outcomes and claim `ids`; on a database failure, give back
+    `unclaimed` (the ids of this batch not yet claimed) to the outbox."""
+    try:
+        claimed = _record_and_claim(engine, pending, ids, utcnow())
+    except OperationalError:
+        # The outcomes in `pending` are lost and those rows end `unknown` via the reconciler,
+        # which is why _record_and_claim retried first.
+        dispatch(list(unclaimed), stream)
+        raise
+    _after_recording(pending, report, stream)
+    report.claimed += len(claimed)
+    return claimed
 
 
 def _prepare_campaign_rows(claimed, schedule: RetrySchedule, now: datetime) -> tuple[list, list[_Result]]:

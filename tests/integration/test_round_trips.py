@@ -1,4 +1,5 @@
-"""send_many does bulk I/O: a constant number of SQL statements and two Redis round trips, whatever the batch size."""
+"""send_many does bulk I/O (a constant number of SQL statements and two Redis round trips, whatever
+the batch size); send() is one SQL statement."""
 from __future__ import annotations
 
 import pytest
@@ -7,15 +8,14 @@ from sqlalchemy import event
 
 import smartmail
 from smartmail.db import get_engine, session_scope
+from smartmail.models import Suppression
 from smartmail.template_store import save_template
 
 
-@pytest.mark.parametrize("size", [10, 1000])
-def test_send_many_uses_constant_statements_and_one_redis_round_trip(env, monkeypatch, size):
-    with session_scope() as session:
-        save_template(session, "receipt", subject="Receipt {{ n }}", html="<p>{{ n }}</p>")
+@pytest.fixture
+def io(env, monkeypatch):
+    """The SQL statements and Redis packets sent from now on."""
     smartmail.send("warm-up@example.com", subject="s", text="t")  # connects and declares the queues once
-
     statements: list[str] = []
     event.listen(get_engine(), "before_cursor_execute",
                  lambda conn, cursor, sql, params, context, many: statements.append(sql))
@@ -27,6 +27,15 @@ def test_send_many_uses_constant_statements_and_one_redis_round_trip(env, monkey
         return real(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.Connection, "send_packed_command", spy)
+    return statements, packets
+
+
+@pytest.mark.parametrize("size", [10, 1000])
+def test_send_many_uses_constant_statements_and_one_redis_round_trip(io, size):
+    statements, packets = io
+    with session_scope() as session:
+        save_template(session, "receipt", subject="Receipt {{ n }}", html="<p>{{ n }}</p>")
+    statements.clear()
     specs = [{"to": f"u{i}@example.com", "template": "receipt" if i % 2 else "password-reset",
               "context": {"n": i, "email": f"u{i}@example.com", "reset_url": "https://example.com/r"}}
              for i in range(size)]
@@ -41,3 +50,18 @@ def test_send_many_uses_constant_statements_and_one_redis_round_trip(env, monkey
     assert len(data_statements) <= 2 + 3 + 1 + 1, data_statements
     # the outbox script (ids and drain leases), then any drain tasks it started, in one pipeline
     assert len(packets) <= 2, packets
+
+
+def test_send_is_one_statement_that_checks_suppression_itself(io):
+    statements, packets = io
+    with session_scope() as session:
+        session.add(Suppression(email="gone@example.com", reason="unsubscribed"))
+    statements.clear()
+
+    sent = smartmail.send("here@example.com", subject="Hi {{ n }}", text="t", context={"n": 1})
+    suppressed = smartmail.send("Gone@Example.com", subject="Hi {{ n }}", text="t", context={"n": 2})
+
+    assert (sent.state, suppressed.state, suppressed.reason) == (
+        "queued", "suppressed", "recipient suppressed: unsubscribed")
+    assert [s.split()[0] for s in statements] == ["INSERT", "INSERT"], statements  # no BEGIN, no COMMIT
+    assert len(packets) <= 2, packets  # the queued one's outbox script, then the drain task it started
