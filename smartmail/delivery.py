@@ -6,13 +6,13 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import structlog
 from redis.exceptions import RedisError
-from sqlalchemy import String, any_, bindparam, or_, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from smartmail import campaign_delivery
@@ -49,15 +49,6 @@ _claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.r
 _claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
 _claim = (update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
           .values(**_claim_values).returning(*_claimed_columns))
-# On PostgreSQL, rows another worker is claiming right now are skipped rather than waited for
-# (FOR UPDATE SKIP LOCKED): that worker will send them. SQLite has one writer at a time anyway.
-# The ids go as one array (= ANY): a constant statement that psycopg prepares once, where an IN
-# list is re-expanded into one placeholder per id on every claim.
-_claim_pg = (update(_table)
-             .where(_table.c.id.in_(select(_table.c.id)
-                                    .where(_table.c.id == any_(bindparam("ids", type_=ARRAY(String))), *_claimable)
-                                    .with_for_update(skip_locked=True).scalar_subquery()))
-             .values(**_claim_values).returning(*_claimed_columns))
 # SQLite: one statement, executed many times (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
@@ -71,16 +62,27 @@ _record = (
             # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
             attempts=_table.c.attempts - bindparam("b_unattempted"))
 )
-# On PostgreSQL the outcomes go in one UPDATE over unnest()ed arrays: one constant statement a
-# window instead of one UPDATE per message (the `= ANY` keeps the plan on the primary key
-# whatever the statistics say). Measured on 50-row windows: 0.85 ms of client and
-# 0.9 ms of server CPU, against 1.55 and 1.8 ms for the pipelined executemany above.
-_RECORD_PG = """UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
-    smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
-FROM unnest(%(id)s::text[], %(state)s::text[], %(next)s::timestamp[], %(finished)s::timestamp[],
-            %(code)s::int[], %(reply)s::text[], %(reason)s::text[], %(unattempted)s::int[])
-     AS v(id, state, next, finished, code, reply, reason, unattempted)
-WHERE m.id = ANY(%(id)s::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')"""
+# On PostgreSQL one statement records the previous window's outcomes and claims the next: an
+# UPDATE over unnest()ed arrays (one constant statement, where an UPDATE per message cost twice
+# the CPU on both sides), and the claim, which skips rows another worker is claiming right now
+# (FOR UPDATE SKIP LOCKED: that worker will send them). Run on its own, it needs no BEGIN and
+# COMMIT: one round trip a window, where a transaction of SET, UPDATE and claim took five. The
+# two parts touch different rows (claimed rows are `sending`, claimable ones are not). The `= ANY`
+# tests keep both on the primary key whatever the statistics say.
+_RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
+  UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
+      smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
+  FROM unnest(%(id)s::text[], %(state)s::text[], %(next)s::timestamp[], %(finished)s::timestamp[],
+              %(code)s::int[], %(reply)s::text[], %(reason)s::text[], %(unattempted)s::int[])
+       AS v(id, state, next, finished, code, reply, reason, unattempted)
+  WHERE m.id = ANY(%(id)s::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown'))
+UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
+WHERE id IN (SELECT id FROM messages WHERE id = ANY(%(ids)s::text[])
+    AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
+    AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
+    FOR UPDATE SKIP LOCKED)
+RETURNING {", ".join(c.name for c in _claimed_columns)}"""
+_OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
 # rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
 # never send again. Run in the recording transaction, after the cancel or before it: in the second
@@ -91,12 +93,6 @@ _cancel_deferred_of_cancelled = (
            _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
     .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
 )
-# psycopg prepares a statement run five times, and PostgreSQL may then keep one generic plan for
-# it, made while the table was small: the claim kept a sequential scan of messages as the table
-# grew to 10,000 rows (auto_explain: 3 ms a claim, 3.4 ms of PostgreSQL CPU per message). The
-# claim and the outcomes are planned for the table as it is now; planning every statement of
-# every connection instead cost send_many's INSERT 0.09 ms of PostgreSQL CPU a message.
-_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 # Sites up to this rate (messages/s) take a token per message; see _shaped_window.
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
 # Waits up to this long are timed in Redis (dispatch_later) rather than left to beat's next round.
@@ -163,17 +159,26 @@ def _hold(row, hold: Hold, max_age: float, now: datetime, site: str | None = Non
                    site=site, attempted=False)
 
 
-def _record_results(connection, results: list[_Result], now: datetime) -> None:
-    if not results:
-        return
-    outcomes = [(r.id, r.state.value, r.next_attempt_at, None if r.state is MessageState.DEFERRED else now,
-                 r.reply.code, r.reply.text[:2000], r.reason, 0 if r.attempted else 1) for r in results]
+def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
+    """The outcome columns (_OUTCOME_COLUMNS), each a list with one entry per result."""
+    rows = [(r.id, r.state.value, r.next_attempt_at, None if r.state is MessageState.DEFERRED else now,
+             r.reply.code, r.reply.text[:2000], r.reason, 0 if r.attempted else 1) for r in results]
+    return {name: list(values) for name, values in zip(_OUTCOME_COLUMNS, zip(*rows))} if rows else \
+        dict.fromkeys(_OUTCOME_COLUMNS, [])
+
+
+def _record_results(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
+    """Write the outcomes, then claim `ids`; the claimed rows."""
     if connection.dialect.name == "postgresql":
-        columns = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
-        connection.exec_driver_sql(_RECORD_PG, {name: list(values) for name, values in zip(columns, zip(*outcomes))})
+        with _unprepared(connection):
+            claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
+                                                 {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
     else:
-        columns = ("b_id", "b_state", "b_next", "b_finished", "b_code", "b_reply", "b_reason", "b_unattempted")
-        connection.execute(_record, [dict(zip(columns, outcome)) for outcome in outcomes])
+        if results:
+            outcomes = _outcomes(results, now)
+            connection.execute(_record, [dict(zip(("b_" + c for c in _OUTCOME_COLUMNS), row))
+                                         for row in zip(*outcomes.values())])
+        claimed = connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
     deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
     if deferred:
         connection.execute(_cancel_deferred_of_cancelled, {"ids": deferred, "now": now})
@@ -184,6 +189,22 @@ def _record_results(connection, results: list[_Result], now: datetime) -> None:
              "created_at": now}
             for email, r in bounces.items()
         ])
+    return claimed
+
+
+@contextmanager
+def _unprepared(connection):
+    """psycopg prepares a statement run five times, and PostgreSQL may then keep one generic plan
+    for it, made while the table was small: the claim kept a sequential scan of messages as the
+    table grew to 10,000 rows (auto_explain: 3 ms a claim). So the claim is planned for the table as
+    it is now. Not preparing any statement instead cost send_many's INSERT 0.09 ms of PostgreSQL
+    CPU a message."""
+    driver = connection.connection.driver_connection
+    threshold, driver.prepare_threshold = driver.prepare_threshold, None
+    try:
+        yield
+    finally:
+        driver.prepare_threshold = threshold
 
 
 def deliver(message_ids: Sequence[str], transport: Transport | None = None, shaper: Shaper | None = None,
@@ -348,17 +369,19 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
 
 
 def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: datetime, attempts: int = 4):
-    """One transaction: the previous window's outcomes, then the next window's claim. Both are
+    """The previous window's outcomes, then the next window's claim, atomically. Both are
     conditional on the current state, so retrying after a failed attempt is safe."""
+    # One statement is atomic by itself on PostgreSQL; deferrals and bounces add statements that
+    # must see the outcomes (see _cancel_deferred_of_cancelled), and SQLite writes them separately.
+    alone = engine.dialect.name == "postgresql" and not any(
+        r.suppress or r.state is MessageState.DEFERRED for r in pending)
     for attempt in range(attempts):
         try:
+            if alone:
+                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                    return _record_results(connection, pending, now, ids)
             with engine.begin() as connection:
-                postgresql = connection.dialect.name == "postgresql"
-                if postgresql:
-                    connection.exec_driver_sql(_CUSTOM_PLANS)
-                _record_results(connection, pending, now)
-                claim = _claim_pg if postgresql else _claim
-                return connection.execute(claim, {"ids": list(ids), "now": now}).all() if ids else []
+                return _record_results(connection, pending, now, ids)
         except OperationalError:
             if attempt == attempts - 1:
                 raise

@@ -11,6 +11,7 @@ pushes again.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import redis
@@ -138,7 +139,9 @@ class Outbox:
         for beat's schedule (throttled messages, quick retries). Returns leases to publish, as push."""
         if not due:
             return []
-        args = [x for message_id, at in due for x in (int(at * 1000), message_id)]
+        # Rounded up: an id moved a fraction of a millisecond before its row is due would not be
+        # claimed, and would wait for beat's next round (seen: a retry left for good in a test).
+        args = [x for message_id, at in due for x in (math.ceil(at * 1000), message_id)]
         leases = self._enqueue_later(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *args])
         return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
 

@@ -219,7 +219,8 @@ def test_a_451_to_one_recipient_in_ten_is_retried_and_delivered(relay, start_wor
     start_bulk_worker(start_worker)
     campaigns.create_campaign("retry", template="newsletter", lists=["news"])
     campaigns.launch_campaign("retry")
-    wait_for(lambda: relay.count >= 500, 90, message="all 500, the refused ones on retry")
+    wait_for(lambda: relay.count >= 500, 90,
+             message=lambda: f"all 500, the refused ones on retry; {relay.count} arrived; {debug_states('retry')}")
     assert sorted(m.rcpt_tos[0] for m in relay.messages) == eligible
     assert all(relay.attempts[a] == 2 for a in refused)
     with session_scope() as session:

@@ -7,13 +7,14 @@ from sqlalchemy import event, select, update
 
 from smartmail import maintenance
 from smartmail.db import get_engine, refresh_statistics, utcnow
-from smartmail.delivery import _claim, _claim_pg
-from smartmail.models import Contact, Message
+from smartmail.delivery import _record_results, _Result
+from smartmail.models import Contact, Message, MessageState
+from smartmail.outcomes import Reply
 
 
 def _queue(count: int, state: str = "queued") -> list[str]:
     now = utcnow()
-    rows = [{"id": f"plan{i:022d}", "state": state, "sender": "a@example.com", "recipient": f"u{i}@example.com",
+    rows = [{"id": f"{state[:4]}{i:022d}", "state": state, "sender": "a@example.com", "recipient": f"u{i}@example.com",
              "subject": "s", "text": "t", "headers": {}, "tags": [], "message_id_header": f"<{i}@example.com>",
              "attempts": 0, "created_at": now, "enqueued_at": now, "next_attempt_at": now - timedelta(seconds=1)}
             for i in range(count)]
@@ -23,7 +24,7 @@ def _queue(count: int, state: str = "queued") -> list[str]:
 
 
 def _plan(connection, run) -> str:
-    """The plan of the first statement `run` executes on `connection` (inside a transaction rolled back)."""
+    """The plan of the last statement `run` executes on `connection` (inside a transaction rolled back)."""
     seen: list[tuple[str, object]] = []
 
     def capture(conn, cursor, statement, parameters, context, executemany):
@@ -34,7 +35,7 @@ def _plan(connection, run) -> str:
         run(connection)
     finally:
         event.remove(connection, "before_cursor_execute", capture)
-    statement, parameters = seen[0]
+    statement, parameters = seen[-1]
     explain = "EXPLAIN " if connection.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
     return "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + statement, parameters))
 
@@ -44,11 +45,12 @@ def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_noth
     with engine.begin() as connection:  # statistics of a table with nothing waiting in it
         connection.exec_driver_sql("ANALYZE messages")
     ids = _queue(3000)  # then a backlog the statistics know nothing of
+    sent = _queue(50, "sending")  # and the window before, whose outcomes the claim records
+    outcomes = [_Result(i, "u@example.com", MessageState.SENT, Reply(250, "2.0.0 ok")) for i in sent]
 
     with engine.connect() as connection:
-        claim = _claim_pg if connection.dialect.name == "postgresql" else _claim
         with connection.begin():
-            plan = _plan(connection, lambda c: c.execute(claim, {"ids": ids[:50], "now": utcnow()}).all())
+            plan = _plan(connection, lambda c: _record_results(c, outcomes, utcnow(), ids[:50]))
             connection.rollback()
 
     # The state indexes would have the claim read every queued entry to find its 50 rows.

@@ -69,3 +69,10 @@ def test_an_id_due_before_the_timer_wakes_gets_a_timer_of_its_own(outbox):
     assert len(second) == 1  # the timer would sleep 20 s past it: a new drain times it
     assert outbox.pop(second[0]) < 1
     assert outbox.push_later([("later", now + 25)]) == []  # a later id leaves the timer alone
+
+
+def test_a_due_time_is_rounded_up_to_the_millisecond(outbox):
+    # Rounded down, the id could be handed to a drain just before its row is due, and not be claimed.
+    second = int(time.time()) + 100
+    outbox.push_later([("x", second + 0.0001)])
+    assert outbox.client.zscore(outbox.keys[3], "x") == second * 1000 + 1
