@@ -59,7 +59,7 @@ def prepare(rows: list, now: datetime) -> Prepared:
     if not mine:
         return prepared
     with reader() as connection:
-        contacts = {c.id: c for c in connection.execute(_contacts, {"ids": [r.contact_id for r in mine]})}
+        contacts = {c.id: c for c in connection.execute(_contacts, {"ids": [r.contact_id for r in mine]}).all()}
         campaigns = {r.campaign_id: _campaign_row(connection, r.campaign_id) for r in mine}
     sendable = []
     for row in mine:
@@ -108,15 +108,18 @@ def _rate_capped(sendable: list, prepared: Prepared):
 
 
 class Rendered:
-    """A claimed row with its content rendered: the rendered fields, and the row's for the rest."""
+    """A claimed row (delivery._claimed_columns) with its content rendered. The row's fields are
+    copied: delegating them through __getattr__ cost ~3% of a worker's CPU."""
 
-    __slots__ = ("row", "subject", "html", "text", "headers")
+    __slots__ = ("id", "sender", "recipient", "reply_to", "message_id_header", "attempts", "created_at", "send_at",
+                 "campaign_id", "contact_id", "subject", "html", "text", "headers")
 
     def __init__(self, row, subject: str, html: str | None, text: str, headers: dict[str, str]) -> None:
-        self.row, self.subject, self.html, self.text, self.headers = row, subject, html, text, headers
-
-    def __getattr__(self, name: str):  # only for names not in __slots__
-        return getattr(self.row, name)
+        self.id, self.sender, self.recipient, self.reply_to = row.id, row.sender, row.recipient, row.reply_to
+        self.message_id_header, self.attempts, self.created_at, self.send_at = (
+            row.message_id_header, row.attempts, row.created_at, row.send_at)
+        self.campaign_id, self.contact_id = row.campaign_id, row.contact_id
+        self.subject, self.html, self.text, self.headers = subject, html, text, headers
 
 
 def _render(row, contact, campaign) -> Rendered:

@@ -77,6 +77,7 @@ class _StoreLoader(jinja2.BaseLoader):
         raise jinja2.TemplateNotFound(template)
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every render: ~5% of a campaign's rendering
 def _autoescape(name: str | None) -> bool:
     # HTML parts are escaped; subject and text parts are plain text and must not be.
     return bool(name) and (name.endswith("/html") or name.endswith(".html") or name == "<inline html>")

@@ -92,14 +92,30 @@ def unsubscribe_url(token: str) -> str:
     return f"{get_settings().public_url}/unsubscribe/{token}"
 
 
-def _mailto_address() -> str:
-    settings = get_settings()
-    if not settings.unsubscribe_mailto:
-        return f"unsubscribe@{settings.sender_domain}"
+def _mailto_address(unsubscribe_mailto: str | None, sender_domain: str) -> str:
+    if not unsubscribe_mailto:
+        return f"unsubscribe@{sender_domain}"
     try:  # accepts `addr@domain` or `Name <addr@domain>`; only the address goes in the URI
-        return parse_mailbox(settings.unsubscribe_mailto, field="SMARTMAIL_UNSUBSCRIBE_MAILTO").address
+        return parse_mailbox(unsubscribe_mailto, field="SMARTMAIL_UNSUBSCRIBE_MAILTO").address
     except AddressError as exc:
         raise ValueError(str(exc)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _uri_prefixes(public_url: str, unsubscribe_mailto: str | None, sender_domain: str) -> tuple[str, str]:
+    """What precedes the token in the https and mailto URIs, checked once per settings: a campaign
+    makes these headers for every message."""
+    # RFC 6068: the address and subject are percent-encoded; `@` and `+` may stay as they are.
+    # The subject is `unsubscribe <token>`; tokens are URL-safe, so only the space is encoded.
+    prefixes = (f"{public_url}/unsubscribe/",
+                f"mailto:{quote(_mailto_address(unsubscribe_mailto, sender_domain), safe='@+')}?subject=unsubscribe%20")
+    for prefix in prefixes:
+        # SMARTMAIL_PUBLIC_URL is validated as a URL, but urlsplit silently drops CR, LF and tab,
+        # so check what actually goes in the header. A raise, not an assert: asserts vanish under -O.
+        if _BAD_IN_URI.search(prefix):
+            raise ValueError(f"unsubscribe URI {prefix!r} contains a control character, space, '<', '>' or ','"
+                             " (check SMARTMAIL_PUBLIC_URL and SMARTMAIL_UNSUBSCRIBE_MAILTO)")
+    return prefixes
 
 
 def list_unsubscribe_headers(contact_id: int, campaign_id: int | None, *, token: str | None = None) -> dict[str, str]:
@@ -107,16 +123,11 @@ def list_unsubscribe_headers(contact_id: int, campaign_id: int | None, *, token:
     section 3.2) and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058 section 3.1).
     `token`: the caller's make_token(contact_id, campaign_id), when it has one already."""
     token = token or make_token(contact_id, campaign_id)
-    url = unsubscribe_url(token)
-    # RFC 6068: the address and subject are percent-encoded; `@` and `+` may stay as they are.
-    mailto = f"mailto:{quote(_mailto_address(), safe='@+')}?subject={quote('unsubscribe ' + token, safe='')}"
-    for uri in (url, mailto):
-        # SMARTMAIL_PUBLIC_URL is validated as a URL, but urlsplit silently drops CR, LF and tab,
-        # so check what actually goes in the header. A raise, not an assert: asserts vanish under -O.
-        if _BAD_IN_URI.search(uri):
-            raise ValueError(f"unsubscribe URI {uri!r} contains a control character, space, '<', '>' or ','"
-                             " (check SMARTMAIL_PUBLIC_URL and SMARTMAIL_UNSUBSCRIBE_MAILTO)")
-    return {"List-Unsubscribe": f"<{url}>, <{mailto}>",
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"{token!r} is not an unsubscribe token")
+    settings = get_settings()
+    url, mailto = _uri_prefixes(settings.public_url, settings.unsubscribe_mailto, settings.sender_domain)
+    return {"List-Unsubscribe": f"<{url}{token}>, <{mailto}{token}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
