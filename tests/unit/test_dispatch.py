@@ -76,3 +76,36 @@ def test_a_due_time_is_rounded_up_to_the_millisecond(outbox):
     second = int(time.time()) + 100
     outbox.push_later([("x", second + 0.0001)])
     assert outbox.client.zscore(outbox.keys[3], "x") == second * 1000 + 1
+
+
+def _run_drain(outbox, monkeypatch, arriving: list[list[str]]):
+    """Run a drain task's body against `outbox`; each batch delivered lets the next ids of
+    `arriving` reach the outbox, as if sent meanwhile. The batches delivered, and the follow-ups."""
+    from smartmail.tasks import send as tasks
+
+    delivered, follow_ups = [], []
+    monkeypatch.setattr(tasks, "get_outbox", lambda stream: outbox)
+    monkeypatch.setattr(tasks, "publish_drains", lambda leases, stream: follow_ups.extend(leases))
+
+    def deliver(ids, *, stream, more):
+        for batch in more:
+            delivered.append(batch)
+            if arriving:
+                outbox.push(arriving.pop(0))
+
+    monkeypatch.setattr(tasks.delivery, "deliver", deliver)
+    lease = outbox.push(arriving.pop(0))[0]
+    tasks._drain(tasks.drain, lease, "transactional")
+    return delivered, follow_ups
+
+
+def test_a_drain_that_empties_the_outbox_delivers_what_arrives_meanwhile_in_the_same_task(outbox, monkeypatch):
+    delivered, follow_ups = _run_drain(outbox, monkeypatch, [["a"], ["b", "c"], ["d"]])
+    assert delivered == [["a"], ["b", "c"], ["d"]] and follow_ups == []
+    assert outbox.active_drains() == 0  # its last pop found nothing and ended the lease
+
+
+def test_a_drain_that_pops_a_full_batch_hands_the_rest_to_a_follow_up(outbox, monkeypatch):
+    delivered, follow_ups = _run_drain(outbox, monkeypatch, [["a"], [str(i) for i in range(9)]])
+    assert delivered == [["a"], ["0", "1", "2", "3"]]  # batch size 4: more may wait
+    assert follow_ups == ["1"] and outbox.backlog() == 5  # the follow-up, under the same lease, takes them
