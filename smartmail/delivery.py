@@ -167,7 +167,7 @@ def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
         dict.fromkeys(_OUTCOME_COLUMNS, [])
 
 
-def _record_results(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
+def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
     """Write the outcomes, then claim `ids`; the claimed rows."""
     if connection.dialect.name == "postgresql":
         with _unprepared(connection):
@@ -212,8 +212,8 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
     """Send the given messages that are still queued (or deferred and due), then the batches of
     `more` (a drain's later pops from the outbox).
 
-    Works in windows of SMARTMAIL_CLAIM_WINDOW messages: one transaction records the outcomes of
-    the previous window and claims the next, so a worker killed mid-window leaves at most one
+    Works in windows of SMARTMAIL_CLAIM_WINDOW messages: the outcomes of the previous window are
+    recorded atomically with the claim of the next, so a worker killed mid-window leaves at most one
     window of rows in `sending` (which the reconciler marks `unknown`, never re-sends). With
     traffic shaping on, each window takes its sites' rate tokens first; messages that may not go
     yet are deferred to their slot and handed back to the outbox when it comes.
@@ -230,7 +230,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
     for batch in itertools.chain([message_ids], more):
         for start in range(0, len(batch), window):
             now = utcnow()
-            claimed = _record_then_claim(engine, pending, batch[start:start + window], batch[start:], report, stream)
+            claimed = _next_window(engine, pending, batch[start:start + window], batch[start:], report, stream)
             skipped: list[_Result] = []
             if any(row.campaign_id is not None for row in claimed):
                 claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
@@ -240,7 +240,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
             else:
                 pending = _shaped_window(claimed, transport, shaper, now)
             pending += skipped
-    _record_then_claim(engine, pending, [], [], report, stream)
+    _next_window(engine, pending, [], [], report, stream)
     if shaper is not None and report.site_counts:
         try:  # once per call, not per window: the counters are for metrics, a round trip each adds up
             shaper.throttle.count(report.site_counts)
@@ -249,8 +249,8 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
     return report
 
 
-def _record_then_claim(engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str],
-                       report: DeliveryReport, stream: str) -> list:
+def _next_window(engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str],
+             report: DeliveryReport, stream: str) -> list:
     """Record the previous window's outcomes and claim `ids`; on a database failure, give back
     `unclaimed` (the ids of this batch not yet claimed) to the outbox."""
     try:
@@ -379,9 +379,9 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
         try:
             if alone:
                 with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                    return _record_results(connection, pending, now, ids)
+                    return _record_and_claim_on(connection, pending, now, ids)
             with engine.begin() as connection:
-                return _record_results(connection, pending, now, ids)
+                return _record_and_claim_on(connection, pending, now, ids)
         except OperationalError:
             if attempt == attempts - 1:
                 raise

@@ -190,7 +190,7 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
                              next_attempt_at=now + timedelta(seconds=1), attempted=False) for i in ids[:3]]
     sent = delivery._Result(ids[3], "x@example.com", MessageState.SENT, Reply(250, "ok"))
     with get_engine().begin() as connection:
-        delivery._record_results(connection, [*held, sent], now)
+        delivery._record_and_claim_on(connection, [*held, sent], now)
     assert message_states("late") == {"cancelled": 3, "sent": 1}
 
 

@@ -7,7 +7,7 @@ from sqlalchemy import event, select, update
 
 from smartmail import maintenance
 from smartmail.db import get_engine, refresh_statistics, utcnow
-from smartmail.delivery import _record_results, _Result
+from smartmail.delivery import _record_and_claim_on, _Result
 from smartmail.models import Contact, Message, MessageState
 from smartmail.outcomes import Reply
 
@@ -50,7 +50,7 @@ def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_noth
 
     with engine.connect() as connection:
         with connection.begin():
-            plan = _plan(connection, lambda c: _record_results(c, outcomes, utcnow(), ids[:50]))
+            plan = _plan(connection, lambda c: _record_and_claim_on(c, outcomes, utcnow(), ids[:50]))
             connection.rollback()
 
     # The state indexes would have the claim read every queued entry to find its 50 rows.
