@@ -15,6 +15,12 @@ from smartmail.workers.dispatch import BULK, TRANSACTIONAL, dispatch, get_outbox
 log = structlog.get_logger("smartmail.maintenance")
 
 _PAGE = 5000  # rows per statement, so one run never holds a huge transaction
+# Beat's UPDATEs take only rows no worker has locked (PostgreSQL; SQLite has one writer anyway).
+# A worker records a window's outcomes and claims the next in one statement; an UPDATE here that
+# waited for it could hold a row that statement needs: READ COMMITTED locks the newest version of
+# a row it re-checks (a `queued` row a worker claimed meanwhile), whether or not it then updates
+# it. Seen in CI as a deadlock between the reconciler and a worker.
+_UNLOCKED = {"skip_locked": True}
 
 
 @dataclass
@@ -26,7 +32,7 @@ class ReconcileReport:
 def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
     """Move matching rows to queued (conditionally); return (id, campaign id) pairs, a page at a time."""
     with session_scope() as session:
-        ids = list(session.scalars(select(Message.id).where(*where).limit(_PAGE)))
+        ids = list(session.scalars(select(Message.id).where(*where).limit(_PAGE).with_for_update(**_UNLOCKED)))
         if not ids:
             return []
         moved = session.execute(
@@ -93,11 +99,12 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
         report.requeued += len(moved)
         if len(moved) < _PAGE:
             break
+    stuck = (SENDING, Message.claimed_at < now - timedelta(seconds=settings.sending_timeout))
     with session_scope() as session:
         result = session.execute(
             update(Message)
-            .where(SENDING,
-                   Message.claimed_at < now - timedelta(seconds=settings.sending_timeout))
+            .where(Message.id.in_(select(Message.id).where(*stuck).with_for_update(**_UNLOCKED).scalar_subquery()),
+                   *stuck)
             .values(state=MessageState.UNKNOWN.value, finished_at=now,
                     reason="worker lost during the SMTP transaction; not re-sent automatically"),
             execution_options={"synchronize_session": False},
