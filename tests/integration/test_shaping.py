@@ -120,6 +120,15 @@ def max_in_any_second(stamps: list[float]) -> int:
     return max((bisect.bisect_left(stamps, t + 1.0) - i for i, t in enumerate(stamps)), default=0)
 
 
+def most_allowed(rate: float, burst: int, jitter: float = 0.05) -> int:
+    """The most arrivals a site limited to `rate`/s with `burst` may show in one second at the
+    server. The limiter grants at most burst + rate × T tokens in any T seconds; the server stamps
+    arrivals, which trail their tokens by an SMTP exchange whose time varies under load (`jitter`),
+    so a message whose token came just before a one-second window can arrive inside it (seen in
+    CI: 56 arrivals at 50/s with a burst of 5)."""
+    return int(burst + rate * (1 + jitter))
+
+
 def send_all(recipients: list[str]) -> None:
     for start in range(0, len(recipients), 500):
         smartmail.send_many([{"to": to, "subject": "Hello {{ n }}", "text": "Message {{ n }}", "context": {"n": i}}
@@ -163,8 +172,8 @@ def test_each_site_keeps_its_rate_and_an_unlimited_site_is_not_held_back(shaped,
     assert wait_for(lambda: sent_states().get("sent") == 3000 and sent_states(), 30, message="all sent")
 
     stamps = {domain: [t for t, _ in server.received[domain]] for domain in counts}
-    assert max_in_any_second(stamps["fifty.example"]) <= 50 + 5
-    assert max_in_any_second(stamps["twenty.example"]) <= 20 + 5
+    assert max_in_any_second(stamps["fifty.example"]) <= most_allowed(50, 5)
+    assert max_in_any_second(stamps["twenty.example"]) <= most_allowed(20, 5)
     # The limited sites took their time (at least their volume over their rate, less one burst) ...
     start = min(min(s) for s in stamps.values())
     assert max(stamps["fifty.example"]) - start >= (500 - 5) / 50 - 0.5
@@ -222,7 +231,7 @@ def test_a_try_again_later_reply_slows_that_site_only(shaped, start_worker):
     # After the first refusal, busy.example got at most 4/s plus its burst; calm.example was not held back.
     first_refusal = min(t for t, _ in server.refused)
     after = [t for t, _ in server.received["busy.example"] if t > first_refusal + 0.05]
-    assert max_in_any_second(after) <= 4 + 5
+    assert max_in_any_second(after) <= most_allowed(4, 5)
     assert max(t for t, _ in server.received["calm.example"]) < max(t for t, _ in server.received["busy.example"])
 
 
@@ -334,4 +343,4 @@ def test_a_policy_change_reaches_running_workers_without_a_restart(shaped, start
     wait_for(lambda: server.count() >= 40, 60, message="20 more at the now limited site")
     second = sorted(t for t, rcpt in server.received["edited.example"] if rcpt.startswith("b"))
     assert second[-1] - second[0] >= (20 - 1) / 10 - 0.3  # one burst token, then 10/s
-    assert max_in_any_second(second) <= 10 + 1
+    assert max_in_any_second(second) <= most_allowed(10, 1)
