@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -25,7 +23,7 @@ from smartmail.models import Campaign, CampaignState, Message, MessageState, Sup
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.dispatch import TRANSACTIONAL, dispatch, dispatch_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
-from smartmail.workers.transports import AT_CONNECTION_LIMIT, Transport, get_transport
+from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transport, get_transport
 
 log = structlog.get_logger("smartmail.delivery")
 
@@ -235,7 +233,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
             if any(row.campaign_id is not None for row in claimed):
                 claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
             if shaper is None:
-                replies = _sending_pool().map(lambda row: _send_one(transport, row), claimed)
+                replies = _send_window(transport, [(row, None, None) for row in claimed])
                 pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
             else:
                 pending = _shaped_window(claimed, transport, shaper, now)
@@ -281,7 +279,7 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     """Send one window under traffic shaping: rate tokens per site, then the sends, then the rules.
 
     A site with a configured rate up to PER_MESSAGE_TOKENS_UP_TO takes each message's token in the
-    sending thread, once the message is built and a session is open, right before MAIL FROM:
+    transport, once the message is built and a session is open, right before MAIL FROM:
     tokens taken earlier (for a whole window, or before building and connecting) let the delays
     in between (milliseconds, more on a busy host) bunch messages up at the receiver beyond
     rate + burst. Faster or unlimited sites take the window's tokens in one call (which
@@ -302,22 +300,21 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
         admitted += [(row, site) for row in rows[:granted]]
         results += [_hold(row, hold, site.retry.max_age, now, site.name) for row, hold in zip(rows[granted:], holds)]
 
-    def send(pair) -> Reply | Hold:
-        row, site = pair
-        if not _per_message(site):
-            return _send_one(transport, row, site)
-        refused: list[Hold] = []
+    refused: dict[int, Hold] = {}
 
+    def token_taker(index: int, site: Site):
         def take_token() -> bool:  # called by the transport with a session open, right before MAIL
             granted, holds = _admit(shaper, site, 1)
-            refused.extend(holds[:1] if not granted else ())
+            if not granted:
+                refused[index] = holds[0]
             return bool(granted)
+        return take_token
 
-        reply = _send_one(transport, row, site, take_token)
-        return refused[0] if refused else reply
-
+    replies = _send_window(transport, [(row, site, token_taker(i, site) if _per_message(site) else None)
+                                       for i, (row, site) in enumerate(admitted)])
     reacted: set[str] = set()
-    for (row, site), reply in zip(admitted, _sending_pool().map(send, admitted)):
+    for i, ((row, site), reply) in enumerate(zip(admitted, replies)):
+        reply = refused.get(i, reply)
         if isinstance(reply, Hold):
             results.append(_hold(row, reply, site.retry.max_age, utcnow(), site.name))
         elif reply.stage == AT_CONNECTION_LIMIT:
@@ -390,30 +387,27 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
     return []
 
 
-def _send_one(transport: Transport, row, site: Site | None = None, ready=None) -> Reply:
-    try:
-        data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
-                          html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
-                          headers=row.headers)
-    except (ValueError, UnicodeError) as exc:  # content that cannot be encoded will never send
-        return Reply(554, f"5.6.0 message could not be built: {exc}", "build")
-    try:
+def _send_window(transport: Transport, jobs: list[tuple]) -> list[Reply]:
+    """Build each (row, site, ready) message and hand the window to the transport; the replies."""
+    replies: list[Reply | None] = [None] * len(jobs)
+    outgoing: list[Outgoing] = []
+    positions: list[int] = []
+    for i, (row, site, ready) in enumerate(jobs):
+        try:
+            data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
+                              html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
+                              headers=row.headers)
+        except (ValueError, UnicodeError) as exc:  # content that cannot be encoded will never send
+            replies[i] = Reply(554, f"5.6.0 message could not be built: {exc}", "build")
+            continue
         # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-        return transport.send(bare_address(row.sender), bare_address(row.recipient), data, site, ready)
-    except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's other outcomes
-        log.exception("transport.error", message_id=row.id)
-        return Reply(None, f"transport error: {exc!r}", "data")
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_pid: int | None = None
-
-
-def _sending_pool() -> ThreadPoolExecutor:
-    """Threads that run a window's SMTP transactions side by side, each on its own pooled connection:
-    a worker process spends most of a transaction waiting for replies, and so would wait in series."""
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():  # threads do not survive a fork
-        _pool = ThreadPoolExecutor(max_workers=get_settings().smtp_parallelism, thread_name_prefix="smtp")
-        _pool_pid = os.getpid()
-    return _pool
+        outgoing.append(Outgoing(bare_address(row.sender), bare_address(row.recipient), data, site, ready))
+        positions.append(i)
+    try:
+        sent = transport.send_window(outgoing, get_settings().smtp_parallelism)
+    except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's outcomes
+        log.exception("transport.error", message_ids=[jobs[i][0].id for i in positions])
+        sent = [Reply(None, f"transport error: {exc!r}", "data")] * len(outgoing)
+    for i, reply in zip(positions, sent):
+        replies[i] = reply
+    return replies  # type: ignore[return-value]

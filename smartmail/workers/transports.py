@@ -1,6 +1,7 @@
 """Transports: SMTP with a per-process connection pool, plus file, console and in-memory sinks chosen by settings."""
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import ssl
@@ -8,28 +9,43 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
 from smartmail.config.policy import Site
 from smartmail.config.settings import Settings, SmtpUrl
 from smartmail.outcomes import Reply
+from smartmail.workers import smtp_window
 
 log = structlog.get_logger("smartmail.smtp")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
+class Outgoing(NamedTuple):
+    """A message for Transport.send and send_window. `site` (traffic shaping) selects the
+    connection pool and its limits; None means no limits. `ready`, when given, is called once the
+    message is about to go (a session is open): if it returns False the message is not sent and
+    the reply has stage HELD."""
+
+    sender: str
+    recipient: str
+    data: bytes
+    site: Site | None = None
+    ready: Callable[[], bool] | None = None
+
+
 class Transport(Protocol):
-    """Hands one message to the next hop and reports the reply; never raises for delivery failures.
-    `site` (traffic shaping) selects the connection pool and its limits; None means no limits.
-    `ready`, when given, is called once the message is about to go (a session is open): if it
-    returns False the message is not sent and the reply has stage HELD."""
+    """Hands messages (Outgoing's fields) to the next hop and reports the replies; never raises for
+    delivery failures. send_window sends a window's messages, up to `parallelism` at a time."""
 
     def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
              ready: Callable[[], bool] | None = None) -> Reply: ...
+
+    def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]: ...
 
     def close(self) -> None: ...
 
@@ -71,6 +87,13 @@ class _Connection:
         # round trip instead of three: half the client's CPU per message into smtp-sink.
         self.pipelining = smtp.has_extn("pipelining")
         self.owed = 0  # replies to pipelined commands not read yet
+        self.inbox = bytearray()  # received, not yet parsed (smtp_window.run_window reads the socket itself)
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """The message and its end-of-data line: dot-stuffing per RFC 5321 section 4.5.2."""
+    body = _LEADING_DOT.sub(b"..", data) if data.startswith(b".") or b"\n." in data else data
+    return body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n")
 
 
 def _reply_text(response: bytes | str) -> str:
@@ -101,11 +124,14 @@ class SmtpTransport:
         self.gate = gate
         self._idle: dict[str, list[_Connection]] = {}
         self._busy: dict[str, set[_Connection]] = {}
+        self._opening: dict[str, int] = {}  # connections being opened, by pool
         self._lock = threading.Condition()
         self._context: ssl.SSLContext | None = None
         self._sweeper: threading.Thread | None = None
         self._closed = threading.Event()
         self.connections_opened = 0
+        self._connector_threads: ThreadPoolExecutor | None = None
+        self._connector_pid: int | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
         # Built once per transport, and only when TLS is used: it loads the CA bundle, ~16 ms.
@@ -139,14 +165,20 @@ class SmtpTransport:
     def _open(self, site: Site | None) -> _Connection | None:
         """A new connection for the site, or None when the site is at its connection limit."""
         pool = site.name if site else ""
+        with self._lock:  # counted from before the lease, so no one sees neither the lease nor the connection
+            self._opening[pool] = self._opening.get(pool, 0) + 1
+        try:
+            return self._lease_and_connect(site, pool)
+        finally:
+            with self._lock:
+                self._opening[pool] -= 1
+                self._lock.notify_all()
+
+    def _lease_and_connect(self, site: Site | None, pool: str) -> _Connection | None:
         lease = None
         if site is not None and self.gate is not None:
             lease = uuid.uuid4().hex
             if not self.gate.lease_connection(site, lease):
-                try:
-                    self.gate.want_connection(pool)  # ask other processes to give back idle ones
-                except Exception:  # noqa: BLE001 - only a hint
-                    pass
                 return None
         self._start_sweeper()
         try:
@@ -161,6 +193,25 @@ class SmtpTransport:
             self._busy.setdefault(pool, set()).add(conn)
         return conn
 
+    def _want(self, site: Site) -> None:
+        """Ask other processes to give back their idle connections to the site. Not while waiting
+        for one of our own: our sweeper would close it the moment it is idle (close_wanted)."""
+        try:
+            self.gate.want_connection(site.name)
+        except Exception:  # noqa: BLE001 - only a hint
+            pass
+
+    def _take_idle(self, site: Site | None) -> tuple[_Connection, bool] | None:
+        """An idle pooled connection, now, or None."""
+        pool = site.name if site else ""
+        with self._lock:
+            idle = self._idle.get(pool)
+            if not idle:
+                return None
+            conn = idle.pop()
+            self._busy.setdefault(pool, set()).add(conn)
+            return conn, True
+
     def _acquire(self, site: Site | None) -> tuple[_Connection | None, bool]:
         """An idle pooled connection, else a new one, else (None, False) at the site's limit. While
         this process's own connections to the site are all busy, wait for one of them: they free
@@ -168,17 +219,16 @@ class SmtpTransport:
         pool = site.name if site else ""
         deadline = time.monotonic() + self.timeout
         while True:
-            with self._lock:
-                idle = self._idle.get(pool)
-                if idle:
-                    conn = idle.pop()
-                    self._busy.setdefault(pool, set()).add(conn)
-                    return conn, True
+            if taken := self._take_idle(site):
+                return taken
             conn = self._open(site)
             if conn is not None:
                 return conn, False
             with self._lock:
-                if not self._busy.get(pool) or time.monotonic() > deadline:
+                if self._idle.get(pool):  # released meanwhile
+                    continue
+                # Wait while one of ours is busy or being opened: it will be free within a transaction.
+                if not (self._busy.get(pool) or self._opening.get(pool)) or time.monotonic() > deadline:
                     return None, False
                 self._lock.wait(0.05)
 
@@ -217,15 +267,38 @@ class SmtpTransport:
 
     def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
              ready: Callable[[], bool] | None = None) -> Reply:
+        return smtp_window.run(self._transaction(sender, recipient, data, site, ready))
+
+    def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]:
+        """The messages' transactions side by side over up to `parallelism` connections, driven
+        from this thread (smtp_window.run_window)."""
+        transactions = [self._transaction(*message) for message in messages]
+        return smtp_window.run_window(transactions, parallelism, self._connector())
+
+    def _connector(self) -> ThreadPoolExecutor:
+        """Threads that open connections (or wait for a busy one) while a window's loop goes on."""
+        if self._connector_threads is None or self._connector_pid != os.getpid():  # threads do not survive a fork
+            self._connector_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="smtp-connect")
+            self._connector_pid = os.getpid()
+        return self._connector_threads
+
+    def _transaction(self, sender: str, recipient: str, data: bytes, site: Site | None,
+                     ready: Callable[[], bool] | None) -> smtp_window.Transaction:
+        """One message's SMTP transaction, as a generator of the I/O it needs (smtp_window drives it)."""
         if not (sender.isascii() and recipient.isascii()):
             # Non-ASCII addresses need SMTPUTF8 (RFC 6531 section 3.7.4.1), which we do not use.
             return Reply(553, "5.6.7 non-ASCII address requires SMTPUTF8, which SmartMail does not use")
         if "\n" in sender + recipient or "\r" in sender + recipient:  # would end the command, add another
             return Reply(553, "5.1.3 envelope address contains a line break")
+        commands = (f"MAIL FROM:<{sender}>\r\n".encode("ascii"), f"RCPT TO:<{recipient}>\r\n".encode("ascii"),
+                    b"DATA\r\n")
         for attempt in range(2):
             try:
                 # A retry opens a fresh connection: the other idle ones may be just as dead.
-                conn, reused = self._acquire(site) if attempt == 0 else (self._open(site), False)
+                if attempt == 0:
+                    conn, reused = yield smtp_window.Acquire(lambda: self._take_idle(site), lambda: self._acquire(site))
+                else:
+                    conn, reused = (yield smtp_window.Acquire(lambda: None, lambda: self._open(site))), False
             except smtplib.SMTPResponseException as exc:
                 # A refusal while setting up the session (421/554 greeting, 535 AUTH) is about the
                 # relay or our credentials, not this message: report no reply, so it is deferred.
@@ -233,6 +306,7 @@ class SmtpTransport:
             except (smtplib.SMTPException, OSError) as exc:
                 return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
             if conn is None:
+                self._want(site)
                 return Reply(None, f"site {site.name} is at its limit of {site.max_connections} connections",
                              AT_CONNECTION_LIMIT)
             if ready is not None:
@@ -242,7 +316,12 @@ class SmtpTransport:
                 ready = None  # once: a retry on a fresh connection is the same message
             stage = "mail"
             try:
-                code, response = self._mail(conn, sender, recipient)
+                # RFC 2920: with PIPELINING, MAIL, RCPT and DATA go in one write and their replies
+                # are read after it: one round trip instead of three.
+                if conn.pipelining:
+                    yield smtp_window.Write(conn, b"".join(commands))
+                    conn.owed = 3
+                code, response = yield from self._command(conn, commands[0])
                 if code == 421 and reused:
                     # RFC 5321 section 3.8: 421 closes the session; on a pooled idle connection it is
                     # the relay's idle timeout, so try once more on a fresh connection.
@@ -250,17 +329,20 @@ class SmtpTransport:
                     continue
                 if code == 250:
                     stage = "rcpt"
-                    code, response = self._reply(conn) if conn.owed else conn.smtp.rcpt(recipient)
+                    code, response = yield from self._command(conn, commands[1])
                 if code in (250, 251):
-                    code, response = self._reply(conn) if conn.owed else conn.smtp.docmd("DATA")
+                    code, response = yield from self._command(conn, commands[2])
                     if code == 354:
                         stage = "data"  # from here on, a lost connection may have delivered it
-                        code, response = self._send_body(conn.smtp, data)
+                        # RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for the reply to the final
+                        # dot; giving up earlier would leave a message the relay may accept `unknown`.
+                        yield smtp_window.Write(conn, _dot_stuffed(data))
+                        code, response = yield smtp_window.Read(conn, max(self.timeout, 600.0))
                 conn.sent += 1
                 if code // 100 != 2:
                     # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session. A relay
                     # that hung up after answering must not turn its answer into "connection lost".
-                    self._safe_rset(conn)
+                    yield from self._safe_rset(conn)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 self._drop(conn)
                 if reused and stage == "mail":
@@ -270,47 +352,26 @@ class SmtpTransport:
             return Reply(code, _reply_text(response), stage)
         return Reply(None, "connection lost twice before DATA")
 
-    def _send_body(self, smtp: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
-        # Dot-stuffing per RFC 5321 section 4.5.2; the body is CRLF-terminated already (mime.py).
-        body = _LEADING_DOT.sub(b"..", data) if data.startswith(b".") or b"\n." in data else data
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        smtp.send(body + b".\r\n")
-        # RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for the reply to the final dot; giving
-        # up earlier would leave a message the relay may still accept as `unknown`.
-        smtp.sock.settimeout(max(self.timeout, 600.0))
-        try:
-            return smtp.getreply()
-        finally:
-            if smtp.sock is not None:
-                smtp.sock.settimeout(self.timeout)
-
     @staticmethod
-    def _mail(conn: _Connection, sender: str, recipient: str) -> tuple[int, bytes]:
-        """MAIL FROM's reply; with PIPELINING, RCPT TO and DATA go in the same write."""
-        if not conn.pipelining:
-            return conn.smtp.mail(sender)
-        conn.smtp.send(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode("ascii"))
-        conn.owed = 2
-        return conn.smtp.getreply()
+    def _command(conn: _Connection, command: bytes):
+        """Its reply; already written when pipelined (conn.owed counts the replies not read)."""
+        if conn.owed:
+            conn.owed -= 1
+        else:
+            yield smtp_window.Write(conn, command)
+        return (yield smtp_window.Read(conn))
 
-    @staticmethod
-    def _reply(conn: _Connection) -> tuple[int, bytes]:
-        conn.owed -= 1
-        return conn.smtp.getreply()
-
-    def _drain(self, conn: _Connection) -> None:
-        """Read the replies still owed to pipelined commands after an earlier one failed."""
-        while conn.owed:
-            code, _ = self._reply(conn)
-            if code == 354:  # a relay that takes DATA although no recipient was accepted: end it empty
-                conn.smtp.send(b".\r\n")
-                conn.smtp.getreply()
-
-    def _safe_rset(self, conn: _Connection) -> None:
+    def _safe_rset(self, conn: _Connection):
+        """Read the replies still owed to pipelined commands after an earlier one failed, then RSET."""
         try:
-            self._drain(conn)
-            conn.smtp.rset()
+            while conn.owed:
+                conn.owed -= 1
+                code, _ = yield smtp_window.Read(conn)
+                if code == 354:  # a relay that takes DATA although no recipient was accepted: end it empty
+                    yield smtp_window.Write(conn, b".\r\n")
+                    yield smtp_window.Read(conn)
+            yield smtp_window.Write(conn, b"RSET\r\n")
+            yield smtp_window.Read(conn)
         except (smtplib.SMTPException, OSError):
             conn.retired = True  # closed on release
 
@@ -391,7 +452,14 @@ class SmtpTransport:
         self.close_idle()
 
 
-class FileTransport:
+class _OneAtATime:
+    """send_window for transports that do not wait on a network."""
+
+    def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]:
+        return [self.send(*message) for message in messages]  # type: ignore[attr-defined]
+
+
+class FileTransport(_OneAtATime):
     """Writes each message as an .eml file: for staging systems that must never send."""
 
     def __init__(self, directory: Path) -> None:
@@ -411,7 +479,7 @@ class FileTransport:
         pass
 
 
-class ConsoleTransport:
+class ConsoleTransport(_OneAtATime):
     """Prints each message to standard output: for development."""
 
     def __init__(self, stream=None) -> None:
@@ -429,7 +497,7 @@ class ConsoleTransport:
         pass
 
 
-class MemoryTransport:
+class MemoryTransport(_OneAtATime):
     """Keeps messages in a list: for unit tests."""
 
     def __init__(self) -> None:

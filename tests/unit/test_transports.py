@@ -24,6 +24,7 @@ from smartmail.workers.transports import (
     ConsoleTransport,
     FileTransport,
     MemoryTransport,
+    Outgoing,
     SmtpTransport,
     build_transport,
 )
@@ -68,6 +69,7 @@ class RecordingHandler:
         self.data_replies: dict[str, str] = {}
         self.hang_up_after: set[str] = set()
         self.pretend_rcpt: set[str] = set()   # answer 250 to RCPT without taking the recipient
+        self.stall_rcpt: set[str] = set()     # answer RCPT only after 3 s
         self.gather_data = 1                  # hold DATA until this many transactions are in DATA at once
         self._in_data = 0
         self.protocols: list = []
@@ -105,6 +107,8 @@ class RecordingHandler:
             return await self._answer(server, address, self.rcpt_replies[address])
         if address in self.pretend_rcpt:
             return "250 OK"
+        if address in self.stall_rcpt:
+            await asyncio.sleep(3)
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -171,6 +175,15 @@ class Server:
 
     def url(self, tls: str = "none", username: str | None = None, password: str | None = None) -> SmtpUrl:
         return SmtpUrl("127.0.0.1", self.port, tls, username, password)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True, params=["blocking", "window"])
+def driver(request, monkeypatch) -> str:
+    """Every SmtpTransport test runs its sends both ways: send() (smtplib's blocking reads) and a
+    window of one through send_window (smtp_window's event loop, which reads the socket itself)."""
+    if request.param == "window":
+        monkeypatch.setattr(SmtpTransport, "send", lambda self, *message: self.send_window([Outgoing(*message)], 4)[0])
+    return request.param
 
 
 @pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
@@ -310,6 +323,71 @@ def test_concurrent_senders_share_the_pool(server, handler, make_transport):
     assert len({r.rcpt_tos[0] for r in handler.received}) == 40
     assert 1 <= transport.connections_opened <= 4
     assert handler.connections == transport.connections_opened
+
+
+# --- SmtpTransport.send_window: one thread, many transactions ----------------------------------
+
+def test_a_window_runs_its_transactions_side_by_side(server, handler, make_transport):
+    handler.gather_data = 4  # the relay answers DATA only once 4 transactions are in DATA together
+    transport = make_transport(server.url(), max_idle=4)
+    started = time.monotonic()
+    replies = transport.send_window([Outgoing(SENDER, f"w{i}@example.net", message(i)) for i in range(8)], 4)
+    assert [r.code for r in replies] == [250] * 8
+    assert time.monotonic() - started < 4  # one at a time, each DATA would wait out the relay's 5 s
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == sorted(f"w{i}@example.net" for i in range(8))
+    assert handler.connections == 4
+
+
+def test_a_window_reports_each_message_in_order_and_keeps_its_sessions(server, handler, make_transport):
+    handler.rcpt_replies["unknown@example.net"] = "550 5.1.1 User unknown"
+    handler.data_replies["grey@example.net"] = "451 4.7.1 Greylisted"
+    handler.rcpt_replies["rude@example.net"] = "554 5.7.1 Go away"
+    handler.hang_up_after.add("rude@example.net")
+    recipients = ["a@example.net", "unknown@example.net", "b@example.net", "grey@example.net", "rude@example.net",
+                  "c@example.net", "d@example.net", "unknown@example.net", "e@example.net"]
+    transport = make_transport(server.url(), max_idle=3)
+    replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 3)
+    assert [(r.code, r.stage) for r in replies] == [
+        (250, "data"), (550, "rcpt"), (250, "data"), (451, "data"), (554, "rcpt"),
+        (250, "data"), (250, "data"), (550, "rcpt"), (250, "data")]
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == [f"{x}@example.net" for x in "abcde"]
+    assert all(r.content == message(r.rcpt_tos[0], r.rcpt_tos[0]) for r in handler.received)
+    assert len(handler.rsets) == 3  # after each rejection, except on the session the relay hung up
+    assert handler.connections <= 4  # three sessions, and one to replace the one hung up
+
+
+def test_a_window_shares_a_sites_only_connection(server, handler, make_transport):
+    gate = FakeGate(limit=1)
+    transport = make_transport(server.url(), gate=gate)
+    one = site("one")
+    replies = transport.send_window([Outgoing(SENDER, f"o{i}@one.example", message(i), one) for i in range(6)], 4)
+    assert [r.code for r in replies] == [250] * 6, replies
+    assert handler.connections == 1 and len(handler.received) == 6
+
+
+def test_a_silent_relay_times_out_one_transaction_not_the_window(server, handler, make_transport):
+    handler.stall_rcpt.add("slow@example.net")
+    transport = make_transport(server.url(), timeout=0.5, max_idle=2)
+    started = time.monotonic()
+    replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in
+                                     ("a@example.net", "slow@example.net", "b@example.net", "c@example.net")], 2)
+    assert time.monotonic() - started < 2.5
+    assert replies[1].code is None and replies[1].stage == "rcpt" and "timed out" in replies[1].text
+    assert [replies[i].code for i in (0, 2, 3)] == [250, 250, 250]
+
+
+def test_a_window_gives_each_message_its_ready_check(server, handler, make_transport):
+    transport = make_transport(server.url())
+    asked: list[str] = []
+
+    def ready(recipient: str):
+        return lambda: asked.append(recipient) or recipient != "held@example.net"
+
+    replies = transport.send_window([Outgoing(SENDER, r, message(r, r), None, ready(r))
+                                     for r in ("a@example.net", "held@example.net", "b@example.net")], 2)
+    assert [r.stage for r in replies] == ["data", transports.HELD, "data"]
+    assert sorted(asked) == ["a@example.net", "b@example.net", "held@example.net"]
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == ["a@example.net", "b@example.net"]
 
 
 # --- SmtpTransport: failed transactions ---------------------------------------------------------
