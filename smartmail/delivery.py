@@ -70,12 +70,12 @@ _record = (
 _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
   UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
       smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
-  FROM unnest(%(id)s::text[], %(state)s::text[], %(next)s::timestamp[], %(finished)s::timestamp[],
-              %(code)s::int[], %(reply)s::text[], %(reason)s::text[], %(unattempted)s::int[])
+  FROM unnest(%(id)b::text[], %(state)b::text[], %(next)b::timestamp[], %(finished)b::timestamp[],
+              %(code)b::int[], %(reply)b::text[], %(reason)b::text[], %(unattempted)b::int[])
        AS v(id, state, next, finished, code, reply, reason, unattempted)
-  WHERE m.id = ANY(%(id)s::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown'))
+  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown'))
 UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
-WHERE id IN (SELECT id FROM messages WHERE id = ANY(%(ids)s::text[])
+WHERE id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
     AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
     AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
     FOR UPDATE SKIP LOCKED)
@@ -104,7 +104,7 @@ class DeliveryReport:
     site_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> counter -> n
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass sets each field through object.__setattr__
 class _Result:
     id: str
     recipient: str
@@ -234,7 +234,8 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
                 claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
             if shaper is None:
                 replies = _send_window(transport, [(row, None, None) for row in claimed])
-                pending = [_decide(row, reply, schedule, utcnow()) for row, reply in zip(claimed, replies)]
+                done = utcnow()
+                pending = [_decide(row, reply, schedule, done) for row, reply in zip(claimed, replies)]
             else:
                 pending = _shaped_window(claimed, transport, shaper, now)
             pending += skipped
@@ -313,12 +314,13 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     replies = _send_window(transport, [(row, site, token_taker(i, site) if _per_message(site) else None)
                                        for i, (row, site) in enumerate(admitted)])
     reacted: set[str] = set()
+    done = utcnow()
     for i, ((row, site), reply) in enumerate(zip(admitted, replies)):
         reply = refused.get(i, reply)
         if isinstance(reply, Hold):
-            results.append(_hold(row, reply, site.retry.max_age, utcnow(), site.name))
+            results.append(_hold(row, reply, site.retry.max_age, done, site.name))
         elif reply.stage == AT_CONNECTION_LIMIT:
-            results.append(_hold(row, shaper.connection_hold(site), site.retry.max_age, utcnow(), site.name))
+            results.append(_hold(row, shaper.connection_hold(site), site.retry.max_age, done, site.name))
         else:
             bounce = False
             if reply.code is not None and reply.code // 100 != 2:
@@ -326,7 +328,7 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
                     bounce = shaper.react(site, reply, reacted) == "bounce"
                 except RedisError as exc:
                     log.error("shaping.rule_not_applied", site=site.name, error=str(exc), reply=str(reply)[:200])
-            results.append(_decide(row, reply, site.retry, utcnow(), site.name, bounce))
+            results.append(_decide(row, reply, site.retry, done, site.name, bounce))
     return results
 
 

@@ -448,11 +448,12 @@ def test_an_expired_lease_frees_its_slot(throttle, client):
 
 
 def test_leases_expire_with_time(client):
-    throttle = SiteThrottle(client, prefix="tiny:", lease_ms=40)
+    # 300 ms: long enough that a stall between the first two calls does not expire the lease (seen at 40 ms).
+    throttle = SiteThrottle(client, prefix="tiny:", lease_ms=300)
     site = make_site(None, max_connections=1)
     assert throttle.lease_connection(site, "a") is True
     assert throttle.lease_connection(site, "b") is False
-    time.sleep(0.06)
+    time.sleep(0.4)
     assert throttle.state("site").connections == 0
     assert throttle.lease_connection(site, "b") is True
     assert throttle.renew_connections("site", ["a", "b"]) == ["a"]

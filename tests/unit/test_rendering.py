@@ -125,13 +125,17 @@ def test_file_template_html_is_autoescaped_but_subject_and_text_are_not(session,
     assert result.text == f"Hi {EVIL}"
 
 
-def test_file_template_edits_are_picked_up(session, templates_dir):
+def test_file_template_edits_are_picked_up_within_the_recheck_interval(session, templates_dir, monkeypatch):
     directory = write_file_template(templates_dir, "edit", subject="S", html="<p>old</p>")
     assert render(session, context={}, template="edit", templates_dir=templates_dir).html == "<p>old</p>"
     body = directory / "body.html"
     body.write_text("<p>new</p>", encoding="utf-8")
     stat = body.stat()
     os.utime(body, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    # Within the interval the compiled template is used without looking at the file ...
+    assert render(session, context={}, template="edit", templates_dir=templates_dir).html == "<p>old</p>"
+    # ... after it, the edit shows.
+    monkeypatch.setattr(rendering, "FILE_RECHECK_SECONDS", 0.0)
     assert render(session, context={}, template="edit", templates_dir=templates_dir).html == "<p>new</p>"
 
 
