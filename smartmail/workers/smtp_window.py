@@ -108,11 +108,16 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
     waiting = iter(enumerate(transactions))
     reads: dict[int, tuple[int, Transaction, Any, float]] = {}  # fd -> (index, transaction, conn, deadline)
     acquiring: dict[Future, tuple[int, Transaction]] = {}
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
     selector = selectors.DefaultSelector()
-    selector.register(wake_r, selectors.EVENT_READ)
+    wake: list[socket.socket] = []  # a socket pair, made when a connection is first waited for
     active = 0
+
+    def waker() -> socket.socket:
+        if not wake:
+            wake.extend(socket.socketpair())
+            wake[0].setblocking(False)
+            selector.register(wake[0], selectors.EVENT_READ)
+        return wake[1]
 
     def advance(index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None) -> None:
         """Resume a transaction until it must wait for a reply or a connection, or ends."""
@@ -146,6 +151,7 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
                 else:
                     value = request.now()
                     if value is None:
+                        wake_w = waker()
                         future = connector.submit(request.wait)
                         acquiring[future] = (index, transaction)
                         future.add_done_callback(lambda _: _wake(wake_w))
@@ -169,14 +175,16 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
             if timeout is not None:
                 timeout = max(0.0, timeout - time.monotonic())
             for key, _ in selector.select(timeout):
-                if key.fileobj is wake_r:
-                    _drain_wake(wake_r)
+                if wake and key.fileobj is wake[0]:
+                    _drain_wake(wake[0])
                     for future in [f for f in acquiring if f.done()]:
                         index, transaction = acquiring.pop(future)
                         error = future.exception()
                         advance(index, transaction, None if error else future.result(), error)
                     continue
                 fd = key.fd
+                if fd not in reads or reads[fd][2].smtp.sock is not key.fileobj:
+                    continue  # an event of a socket closed and replaced earlier in this round
                 index, transaction, conn, deadline = reads[fd]
                 try:
                     data = _receive(conn.smtp.sock)
@@ -202,8 +210,8 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
             start_more()
     finally:
         selector.close()
-        wake_r.close()
-        wake_w.close()
+        for sock in wake:
+            sock.close()
     return replies  # type: ignore[return-value]
 
 
