@@ -165,7 +165,7 @@ class SmtpTransport:
     def _open(self, site: Site | None) -> _Connection | None:
         """A new connection for the site, or None when the site is at its connection limit."""
         pool = site.name if site else ""
-        with self._lock:  # counted from before the lease, so no one sees neither the lease nor the connection
+        with self._lock:  # counted before the lease is asked for: a waiter never sees our lease taken but no connection
             self._opening[pool] = self._opening.get(pool, 0) + 1
         try:
             return self._lease_and_connect(site, pool)
