@@ -450,6 +450,9 @@ class SmtpTransport:
     def close(self) -> None:
         self._closed.set()
         self.close_idle()
+        if self._connector_threads is not None:
+            self._connector_threads.shutdown(wait=False)
+            self._connector_threads = None
 
 
 class _OneAtATime:
