@@ -74,7 +74,7 @@ def _boundary(*bodies: bytes) -> str:
     ever clash, and 128 random bits make even that a formality.
     """
     while True:
-        # Not secrets.token_hex: a read of os.urandom per message (~5% of a sending thread's time),
+        # Not secrets.token_hex: a read of os.urandom per message (~5% of the sending step's time),
         # and a boundary needs to be unique, not secret (the bodies are checked below). The random
         # module reseeds itself in each forked worker process.
         boundary = f"=_{random.getrandbits(128):032x}"
