@@ -58,7 +58,7 @@ class Template(Base):
 class Message(Base):
     __tablename__ = "messages"
     id: Mapped[str] = mapped_column(String(26), primary_key=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)  # unique, see below
     state: Mapped[str] = mapped_column(String(16))
     sender: Mapped[str] = mapped_column(String(320))
     recipient: Mapped[str] = mapped_column(String(320))
@@ -107,6 +107,11 @@ QUEUED = in_state(MessageState.QUEUED)
 Index("ix_messages_queued_enqueued_at", Message.enqueued_at, postgresql_where=QUEUED, sqlite_where=QUEUED)
 SENDING = in_state(MessageState.SENDING)
 Index("ix_messages_sending_claimed_at", Message.claimed_at, postgresql_where=SENDING, sqlite_where=SENDING)
+# Unique among the messages that have a key. Partial, because most rows have none (campaign
+# messages never do) and each of their versions would otherwise add a NULL entry to this index too.
+HAS_KEY = Message.idempotency_key.isnot(None)
+Index("uq_messages_idempotency_key", Message.idempotency_key, unique=True,
+      postgresql_where=HAS_KEY, sqlite_where=HAS_KEY)
 # One message per campaign and contact (a relaunch adds nothing); it also finds a campaign's rows.
 OF_CAMPAIGNS = Message.campaign_id.isnot(None)
 Index("uq_messages_campaign_id_contact_id", Message.campaign_id, Message.contact_id, unique=True,

@@ -18,7 +18,7 @@ from smartmail.addresses import AddressError, check_headers, normalize_address, 
 from smartmail.config import get_settings
 from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.ids import new_id
-from smartmail.models import Message, MessageState, Suppression
+from smartmail.models import HAS_KEY, Message, MessageState, Suppression
 from smartmail.workers.dispatch import dispatch
 
 _MAX_TAGS = 20
@@ -105,7 +105,8 @@ def _insert_statement(dialect: str):
     # Core executemany without RETURNING: psycopg pipelines one prepared INSERT per row, ~20 ms per
     # 1,000 rows here, where a multi-row INSERT … RETURNING cost ~200 ms (client-side parsing of a
     # 23,000-placeholder statement). Which rows a conflicting idempotency key skipped is read back.
-    return upsert_insert(dialect)(Message.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return upsert_insert(dialect)(Message.__table__).on_conflict_do_nothing(
+        index_elements=["idempotency_key"], index_where=HAS_KEY)
 
 
 def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
@@ -228,7 +229,8 @@ def _insert_one_statement(dialect: str, columns: tuple[str, ...]):
     # SQLite needs a WHERE on an upsert's SELECT, to tell its ON from a join's.
     query = select(*values).select_from(source).where(true())
     insert = upsert_insert(dialect)(table).from_select(columns, query)
-    return insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(table.c.state, table.c.reason)
+    insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"], index_where=HAS_KEY)
+    return insert.returning(table.c.state, table.c.reason)
 
 
 def _store_one(connection, row: dict[str, Any], now: datetime) -> SendResult:
