@@ -4,13 +4,13 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["InvalidMessage", "SendResult", "campaigns", "contacts", "imports", "segments", "send", "send_many",
-           "status", "track"]
+__all__ = ["InvalidMessage", "SendResult", "campaigns", "contacts", "flush", "imports", "segments", "send",
+           "send_many", "status", "track"]
 
 # Public name -> the module that defines it. Lazy, so `import smartmail` stays cheap and does not
 # read settings until an API is used.
 _LAZY = {"send": "sending", "send_many": "sending", "SendResult": "sending", "InvalidMessage": "sending",
-         "status": "message_status", "track": "contacts"}
+         "status": "message_status", "track": "contacts", "flush": "workers.handoff"}
 _MODULES = {"contacts", "imports", "segments", "exports", "campaigns"}
 
 

@@ -20,6 +20,7 @@ from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import HAS_KEY, Message, MessageState, Suppression
 from smartmail.workers.dispatch import dispatch
+from smartmail.workers.handoff import hand_off
 
 _MAX_TAGS = 20
 log = structlog.get_logger("smartmail.sending")
@@ -111,7 +112,8 @@ def _insert_statement(dialect: str):
 
 def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     """Validate and render every message first (one bad message: an error naming it, nothing stored),
-    then store them in one transaction and publish their delivery tasks in one Redis pipeline."""
+    then store them in one transaction and hand the queued ones to the workers: by default a
+    background thread pushes their ids to Redis in one call (`smartmail.flush()` waits for it)."""
     if not specs:
         return []
     settings = get_settings()
@@ -143,8 +145,12 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     if len(rows) > 1:
         with get_engine().begin() as connection:
             results = _store(connection, rows, now)
+    queued = [r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate]
+    if settings.dispatch_in_background:
+        hand_off(queued)
+        return results
     try:
-        dispatch([r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate])
+        dispatch(queued)
     except (RedisError, KombuError, OSError) as exc:
         # The rows are committed and the reconciler will dispatch them; raising here would invite
         # the caller to send again.

@@ -170,8 +170,9 @@ def smtp_server():
 def reset_caches() -> None:
     from smartmail import db, rendering, template_store
     from smartmail.config import policy, settings
-    from smartmail.workers import dispatch, limiter, shaping, transports
+    from smartmail.workers import dispatch, handoff, limiter, shaping, transports
 
+    handoff.flush()  # ids a test handed off go to that test's Redis
     settings.get_settings.cache_clear()
     policy.forget_policy()
     limiter.get_throttle.cache_clear()

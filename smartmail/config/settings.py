@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     redis_key_prefix: str = ""  # lets several SmartMail installations (or test runs) share one Redis
     batch_size: int = Field(100, ge=1, le=10000)
     dispatch_drains: int = Field(4, ge=1, le=1000)
+    # send() pushes its ids to Redis from a background thread (workers/handoff.py), not in the call.
+    dispatch_in_background: bool = True
     claim_window: int = Field(10, ge=1, le=1000)
     # Campaigns (the bulk stream) favour throughput: bigger batches and claim windows cost fewer
     # transactions per message, and a crash may leave more messages `unknown` (processes x window).

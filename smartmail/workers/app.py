@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import beat_init, celeryd_init, worker_process_init, worker_process_shutdown
+from celery.signals import beat_init, celeryd_init, task_postrun, worker_process_init, worker_process_shutdown
 
 from smartmail.config import get_settings
 from smartmail.config.celery import celery_config
@@ -47,8 +47,18 @@ def _after_fork(**_kwargs) -> None:
     transports._transport = None  # forget, without QUIT: those sockets are the parent's
 
 
+@task_postrun.connect
+def _flush_handoff(**_kwargs) -> None:
+    # A task that called send() may be its process's last: prefork children end with os._exit.
+    from smartmail.workers.handoff import flush
+
+    flush()
+
+
 @worker_process_shutdown.connect
 def _close_transport(**_kwargs) -> None:
+    from smartmail.workers.handoff import flush
     from smartmail.workers.transports import set_transport
 
+    flush()
     set_transport(None)  # QUIT pooled SMTP connections

@@ -16,6 +16,7 @@ from smartmail.template_store import save_template
 def io(env, monkeypatch):
     """The SQL statements and Redis packets sent from now on."""
     smartmail.send("warm-up@example.com", subject="s", text="t")  # connects and declares the queues once
+    assert smartmail.flush()
     statements: list[str] = []
     event.listen(get_engine(), "before_cursor_execute",
                  lambda conn, cursor, sql, params, context, many: statements.append(sql))
@@ -40,6 +41,7 @@ def test_send_many_uses_constant_statements_and_one_redis_round_trip(io, size):
               "context": {"n": i, "email": f"u{i}@example.com", "reset_url": "https://example.com/r"}}
              for i in range(size)]
     results = smartmail.send_many(specs)
+    assert smartmail.flush()  # the ids' push, made by a background thread
 
     assert len(results) == size and {r.state for r in results} == {"queued"}
     data_statements = [s for s in statements if not s.startswith(("BEGIN", "COMMIT", "ROLLBACK"))]
@@ -60,6 +62,7 @@ def test_send_is_one_statement_that_checks_suppression_itself(io):
 
     sent = smartmail.send("here@example.com", subject="Hi {{ n }}", text="t", context={"n": 1})
     suppressed = smartmail.send("Gone@Example.com", subject="Hi {{ n }}", text="t", context={"n": 2})
+    assert smartmail.flush()
 
     assert (sent.state, suppressed.state, suppressed.reason) == (
         "queued", "suppressed", "recipient suppressed: unsubscribed")

@@ -193,6 +193,7 @@ def test_scheduled_message_is_sent_by_beat_when_due(relay, start_worker, start_b
 
 def test_messages_whose_tasks_redis_lost_are_sent_once_by_the_reconciler(relay, start_worker, monkeypatch):
     smartmail.send_many([{"to": f"lost{i}@example.com", "subject": "s", "text": "t"} for i in range(50)])
+    assert smartmail.flush()  # the ids reach Redis (from a background thread), and then
     clear_redis(smartmail.config.get_settings().redis_url)  # the broker forgets every task
     start_worker(concurrency=2)
     time.sleep(1.5)
