@@ -168,8 +168,8 @@ def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
 def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
     """Write the outcomes, then claim `ids`; the claimed rows."""
     if connection.dialect.name == "postgresql":
-        with _prepared(connection):
-            claimed = connection.exec_driver_sql(_record_and_claim_pg(),
+        with _unprepared(connection):
+            claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
                                                  {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
     else:
         if results:
@@ -190,25 +190,15 @@ def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids:
     return claimed
 
 
-# PostgreSQL takes ~0.4 ms to plan the record-and-claim statement and ~0.1 ms to run it (EXPLAIN
-# ANALYZE, 4,000 queued rows), and one send() at a time makes windows of one or two messages: so
-# it is prepared, and PostgreSQL keeps a generic plan for it. A generic plan made while the table
-# was small would scan the whole table as it grows, until an autovacuum ANALYZE (seen: 3 ms a claim
-# at 10,000 rows). So its text changes every REPLAN_SECONDS, and psycopg prepares the new text,
-# planned for the table as it is then (the planner reads the table's current size in pages, not
-# only its statistics). psycopg deallocates the old ones as they leave its cache of 100.
-REPLAN_SECONDS = 2.0
-
-
-def _record_and_claim_pg() -> str:
-    return f"{_RECORD_AND_CLAIM_PG} /* plan {int(time.monotonic() // REPLAN_SECONDS)} */"
-
-
 @contextmanager
-def _prepared(connection):
-    """Prepare the statement at its first run (psycopg's default waits for the fifth)."""
+def _unprepared(connection):
+    """psycopg prepares a statement run five times, and PostgreSQL may then keep one generic plan
+    for it, made while the table was small: the claim kept a sequential scan of messages as the
+    table grew to 10,000 rows (auto_explain: 3 ms a claim). So the claim is planned for the table as
+    it is now. Not preparing any statement instead cost send_many's INSERT 0.09 ms of PostgreSQL
+    CPU a message."""
     driver = connection.connection.driver_connection
-    threshold, driver.prepare_threshold = driver.prepare_threshold, 0
+    threshold, driver.prepare_threshold = driver.prepare_threshold, None
     try:
         yield
     finally:
