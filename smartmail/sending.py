@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -239,11 +240,29 @@ def _insert_one_statement(dialect: str, columns: tuple[str, ...]):
     return insert.returning(table.c.state, table.c.reason)
 
 
+@functools.lru_cache(maxsize=4)
+def _insert_one_sql(dialect, columns: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """_insert_one_statement as psycopg runs it, and its constant parameters. send() hands the
+    string to exec_driver_sql: Connection.execute spent ~0.1 ms a call (of ~1 ms of producer CPU)
+    deriving the statement's cache key, walking its 24 CASE-laden columns each time."""
+    compiled = _insert_one_statement("postgresql", columns).compile(dialect=dialect)
+    constants = {name: value for name, value in compiled.params.items() if name not in columns and name != "_email"}
+    return str(compiled), constants
+
+
+_JSON_COLUMNS = ("headers", "tags")
+
+
 def _store_one(connection, row: dict[str, Any], now: datetime) -> SendResult:
     _unsuppressed_state(row, now)
     email = normalize_address(row.pop("_address"))
-    statement = _insert_one_statement(connection.dialect.name, tuple(row))
-    stored = connection.execute(statement, {**row, "_email": email}).first()
+    if connection.dialect.name == "postgresql":
+        sql, constants = _insert_one_sql(connection.dialect, tuple(row))
+        parameters = {**row, **constants, "_email": email, **{c: json.dumps(row[c]) for c in _JSON_COLUMNS}}
+        stored = connection.exec_driver_sql(sql, parameters).first()
+    else:  # SQLite's parameters need SQLAlchemy's processing (datetimes stored as its strings)
+        statement = _insert_one_statement(connection.dialect.name, tuple(row))
+        stored = connection.execute(statement, {**row, "_email": email}).first()
     if stored is not None:
         return SendResult(row["id"], stored.state, stored.reason)
     owner = connection.execute(_owners, {"keys": [row["idempotency_key"]]}).first()
