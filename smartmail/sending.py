@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import psycopg
 import structlog
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy import String, bindparam, case, literal, null, select, true
+from sqlalchemy.exc import DBAPIError
 
 from smartmail import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
@@ -242,29 +244,46 @@ def _insert_one_statement(dialect: str, columns: tuple[str, ...]):
 
 @functools.lru_cache(maxsize=4)
 def _insert_one_sql(dialect, columns: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """_insert_one_statement as psycopg runs it, and its constant parameters. send() hands the
-    string to exec_driver_sql: Connection.execute spent ~0.1 ms a call (of ~1 ms of producer CPU)
-    deriving the statement's cache key, walking its 24 CASE-laden columns each time."""
+    """_insert_one_statement as psycopg runs it, and its constant parameters."""
     compiled = _insert_one_statement("postgresql", columns).compile(dialect=dialect)
     constants = {name: value for name, value in compiled.params.items() if name not in columns and name != "_email"}
     return str(compiled), constants
 
 
-_JSON_COLUMNS = ("headers", "tags")
+_JSON_COLUMNS = ("headers", "tags")  # the only columns whose values SQLAlchemy would process for psycopg
+
+
+def _insert_one_pg(connection, row: dict[str, Any], email: str) -> tuple:
+    """Run send()'s INSERT on the connection's psycopg cursor, compiled once: per call,
+    Connection.execute derived the statement's cache key (walking its 24 CASE-laden columns) and
+    built a result object, 0.7 → 0.4 ms of CPU for this step (interleaved A/B, 3,000 calls each).
+    Errors are raised and a lost connection discarded as SQLAlchemy would have."""
+    sql, constants = _insert_one_sql(connection.dialect, tuple(row))
+    parameters = {**row, **constants, "_email": email, **{c: json.dumps(row[c]) for c in _JSON_COLUMNS}}
+    driver = connection.connection.driver_connection
+    assert driver.autocommit, "send()'s INSERT must commit by itself"
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(sql, parameters)
+            return cursor.fetchone()
+    except psycopg.Error as exc:
+        lost = connection.dialect.is_disconnect(exc, driver, None)
+        if lost:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(sql, parameters, exc, psycopg.Error, connection_invalidated=lost,
+                                  dialect=connection.dialect) from exc
 
 
 def _store_one(connection, row: dict[str, Any], now: datetime) -> SendResult:
     _unsuppressed_state(row, now)
     email = normalize_address(row.pop("_address"))
     if connection.dialect.name == "postgresql":
-        sql, constants = _insert_one_sql(connection.dialect, tuple(row))
-        parameters = {**row, **constants, "_email": email, **{c: json.dumps(row[c]) for c in _JSON_COLUMNS}}
-        stored = connection.exec_driver_sql(sql, parameters).first()
+        stored = _insert_one_pg(connection, row, email)
     else:  # SQLite's parameters need SQLAlchemy's processing (datetimes stored as its strings)
         statement = _insert_one_statement(connection.dialect.name, tuple(row))
         stored = connection.execute(statement, {**row, "_email": email}).first()
     if stored is not None:
-        return SendResult(row["id"], stored.state, stored.reason)
+        return SendResult(row["id"], *stored)  # (state, reason)
     owner = connection.execute(_owners, {"keys": [row["idempotency_key"]]}).first()
     return SendResult(owner.id, owner.state, owner.reason, duplicate=True)
 

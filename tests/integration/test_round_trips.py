@@ -2,6 +2,7 @@
 the batch size); send() is one SQL statement."""
 from __future__ import annotations
 
+import psycopg
 import pytest
 import redis.connection
 from sqlalchemy import event
@@ -14,12 +15,22 @@ from smartmail.template_store import save_template
 
 @pytest.fixture
 def io(env, monkeypatch):
-    """The SQL statements and Redis packets sent from now on."""
+    """The SQL statements and Redis packets sent from now on (statements as the driver gets them)."""
     smartmail.send("warm-up@example.com", subject="s", text="t")  # connects and declares the queues once
     assert smartmail.flush()
     statements: list[str] = []
-    event.listen(get_engine(), "before_cursor_execute",
-                 lambda conn, cursor, sql, params, context, many: statements.append(sql))
+    if get_engine().dialect.name == "postgresql":  # send() runs its INSERT on the psycopg cursor itself
+        for method in ("execute", "executemany"):
+            real = getattr(psycopg.Cursor, method)
+
+            def spy_statement(self, query, *args, _real=real, **kwargs):
+                statements.append(str(query))
+                return _real(self, query, *args, **kwargs)
+
+            monkeypatch.setattr(psycopg.Cursor, method, spy_statement)
+    else:
+        event.listen(get_engine(), "before_cursor_execute",
+                     lambda conn, cursor, sql, params, context, many: statements.append(sql))
     packets = []
     real = redis.connection.Connection.send_packed_command
 
@@ -68,3 +79,26 @@ def test_send_is_one_statement_that_checks_suppression_itself(io):
         "queued", "suppressed", "recipient suppressed: unsubscribed")
     assert [s.split()[0] for s in statements] == ["INSERT", "INSERT"], statements  # no BEGIN, no COMMIT
     assert len(packets) <= 2, packets  # the queued one's outbox script, then the drain task it started
+
+
+def test_send_after_the_database_dropped_its_connection_fails_once_then_works(env):
+    """send()'s INSERT runs on the driver's cursor: a lost connection still raises SQLAlchemy's
+    error and leaves the pool, as it would through SQLAlchemy."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    engine = get_engine()
+    smartmail.send("first@example.com", subject="s", text="t")  # the pool now holds a connection
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's send() runs through SQLAlchemy, and has no server to drop it")
+    with engine.connect() as connection:
+        own = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    admin = create_engine(engine.url, isolation_level="AUTOCOMMIT")  # not a connection of the pool's
+    with admin.connect() as killer:
+        killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": own})
+    admin.dispose()
+
+    with pytest.raises(OperationalError):
+        smartmail.send("second@example.com", subject="s", text="t")
+    third = smartmail.send("third@example.com", subject="s", text="t")
+    assert third.state == "queued"
