@@ -327,7 +327,7 @@ def _owns(campaign_id: int, owner: str | None) -> bool:
 
 def _insert_page(session, campaign: Campaign, page: list, now: datetime, domain: str) -> list[tuple[str, str]]:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
-    rows = [_message_row(campaign, contact_id, email, zone, now, domain) for contact_id, email, zone in page]
+    rows = _message_rows(campaign, page, now, domain)
     connection = session.connection()
     if connection.dialect.name == "postgresql" and not COPY_SPECIAL.search("".join(r["recipient"] for r in rows)):
         return _insert_page_by_copy(connection, campaign, rows, now, domain)
@@ -354,8 +354,12 @@ RETURNING id, state"""
 
 def _insert_page_by_copy(connection, campaign: Campaign, rows: list[dict[str, Any]], now: datetime,
                          domain: str) -> list[tuple[str, str]]:
+    now_text = now.isoformat(sep=" ")  # most rows' enqueued_at: formatted once a page
+
     def stamp(moment: datetime | None) -> str:
-        return "\\N" if moment is None else moment.isoformat(sep=" ")
+        if moment is None:
+            return "\\N"
+        return now_text if moment is now else moment.isoformat(sep=" ")
 
     cursor = connection.connection.driver_connection.cursor()
     cursor.execute(_PG_FAN_OUT_STAGING)
@@ -369,23 +373,26 @@ def _insert_page_by_copy(connection, campaign: Campaign, rows: list[dict[str, An
     return cursor.fetchall()
 
 
-def _message_row(campaign: Campaign, contact_id: int, email: str, zone: str | None, now: datetime,
-                 domain: str) -> dict[str, Any]:
-    message_id = new_id()
-    opens = None
-    if campaign.window_start:
-        opens = window_opens(now, _zone(zone, campaign.window_timezone), campaign.window_start, campaign.window_end)
-    return {
-        "id": message_id, "idempotency_key": None,
-        "state": MessageState.SCHEDULED.value if opens else MessageState.QUEUED.value,
-        "sender": campaign.sender, "recipient": email, "reply_to": campaign.reply_to,
+def _message_rows(campaign: Campaign, page: list, now: datetime, domain: str) -> list[dict[str, Any]]:
+    """The message rows of a page of (contact id, email, time zone). What all rows share is read
+    from the campaign once: the ORM's attribute access per row was ~7% of a fan-out's CPU (py-spy)."""
+    shared = {
+        "idempotency_key": None, "sender": campaign.sender, "reply_to": campaign.reply_to,
         "subject": "", "html": None, "text": "",  # rendered when sent (campaign_delivery.py)
-        "headers": {}, "tags": campaign.tags, "message_id_header": f"<{message_id}@{domain}>",
-        "template_name": campaign.template_name, "template_version": campaign.template_version,
-        "attempts": 0, "created_at": now, "enqueued_at": None if opens else now, "claimed_at": None,
-        "next_attempt_at": opens, "send_at": opens, "finished_at": None, "smtp_code": None, "smtp_reply": None,
-        "reason": None, "campaign_id": campaign.id, "contact_id": contact_id,
+        "headers": {}, "tags": campaign.tags, "template_name": campaign.template_name,
+        "template_version": campaign.template_version, "attempts": 0, "created_at": now, "claimed_at": None,
+        "finished_at": None, "smtp_code": None, "smtp_reply": None, "reason": None, "campaign_id": campaign.id,
     }
+    window = (campaign.window_start, campaign.window_end, campaign.window_timezone) if campaign.window_start else None
+    queued, scheduled = MessageState.QUEUED.value, MessageState.SCHEDULED.value
+    rows = []
+    for contact_id, email, zone in page:
+        message_id = new_id()
+        opens = window_opens(now, _zone(zone, window[2]), window[0], window[1]) if window else None
+        rows.append({**shared, "id": message_id, "state": scheduled if opens else queued, "recipient": email,
+                     "message_id_header": f"<{message_id}@{domain}>", "enqueued_at": None if opens else now,
+                     "next_attempt_at": opens, "send_at": opens, "contact_id": contact_id})
+    return rows
 
 
 def _redispatch_waiting(campaign_id: int) -> None:

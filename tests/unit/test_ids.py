@@ -1,0 +1,37 @@
+"""Message ids spell the ULID layout in Crockford base32, in time order."""
+from __future__ import annotations
+
+import random
+import re
+import time
+
+from smartmail import ids
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _spelled(value: int) -> str:
+    """The ULID spec's encoding, one base32 digit at a time from the lowest."""
+    digits = []
+    for _ in range(26):
+        value, digit = divmod(value, 32)
+        digits.append(CROCKFORD[digit])
+    return "".join(reversed(digits))
+
+
+def test_ids_spell_their_128_bits_as_the_spec_does(monkeypatch):
+    rng = random.Random(7)
+    values = [0, 1, 2**128 - 1, 2**80 - 1, 2**80] + [rng.getrandbits(128) for _ in range(2000)]
+    for value in values:
+        millis, randomness = value >> 80, value & (2**80 - 1)
+        monkeypatch.setattr(ids.time, "time_ns", lambda millis=millis: millis * 1_000_000)
+        monkeypatch.setattr(ids.os, "urandom", lambda n, randomness=randomness: randomness.to_bytes(n, "big"))
+        assert ids.new_id() == _spelled(value)
+
+
+def test_ids_are_26_characters_and_sort_by_time():
+    first = ids.new_id()
+    time.sleep(0.002)
+    later = [ids.new_id() for _ in range(100)]
+    assert all(re.fullmatch(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", i) for i in [first, *later])
+    assert all(first < i for i in later) and len(set(later)) == 100
