@@ -273,6 +273,34 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
     assert len(recipients) == len(set(recipients)) and set(recipients) == eligible and fanned_out
 
 
+def test_a_fan_out_behind_its_rows_adds_only_the_missing_ones(relay, monkeypatch):
+    """Pages go in with a plain INSERT (their contacts come after the checkpoint); a page whose
+    contacts have rows after all, here because the checkpoint was moved back, adds only the others."""
+    eligible = make_audience(50)
+    campaigns.create_campaign("behind", template="newsletter", lists=["news"])
+    with session_scope() as session:
+        campaign = session.scalar(select(Campaign).where(Campaign.name == "behind"))
+        assert campaigns._start(session, campaign)
+        campaign_id = campaign.id
+    monkeypatch.setattr(campaigns, "PAGE", 20)
+    monkeypatch.setattr(campaigns, "dispatch", lambda ids, stream: None)
+    assert campaigns.fan_out(campaign_id) == 50
+    with session_scope() as session:
+        campaign = session.get(Campaign, campaign_id)
+        first_ids = set(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
+        third_page_starts = sorted(session.scalars(select(Message.contact_id).where(
+            Message.campaign_id == campaign_id)))[39]
+        session.execute(update(Message).where(Message.campaign_id == campaign_id,
+                                              Message.contact_id > third_page_starts).values(campaign_id=None))
+        campaign.cursor, campaign.fanned_out = 0, False  # two pages behind the rows it has
+
+    assert campaigns.fan_out(campaign_id) == 10  # the third page's contacts again, nothing else
+    with session_scope() as session:
+        rows = session.execute(select(Message.id, Message.recipient).where(Message.campaign_id == campaign_id)).all()
+    assert len(rows) == 50 and {r.recipient for r in rows} == eligible
+    assert len(first_ids & {r.id for r in rows}) == 40  # the first two pages' rows are the same rows
+
+
 def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_insert(relay, monkeypatch):
     make_audience(30)
     now = utcnow()
