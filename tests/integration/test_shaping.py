@@ -178,9 +178,12 @@ def test_each_site_keeps_its_rate_and_an_unlimited_site_is_not_held_back(shaped,
     start = min(min(s) for s in stamps.values())
     assert max(stamps["fifty.example"]) - start >= (500 - 5) / 50 - 0.5
     assert max(stamps["twenty.example"]) - start >= (200 - 5) / 20 - 0.5
-    # ... while the unlimited site, sharing the same workers, finished first and was never held
-    # back: no message of it waited for a token, and each went at its first attempt.
-    assert max(stamps["fast.example"]) < min(max(stamps["fifty.example"]), max(stamps["twenty.example"]))
+    # ... while the unlimited site, sharing the same workers, was never held back: its 2,300 went
+    # in well under the time even the faster limit would have needed for them (46 s at 50/s), no
+    # message of it waited for a token, and each went at its first attempt. (Whether it also
+    # finished before the limited sites, ~10 s each, is a race on a loaded 2-core host: CI once
+    # saw it finish 5 ms after.)
+    assert max(stamps["fast.example"]) - start < 0.75 * counts["fast.example"] / 50
     from smartmail.workers.limiter import get_throttle
 
     assert get_throttle().state("fast").counters == {"sent": 2300}
