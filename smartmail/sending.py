@@ -256,7 +256,8 @@ _JSON_COLUMNS = ("headers", "tags")  # the only columns whose values SQLAlchemy 
 def _insert_one_pg(connection, row: dict[str, Any], email: str) -> tuple:
     """Run send()'s INSERT on the connection's psycopg cursor, compiled once: per call,
     Connection.execute derived the statement's cache key (walking its 24 CASE-laden columns) and
-    built a result object, 0.7 → 0.4 ms of CPU for this step (interleaved A/B, 3,000 calls each).
+    built a result object: 0.71 → 0.58 ms of CPU for this step with exec_driver_sql, 0.57 → 0.39
+    with the cursor (two interleaved A/Bs, 3,000 calls each).
     Errors are raised and a lost connection discarded as SQLAlchemy would have."""
     sql, constants = _insert_one_sql(connection.dialect, tuple(row))
     parameters = {**row, **constants, "_email": email, **{c: json.dumps(row[c]) for c in _JSON_COLUMNS}}
