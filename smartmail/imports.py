@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
-import psycopg
 import structlog
 from charset_normalizer import from_bytes
 from sqlalchemy import select, update
@@ -28,7 +27,7 @@ from sqlalchemy.engine import Connection
 from smartmail import contacts
 from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, check_attribute_name
-from smartmail.db import COPY_SPECIAL, get_engine, session_scope, utcnow
+from smartmail.db import COPY_SPECIAL, get_engine, insert_else_upsert, session_scope, utcnow
 from smartmail.ids import new_id
 from smartmail.models import ContactList, ImportJob, ImportRowError
 
@@ -616,17 +615,10 @@ def _upsert(connection: Connection, job_id: str, rows: list[tuple], options: Imp
                                f"%(now)s, %(member_source)s FROM upserted{conflict}")
                               for statement, conflict in ((insert, ""), (upsert, " ON CONFLICT DO NOTHING")))
         if all_new:
-            # Every address was unknown a moment ago: a plain INSERT skips ON CONFLICT's speculative
-            # insertion (~35% of the statement's time). A concurrent writer may have added one since:
-            # then the savepoint is rolled back and the upsert runs after all.
-            cursor.execute("SAVEPOINT smartmail_import")
-            try:
-                cursor.execute(insert, params)
-                cursor.execute("RELEASE SAVEPOINT smartmail_import")
-                return
-            except psycopg.errors.UniqueViolation:
-                cursor.execute("ROLLBACK TO SAVEPOINT smartmail_import")
-        cursor.execute(upsert, params)
+            # Every address was unknown a moment ago; a concurrent writer may have added one since.
+            insert_else_upsert(cursor, insert, upsert, params)
+        else:
+            cursor.execute(upsert, params)
         return  # the staging rows go at COMMIT
     stamp = _sqlite_time(now)
     values = [(*row, options.source, stamp, stamp, job_id) for row in rows]

@@ -10,9 +10,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
-import structlog
-from kombu.exceptions import KombuError
-from redis.exceptions import RedisError
 from sqlalchemy import String, bindparam, case, literal, null, select, true
 from sqlalchemy.exc import DBAPIError
 
@@ -22,11 +19,9 @@ from smartmail.config import get_settings
 from smartmail.db import get_engine, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import HAS_KEY, Message, MessageState, Suppression
-from smartmail.workers.dispatch import dispatch
-from smartmail.workers.handoff import hand_off
+from smartmail.workers.handoff import hand_off, push_now
 
 _MAX_TAGS = 20
-log = structlog.get_logger("smartmail.sending")
 
 
 class InvalidMessage(ValueError):
@@ -149,15 +144,7 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
         with get_engine().begin() as connection:
             results = _store(connection, rows, now)
     queued = [r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate]
-    if settings.dispatch_in_background:
-        hand_off(queued)
-        return results
-    try:
-        dispatch(queued)
-    except (RedisError, KombuError, OSError) as exc:
-        # The rows are committed and the reconciler will dispatch them; raising here would invite
-        # the caller to send again.
-        log.error("dispatch.failed", error=str(exc), count=len(results))
+    (hand_off if settings.dispatch_in_background else push_now)(queued)
     return results
 
 

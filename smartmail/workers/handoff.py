@@ -68,9 +68,7 @@ class Handoff:
             try:
                 for stream, ids in batches.items():
                     try:
-                        dispatch.dispatch(ids, stream)
-                    except (RedisError, KombuError, OSError) as exc:
-                        log.error("dispatch.failed", error=str(exc), count=len(ids), stream=stream)
+                        push_now(ids, stream)
                     except Exception:  # noqa: BLE001 - the thread must outlive a bug, or ids would pile up
                         log.exception("dispatch.failed", count=len(ids), stream=stream)
             finally:
@@ -78,6 +76,15 @@ class Handoff:
                     self._pushing = False
                     if not self._pending:
                         self._is_idle.notify_all()
+
+
+def push_now(message_ids: Sequence[str], stream: str = dispatch.TRANSACTIONAL) -> None:
+    """Push committed ids to the outbox in this thread. A failure is logged, not raised: the rows
+    are committed and the reconciler dispatches them; raising would invite the caller to send again."""
+    try:
+        dispatch.dispatch(message_ids, stream)
+    except (RedisError, KombuError, OSError) as exc:
+        log.error("dispatch.failed", error=str(exc), count=len(message_ids), stream=stream)
 
 
 _handoff = Handoff()

@@ -65,6 +65,14 @@ def make_audience(n: int, *, unsubscribed_every: int = 0, suppressed_every: int 
     return {r["email"] for r in rows if r["status"] == "subscribed" and r["email"] not in suppressed}
 
 
+def started(name: str) -> int:
+    """Start a created campaign as its launch does, without publishing the fan-out; its id."""
+    with session_scope() as session:
+        campaign = session.scalar(select(Campaign).where(Campaign.name == name))
+        assert campaigns._start(session, campaign)
+        return campaign.id
+
+
 def message_states(name: str) -> collections.Counter:
     return collections.Counter(campaigns.campaign_status(name).counts)
 
@@ -176,10 +184,7 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
 
     make_audience(4)
     campaigns.create_campaign("late", template="newsletter", lists=["news"], rate_cap=1)
-    with session_scope() as session:
-        campaign = session.scalar(select(Campaign).where(Campaign.name == "late"))
-        assert campaigns._start(session, campaign)
-        campaign_id = campaign.id
+    campaign_id = started("late")
     campaigns.fan_out(campaign_id)
     with session_scope() as session:  # a worker's window claimed them
         session.execute(update(Message).values(state="sending"))
@@ -231,10 +236,7 @@ def test_a_451_to_one_recipient_in_ten_is_retried_and_delivered(relay, start_wor
 def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch):
     eligible = make_audience(2500)
     campaigns.create_campaign("resumable", template="newsletter", lists=["news"])
-    with session_scope() as session:
-        campaign = session.scalar(select(Campaign).where(Campaign.name == "resumable"))
-        assert campaigns._start(session, campaign)
-        campaign_id = campaign.id
+    campaign_id = started("resumable")
     monkeypatch.setattr(campaigns, "PAGE", 400)
     calls = {"n": 0}
     real_dispatch = campaigns.dispatch
@@ -278,10 +280,7 @@ def test_a_fan_out_behind_its_rows_adds_only_the_missing_ones(relay, monkeypatch
     contacts have rows after all, here because the checkpoint was moved back, adds only the others."""
     eligible = make_audience(50)
     campaigns.create_campaign("behind", template="newsletter", lists=["news"])
-    with session_scope() as session:
-        campaign = session.scalar(select(Campaign).where(Campaign.name == "behind"))
-        assert campaigns._start(session, campaign)
-        campaign_id = campaign.id
+    campaign_id = started("behind")
     monkeypatch.setattr(campaigns, "PAGE", 20)
     monkeypatch.setattr(campaigns, "dispatch", lambda ids, stream: None)
     assert campaigns.fan_out(campaign_id) == 50
@@ -312,10 +311,7 @@ def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_in
             monkeypatch.setattr(campaigns, "COPY_SPECIAL", re.compile(""))
         campaigns.create_campaign(name, template="newsletter", lists=["news"], window=closed, tags=["spring"],
                                   reply_to="Help <help@example.com>")
-        with session_scope() as session:
-            campaign = session.scalar(select(Campaign).where(Campaign.name == name))
-            assert campaigns._start(session, campaign)
-            campaign_id = campaign.id
+        campaign_id = started(name)
         assert campaigns.fan_out(campaign_id) == 30
         with session_scope() as session:
             rows = session.execute(select(Message.id, Message.message_id_header, *columns)
