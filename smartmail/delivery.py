@@ -17,7 +17,7 @@ from smartmail import campaign_delivery
 from smartmail.addresses import bare_address, normalize_address
 from smartmail.config import get_settings
 from smartmail.config.policy import Site
-from smartmail.db import get_engine, upsert_insert, utcnow
+from smartmail.db import get_engine, statement_connection, upsert_insert, utcnow
 from smartmail.mime import build_mime
 from smartmail.models import Campaign, CampaignState, Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
@@ -65,8 +65,10 @@ _record = (
 # the CPU on both sides), and the claim, which skips rows another worker is claiming right now
 # (FOR UPDATE SKIP LOCKED: that worker will send them). Run on its own, it needs no BEGIN and
 # COMMIT: one round trip a window, where a transaction of SET, UPDATE and claim took five. The
-# two parts touch different rows (claimed rows are `sending`, claimable ones are not). The `= ANY`
-# tests keep both on the primary key whatever the statistics say.
+# two parts touch different rows (claimed rows are `sending`, claimable ones are not). Every scan
+# of messages has an `id = ANY` test, so that the one generic plan a statement connection keeps
+# (db.statement_connection) finds the rows by primary key: without the outer UPDATE's, that plan
+# walked the whole primary key when it was made on the statistics of an emptied table.
 _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
   UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
       smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
@@ -75,7 +77,7 @@ _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
        AS v(id, state, next, finished, code, reply, reason, unattempted)
   WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown'))
 UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
-WHERE id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
+WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
     AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
     AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
     FOR UPDATE SKIP LOCKED)
@@ -168,9 +170,8 @@ def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
 def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
     """Write the outcomes, then claim `ids`; the claimed rows."""
     if connection.dialect.name == "postgresql":
-        with _unprepared(connection):
-            claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
-                                                 {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
+        claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
+                                             {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
     else:
         if results:
             outcomes = _outcomes(results, now)
@@ -192,11 +193,14 @@ def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids:
 
 @contextmanager
 def _unprepared(connection):
-    """psycopg prepares a statement run five times, and PostgreSQL may then keep one generic plan
-    for it, made while the table was small: the claim kept a sequential scan of messages as the
-    table grew to 10,000 rows (auto_explain: 3 ms a claim). So the claim is planned for the table as
-    it is now. Not preparing any statement instead cost send_many's INSERT 0.09 ms of PostgreSQL
-    CPU a message."""
+    """On the engine's own connections, psycopg prepares a statement run five times, and
+    PostgreSQL may then keep one generic plan for it, made while the table was small: the claim kept
+    a sequential scan of messages as the table grew to 10,000 rows (auto_explain: 3 ms a claim). So
+    the claim in a transaction is planned for the table as it is now. Not preparing any statement
+    instead cost send_many's INSERT 0.09 ms of PostgreSQL CPU a message."""
+    if connection.dialect.name != "postgresql":
+        yield
+        return
     driver = connection.connection.driver_connection
     threshold, driver.prepare_threshold = driver.prepare_threshold, None
     try:
@@ -377,9 +381,9 @@ def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: d
     for attempt in range(attempts):
         try:
             if alone:
-                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                with statement_connection() as connection:
                     return _record_and_claim_on(connection, pending, now, ids)
-            with engine.begin() as connection:
+            with engine.begin() as connection, _unprepared(connection):
                 return _record_and_claim_on(connection, pending, now, ids)
         except OperationalError:
             if attempt == attempts - 1:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from smartmail import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.db import get_engine, upsert_insert, utcnow
+from smartmail.db import get_engine, statement_connection, upsert_insert, utcnow
 from smartmail.ids import new_id
 from smartmail.models import HAS_KEY, Message, MessageState, Suppression
 from smartmail.workers.handoff import hand_off, push_now
@@ -121,7 +121,7 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     # Render outside the write transaction (on SQLite it would hold the one write lock meanwhile).
     # Core connections, not an ORM session: this runs once per send() and a session's bookkeeping
     # cost more than the statements.
-    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as reader:
+    with statement_connection() as reader:
         for item in prepared:
             rendered = _render(reader, item, settings)
             message_id = new_id()

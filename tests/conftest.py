@@ -177,10 +177,7 @@ def reset_caches() -> None:
     policy.forget_policy()
     limiter.get_throttle.cache_clear()
     shaping._shaper = None
-    if db.get_engine.cache_info().currsize:
-        db.get_engine().dispose()
-    db.get_engine.cache_clear()
-    db._session_factory.cache_clear()
+    db.forget_engines()
     rendering._environment.cache_clear()
     rendering._inline.cache_clear()
     dispatch.get_outbox.cache_clear()

@@ -40,10 +40,10 @@ def _check_policy(**_kwargs) -> None:
 @worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
     # A prefork child must not share the parent's database connections or SMTP sockets.
-    from smartmail.db import reset_after_fork
+    from smartmail.db import forget_engines
     from smartmail.workers import transports
 
-    reset_after_fork()
+    forget_engines(close=False)
     transports._transport = None  # forget, without QUIT: those sockets are the parent's
 
 

@@ -8,7 +8,7 @@ import redis.connection
 from sqlalchemy import event
 
 import smartmail
-from smartmail.db import get_engine, session_scope
+from smartmail.db import get_engine, session_scope, statement_connection
 from smartmail.models import Suppression
 from smartmail.template_store import save_template
 
@@ -91,7 +91,7 @@ def test_send_after_the_database_dropped_its_connection_fails_once_then_works(en
     smartmail.send("first@example.com", subject="s", text="t")  # the pool now holds a connection
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite's send() runs through SQLAlchemy, and has no server to drop it")
-    with engine.connect() as connection:
+    with statement_connection() as connection:  # the pool send() takes its connection from
         own = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     admin = create_engine(engine.url, isolation_level="AUTOCOMMIT")  # not a connection of the pool's
     with admin.connect() as killer:

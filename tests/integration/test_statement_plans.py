@@ -1,0 +1,44 @@
+"""The record-and-claim keeps one generic plan per statement connection (PostgreSQL): that plan must
+find its rows by primary key, however few rows `messages` had when it was made."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import smartmail
+from smartmail import delivery
+from smartmail.db import get_engine, statement_connection, utcnow
+
+_NO_OUTCOMES = {name: [] for name in delivery._OUTCOME_COLUMNS}
+
+
+def _plan_of_prepared_claim(connection) -> str:
+    """Run the record-and-claim until psycopg has prepared it, then EXPLAIN its prepared statement."""
+    for _ in range(6):
+        connection.exec_driver_sql(delivery._RECORD_AND_CLAIM_PG, {**_NO_OUTCOMES, "ids": [], "now": utcnow()}).all()
+    name = connection.exec_driver_sql(
+        "SELECT name FROM pg_prepared_statements WHERE position('SKIP LOCKED' in statement) > 0").scalar_one()
+    arguments = ", ".join(["NULL"] * 8 + ["now()::timestamp", "ARRAY['a', 'b']"])  # outcomes, now, ids
+    return "\n".join(connection.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arguments})").scalars())
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_the_claims_plan_finds_messages_by_primary_key_even_made_on_a_tiny_table(env, rows):
+    if get_engine().dialect.name != "postgresql":
+        pytest.skip("plans are kept on PostgreSQL's statement connections only")
+    for i in range(rows):
+        smartmail.send(f"u{i}@example.com", subject="s", text="t")
+    with get_engine().connect() as connection:
+        connection.exec_driver_sql("ANALYZE messages")
+        connection.commit()
+
+    with statement_connection() as connection:
+        plan = _plan_of_prepared_claim(connection)
+
+    # Three scans of messages (the recorded rows, the claim, its locking subquery), each on the key.
+    scans = re.findall(r"(\w[\w ]*Scan)(?: using (\w+))? on messages\b.*\n\s*(?:Index|Recheck) Cond: (.*)", plan)
+    assert len(scans) == 3, plan
+    assert all("messages_pkey" in (index or "") or kind.startswith("Bitmap Heap") for kind, index, _ in scans), plan
+    assert all("id)::text = ANY" in condition for _, _, condition in scans), plan
+    assert "Seq Scan on messages" not in plan, plan
