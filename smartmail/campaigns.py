@@ -35,7 +35,7 @@ from smartmail.workers.dispatch import BULK, dispatch
 
 log = structlog.get_logger("smartmail.campaigns")
 
-PAGE = 1000  # contacts per fan-out page: one audience query, one INSERT, one checkpoint
+PAGE = 5000  # contacts per fan-out page: one audience query, one INSERT, one checkpoint (1,000: 20% more CPU a row)
 _AUDIENCE_TABLES = ["contacts", "list_memberships", "suppressions", "events"]  # what audience queries read
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 _OPEN = (MessageState.QUEUED.value, MessageState.SENDING.value, MessageState.DEFERRED.value,
@@ -266,9 +266,10 @@ def campaign_status(name: str) -> CampaignStatus:
 
 # --- Fan-out -----------------------------------------------------------------------------------
 
-def audience_query(session, campaign: Campaign):
+def audience_query(session, campaign: Campaign, after: int | None = None):
     """SELECT contact id, email, time zone of the campaign's audience: subscribed contacts in any
-    of its lists and/or its saved segment, minus suppressed addresses (one query per page)."""
+    of its lists and/or its saved segment, minus suppressed addresses (one query per page of
+    contacts with ids above `after`)."""
     rules: list[Any] = [{"status": ContactStatus.SUBSCRIBED.value}]
     if campaign.lists:
         rules.append({"any": [{"list": name} for name in campaign.lists]})
@@ -278,7 +279,7 @@ def audience_query(session, campaign: Campaign):
             raise NotFound(f"campaign {campaign.name!r}: no saved segment named {campaign.segment!r}")
         rules.append(segment_rules)
     contacts = Contact.__table__
-    return (segments.audience_query({"all": rules}, session.get_bind().dialect.name)
+    return (segments.audience_query({"all": rules}, session.get_bind().dialect.name, after=after)
             .add_columns(contacts.c.email, contacts.c.timezone)
             .where(~exists().where(Suppression.email == contacts.c.email)))
 
@@ -307,7 +308,7 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
                 return created
             campaign.fan_out_until = _lease_end()
             contacts = Contact.__table__
-            page = session.execute(audience_query(session, campaign).where(contacts.c.id > campaign.cursor)
+            page = session.execute(audience_query(session, campaign, after=campaign.cursor)
                                    .order_by(contacts.c.id).limit(PAGE)).all()
             if not page:
                 campaign.fanned_out = True

@@ -303,6 +303,14 @@ def _attr_clause(rule: Attr, dialect: str) -> ColumnElement:
     return _guard(j.is_string(), getattr(j.string(), method)(rule.value))
 
 
+def _of_contact(column, after: int | None) -> list[ColumnElement]:
+    """A subquery's rows of the outer query's contact; with a keyset bound (the outer query has
+    `contacts.id > after`), the same bound on this side too: PostgreSQL carries equalities, not
+    inequalities, across a join, and its merge join read every list membership below a fan-out
+    page before the page's own (12 ms a page of 1,000 at 50,000 contacts, growing with the cursor)."""
+    return [column == contacts_t.c.id, *([column > after] if after is not None else [])]
+
+
 def _events_since(type_: str, since: datetime | None):
     conditions = [events_t.c.type == type_, events_t.c.contact_id.is_not(None)]
     if since is not None:
@@ -323,18 +331,18 @@ def recipient_address(dialect: str):
     return func.lower(case((r.like("%<%>"), inner), else_=r))
 
 
-def _clause(node: Any, dialect: str, now: datetime) -> ColumnElement:
+def _clause(node: Any, dialect: str, now: datetime, after: int | None) -> ColumnElement:
     if isinstance(node, Group):
-        parts = [_clause(r, dialect, now) for r in node.rules]
+        parts = [_clause(r, dialect, now, after) for r in node.rules]
         return and_(*parts) if node.kind == "all" else or_(*parts)
     if isinstance(node, Not):
-        return not_(_clause(node.rule, dialect, now))
+        return not_(_clause(node.rule, dialect, now, after))
     if isinstance(node, Attr):
         return _attr_clause(node, dialect)
     if isinstance(node, EventRule):
         since = now - timedelta(days=node.within) if node.within else None
         if node.min_count == 1:
-            return exists().where(events_t.c.contact_id == contacts_t.c.id, *_events_since(node.name, since))
+            return exists().where(*_of_contact(events_t.c.contact_id, after), *_events_since(node.name, since))
         counted = (select(events_t.c.contact_id).where(*_events_since(node.name, since))
                    .group_by(events_t.c.contact_id).having(func.count() >= node.min_count))
         return contacts_t.c.id.in_(counted)
@@ -342,14 +350,14 @@ def _clause(node: Any, dialect: str, now: datetime) -> ColumnElement:
     if kind == "status":
         return contacts_t.c.status.in_(value)
     if kind == "list":
-        return exists().where(members_t.c.contact_id == contacts_t.c.id, members_t.c.status == "subscribed",
+        return exists().where(*_of_contact(members_t.c.contact_id, after), members_t.c.status == "subscribed",
                               members_t.c.list_id == select(lists_t.c.id).where(lists_t.c.name == value)
                               .scalar_subquery())
     since = now - timedelta(days=value)
     if kind == "created_within":
         return contacts_t.c.created_at >= since
     if kind in ENGAGEMENT:
-        return exists().where(events_t.c.contact_id == contacts_t.c.id, *_events_since(ENGAGEMENT[kind], since))
+        return exists().where(*_of_contact(events_t.c.contact_id, after), *_events_since(ENGAGEMENT[kind], since))
     if kind == "sent_within":
         sent = select(recipient_address(dialect)).where(messages_t.c.state == "sent",
                                                         messages_t.c.finished_at >= since)
@@ -357,17 +365,19 @@ def _clause(node: Any, dialect: str, now: datetime) -> ColumnElement:
     raise AssertionError(kind)
 
 
-def compile_where(rules: Any, dialect: str, now: datetime | None = None) -> ColumnElement:
-    """The WHERE clause selecting the contacts the rules describe."""
-    return _clause(parse(rules), dialect, now or utcnow())
+def compile_where(rules: Any, dialect: str, now: datetime | None = None, after: int | None = None) -> ColumnElement:
+    """The WHERE clause selecting the contacts the rules describe (those with ids above `after`, if given)."""
+    where = _clause(parse(rules), dialect, now or utcnow(), after)
+    return where if after is None else and_(contacts_t.c.id > after, where)
 
 
-def audience_query(rules: Any, dialect: str | None = None, now: datetime | None = None) -> Select:
+def audience_query(rules: Any, dialect: str | None = None, now: datetime | None = None,
+                   after: int | None = None) -> Select:
     """SELECT contacts.id of a segment's audience, for callers to page through by keyset, e.g.
-    `audience_query(r).where(contacts.c.id > last_id).order_by(contacts.c.id).limit(1000)`.
+    `audience_query(r, after=last_id).order_by(contacts.c.id).limit(1000)`.
     `rules` is a rule tree or a saved segment's name."""
     dialect = dialect or get_engine().dialect.name
-    return select(contacts_t.c.id).where(compile_where(_resolve(rules), dialect, now))
+    return select(contacts_t.c.id).where(compile_where(_resolve(rules), dialect, now, after))
 
 
 # --- Saved segments and their use ------------------------------------------------------------------

@@ -245,18 +245,32 @@ def test_saved_segments_count_preview_and_keyset_pages(world):
     from smartmail.segments import contacts_t
 
     pages, last = [], 0
-    audience = segments.audience_query("news over 30")
-    with get_engine().connect() as conn:
-        while True:
-            page = list(conn.scalars(audience.where(contacts_t.c.id > last).order_by(contacts_t.c.id).limit(7)))
-            if not page:
-                break
-            pages.extend(page)
-            last = page[-1]
+    while True:
+        query = segments.audience_query("news over 30", after=last).order_by(contacts_t.c.id).limit(7)
+        with get_engine().connect() as conn:  # after the query: naming a saved segment reads it
+            page = list(conn.scalars(query))
+        if not page:
+            break
+        pages.extend(page)
+        last = page[-1]
     assert pages == expected
     segments.save_segment("news over 30", {"list": "customers"})  # replaced
     assert [s["rules"] for s in segments.get_segments()] == [{"list": "customers"}]
     assert segments.delete_segment("news over 30") and segments.get_segments() == []
+
+
+def test_a_keyset_bound_selects_the_same_contacts_above_it(world):
+    """`after` is repeated inside the list and event subqueries (for PostgreSQL's merge joins): the
+    answer must be the rule's contacts above the bound, negated rules included."""
+    ids = sorted(p["id"] for p in world["people"])
+    after = ids[len(ids) // 2]
+    with get_engine().connect() as conn:
+        for rule in CASES:
+            got = set(conn.scalars(segments.audience_query(rule, after=after)))
+            expected = {p["id"] for p in world["people"] if p["id"] > after and matches(rule, p, world)}
+            assert got == expected, rule
+    where = str(segments.compile_where({"not": {"list": "news"}}, get_engine().dialect.name, after=after))
+    assert "list_memberships.contact_id > " in where, where
 
 
 BAD = [
