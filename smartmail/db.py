@@ -71,8 +71,9 @@ _STATEMENT_SESSION = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=of
 def _statement_engine() -> Engine:
     url = get_settings().database_url
     options = " ".join(filter(None, [make_url(url).query.get("options"), _STATEMENT_SESSION]))
+    # No reset (ROLLBACK) on return: an autocommit connection has no transaction to end.
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_recycle=1800,
-                         connect_args={"options": options})
+                         pool_reset_on_return=None, connect_args={"options": options})
 
 
 def statement_connection() -> Connection:

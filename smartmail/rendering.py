@@ -244,6 +244,14 @@ def _text_template(html: jinja2.Template, source: Callable[[], str]) -> jinja2.T
     return _derived_text[html]
 
 
+@functools.lru_cache(maxsize=1024)
+def _part_names(ref: template_store.TemplateRef) -> dict[str, str]:
+    """The Jinja names of a template's parts; memoized: joining paths per send() was ~3% of its CPU."""
+    if ref.version is not None:
+        return {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
+    return {part: f"file/{ref.path / filename}" for part, filename in template_store.FILE_PARTS.items()}
+
+
 def render(session, *, context: dict[str, Any], template: str | None = None,
            subject: str | None = None, html: str | None = None, text: str | None = None,
            templates_dir: Path = Path("templates"), cache_seconds: float = 0.0) -> Rendered:
@@ -251,10 +259,7 @@ def render(session, *, context: dict[str, Any], template: str | None = None,
     subject/html/text strings (also Jinja)."""
     if template is not None:
         ref = template_store.resolve(session, template, templates_dir, max_age=cache_seconds)
-        if ref.version is not None:
-            names = {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
-        else:
-            names = {part: f"file/{ref.path / filename}" for part, filename in template_store.FILE_PARTS.items()}
+        names = _part_names(ref)
         parts = {"subject": _get(names["subject"], session), "html": _get(names["html"], session)}
         if ref.has_text:
             parts["text"] = _get(names["text"], session)
