@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import event, select, update
 
 from smartmail import maintenance
-from smartmail.db import get_engine, refresh_statistics, utcnow
-from smartmail.delivery import _record_and_claim_on, _Result
+from smartmail.db import get_engine, refresh_statistics, statement_connection, utcnow
+from smartmail.delivery import _record_and_claim_on, _Result, claim_transaction
 from smartmail.models import Contact, Message, MessageState
 from smartmail.outcomes import Reply
 
@@ -40,18 +41,20 @@ def _plan(connection, run) -> str:
     return "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + statement, parameters))
 
 
-def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_nothing_is_queued(env):
+@pytest.mark.parametrize("path", ["alone", "in a transaction"])
+def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_nothing_is_queued(env, path):
     engine = get_engine()
-    with engine.begin() as connection:  # statistics of a table with nothing waiting in it
+    with engine.begin() as connection:  # statistics of a table with nothing in it, not even pages
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("TRUNCATE messages CASCADE")
         connection.exec_driver_sql("ANALYZE messages")
     ids = _queue(3000)  # then a backlog the statistics know nothing of
     sent = _queue(50, "sending")  # and the window before, whose outcomes the claim records
     outcomes = [_Result(i, "u@example.com", MessageState.SENT, Reply(250, "2.0.0 ok")) for i in sent]
 
-    with engine.connect() as connection:
-        with connection.begin():
-            plan = _plan(connection, lambda c: _record_and_claim_on(c, outcomes, utcnow(), ids[:50]))
-            connection.rollback()
+    # The connections delivery._record_and_claim uses: one statement alone, or with deferrals and bounces.
+    with statement_connection() if path == "alone" else claim_transaction(engine) as connection:
+        plan = _plan(connection, lambda c: _record_and_claim_on(c, outcomes, utcnow(), ids[:50]))
 
     # The state indexes would have the claim read every queued entry to find its 50 rows.
     assert "ix_messages" not in plan, plan
