@@ -307,7 +307,8 @@ def _of_contact(column, after: int | None) -> list[ColumnElement]:
     """A subquery's rows of the outer query's contact; with a keyset bound (the outer query has
     `contacts.id > after`), the same bound on this side too: PostgreSQL carries equalities, not
     inequalities, across a join, and its merge join read every list membership below a fan-out
-    page before the page's own (12 ms a page of 1,000 at 50,000 contacts, growing with the cursor)."""
+    page before the page's own (16.6 ms for a page of 1,000 at 50,000 contacts, growing with the
+    cursor; 2.5 ms with the bound)."""
     return [column == contacts_t.c.id, *([column > after] if after is not None else [])]
 
 
