@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, select
 from smartmail import rendering
 from smartmail.campaigns import window_opens
 from smartmail.config.policy import Site
-from smartmail.contacts import reader
+from smartmail.db import reader
 from smartmail.models import Campaign, Contact, ContactStatus, Suppression
 from smartmail.outcomes import RetrySchedule
 from smartmail.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe_url

@@ -15,9 +15,9 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from smartmail import rendering, segments, template_store
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.contacts import InvalidInput, NotFound, reader
-from smartmail.db import (COPY_SPECIAL, insert_else_upsert, refresh_statistics, session_scope, upsert_insert,
-                          utcnow)
+from smartmail.contacts import InvalidInput, NotFound
+from smartmail.db import (COPY_SPECIAL, insert_else_upsert, reader, refresh_statistics, session_scope,
+                          upsert_insert, utcnow)
 from smartmail.ids import new_id
 from smartmail.models import (
     OF_CAMPAIGNS,

@@ -13,10 +13,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, func, select
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from smartmail.db import get_engine, session_scope, upsert_insert, utcnow
+from smartmail.db import session_scope, upsert_insert, utcnow
 from smartmail.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
 
 log = structlog.get_logger("smartmail.contacts")
@@ -49,17 +48,6 @@ class InvalidInput(ValueError):
 
 class NotFound(LookupError):
     """No contact, list or segment by that name."""
-
-
-def reader() -> Connection:
-    """A connection for reads. On SQLite it runs in autocommit, since SmartMail's engine otherwise
-    opens every transaction with BEGIN IMMEDIATE (db._begin_immediate) and a long read (an export,
-    a segment count) would hold the one write lock."""
-    engine = get_engine()
-    connection = engine.connect()
-    if engine.dialect.name == "sqlite":
-        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-    return connection
 
 
 # --- Validation -----------------------------------------------------------------------------------

@@ -76,6 +76,17 @@ def _statement_engine() -> Engine:
                          pool_reset_on_return=None, connect_args={"options": options})
 
 
+def reader() -> Connection:
+    """A connection for reads. On SQLite it runs in autocommit, since SmartMail's engine otherwise
+    opens every transaction with BEGIN IMMEDIATE (db._begin_immediate) and a long read (an export,
+    a segment count) would hold the one write lock."""
+    engine = get_engine()
+    connection = engine.connect()
+    if engine.dialect.name == "sqlite":
+        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+    return connection
+
+
 def statement_connection() -> Connection:
     """A connection for the hot path's one-statement round trips that find rows by key (send()'s
     INSERT, delivery's record-and-claim): autocommit, so a statement is one round trip.
@@ -88,7 +99,7 @@ def statement_connection() -> Connection:
     while `messages` held three rows scanned it whole. Use it for nothing that must scan a table.
     """
     if get_settings().database_url.startswith("sqlite"):
-        return get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
+        return reader()
     return _statement_engine().connect()
 
 

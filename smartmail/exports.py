@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from sqlalchemy import select
 
-from smartmail.contacts import reader
+from smartmail.db import reader
 from smartmail.models import Contact
 
 # A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets;

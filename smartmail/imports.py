@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 from smartmail import contacts
 from smartmail.config import get_settings
 from smartmail.contacts import InvalidInput, check_attribute_name
-from smartmail.db import COPY_SPECIAL, get_engine, insert_else_upsert, session_scope, utcnow
+from smartmail.db import COPY_SPECIAL, get_engine, insert_else_upsert, reader, session_scope, utcnow
 from smartmail.ids import new_id
 from smartmail.models import ContactList, ImportJob, ImportRowError
 
@@ -912,7 +912,7 @@ def write_error_report(job_id: str, out: TextIO) -> int:
     writer = csv.writer(out)
     writer.writerow(["row", "field", "reason", "value"])
     count = 0
-    with contacts.reader() as connection:
+    with reader() as connection:
         table = ImportRowError.__table__
         result = connection.execution_options(yield_per=5000).execute(
             select(table.c.row, table.c.field, table.c.reason, table.c.value)

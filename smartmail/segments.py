@@ -13,8 +13,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
-from smartmail.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name, reader
-from smartmail.db import get_engine, session_scope, utcnow
+from smartmail.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
+from smartmail.db import get_engine, reader, session_scope, utcnow
 from smartmail.models import Contact, ContactList, Event, ListMembership, Message, Segment
 
 OPERATORS = ("eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists")

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartmail import __version__
-from smartmail.contacts import reader
+from smartmail.db import reader
 from smartmail.models import Contact, ContactStatus
 from smartmail.unsubscribe import InvalidToken, read_token, unsubscribe
 

@@ -10,13 +10,11 @@ import smartmail
 from smartmail import delivery
 from smartmail.db import get_engine, statement_connection, utcnow
 
-_NO_OUTCOMES = {name: [] for name in delivery._OUTCOME_COLUMNS}
-
 
 def _plan_of_prepared_claim(connection) -> str:
     """Run the record-and-claim until psycopg has prepared it, then EXPLAIN its prepared statement."""
     for _ in range(6):
-        connection.exec_driver_sql(delivery._RECORD_AND_CLAIM_PG, {**_NO_OUTCOMES, "ids": [], "now": utcnow()}).all()
+        delivery._record_and_claim_on(connection, [], utcnow(), [])
     name = connection.exec_driver_sql(
         "SELECT name FROM pg_prepared_statements WHERE position('SKIP LOCKED' in statement) > 0").scalar_one()
     arguments = ", ".join(["NULL"] * 8 + ["now()::timestamp", "ARRAY['a', 'b']"])  # outcomes, now, ids
