@@ -81,6 +81,7 @@ class _Connection:
         self.lease = lease
         self.max_messages = max_messages
         self.sent = 0
+        self.holders = 1  # transactions using it: two while a window's next one borrows it (smtp_window.Lend)
         self.idle_since = 0.0
         self.retired = False
         # RFC 2920: MAIL, RCPT and DATA go in one write, their replies are read after it. One
@@ -209,8 +210,15 @@ class SmtpTransport:
             if not idle:
                 return None
             conn = idle.pop()
+            conn.holders = 1
             self._busy.setdefault(pool, set()).add(conn)
             return conn, True
+
+    def _share(self, conn: _Connection) -> tuple[_Connection, bool]:
+        """The connection for one more transaction (a window's borrower), as _take_idle returns it."""
+        with self._lock:
+            conn.holders += 1
+        return conn, True
 
     def _acquire(self, site: Site | None) -> tuple[_Connection | None, bool]:
         """An idle pooled connection, else a new one, else (None, False) at the site's limit. While
@@ -234,6 +242,9 @@ class SmtpTransport:
 
     def _release(self, conn: _Connection) -> None:
         with self._lock:
+            conn.holders -= 1
+            if conn.holders:
+                return  # the borrower releases it
             self._busy.get(conn.pool, set()).discard(conn)
             idle = self._idle.setdefault(conn.pool, [])
             if not conn.retired and conn.sent < conn.max_messages and len(idle) < self.max_idle:
@@ -263,6 +274,10 @@ class SmtpTransport:
 
     def _drop(self, conn: _Connection) -> None:
         conn.smtp.close()
+        with self._lock:
+            conn.holders -= 1
+            if conn.holders:
+                return  # the other holder's transaction fails too, and forgets it
         self._forget(conn)
 
     def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
@@ -292,11 +307,12 @@ class SmtpTransport:
             return Reply(553, "5.1.3 envelope address contains a line break")
         commands = (f"MAIL FROM:<{sender}>\r\n".encode("ascii"), f"RCPT TO:<{recipient}>\r\n".encode("ascii"),
                     b"DATA\r\n")
+        pool = site.name if site else ""
         for attempt in range(2):
             try:
                 # A retry opens a fresh connection: the other idle ones may be just as dead.
                 if attempt == 0:
-                    conn, reused = yield smtp_window.Acquire(lambda: self._take_idle(site), lambda: self._acquire(site))
+                    conn, reused = yield smtp_window.Acquire(lambda: self._take_idle(site), lambda: self._acquire(site), pool)
                 else:
                     conn, reused = (yield smtp_window.Acquire(lambda: None, lambda: self._open(site))), False
             except smtplib.SMTPResponseException as exc:
@@ -337,11 +353,16 @@ class SmtpTransport:
                         # RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for the reply to the final
                         # dot; giving up earlier would leave a message the relay may accept `unknown`.
                         yield smtp_window.Write(conn, _dot_stuffed(data))
+                        if conn.pipelining and not conn.retired and conn.sent + 2 <= conn.max_messages:
+                            yield smtp_window.Lend(conn, pool, lambda: self._share(conn))
                         code, response = yield smtp_window.Read(conn, max(self.timeout, 600.0))
                 conn.sent += 1
-                if code // 100 != 2:
-                    # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session. A relay
-                    # that hung up after answering must not turn its answer into "connection lost".
+                if code == 421:  # RFC 5321 section 3.8: the relay is closing the session
+                    conn.retired = True
+                if code // 100 != 2 and stage != "data":
+                    # RFC 5321 section 4.1.1.5: clear the failed transaction, keep the session (the
+                    # end of data clears it by itself, section 4.1.1.4). A relay that hung up after
+                    # answering must not turn its answer into "connection lost".
                     yield from self._safe_rset(conn)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 self._drop(conn)

@@ -352,7 +352,9 @@ def test_a_window_reports_each_message_in_order_and_keeps_its_sessions(server, h
         (250, "data"), (250, "data"), (550, "rcpt"), (250, "data")]
     assert sorted(r.rcpt_tos[0] for r in handler.received) == [f"{x}@example.net" for x in "abcde"]
     assert all(r.content == message(r.rcpt_tos[0], r.rcpt_tos[0]) for r in handler.received)
-    assert len(handler.rsets) == 3  # after each rejection, except on the session the relay hung up
+    # After each rejection before the end of data (which clears the transaction by itself), except
+    # on the session the relay hung up.
+    assert len(handler.rsets) == 2
     assert handler.connections <= 4  # three sessions, and one to replace the one hung up
 
 
@@ -390,6 +392,115 @@ def test_a_window_gives_each_message_its_ready_check(server, handler, make_trans
     assert sorted(r.rcpt_tos[0] for r in handler.received) == ["a@example.net", "b@example.net"]
 
 
+# --- Windows: each body goes out with the next message's commands (RFC 2920 section 3.1) --------
+
+def record_writes(monkeypatch) -> list[bytes]:
+    writes: list[bytes] = []
+    real_send = smtplib.SMTP.send
+    monkeypatch.setattr(smtplib.SMTP, "send", lambda self, data: writes.append(data) or real_send(self, data))
+    return writes
+
+
+def commands(recipient: str) -> bytes:
+    return f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode()
+
+
+def test_a_window_sends_each_body_with_the_next_messages_commands(server, handler, make_transport, monkeypatch):
+    transport = make_transport(server.url(), max_idle=1)
+    writes = record_writes(monkeypatch)
+    recipients = [f"n{i}@example.net" for i in range(5)]
+    replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 1)
+    assert [r.code for r in replies] == [250] * 5
+    assert [r.rcpt_tos[0] for r in handler.received] == recipients
+    assert all(r.content == message(r.rcpt_tos[0], r.rcpt_tos[0]) for r in handler.received)
+    assert handler.connections == 1 and handler.rsets == []
+    writes = [w for w in writes if isinstance(w, bytes)]  # not smtplib's own EHLO
+    if handler.pipelining:
+        body = [transports._dot_stuffed(message(r, r)) for r in recipients]
+        assert writes == [commands(recipients[0])] + [body[i] + commands(recipients[i + 1]) for i in range(4)] + [body[4]]
+    else:
+        assert len(writes) == 20  # MAIL, RCPT, DATA and the body, one write each
+
+
+def test_a_rejected_body_does_not_hold_up_the_next_message_on_its_connection(server, handler, make_transport):
+    handler.data_replies["grey@example.net"] = "451 4.7.1 Greylisted"
+    handler.data_replies["spam@example.net"] = "554 5.7.1 Rejected, closing connection"
+    handler.hang_up_after.add("spam@example.net")
+    recipients = ["a@example.net", "grey@example.net", "b@example.net", "spam@example.net", "c@example.net"]
+    transport = make_transport(server.url(), max_idle=1)
+    replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 1)
+    assert [(r.code, r.stage) for r in replies] == [(250, "data"), (451, "data"), (250, "data"), (554, "data"),
+                                                    (250, "data")]
+    assert [r.rcpt_tos[0] for r in handler.received] == ["a@example.net", "b@example.net", "c@example.net"]
+    # The end of data cleared each rejected transaction; c went on a new session once the relay hung up.
+    assert handler.rsets == [] and handler.connections == 2
+    assert [r.conn for r in handler.received] == [1, 1, 2]
+
+
+def test_a_connection_lost_after_a_body_leaves_it_unknown_and_retries_the_next_message(make_transport):
+    """The relay reads the second body and the third message's commands, then hangs up unanswered:
+    the second is unknown (it may have been taken), the third goes on a new connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    bodies: list[tuple[int, bytes]] = []
+
+    def serve():
+        for session in (1, 2):
+            conn, _ = listener.accept()
+            f = conn.makefile("rb")
+            conn.sendall(b"220 test ESMTP\r\n")
+            while line := f.readline():
+                command = line.strip().upper()
+                if command.startswith(b"EHLO"):
+                    conn.sendall(b"250-test\r\n250 PIPELINING\r\n")
+                elif command.startswith((b"MAIL", b"RCPT")):
+                    conn.sendall(b"250 ok\r\n")
+                elif command == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    body = b"".join(iter(lambda: f.readline(), b".\r\n"))
+                    bodies.append((session, body))
+                    if session == 1 and len(bodies) == 2:
+                        time.sleep(0.1)  # the third message's commands arrive meanwhile
+                        break
+                    conn.sendall(b"250 queued\r\n")
+                elif command == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    break
+            f.close()
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        transport = make_transport(SmtpUrl("127.0.0.1", listener.getsockname()[1], "none"), max_idle=1)
+        recipients = ["a@example.net", "b@example.net", "c@example.net"]
+        replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 1)
+        assert replies[0].code == 250 and replies[2].code == 250
+        assert replies[1].code is None and replies[1].stage == "data"
+        assert classify(replies[1]).verdict is Verdict.UNKNOWN
+        assert [(session, b"To: " + r.encode() in body) for (session, body), r in zip(bodies, recipients)] == [
+            (1, True), (1, True), (2, True)]
+    finally:
+        transport.close()
+        listener.close()
+        thread.join(5)
+
+
+def test_a_window_lends_a_connection_only_within_its_site_and_cap(server, handler, make_transport):
+    gate = FakeGate(limit=1)
+    transport = make_transport(server.url(), gate=gate)
+    one, two = site("one", max_messages=3), site("two")
+    messages = [Outgoing(SENDER, f"m{i}@{s.name}.example", message(i), s) for i, s in enumerate([one, two] * 4)]
+    replies = transport.send_window(messages, 2)
+    assert [r.code for r in replies] == [250] * 8
+    by_site = {name: [r.conn for r in handler.received if r.rcpt_tos[0].endswith(f"@{name}.example")]
+               for name in ("one", "two")}
+    assert len(set(by_site["two"])) == 1 and len(by_site["two"]) == 4
+    assert len(set(by_site["one"])) == 2  # one's connection retired after 3 messages
+    assert sorted(by_site["one"]).count(by_site["one"][0]) == 3
+
+
 # --- SmtpTransport: failed transactions ---------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -420,8 +531,9 @@ def test_rejection_is_reported_then_rset_and_the_connection_reused(transport, ha
     assert got == Reply(int(code), text)
     outcome = classify(got)
     assert (outcome.verdict, outcome.suppress) == (verdict, suppress)
-    # RFC 5321 section 4.1.1.5: the failed transaction is cleared with RSET on the same session...
-    assert handler.rsets == [1]
+    # RFC 5321 section 4.1.1.5: the failed transaction is cleared with RSET on the same session,
+    # unless the end of data cleared it already (section 4.1.1.4)...
+    assert handler.rsets == ([] if stage == "data" else [1])
     # ...which then carries the next message.
     assert transport.send(SENDER, "good@example.net", message("good")).code == 250
     assert handler.connections == 1
