@@ -187,6 +187,7 @@ def cancel_campaign(name: str) -> int:
             raise InvalidInput(f"campaign {name!r} is {campaign.state} already", field="state")
         campaign.state = CampaignState.CANCELLED.value
         campaign.finished_at = utcnow()
+        session.flush()  # the campaign's row first, then its messages: the order delivery's recording keeps
         result = session.execute(
             update(Message).where(Message.campaign_id == campaign.id,
                                   Message.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value,

@@ -93,6 +93,16 @@ _cancel_deferred_of_cancelled = (
            _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
     .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
 )
+# Taken (PostgreSQL) before a window with deferrals writes its outcomes, as cancel_campaign takes
+# the campaign's row before it updates the campaign's messages. Without it the two can miss each
+# other: a cancel whose UPDATE saw these rows still `sending` skips them, and
+# _cancel_deferred_of_cancelled, run before the cancel committed, sees the campaign still sending
+# (seen in CI: a row left `deferred`).
+_lock_campaigns_of = (
+    select(Campaign.id)
+    .where(Campaign.id.in_(select(_table.c.campaign_id).where(_table.c.id.in_(bindparam("ids", expanding=True)))))
+    .with_for_update(read=True)
+)
 # Sites up to this rate (messages/s) take a token per message; see _shaped_window.
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
 # Waits up to this long are timed in Redis (dispatch_later) rather than left to beat's next round.
@@ -169,6 +179,9 @@ def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
 
 def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
     """Write the outcomes, then claim `ids`; the claimed rows."""
+    deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
+    if deferred and connection.dialect.name == "postgresql":
+        connection.execute(_lock_campaigns_of, {"ids": deferred}).all()
     if connection.dialect.name == "postgresql":
         claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
                                              {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
@@ -178,7 +191,6 @@ def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids:
             connection.execute(_record, [dict(zip(("b_" + c for c in _OUTCOME_COLUMNS), row))
                                          for row in zip(*outcomes.values())])
         claimed = connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
-    deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
     if deferred:
         connection.execute(_cancel_deferred_of_cancelled, {"ids": deferred, "now": now})
     bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import collections
 import re
+import threading
 import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import event, func, insert, select, update
+from sqlalchemy.orm import Session
 
-from smartmail import campaigns, maintenance
+from smartmail import campaigns, delivery, maintenance
 from smartmail.contacts import InvalidInput, create_list
 from smartmail.db import get_engine, session_scope, utcnow
 from smartmail.models import (
@@ -21,6 +23,7 @@ from smartmail.models import (
     MessageState,
     Suppression,
 )
+from smartmail.outcomes import Reply
 from smartmail.template_store import save_template
 from smartmail.unsubscribe import read_token
 from tests.conftest import reset_caches, wait_for
@@ -136,6 +139,34 @@ def _stable_count(relay, seconds: float = 1.5) -> int:
     """The server's count once it has stopped moving (messages already in an SMTP transaction finish)."""
     time.sleep(seconds)
     return relay.count
+
+
+def test_a_cancel_and_a_window_recording_deferrals_do_not_miss_each_other(relay):
+    """The window records its deferrals while the cancel's UPDATEs are done and not yet committed:
+    the cancel saw the rows `sending` and skipped them, so the window must see the cancel."""
+    if get_engine().dialect.name != "postgresql":
+        pytest.skip("row locks: SQLite has one writer at a time")
+    make_audience(3)
+    campaigns.create_campaign("racy", template="newsletter", lists=["news"])
+    campaign_id = started("racy")
+    campaigns.fan_out(campaign_id)
+    with session_scope() as session:
+        ids = list(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
+    now = utcnow()
+    assert len(delivery._record_and_claim(get_engine(), [], ids, now)) == 3  # the window is in flight
+    held = [delivery._Result(i, "x@alpha.example", MessageState.DEFERRED, Reply(None, "held by the rate cap"),
+                             next_attempt_at=now + timedelta(minutes=5), attempted=False) for i in ids]
+    recorder = threading.Thread(target=delivery._record_and_claim, args=(get_engine(), held, [], now), daemon=True)
+
+    def record_meanwhile(session):
+        recorder.start()
+        recorder.join(1.0)  # it waits for the cancel's commit, or (the bug) records everything now
+
+    event.listen(Session, "before_commit", record_meanwhile, once=True)
+    campaigns.cancel_campaign("racy")
+    recorder.join(10)
+    assert not recorder.is_alive()
+    assert campaigns.campaign_status("racy").counts == {"cancelled": 3}
 
 
 def test_pause_stops_every_worker_and_resume_delivers_the_rest_once(relay, start_worker):
