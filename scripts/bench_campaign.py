@@ -102,18 +102,23 @@ def campaign_run(bench: Bench, n: int) -> dict:
         name = f"bench-{n}"
         campaigns.create_campaign(name, template=bench_send.TEMPLATE, lists=["bench"])
         bench.quiet()
-        sink.expect(n)
+        marks = (1, n // 10, n * 9 // 10)
+        for mark in (*marks, n):
+            sink.expect(mark)
         meter = CpuMeter(lambda: bench.own_pids(worker, sink.process.pid))
         started = time.perf_counter()
         campaigns.launch_campaign(name)
         done = sink.wait(n, timeout=bench.args.timeout, stall=bench.args.stall_timeout, what=f"campaign of {n}",
                          alive=worker.check)
         seconds = done - started
+        first, tenth, ninetieth = (sink.wait(mark, timeout=1, stall=1, what="a mark", alive=worker.check) for mark in marks)
         cpu = meter.summary(n)
         wait_for(lambda: campaigns.campaign_status(name).counts.get("sent", 0) >= n, timeout=120,
                  what="every row recorded sent", alive=worker.check, interval=0.2)
         pool = [pid for pid in worker.pids() if pid != worker.process.pid]
         return {"n": n, "seconds": seconds, "rate": n / seconds, "cpu": cpu, "peak_mb": peak_rss_mb(pool),
+                "first": first - started, "steady_rate": (marks[2] - marks[1]) / max(ninetieth - tenth, 1e-6),
+                "phases": (tenth - started, ninetieth - tenth, done - ninetieth),
                 "states": campaigns.campaign_status(name).counts}
     finally:
         worker.stop()
@@ -156,7 +161,9 @@ def main() -> int:
             log(f"campaign  {n:>7} recipients: {r['rate']:8.0f} msg/s ({r['seconds']:.1f} s from launch to the last "
                 f"acceptance); {r['rate'] / base_rate:5.1f}x baseline (target >= 10) "
                 f"{'OK' if r['rate'] >= 10 * base_rate else 'MISSED'}; {r['rate'] / top:.0%} of the ceiling; "
-                f"worker pool peak RSS {r['peak_mb']:.0f} MB\n          {r['cpu']}")
+                f"worker pool peak RSS {r['peak_mb']:.0f} MB\n          first acceptance {r['first']:.2f} s after "
+                f"launch; from 10% to 90% of the audience {r['steady_rate']:.0f} msg/s "
+                f"(launch to 10%, 10-90%, 90-100%: {', '.join(f'{t:.2f}' for t in r['phases'])} s)\n          {r['cpu']}")
             if set(r["states"]) != {"sent"}:
                 log(f"          states: {r['states']}")
         if len(results) > 1:
