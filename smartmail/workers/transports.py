@@ -1,6 +1,7 @@
 """Transports: SMTP with a per-process connection pool, plus file, console and in-memory sinks chosen by settings."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import smtplib
@@ -354,7 +355,7 @@ class SmtpTransport:
                         # dot; giving up earlier would leave a message the relay may accept `unknown`.
                         yield smtp_window.Write(conn, _dot_stuffed(data))
                         if conn.pipelining and not conn.retired and conn.sent + 2 <= conn.max_messages:
-                            yield smtp_window.Lend(conn, pool, lambda: self._share(conn))
+                            yield smtp_window.Lend(conn, pool, functools.partial(self._share, conn))
                         code, response = yield smtp_window.Read(conn, max(self.timeout, 600.0))
                 conn.sent += 1
                 if code == 421:  # RFC 5321 section 3.8: the relay is closing the session

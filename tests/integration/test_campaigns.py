@@ -388,7 +388,7 @@ def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, 
                       message=lambda: f"every message sent or unknown: {debug_states('crash')}")
     got = [m.rcpt_tos[0] for m in relay.messages]
     assert len(got) == len(set(got)), "a contact received two messages"
-    assert counts["unknown"] <= concurrency * window, counts
+    assert counts["unknown"] <= 2 * concurrency * window, counts  # the window being sent, the one claimed meanwhile
     with session_scope() as session:
         sent = set(session.scalars(select(Message.recipient).where(Message.campaign_id.is_not(None),
                                                                    Message.state == "sent")))
