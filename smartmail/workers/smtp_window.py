@@ -132,6 +132,7 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
     parked: deque[tuple[int, Transaction, Acquire]] = deque()  # started to borrow, found nothing to borrow
     lenders: dict[str, list[int]] = {}  # pool -> transactions whose connection may be borrowed
     lendings: dict[int, Lend] = {}
+    donors: dict[int, int] = {}  # borrower -> the lender whose slot it holds
     readers: dict[Any, deque[tuple[int, Transaction, float]]] = {}  # conn -> (index, transaction, timeout), reply order
     deadlines: dict[Any, float] = {}  # conn -> when its first reader gives up
     unsent: dict[Any, list[bytes]] = {}
@@ -144,8 +145,14 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
         if not wake:
             wake.extend(socket.socketpair())
             wake[0].setblocking(False)
-            selector.register(wake[0], selectors.EVENT_READ)
+            register(wake[0], None)
         return wake[1]
+
+    def register(sock: socket.socket, data: Any) -> None:
+        stale = selector.get_map().get(sock.fileno())
+        if stale is not None:  # a connection's socket, closed since, whose number this one reuses
+            unwatch(stale.data)
+        selector.register(sock, selectors.EVENT_READ, data)
 
     def advance(index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None,
                 request: Any = None) -> None:
@@ -192,13 +199,18 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
         if lender in slots and index not in slots:
             slots.remove(lender)
             slots.add(index)
+            donors[index] = lender
         return lending.share()
 
     def end(index: int, reply: Reply) -> None:
         nonlocal running
         replies[index] = reply
         running -= 1
-        slots.discard(index)
+        lender = donors.pop(index, None)
+        if index in slots:
+            slots.remove(index)
+            if lender is not None and replies[lender] is None:
+                slots.add(lender)  # a borrower held back (ready() said no): the lender still uses the connection
         withdraw(index)
 
     def withdraw(index: int) -> None:
@@ -225,11 +237,8 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
         if watched.get(conn) is sock:
             return
         unwatch(conn)
-        stale = selector.get_map().get(sock.fileno())
-        if stale is not None:  # a socket closed since, whose number the new one reuses
-            unwatch(stale.data)
+        register(sock, conn)
         watched[conn] = sock
-        selector.register(sock, selectors.EVENT_READ, conn)
 
     def unwatch(conn: Any) -> None:
         if (sock := watched.pop(conn, None)) is not None:
@@ -263,13 +272,17 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
         for index, transaction, _ in readers.pop(conn, ()):
             deliver(index, transaction, error=error)
 
-    def flush() -> None:
+    def flush() -> bool:
+        """Send what was written; False if a send failed (its transactions moved on meanwhile)."""
+        sent = True
         while unsent:
             conn, parts = unsent.popitem()
             try:
                 conn.smtp.send(parts[0] if len(parts) == 1 else b"".join(parts))
             except Exception as exc:  # noqa: BLE001 - the transaction decides what a failure means
                 fail(conn, exc)
+                sent = False
+        return sent
 
     def start_more() -> None:
         nonlocal running
@@ -296,7 +309,9 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
         while running:
             for conn in [conn for conn in watched if conn not in readers]:
                 unwatch(conn)  # back in the pool, or closed: another thread may use it now
-            flush()
+            if not flush():
+                start_more()  # ended or freed a slot: look again before waiting, or nothing may wake us
+                continue
             timeout = min(deadlines.values(), default=None)
             if timeout is not None:
                 timeout = max(0.0, timeout - time.monotonic())

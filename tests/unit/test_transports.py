@@ -71,6 +71,7 @@ class RecordingHandler:
         self.pretend_rcpt: set[str] = set()   # answer 250 to RCPT without taking the recipient
         self.stall_rcpt: set[str] = set()     # answer RCPT only after 3 s
         self.gather_data = 1                  # hold DATA until this many transactions are in DATA at once
+        self.data_delay = 0.0                 # seconds before answering the end of data
         self._in_data = 0
         self.protocols: list = []
 
@@ -117,6 +118,7 @@ class RecordingHandler:
         deadline = time.monotonic() + 5
         while self._in_data < self.gather_data and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        await asyncio.sleep(self.data_delay)
         record = Received(self._conn(server), envelope.mail_from, list(envelope.rcpt_tos),
                           envelope.content, session.ssl is not None)
         first = envelope.rcpt_tos[0]
@@ -485,6 +487,44 @@ def test_a_connection_lost_after_a_body_leaves_it_unknown_and_retries_the_next_m
         transport.close()
         listener.close()
         thread.join(5)
+
+
+def test_a_borrower_held_back_leaves_the_window_within_its_parallelism(server, handler, make_transport):
+    handler.data_delay = 0.3  # the first message's final reply comes while the second is held back
+    transport = make_transport(server.url())
+    messages = [Outgoing(SENDER, "a@example.net", message("a")),
+                Outgoing(SENDER, "held@example.net", message("held"), None, lambda: False),
+                Outgoing(SENDER, "c@example.net", message("c"))]
+    replies = transport.send_window(messages, 1)
+    assert [r.stage for r in replies] == ["data", transports.HELD, "data"]
+    assert handler.connections == 1
+
+
+def test_a_body_that_cannot_be_sent_ends_its_window(server, handler, make_transport, monkeypatch):
+    real_send = smtplib.SMTP.send
+
+    def send(self, data):
+        if isinstance(data, bytes) and data.startswith(b"From:"):  # the relay reset the connection
+            self.close()
+            raise smtplib.SMTPServerDisconnected("Server not connected")
+        return real_send(self, data)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", send)
+    transport = make_transport(server.url(), timeout=5)
+    started = time.monotonic()
+    replies = transport.send_window([Outgoing(SENDER, "a@example.net", message())], 1)
+    assert (replies[0].code, replies[0].stage) == (None, "data")
+    assert time.monotonic() - started < 2
+
+
+def test_a_socket_number_reused_after_a_retired_connection_closed_is_taken_over(server, handler, make_transport):
+    """The first message retires its connection (closed, number freed); the second needs a new one
+    and the window's wake-up socket takes the freed number."""
+    transport = make_transport(server.url(), max_messages_per_connection=2)
+    assert transport.send(SENDER, "warm@example.net", message()).code == 250
+    replies = transport.send_window([Outgoing(SENDER, f"r{i}@example.net", message(i)) for i in range(2)], 1)
+    assert [r.code for r in replies] == [250, 250]
+    assert handler.connections == 2
 
 
 def test_a_window_lends_a_connection_only_within_its_site_and_cap(server, handler, make_transport):
