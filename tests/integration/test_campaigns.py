@@ -230,6 +230,23 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
     assert message_states("late") == {"cancelled": 3, "sent": 1}
 
 
+def test_contacts_unsubscribed_or_suppressed_after_the_fan_out_are_skipped_at_send_time(relay, monkeypatch):
+    """Windows of two, so most are claimed (and their contacts read) while the one before is sent."""
+    monkeypatch.setenv("SMARTMAIL_BULK_CLAIM_WINDOW", "2")
+    reset_caches()
+    make_audience(10)
+    campaigns.create_campaign("late-change", template="newsletter", lists=["news"])
+    campaigns.fan_out(started("late-change"))
+    with session_scope() as session:
+        session.execute(update(Contact).where(Contact.email == "c3@delta.example").values(status="unsubscribed"))
+        session.add(Suppression(email="c6@beta.example", reason="complaint", created_at=utcnow()))
+        ids = list(session.scalars(select(Message.id).order_by(Message.id)))
+    delivery.deliver(ids, stream="bulk")
+    assert message_states("late-change") == {"sent": 8, "suppressed": 2}
+    assert sorted(m.rcpt_tos[0] for m in relay.messages) == sorted(
+        f"c{i}@{DOMAINS[i % 5]}" for i in range(10) if i not in (3, 6))
+
+
 def test_a_scheduled_campaign_starts_on_time_via_beat(relay, start_worker, start_beat):
     from datetime import datetime, timedelta, timezone
 
