@@ -439,54 +439,69 @@ def test_a_rejected_body_does_not_hold_up_the_next_message_on_its_connection(ser
     assert [r.conn for r in handler.received] == [1, 1, 2]
 
 
+class HangingRelay:
+    """A bare SMTP relay in a thread: in its first session it reads the `hang_up_at`-th body, then
+    closes the connection without answering it; later sessions answer everything."""
+
+    def __init__(self, hang_up_at: int, pipelining: bool) -> None:
+        self.hang_up_at, self.pipelining = hang_up_at, pipelining
+        self.bodies: list[tuple[int, bytes]] = []  # (session, body)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.url = SmtpUrl("127.0.0.1", self.listener.getsockname()[1], "none")
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        session = 0
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            session += 1
+            with conn, conn.makefile("rb") as f:
+                conn.sendall(b"220 test ESMTP\r\n")
+                while line := f.readline():
+                    command = line.strip().upper()
+                    if command.startswith(b"EHLO"):
+                        conn.sendall(b"250-test\r\n250 PIPELINING\r\n" if self.pipelining else b"250 test\r\n")
+                    elif command.startswith((b"MAIL", b"RCPT")):
+                        conn.sendall(b"250 ok\r\n")
+                    elif command == b"DATA":
+                        conn.sendall(b"354 go ahead\r\n")
+                        self.bodies.append((session, b"".join(iter(f.readline, b".\r\n"))))
+                        if session == 1 and len(self.bodies) == self.hang_up_at:
+                            time.sleep(0.1)  # pipelined commands that follow the body arrive meanwhile
+                            break
+                        conn.sendall(b"250 queued\r\n")
+                    elif command == b"QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        break
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux); close() alone does not
+        self.listener.close()
+        self.thread.join(5)
+
+
 def test_a_connection_lost_after_a_body_leaves_it_unknown_and_retries_the_next_message(make_transport):
     """The relay reads the second body and the third message's commands, then hangs up unanswered:
     the second is unknown (it may have been taken), the third goes on a new connection."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    bodies: list[tuple[int, bytes]] = []
-
-    def serve():
-        for session in (1, 2):
-            conn, _ = listener.accept()
-            f = conn.makefile("rb")
-            conn.sendall(b"220 test ESMTP\r\n")
-            while line := f.readline():
-                command = line.strip().upper()
-                if command.startswith(b"EHLO"):
-                    conn.sendall(b"250-test\r\n250 PIPELINING\r\n")
-                elif command.startswith((b"MAIL", b"RCPT")):
-                    conn.sendall(b"250 ok\r\n")
-                elif command == b"DATA":
-                    conn.sendall(b"354 go ahead\r\n")
-                    body = b"".join(iter(lambda: f.readline(), b".\r\n"))
-                    bodies.append((session, body))
-                    if session == 1 and len(bodies) == 2:
-                        time.sleep(0.1)  # the third message's commands arrive meanwhile
-                        break
-                    conn.sendall(b"250 queued\r\n")
-                elif command == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    break
-            f.close()
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    relay = HangingRelay(hang_up_at=2, pipelining=True)
+    transport = make_transport(relay.url, max_idle=1)
     try:
-        transport = make_transport(SmtpUrl("127.0.0.1", listener.getsockname()[1], "none"), max_idle=1)
         recipients = ["a@example.net", "b@example.net", "c@example.net"]
         replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 1)
         assert replies[0].code == 250 and replies[2].code == 250
         assert replies[1].code is None and replies[1].stage == "data"
         assert classify(replies[1]).verdict is Verdict.UNKNOWN
-        assert [(session, b"To: " + r.encode() in body) for (session, body), r in zip(bodies, recipients)] == [
+        assert [(session, b"To: " + r.encode() in body) for (session, body), r in zip(relay.bodies, recipients)] == [
             (1, True), (1, True), (2, True)]
     finally:
-        transport.close()
-        listener.close()
-        thread.join(5)
+        transport.close()  # its pooled session ends, so the relay's thread does
+        relay.close()
 
 
 def test_a_borrower_held_back_leaves_the_window_within_its_parallelism(server, handler, make_transport):
@@ -1036,39 +1051,13 @@ def test_set_transport_replaces_and_closes_the_previous_one(process_transport):
 
 def test_connection_lost_after_the_body_is_unknown_not_retried(make_transport):
     """The relay reads the whole message, then hangs up without answering the final dot."""
-    import threading
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-
-    def serve():
-        conn, _ = listener.accept()
-        f = conn.makefile("rb")
-        conn.sendall(b"220 test ESMTP\r\n")
-        while line := f.readline():
-            command = line.strip().upper()
-            if command.startswith(b"EHLO"):
-                conn.sendall(b"250 test\r\n")
-            elif command.startswith((b"MAIL", b"RCPT")):
-                conn.sendall(b"250 ok\r\n")
-            elif command == b"DATA":
-                conn.sendall(b"354 go ahead\r\n")
-                while f.readline() not in (b".\r\n", b""):
-                    pass
-                break  # the body arrived; close without a reply
-        conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    relay = HangingRelay(hang_up_at=1, pipelining=False)
     try:
-        transport = make_transport(SmtpUrl("127.0.0.1", listener.getsockname()[1], "none"))
-        reply = transport.send(SENDER, "a@example.net", message())
+        reply = make_transport(relay.url).send(SENDER, "a@example.net", message())
         assert reply.code is None and reply.stage == "data"
         assert classify(reply).verdict is Verdict.UNKNOWN
     finally:
-        listener.close()
-        thread.join(5)
+        relay.close()
 
 
 # --- Per-site pools and connection leases --------------------------------------------------------
