@@ -182,9 +182,9 @@ def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
 def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
     """Write the outcomes, then claim `ids`; the claimed rows."""
     deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
-    if deferred and connection.dialect.name == "postgresql":
-        connection.execute(_lock_campaigns_of, {"ids": deferred}).all()
     if connection.dialect.name == "postgresql":
+        if deferred:
+            connection.execute(_lock_campaigns_of, {"ids": deferred}).all()
         claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
                                              {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
     else:

@@ -130,8 +130,7 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
     running = 0
     slots: set[int] = set()  # transactions holding one of the `parallelism` connections
     parked: deque[tuple[int, Transaction, Acquire]] = deque()  # started to borrow, found nothing to borrow
-    lenders: dict[str, list[int]] = {}  # pool -> transactions whose connection may be borrowed
-    lendings: dict[int, Lend] = {}
+    lendings: dict[int, Lend] = {}  # lender -> its connection that may be borrowed, oldest first
     donors: dict[int, int] = {}  # borrower -> the lender whose slot it holds
     readers: dict[Any, deque[tuple[int, Transaction, float]]] = {}  # conn -> (index, transaction, timeout), reply order
     deadlines: dict[Any, float] = {}  # conn -> when its first reader gives up
@@ -175,12 +174,12 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
                     if request.conn in readers or (value := take_reply(request.conn.inbox)) is None:
                         return wait_for_reply(index, transaction, request)
                 elif isinstance(request, Lend):
-                    lenders.setdefault(request.pool, []).append(index)
                     lendings[index] = request
-                elif request.pool in lenders:
-                    value = borrow(index, request.pool)
+                elif (lender := lender_of(request.pool)) is not None:
+                    value = borrow(index, lender)
                 elif index not in slots:
-                    return parked.append((index, transaction, request))
+                    parked.append((index, transaction, request))
+                    return
                 elif (value := request.now()) is None:
                     wake_w = waker()
                     future = connector.submit(request.wait)
@@ -191,11 +190,12 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
                 error = exc
             request = None
 
-    def borrow(index: int, pool: str) -> Any:
-        """The pool's first lent connection, and its lender's slot when the borrower has none."""
-        lender = lenders[pool][0]
-        lending = lendings[lender]
-        withdraw(lender)
+    def lender_of(pool: str | None) -> int | None:
+        return next((lender for lender, lending in lendings.items() if lending.pool == pool), None)
+
+    def borrow(index: int, lender: int) -> Any:
+        """The lender's connection, and its slot when the borrower has none."""
+        lending = lendings.pop(lender)
         if lender in slots and index not in slots:
             slots.remove(lender)
             slots.add(index)
@@ -211,14 +211,7 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
             slots.remove(index)
             if lender is not None and replies[lender] is None:
                 slots.add(lender)  # a borrower held back (ready() said no): the lender still uses the connection
-        withdraw(index)
-
-    def withdraw(index: int) -> None:
-        """The lender got its last reply (or failed): its connection is no longer to be borrowed."""
-        if lending := lendings.pop(index, None):
-            lenders[lending.pool].remove(index)
-            if not lenders[lending.pool]:
-                del lenders[lending.pool]
+        lendings.pop(index, None)
 
     def wait_for_reply(index: int, transaction: Transaction, request: Read) -> None:
         conn = request.conn
@@ -245,7 +238,7 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
             selector.unregister(sock)
 
     def deliver(index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None) -> None:
-        withdraw(index)
+        lendings.pop(index, None)  # a lender's last reply (or failure): its connection is no longer to be borrowed
         advance(index, transaction, value, error)
 
     def serve(conn: Any) -> None:
@@ -287,10 +280,10 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
     def start_more() -> None:
         nonlocal running
         # A lent connection first: the next transaction borrows it, or parks to wait for a slot.
-        while lenders and waiting and not parked:
+        while lendings and waiting and not parked:
             running += 1
             advance(*waiting.popleft())
-        while parked and parked[0][2].pool in lenders:
+        while parked and lender_of(parked[0][2].pool) is not None:
             index, transaction, acquire = parked.popleft()
             advance(index, transaction, request=acquire)
         while len(slots) < parallelism and (parked or waiting):

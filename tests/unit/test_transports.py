@@ -235,9 +235,7 @@ def test_delivers_the_message_as_given(transport, handler):
 
 
 def test_mail_rcpt_and_data_go_in_one_write_when_the_relay_offers_pipelining(transport, handler, monkeypatch):
-    writes: list[bytes] = []
-    real_send = smtplib.SMTP.send
-    monkeypatch.setattr(smtplib.SMTP, "send", lambda self, data: writes.append(data) or real_send(self, data))
+    writes = record_writes(monkeypatch)
     transport.send(SENDER, "warm-up@example.net", message())  # the session: EHLO
     writes.clear()
 
@@ -246,7 +244,7 @@ def test_mail_rcpt_and_data_go_in_one_write_when_the_relay_offers_pipelining(tra
 
     if handler.pipelining:
         assert len(writes) == 4  # per message: the three commands, then the body
-        assert writes[0] == f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<rcpt@example.net>\r\nDATA\r\n".encode()
+        assert writes[0] == commands("rcpt@example.net")
     else:
         assert len(writes) == 8
     assert [r.rcpt_tos for r in handler.received[1:]] == [["rcpt@example.net"], ["rcpt2@example.net"]]
