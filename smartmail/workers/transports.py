@@ -246,25 +246,27 @@ class SmtpTransport:
             conn.holders -= 1
             if conn.holders:
                 return  # the borrower releases it
-            self._busy.get(conn.pool, set()).discard(conn)
             idle = self._idle.setdefault(conn.pool, [])
             if not conn.retired and conn.sent < conn.max_messages and len(idle) < self.max_idle:
+                self._busy.get(conn.pool, set()).discard(conn)
                 conn.idle_since = time.monotonic()
                 idle.append(conn)
                 self._lock.notify_all()
                 return
-        self._quit(conn)
+        self._quit(conn)  # busy until then: see _forget
 
     def _forget(self, conn: _Connection) -> None:
-        """A connection that closed: drop it from the books and give back its lease."""
-        with self._lock:
-            self._busy.get(conn.pool, set()).discard(conn)
-            self._lock.notify_all()
+        """A connection that closed: give back its lease, then drop it from the books. In that
+        order: a thread waiting in _acquire for this connection to end wakes up to a free lease
+        (the other way round it found neither a lease nor a busy connection, and gave up)."""
         if conn.lease and self.gate is not None:
             try:
                 self.gate.release_connection(conn.pool, conn.lease)
             except Exception:  # noqa: BLE001 - an unreleased lease only expires later
                 log.warning("smtp.lease_release_failed", site=conn.pool)
+        with self._lock:
+            self._busy.get(conn.pool, set()).discard(conn)
+            self._lock.notify_all()
 
     def _quit(self, conn: _Connection) -> None:
         try:
