@@ -14,20 +14,16 @@ from smartmail import rendering
 from smartmail.campaigns import window_opens
 from smartmail.config.policy import Site
 from smartmail.db import reader
-from smartmail.models import Campaign, Contact, ContactStatus, Suppression
+from smartmail.models import Campaign, ContactStatus
 from smartmail.outcomes import RetrySchedule
 from smartmail.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.workers.limiter import get_throttle
 
 log = structlog.get_logger("smartmail.campaigns")
 
-# The window's contacts, each with its address's suppression reason (None when not suppressed).
-_contacts = (select(Contact.id, Contact.email, Contact.status, Contact.attributes, Contact.timezone,
-                    Suppression.reason.label("suppressed"))
-             .outerjoin(Suppression, Suppression.email == Contact.email)
-             .where(Contact.id.in_(bindparam("ids", expanding=True))))
 _campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, Campaign.text, Campaign.rate_cap,
-                   Campaign.window_start, Campaign.window_end, Campaign.window_timezone).where(Campaign.id == bindparam("id"))
+                   Campaign.window_start, Campaign.window_end, Campaign.window_timezone
+                   ).where(Campaign.id.in_(bindparam("ids", expanding=True)))
 
 # Frozen at launch, so a process may keep them: campaign id -> its row.
 _frozen: dict[int, Any] = {}
@@ -41,12 +37,14 @@ class Prepared:
     failed: list = field(default_factory=list)      # (row, reason): the template cannot render for this contact
 
 
-def _campaign_row(connection, campaign_id: int):
-    if campaign_id not in _frozen:
+def _campaign_rows(ids: set[int]) -> dict[int, Any]:
+    missing = ids - _frozen.keys()
+    if missing:
         if len(_frozen) > 1000:
             _frozen.clear()
-        _frozen[campaign_id] = connection.execute(_campaign, {"id": campaign_id}).one()
-    return _frozen[campaign_id]
+        with reader() as connection:
+            _frozen.update({c.id: c for c in connection.execute(_campaign, {"ids": list(missing)})})
+    return {i: _frozen[i] for i in ids}
 
 
 def prepare(rows: list, now: datetime) -> Prepared:
@@ -58,27 +56,24 @@ def prepare(rows: list, now: datetime) -> Prepared:
     prepared.ready = [r for r in rows if r.campaign_id is None]
     if not mine:
         return prepared
-    with reader() as connection:
-        contacts = {c.id: c for c in connection.execute(_contacts, {"ids": [r.contact_id for r in mine]}).all()}
-        campaigns = {r.campaign_id: _campaign_row(connection, r.campaign_id) for r in mine}
+    campaigns = _campaign_rows({r.campaign_id for r in mine})
     sendable = []
-    for row in mine:
-        contact = contacts.get(row.contact_id)
+    for row in mine:  # each row carries its contact (delivery._contact_columns)
         campaign = campaigns[row.campaign_id]
-        if contact is None:
+        if row.contact_status is None:
             prepared.suppressed.append((row, "contact erased"))
-        elif contact.status != ContactStatus.SUBSCRIBED.value:
-            prepared.suppressed.append((row, f"contact {contact.status}"))
-        elif contact.suppressed is not None:
-            prepared.suppressed.append((row, f"recipient suppressed: {contact.suppressed}"))
-        elif campaign.window_start and (opens := window_opens(now, contact.timezone or campaign.window_timezone,
+        elif row.contact_status != ContactStatus.SUBSCRIBED.value:
+            prepared.suppressed.append((row, f"contact {row.contact_status}"))
+        elif row.suppressed is not None:
+            prepared.suppressed.append((row, f"recipient suppressed: {row.suppressed}"))
+        elif campaign.window_start and (opens := window_opens(now, row.contact_timezone or campaign.window_timezone,
                                                              campaign.window_start, campaign.window_end)):
             prepared.held.append((row, (opens - now).total_seconds(), "outside the campaign's send window"))
         else:
-            sendable.append((row, contact, campaign))
-    for row, contact, campaign in _rate_capped(sendable, prepared):
+            sendable.append((row, campaign))
+    for row, campaign in _rate_capped(sendable, prepared):
         try:
-            prepared.ready.append(_render(row, contact, campaign))
+            prepared.ready.append(_render(row, campaign))
         except rendering.TemplateError as exc:
             prepared.failed.append((row, f"template error: {exc}"))
     return prepared
@@ -90,7 +85,7 @@ def _rate_capped(sendable: list, prepared: Prepared):
     for item in sendable:
         by_campaign.setdefault(item[0].campaign_id, []).append(item)
     for campaign_id, items in by_campaign.items():
-        cap = items[0][2].rate_cap
+        cap = items[0][1].rate_cap
         if cap is None:
             yield from items
             continue
@@ -122,10 +117,10 @@ class Rendered:
         self.subject, self.html, self.text, self.headers = subject, html, text, headers
 
 
-def _render(row, contact, campaign) -> Rendered:
-    token = make_token(contact.id, campaign.id)
+def _render(row, campaign) -> Rendered:
+    token = make_token(row.contact_id, campaign.id)
     url = unsubscribe_url(token)
-    context = {**(contact.attributes or {}), "email": contact.email, "unsubscribe_url": url,
+    context = {**(row.contact_attributes or {}), "email": row.contact_email, "unsubscribe_url": url,
                "campaign": campaign.name}
     rendered = rendering.render(None, context=context, subject=campaign.subject, html=campaign.html,
                                 text=campaign.text)
@@ -136,6 +131,6 @@ def _render(row, contact, campaign) -> Rendered:
         html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
     if "unsubscribe_url" not in (campaign.text or "") and url not in text:
         text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
-    headers = {**list_unsubscribe_headers(contact.id, campaign.id, token=token),
-               "X-SmartMail-Campaign": str(campaign.id), "X-SmartMail-Contact": str(contact.id)}
+    headers = {**list_unsubscribe_headers(row.contact_id, campaign.id, token=token),
+               "X-SmartMail-Campaign": str(campaign.id), "X-SmartMail-Contact": str(row.contact_id)}
     return Rendered(row, rendered.subject, html, text, headers)

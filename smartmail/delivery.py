@@ -21,7 +21,7 @@ from smartmail.config import get_settings
 from smartmail.config.policy import Site
 from smartmail.db import get_engine, statement_connection, upsert_insert, utcnow
 from smartmail.mime import build_mime
-from smartmail.models import Campaign, CampaignState, Message, MessageState, Suppression
+from smartmail.models import Campaign, CampaignState, Contact, Message, MessageState, Suppression
 from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.dispatch import TRANSACTIONAL, dispatch, dispatch_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
@@ -47,8 +47,20 @@ _claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.r
                     _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header, _table.c.attempts,
                     _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
 _claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
+# Each claimed row comes with its contact (campaign messages) and the suppression of the contact's
+# address, if any, for campaign_delivery.prepare's re-check: read by the claim, not by a query of
+# the sending thread's own (on PostgreSQL that was a transaction of three round trips a window).
+_contacts, _suppressions = Contact.__table__, Suppression.__table__
+_contact_columns = (_contacts.c.email.label("contact_email"), _contacts.c.status.label("contact_status"),
+                    _contacts.c.attributes.label("contact_attributes"), _contacts.c.timezone.label("contact_timezone"),
+                    _suppressions.c.reason.label("suppressed"))
+# SQLite: the claim, then its rows with their contacts, in the same transaction.
 _claim = (update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
-          .values(**_claim_values).returning(*_claimed_columns))
+          .values(**_claim_values).returning(_table.c.id))
+_claimed_rows = (select(*_claimed_columns, *_contact_columns)
+                 .select_from(_table.outerjoin(_contacts, _contacts.c.id == _table.c.contact_id)
+                              .outerjoin(_suppressions, _suppressions.c.email == _contacts.c.email))
+                 .where(_table.c.id.in_(bindparam("ids", expanding=True))))
 # SQLite: one statement, executed many times (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
@@ -67,7 +79,8 @@ _record = (
 # the CPU on both sides), and the claim, which skips rows another worker is claiming right now
 # (FOR UPDATE SKIP LOCKED: that worker will send them). Run on its own, it needs no BEGIN and
 # COMMIT: one round trip a window, where a transaction of SET, UPDATE and claim took five. The
-# two parts touch different rows (claimed rows are `sending`, claimable ones are not). Every scan
+# two parts touch different rows (claimed rows are `sending`, claimable ones are not); the claimed
+# rows come back with their contacts (_contact_columns). Every scan
 # of messages has an `id = ANY` test, so that the one generic plan a statement connection keeps
 # (db.statement_connection) finds the rows by primary key: without the outer UPDATE's, that plan
 # walked the whole primary key when it was made on the statistics of an emptied table.
@@ -77,13 +90,17 @@ _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
   FROM unnest(%(id)b::text[], %(state)b::text[], %(next)b::timestamp[], %(finished)b::timestamp[],
               %(code)b::int[], %(reply)b::text[], %(reason)b::text[], %(unattempted)b::int[])
        AS v(id, state, next, finished, code, reply, reason, unattempted)
-  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown'))
-UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
-WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
-    AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
-    AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
-    FOR UPDATE SKIP LOCKED)
-RETURNING {", ".join(c.name for c in _claimed_columns)}"""
+  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')),
+claimed AS (
+  UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
+  WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
+      AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
+      AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
+      FOR UPDATE SKIP LOCKED)
+  RETURNING {", ".join(c.name for c in _claimed_columns)})
+SELECT claimed.*, c.email AS contact_email, c.status AS contact_status, c.attributes AS contact_attributes,
+    c.timezone AS contact_timezone, s.reason AS suppressed
+FROM claimed LEFT JOIN contacts c ON c.id = claimed.contact_id LEFT JOIN suppressions s ON s.email = c.email"""
 _OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
 # rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
@@ -192,7 +209,8 @@ def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids:
             outcomes = _outcomes(results, now)
             connection.execute(_record, [dict(zip(("b_" + c for c in _OUTCOME_COLUMNS), row))
                                          for row in zip(*outcomes.values())])
-        claimed = connection.execute(_claim, {"ids": list(ids), "now": now}).all() if ids else []
+        taken = connection.execute(_claim, {"ids": list(ids), "now": now}).scalars().all() if ids else []
+        claimed = connection.execute(_claimed_rows, {"ids": taken}).all() if taken else []
     if deferred:
         connection.execute(_cancel_deferred_of_cancelled, {"ids": deferred, "now": now})
     bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}
