@@ -5,6 +5,8 @@ import random
 import re
 import time
 
+import pytest
+
 from smartmail import ids
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -27,6 +29,22 @@ def test_ids_spell_their_128_bits_as_the_spec_does(monkeypatch):
         monkeypatch.setattr(ids.time, "time_ns", lambda millis=millis: millis * 1_000_000)
         monkeypatch.setattr(ids.os, "urandom", lambda n, randomness=randomness: randomness.to_bytes(n, "big"))
         assert ids.new_id() == _spelled(value)
+        assert ids.new_ids(1) == [_spelled(value)]
+
+
+def test_ids_made_in_one_go_share_the_time_and_spell_each_random_part():
+    randomness = [random.Random(i).getrandbits(80) for i in range(3)]
+    millis = 1_795_000_000_123
+
+    def urandom(n):
+        assert n == 30  # one call for all three
+        return b"".join(r.to_bytes(10, "big") for r in randomness)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ids.time, "time_ns", lambda: millis * 1_000_000)
+        patch.setattr(ids.os, "urandom", urandom)
+        made = ids.new_ids(3)
+    assert made == [_spelled(millis << 80 | r) for r in randomness]
 
 
 def test_ids_are_26_characters_and_sort_by_time():
