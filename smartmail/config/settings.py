@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(3600, gt=0)
     redis_key_prefix: str = ""  # lets several SmartMail installations (or test runs) share one Redis
     batch_size: int = Field(100, ge=1, le=10000)
-    dispatch_drains: int = Field(4, ge=1, le=1000)
+    # Drains are how worker processes share a backlog (tasks/send.py): at least the processes that
+    # consume a stream's queue; more than those only wait their turn in the queue.
+    dispatch_drains: int = Field(16, ge=1, le=1000)
     # send() pushes its ids to Redis from a background thread (workers/handoff.py), not in the call.
     dispatch_in_background: bool = True
     claim_window: int = Field(10, ge=1, le=1000)

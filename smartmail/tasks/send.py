@@ -8,10 +8,12 @@ from smartmail.workers.app import app
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, get_outbox, publish_drains
 
 
-# A drain that empties the outbox keeps its lease and delivers what arrived meanwhile, for up to
-# this long, before it hands over to a new task: one send() at a time otherwise cost two tasks a
-# message (the drain and its follow-up that found nothing, ~1 ms of the worker's main process)
-# and two transactions (each batch's outcomes are now recorded with the next batch's claim).
+# A drain keeps its lease and delivers batch after batch (a backlog, or what arrived meanwhile) for
+# up to this long before it hands over to a new task. A task per full batch cost each batch a claim
+# and a recording that the worker waited for (delivery.deliver's pipeline starts with each task)
+# and a task switch (alternating 100,000-recipient campaigns: 8,765, 8,437 and 8,841 against 8,280,
+# 8,483 and 7,401 msg/s); a task per send() cost two tasks a message. Worker processes share a
+# backlog through the drains its enqueue starts (up to SMARTMAIL_DISPATCH_DRAINS).
 LOOP_SECONDS = 1.0
 
 
@@ -27,7 +29,7 @@ def _drain(task, lease: str, stream: str) -> None:
                 return
             if not ids:  # the lease ended with this pop
                 return
-            if len(ids) == outbox.batch_size or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 # More may be waiting: publish the follow-up first, so that another worker
                 # process can take the next batch while this one is delivered.
                 publish_drains([lease], stream)

@@ -2,11 +2,11 @@
 
 One Celery task per email costs ~1.5 ms of CPU in publishing, the worker's main process and the
 pool pipe, more than the delivery itself. So producers push ids onto an outbox list and start a
-drain task only when fewer than SMARTMAIL_DISPATCH_DRAINS are active; each drain pops up to
-SMARTMAIL_BATCH_SIZE ids, delivers them, and publishes itself again while ids remain. Drains hold
-leases that expire, so a drain lost with its worker is replaced by the next enqueue. Redis is
-still not the source of truth: ids lost with Redis leave rows `queued`, which the reconciler
-pushes again.
+drain task only when fewer than SMARTMAIL_DISPATCH_DRAINS are active; each drain pops batches of up
+to SMARTMAIL_BATCH_SIZE ids and delivers them for up to a second, and publishes itself again while
+ids remain. Drains hold leases that expire, so a drain lost with its worker is replaced by the next
+enqueue. Redis is still not the source of truth: ids lost with Redis leave rows `queued`, which the
+reconciler pushes again.
 """
 from __future__ import annotations
 

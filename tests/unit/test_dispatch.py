@@ -105,7 +105,16 @@ def test_a_drain_that_empties_the_outbox_delivers_what_arrives_meanwhile_in_the_
     assert outbox.active_drains() == 0  # its last pop found nothing and ended the lease
 
 
-def test_a_drain_that_pops_a_full_batch_hands_the_rest_to_a_follow_up(outbox, monkeypatch):
+def test_a_drain_delivers_full_batches_in_the_same_task_while_its_time_lasts(outbox, monkeypatch):
     delivered, follow_ups = _run_drain(outbox, monkeypatch, [["a"], [str(i) for i in range(9)]])
-    assert delivered == [["a"], ["0", "1", "2", "3"]]  # batch size 4: more may wait
+    assert delivered == [["a"], ["0", "1", "2", "3"], ["4", "5", "6", "7"], ["8"]]  # batch size 4
+    assert follow_ups == [] and outbox.backlog() == 0
+
+
+def test_a_drain_whose_time_is_up_hands_the_rest_to_a_follow_up(outbox, monkeypatch):
+    from smartmail.tasks import send as tasks
+
+    monkeypatch.setattr(tasks, "LOOP_SECONDS", -1.0)
+    delivered, follow_ups = _run_drain(outbox, monkeypatch, [[str(i) for i in range(9)]])
+    assert delivered == [["0", "1", "2", "3"]]
     assert follow_ups == ["1"] and outbox.backlog() == 5  # the follow-up, under the same lease, takes them
