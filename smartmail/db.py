@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,15 +48,25 @@ def _begin_immediate(connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_json = json.JSONDecoder()
+
+
+def json_loads(data: str | bytes):
+    """JSON columns as read: psycopg hands over UTF-8 bytes, which json.loads first inspects for
+    their encoding (1.2 against 0.5 us for `{}`; a claimed campaign row has two JSON columns)."""
+    return _json.decode(data if isinstance(data, str) else data.decode())
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               json_deserializer=json_loads)
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)
         return engine
     # No pool_pre_ping: it costs a round trip per transaction on the hot path. A connection the
     # server dropped fails one transaction (SQLAlchemy then invalidates the pool); tasks retry.
-    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800)
+    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800, json_deserializer=json_loads)
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,6 +84,7 @@ def _statement_engine() -> Engine:
     options = " ".join(filter(None, [make_url(url).query.get("options"), _STATEMENT_SESSION]))
     # No reset (ROLLBACK) on return: an autocommit connection has no transaction to end.
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_recycle=1800,
+                         json_deserializer=json_loads,
                          pool_reset_on_return=None, connect_args={"options": options})
 
 
