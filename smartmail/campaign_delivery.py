@@ -1,4 +1,4 @@
-"""Campaign messages at send time: re-check the recipient, keep the send window and rate cap, and render from the frozen template."""
+"""Campaign messages once claimed: re-check the recipient, keep the send window and rate cap, and render from the frozen template."""
 from __future__ import annotations
 
 import html as html_lib
@@ -38,10 +38,10 @@ class Prepared:
 
 
 def _campaign_rows(ids: set[int]) -> dict[int, Any]:
+    if len(_frozen) > 1000:
+        _frozen.clear()
     missing = ids - _frozen.keys()
     if missing:
-        if len(_frozen) > 1000:
-            _frozen.clear()
         with reader() as connection:
             _frozen.update({c.id: c for c in connection.execute(_campaign, {"ids": list(missing)})})
     return {i: _frozen[i] for i in ids}

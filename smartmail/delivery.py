@@ -98,9 +98,9 @@ claimed AS (
       AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
       FOR UPDATE SKIP LOCKED)
   RETURNING {", ".join(c.name for c in _claimed_columns)})
-SELECT claimed.*, c.email AS contact_email, c.status AS contact_status, c.attributes AS contact_attributes,
-    c.timezone AS contact_timezone, s.reason AS suppressed
-FROM claimed LEFT JOIN contacts c ON c.id = claimed.contact_id LEFT JOIN suppressions s ON s.email = c.email"""
+SELECT claimed.*, {", ".join(f"{c.element.table.name}.{c.element.name} AS {c.name}" for c in _contact_columns)}
+FROM claimed LEFT JOIN contacts ON contacts.id = claimed.contact_id
+    LEFT JOIN suppressions ON suppressions.email = contacts.email"""
 _OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
 # rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
@@ -197,7 +197,7 @@ def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
 
 
 def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
-    """Write the outcomes, then claim `ids`; the claimed rows."""
+    """Write the outcomes, then claim `ids`; the claimed rows, with their contacts (_contact_columns)."""
     deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
     if connection.dialect.name == "postgresql":
         if deferred:

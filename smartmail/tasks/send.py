@@ -1,12 +1,16 @@
 """Delivery tasks: drains of the Redis outboxes (see workers/dispatch.py), transactional and bulk."""
 import time
 
+import structlog
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
 from smartmail import delivery
 from smartmail.workers.app import app
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, get_outbox, publish_drains
 
+log = structlog.get_logger("smartmail.dispatch")
 
 # A drain keeps its lease and delivers batch after batch (a backlog, or what arrived meanwhile) for
 # up to this long before it hands over to a new task. A task per full batch cost each batch a claim
@@ -22,20 +26,30 @@ def _drain(task, lease: str, stream: str) -> None:
     deadline = time.monotonic() + LOOP_SECONDS
 
     def batches():
-        while True:
-            ids = outbox.pop(lease)
-            if isinstance(ids, float):  # this drain times the waiting ids: back when the first is due
-                task.apply_async((lease,), countdown=ids)
-                return
-            if not ids:  # the lease ended with this pop
-                return
-            if time.monotonic() > deadline:
-                # More may be waiting: publish the follow-up first, so that another worker
-                # process can take the next batch while this one is delivered.
-                publish_drains([lease], stream)
+        # A broker failure here ends the drain but not the delivery: the windows claimed so far
+        # are still sent and recorded. Ids left in the outbox wait for this drain's lease to
+        # expire; then the next enqueue, or beat's, starts another drain.
+        try:
+            while True:
+                ids = outbox.pop(lease)
+                if isinstance(ids, float):  # this drain times the waiting ids: back when the first is due
+                    task.apply_async((lease,), countdown=ids)
+                    return
+                if not ids:  # the lease ended with this pop
+                    return
+                if time.monotonic() > deadline:
+                    break
                 yield ids
-                return
-            yield ids
+        except (RedisError, KombuError, OSError) as exc:
+            log.error("drain.broker_failed", error=str(exc), stream=stream)
+            return
+        # More may be waiting: publish the follow-up first, so that another worker process can
+        # take the next batch while this one is delivered.
+        try:
+            publish_drains([lease], stream)
+        except (RedisError, KombuError, OSError) as exc:
+            log.error("drain.broker_failed", error=str(exc), stream=stream)
+        yield ids
 
     delivery.deliver([], stream=stream, more=batches())
 

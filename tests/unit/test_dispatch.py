@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 
 import fakeredis
+import kombu.exceptions
 import pytest
+import redis
 
 from smartmail.workers import dispatch
 from smartmail.workers.dispatch import Outbox
@@ -78,14 +80,20 @@ def test_a_due_time_is_rounded_up_to_the_millisecond(outbox):
     assert outbox.client.zscore(outbox.keys[3], "x") == second * 1000 + 1
 
 
-def _run_drain(outbox, monkeypatch, arriving: list[list[str]]):
+def _run_drain(outbox, monkeypatch, arriving: list[list[str]], publish_fails: bool = False):
     """Run a drain task's body against `outbox`; each batch delivered lets the next ids of
     `arriving` reach the outbox, as if sent meanwhile. The batches delivered, and the follow-ups."""
     from smartmail.tasks import send as tasks
 
     delivered, follow_ups = [], []
+
+    def publish(leases, stream):
+        if publish_fails:
+            raise kombu.exceptions.OperationalError("broker down")
+        follow_ups.extend(leases)
+
     monkeypatch.setattr(tasks, "get_outbox", lambda stream: outbox)
-    monkeypatch.setattr(tasks, "publish_drains", lambda leases, stream: follow_ups.extend(leases))
+    monkeypatch.setattr(tasks, "publish_drains", publish)
 
     def deliver(ids, *, stream, more):
         for batch in more:
@@ -118,3 +126,27 @@ def test_a_drain_whose_time_is_up_hands_the_rest_to_a_follow_up(outbox, monkeypa
     delivered, follow_ups = _run_drain(outbox, monkeypatch, [[str(i) for i in range(9)]])
     assert delivered == [["0", "1", "2", "3"]]
     assert follow_ups == ["1"] and outbox.backlog() == 5  # the follow-up, under the same lease, takes them
+
+
+def test_a_broker_failure_mid_drain_ends_the_drain_and_keeps_what_was_popped(outbox, monkeypatch):
+    """A failed pop must not escape into deliver(): windows it has claimed would be left `sending`."""
+    real_pop = outbox.pop
+    pops = []
+
+    def pop(lease):
+        pops.append(lease)
+        if len(pops) == 2:
+            raise redis.ConnectionError("Redis went away")
+        return real_pop(lease)
+
+    monkeypatch.setattr(outbox, "pop", pop)
+    delivered, follow_ups = _run_drain(outbox, monkeypatch, [["a"], ["b"]])
+    assert delivered == [["a"]] and follow_ups == [] and outbox.backlog() == 1  # "b" waits for a new drain
+
+
+def test_a_drain_that_cannot_publish_its_follow_up_still_delivers_its_last_batch(outbox, monkeypatch):
+    from smartmail.tasks import send as tasks
+
+    monkeypatch.setattr(tasks, "LOOP_SECONDS", -1.0)
+    delivered, follow_ups = _run_drain(outbox, monkeypatch, [[str(i) for i in range(9)]], publish_fails=True)
+    assert delivered == [["0", "1", "2", "3"]] and follow_ups == [] and outbox.backlog() == 5
