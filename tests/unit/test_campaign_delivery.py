@@ -1,14 +1,13 @@
 """campaign_delivery.prepare on claimed rows: the re-check reads the contact the claim returned with each row."""
 from __future__ import annotations
 
-import os
 from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
 
 from smartmail import campaign_delivery
-from smartmail.config.settings import get_settings
+from tests.unit.test_unsubscribe_tokens import env  # noqa: F401 - autouse: the required settings only
 
 CAMPAIGN = SimpleNamespace(id=7, name="spring", subject="Hi {{ first_name }}", html="<p>Hi {{ first_name }}</p>",
                            text="Hi {{ first_name }}", rate_cap=None, window_start=None, window_end=None,
@@ -16,16 +15,8 @@ CAMPAIGN = SimpleNamespace(id=7, name="spring", subject="Hi {{ first_name }}", h
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "unit-test-secret-0123456789")
-    get_settings.cache_clear()
+def campaign(monkeypatch):
     monkeypatch.setattr(campaign_delivery, "_frozen", {CAMPAIGN.id: CAMPAIGN})
-    yield
-    get_settings.cache_clear()
 
 
 def row(contact_id: int, status: str | None = "subscribed", suppressed: str | None = None, campaign_id: int | None = 7):
