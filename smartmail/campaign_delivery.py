@@ -38,6 +38,7 @@ class Prepared:
 
 
 def _campaign_rows(ids: set[int]) -> dict[int, Any]:
+    """The campaigns' frozen rows (_campaign), read once per process."""
     if len(_frozen) > 1000:
         _frozen.clear()
     missing = ids - _frozen.keys()

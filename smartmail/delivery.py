@@ -80,10 +80,10 @@ _record = (
 # (FOR UPDATE SKIP LOCKED: that worker will send them). Run on its own, it needs no BEGIN and
 # COMMIT: one round trip a window, where a transaction of SET, UPDATE and claim took five. The
 # two parts touch different rows (claimed rows are `sending`, claimable ones are not); the claimed
-# rows come back with their contacts (_contact_columns). Every scan
-# of messages has an `id = ANY` test, so that the one generic plan a statement connection keeps
-# (db.statement_connection) finds the rows by primary key: without the outer UPDATE's, that plan
-# walked the whole primary key when it was made on the statistics of an emptied table.
+# rows come back with their contacts (_contact_columns). Every scan of messages has an `id = ANY`
+# test, so that the one generic plan a statement connection keeps (db.statement_connection) finds
+# the rows by primary key: without the outer UPDATE's, that plan walked the whole primary key when
+# it was made on the statistics of an emptied table.
 _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
   UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
       smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
