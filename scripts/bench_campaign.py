@@ -66,8 +66,8 @@ def ceiling(bench: Bench, messages: int) -> float:
 def make_audience(bench: Bench, n: int) -> None:
     from sqlalchemy import create_engine, insert, select, text
 
-    from smartmail.db import utcnow
-    from smartmail.models import Contact, ContactList, ListMembership
+    from smartmail.store.engine import utcnow
+    from smartmail.store.models import Contact, ContactList, ListMembership
 
     engine = create_engine(bench.database.url)
     now = utcnow()
@@ -90,7 +90,7 @@ def make_audience(bench: Bench, n: int) -> None:
 def campaign_run(bench: Bench, n: int) -> dict:
     import os
 
-    from smartmail import campaigns
+    from smartmail.campaigns import lifecycle as campaigns
 
     bench.fresh_broker()
     make_audience(bench, n)

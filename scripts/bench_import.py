@@ -42,7 +42,7 @@ def use_database(url: str) -> None:
     os.environ.setdefault("SMARTMAIL_DEFAULT_SENDER", "bench@example.com")
     os.environ.setdefault("SMARTMAIL_SECRET_KEY", "bench-secret-0123456789")
     os.environ.setdefault("SMARTMAIL_LOG_LEVEL", "WARNING")
-    from smartmail import db
+    from smartmail.store import engine as db
     from smartmail.config import settings
 
     settings.get_settings.cache_clear()
@@ -54,7 +54,7 @@ def use_database(url: str) -> None:
 
 def baseline(url: str, path: Path) -> float:
     """The same rows, parsed with csv and inserted with one executemany per 5,000 (no validation)."""
-    from smartmail.db import get_engine, utcnow
+    from smartmail.store.engine import get_engine, utcnow
 
     engine = get_engine()
     reset()
@@ -85,7 +85,7 @@ def baseline(url: str, path: Path) -> float:
 
 
 def reset() -> None:
-    from smartmail.db import get_engine
+    from smartmail.store.engine import get_engine
 
     engine = get_engine()
     with engine.begin() as conn:
@@ -98,7 +98,8 @@ def reset() -> None:
 
 def smartmail_import(path: Path, list_name: str | None) -> tuple[float, dict]:
     """`smartmail contacts import FILE [--list bench] --type age=integer`, in this process."""
-    from smartmail import contacts, imports
+    from smartmail.audience import contacts
+    from smartmail.audience import imports
 
     if list_name:
         contacts.create_list(list_name)
@@ -111,7 +112,7 @@ def smartmail_import(path: Path, list_name: str | None) -> tuple[float, dict]:
 
 def load_events(url: str, count: int, contacts_total: int) -> float:
     """Events for the segment benchmark: opens, clicks and custom events over the last year."""
-    from smartmail.db import get_engine, utcnow
+    from smartmail.store.engine import get_engine, utcnow
 
     engine = get_engine()
     now = utcnow()
@@ -141,8 +142,8 @@ def load_events(url: str, count: int, contacts_total: int) -> float:
 
 
 def segment_count() -> tuple[int, float, str]:
-    from smartmail import segments
-    from smartmail.db import get_engine
+    from smartmail.audience import segments
+    from smartmail.store.engine import get_engine
 
     rules = {"all": [{"attr": "plan", "op": "eq", "value": "pro"}, {"list": "bench"}, {"opened_within": 30}]}
     segments.count(rules)  # warm the cache, as a repeated count would find it
@@ -162,7 +163,7 @@ def segment_count() -> tuple[int, float, str]:
 
 
 def run(name: str, url: str, path: Path, rows: int, events: int, show_plan: bool) -> None:
-    from smartmail import migrate
+    from smartmail.store import migrate
 
     migrate.upgrade(url)
     use_database(url)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 def _clients(url: str):
     import redis
 
-    from smartmail.config.policy import Site
-    from smartmail.outcomes import RetrySchedule
+    from smartmail.workers.policy import Site
+    from smartmail.workers.outcomes import RetrySchedule
     from smartmail.workers.limiter import SiteThrottle
 
     client = redis.Redis.from_url(url)

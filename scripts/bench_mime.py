@@ -1,4 +1,4 @@
-"""Benchmark: smartmail.mime.build_mime against the EmailMessage builder it replaced."""
+"""Benchmark: smartmail.content.mime.build_mime against the EmailMessage builder it replaced."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smartmail.mime import build_mime  # noqa: E402
+from smartmail.content.mime import build_mime  # noqa: E402
 
 
 def build_mime_email_message(*, sender, recipient, subject, text, html, message_id, reply_to=None,

@@ -428,7 +428,7 @@ class Database:
                 settings = ", ".join(f"{n}={conn.execute(text(f'SHOW {n}')).scalar()}"
                                      for n in ("synchronous_commit", "fsync", "shared_buffers"))
             self.version += f" ({settings})"
-        from smartmail import migrate
+        from smartmail.store import migrate
 
         migrate.upgrade(self.url)
         self.engine = create_engine(self.url, pool_size=1, isolation_level="AUTOCOMMIT")
@@ -454,7 +454,7 @@ class Database:
 
         from sqlalchemy import select
 
-        from smartmail.models import Message
+        from smartmail.store.models import Message
 
         out: dict[str, float] = {}
         with self.engine.connect() as conn:
@@ -570,7 +570,7 @@ class Bench:
     def setup(self) -> None:
         import redis
 
-        from smartmail import localredis
+        from smartmail.devtools import localredis
 
         self.redis_url, self.redis_process = localredis.ensure(self.args.redis_url, self.workdir / "redis")
         self.redis = redis.Redis.from_url(self.redis_url)
@@ -607,7 +607,7 @@ class Bench:
                 log(f"  (could not stop a sink: {exc})")
         self.children.stop_all()
         try:
-            from smartmail import db
+            from smartmail.store import engine as db
 
             if db.get_engine.cache_info().currsize:
                 db.get_engine().dispose()

@@ -9,14 +9,17 @@ __all__ = ["InvalidMessage", "SendResult", "campaigns", "contacts", "flush", "im
 
 # Public name -> the module that defines it. Lazy, so `import smartmail` stays cheap and does not
 # read settings until an API is used.
-_LAZY = {"send": "sending", "send_many": "sending", "SendResult": "sending", "InvalidMessage": "sending",
-         "status": "message_status", "track": "contacts", "flush": "workers.handoff"}
-_MODULES = {"contacts", "imports", "segments", "exports", "campaigns"}
+_LAZY = {"send": "producer.sending", "send_many": "producer.sending", "SendResult": "producer.sending",
+         "InvalidMessage": "producer.sending", "status": "producer.status", "track": "audience.contacts",
+         "flush": "producer.handoff"}
+# Public module name -> where it lives (`smartmail.contacts.create_contact(...)`).
+_MODULES = {"contacts": "audience.contacts", "imports": "audience.imports", "segments": "audience.segments",
+            "exports": "audience.exports", "campaigns": "campaigns.lifecycle"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f"smartmail.{_LAZY[name]}"), name)
     if name in _MODULES:
-        return importlib.import_module(f"smartmail.{name}")
+        return importlib.import_module(f"smartmail.{_MODULES[name]}")
     raise AttributeError(name)

@@ -17,7 +17,7 @@ import redis
 from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, text
 
-from smartmail import localredis
+from smartmail.devtools import localredis
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-key-0123456789"
@@ -65,7 +65,7 @@ def _postgres_admin_url() -> str:
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def database_url(request, tmp_path_factory):
     """Every test that stores data runs on SQLite and on PostgreSQL, each migrated with Alembic."""
-    from smartmail import migrate
+    from smartmail.store import migrate
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'smartmail.db'}"
@@ -168,9 +168,13 @@ def smtp_server():
 # --- Settings for a test -----------------------------------------------------------------------
 
 def reset_caches() -> None:
-    from smartmail import db, rendering, template_store
-    from smartmail.config import policy, settings
-    from smartmail.workers import dispatch, handoff, limiter, shaping, transports
+    from smartmail.store import engine as db
+    from smartmail.content import rendering
+    from smartmail.content import template_store
+    from smartmail.config import settings
+    from smartmail.workers import policy
+    from smartmail.workers import dispatch, limiter, shaping, transports
+    from smartmail.producer import handoff
 
     handoff.flush()  # ids a test handed off go to that test's Redis
     settings.get_settings.cache_clear()

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
 
     # Traffic shaping (see policy.toml): off sends without rate, connection or rule checks.
     shaping: bool = True
-    policy_file: Path | None = None  # default: the policy.toml shipped in smartmail/config/
+    policy_file: Path | None = None  # default: the policy.toml shipped in smartmail/workers/
     policy_check_interval: float = Field(1.0, ge=0)
     smtp_idle_timeout: float = Field(5.0, gt=0)  # an idle pooled connection is closed after this
 

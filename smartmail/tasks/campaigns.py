@@ -1,7 +1,7 @@
 """Campaign tasks: fan a launched campaign out to its audience (bulk queue)."""
 from sqlalchemy.exc import OperationalError
 
-from smartmail import campaigns
+from smartmail.campaigns import lifecycle as campaigns
 from smartmail.workers.app import app
 
 

@@ -1,7 +1,7 @@
 """Import task: runs (or resumes) one contact import job on the `imports` queue."""
 from sqlalchemy.exc import OperationalError
 
-from smartmail import imports
+from smartmail.audience import imports
 from smartmail.workers.app import app
 
 

@@ -1,5 +1,5 @@
 """Beat tasks: queue due messages and reconcile with the broker."""
-from smartmail import maintenance
+from smartmail.workers import maintenance
 from smartmail.workers.app import app
 
 

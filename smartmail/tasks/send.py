@@ -6,7 +6,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
-from smartmail import delivery
+from smartmail.workers import delivery
 from smartmail.workers.app import app
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, get_outbox, publish_drains
 

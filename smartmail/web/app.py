@@ -21,9 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartmail import __version__
-from smartmail.db import reader
-from smartmail.models import Contact, ContactStatus
-from smartmail.unsubscribe import InvalidToken, read_token, unsubscribe
+from smartmail.store.engine import reader
+from smartmail.store.models import Contact, ContactStatus
+from smartmail.audience.unsubscribe import InvalidToken, read_token, unsubscribe
 
 log = structlog.get_logger("smartmail.web")
 

@@ -1,1 +1,1 @@
-"""Workers: the Celery app, transports and (later) traffic shaping."""
+"""Workers: the Celery app, the dispatch seam, delivery, claims, transports, the SMTP window, traffic shaping."""

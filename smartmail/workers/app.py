@@ -27,7 +27,7 @@ def _configure_logging(**_kwargs) -> None:
 @celeryd_init.connect
 def _check_policy(**_kwargs) -> None:
     """A worker must not start on a malformed traffic-shaping policy."""
-    from smartmail.config.policy import PolicyError, get_policy
+    from smartmail.workers.policy import PolicyError, get_policy
 
     if get_settings().shaping:
         try:
@@ -40,7 +40,7 @@ def _check_policy(**_kwargs) -> None:
 @worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
     # A prefork child must not share the parent's database connections or SMTP sockets.
-    from smartmail.db import forget_engines
+    from smartmail.store.engine import forget_engines
     from smartmail.workers import transports
 
     forget_engines(close=False)
@@ -50,14 +50,14 @@ def _after_fork(**_kwargs) -> None:
 @task_postrun.connect
 def _flush_handoff(**_kwargs) -> None:
     # A task that called send() may be its process's last: prefork children end with os._exit.
-    from smartmail.workers.handoff import flush
+    from smartmail.producer.handoff import flush
 
     flush()
 
 
 @worker_process_shutdown.connect
 def _close_transport(**_kwargs) -> None:
-    from smartmail.workers.handoff import flush
+    from smartmail.producer.handoff import flush
     from smartmail.workers.transports import set_transport
 
     flush()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import redis
 
 from smartmail.config import Settings, get_settings
-from smartmail.config.policy import Rule, Site
+from smartmail.workers.policy import Rule, Site
 
 # GCRA (the generic cell rate algorithm, as in redis-cell and KumoMTA's throttles): one key per
 # site holds the theoretical arrival time (TAT) of the next message, in microseconds of Redis'

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from smartmail.config.policy import Policy, Site, get_policy
-from smartmail.outcomes import Reply
+from smartmail.workers.policy import Policy, Site, get_policy
+from smartmail.workers.outcomes import Reply
 from smartmail.workers.limiter import SiteThrottle, get_throttle
 
 log = structlog.get_logger("smartmail.shaping")

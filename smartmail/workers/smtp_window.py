@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
-from smartmail.outcomes import Reply
+from smartmail.workers.outcomes import Reply
 
 log = structlog.get_logger("smartmail.smtp")
 

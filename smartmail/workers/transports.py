@@ -17,9 +17,9 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
-from smartmail.config.policy import Site
+from smartmail.workers.policy import Site
 from smartmail.config.settings import Settings, SmtpUrl
-from smartmail.outcomes import Reply
+from smartmail.workers.outcomes import Reply
 from smartmail.workers import smtp_window
 
 log = structlog.get_logger("smartmail.smtp")

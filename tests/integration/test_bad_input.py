@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 import smartmail
-from smartmail.cli import app as cli
-from smartmail.db import session_scope
-from smartmail.models import Message, Template
+from smartmail.cli.main import app as cli
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Message, Template
 from tests.conftest import RUN_PREFIX
 
 
@@ -142,7 +142,7 @@ def test_cli_refuses_a_template_with_a_syntax_error(env, tmp_path):
 def test_missing_settings_fail_at_start_naming_the_variable(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SMARTMAIL_")}
     clean["SMARTMAIL_SMTP_URL"] = "http://relay.example.com"
-    result = subprocess.run([sys.executable, "-m", "smartmail.cli", "send", "--to", "a@example.com"],
+    result = subprocess.run([sys.executable, "-m", "smartmail.cli.main", "send", "--to", "a@example.com"],
                             env=clean, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     for variable in ("SMARTMAIL_DEFAULT_SENDER", "SMARTMAIL_SECRET_KEY", "SMARTMAIL_SMTP_URL"):

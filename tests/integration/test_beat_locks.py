@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from smartmail import maintenance
-from smartmail.db import get_engine, utcnow
-from smartmail.models import Message
+from smartmail.workers import maintenance
+from smartmail.store.engine import get_engine, utcnow
+from smartmail.store.models import Message
 
 
 def _rows(state: str, count: int, old: bool) -> list[str]:

@@ -11,10 +11,12 @@ import pytest
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from smartmail import campaigns, delivery, maintenance
-from smartmail.contacts import InvalidInput, create_list
-from smartmail.db import get_engine, session_scope, utcnow
-from smartmail.models import (
+from smartmail.campaigns import lifecycle as campaigns
+from smartmail.workers import delivery
+from smartmail.workers import maintenance
+from smartmail.audience.contacts import InvalidInput, create_list
+from smartmail.store.engine import get_engine, session_scope, utcnow
+from smartmail.store.models import (
     Campaign,
     Contact,
     ContactList,
@@ -23,9 +25,9 @@ from smartmail.models import (
     MessageState,
     Suppression,
 )
-from smartmail.outcomes import Reply
-from smartmail.template_store import save_template
-from smartmail.unsubscribe import read_token
+from smartmail.workers.outcomes import Reply
+from smartmail.content.template_store import save_template
+from smartmail.audience.unsubscribe import read_token
 from tests.conftest import reset_caches, wait_for
 
 pytestmark = pytest.mark.integration
@@ -210,8 +212,8 @@ def test_cancel_mid_send_sends_nothing_more(relay, start_worker):
 
 
 def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(relay):
-    from smartmail import delivery
-    from smartmail.outcomes import Reply
+    from smartmail.workers import delivery
+    from smartmail.workers.outcomes import Reply
 
     make_audience(4)
     campaigns.create_campaign("late", template="newsletter", lists=["news"], rate_cap=1)
@@ -442,7 +444,7 @@ def test_bad_campaign_input_names_the_field_and_stores_nothing(relay):
 def test_campaign_cli_reports_bad_input_and_shows_status(relay):
     from typer.testing import CliRunner
 
-    from smartmail.cli import app as cli
+    from smartmail.cli.main import app as cli
 
     make_audience(3)
     runner = CliRunner()

@@ -10,11 +10,11 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 import smartmail
-from smartmail import contacts
-from smartmail.cli import app as cli
-from smartmail.contacts import InvalidInput, NotFound
-from smartmail.db import session_scope
-from smartmail.models import Contact, ContactList, Event, ImportJob, ListMembership, Message, Segment, Suppression
+from smartmail.audience import contacts
+from smartmail.cli.main import app as cli
+from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Contact, ContactList, Event, ImportJob, ListMembership, Message, Segment, Suppression
 
 runner = CliRunner()
 TABLES = (Contact, ContactList, ListMembership, Event, Suppression, Segment, ImportJob, Message)

@@ -10,10 +10,11 @@ import tracemalloc
 import pytest
 from sqlalchemy import func, select
 
-from smartmail import contacts, imports
-from smartmail.contacts import InvalidInput
-from smartmail.db import session_scope
-from smartmail.models import Contact, ImportJob, ImportRowError, ListMembership, Suppression
+from smartmail.audience import contacts
+from smartmail.audience import imports
+from smartmail.audience.contacts import InvalidInput
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Contact, ImportJob, ImportRowError, ListMembership, Suppression
 from tests.conftest import wait_for
 
 BAD_KINDS = ("invalid", "missing", "duplicate", "undecodable", "columns")
@@ -349,7 +350,7 @@ def test_bad_files_name_the_problem(env, tmp_path):
 
 
 def test_export_neutralizes_spreadsheet_formulas(env, tmp_path):
-    from smartmail import exports
+    from smartmail.audience import exports
 
     contacts.create_contact("f@example.org", attributes={
         "a": "=HYPERLINK(\"http://evil\")", "b": "+1+2", "c": "-3", "d": "@SUM(A1)", "e": "\tx", "f": "\r=1",

@@ -7,8 +7,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import IntegrityError
 
-from smartmail import migrate
-from smartmail.models import Base
+from smartmail.store import migrate
+from smartmail.store.models import Base
 
 
 def _schema_differences(url: str) -> list:
@@ -51,7 +51,7 @@ def test_idempotency_index_steps_down_to_the_full_constraint_and_back(database_u
 
 def test_keys_stay_unique_and_keyless_rows_do_not_collide(env):
     import smartmail
-    from smartmail.db import get_engine
+    from smartmail.store.engine import get_engine
     from sqlalchemy import text
 
     first = smartmail.send("a@example.com", subject="s", text="t", idempotency_key="k-1")

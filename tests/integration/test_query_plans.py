@@ -6,11 +6,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import event, select, update
 
-from smartmail import maintenance
-from smartmail.db import get_engine, refresh_statistics, statement_connection, utcnow
-from smartmail.delivery import _record_and_claim_on, _Result, claim_transaction
-from smartmail.models import Contact, Message, MessageState
-from smartmail.outcomes import Reply
+from smartmail.workers import maintenance
+from smartmail.store.engine import get_engine, refresh_statistics, statement_connection, utcnow
+from smartmail.workers.delivery import _record_and_claim_on, _Result, claim_transaction
+from smartmail.store.models import Contact, Message, MessageState
+from smartmail.workers.outcomes import Reply
 
 
 def _queue(count: int, state: str = "queued") -> list[str]:

@@ -8,9 +8,9 @@ import redis.connection
 from sqlalchemy import event
 
 import smartmail
-from smartmail.db import get_engine, session_scope, statement_connection
-from smartmail.models import Suppression
-from smartmail.template_store import save_template
+from smartmail.store.engine import get_engine, session_scope, statement_connection
+from smartmail.store.models import Suppression
+from smartmail.content.template_store import save_template
 
 
 @pytest.fixture

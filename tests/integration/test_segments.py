@@ -7,10 +7,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, insert, select
 
-from smartmail import contacts, segments
-from smartmail.db import get_engine, utcnow
-from smartmail.models import Contact, ContactList, Event, ListMembership, Message
-from smartmail.segments import InvalidSegment
+from smartmail.audience import contacts
+from smartmail.audience import segments
+from smartmail.store.engine import get_engine, utcnow
+from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message
+from smartmail.audience.segments import InvalidSegment
 
 CONTACTS = 600
 
@@ -242,7 +243,7 @@ def test_saved_segments_count_preview_and_keyset_pages(world):
     assert segments.count("news over 30") == len(expected)
     assert [c["id"] for c in segments.preview("news over 30", limit=5)] == expected[:5]
     # How campaigns walk an audience: keyset pages on contact id.
-    from smartmail.segments import contacts_t
+    from smartmail.audience.segments import contacts_t
 
     pages, last = [], 0
     while True:

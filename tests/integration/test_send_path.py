@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import func, select
 
 import smartmail
-from smartmail.db import session_scope
-from smartmail.models import Message, Suppression
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Message, Suppression
 from tests.conftest import clear_redis, wait_for
 
 pytestmark = pytest.mark.integration
@@ -151,7 +151,7 @@ def test_kill_9_of_a_busy_worker_never_sends_twice(relay, start_worker, monkeypa
     # tasks died with the worker (prefetched, unacked) are published again.
     monkeypatch.setenv("SMARTMAIL_SENDING_TIMEOUT", "1")
     monkeypatch.setenv("SMARTMAIL_RECONCILE_QUEUED_AFTER", "1")
-    from smartmail import maintenance
+    from smartmail.workers import maintenance
     from tests.conftest import reset_caches
 
     reset_caches()
@@ -201,7 +201,7 @@ def test_messages_whose_tasks_redis_lost_are_sent_once_by_the_reconciler(relay, 
     assert relay.count == 0 and states()["queued"] == 50
 
     monkeypatch.setenv("SMARTMAIL_RECONCILE_QUEUED_AFTER", "1")
-    from smartmail import maintenance
+    from smartmail.workers import maintenance
     from tests.conftest import reset_caches
 
     reset_caches()

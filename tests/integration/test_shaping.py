@@ -14,9 +14,9 @@ from aiosmtpd.smtp import SMTP
 from sqlalchemy import select
 
 import smartmail
-from smartmail import localredis
-from smartmail.db import session_scope
-from smartmail.models import Message
+from smartmail.devtools import localredis
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Message
 from tests.conftest import reset_caches, wait_for
 
 pytestmark = pytest.mark.integration
@@ -263,9 +263,9 @@ def test_sites_command_shows_rates_connections_deferred_mail_and_rules_in_force(
 
     from typer.testing import CliRunner
 
-    from smartmail.cli import app as cli
-    from smartmail.config.policy import get_policy
-    from smartmail.db import get_engine, utcnow
+    from smartmail.cli.main import app as cli
+    from smartmail.workers.policy import get_policy
+    from smartmail.store.engine import get_engine, utcnow
     from smartmail.workers.limiter import get_throttle
 
     shaped("""
@@ -315,7 +315,7 @@ def test_sites_command_shows_rates_connections_deferred_mail_and_rules_in_force(
 def test_sites_command_names_the_bad_key_of_a_malformed_policy(shaped):
     from typer.testing import CliRunner
 
-    from smartmail.cli import app as cli
+    from smartmail.cli.main import app as cli
 
     shaped('[sites.x]\ndomains = ["x.example"]\nmax_conections = 3\n')
     result = CliRunner().invoke(cli, ["sites"])

@@ -7,8 +7,8 @@ import re
 import pytest
 
 import smartmail
-from smartmail import delivery
-from smartmail.db import get_engine, statement_connection, utcnow
+from smartmail.workers import delivery
+from smartmail.store.engine import get_engine, statement_connection, utcnow
 
 
 def _plan_of_prepared_claim(connection) -> str:

@@ -8,10 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
 
-from smartmail import contacts
-from smartmail.db import session_scope
-from smartmail.models import Contact, Event, Suppression
-from smartmail.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe
+from smartmail.audience import contacts
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Contact, Event, Suppression
+from smartmail.audience.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe
 from smartmail.web.app import app
 from tests.conftest import reset_caches
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from smartmail import campaign_delivery
+from smartmail.workers import campaign_rows as campaign_delivery
 from tests.unit.test_unsubscribe_tokens import env  # noqa: F401 - autouse: the required settings only
 
 CAMPAIGN = SimpleNamespace(id=7, name="spring", subject="Hi {{ first_name }}", html="<p>Hi {{ first_name }}</p>",

@@ -4,9 +4,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from smartmail.delivery import _decide
-from smartmail.models import MessageState
-from smartmail.outcomes import Reply, RetrySchedule
+from smartmail.workers.delivery import _decide
+from smartmail.store.models import MessageState
+from smartmail.workers.outcomes import Reply, RetrySchedule
 
 NOW = datetime(2026, 11, 26, 12, 0, 0)
 SCHEDULE = RetrySchedule(first_interval=60, backoff_factor=2, max_interval=3600, jitter=0, max_age=3600)

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from smartmail.workers import dispatch, handoff
+from smartmail.workers import dispatch
+from smartmail.producer import handoff
 
 
 @pytest.fixture

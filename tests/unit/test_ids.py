@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from smartmail import ids
+from smartmail.store import ids
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 

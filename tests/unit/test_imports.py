@@ -6,10 +6,10 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smartmail import imports
-from smartmail.contacts import email_problem
-from smartmail.exports import safe_cell
-from smartmail.imports import ImportOptions, Record, RowError, convert
+from smartmail.audience import imports
+from smartmail.audience.contacts import email_problem
+from smartmail.audience.exports import safe_cell
+from smartmail.audience.imports import ImportOptions, Record, RowError, convert
 
 
 @pytest.mark.parametrize("value,kind,expected", [

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartmail.config.policy import Rule, Site
-from smartmail.outcomes import RetrySchedule
+from smartmail.workers.policy import Rule, Site
+from smartmail.workers.outcomes import RetrySchedule
 from smartmail.workers.limiter import COUNTERS, Grant, SiteThrottle, interval_us
 
 S = 1_000_000  # microseconds per second

@@ -1,4 +1,4 @@
-"""Unit tests for smartmail.mime: what build_mime writes parses back, with the stdlib, to its inputs."""
+"""Unit tests for smartmail.content.mime: what build_mime writes parses back, with the stdlib, to its inputs."""
 from __future__ import annotations
 
 import binascii
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartmail.mime import _end_with_soft_break, build_mime
+from smartmail.content.mime import _end_with_soft_break, build_mime
 
 DATE = datetime(2024, 5, 1, 12, 30, 5, tzinfo=timezone(timedelta(hours=2)))
 

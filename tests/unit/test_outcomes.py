@@ -1,4 +1,4 @@
-"""Unit tests for smartmail.outcomes: SMTP reply classification and the retry schedule."""
+"""Unit tests for smartmail.workers.outcomes: SMTP reply classification and the retry schedule."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from smartmail.outcomes import Outcome, Reply, RetrySchedule, Verdict, classify
+from smartmail.workers.outcomes import Outcome, Reply, RetrySchedule, Verdict, classify
 
 SENT, DEFERRED, FAILED = Verdict.SENT, Verdict.DEFERRED, Verdict.FAILED
 
@@ -205,7 +205,7 @@ def test_full_jitter_never_schedules_in_the_past():
 
 
 def test_without_an_rng_the_module_random_is_used(monkeypatch):
-    import smartmail.outcomes as outcomes
+    import smartmail.workers.outcomes as outcomes
 
     monkeypatch.setattr(outcomes.random, "uniform", lambda a, b: b)  # always the top of the range
     schedule = RetrySchedule(first_interval=100, jitter=0.25, max_age=86400)
@@ -252,7 +252,7 @@ def test_very_many_attempts_are_still_capped():
 
 
 def test_reply_stage_changes_the_verdict():
-    from smartmail.outcomes import Reply, Verdict, classify
+    from smartmail.workers.outcomes import Reply, Verdict, classify
 
     lost_after_body = classify(Reply(None, "connection lost at DATA", "data"))
     assert lost_after_body.verdict is Verdict.UNKNOWN  # the relay may have accepted it

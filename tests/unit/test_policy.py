@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smartmail.config.policy import (
+from smartmail.workers.policy import (
     DEFAULT_POLICY_FILE,
     Policy,
     PolicyError,
@@ -20,7 +20,7 @@ from smartmail.config.policy import (
     parse_duration,
     parse_rate,
 )
-from smartmail.outcomes import Reply, RetrySchedule
+from smartmail.workers.outcomes import Reply, RetrySchedule
 
 DEFAULTS = RetrySchedule(first_interval=11.0, backoff_factor=3.0, max_interval=77.0, jitter=0.05, max_age=999.0)
 

@@ -1,4 +1,4 @@
-"""Unit tests for smartmail.rendering and smartmail.template_store, on a temporary SQLite database."""
+"""Unit tests for smartmail.content.rendering and smartmail.content.template_store, on a temporary SQLite database."""
 from __future__ import annotations
 
 import os
@@ -9,13 +9,15 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-import smartmail.db as db
-from smartmail import migrate, rendering, template_store
+import smartmail.store.engine as db
+from smartmail.store import migrate
+from smartmail.content import rendering
+from smartmail.content import template_store
 from smartmail.addresses import AddressError
 from smartmail.config.settings import get_settings
-from smartmail.models import Template
-from smartmail.rendering import Rendered, TemplateError, html_to_text, render, text_source_from_html
-from smartmail.template_store import TemplateNotFound, TemplateRef
+from smartmail.store.models import Template
+from smartmail.content.rendering import Rendered, TemplateError, html_to_text, render, text_source_from_html
+from smartmail.content.template_store import TemplateNotFound, TemplateRef
 
 
 def _clear_caches() -> None:
@@ -53,7 +55,7 @@ def engine(db_url):
 
 @pytest.fixture
 def save(engine):
-    """Store a template version with a committed session from smartmail.db.make_engine."""
+    """Store a template version with a committed session from smartmail.store.engine.make_engine."""
 
     def save(name: str, *, subject: str, html: str, text: str | None = None) -> int:
         with Session(engine) as session:
@@ -68,7 +70,7 @@ def save(engine):
 def session(db_url):
     """The session handed to render().
 
-    A plain SQLAlchemy engine, not smartmail.db.make_engine: make_engine's BEGIN IMMEDIATE makes
+    A plain SQLAlchemy engine, not smartmail.store.engine.make_engine: make_engine's BEGIN IMMEDIATE makes
     the caller's session hold SQLite's write lock while the template loader reads the source through
     a second connection, which then times out (see test_rendering_a_db_template_inside_a_make_engine_session).
     """

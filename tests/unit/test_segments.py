@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 
-from smartmail import segments
-from smartmail.segments import InvalidSegment
+from smartmail.audience import segments
+from smartmail.audience.segments import InvalidSegment
 
 BAD = [
     ({"all": [{"status": "subscribed"}, {"list": "a"}, {"attr": "x", "op": "eqq", "value": 1}]}, "rules.all[2].op",

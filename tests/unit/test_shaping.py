@@ -7,8 +7,8 @@ import itertools
 import fakeredis
 import pytest
 
-from smartmail.config.policy import Policy, load_policy
-from smartmail.outcomes import Reply, RetrySchedule
+from smartmail.workers.policy import Policy, load_policy
+from smartmail.workers.outcomes import Reply, RetrySchedule
 from smartmail.workers.limiter import SiteThrottle
 from smartmail.workers.shaping import Hold, MxResolver, Shaper
 

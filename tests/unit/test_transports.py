@@ -18,7 +18,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from smartmail.config.settings import Settings, SmtpUrl
-from smartmail.outcomes import Reply, Verdict, classify
+from smartmail.workers.outcomes import Reply, Verdict, classify
 from smartmail.workers import transports
 from smartmail.workers.transports import (
     ConsoleTransport,
@@ -1091,8 +1091,8 @@ class FakeGate:
 
 
 def site(name: str, max_connections: int = 1, max_messages: int = 100):
-    from smartmail.config.policy import Site
-    from smartmail.outcomes import RetrySchedule
+    from smartmail.workers.policy import Site
+    from smartmail.workers.outcomes import RetrySchedule
 
     return Site(name, None, 1, max_connections, max_messages, RetrySchedule())
 

@@ -1,4 +1,4 @@
-"""Unit tests for smartmail.unsubscribe: signed tokens and the List-Unsubscribe headers."""
+"""Unit tests for smartmail.audience.unsubscribe: signed tokens and the List-Unsubscribe headers."""
 from __future__ import annotations
 
 import base64
@@ -13,7 +13,7 @@ from email.message import EmailMessage
 import pytest
 
 from smartmail.config.settings import get_settings
-from smartmail.unsubscribe import InvalidToken, list_unsubscribe_headers, make_token, read_token, unsubscribe_url
+from smartmail.audience.unsubscribe import InvalidToken, list_unsubscribe_headers, make_token, read_token, unsubscribe_url
 
 SECRET = "unit-test-secret-0123456789"
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from smartmail.contacts import InvalidInput, NotFound
+from smartmail.audience.contacts import InvalidInput, NotFound
 
 contacts_app = typer.Typer(help="Contacts: add, show, change, erase, import and export.", no_args_is_help=True)
 lists_app = typer.Typer(help="Lists and their members.", no_args_is_help=True)
@@ -92,7 +92,7 @@ def contacts_add(
     upsert: Annotated[bool, typer.Option(help="Update the contact if the address is known.")] = False,
 ) -> None:
     """Add a contact (or with --upsert, add or update one)."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     fields = _contact_fields(attr, status, timezone, locale)
     try:
@@ -112,7 +112,7 @@ def contacts_add(
 @contacts_app.command("get")
 def contacts_get(email: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show a contact, its attributes and lists."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     try:
         contact = contacts.get_contact(email)
@@ -140,7 +140,7 @@ def contacts_update(
     locale: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Change a contact's status, time zone, locale or attributes."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     fields = _contact_fields(attr, status, timezone, locale)
     if unset:
@@ -159,7 +159,7 @@ def contacts_update(
 @contacts_app.command("delete")
 def contacts_delete(email: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
     """Erase a contact's personal data; the address stays suppressed so it is never mailed again."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     try:
         address = contacts.normalize_email(email)
@@ -188,7 +188,7 @@ def contacts_track(
 
 
 def _progress_loop(job_id: str, inline: bool) -> dict[str, Any]:
-    from smartmail import imports
+    from smartmail.audience import imports
 
     status = imports.job_status(job_id)
     columns = (TextColumn("[bold]importing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[rows]}"),
@@ -219,7 +219,7 @@ def _enqueue(job_id: str) -> None:
     from kombu.exceptions import KombuError
     from redis.exceptions import RedisError
 
-    from smartmail import imports
+    from smartmail.audience import imports
 
     try:
         imports.enqueue(job_id)
@@ -246,7 +246,7 @@ def contacts_import(
     wait: Annotated[bool, typer.Option(help="Show progress until the import ends.")] = True,
 ) -> None:
     """Import contacts from a CSV or JSON Lines file, showing progress and a summary."""
-    from smartmail import imports
+    from smartmail.audience import imports
 
     options = {"list": list_, "mode": mode, "format": format_, "mapping": _pairs(map_, "--map"),
                "types": _pairs(type_, "--type"), "delimiter": delimiter, "encoding": encoding,
@@ -282,7 +282,7 @@ def _summary(status: dict[str, Any]) -> None:
 @contacts_app.command("import-status")
 def contacts_import_status(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show an import job's progress and counts."""
-    from smartmail import imports
+    from smartmail.audience import imports
 
     try:
         status = imports.job_status(job_id)
@@ -299,7 +299,7 @@ def contacts_import_status(job_id: str, as_json: Annotated[bool, typer.Option("-
 @contacts_app.command("import-errors")
 def contacts_import_errors(job_id: str, out_file: Annotated[Path | None, typer.Option("--out")] = None) -> None:
     """Write an import job's error report (CSV: row, field, reason, value) to --out or standard output."""
-    from smartmail import imports
+    from smartmail.audience import imports
 
     try:
         imports.job_status(job_id)
@@ -316,7 +316,7 @@ def contacts_import_errors(job_id: str, out_file: Annotated[Path | None, typer.O
 @contacts_app.command("import-resume")
 def contacts_import_resume(job_id: str, inline: Annotated[bool, typer.Option()] = False) -> None:
     """Run an interrupted import job again from its last checkpoint."""
-    from smartmail import imports
+    from smartmail.audience import imports
 
     try:
         imports.job_status(job_id)
@@ -336,8 +336,10 @@ def contacts_export(
     """Export contacts as CSV; cells that a spreadsheet would run as formulas are neutralized."""
     from sqlalchemy import select
 
-    from smartmail import contacts, exports, segments
-    from smartmail.models import ListMembership
+    from smartmail.audience import contacts
+    from smartmail.audience import exports
+    from smartmail.audience import segments
+    from smartmail.store.models import ListMembership
 
     ids = None
     try:
@@ -364,7 +366,7 @@ def contacts_export(
 @lists_app.command("create")
 def lists_create(name: str, description: Annotated[str | None, typer.Option()] = None) -> None:
     """Create a list."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     try:
         row = contacts.create_list(name, description)
@@ -376,7 +378,7 @@ def lists_create(name: str, description: Annotated[str | None, typer.Option()] =
 @lists_app.command("show")
 def lists_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show every list with its number of subscribed members."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     rows = contacts.get_lists()
     if as_json:
@@ -391,7 +393,7 @@ def lists_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 @lists_app.command("delete")
 def lists_delete(name: str, yes: Annotated[bool, typer.Option("--yes")] = False) -> None:
     """Delete a list (its contacts stay)."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     if not yes and not typer.confirm(f"Delete list {name!r}?"):
         raise typer.Exit(1)
@@ -407,7 +409,7 @@ def lists_delete(name: str, yes: Annotated[bool, typer.Option("--yes")] = False)
 @lists_app.command("add")
 def lists_add(name: str, emails: Annotated[list[str], typer.Argument(help="Addresses (new ones become contacts).")]) -> None:
     """Subscribe addresses to a list."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     try:
         joined = contacts.add_members(name, emails, source="cli")
@@ -419,7 +421,7 @@ def lists_add(name: str, emails: Annotated[list[str], typer.Argument(help="Addre
 @lists_app.command("remove")
 def lists_remove(name: str, emails: list[str]) -> None:
     """Take addresses off a list."""
-    from smartmail import contacts
+    from smartmail.audience import contacts
 
     try:
         removed = contacts.remove_members(name, emails)
@@ -439,7 +441,7 @@ def _rules_or_name(name: str | None, rules: str | None) -> Any:
 @segments_app.command("save")
 def segments_save(name: str, rules: Annotated[str, typer.Option(help="Rules as JSON, or @FILE.")]) -> None:
     """Create or replace a saved segment."""
-    from smartmail import segments
+    from smartmail.audience import segments
 
     try:
         row = segments.save_segment(name, _json_option(rules, "--rules"))
@@ -452,7 +454,7 @@ def segments_save(name: str, rules: Annotated[str, typer.Option(help="Rules as J
 def segments_count(name: Annotated[str | None, typer.Argument()] = None,
                    rules: Annotated[str | None, typer.Option(help="Rules as JSON, or @FILE.")] = None) -> None:
     """Count a saved segment's (or some rules') contacts."""
-    from smartmail import segments
+    from smartmail.audience import segments
 
     target = _rules_or_name(name, rules)
     try:
@@ -468,7 +470,7 @@ def segments_preview(name: Annotated[str | None, typer.Argument()] = None,
                      rules: Annotated[str | None, typer.Option()] = None,
                      limit: Annotated[int, typer.Option()] = 10) -> None:
     """Show the first contacts a segment selects."""
-    from smartmail import segments
+    from smartmail.audience import segments
 
     target = _rules_or_name(name, rules)
     try:
@@ -484,7 +486,7 @@ def segments_preview(name: Annotated[str | None, typer.Argument()] = None,
 @segments_app.command("show")
 def segments_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the saved segments."""
-    from smartmail import segments
+    from smartmail.audience import segments
 
     rows = segments.get_segments()
     if as_json:
@@ -499,7 +501,7 @@ def segments_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 @segments_app.command("delete")
 def segments_delete(name: str) -> None:
     """Delete a saved segment."""
-    from smartmail import segments
+    from smartmail.audience import segments
 
     if not segments.delete_segment(name):
         fail(f"name: no segment named {name!r}", code=1)

@@ -15,10 +15,10 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from smartmail.db import session_scope, upsert_insert, utcnow
-from smartmail.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
+from smartmail.store.engine import session_scope, upsert_insert, utcnow
+from smartmail.store.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
 
-log = structlog.get_logger("smartmail.contacts")
+log = structlog.get_logger("smartmail.audience.contacts")
 
 STATUSES = tuple(s.value for s in ContactStatus)
 # A contact status that must never be mailed maps to a suppression reason, and back.

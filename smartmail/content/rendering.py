@@ -18,7 +18,7 @@ from jinja2 import nodes
 from inscriptis import get_text
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from smartmail import template_store
+from smartmail.content import template_store
 from smartmail.addresses import reject_line_breaks
 
 
@@ -149,7 +149,7 @@ def make_environment(session_factory) -> ImmutableSandboxedEnvironment:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
-    from smartmail.db import _session_factory
+    from smartmail.store.engine import _session_factory
 
     return make_environment(_session_factory())
 

@@ -7,8 +7,8 @@ from typing import Any, TextIO
 
 from sqlalchemy import select
 
-from smartmail.db import reader
-from smartmail.models import Contact
+from smartmail.store.engine import reader
+from smartmail.store.models import Contact
 
 # A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets;
 # tab and carriage return can hide such a start (https://owasp.org/www-community/attacks/CSV_Injection).

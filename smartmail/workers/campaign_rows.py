@@ -10,16 +10,16 @@ import structlog
 from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
 
-from smartmail import rendering
-from smartmail.campaigns import window_opens
-from smartmail.config.policy import Site
-from smartmail.db import reader
-from smartmail.models import Campaign, ContactStatus
-from smartmail.outcomes import RetrySchedule
-from smartmail.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe_url
+from smartmail.content import rendering
+from smartmail.campaigns.lifecycle import window_opens
+from smartmail.workers.policy import Site
+from smartmail.store.engine import reader
+from smartmail.store.models import Campaign, ContactStatus
+from smartmail.workers.outcomes import RetrySchedule
+from smartmail.audience.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.workers.limiter import get_throttle
 
-log = structlog.get_logger("smartmail.campaigns")
+log = structlog.get_logger("smartmail.campaigns.lifecycle")
 
 _campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, Campaign.text, Campaign.rate_cap,
                    Campaign.window_start, Campaign.window_end, Campaign.window_timezone

@@ -12,14 +12,16 @@ from zoneinfo import ZoneInfo
 import structlog
 from sqlalchemy import and_, exists, func, or_, select, update
 
-from smartmail import rendering, segments, template_store
+from smartmail.content import rendering
+from smartmail.audience import segments
+from smartmail.content import template_store
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.contacts import InvalidInput, NotFound
-from smartmail.db import (COPY_SPECIAL, insert_else_upsert, reader, refresh_statistics, session_scope,
+from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.store.engine import (COPY_SPECIAL, insert_else_upsert, reader, refresh_statistics, session_scope,
                           upsert_insert, utcnow)
-from smartmail.ids import new_id, new_ids
-from smartmail.models import (
+from smartmail.store.ids import new_id, new_ids
+from smartmail.store.models import (
     OF_CAMPAIGNS,
     Campaign,
     CampaignState,
@@ -33,7 +35,7 @@ from smartmail.models import (
 )
 from smartmail.workers.dispatch import BULK, dispatch
 
-log = structlog.get_logger("smartmail.campaigns")
+log = structlog.get_logger("smartmail.campaigns.lifecycle")
 
 PAGE = 5000  # contacts per fan-out page: one audience query, one INSERT, one checkpoint (1,000: 20% more CPU a row)
 _AUDIENCE_TABLES = ["contacts", "list_memberships", "suppressions", "events"]  # what audience queries read

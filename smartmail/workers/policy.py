@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from smartmail.outcomes import Reply, RetrySchedule
+from smartmail.workers.outcomes import Reply, RetrySchedule
 
 log = structlog.get_logger("smartmail.policy")
 

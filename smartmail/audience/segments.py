@@ -13,9 +13,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
-from smartmail.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
-from smartmail.db import get_engine, reader, session_scope, utcnow
-from smartmail.models import Contact, ContactList, Event, ListMembership, Message, Segment
+from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
+from smartmail.store.engine import get_engine, reader, session_scope, utcnow
+from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message, Segment
 
 OPERATORS = ("eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists")
 ENGAGEMENT = {"opened_within": "open", "clicked_within": "click"}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from smartmail.db import session_scope
-from smartmail.models import Message
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Message
 
 _FIELDS = ("id", "state", "recipient", "sender", "subject", "attempts", "created_at", "enqueued_at",
            "claimed_at", "next_attempt_at", "finished_at", "smtp_code", "smtp_reply", "reason",

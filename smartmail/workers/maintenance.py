@@ -8,11 +8,11 @@ import structlog
 from sqlalchemy import select, update
 
 from smartmail.config import get_settings
-from smartmail.db import session_scope, utcnow
-from smartmail.models import QUEUED, SENDING, WAITING, Message, MessageState
+from smartmail.store.engine import session_scope, utcnow
+from smartmail.store.models import QUEUED, SENDING, WAITING, Message, MessageState
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, dispatch, get_outbox
 
-log = structlog.get_logger("smartmail.maintenance")
+log = structlog.get_logger("smartmail.workers.maintenance")
 
 _PAGE = 5000  # rows per statement, so one run never holds a huge transaction
 # Beat's UPDATEs take only rows no worker has locked (PostgreSQL; SQLite has one writer anyway).

@@ -15,19 +15,19 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
-from smartmail import campaign_delivery
+from smartmail.workers import campaign_rows as campaign_delivery
 from smartmail.addresses import bare_address, normalize_address
 from smartmail.config import get_settings
-from smartmail.config.policy import Site
-from smartmail.db import get_engine, statement_connection, upsert_insert, utcnow
-from smartmail.mime import build_mime
-from smartmail.models import Campaign, CampaignState, Contact, Message, MessageState, Suppression
-from smartmail.outcomes import Reply, RetrySchedule, Verdict, classify
+from smartmail.workers.policy import Site
+from smartmail.store.engine import get_engine, statement_connection, upsert_insert, utcnow
+from smartmail.content.mime import build_mime
+from smartmail.store.models import Campaign, CampaignState, Contact, Message, MessageState, Suppression
+from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.dispatch import TRANSACTIONAL, dispatch, dispatch_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
 from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transport, get_transport
 
-log = structlog.get_logger("smartmail.delivery")
+log = structlog.get_logger("smartmail.workers.delivery")
 
 _table = Message.__table__
 # Core statements built once: the ORM's bulk-update path cost more than the SQL itself here.

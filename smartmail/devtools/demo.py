@@ -25,7 +25,7 @@ PEOPLE = [
 
 
 def _defaults(data: Path) -> None:
-    repo_templates = Path(__file__).resolve().parent.parent / "templates"
+    repo_templates = Path(__file__).resolve().parents[2] / "templates"
     os.environ.setdefault("SMARTMAIL_DATABASE_URL", f"sqlite:///{data / 'demo.db'}")
     os.environ.setdefault("SMARTMAIL_DEFAULT_SENDER", "SmartMail Demo <demo@example.com>")
     os.environ.setdefault("SMARTMAIL_SECRET_KEY", secrets.token_hex(24))
@@ -34,9 +34,10 @@ def _defaults(data: Path) -> None:
 
 
 def run(count: int, console: Console) -> int:
-    from smartmail import localredis, migrate
+    from smartmail.devtools import localredis
+    from smartmail.store import migrate
     from smartmail.config.settings import get_settings
-    from smartmail.sink import SinkHandler, start_sink
+    from smartmail.devtools.sink import SinkHandler, start_sink
 
     data = Path(".smartmail").resolve()
     data.mkdir(exist_ok=True)
@@ -61,7 +62,7 @@ def run(count: int, console: Console) -> int:
     migrate.upgrade(settings.database_url)
     try:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "smartmail.cli", "worker", "--pool", "solo", "-l", "WARNING"],
+            [sys.executable, "-m", "smartmail.cli.main", "worker", "--pool", "solo", "-l", "WARNING"],
             env={**os.environ, "SMARTMAIL_LOG_LEVEL": "WARNING"},
             stdout=(data / "worker.log").open("ab"), stderr=subprocess.STDOUT,
         )

@@ -1,8 +1,8 @@
 """Alembic environment: migrates the database named by SMARTMAIL_DATABASE_URL (or the config's URL)."""
 from alembic import context
 
-from smartmail.db import make_engine
-from smartmail.models import Base
+from smartmail.store.engine import make_engine
+from smartmail.store.models import Base
 
 config = context.config
 

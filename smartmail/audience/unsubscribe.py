@@ -13,11 +13,11 @@ from sqlalchemy import select
 
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.contacts import sync_suppression
-from smartmail.db import session_scope, utcnow
-from smartmail.models import Contact, ContactStatus, Event, Suppression
+from smartmail.audience.contacts import sync_suppression
+from smartmail.store.engine import session_scope, utcnow
+from smartmail.store.models import Contact, ContactStatus, Event, Suppression
 
-log = structlog.get_logger("smartmail.unsubscribe")
+log = structlog.get_logger("smartmail.audience.unsubscribe")
 
 # Tokens are `<contact id>.<campaign id or empty>.<signature>`, e.g. `42.7.3q2-…` (~50 characters,
 # all URL-safe). The ids are signed, not encrypted: they are opaque database keys, not personal data.

@@ -13,13 +13,13 @@ import psycopg
 from sqlalchemy import String, bindparam, case, literal, null, select, true
 from sqlalchemy.exc import DBAPIError
 
-from smartmail import rendering
+from smartmail.content import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.db import get_engine, statement_connection, upsert_insert, utcnow
-from smartmail.ids import new_id
-from smartmail.models import HAS_KEY, Message, MessageState, Suppression
-from smartmail.workers.handoff import hand_off, push_now
+from smartmail.store.engine import get_engine, statement_connection, upsert_insert, utcnow
+from smartmail.store.ids import new_id
+from smartmail.store.models import HAS_KEY, Message, MessageState, Suppression
+from smartmail.producer.handoff import hand_off, push_now
 
 _MAX_TAGS = 20
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from smartmail.models import Template
+from smartmail.store.models import Template
 
 # A file template is a directory: subject.txt, body.html and (optional) body.txt.
 FILE_PARTS = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}

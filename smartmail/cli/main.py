@@ -21,8 +21,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 templates_app = typer.Typer(help="Templates stored in the database (versioned).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(templates_app, name="templates")
-from smartmail.cli_audience import contacts_app, lists_app, segments_app  # noqa: E402
-from smartmail.cli_campaigns import campaign_app  # noqa: E402
+from smartmail.cli.main.audience import contacts_app, lists_app, segments_app  # noqa: E402
+from smartmail.cli.main.campaigns import campaign_app  # noqa: E402
 
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
@@ -40,7 +40,7 @@ def fail(message: str, code: int = 2) -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Create or upgrade the database schema."""
-    from smartmail import migrate
+    from smartmail.store import migrate
     from smartmail.config import get_settings
 
     migrate.upgrade(get_settings().database_url, revision)
@@ -50,7 +50,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base.")) -> None:
     """Roll the schema back."""
-    from smartmail import migrate
+    from smartmail.store import migrate
     from smartmail.config import get_settings
 
     migrate.downgrade(get_settings().database_url, revision)
@@ -65,8 +65,9 @@ def templates_save(
     text_file: Annotated[Optional[Path], typer.Option("--text-file", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Store a new version of a template (checked for syntax errors first)."""
-    from smartmail import rendering, template_store
-    from smartmail.db import session_scope
+    from smartmail.content import rendering
+    from smartmail.content import template_store
+    from smartmail.store.engine import session_scope
 
     html = html_file.read_text(encoding="utf-8")
     text = text_file.read_text(encoding="utf-8") if text_file else None
@@ -148,7 +149,7 @@ def send(
 @app.command()
 def status(message_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show a message's state and the relay's last reply."""
-    from smartmail.message_status import status as lookup
+    from smartmail.producer.status import status as lookup
 
     info = lookup(message_id)
     if info is None:
@@ -171,8 +172,8 @@ def _rate(value: float | None) -> str:
 @app.command()
 def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show each site's configured and current rate, connections, deferred mail, slow-downs and suspensions."""
-    from smartmail.config.policy import PolicyError
-    from smartmail.sites import site_statuses
+    from smartmail.workers.policy import PolicyError
+    from smartmail.workers.sites import site_statuses
 
     try:
         statuses = site_statuses()
@@ -236,7 +237,7 @@ def sink(
     quiet: Annotated[bool, typer.Option(help="Do not print a line per message.")] = False,
 ) -> None:
     """Run a local SMTP server that accepts everything and prints and/or stores it."""
-    from smartmail.sink import SinkHandler, start_sink
+    from smartmail.devtools.sink import SinkHandler, start_sink
 
     handler = SinkHandler(directory=directory, echo=not quiet, keep=False)
     controller = start_sink(handler, host, port)
@@ -266,7 +267,7 @@ def web(
 @app.command()
 def demo(count: Annotated[int, typer.Option(help="How many emails to send.")] = 5) -> None:
     """Start what is missing (Redis, SQLite, a sink, a worker), send personalized emails, show what arrived."""
-    from smartmail.demo import run
+    from smartmail.devtools.demo import run
 
     sys.exit(run(count, out))
 

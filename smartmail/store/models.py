@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from smartmail.db import utcnow
+from smartmail.store.engine import utcnow
 
 
 class Base(DeclarativeBase):

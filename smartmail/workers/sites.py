@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from smartmail.config.policy import Site, get_policy
-from smartmail.db import get_engine
-from smartmail.models import Message, MessageState, in_state
+from smartmail.workers.policy import Site, get_policy
+from smartmail.store.engine import get_engine
+from smartmail.store.models import Message, MessageState, in_state
 from smartmail.workers.limiter import SiteState, get_throttle
 from smartmail.workers.shaping import get_shaper
 

@@ -24,14 +24,14 @@ from charset_normalizer import from_bytes
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
-from smartmail import contacts
+from smartmail.audience import contacts
 from smartmail.config import get_settings
-from smartmail.contacts import InvalidInput, check_attribute_name
-from smartmail.db import COPY_SPECIAL, get_engine, insert_else_upsert, reader, session_scope, utcnow
-from smartmail.ids import new_id
-from smartmail.models import ContactList, ImportJob, ImportRowError
+from smartmail.audience.contacts import InvalidInput, check_attribute_name
+from smartmail.store.engine import COPY_SPECIAL, get_engine, insert_else_upsert, reader, session_scope, utcnow
+from smartmail.store.ids import new_id
+from smartmail.store.models import ContactList, ImportJob, ImportRowError
 
-log = structlog.get_logger("smartmail.imports")
+log = structlog.get_logger("smartmail.audience.imports")
 
 MODES = ("upsert", "create", "update")
 FORMATS = ("csv", "jsonl")
@@ -907,7 +907,7 @@ def job_status(job_id: str) -> dict[str, Any]:
 def write_error_report(job_id: str, out: TextIO) -> int:
     """The job's bad rows as CSV (row, field, reason, value), in row order; returns how many.
     Values are neutralized like exports, since the report is meant to be opened in a spreadsheet."""
-    from smartmail.exports import safe_cell
+    from smartmail.audience.exports import safe_cell
 
     writer = csv.writer(out)
     writer.writerow(["row", "field", "reason", "value"])

@@ -18,8 +18,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from smartmail import campaigns
-from smartmail.contacts import InvalidInput, NotFound
+from smartmail.campaigns import lifecycle as campaigns
+from smartmail.audience.contacts import InvalidInput, NotFound
 
 campaign_app = typer.Typer(help="Campaigns: one template to lists and segments, now or later.", no_args_is_help=True)
 out = Console()

@@ -1,0 +1,1 @@
+"""Who mail goes to: contacts, lists, imports, exports, segments and unsubscribes."""

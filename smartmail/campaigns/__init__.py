@@ -1,0 +1,1 @@
+"""Campaigns: create, schedule, launch, pause, resume, cancel, and the fan-out to their audience."""

@@ -1,0 +1,1 @@
+"""The `smartmail` command line (typer)."""

@@ -1,0 +1,1 @@
+"""What a message says: template rendering, the template store, MIME building, signed links."""

@@ -1,0 +1,1 @@
+"""Development helpers: the demo, the local SMTP sink and the on-demand local Redis."""

@@ -1,0 +1,1 @@
+"""The database: engine and sessions, models, ids, Alembic migrations, and the SQL that differs by dialect."""
