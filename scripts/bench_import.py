@@ -42,14 +42,9 @@ def use_database(url: str) -> None:
     os.environ.setdefault("SMARTMAIL_DEFAULT_SENDER", "bench@example.com")
     os.environ.setdefault("SMARTMAIL_SECRET_KEY", "bench-secret-0123456789")
     os.environ.setdefault("SMARTMAIL_LOG_LEVEL", "WARNING")
-    from smartmail.store import engine as db
-    from smartmail.config import settings
+    from smartmail import runtime
 
-    settings.get_settings.cache_clear()
-    if db.get_engine.cache_info().currsize:
-        db.get_engine().dispose()
-    db.get_engine.cache_clear()
-    db._session_factory.cache_clear()
+    runtime.reset()
 
 
 def baseline(url: str, path: Path) -> float:

@@ -594,7 +594,7 @@ class Bench:
         (self.workdir / "policy.toml").write_text(POLICY)
         from smartmail.config import get_settings
 
-        get_settings.cache_clear()
+        get_settings.forget()
         settings = get_settings()
         self.batch_size = settings.batch_size
         self.claim_window = settings.claim_window

@@ -9,6 +9,8 @@ from email.utils import getaddresses, parseaddr
 
 from email_validator import EmailNotValidError, validate_email
 
+from smartmail.errors import AddressError
+
 # RFC 5322 section 2.2: a field name is printable US-ASCII except colon.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
 # Headers SmartMail writes itself; letting callers set them would allow spoofing or duplicates.
@@ -17,15 +19,6 @@ RESERVED_HEADERS = frozenset(
     for h in ("From", "To", "Cc", "Bcc", "Subject", "Reply-To", "Message-ID", "Date",
               "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Sender", "Return-Path")
 )
-
-
-class AddressError(ValueError):
-    """Bad input: `field` names what was wrong, the message says why."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.reason = message
 
 
 @dataclass(frozen=True)

@@ -168,25 +168,10 @@ def smtp_server():
 # --- Settings for a test -----------------------------------------------------------------------
 
 def reset_caches() -> None:
-    from smartmail.store import engine as db
-    from smartmail.content import rendering
-    from smartmail.content import template_store
-    from smartmail.config import settings
-    from smartmail.workers import policy
-    from smartmail.workers import dispatch, limiter, shaping, transports
-    from smartmail.producer import handoff
+    """Drop every per-process value (settings, engines, clients, caches), pushing handed-off ids first."""
+    from smartmail import runtime
 
-    handoff.flush()  # ids a test handed off go to that test's Redis
-    settings.get_settings.cache_clear()
-    policy.forget_policy()
-    limiter.get_throttle.cache_clear()
-    shaping._shaper = None
-    db.forget_engines()
-    rendering._environment.cache_clear()
-    rendering._inline.cache_clear()
-    dispatch.get_outbox.cache_clear()
-    template_store.forget_resolved()
-    transports.set_transport(None)
+    runtime.reset()
 
 
 @pytest.fixture

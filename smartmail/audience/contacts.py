@@ -15,10 +15,11 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from smartmail.errors import InvalidInput, NotFound
 from smartmail.store.engine import session_scope, upsert_insert, utcnow
 from smartmail.store.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
 
-log = structlog.get_logger("smartmail.audience.contacts")
+log = structlog.get_logger("smartmail.contacts")
 
 STATUSES = tuple(s.value for s in ContactStatus)
 # A contact status that must never be mailed maps to a suppression reason, and back.
@@ -35,19 +36,6 @@ _LIST_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 # goes through email-validator in full.
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _BAD_ATTRIBUTE_CHARS = re.compile(r'["\\\x00-\x1f\x7f]')
-
-
-class InvalidInput(ValueError):
-    """Bad input to the contacts, lists, imports or segments API: `field` names what, the message says why."""
-
-    def __init__(self, reason: str, *, field: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
-class NotFound(LookupError):
-    """No contact, list or segment by that name."""
 
 
 # --- Validation -----------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ from smartmail.audience.contacts import InvalidInput, check_attribute_name
 from smartmail.store.engine import COPY_SPECIAL, get_engine, insert_else_upsert, reader, session_scope, utcnow
 from smartmail.store.ids import new_id
 from smartmail.store.models import ContactList, ImportJob, ImportRowError
+from smartmail.workers.dispatch import publish
 
-log = structlog.get_logger("smartmail.audience.imports")
+log = structlog.get_logger("smartmail.imports")
 
 MODES = ("upsert", "create", "update")
 FORMATS = ("csv", "jsonl")
@@ -681,9 +682,7 @@ def start_import(path: str | os.PathLike, **options: Any) -> str:
 
 
 def enqueue(job_id: str) -> None:
-    from smartmail.workers.app import app
-
-    app.send_task("smartmail.imports.run", args=[job_id])
+    publish("smartmail.imports.run", job_id)
 
 
 class JobGone(Exception):

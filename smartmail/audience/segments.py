@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
+from smartmail.errors import InvalidSegment
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message, Segment
@@ -28,10 +29,6 @@ events_t = Event.__table__
 members_t = ListMembership.__table__
 lists_t = ContactList.__table__
 messages_t = Message.__table__
-
-
-class InvalidSegment(InvalidInput):
-    """A rule that cannot be compiled; `field` is its path, as in `rules.all[2].op`."""
 
 
 # --- Parsing: JSON → a small checked tree -----------------------------------------------------------

@@ -1,134 +1,14 @@
-"""Unsubscribe links: signed tokens, the List-Unsubscribe headers (RFC 2369, RFC 8058) and the unsubscribe itself."""
+"""The unsubscribe itself: the contact's status, the suppression list and an event, in one transaction."""
 from __future__ import annotations
-
-import base64
-import functools
-import hashlib
-import hmac
-import re
-from urllib.parse import quote
 
 import structlog
 from sqlalchemy import select
 
-from smartmail.addresses import AddressError, parse_mailbox
-from smartmail.config import get_settings
 from smartmail.audience.contacts import sync_suppression
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import Contact, ContactStatus, Event, Suppression
 
-log = structlog.get_logger("smartmail.audience.unsubscribe")
-
-# Tokens are `<contact id>.<campaign id or empty>.<signature>`, e.g. `42.7.3q2-…` (~50 characters,
-# all URL-safe). The ids are signed, not encrypted: they are opaque database keys, not personal data.
-# The signature is HMAC-SHA256 (RFC 2104) over the payload, keyed with a key derived from
-# SMARTMAIL_SECRET_KEY and the purpose "unsubscribe", so a token signed for another purpose
-# (click tracking, say) never verifies here, and vice versa.
-#
-# Tokens never expire, on purpose: an unsubscribe link in a message opened years later must still
-# work (an opt-out that fails is a complaint, and a legal problem under CAN-SPAM and GDPR).
-# Rotating SMARTMAIL_SECRET_KEY invalidates every link already sent.
-PURPOSE = "unsubscribe"
-_ID = r"[1-9][0-9]{0,18}"  # canonical decimal (no sign, no leading zero); fits a 64-bit id
-_TOKEN = re.compile(rf"({_ID})\.({_ID})?\.([A-Za-z0-9_-]{{43}})")  # 43 = unpadded base64url of 32 bytes
-_MAX_ID = 2**63 - 1
-# What must never reach a header value: CR/LF would start a new header (RFC 5322 section 2.2);
-# other controls, spaces, `<`, `>` and `,` would break the `<uri>, <uri>` list of RFC 2369.
-_BAD_IN_URI = re.compile(r"[\x00-\x20\x7f<>,]")
-
-
-class InvalidToken(ValueError):
-    """An unsubscribe token that is malformed, truncated, altered or not signed by this installation."""
-
-
-def _key(purpose: str) -> bytes:
-    return _derived_key(get_settings().secret_key, purpose)
-
-
-@functools.lru_cache(maxsize=8)
-def _derived_key(secret: str, purpose: str) -> bytes:
-    # Cached: a campaign signs a token per message. Keyed by the secret, so a new key is derived
-    # when SMARTMAIL_SECRET_KEY changes (settings reloaded).
-    return hmac.new(secret.encode(), b"smartmail.token:" + purpose.encode(), hashlib.sha256).digest()
-
-
-def _signature(payload: str, purpose: str = PURPOSE) -> str:
-    digest = hmac.digest(_key(purpose), payload.encode(), "sha256")  # one-shot, in C
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def _check_id(value: object, name: str, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_ID:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
-
-
-def make_token(contact_id: int, campaign_id: int | None) -> str:
-    """A URL-safe token naming the contact (and the campaign the message came from, if any)."""
-    _check_id(contact_id, "contact_id")
-    _check_id(campaign_id, "campaign_id", optional=True)
-    payload = f"{contact_id}.{'' if campaign_id is None else campaign_id}"
-    return f"{payload}.{_signature(payload)}"
-
-
-def read_token(token: object) -> tuple[int, int | None]:
-    """(contact_id, campaign_id) from a token made by make_token; InvalidToken for anything else."""
-    if not isinstance(token, str) or len(token) > 100:
-        raise InvalidToken("the unsubscribe token is malformed")
-    match = _TOKEN.fullmatch(token)
-    if match is None:
-        raise InvalidToken("the unsubscribe token is malformed or truncated")
-    contact, campaign, signature = match.groups()
-    # Compare the encoded signatures: the last base64 character carries 2 unused bits, so comparing
-    # decoded bytes would accept 4 spellings of one signature. compare_digest: constant time.
-    if not hmac.compare_digest(signature, _signature(f"{contact}.{campaign or ''}")):
-        raise InvalidToken("the unsubscribe token's signature does not match")
-    return int(contact), (int(campaign) if campaign else None)
-
-
-def unsubscribe_url(token: str) -> str:
-    """The link in messages and the RFC 8058 one-click POST target: `{public_url}/unsubscribe/{token}`."""
-    return f"{get_settings().public_url}/unsubscribe/{token}"
-
-
-def _mailto_address(unsubscribe_mailto: str | None, sender_domain: str) -> str:
-    if not unsubscribe_mailto:
-        return f"unsubscribe@{sender_domain}"
-    try:  # accepts `addr@domain` or `Name <addr@domain>`; only the address goes in the URI
-        return parse_mailbox(unsubscribe_mailto, field="SMARTMAIL_UNSUBSCRIBE_MAILTO").address
-    except AddressError as exc:
-        raise ValueError(str(exc)) from None
-
-
-@functools.lru_cache(maxsize=8)
-def _uri_prefixes(public_url: str, unsubscribe_mailto: str | None, sender_domain: str) -> tuple[str, str]:
-    """What precedes the token in the https and mailto URIs, checked once per settings: a campaign
-    makes these headers for every message."""
-    # RFC 6068: the address and subject are percent-encoded; `@` and `+` may stay as they are.
-    # The subject is `unsubscribe <token>`; tokens are URL-safe, so only the space is encoded.
-    prefixes = (f"{public_url}/unsubscribe/",
-                f"mailto:{quote(_mailto_address(unsubscribe_mailto, sender_domain), safe='@+')}?subject=unsubscribe%20")
-    for prefix in prefixes:
-        # SMARTMAIL_PUBLIC_URL is validated as a URL, but urlsplit silently drops CR, LF and tab,
-        # so check what actually goes in the header. A raise, not an assert: asserts vanish under -O.
-        if _BAD_IN_URI.search(prefix):
-            raise ValueError(f"unsubscribe URI {prefix!r} contains a control character, space, '<', '>' or ','"
-                             " (check SMARTMAIL_PUBLIC_URL and SMARTMAIL_UNSUBSCRIBE_MAILTO)")
-    return prefixes
-
-
-def list_unsubscribe_headers(contact_id: int, campaign_id: int | None, *, token: str | None = None) -> dict[str, str]:
-    """`List-Unsubscribe` (an https link first, for RFC 8058 one-click, then a mailto: RFC 2369
-    section 3.2) and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058 section 3.1).
-    `token`: the caller's make_token(contact_id, campaign_id), when it has one already."""
-    token = token or make_token(contact_id, campaign_id)
-    if not _TOKEN.fullmatch(token):
-        raise ValueError(f"{token!r} is not an unsubscribe token")
-    settings = get_settings()
-    url, mailto = _uri_prefixes(settings.public_url, settings.unsubscribe_mailto, settings.sender_domain)
-    return {"List-Unsubscribe": f"<{url}{token}>, <{mailto}{token}>",
-            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+log = structlog.get_logger("smartmail.unsubscribe")
 
 
 def unsubscribe(contact_id: int, campaign_id: int | None, *, source: str) -> bool:

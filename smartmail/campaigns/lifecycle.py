@@ -33,9 +33,10 @@ from smartmail.store.models import (
     Segment,
     Suppression,
 )
-from smartmail.workers.dispatch import BULK, dispatch
+from smartmail.workers.campaign_rows import window_opens
+from smartmail.workers.dispatch import BULK, enqueue, publish
 
-log = structlog.get_logger("smartmail.campaigns.lifecycle")
+log = structlog.get_logger("smartmail.campaigns")
 
 PAGE = 5000  # contacts per fan-out page: one audience query, one INSERT, one checkpoint (1,000: 20% more CPU a row)
 _AUDIENCE_TABLES = ["contacts", "list_memberships", "suppressions", "events"]  # what audience queries read
@@ -54,22 +55,6 @@ def parse_window(value: str | None, *, field: str = "window") -> tuple[str, str]
     if not match or value[:5] == value[6:]:
         raise InvalidInput('expected "HH:MM-HH:MM" in 24-hour time, start and end different', field=field)
     return value[:5], value[6:]
-
-
-def window_opens(now: datetime, zone: str, start: str, end: str) -> datetime | None:
-    """None when `now` (naive UTC) is inside the daily window in `zone`; else when it next opens (naive UTC)."""
-    local = now.replace(tzinfo=timezone.utc).astimezone(ZoneInfo(zone))
-    s_h, s_m = map(int, start.split(":"))
-    e_h, e_m = map(int, end.split(":"))
-    minute = local.hour * 60 + local.minute
-    s, e = s_h * 60 + s_m, e_h * 60 + e_m
-    inside = s <= minute < e if s < e else (minute >= s or minute < e)
-    if inside:
-        return None
-    opening = local.replace(hour=s_h, minute=s_m, second=0, microsecond=0)
-    if opening <= local:
-        opening += timedelta(days=1)
-    return opening.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _zone(name: str | None, fallback: str) -> str:
@@ -244,9 +229,7 @@ def _lease_end(now: datetime | None = None) -> datetime:
 
 
 def _publish_fan_out(campaign_id: int, owner: str | None) -> None:
-    from smartmail.tasks.campaigns import fan_out_task
-
-    fan_out_task.delay(campaign_id, owner)
+    publish("smartmail.campaign.fan_out", campaign_id, owner)
 
 
 def campaign_status(name: str) -> CampaignStatus:
@@ -320,7 +303,7 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
             inserted = _insert_page(session, campaign, page, utcnow(), settings.sender_domain)
             campaign.cursor = page[-1][0]
         queued = [message_id for message_id, state in inserted if state == MessageState.QUEUED.value]
-        dispatch(queued, BULK)  # after the commit
+        enqueue(queued, BULK)  # after the commit
         created += len(inserted)
 
 
@@ -429,7 +412,7 @@ def _redispatch_waiting(campaign_id: int) -> None:
                 .order_by(Message.id).limit(5000)))
         if not ids:
             return
-        dispatch(ids, BULK)
+        enqueue(ids, BULK)
         last = ids[-1]
 
 

@@ -21,8 +21,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 templates_app = typer.Typer(help="Templates stored in the database (versioned).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(templates_app, name="templates")
-from smartmail.cli.main.audience import contacts_app, lists_app, segments_app  # noqa: E402
-from smartmail.cli.main.campaigns import campaign_app  # noqa: E402
+from smartmail.cli.audience import contacts_app, lists_app, segments_app  # noqa: E402
+from smartmail.cli.campaigns import campaign_app  # noqa: E402
 
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")

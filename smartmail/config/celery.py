@@ -22,8 +22,8 @@ def celery_config(settings: Settings) -> dict:
             "smartmail.drain": {"queue": "transactional"},
             "smartmail.drain_bulk": {"queue": "bulk"},
             "smartmail.campaign.*": {"queue": "bulk"},
-            "smartmail.workers.maintenance.*": {"queue": "default"},
-            "smartmail.audience.imports.*": {"queue": "imports"},
+            "smartmail.maintenance.*": {"queue": "default"},
+            "smartmail.imports.*": {"queue": "imports"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").

@@ -1,7 +1,6 @@
 """Settings read from SMARTMAIL_* environment variables, validated once at start-up."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,13 +9,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from smartmail import runtime
+from smartmail.errors import SettingsError
 from smartmail.addresses import AddressError, parse_mailbox
 
 TlsMode = Literal["none", "starttls", "ssl"]
-
-
-class SettingsError(RuntimeError):
-    """A setting is missing or malformed; the message names the environment variable."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +174,7 @@ def load_settings() -> Settings:
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
 
 
-@functools.lru_cache(maxsize=1)
+@runtime.per_process()
 def get_settings() -> Settings:
     """The process-wide settings, loaded on first use."""
     return load_settings()

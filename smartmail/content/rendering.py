@@ -18,19 +18,11 @@ from jinja2 import nodes
 from inscriptis import get_text
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from smartmail.errors import TemplateError
+from smartmail.store.engine import session_factory
+from smartmail import runtime
 from smartmail.content import template_store
 from smartmail.addresses import reject_line_breaks
-
-
-class TemplateError(ValueError):
-    """A template could not be compiled or rendered; the message names the template and line."""
-
-    def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
-        where = f"template {template}" + (f", line {line}" if line else "")
-        super().__init__(f"{where}: {message}")
-        self.field = "template"
-        self.template = template
-        self.line = line
 
 
 @dataclass(frozen=True)
@@ -147,11 +139,9 @@ def make_environment(session_factory) -> ImmutableSandboxedEnvironment:
     )
 
 
-@functools.lru_cache(maxsize=1)
+@runtime.per_process()
 def _environment() -> ImmutableSandboxedEnvironment:
-    from smartmail.store.engine import _session_factory
-
-    return make_environment(_session_factory())
+    return make_environment(session_factory())
 
 
 @functools.lru_cache(maxsize=512)
@@ -162,6 +152,10 @@ def _inline(source: str, part: str) -> jinja2.Template:
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(exc.message or str(exc), template=f"<inline {part}>", line=exc.lineno) from None
     return env.template_class.from_code(env, code, env.globals, None)
+
+
+# Compiled against the environment, which reset() drops.
+runtime.on_reset(lambda _close: _inline.cache_clear())
 
 
 @contextlib.contextmanager

@@ -9,15 +9,13 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from smartmail import runtime
+from smartmail.errors import TemplateNotFound
 from smartmail.store.models import Template
 
 # A file template is a directory: subject.txt, body.html and (optional) body.txt.
 FILE_PARTS = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-
-
-class TemplateNotFound(LookupError):
-    """No database row and no directory carries this template name."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,8 @@ def parse_reference(reference: str) -> tuple[str, int | None]:
 _resolved: dict[tuple[str, Path], tuple[float, TemplateRef]] = {}
 
 
-def forget_resolved() -> None:
+@runtime.on_reset
+def forget_resolved(_close: bool = True) -> None:
     _resolved.clear()
 
 

@@ -56,7 +56,7 @@ def run(count: int, console: Console) -> int:
     sink = start_sink(handler, port=port)
     os.environ["SMARTMAIL_SMTP_URL"] = f"smtp://127.0.0.1:{port}?tls=none"
     os.environ["SMARTMAIL_TRANSPORT"] = "smtp"
-    get_settings.cache_clear()
+    get_settings.forget()
     settings = get_settings()
     console.print(f"SMTP sink on 127.0.0.1:{port}, database {settings.database_url}")
     migrate.upgrade(settings.database_url)

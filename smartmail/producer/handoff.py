@@ -12,7 +12,6 @@ prefork processes end with os._exit, which skips atexit.
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import structlog
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from smartmail import runtime
 from smartmail.workers import dispatch
 
 log = structlog.get_logger("smartmail.dispatch")
@@ -68,7 +68,7 @@ class Handoff:
             try:
                 for stream, ids in batches.items():
                     try:
-                        push_now(ids, stream)
+                        hand_off_now(ids, stream)
                     except Exception:  # noqa: BLE001 - the thread must outlive a bug, or ids would pile up
                         log.exception("dispatch.failed", count=len(ids), stream=stream)
             finally:
@@ -78,33 +78,34 @@ class Handoff:
                         self._is_idle.notify_all()
 
 
-def push_now(message_ids: Sequence[str], stream: str = dispatch.TRANSACTIONAL) -> None:
+def hand_off_now(message_ids: Sequence[str], stream: str = dispatch.TRANSACTIONAL) -> None:
     """Push committed ids to the outbox in this thread. A failure is logged, not raised: the rows
     are committed and the reconciler dispatches them; raising would invite the caller to send again."""
     try:
-        dispatch.dispatch(message_ids, stream)
+        dispatch.enqueue(message_ids, stream)
     except (RedisError, KombuError, OSError) as exc:
         log.error("dispatch.failed", error=str(exc), count=len(message_ids), stream=stream)
 
 
-_handoff = Handoff()
+def _flush_on_reset(handoff: Handoff, close: bool) -> None:
+    # In a forked child there is no pusher thread: the parent pushes what was pending at the fork.
+    if close:
+        handoff.flush()
+
+
+@runtime.per_process(close=_flush_on_reset)
+def _handoff() -> Handoff:
+    return Handoff()
 
 
 def hand_off(message_ids: Sequence[str], stream: str = dispatch.TRANSACTIONAL) -> None:
     """Have committed, queued ids pushed to the outbox soon, without waiting for it."""
-    _handoff.put(message_ids, stream)
+    _handoff().put(message_ids, stream)
 
 
 def flush(timeout: float = 10.0) -> bool:
     """Wait until the ids this process handed off have been pushed; False on timeout."""
-    return _handoff.flush(timeout)
+    return _handoff().flush(timeout)
 
 
-def _forget_after_fork() -> None:
-    # The child has no pusher thread, and the parent pushes what was pending when it forked.
-    global _handoff
-    _handoff = Handoff()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 atexit.register(flush)

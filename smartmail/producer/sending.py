@@ -13,23 +13,16 @@ import psycopg
 from sqlalchemy import String, bindparam, case, literal, null, select, true
 from sqlalchemy.exc import DBAPIError
 
+from smartmail.errors import InvalidMessage
 from smartmail.content import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
 from smartmail.store.engine import get_engine, statement_connection, upsert_insert, utcnow
 from smartmail.store.ids import new_id
 from smartmail.store.models import HAS_KEY, Message, MessageState, Suppression
-from smartmail.producer.handoff import hand_off, push_now
+from smartmail.producer.handoff import hand_off, hand_off_now
 
 _MAX_TAGS = 20
-
-
-class InvalidMessage(ValueError):
-    """Bad input to send(); `field` names the offending field, as in `messages[3].to`."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -144,7 +137,7 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
         with get_engine().begin() as connection:
             results = _store(connection, rows, now)
     queued = [r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate]
-    (hand_off if settings.dispatch_in_background else push_now)(queued)
+    (hand_off if settings.dispatch_in_background else hand_off_now)(queued)
     return results
 
 

@@ -1,7 +1,6 @@
 """Database engine and sessions: SQLite (WAL, busy timeout) for development, PostgreSQL (psycopg 3) in production."""
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from smartmail import runtime
 from smartmail.config import get_settings
 
 # Characters PostgreSQL's COPY text format needs escaped; rows built with f-strings check for them.
@@ -69,7 +69,11 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800, json_deserializer=json_loads)
 
 
-@functools.lru_cache(maxsize=1)
+def _dispose(engine: Engine, close: bool) -> None:
+    engine.dispose(close=close)
+
+
+@runtime.per_process(close=_dispose)
 def get_engine() -> Engine:
     return make_engine(get_settings().database_url)
 
@@ -78,7 +82,7 @@ def get_engine() -> Engine:
 _STATEMENT_SESSION = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
 
 
-@functools.lru_cache(maxsize=1)
+@runtime.per_process(close=_dispose)
 def _statement_engine() -> Engine:
     url = get_settings().database_url
     options = " ".join(filter(None, [make_url(url).query.get("options"), _STATEMENT_SESSION]))
@@ -115,15 +119,15 @@ def statement_connection() -> Connection:
     return _statement_engine().connect()
 
 
-@functools.lru_cache(maxsize=1)
-def _session_factory() -> sessionmaker[Session]:
+@runtime.per_process()
+def session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One transaction: commit on success, roll back on error."""
-    session = _session_factory()()
+    session = session_factory()()
     try:
         yield session
         session.commit()
@@ -137,11 +141,9 @@ def session_scope() -> Iterator[Session]:
 def forget_engines(*, close: bool = True) -> None:
     """Drop the engines and their pooled connections; close=False in a forked child, whose
     pooled connections are the parent's (Celery prefork children)."""
-    for engine in (get_engine, _statement_engine):
-        if engine.cache_info().currsize:
-            engine().dispose(close=close)
-        engine.cache_clear()
-    _session_factory.cache_clear()
+    session_factory.forget()
+    get_engine.forget(close_it=close)
+    _statement_engine.forget(close_it=close)
 
 
 def upsert_insert(dialect_name: str):

@@ -8,7 +8,7 @@ from sqlalchemy.exc import OperationalError
 
 from smartmail.workers import delivery
 from smartmail.workers.app import app
-from smartmail.workers.dispatch import BULK, TRANSACTIONAL, get_outbox, publish_drains
+from smartmail.workers.dispatch import BULK, DRAIN_TASKS, TRANSACTIONAL, get_outbox, publish
 
 log = structlog.get_logger("smartmail.dispatch")
 
@@ -46,7 +46,7 @@ def _drain(task, lease: str, stream: str) -> None:
         # More may be waiting: publish the follow-up first, so that another worker process can
         # take the next batch while this one is delivered.
         try:
-            publish_drains([lease], stream)
+            publish(DRAIN_TASKS[stream], lease)
         except (RedisError, KombuError, OSError) as exc:
             log.error("drain.broker_failed", error=str(exc), stream=stream)
         yield ids

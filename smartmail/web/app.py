@@ -23,7 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from smartmail import __version__
 from smartmail.store.engine import reader
 from smartmail.store.models import Contact, ContactStatus
-from smartmail.audience.unsubscribe import InvalidToken, read_token, unsubscribe
+from smartmail.audience.unsubscribe import unsubscribe
+from smartmail.content.unsubscribe_links import read_token
+from smartmail.errors import InvalidToken
 
 log = structlog.get_logger("smartmail.web")
 

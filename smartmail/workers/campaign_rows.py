@@ -3,23 +3,24 @@ from __future__ import annotations
 
 import html as html_lib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
 
+from smartmail import runtime
 from smartmail.content import rendering
-from smartmail.campaigns.lifecycle import window_opens
 from smartmail.workers.policy import Site
 from smartmail.store.engine import reader
 from smartmail.store.models import Campaign, ContactStatus
 from smartmail.workers.outcomes import RetrySchedule
-from smartmail.audience.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe_url
+from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.workers.limiter import get_throttle
 
-log = structlog.get_logger("smartmail.campaigns.lifecycle")
+log = structlog.get_logger("smartmail.campaigns")
 
 _campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, Campaign.text, Campaign.rate_cap,
                    Campaign.window_start, Campaign.window_end, Campaign.window_timezone
@@ -27,6 +28,7 @@ _campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, 
 
 # Frozen at launch, so a process may keep them: campaign id -> its row.
 _frozen: dict[int, Any] = {}
+runtime.on_reset(lambda _close: _frozen.clear())
 
 
 @dataclass
@@ -101,6 +103,22 @@ def _rate_capped(sendable: list, prepared: Prepared):
         yield from items[:granted]
         prepared.held += [(item[0], first + i * spacing, "throttled: campaign rate cap")
                           for i, item in enumerate(items[granted:])]
+
+
+def window_opens(now: datetime, zone: str, start: str, end: str) -> datetime | None:
+    """None when `now` (naive UTC) is inside the daily window in `zone`; else when it next opens (naive UTC)."""
+    local = now.replace(tzinfo=timezone.utc).astimezone(ZoneInfo(zone))
+    s_h, s_m = map(int, start.split(":"))
+    e_h, e_m = map(int, end.split(":"))
+    minute = local.hour * 60 + local.minute
+    s, e = s_h * 60 + s_m, e_h * 60 + e_m
+    inside = s <= minute < e if s < e else (minute >= s or minute < e)
+    if inside:
+        return None
+    opening = local.replace(hour=s_h, minute=s_m, second=0, microsecond=0)
+    if opening <= local:
+        opening += timedelta(days=1)
+    return opening.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 class Rendered:

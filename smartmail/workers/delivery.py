@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
@@ -15,6 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
+from smartmail import runtime
 from smartmail.workers import campaign_rows as campaign_delivery
 from smartmail.addresses import bare_address, normalize_address
 from smartmail.config import get_settings
@@ -23,11 +23,11 @@ from smartmail.store.engine import get_engine, statement_connection, upsert_inse
 from smartmail.content.mime import build_mime
 from smartmail.store.models import Campaign, CampaignState, Contact, Message, MessageState, Suppression
 from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
-from smartmail.workers.dispatch import TRANSACTIONAL, dispatch, dispatch_later
+from smartmail.workers.dispatch import TRANSACTIONAL, enqueue, enqueue_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
 from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transport, get_transport
 
-log = structlog.get_logger("smartmail.workers.delivery")
+log = structlog.get_logger("smartmail.delivery")
 
 _table = Message.__table__
 # Core statements built once: the ORM's bulk-update path cost more than the SQL itself here.
@@ -124,7 +124,7 @@ _lock_campaigns_of = (
 )
 # Sites up to this rate (messages/s) take a token per message; see _shaped_window.
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
-# Waits up to this long are timed in Redis (dispatch_later) rather than left to beat's next round.
+# Waits up to this long are timed in Redis (enqueue_later) rather than left to beat's next round.
 SHORT_WAIT = timedelta(seconds=60)
 
 
@@ -322,17 +322,16 @@ class _Inline:
         return future
 
 
-_statement_thread: tuple[int, futures.ThreadPoolExecutor] | None = None
+@runtime.per_process(close=lambda executor, close: executor.shutdown(wait=close))
+def _statement_thread() -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(1, thread_name_prefix="record-and-claim")
 
 
 def _statement_runner(engine) -> futures.Executor | _Inline:
     """Where a window's record-and-claim runs while the window before it is sent."""
-    global _statement_thread
     if engine.dialect.name != "postgresql":
         return _Inline()
-    if _statement_thread is None or _statement_thread[0] != os.getpid():  # threads do not survive a fork
-        _statement_thread = (os.getpid(), futures.ThreadPoolExecutor(1, thread_name_prefix="record-and-claim"))
-    return _statement_thread[1]
+    return _statement_thread()
 
 
 def _next_window(engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str],
@@ -346,7 +345,7 @@ def _next_window(engine, pending: list[_Result], ids: Sequence[str], unclaimed: 
     except OperationalError:
         # The outcomes in `pending` are lost and those rows end `unknown` via the reconciler,
         # which is why _record_and_claim retried first.
-        dispatch(list(unclaimed), stream)
+        enqueue(list(unclaimed), stream)
         raise
     _after_recording(pending, report, stream)
     report.claimed += len(claimed)
@@ -451,7 +450,7 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
         if result.next_attempt_at is not None and result.next_attempt_at <= soon:
             wake.append((result.id, result.next_attempt_at.replace(tzinfo=timezone.utc).timestamp()))
     try:
-        dispatch_later(wake, stream)
+        enqueue_later(wake, stream)
     except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due
         log.error("dispatch.later_failed", error=str(exc), count=len(wake))
 

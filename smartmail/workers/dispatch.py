@@ -1,22 +1,19 @@
-"""Coalesced dispatch: message ids wait in a Redis list and a few `drain` tasks deliver them in batches.
-
-One Celery task per email costs ~1.5 ms of CPU in publishing, the worker's main process and the
-pool pipe, more than the delivery itself. So producers push ids onto an outbox list and start a
-drain task only when fewer than SMARTMAIL_DISPATCH_DRAINS are active; each drain pops batches of up
-to SMARTMAIL_BATCH_SIZE ids and delivers them for up to a second, and publishes itself again while
-ids remain. Drains hold leases that expire, so a drain lost with its worker is replaced by the next
-enqueue. Redis is still not the source of truth: ids lost with Redis leave rows `queued`, which the
-reconciler pushes again.
-"""
+"""The one seam to enqueue work: message ids to the Redis outboxes that drain tasks deliver from, and tasks by name."""
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
+from smartmail import runtime
 from smartmail.config import get_settings
+from smartmail.workers.app import app
+
+# One Celery task per email costs more CPU than its delivery, so ids wait in a Redis list that a few
+# drain tasks pop in batches (docs/architecture.md). Redis is not the source of truth: ids it
+# loses leave rows `queued`, which the reconciler enqueues again.
 
 # A drain renews its lease at every batch; one not heard from for this long is presumed dead and
 # replaced. A slow batch that outlives it only means one drain more than the cap for a while.
@@ -166,7 +163,7 @@ class Outbox:
         return self.client.zcount(self.keys[1], seconds * 1000 + micros // 1000, "+inf")
 
 
-@functools.lru_cache(maxsize=2)
+@runtime.per_process()
 def get_outbox(stream: str = TRANSACTIONAL) -> Outbox:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
@@ -174,32 +171,39 @@ def get_outbox(stream: str = TRANSACTIONAL) -> Outbox:
     return Outbox(client, settings.redis_key_prefix, settings.dispatch_drains, batch_size, stream)
 
 
-def dispatch_later(due: Sequence[tuple[str, float]], stream: str = TRANSACTIONAL) -> None:
-    """Hand committed, deferred message ids to the workers when due (epoch seconds)."""
-    leases = get_outbox(stream).push_later(due)
-    if leases:
-        publish_drains(leases, stream)
+# The drain task of each stream, by name (tasks/send.py registers them).
+DRAIN_TASKS = {TRANSACTIONAL: "smartmail.drain", BULK: "smartmail.drain_bulk"}
 
 
-def dispatch(message_ids: Sequence[str], stream: str = TRANSACTIONAL) -> None:
+def enqueue(message_ids: Sequence[str], stream: str = TRANSACTIONAL) -> None:
     """Hand committed, queued message ids to the workers (call after the database commit); with no
     ids, restart drains for ids left in the outbox by drains that died."""
     leases = get_outbox(stream).push(message_ids)
     if leases:
-        publish_drains(leases, stream)
+        _start_drains(leases, stream)
 
 
-def publish_drains(leases: Sequence[str], stream: str = TRANSACTIONAL) -> None:
-    from smartmail.tasks.send import drain, drain_bulk
-    from smartmail.workers.app import app
+def enqueue_later(due: Sequence[tuple[str, float]], stream: str = TRANSACTIONAL) -> None:
+    """Hand committed, deferred message ids to the workers when due (epoch seconds)."""
+    leases = get_outbox(stream).push_later(due)
+    if leases:
+        _start_drains(leases, stream)
 
-    task = drain if stream == TRANSACTIONAL else drain_bulk
+
+def publish(task_name: str, *args: Any, countdown: float | None = None) -> None:
+    """Ask the workers to run a task, by its registered name: the one way code below `tasks/`
+    starts work, so that no feature imports a task module. Routing comes from the Celery config."""
+    app.send_task(task_name, args=args, countdown=countdown)
+
+
+def _start_drains(leases: Sequence[str], stream: str) -> None:
+    name = DRAIN_TASKS[stream]
     with app.producer_or_acquire() as producer:
         batch = getattr(producer, "batch", None)  # kombu >= 5.7 pipelines a batch of publishes
         if batch is None or len(leases) == 1:
             for lease in leases:
-                task.apply_async((lease,), producer=producer)
+                app.send_task(name, args=(lease,), producer=producer)
             return
         with batch():
             for lease in leases:
-                task.apply_async((lease,), producer=producer)
+                app.send_task(name, args=(lease,), producer=producer)

@@ -1,12 +1,12 @@
 """Shared per-site traffic state in Redis: a GCRA rate limiter, connection leases, slow-downs, suspensions and counters."""
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import redis
 
+from smartmail import runtime
 from smartmail.config import Settings, get_settings
 from smartmail.workers.policy import Rule, Site
 
@@ -237,6 +237,6 @@ def make_throttle(settings: Settings) -> SiteThrottle:
     return SiteThrottle(client, settings.redis_key_prefix)
 
 
-@functools.lru_cache(maxsize=1)
+@runtime.per_process()
 def get_throttle() -> SiteThrottle:
     return make_throttle(get_settings())

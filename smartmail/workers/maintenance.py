@@ -10,9 +10,9 @@ from sqlalchemy import select, update
 from smartmail.config import get_settings
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import QUEUED, SENDING, WAITING, Message, MessageState
-from smartmail.workers.dispatch import BULK, TRANSACTIONAL, dispatch, get_outbox
+from smartmail.workers.dispatch import BULK, TRANSACTIONAL, enqueue, get_outbox
 
-log = structlog.get_logger("smartmail.workers.maintenance")
+log = structlog.get_logger("smartmail.maintenance")
 
 _PAGE = 5000  # rows per statement, so one run never holds a huge transaction
 # Beat's UPDATEs take only rows no worker has locked (PostgreSQL; SQLite has one writer anyway).
@@ -50,13 +50,13 @@ def _dispatch_by_stream(moved: list[tuple[str, int | None]]) -> None:
     for stream, ids in ((TRANSACTIONAL, [i for i, campaign in moved if campaign is None]),
                         (BULK, [i for i, campaign in moved if campaign is not None])):
         if ids:  # an empty push would only repeat restart_drains' round trip
-            dispatch(ids, stream)
+            enqueue(ids, stream)
 
 
 def restart_drains() -> None:
     """Start drains for ids that drains lost with their worker left in either outbox."""
     for stream in (TRANSACTIONAL, BULK):
-        dispatch([], stream)
+        enqueue([], stream)
 
 
 def enqueue_due(now: datetime | None = None) -> int:

@@ -20,6 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from smartmail import runtime
+from smartmail.config import get_settings
+from smartmail.errors import PolicyError
 from smartmail.workers.outcomes import Reply, RetrySchedule
 
 log = structlog.get_logger("smartmail.policy")
@@ -29,10 +32,6 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-class PolicyError(ValueError):
-    """The policy file is unreadable or malformed; the message names the file and the key."""
 
 
 def parse_rate(value: Any) -> float | None:
@@ -302,21 +301,16 @@ class PolicyStore:
         return self._policy
 
 
-_store: PolicyStore | None = None
+@runtime.per_process()
+def _policy_store() -> PolicyStore:
+    s = get_settings()
+    return PolicyStore(s.policy_file or DEFAULT_POLICY_FILE, RetrySchedule.from_settings(s), s.policy_check_interval)
 
 
 def get_policy() -> Policy:
     """The process-wide policy, from SMARTMAIL_POLICY_FILE (default: the shipped policy.toml)."""
-    global _store
-    if _store is None:
-        from smartmail.config import get_settings
-
-        s = get_settings()
-        _store = PolicyStore(s.policy_file or DEFAULT_POLICY_FILE, RetrySchedule.from_settings(s),
-                             s.policy_check_interval)
-    return _store.get()
+    return _policy_store().get()
 
 
 def forget_policy() -> None:
-    global _store
-    _store = None
+    _policy_store.forget()

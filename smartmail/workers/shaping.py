@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from smartmail import runtime
 from smartmail.workers.policy import Policy, Site, get_policy
 from smartmail.workers.outcomes import Reply
 from smartmail.workers.limiter import SiteThrottle, get_throttle
@@ -116,11 +117,6 @@ class Shaper:
         return None
 
 
-_shaper: Shaper | None = None
-
-
+@runtime.per_process()
 def get_shaper() -> Shaper:
-    global _shaper
-    if _shaper is None:
-        _shaper = Shaper(get_throttle())
-    return _shaper
+    return Shaper(get_throttle())

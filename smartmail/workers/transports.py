@@ -17,6 +17,8 @@ from typing import NamedTuple, Protocol
 
 import structlog
 
+from smartmail import runtime
+from smartmail.config import get_settings
 from smartmail.workers.policy import Site
 from smartmail.config.settings import Settings, SmtpUrl
 from smartmail.workers.outcomes import Reply
@@ -556,22 +558,20 @@ def build_transport(settings: Settings) -> Transport:
     return MemoryTransport()
 
 
-_transport: Transport | None = None
+def _close_transport(transport: Transport, close: bool) -> None:
+    if close:  # QUIT pooled connections; in a forked child they are the parent's
+        transport.close()
 
 
+@runtime.per_process(close=_close_transport)
 def get_transport() -> Transport:
     """The transport of this process, created on first use (after any fork)."""
-    global _transport
-    if _transport is None:
-        from smartmail.config import get_settings
-
-        _transport = build_transport(get_settings())
-    return _transport
+    return build_transport(get_settings())
 
 
 def set_transport(transport: Transport | None) -> None:
-    """Replace the process transport (tests hand in a MemoryTransport); None forgets it."""
-    global _transport
-    if _transport is not None and transport is not _transport:
-        _transport.close()
-    _transport = transport
+    """Replace the process transport, closing the old one (tests hand in a MemoryTransport); None forgets it."""
+    if transport is None:
+        get_transport.forget()
+    else:
+        get_transport.replace(transport)

@@ -27,7 +27,7 @@ from smartmail.store.models import (
 )
 from smartmail.workers.outcomes import Reply
 from smartmail.content.template_store import save_template
-from smartmail.audience.unsubscribe import read_token
+from smartmail.content.unsubscribe_links import read_token
 from tests.conftest import reset_caches, wait_for
 
 pytestmark = pytest.mark.integration
@@ -289,7 +289,7 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
     campaign_id = started("resumable")
     monkeypatch.setattr(campaigns, "PAGE", 400)
     calls = {"n": 0}
-    real_dispatch = campaigns.dispatch
+    real_dispatch = campaigns.enqueue
 
     def dispatch_then_die(ids, stream):
         calls["n"] += 1
@@ -297,12 +297,12 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
             raise KeyboardInterrupt("simulated crash")
         real_dispatch(ids, stream)
 
-    monkeypatch.setattr(campaigns, "dispatch", dispatch_then_die)
+    monkeypatch.setattr(campaigns, "enqueue", dispatch_then_die)
     with pytest.raises(KeyboardInterrupt):
         campaigns.fan_out(campaign_id)
     with session_scope() as session:
         assert session.scalar(select(func.count()).where(Message.campaign_id == campaign_id)) == 1200
-    monkeypatch.setattr(campaigns, "dispatch", real_dispatch)
+    monkeypatch.setattr(campaigns, "enqueue", real_dispatch)
     # Its task is gone with the "dead" process: beat starts another once the fan-out's lease ends.
     published = []
     monkeypatch.setattr(campaigns, "_publish_fan_out", lambda campaign_id, owner: published.append(owner))
@@ -332,7 +332,7 @@ def test_a_fan_out_behind_its_rows_adds_only_the_missing_ones(relay, monkeypatch
     campaigns.create_campaign("behind", template="newsletter", lists=["news"])
     campaign_id = started("behind")
     monkeypatch.setattr(campaigns, "PAGE", 20)
-    monkeypatch.setattr(campaigns, "dispatch", lambda ids, stream: None)
+    monkeypatch.setattr(campaigns, "enqueue", lambda ids, stream: None)
     assert campaigns.fan_out(campaign_id) == 50
     with session_scope() as session:
         campaign = session.get(Campaign, campaign_id)

@@ -11,7 +11,8 @@ from sqlalchemy import delete, func, select
 from smartmail.audience import contacts
 from smartmail.store.engine import session_scope
 from smartmail.store.models import Contact, Event, Suppression
-from smartmail.audience.unsubscribe import list_unsubscribe_headers, make_token, unsubscribe
+from smartmail.audience.unsubscribe import unsubscribe
+from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token
 from smartmail.web.app import app
 from tests.conftest import reset_caches
 

@@ -87,13 +87,14 @@ def _run_drain(outbox, monkeypatch, arriving: list[list[str]], publish_fails: bo
 
     delivered, follow_ups = [], []
 
-    def publish(leases, stream):
+    def publish(task_name, lease):
         if publish_fails:
             raise kombu.exceptions.OperationalError("broker down")
-        follow_ups.extend(leases)
+        assert task_name == "smartmail.drain"
+        follow_ups.append(lease)
 
     monkeypatch.setattr(tasks, "get_outbox", lambda stream: outbox)
-    monkeypatch.setattr(tasks, "publish_drains", publish)
+    monkeypatch.setattr(tasks, "publish", publish)
 
     def deliver(ids, *, stream, more):
         for batch in more:

@@ -14,7 +14,7 @@ from smartmail.producer import handoff
 
 @pytest.fixture
 def pushes(monkeypatch):
-    """Calls the hand-off makes to dispatch(), as (ids, stream); `gate` holds each push until set."""
+    """Calls the hand-off makes to dispatch.enqueue(), as (ids, stream); `gate` holds each push until set."""
     calls: list[tuple[list[str], str]] = []
     gate = threading.Event()
     gate.set()
@@ -23,7 +23,7 @@ def pushes(monkeypatch):
         gate.wait(10)
         calls.append((list(ids), stream))
 
-    monkeypatch.setattr(dispatch, "dispatch", fake_dispatch)
+    monkeypatch.setattr(dispatch, "enqueue", fake_dispatch)
     return SimpleNamespace(calls=calls, gate=gate)
 
 
@@ -49,7 +49,7 @@ def test_a_failed_push_does_not_stop_the_thread(monkeypatch):
             raise RedisConnectionError("Redis is down")
         pushed.append(list(ids))
 
-    monkeypatch.setattr(dispatch, "dispatch", flaky)
+    monkeypatch.setattr(dispatch, "enqueue", flaky)
     box = handoff.Handoff()
     box.put(["lost"])
     assert box.flush(timeout=5)
@@ -71,7 +71,7 @@ def test_a_forked_child_starts_with_nothing_pending_and_no_thread(pushes):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a fresh hand-off of its own
-        box = handoff._handoff
+        box = handoff._handoff()
         fresh = box._thread is None and not box._pending and box.flush(timeout=0.1)
         os.write(write, b"1" if fresh else b"0")
         os._exit(0)

@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 import smartmail.store.engine as db
+from smartmail import runtime
 from smartmail.store import migrate
 from smartmail.content import rendering
 from smartmail.content import template_store
@@ -21,13 +22,7 @@ from smartmail.content.template_store import TemplateNotFound, TemplateRef
 
 
 def _clear_caches() -> None:
-    if db.get_engine.cache_info().currsize:
-        db.get_engine().dispose()
-    get_settings.cache_clear()
-    db.get_engine.cache_clear()
-    db._session_factory.cache_clear()
-    rendering._environment.cache_clear()
-    rendering._inline.cache_clear()  # compiled against the environment that was just dropped
+    runtime.reset()
 
 
 @pytest.fixture
@@ -263,7 +258,7 @@ def test_resolve_reports_text_presence(session, save, templates_dir):
 
 def test_load_part(db_url, save):
     save("p", subject="S", html="H", text=None)
-    factory = db._session_factory()
+    factory = db.session_factory()
     assert template_store.load_part(factory, "p", 1, "subject") == "S"
     assert template_store.load_part(factory, "p", 1, "html") == "H"
     assert template_store.load_part(factory, "p", 1, "text") is None

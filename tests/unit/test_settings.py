@@ -106,9 +106,9 @@ def env(monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", SENDER)
     monkeypatch.setenv("SMARTMAIL_SECRET_KEY", SECRET)
-    get_settings.cache_clear()
+    get_settings.forget()
     yield monkeypatch
-    get_settings.cache_clear()
+    get_settings.forget()
 
 
 def _error() -> str:
@@ -238,7 +238,7 @@ def test_get_settings_is_cached_until_cleared(env):
     first = get_settings()
     env.setenv("SMARTMAIL_BATCH_SIZE", "7")
     assert get_settings() is first and first.batch_size == 100
-    get_settings.cache_clear()
+    get_settings.forget()
     assert get_settings().batch_size == 7
 
 

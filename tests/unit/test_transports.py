@@ -1019,11 +1019,11 @@ def process_transport(monkeypatch):
     monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", SENDER)
     monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "0123456789abcdef-secret")
     monkeypatch.setenv("SMARTMAIL_TRANSPORT", "memory")
-    get_settings.cache_clear()
+    get_settings.forget()
     transports.set_transport(None)
     yield
     transports.set_transport(None)
-    get_settings.cache_clear()
+    get_settings.forget()
 
 
 def test_get_transport_builds_from_settings_once(process_transport):

@@ -13,7 +13,8 @@ from email.message import EmailMessage
 import pytest
 
 from smartmail.config.settings import get_settings
-from smartmail.audience.unsubscribe import InvalidToken, list_unsubscribe_headers, make_token, read_token, unsubscribe_url
+from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token, read_token, unsubscribe_url
+from smartmail.errors import InvalidToken
 
 SECRET = "unit-test-secret-0123456789"
 
@@ -27,9 +28,9 @@ def env(monkeypatch):
     monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
     monkeypatch.setenv("SMARTMAIL_SECRET_KEY", SECRET)
     monkeypatch.setenv("SMARTMAIL_PUBLIC_URL", "https://mail.example.com/")
-    get_settings.cache_clear()
+    get_settings.forget()
     yield monkeypatch
-    get_settings.cache_clear()
+    get_settings.forget()
 
 
 def sign(payload: str, purpose: str, secret: str = SECRET) -> str:
@@ -73,7 +74,7 @@ def test_token_for_another_purpose_is_refused():
 def test_token_signed_with_another_secret_is_refused(env):
     token = make_token(42, 7)
     env.setenv("SMARTMAIL_SECRET_KEY", "another-secret-0123456789")
-    get_settings.cache_clear()
+    get_settings.forget()
     with pytest.raises(InvalidToken, match="signature"):
         read_token(token)
     assert read_token(make_token(42, 7)) == (42, 7)
@@ -160,7 +161,7 @@ def test_headers_exact_format_with_default_mailto():
 
 def test_default_mailto_follows_message_id_domain(env):
     env.setenv("SMARTMAIL_MESSAGE_ID_DOMAIN", "mx.example.org")
-    get_settings.cache_clear()
+    get_settings.forget()
     assert "<mailto:unsubscribe@mx.example.org?subject=" in list_unsubscribe_headers(1, None)["List-Unsubscribe"]
 
 
@@ -170,7 +171,7 @@ def test_default_mailto_follows_message_id_domain(env):
 ])
 def test_configured_mailto(env, setting, address):
     env.setenv("SMARTMAIL_UNSUBSCRIBE_MAILTO", setting)
-    get_settings.cache_clear()
+    get_settings.forget()
     token = make_token(1, None)
     value = list_unsubscribe_headers(1, None)["List-Unsubscribe"]
     assert value.endswith(f", <mailto:{address}?subject=unsubscribe%20{token}>")
@@ -178,7 +179,7 @@ def test_configured_mailto(env, setting, address):
 
 def test_bad_mailto_setting_is_an_error(env):
     env.setenv("SMARTMAIL_UNSUBSCRIBE_MAILTO", "not an address")
-    get_settings.cache_clear()
+    get_settings.forget()
     with pytest.raises(ValueError, match="SMARTMAIL_UNSUBSCRIBE_MAILTO"):
         list_unsubscribe_headers(1, None)
 
@@ -188,7 +189,7 @@ def test_bad_mailto_setting_is_an_error(env):
 def test_line_breaks_never_reach_a_header(env, public_url):
     # Settings validation passes these (urlsplit drops CR, LF and tab), so the headers must check.
     env.setenv("SMARTMAIL_PUBLIC_URL", public_url)
-    get_settings.cache_clear()
+    get_settings.forget()
     assert get_settings().public_url == public_url
     with pytest.raises(ValueError, match="control character"):
         list_unsubscribe_headers(1, None)

@@ -1,0 +1,93 @@
+"""Per-process state (settings, engines, clients, caches, the shaper, the transport) in one registry with reset()."""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.RLock()
+_values: dict[tuple, Any] = {}
+_closers: dict[tuple, Callable[[Any, bool], None]] = {}
+_hooks: list[Callable[[bool], None]] = []
+
+
+def per_process(close: Callable[[Any, bool], None] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a getter whose result (per arguments) lives until reset(); `close(value, close)`
+    releases it then, with close=False in a forked child, whose sockets are the parent's."""
+
+    def decorate(make: Callable[..., T]) -> Callable[..., T]:
+        name = f"{make.__module__}.{make.__qualname__}"
+
+        @functools.wraps(make)
+        def get(*args: Any) -> T:
+            key = (name, *args)
+            try:
+                return _values[key]
+            except KeyError:
+                pass
+            with _lock:  # reentrant: a getter may call others while it makes its value
+                if key not in _values:
+                    _values[key] = make(*args)
+                    if close is not None:
+                        _closers[key] = close
+                return _values[key]
+
+        def forget(*args: Any, close_it: bool = True) -> None:
+            """Drop this getter's value (for `args`), releasing it first."""
+            key = (name, *args)
+            with _lock:
+                value, closer = _values.pop(key, None), _closers.pop(key, None)
+            if closer is not None:
+                closer(value, close_it)
+
+        def replace(value: T, *args: Any) -> None:
+            """Put `value` in place of this getter's value (for `args`), releasing the old one."""
+            key = (name, *args)
+            with _lock:
+                old, closer = _values.get(key), _closers.get(key)
+                _values[key] = value
+                if close is not None:
+                    _closers[key] = close
+            if closer is not None and old is not None and old is not value:
+                closer(old, True)
+
+        get.forget = forget  # type: ignore[attr-defined]
+        get.replace = replace  # type: ignore[attr-defined]
+        return get
+
+    return decorate
+
+
+def on_reset(hook: Callable[[bool], None]) -> Callable[[bool], None]:
+    """Register `hook(close)` for state a module keeps itself (a dict cache, a compiled-template cache)."""
+    _hooks.append(hook)
+    return hook
+
+
+def reset(*, close: bool = True) -> None:
+    """Release and drop every per-process value, newest first, then run the hooks: after a fork
+    (close=False) and between tests. Closers run while the other values still exist, so a closer
+    may use them (the hand-off pushes its pending ids through the outbox)."""
+    with _lock:
+        for key in reversed(list(_values)):
+            closer = _closers.get(key)
+            if closer is not None:
+                closer(_values[key], close)
+        _values.clear()
+        _closers.clear()
+    for hook in _hooks:
+        hook(close)
+
+
+def _after_fork_in_child() -> None:
+    # The lock may have been held by a thread that does not exist in the child.
+    global _lock
+    _lock = threading.RLock()
+    reset(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

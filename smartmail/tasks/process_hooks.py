@@ -1,0 +1,15 @@
+"""Worker process hooks that reach the producer: ids a task handed off are pushed before the process can end."""
+from celery.signals import task_postrun, worker_process_shutdown
+
+from smartmail.producer.handoff import flush
+
+
+@task_postrun.connect
+def _flush_handoff(**_kwargs) -> None:
+    # A task that called send() may be its process's last: prefork children end with os._exit.
+    flush()
+
+
+@worker_process_shutdown.connect
+def _flush_before_exit(**_kwargs) -> None:
+    flush()
