@@ -17,6 +17,8 @@ Reuses scripts/bench_send.py's sink, worker, database and CPU accounting.
 from __future__ import annotations
 
 import argparse
+
+import bench_results
 import shutil
 import subprocess
 import sys
@@ -169,6 +171,12 @@ def main() -> int:
         if len(results) > 1:
             log(f"worker memory: peak RSS {results[0]['peak_mb']:.0f} MB at {results[0]['n']} recipients, "
                 f"{results[-1]['peak_mb']:.0f} MB at {results[-1]['n']}")
+        bench_results.save("bench_campaign", args, {
+            "ceiling_msg_s": top, "baseline_msg_s": base_rate,
+            "campaigns": [{"recipients": r["n"], "msg_s": r["rate"], "ratio": r["rate"] / base_rate,
+                           "steady_msg_s": r["steady_rate"], "first_acceptance_s": r["first"],
+                           "phases_s": r["phases"], "peak_rss_mb": r["peak_mb"], "states": r["states"]}
+                          for r in results]})
         return 0
     except BenchError as exc:
         bench.failed = True

@@ -10,6 +10,8 @@ a throwaway database is created and dropped. SQLite: a file in a temporary direc
 from __future__ import annotations
 
 import argparse
+
+import bench_results
 import csv
 import json
 import os
@@ -157,7 +159,7 @@ def segment_count() -> tuple[int, float, str]:
     return total, min(timings), plan
 
 
-def run(name: str, url: str, path: Path, rows: int, events: int, show_plan: bool) -> None:
+def run(name: str, url: str, path: Path, rows: int, events: int, show_plan: bool) -> dict:
     from smartmail.store import migrate
 
     migrate.upgrade(url)
@@ -165,6 +167,7 @@ def run(name: str, url: str, path: Path, rows: int, events: int, show_plan: bool
     base = baseline(url, path)
     print(f"{name:10} baseline (csv + executemany INSERT by 5,000, no checks): {base:,.0f} rows/s", flush=True)
     rate, _ = smartmail_import(path, None)
+    figures_new = rate
     print(f"{name:10} import {rows:,} new contacts: {rate:,.0f} rows/s ({rate / base:.2f}x the baseline)", flush=True)
     again, _ = smartmail_import(path, None)
     print(f"{name:10} the same file again (all updates): {again:,.0f} rows/s ({again / base:.2f}x)", flush=True)
@@ -172,14 +175,17 @@ def run(name: str, url: str, path: Path, rows: int, events: int, show_plan: bool
     rate, status = smartmail_import(path, "bench")
     print(f"{name:10} import {rows:,} new contacts joining a list: {rate:,.0f} rows/s ({rate / base:.2f}x)",
           flush=True)
+    figures = {"baseline_rows_s": base, "new_rows_s": figures_new, "updates_rows_s": again, "list_join_rows_s": rate}
     if events:
         took = load_events(url, events, status["created"])
         total, best, plan = segment_count()
         print(f"{name:10} segment count (plan=pro, list, opened within 30 days) over {rows:,} contacts and "
               f"{events:,} events: {total:,} contacts in {best * 1000:.0f} ms (events loaded in {took:.0f} s)",
               flush=True)
+        figures["segment_count_ms"] = best * 1000
         if show_plan and plan:
             print(plan)
+    return figures
 
 
 def main() -> int:
@@ -189,6 +195,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["sqlite", "postgresql"])
     parser.add_argument("--plan", action="store_true", help="print PostgreSQL's query plan for the count")
     args = parser.parse_args()
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "contacts.csv"
         generate(path, args.rows)
@@ -200,13 +207,14 @@ def main() -> int:
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
             try:
-                run("postgresql", admin_url.rsplit("/", 1)[0] + f"/{name}", path, args.rows, args.events, args.plan)
+                results["postgresql"] = run("postgresql", admin_url.rsplit("/", 1)[0] + f"/{name}", path, args.rows, args.events, args.plan)
             finally:
                 use_database("sqlite://")
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if args.only in (None, "sqlite"):
-            run("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", path, args.rows, args.events, args.plan)
+            results["sqlite"] = run("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", path, args.rows, args.events, args.plan)
+    bench_results.save("bench_import", args, results)
     return 0
 
 

@@ -21,6 +21,8 @@ with trust auth (or --database sqlite) and Postfix's smtp-sink (Debian package `
 from __future__ import annotations
 
 import argparse
+
+import bench_results
 import math
 import multiprocessing
 import os
@@ -910,6 +912,8 @@ def main() -> int:
                 ratio = rates["send_many"] / rates["send_many_unshaped"]
                 log(f"  ratio shaped/unshaped    {ratio:5.2f}x  (target >= 0.90) {'OK' if ratio >= 0.9 else 'MISSED'}")
             log()
+        if rates:
+            bench_results.save("bench_send", args, {"throughput_msg_s": rates})
         if "latency" in only:
             log(f"latency: send() to SMTP acceptance at {args.rate:g} msg/s for {args.latency_seconds:g} s, "
                 "2 worker processes")
@@ -919,6 +923,9 @@ def main() -> int:
             log(f"  messages {r['total']} sent at {r['achieved_rate']:.1f}/s, {r['received']} matched at the sink"
                 + (f", {r['unmatched']} without a Message-ID" if r["unmatched"] else "")
                 + (f", {r['late']} calls more than one interval late" if r["late"] else ""))
+            bench_results.save("bench_send_latency", args, {
+                "rate": args.rate, "sent": r["total"], "matched": r["received"],
+                "latency_ms": {p: percentile(lat, p) for p in (50, 90, 99)}})
             log(f"  latency  p50 {percentile(lat, 50):6.1f} ms  p90 {percentile(lat, 90):6.1f} ms  "
                 f"p99 {percentile(lat, 99):6.1f} ms  max {lat[-1] if lat else float('nan'):6.1f} ms   "
                 f"(targets p50 < 30, p99 < 150)  "
