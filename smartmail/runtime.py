@@ -5,7 +5,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -15,49 +15,53 @@ _closers: dict[tuple, Callable[[Any, bool], None]] = {}
 _hooks: list[Callable[[bool], None]] = []
 
 
-def per_process(close: Callable[[Any, bool], None] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorate a getter whose result (per arguments) lives until reset(); `close(value, close)`
-    releases it then, with close=False in a forked child, whose sockets are the parent's."""
+class PerProcess(Generic[T]):
+    """A getter whose value (per arguments) is made on first use and lives until reset()."""
 
-    def decorate(make: Callable[..., T]) -> Callable[..., T]:
-        name = f"{make.__module__}.{make.__qualname__}"
+    def __init__(self, make: Callable[..., T], close: Callable[[T, bool], None] | None) -> None:
+        self._make, self._close = make, close
+        self._name = f"{make.__module__}.{make.__qualname__}"
+        functools.update_wrapper(self, make)
 
-        @functools.wraps(make)
-        def get(*args: Any) -> T:
-            key = (name, *args)
-            try:
-                return _values[key]
-            except KeyError:
-                pass
-            with _lock:  # reentrant: a getter may call others while it makes its value
-                if key not in _values:
-                    _values[key] = make(*args)
-                    if close is not None:
-                        _closers[key] = close
-                return _values[key]
+    def __call__(self, *args: Any) -> T:
+        key = (self._name, *args)
+        try:
+            return _values[key]
+        except KeyError:
+            pass
+        with _lock:  # reentrant: a getter may call others while it makes its value
+            if key not in _values:
+                _values[key] = self._make(*args)
+                if self._close is not None:
+                    _closers[key] = self._close
+            return _values[key]
 
-        def forget(*args: Any, close_it: bool = True) -> None:
-            """Drop this getter's value (for `args`), releasing it first."""
-            key = (name, *args)
-            with _lock:
-                value, closer = _values.pop(key, None), _closers.pop(key, None)
-            if closer is not None:
-                closer(value, close_it)
+    def forget(self, *args: Any, close: bool = True) -> None:
+        """Drop the value for `args`, releasing it first."""
+        key = (self._name, *args)
+        with _lock:
+            value, closer = _values.pop(key, None), _closers.pop(key, None)
+        if closer is not None:
+            closer(value, close)
 
-        def replace(value: T, *args: Any) -> None:
-            """Put `value` in place of this getter's value (for `args`), releasing the old one."""
-            key = (name, *args)
-            with _lock:
-                old, closer = _values.get(key), _closers.get(key)
-                _values[key] = value
-                if close is not None:
-                    _closers[key] = close
-            if closer is not None and old is not None and old is not value:
-                closer(old, True)
+    def replace(self, value: T, *args: Any) -> None:
+        """Put `value` in place of the value for `args`, releasing the old one."""
+        key = (self._name, *args)
+        with _lock:
+            old, closer = _values.get(key), _closers.get(key)
+            _values[key] = value
+            if self._close is not None:
+                _closers[key] = self._close
+        if closer is not None and old is not None and old is not value:
+            closer(old, True)
 
-        get.forget = forget  # type: ignore[attr-defined]
-        get.replace = replace  # type: ignore[attr-defined]
-        return get
+
+def per_process(close: Callable[[Any, bool], None] | None = None) -> Callable[[Callable[..., T]], PerProcess[T]]:
+    """Decorate a getter whose result lives until reset(); `close(value, close)` releases it then,
+    with close=False in a forked child, whose sockets are the parent's."""
+
+    def decorate(make: Callable[..., T]) -> PerProcess[T]:
+        return PerProcess(make, close)
 
     return decorate
 

@@ -8,24 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.cli.output import err, fail, out
 
 contacts_app = typer.Typer(help="Contacts: add, show, change, erase, import and export.", no_args_is_help=True)
 lists_app = typer.Typer(help="Lists and their members.", no_args_is_help=True)
 segments_app = typer.Typer(help="Segments: saved JSON rules, counts and previews.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
 
-
-def fail(message: str, code: int = 2) -> None:
-    # escape: a message quoting input such as '[x]' must not be read as rich markup
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _print_json(data: Any) -> None:
@@ -336,9 +328,7 @@ def contacts_export(
     """Export contacts as CSV; cells that a spreadsheet would run as formulas are neutralized."""
     from sqlalchemy import select
 
-    from smartmail.audience import contacts
-    from smartmail.audience import exports
-    from smartmail.audience import segments
+    from smartmail.audience import contacts, exports, segments
     from smartmail.store.models import ListMembership
 
     ids = None

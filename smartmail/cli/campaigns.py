@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -18,12 +17,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from smartmail.campaigns import lifecycle as campaigns
 from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.campaigns import lifecycle as campaigns
+from smartmail.cli.output import err, out
 
 campaign_app = typer.Typer(help="Campaigns: one template to lists and segments, now or later.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
 
 
 def _run(action, *args, **kwargs):

@@ -6,12 +6,12 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from smartmail.cli.output import err, fail, out
 from smartmail.config.settings import SettingsError, get_settings
 from smartmail.logs import configure as configure_logging
 
@@ -28,20 +28,14 @@ app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
 app.add_typer(segments_app, name="segments")
 app.add_typer(campaign_app, name="campaign")
-out = Console()
-err = Console(stderr=True)
 
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Create or upgrade the database schema."""
-    from smartmail.store import migrate
     from smartmail.config import get_settings
+    from smartmail.store import migrate
 
     migrate.upgrade(get_settings().database_url, revision)
     out.print(f"database at revision {revision}")
@@ -50,8 +44,8 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base.")) -> None:
     """Roll the schema back."""
-    from smartmail.store import migrate
     from smartmail.config import get_settings
+    from smartmail.store import migrate
 
     migrate.downgrade(get_settings().database_url, revision)
     out.print(f"database at revision {revision}")
@@ -62,11 +56,10 @@ def templates_save(
     name: str,
     subject: Annotated[str, typer.Option(help="Subject template.")],
     html_file: Annotated[Path, typer.Option("--html-file", exists=True, dir_okay=False, help="HTML body template.")],
-    text_file: Annotated[Optional[Path], typer.Option("--text-file", exists=True, dir_okay=False)] = None,
+    text_file: Annotated[Path | None, typer.Option("--text-file", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Store a new version of a template (checked for syntax errors first)."""
-    from smartmail.content import rendering
-    from smartmail.content import template_store
+    from smartmail.content import rendering, template_store
     from smartmail.store.engine import session_scope
 
     html = html_file.read_text(encoding="utf-8")
@@ -92,19 +85,19 @@ def _parse_header(values: list[str]) -> dict[str, str]:
 
 @app.command()
 def send(
-    to: Annotated[Optional[str], typer.Option(help="Recipient, e.g. 'Ann <ann@example.org>'.")] = None,
-    template: Annotated[Optional[str], typer.Option(help="Template name, or NAME@VERSION.")] = None,
-    subject: Annotated[Optional[str], typer.Option()] = None,
-    html: Annotated[Optional[str], typer.Option()] = None,
-    text: Annotated[Optional[str], typer.Option()] = None,
-    context: Annotated[Optional[str], typer.Option(help="Template variables as a JSON object.")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="Sender; default SMARTMAIL_DEFAULT_SENDER.")] = None,
-    reply_to: Annotated[Optional[str], typer.Option()] = None,
+    to: Annotated[str | None, typer.Option(help="Recipient, e.g. 'Ann <ann@example.org>'.")] = None,
+    template: Annotated[str | None, typer.Option(help="Template name, or NAME@VERSION.")] = None,
+    subject: Annotated[str | None, typer.Option()] = None,
+    html: Annotated[str | None, typer.Option()] = None,
+    text: Annotated[str | None, typer.Option()] = None,
+    context: Annotated[str | None, typer.Option(help="Template variables as a JSON object.")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Sender; default SMARTMAIL_DEFAULT_SENDER.")] = None,
+    reply_to: Annotated[str | None, typer.Option()] = None,
     header: Annotated[list[str], typer.Option(help="Extra header NAME:VALUE (repeatable).")] = [],
     tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
-    send_at: Annotated[Optional[datetime], typer.Option(help="ISO time; naive times are UTC.")] = None,
-    file: Annotated[Optional[Path], typer.Option(help="JSON file: one message object or a list (send_many).",
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    send_at: Annotated[datetime | None, typer.Option(help="ISO time; naive times are UTC.")] = None,
+    file: Annotated[Path | None, typer.Option(help="JSON file: one message object or a list (send_many).",
                                                  exists=True, dir_okay=False)] = None,
 ) -> None:
     """Queue email: from flags, or from a JSON file of message objects with the same field names."""
@@ -206,7 +199,7 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 def worker(
     ctx: typer.Context,
     queues: Annotated[str, typer.Option("-Q", "--queues")] = "transactional,default",
-    concurrency: Annotated[Optional[int], typer.Option("-c", "--concurrency")] = None,
+    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency")] = None,
     pool: Annotated[str, typer.Option(help="prefork, solo or threads.")] = "prefork",
     loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
 ) -> None:
@@ -233,7 +226,7 @@ def beat(ctx: typer.Context, loglevel: Annotated[str, typer.Option("-l", "--logl
 def sink(
     host: str = "127.0.0.1",
     port: int = 8025,
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Store each message as an .eml file here.")] = None,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Store each message as an .eml file here.")] = None,
     quiet: Annotated[bool, typer.Option(help="Do not print a line per message.")] = False,
 ) -> None:
     """Run a local SMTP server that accepts everything and prints and/or stores it."""

@@ -98,7 +98,7 @@ def save_template(session: Session, name: str, *, subject: str, html: str, text:
     parse_reference(name)
     if "@" in name:
         raise ValueError("a template name must not contain @")
-    forget_resolved()
+    forget_resolved(True)
     latest = session.scalar(select(func.max(Template.version)).where(Template.name == name)) or 0
     row = Template(name=name, version=latest + 1, subject=subject, html=html, text=text)
     session.add(row)

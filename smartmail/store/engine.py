@@ -85,7 +85,8 @@ _STATEMENT_SESSION = "-c plan_cache_mode=force_generic_plan -c enable_seqscan=of
 @runtime.per_process(close=_dispose)
 def _statement_engine() -> Engine:
     url = get_settings().database_url
-    options = " ".join(filter(None, [make_url(url).query.get("options"), _STATEMENT_SESSION]))
+    given = make_url(url).query.get("options")
+    options = " ".join(filter(None, [given if isinstance(given, str) else None, _STATEMENT_SESSION]))
     # No reset (ROLLBACK) on return: an autocommit connection has no transaction to end.
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_recycle=1800,
                          json_deserializer=json_loads,
@@ -142,8 +143,8 @@ def forget_engines(*, close: bool = True) -> None:
     """Drop the engines and their pooled connections; close=False in a forked child, whose
     pooled connections are the parent's (Celery prefork children)."""
     session_factory.forget()
-    get_engine.forget(close_it=close)
-    _statement_engine.forget(close_it=close)
+    get_engine.forget(close=close)
+    _statement_engine.forget(close=close)
 
 
 def upsert_insert(dialect_name: str):

@@ -91,7 +91,7 @@ def in_state(*states: MessageState):
     """`messages.state` in the given states, the values written into the SQL: a partial index below
     serves a query only when the database can see that the query's states imply the index's,
     which a bound parameter hides from a prepared statement's generic plan (and from SQLite)."""
-    values = [literal_column(f"'{state.value}'") for state in states]
+    values: list = [literal_column(f"'{state.value}'") for state in states]
     return Message.state == values[0] if len(values) == 1 else Message.state.in_(values)
 
 

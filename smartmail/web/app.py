@@ -148,8 +148,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     status = exc.status_code
     detail = exc.detail if exc.detail != HTTPStatus(status).phrase else _DETAILS.get(status, exc.detail)
     if _HTML_PATHS.match(request.url.path):
-        return _page(HTTPStatus(status).phrase, [str(detail)], status=status, headers=exc.headers)
-    return problem(status, str(detail), headers=exc.headers)
+        return _page(HTTPStatus(status).phrase, [str(detail)], status=status, headers=dict(exc.headers or {}))
+    return problem(status, str(detail), headers=dict(exc.headers or {}))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -173,8 +173,8 @@ def create_app() -> FastAPI:
     # serve from its own origin. The OpenAPI document itself is at /openapi.json.
     app = FastAPI(title="SmartMail", version=__version__, docs_url=None, redoc_url=None)
     app.add_middleware(SecurityHeaders)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]  # Starlette types handlers by Exception
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
 
     @app.get("/healthz")

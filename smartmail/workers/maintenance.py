@@ -19,8 +19,7 @@ _PAGE = 5000  # rows per statement, so one run never holds a huge transaction
 # A worker records a window's outcomes and claims the next in one statement; an UPDATE here that
 # waited for it could hold a row that statement needs: READ COMMITTED locks the newest version of
 # a row it re-checks (a `queued` row a worker claimed meanwhile), whether or not it then updates
-# it. Seen in CI as a deadlock between the reconciler and a worker.
-_UNLOCKED = {"skip_locked": True}
+# it: a deadlock between the reconciler and a worker. Rows locked by others are skipped.
 
 
 @dataclass
@@ -32,7 +31,7 @@ class ReconcileReport:
 def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
     """Move matching rows to queued (conditionally); return (id, campaign id) pairs, a page at a time."""
     with session_scope() as session:
-        ids = list(session.scalars(select(Message.id).where(*where).limit(_PAGE).with_for_update(**_UNLOCKED)))
+        ids = list(session.scalars(select(Message.id).where(*where).limit(_PAGE).with_for_update(skip_locked=True)))
         if not ids:
             return []
         moved = session.execute(
@@ -42,7 +41,7 @@ def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
             .returning(Message.id, Message.campaign_id),
             execution_options={"synchronize_session": False},
         ).all()
-    return [tuple(row) for row in moved]
+    return [(row[0], row[1]) for row in moved]
 
 
 def _dispatch_by_stream(moved: list[tuple[str, int | None]]) -> None:
@@ -103,13 +102,13 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     with session_scope() as session:
         result = session.execute(
             update(Message)
-            .where(Message.id.in_(select(Message.id).where(*stuck).with_for_update(**_UNLOCKED).scalar_subquery()),
+            .where(Message.id.in_(select(Message.id).where(*stuck).with_for_update(skip_locked=True).scalar_subquery()),
                    *stuck)
             .values(state=MessageState.UNKNOWN.value, finished_at=now,
                     reason="worker lost during the SMTP transaction; not re-sent automatically"),
             execution_options={"synchronize_session": False},
         )
-        report.unknown = result.rowcount
+        report.unknown = result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
     if report.requeued or report.unknown:
         log.warning("maintenance.reconciled", requeued=report.requeued, unknown=report.unknown)
     return report

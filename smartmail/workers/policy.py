@@ -160,7 +160,7 @@ class Site:
         """The rate a `slow` rule sets, or None when it cannot apply (a factor of an unlimited rate)."""
         if rule.rate is not None:
             return rule.rate if self.rate is None else min(rule.rate, self.rate)
-        return self.rate * rule.factor if self.rate is not None else None
+        return self.rate * rule.factor if self.rate is not None and rule.factor is not None else None
 
 
 @dataclass(frozen=True)
