@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Developer entry point needing only Python 3.11+: `python3 scripts/dev.py demo` or `python3 scripts/dev.py test`.
+"""Developer entry point needing only Python 3.11+: `python3 scripts/dev.py demo | test | check`.
 
-Each command first makes `.venv` and installs SmartMail with its test extras into it (once),
-then runs the demo or the test suite inside it. Extra arguments go to `smartmail demo` or pytest.
+Each command first makes `.venv` and installs SmartMail with its test extras into it (once), then
+runs the demo, the test suite, or the guards CI runs (ruff, ruff format, mypy, import rules).
+Extra arguments go to `smartmail demo` or pytest.
 """
 from __future__ import annotations
 
@@ -35,12 +36,25 @@ def ensure_venv() -> None:
     stamp.write_text(digest)
 
 
+def check() -> int:
+    """The guards, each run even when one before it failed; non-zero if any failed."""
+    bin_ = VENV / "bin"
+    guards = [[str(bin_ / "ruff"), "check", "."], [str(bin_ / "ruff"), "format", "--check", "."],
+              [str(bin_ / "mypy")], [str(bin_ / "lint-imports")]]
+    failed = [g for g in guards if subprocess.run(g, cwd=ROOT).returncode != 0]
+    for guard in failed:
+        print(f"failed: {Path(guard[0]).name} {' '.join(guard[1:])}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test", "check"):
         print(__doc__)
         return 2
     ensure_venv()
     command, rest = sys.argv[1], sys.argv[2:]
+    if command == "check":
+        return check()
     if command == "demo":
         argv = [str(VENV / "bin" / "smartmail"), "demo", *rest]
     else:
