@@ -1,4 +1,4 @@
-"""Drivers of SMTP transactions written as generators: one at a time, blocking, or a window's side by side from one thread."""
+"""Drivers of SMTP transactions written as generators: one at a time, or a window's side by side from one thread."""
 from __future__ import annotations
 
 import selectors
@@ -19,7 +19,7 @@ log = structlog.get_logger("smartmail.smtp")
 
 
 # What a transaction (SmtpTransport._transaction) asks of the driver that runs it. `conn` is a
-# transports._Connection: its `smtp` (an smtplib.SMTP with a session open) and `inbox` (bytes
+# smtp_transport._Connection: its `smtp` (an smtplib.SMTP with a session open) and `inbox` (bytes
 # received and not yet parsed).
 class Write(NamedTuple):
     conn: Any
