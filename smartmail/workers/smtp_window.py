@@ -1,4 +1,4 @@
-"""Drivers of SMTP transactions written as generators: one at a time, blocking, or a window's side by side from one thread."""
+"""Drivers of SMTP transactions written as generators: one at a time, or a window's side by side from one thread."""
 from __future__ import annotations
 
 import selectors
@@ -19,7 +19,7 @@ log = structlog.get_logger("smartmail.smtp")
 
 
 # What a transaction (SmtpTransport._transaction) asks of the driver that runs it. `conn` is a
-# transports._Connection: its `smtp` (an smtplib.SMTP with a session open) and `inbox` (bytes
+# smtp_transport._Connection: its `smtp` (an smtplib.SMTP with a session open) and `inbox` (bytes
 # received and not yet parsed).
 class Write(NamedTuple):
     conn: Any
@@ -122,132 +122,200 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
     run has run, then go out as one send per connection: one write and one wake-up a message on
     a busy connection instead of two.
 
-    Threads blocking on their own connections cost a worker ~130 us of CPU a message in GIL
-    hand-offs (a single-process delivery of a campaign, same run: 472-503 us a message threaded,
-    349 us with this loop)."""
-    replies: list[Reply | None] = [None] * len(transactions)
-    waiting = deque(enumerate(transactions))
-    running = 0
-    slots: set[int] = set()  # transactions holding one of the `parallelism` connections
-    parked: deque[tuple[int, Transaction, Acquire]] = deque()  # started to borrow, found nothing to borrow
-    lendings: dict[int, Lend] = {}  # lender -> its connection that may be borrowed, oldest first
-    donors: dict[int, int] = {}  # borrower -> the lender whose slot it holds
-    readers: dict[Any, deque[tuple[int, Transaction, float]]] = {}  # conn -> (index, transaction, timeout), reply order
-    deadlines: dict[Any, float] = {}  # conn -> when its first reader gives up
-    unsent: dict[Any, list[bytes]] = {}
-    watched: dict[Any, socket.socket] = {}  # conn -> its socket registered in the selector
-    acquiring: dict[Future, tuple[int, Transaction]] = {}
-    selector = selectors.DefaultSelector()
-    wake: list[socket.socket] = []  # a socket pair, made when a connection is first waited for
+    One thread instead of one per connection: threads blocking on their own connections spend
+    the worker's CPU on GIL hand-offs."""
+    return _Window(transactions, parallelism, connector).run()
 
-    def waker() -> socket.socket:
-        if not wake:
-            wake.extend(socket.socketpair())
-            wake[0].setblocking(False)
-            register(wake[0], None)
-        return wake[1]
 
-    def register(sock: socket.socket, data: Any) -> None:
-        stale = selector.get_map().get(sock.fileno())
-        if stale is not None:  # a connection's socket, closed since, whose number this one reuses
-            unwatch(stale.data)
-        selector.register(sock, selectors.EVENT_READ, data)
+_PENDING = object()  # _Window.acquire: the transaction waits (parked, or for the connector)
 
-    def advance(index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None,
+
+class _Window:
+    """The state of one run_window call; each method is a step of its event loop."""
+
+    __slots__ = ("parallelism", "connector", "replies", "waiting", "running", "slots", "parked", "lendings",
+                 "donors", "readers", "deadlines", "unsent", "watched", "acquiring", "selector", "wake")
+
+    def __init__(self, transactions: Sequence[Transaction], parallelism: int, connector: ThreadPoolExecutor) -> None:
+        self.parallelism = parallelism
+        self.connector = connector
+        self.replies: list[Reply | None] = [None] * len(transactions)
+        self.waiting = deque(enumerate(transactions))
+        self.running = 0
+        self.slots: set[int] = set()  # transactions holding one of the `parallelism` connections
+        self.parked: deque[tuple[int, Transaction, Acquire]] = deque()  # started to borrow, found nothing to borrow
+        self.lendings: dict[int, Lend] = {}  # lender -> its connection that may be borrowed, oldest first
+        self.donors: dict[int, int] = {}  # borrower -> the lender whose slot it holds
+        # conn -> (index, transaction, timeout) of the transactions waiting for its replies, in reply order
+        self.readers: dict[Any, deque[tuple[int, Transaction, float]]] = {}
+        self.deadlines: dict[Any, float] = {}  # conn -> when its first reader gives up
+        self.unsent: dict[Any, list[bytes]] = {}
+        self.watched: dict[Any, socket.socket] = {}  # conn -> its socket registered in the selector
+        self.acquiring: dict[Future, tuple[int, Transaction]] = {}
+        self.selector = selectors.DefaultSelector()
+        self.wake: list[socket.socket] = []  # a socket pair, made when a connection is first waited for
+
+    def run(self) -> list[Reply]:
+        watched, readers = self.watched, self.readers
+        try:
+            self.start_more()
+            while self.running:
+                for conn in [conn for conn in watched if conn not in readers]:
+                    self.unwatch(conn)  # back in the pool, or closed: another thread may use it now
+                if not self.flush():
+                    self.start_more()  # ended or freed a slot: look again before waiting, or nothing may wake us
+                    continue
+                self.poll()
+                now = time.monotonic()
+                for conn in [conn for conn, deadline in self.deadlines.items() if deadline <= now]:
+                    self.fail(conn, TimeoutError("timed out"))
+                self.start_more()
+        finally:
+            self.selector.close()
+            for sock in self.wake:
+                sock.close()
+        return self.replies  # type: ignore[return-value]
+
+    def poll(self) -> None:
+        """Wait for replies (until the nearest reader's deadline) and hand out what arrived."""
+        watched = self.watched
+        timeout = min(self.deadlines.values(), default=None)
+        if timeout is not None:
+            timeout = max(0.0, timeout - time.monotonic())
+        for key, _ in self.selector.select(timeout):
+            conn = key.data
+            if conn is None:  # the wake-up socket: connections got by the connector
+                self.connected()
+                continue
+            if watched.get(conn) is not key.fileobj:
+                continue  # an event of a socket unwatched earlier in this round
+            try:
+                data = _receive(key.fileobj)
+                if not data:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            except Exception as exc:  # noqa: BLE001 - the transaction decides what a failure means
+                self.fail(conn, exc)
+                continue
+            conn.inbox += data
+            self.serve(conn)
+
+    def connected(self) -> None:
+        """Resume the transactions whose connection the connector got (or failed to get)."""
+        _drain_wake(self.wake[0])
+        acquiring = self.acquiring
+        for future in [f for f in acquiring if f.done()]:
+            index, transaction = acquiring.pop(future)
+            error = future.exception()
+            self.advance(index, transaction, None if error else future.result(), error)
+
+    def start_more(self) -> None:
+        waiting, parked, lendings, slots = self.waiting, self.parked, self.lendings, self.slots
+        # A lent connection first: the next transaction borrows it, or parks to wait for a slot.
+        while lendings and waiting and not parked:
+            self.running += 1
+            self.advance(*waiting.popleft())
+        while parked and self.lender_of(parked[0][2].pool) is not None:
+            index, transaction, acquire = parked.popleft()
+            self.advance(index, transaction, request=acquire)
+        while len(slots) < self.parallelism and (parked or waiting):
+            if parked:
+                index, transaction, acquire = parked.popleft()
+                slots.add(index)
+                self.advance(index, transaction, request=acquire)
+            else:
+                index, transaction = waiting.popleft()
+                self.running += 1
+                slots.add(index)
+                self.advance(index, transaction)
+
+    def advance(self, index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None,
                 request: Any = None) -> None:
         """Resume a transaction (or take up its `request`) until it must wait for a reply or a
         connection, or ends."""
+        unsent, readers = self.unsent, self.readers
         while True:
             if request is None:
                 try:
                     request = transaction.throw(error) if error else transaction.send(value)
                 except StopIteration as stop:
-                    return end(index, stop.value)
+                    return self.end(index, stop.value)
                 except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's other replies
                     log.exception("transport.error")
-                    return end(index, Reply(None, f"transport error: {exc!r}", "data"))
+                    return self.end(index, Reply(None, f"transport error: {exc!r}", "data"))
                 value, error = None, None
             try:
                 if isinstance(request, Write):
                     unsent.setdefault(request.conn, []).append(request.data)
                 elif isinstance(request, Read):
                     if request.conn in readers or (value := take_reply(request.conn.inbox)) is None:
-                        return wait_for_reply(index, transaction, request)
+                        return self.wait_for_reply(index, transaction, request)
                 elif isinstance(request, Lend):
-                    lendings[index] = request
-                elif (lender := lender_of(request.pool)) is not None:
-                    value = borrow(index, lender)
-                elif index not in slots:
-                    parked.append((index, transaction, request))
-                    return
-                elif (value := request.now()) is None:
-                    wake_w = waker()
-                    future = connector.submit(request.wait)
-                    acquiring[future] = (index, transaction)
-                    future.add_done_callback(lambda _: _wake(wake_w))
+                    self.lendings[index] = request
+                elif (value := self.acquire(index, transaction, request)) is _PENDING:
                     return
             except Exception as exc:  # noqa: BLE001 - the transaction decides what a failure means
                 error = exc
             request = None
 
-    def lender_of(pool: str | None) -> int | None:
-        return next((lender for lender, lending in lendings.items() if lending.pool == pool), None)
+    def acquire(self, index: int, transaction: Transaction, request: Acquire) -> Any:
+        """A connection for the transaction now, or _PENDING: parked for a slot, or the connector's."""
+        if (lender := self.lender_of(request.pool)) is not None:
+            return self.borrow(index, lender)
+        if index not in self.slots:
+            self.parked.append((index, transaction, request))
+            return _PENDING
+        if (conn := request.now()) is not None:
+            return conn
+        wake_w = self.waker()
+        future = self.connector.submit(request.wait)
+        self.acquiring[future] = (index, transaction)
+        future.add_done_callback(lambda _: _wake(wake_w))
+        return _PENDING
 
-    def borrow(index: int, lender: int) -> Any:
+    def lender_of(self, pool: str | None) -> int | None:
+        return next((lender for lender, lending in self.lendings.items() if lending.pool == pool), None)
+
+    def borrow(self, index: int, lender: int) -> Any:
         """The lender's connection, and its slot when the borrower has none."""
-        lending = lendings.pop(lender)
+        lending = self.lendings.pop(lender)
+        slots = self.slots
         if lender in slots and index not in slots:
             slots.remove(lender)
             slots.add(index)
-            donors[index] = lender
+            self.donors[index] = lender
         return lending.share()
 
-    def end(index: int, reply: Reply) -> None:
-        nonlocal running
+    def end(self, index: int, reply: Reply) -> None:
+        replies, slots = self.replies, self.slots
         replies[index] = reply
-        running -= 1
-        lender = donors.pop(index, None)
+        self.running -= 1
+        lender = self.donors.pop(index, None)
         if index in slots:
             slots.remove(index)
             if lender is not None and replies[lender] is None:
                 slots.add(lender)  # a borrower held back (ready() said no): the lender still uses the connection
-        lendings.pop(index, None)
+        self.lendings.pop(index, None)
 
-    def wait_for_reply(index: int, transaction: Transaction, request: Read) -> None:
+    def wait_for_reply(self, index: int, transaction: Transaction, request: Read) -> None:
         conn = request.conn
         if conn.smtp.sock is None:
             raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
         timeout = request.timeout if request.timeout is not None else conn.smtp.timeout
+        readers = self.readers
         if conn not in readers:
             readers[conn] = deque()
-            deadlines[conn] = time.monotonic() + timeout
-            watch(conn)
+            self.deadlines[conn] = time.monotonic() + timeout
+            self.watch(conn)
         readers[conn].append((index, transaction, timeout))
 
-    def watch(conn: Any) -> None:
-        """Register the connection's socket, and keep it while readers follow one another on it."""
-        sock = conn.smtp.sock
-        if watched.get(conn) is sock:
-            return
-        unwatch(conn)
-        register(sock, conn)
-        watched[conn] = sock
-
-    def unwatch(conn: Any) -> None:
-        if (sock := watched.pop(conn, None)) is not None:
-            selector.unregister(sock)
-
-    def deliver(index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None) -> None:
-        lendings.pop(index, None)  # a lender's last reply (or failure): its connection is no longer to be borrowed
-        advance(index, transaction, value, error)
-
-    def serve(conn: Any) -> None:
+    def serve(self, conn: Any) -> None:
         """Hand the replies in the connection's inbox to its readers, first come first served."""
+        readers, deadlines = self.readers, self.deadlines
         while queue := readers.get(conn):
             try:
                 reply = take_reply(conn.inbox)
             except Exception as exc:  # noqa: BLE001 - the transaction decides what a failure means
-                return fail(conn, exc)
+                return self.fail(conn, exc)
             if reply is None:
                 return
             index, transaction, _ = queue.popleft()
@@ -255,88 +323,60 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
                 deadlines[conn] = time.monotonic() + queue[0][2]
             else:
                 del readers[conn], deadlines[conn]
-            deliver(index, transaction, reply)
+            self.deliver(index, transaction, reply)
 
-    def fail(conn: Any, error: BaseException) -> None:
+    def deliver(self, index: int, transaction: Transaction, value: Any = None,
+                error: BaseException | None = None) -> None:
+        self.lendings.pop(index, None)  # a lender's last reply (or failure): its connection is no longer to be borrowed
+        self.advance(index, transaction, value, error)
+
+    def fail(self, conn: Any, error: BaseException) -> None:
         """The connection broke (or timed out): every transaction waiting on it gets the error."""
-        unwatch(conn)
-        unsent.pop(conn, None)
-        deadlines.pop(conn, None)
-        for index, transaction, _ in readers.pop(conn, ()):
-            deliver(index, transaction, error=error)
+        self.unwatch(conn)
+        self.unsent.pop(conn, None)
+        self.deadlines.pop(conn, None)
+        for index, transaction, _ in self.readers.pop(conn, ()):
+            self.deliver(index, transaction, error=error)
 
-    def flush() -> bool:
+    def flush(self) -> bool:
         """Send what was written; False if a send failed (its transactions moved on meanwhile)."""
+        unsent = self.unsent
         sent = True
         while unsent:
             conn, parts = unsent.popitem()
             try:
                 conn.smtp.send(parts[0] if len(parts) == 1 else b"".join(parts))
             except Exception as exc:  # noqa: BLE001 - the transaction decides what a failure means
-                fail(conn, exc)
+                self.fail(conn, exc)
                 sent = False
         return sent
 
-    def start_more() -> None:
-        nonlocal running
-        # A lent connection first: the next transaction borrows it, or parks to wait for a slot.
-        while lendings and waiting and not parked:
-            running += 1
-            advance(*waiting.popleft())
-        while parked and lender_of(parked[0][2].pool) is not None:
-            index, transaction, acquire = parked.popleft()
-            advance(index, transaction, request=acquire)
-        while len(slots) < parallelism and (parked or waiting):
-            if parked:
-                index, transaction, acquire = parked.popleft()
-                slots.add(index)
-                advance(index, transaction, request=acquire)
-            else:
-                index, transaction = waiting.popleft()
-                running += 1
-                slots.add(index)
-                advance(index, transaction)
+    def watch(self, conn: Any) -> None:
+        """Register the connection's socket, and keep it while readers follow one another on it."""
+        sock = conn.smtp.sock
+        if self.watched.get(conn) is sock:
+            return
+        self.unwatch(conn)
+        self.register(sock, conn)
+        self.watched[conn] = sock
 
-    try:
-        start_more()
-        while running:
-            for conn in [conn for conn in watched if conn not in readers]:
-                unwatch(conn)  # back in the pool, or closed: another thread may use it now
-            if not flush():
-                start_more()  # ended or freed a slot: look again before waiting, or nothing may wake us
-                continue
-            timeout = min(deadlines.values(), default=None)
-            if timeout is not None:
-                timeout = max(0.0, timeout - time.monotonic())
-            for key, _ in selector.select(timeout):
-                conn = key.data
-                if conn is None:  # the wake-up socket: connections got by the connector
-                    _drain_wake(wake[0])
-                    for future in [f for f in acquiring if f.done()]:
-                        index, transaction = acquiring.pop(future)
-                        error = future.exception()
-                        advance(index, transaction, None if error else future.result(), error)
-                    continue
-                if watched.get(conn) is not key.fileobj:
-                    continue  # an event of a socket unwatched earlier in this round
-                try:
-                    data = _receive(key.fileobj)
-                    if not data:
-                        raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-                except Exception as exc:  # noqa: BLE001 - the transaction decides what a failure means
-                    fail(conn, exc)
-                    continue
-                conn.inbox += data
-                serve(conn)
-            now = time.monotonic()
-            for conn in [conn for conn, deadline in deadlines.items() if deadline <= now]:
-                fail(conn, TimeoutError("timed out"))
-            start_more()
-    finally:
-        selector.close()
-        for sock in wake:
-            sock.close()
-    return replies  # type: ignore[return-value]
+    def unwatch(self, conn: Any) -> None:
+        if (sock := self.watched.pop(conn, None)) is not None:
+            self.selector.unregister(sock)
+
+    def register(self, sock: socket.socket, data: Any) -> None:
+        stale = self.selector.get_map().get(sock.fileno())
+        if stale is not None:  # a connection's socket, closed since, whose number this one reuses
+            self.unwatch(stale.data)
+        self.selector.register(sock, selectors.EVENT_READ, data)
+
+    def waker(self) -> socket.socket:
+        wake = self.wake
+        if not wake:
+            wake.extend(socket.socketpair())
+            wake[0].setblocking(False)
+            self.register(wake[0], None)
+        return wake[1]
 
 
 def _receive(sock: socket.socket) -> bytes:

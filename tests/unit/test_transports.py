@@ -19,7 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from smartmail.config.settings import Settings, SmtpUrl
 from smartmail.workers.outcomes import Reply, Verdict, classify
-from smartmail.workers import transports
+from smartmail.workers import smtp_transport, transports
 from smartmail.workers.transports import (
     ConsoleTransport,
     FileTransport,
@@ -854,7 +854,7 @@ def trust_test_ca(certificates, monkeypatch):
         contexts.append(context)
         return context
 
-    monkeypatch.setattr(transports, "ssl", types.SimpleNamespace(create_default_context=create_default_context))
+    monkeypatch.setattr(smtp_transport, "ssl", types.SimpleNamespace(create_default_context=create_default_context))
     return contexts
 
 
