@@ -16,7 +16,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from smartmail.errors import InvalidInput, NotFound
-from smartmail.store.engine import session_scope, upsert_insert, utcnow
+from smartmail.store import dialect
+from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
 
 log = structlog.get_logger("smartmail.contacts")
@@ -196,7 +197,7 @@ def _sync_suppression(session: Session, email: str, status: str) -> None:
     """A status that must not be mailed puts the address on the suppression list (which the send
     path checks); an explicit return to `subscribed` takes it off."""
     if status in STATUS_TO_SUPPRESSION:
-        insert = upsert_insert(session.get_bind().dialect.name)
+        insert = dialect.insert(session)
         session.execute(insert(Suppression).values(email=email, reason=STATUS_TO_SUPPRESSION[status],
                                                    detail="contact status", created_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["email"]))
@@ -298,7 +299,7 @@ def delete_contact(email: str) -> bool:
     email = normalize_email(email)
     with session_scope() as session:
         contact = _get(session, email)
-        insert = upsert_insert(session.get_bind().dialect.name)
+        insert = dialect.insert(session)
         # Keep an existing reason (a hard bounce stays a hard bounce); otherwise record the erasure.
         session.execute(insert(Suppression).values(email=email, reason="erased", detail="contact deleted",
                                                    created_at=utcnow())
@@ -382,7 +383,7 @@ def add_members(list_name: str, emails: Iterable[str], *, source: str = "api") -
     now = utcnow()
     with session_scope() as session:
         target = _list_by_name(session, list_name)
-        insert = upsert_insert(session.get_bind().dialect.name)
+        insert = dialect.insert(session)
         joined = 0
         for email in normalized:
             contact = _get(session, email) or _create(session, email, {"source": source})

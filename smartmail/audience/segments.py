@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, String, and_, case, cast, exists, false, func, literal, not_, or_, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import and_, exists, func, not_, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from smartmail.errors import InvalidSegment
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
+from smartmail.store.sql import json_attributes
+from smartmail.store.sql.json_attributes import JsonAttributes, guard
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message, Segment
 
@@ -200,112 +201,35 @@ def _parse_attr(rule: Mapping, path: str) -> Attr:
 
 # --- Compiling: the tree → one WHERE clause over contacts ------------------------------------------
 
-class _Json:
-    """Typed access to one top-level attribute, per dialect. Every test is guarded by the JSON type
-    (a string "5" never equals the number 5) and is never NULL, so `not` is a plain negation."""
-
-    def __init__(self, name: str, dialect: str) -> None:
-        self.name, self.dialect = name, dialect
-        column = contacts_t.c.attributes
-        if dialect == "postgresql":
-            self.node = column.op("->", return_type=JSONB)(literal(name, String))
-            self.type_ = func.jsonb_typeof(self.node, type_=String)
-            self.text = column.op("->>", return_type=String)(literal(name, String))
-        else:
-            # A quoted key in the JSON path, so names with dots or spaces stay one key.
-            path = literal('$."' + name + '"', String)
-            self.type_ = func.json_type(column, path)
-            self.text = func.json_extract(column, path)
-            self.path = path
-
-    def is_string(self):
-        return self.type_ == ("string" if self.dialect == "postgresql" else "text")
-
-    def is_number(self):
-        return self.type_ == "number" if self.dialect == "postgresql" else self.type_.in_(("integer", "real"))
-
-    def is_bool(self, value: bool):
-        if self.dialect == "postgresql":
-            return and_(self.type_ == "boolean", self.text == ("true" if value else "false"))
-        return self.type_ == ("true" if value else "false")
-
-    def is_array(self):
-        return self.type_ == "array"
-
-    def number(self):
-        return cast(self.text, Float) if self.dialect == "postgresql" else self.text
-
-    def string(self):
-        # Byte order on both databases: SQLite's BINARY collation, PostgreSQL's "C" (a database's
-        # default collation may be locale-aware and sort 'b' before 'C').
-        return self.text.collate("C") if self.dialect == "postgresql" else self.text
-
-    def exists(self):
-        return func.coalesce(self.type_, "null") != "null"
-
-    def array_contains(self, value):
-        if self.dialect == "postgresql":
-            return self.node.op("@>", is_comparison=True)(cast(literal(json.dumps([value])), JSONB))
-        each = func.json_each(contacts_t.c.attributes, self.path).table_valued("value", "type")
-        if isinstance(value, bool):
-            test = each.c.type == ("true" if value else "false")
-        elif _is_number(value):
-            test = and_(each.c.type.in_(("integer", "real")), each.c.value == value)
-        else:
-            test = and_(each.c.type == "text", each.c.value == value)
-        return select(literal(1)).select_from(each).where(test).exists()
-
-
-def _guard(condition, test) -> ColumnElement:
-    # CASE fixes the order: the cast in `test` only runs on values of the right JSON type
-    # (PostgreSQL may evaluate AND operands in any order).
-    return case((condition, test), else_=false())
-
-
-def _equals(j: _Json, value: Any) -> ColumnElement:
-    if j.dialect == "postgresql":
-        # jsonb containment of {"name": value} is exactly typed equality of a top-level scalar
-        # (numbers by value, "30" is not 30, "pro" is not ["pro"]), and twice as fast per row as
-        # the typeof/extract pair; a GIN index on attributes could serve it too.
-        return contacts_t.c.attributes.op("@>", is_comparison=True)(cast(literal(json.dumps({j.name: value})), JSONB))
-    if isinstance(value, bool):
-        return func.coalesce(j.is_bool(value), false())
-    if _is_number(value):
-        return _guard(j.is_number(), j.number() == value)
-    return _guard(j.is_string(), j.string() == value)
-
-
 _COMPARE = {"gt": "__gt__", "gte": "__ge__", "lt": "__lt__", "lte": "__le__"}
 
 
-def _attr_clause(rule: Attr, dialect: str) -> ColumnElement:
-    j = _Json(rule.name, dialect)
+def _attr_clause(rule: Attr, sql: JsonAttributes) -> ColumnElement:
+    j = sql.attribute(contacts_t.c.attributes, rule.name)
     if rule.op == "exists":
         return j.exists() if rule.value else not_(j.exists())
     if rule.op == "eq":
-        return _equals(j, rule.value)
+        return j.equals(rule.value)
     if rule.op == "ne":
-        return not_(_equals(j, rule.value))
+        return not_(j.equals(rule.value))
     if rule.op == "in":
-        return or_(*[_equals(j, v) for v in rule.value])
+        return or_(*[j.equals(v) for v in rule.value])
     if rule.op == "contains":
-        array = _guard(j.is_array(), j.array_contains(rule.value))
+        array = guard(j.is_array(), j.array_contains(rule.value))
         if isinstance(rule.value, str):
-            position = func.strpos(j.text, rule.value) if dialect == "postgresql" else func.instr(j.text, rule.value)
-            return or_(_guard(j.is_string(), position > 0), array)
+            return or_(guard(j.is_string(), j.position(rule.value) > 0), array)
         return array
     method = _COMPARE[rule.op]
     if _is_number(rule.value) and not rule.is_date:
-        return _guard(j.is_number(), getattr(j.number(), method)(rule.value))
-    return _guard(j.is_string(), getattr(j.string(), method)(rule.value))
+        return guard(j.is_number(), getattr(j.number(), method)(rule.value))
+    return guard(j.is_string(), getattr(j.string(), method)(rule.value))
 
 
 def _of_contact(column, after: int | None) -> list[ColumnElement]:
     """A subquery's rows of the outer query's contact; with a keyset bound (the outer query has
     `contacts.id > after`), the same bound on this side too: PostgreSQL carries equalities, not
-    inequalities, across a join, and its merge join read every list membership below a fan-out
-    page before the page's own (16.6 ms for a page of 1,000 at 50,000 contacts, growing with the
-    cursor; 2.5 ms with the bound)."""
+    inequalities, across a join, and without it its merge join reads every list membership below
+    a fan-out page before the page's own, more with each page."""
     return [column == contacts_t.c.id, *([column > after] if after is not None else [])]
 
 
@@ -316,27 +240,14 @@ def _events_since(type_: str, since: datetime | None):
     return conditions
 
 
-def recipient_address(dialect: str):
-    """messages.recipient ('addr' or 'Name <addr>') as a contact's email key: the text between the
-    last '<' and the closing '>', lower-cased; the same on both databases."""
-    r = messages_t.c.recipient
-    if dialect == "postgresql":
-        inner = func.substring(r, "<([^<]*)>$")
-    else:
-        # rtrim(r, r-without-'<') strips back to the last '<', giving where the address starts.
-        start = func.length(func.rtrim(r, func.replace(r, "<", ""))) + 1
-        inner = func.rtrim(func.substr(r, start), ">")
-    return func.lower(case((r.like("%<%>"), inner), else_=r))
-
-
-def _clause(node: Any, dialect: str, now: datetime, after: int | None) -> ColumnElement:
+def _clause(node: Any, sql: JsonAttributes, now: datetime, after: int | None) -> ColumnElement:
     if isinstance(node, Group):
-        parts = [_clause(r, dialect, now, after) for r in node.rules]
+        parts = [_clause(r, sql, now, after) for r in node.rules]
         return and_(*parts) if node.kind == "all" else or_(*parts)
     if isinstance(node, Not):
-        return not_(_clause(node.rule, dialect, now, after))
+        return not_(_clause(node.rule, sql, now, after))
     if isinstance(node, Attr):
-        return _attr_clause(node, dialect)
+        return _attr_clause(node, sql)
     if isinstance(node, EventRule):
         since = now - timedelta(days=node.within) if node.within else None
         if node.min_count == 1:
@@ -357,25 +268,25 @@ def _clause(node: Any, dialect: str, now: datetime, after: int | None) -> Column
     if kind in ENGAGEMENT:
         return exists().where(*_of_contact(events_t.c.contact_id, after), *_events_since(ENGAGEMENT[kind], since))
     if kind == "sent_within":
-        sent = select(recipient_address(dialect)).where(messages_t.c.state == "sent",
-                                                        messages_t.c.finished_at >= since)
+        sent = select(sql.recipient_address(messages_t.c.recipient)).where(messages_t.c.state == "sent",
+                                                                           messages_t.c.finished_at >= since)
         return contacts_t.c.email.in_(sent)
     raise AssertionError(kind)
 
 
-def compile_where(rules: Any, dialect: str, now: datetime | None = None, after: int | None = None) -> ColumnElement:
-    """The WHERE clause selecting the contacts the rules describe (those with ids above `after`, if given)."""
-    where = _clause(parse(rules), dialect, now or utcnow(), after)
+def compile_where(rules: Any, bind: Any, now: datetime | None = None, after: int | None = None) -> ColumnElement:
+    """The WHERE clause selecting the contacts the rules describe (those with ids above `after`, if given),
+    in the SQL of `bind`: an Engine, Connection, Session or SQLAlchemy Dialect."""
+    where = _clause(parse(rules), json_attributes.for_bind(bind), now or utcnow(), after)
     return where if after is None else and_(contacts_t.c.id > after, where)
 
 
-def audience_query(rules: Any, dialect: str | None = None, now: datetime | None = None,
+def audience_query(rules: Any, bind: Any = None, now: datetime | None = None,
                    after: int | None = None) -> Select:
     """SELECT contacts.id of a segment's audience, for callers to page through by keyset, e.g.
     `audience_query(r, after=last_id).order_by(contacts.c.id).limit(1000)`.
-    `rules` is a rule tree or a saved segment's name."""
-    dialect = dialect or get_engine().dialect.name
-    return select(contacts_t.c.id).where(compile_where(_resolve(rules), dialect, now, after))
+    `rules` is a rule tree or a saved segment's name; `bind` as for compile_where (default: the engine)."""
+    return select(contacts_t.c.id).where(compile_where(_resolve(rules), bind or get_engine(), now, after))
 
 
 # --- Saved segments and their use ------------------------------------------------------------------
@@ -454,7 +365,7 @@ def count(rules_or_name: Any) -> int:
     """How many contacts the rules (or the saved segment of that name) select: one query."""
     rules = _resolve(rules_or_name)
     check(rules)
-    query = select(func.count()).select_from(contacts_t).where(compile_where(rules, get_engine().dialect.name))
+    query = select(func.count()).select_from(contacts_t).where(compile_where(rules, get_engine()))
     with reader() as connection:
         return connection.scalar(query)
 
@@ -467,7 +378,7 @@ def preview(rules_or_name: Any, limit: int = 10) -> list[dict[str, Any]]:
     check(rules)
     engine = get_engine()
     with session_scope() as session:
-        rows = session.scalars(select(Contact).where(compile_where(rules, engine.dialect.name))
+        rows = session.scalars(select(Contact).where(compile_where(rules, engine))
                                .order_by(Contact.id).limit(limit))
         return [as_dict(c) for c in rows]
 

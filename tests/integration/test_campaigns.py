@@ -11,11 +11,13 @@ import pytest
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from smartmail.campaigns import fan_out as campaign_fan_out
 from smartmail.campaigns import lifecycle as campaigns
 from smartmail.workers import delivery
 from smartmail.workers import maintenance
 from smartmail.audience.contacts import InvalidInput, create_list
 from smartmail.store.engine import get_engine, session_scope, utcnow
+from smartmail.store.sql import fan_out as fan_out_sql
 from smartmail.store.models import (
     Campaign,
     Contact,
@@ -287,9 +289,9 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
     eligible = make_audience(2500)
     campaigns.create_campaign("resumable", template="newsletter", lists=["news"])
     campaign_id = started("resumable")
-    monkeypatch.setattr(campaigns, "PAGE", 400)
+    monkeypatch.setattr(campaign_fan_out, "PAGE", 400)
     calls = {"n": 0}
-    real_dispatch = campaigns.enqueue
+    real_dispatch = campaign_fan_out.enqueue
 
     def dispatch_then_die(ids, stream):
         calls["n"] += 1
@@ -297,12 +299,12 @@ def test_a_fan_out_that_crashed_resumes_after_its_checkpoint(relay, monkeypatch)
             raise KeyboardInterrupt("simulated crash")
         real_dispatch(ids, stream)
 
-    monkeypatch.setattr(campaigns, "enqueue", dispatch_then_die)
+    monkeypatch.setattr(campaign_fan_out, "enqueue", dispatch_then_die)
     with pytest.raises(KeyboardInterrupt):
         campaigns.fan_out(campaign_id)
     with session_scope() as session:
         assert session.scalar(select(func.count()).where(Message.campaign_id == campaign_id)) == 1200
-    monkeypatch.setattr(campaigns, "enqueue", real_dispatch)
+    monkeypatch.setattr(campaign_fan_out, "enqueue", real_dispatch)
     # Its task is gone with the "dead" process: beat starts another once the fan-out's lease ends.
     published = []
     monkeypatch.setattr(campaigns, "_publish_fan_out", lambda campaign_id, owner: published.append(owner))
@@ -331,8 +333,8 @@ def test_a_fan_out_behind_its_rows_adds_only_the_missing_ones(relay, monkeypatch
     eligible = make_audience(50)
     campaigns.create_campaign("behind", template="newsletter", lists=["news"])
     campaign_id = started("behind")
-    monkeypatch.setattr(campaigns, "PAGE", 20)
-    monkeypatch.setattr(campaigns, "enqueue", lambda ids, stream: None)
+    monkeypatch.setattr(campaign_fan_out, "PAGE", 20)
+    monkeypatch.setattr(campaign_fan_out, "enqueue", lambda ids, stream: None)
     assert campaigns.fan_out(campaign_id) == 50
     with session_scope() as session:
         campaign = session.get(Campaign, campaign_id)
@@ -358,7 +360,7 @@ def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_in
     written = {}
     for name in ("copy", "insert"):
         if name == "insert":  # PostgreSQL fans out by COPY unless an address would need escaping
-            monkeypatch.setattr(campaigns, "COPY_SPECIAL", re.compile(""))
+            monkeypatch.setattr(fan_out_sql, "COPY_SPECIAL", re.compile(""))
         campaigns.create_campaign(name, template="newsletter", lists=["news"], window=closed, tags=["spring"],
                                   reply_to="Help <help@example.com>")
         campaign_id = started(name)

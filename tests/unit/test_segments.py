@@ -69,7 +69,7 @@ def test_rules_compile_to_one_select_with_values_bound(dialect):
     rules = {"all": [{"attr": "plan", "op": "eq", "value": "pro'); DROP TABLE contacts; --"},
                      {"attr": "name", "op": "gt", "value": "M"},
                      {"list": "news"}, {"opened_within": 30}, {"not": {"event": "order_placed", "min_count": 2}}]}
-    query = segments.audience_query(rules, dialect.name)
+    query = segments.audience_query(rules, dialect)
     sql = str(query.compile(dialect=dialect))
     assert sql.count("SELECT") >= 1 and sql.startswith("SELECT contacts.id")
     assert "DROP TABLE" not in sql  # values are parameters, never spliced into the SQL
