@@ -12,9 +12,11 @@ from sqlalchemy import func, select
 
 from smartmail.audience import contacts
 from smartmail.audience import imports
+from smartmail.audience.imports import writer
 from smartmail.audience.contacts import InvalidInput
 from smartmail.store.engine import session_scope
 from smartmail.store.models import Contact, ImportJob, ImportRowError, ListMembership, Suppression
+from smartmail.store.sql.contact_rows import PostgresContactRows, SqliteContactRows
 from tests.conftest import wait_for
 
 BAD_KINDS = ("invalid", "missing", "duplicate", "undecodable", "columns")
@@ -131,13 +133,14 @@ def test_a_job_killed_midway_resumes_without_duplicates(env, tmp_path):
 def test_an_address_repeated_in_the_next_batch_is_reported_not_written_twice(env, tmp_path, monkeypatch):
     # On PostgreSQL two batches are written at once, and neither sees the other's rows: slow
     # writes make sure each batch is still uncommitted while the next one looks its addresses up.
-    real_upsert = imports._upsert
+    def slowed(real_upsert):
+        def slow_upsert(*args, **kwargs):
+            real_upsert(*args, **kwargs)
+            time.sleep(0.05)
+        return slow_upsert
 
-    def slow_upsert(*args, **kwargs):
-        real_upsert(*args, **kwargs)
-        time.sleep(0.05)
-
-    monkeypatch.setattr(imports, "_upsert", slow_upsert)
+    for rows in (PostgresContactRows, SqliteContactRows):
+        monkeypatch.setattr(rows, "upsert", slowed(rows.upsert))
     path = tmp_path / "c.csv"
     lines, n, repeated = [], 0, []
     for batch in range(6):  # batches of 10 rows; each after the first opens with an address of one of the two before
@@ -164,20 +167,20 @@ def test_a_batch_that_fails_stops_the_import_at_the_batch_before(env, tmp_path, 
     path = tmp_path / "c.csv"
     generate_csv(path, 1000, bad_every=10_000)
     job_id = imports.create_job(path, batch_size=100)
-    real_write = imports.write_batch
+    real_write = writer.write_batch
 
     def third_fails(connection, job_id, records, *args, **kwargs):
         if records[0].row == 202:  # rows 202-301: the third batch
             raise RuntimeError("disk full")
         return real_write(connection, job_id, records, *args, **kwargs)
 
-    monkeypatch.setattr(imports, "write_batch", third_fails)
+    monkeypatch.setattr(writer, "write_batch", third_fails)
     with pytest.raises(RuntimeError, match="disk full"):
         imports.run_job(job_id)
     status = imports.job_status(job_id)
     # Nothing after the failed batch is committed, even the one written beside it.
     assert status["state"] == "failed" and status["rows_done"] == 201 and count(Contact) == 200
-    monkeypatch.setattr(imports, "write_batch", real_write)
+    monkeypatch.setattr(writer, "write_batch", real_write)
     status = imports.run_job(job_id)
     assert (status["state"], status["created"], status["failed"]) == ("done", 1000, 0) and count(Contact) == 1000
 
@@ -191,7 +194,7 @@ def test_a_second_run_of_the_same_job_cannot_commit_the_same_rows(env, tmp_path)
     # This run read the checkpoint before the move: its first commit finds it moved and stops.
     records = [item for _, item, _ in imports.read_csv(path, imports.ImportOptions(**imports.job_status(job_id)["options"]))]
     with pytest.raises(imports.JobGone):
-        imports._commit_batch(job_id, 0, 101, 0, records[:100], [], imports.ImportOptions(), None)
+        writer.commit_batch(job_id, 0, 101, 0, records[:100], [], imports.ImportOptions(), None)
     assert count(Contact) == 0
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from smartmail.audience import imports
 from smartmail.audience.contacts import email_problem
 from smartmail.audience.exports import safe_cell
-from smartmail.audience.imports import ImportOptions, Record, RowError, convert
+from smartmail.audience.imports import ImportOptions, Record, RowError, convert, readers
 
 
 @pytest.mark.parametrize("value,kind,expected", [
@@ -36,18 +36,18 @@ def test_convert_refuses(value, kind):
     ('email;note\nx@y.org;"a, b, c, d"\n', ";"), ("email\nx@y.org\n", ","),
 ])
 def test_sniff_delimiter(head, expected):
-    assert imports._sniff_delimiter(head) == expected
+    assert readers._sniff_delimiter(head) == expected
 
 
 def test_detect_encoding():
-    assert imports._detect_encoding(b"\xef\xbb\xbfemail\n") == "utf-8-sig"
+    assert readers._detect_encoding(b"\xef\xbb\xbfemail\n") == "utf-8-sig"
     good = "email,name\n" + "".join(f"u{i}@example.org,Zoé\n" for i in range(100))
-    assert imports._detect_encoding(good.encode()) == "utf-8"
+    assert readers._detect_encoding(good.encode()) == "utf-8"
     # A few broken rows in a UTF-8 file keep it UTF-8 (those rows are reported)...
-    assert imports._detect_encoding(good.encode() + b"x@example.org,\xff\n") == "utf-8"
+    assert readers._detect_encoding(good.encode() + b"x@example.org,\xff\n") == "utf-8"
     # ...while a file in a legacy encoding is recognised as such.
     legacy = ("email,nom\n" + "".join(f"u{i}@example.org,Chloé Besançon à Orléans\n" for i in range(100))).encode("cp1252")
-    assert imports._detect_encoding(legacy).lower().replace("_", "-") in ("cp1252", "windows-1252", "latin-1",
+    assert readers._detect_encoding(legacy).lower().replace("_", "-") in ("cp1252", "windows-1252", "latin-1",
                                                                            "iso-8859-1", "iso-8859-15")
 
 
