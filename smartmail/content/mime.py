@@ -31,8 +31,8 @@ def build_mime(*, sender: str, recipient: str, subject: str, text: str, html: st
     """multipart/alternative (text first, HTML last, as RFC 2046 section 5.1.4 orders by preference).
 
     Built by hand rather than with `email.message.EmailMessage`: this runs once per delivered
-    message, and the stdlib policy machinery costs ~1.3 ms where this costs 15-65 us
-    (scripts/bench_mime.py).
+    message, and the stdlib policy machinery costs far more than the message itself
+    (scripts/bench_mime.py, docs/benchmarks.md).
     """
     fields = [_mailbox_field("From", sender), _mailbox_field("To", recipient)]
     if reply_to:
@@ -74,7 +74,7 @@ def _boundary(*bodies: bytes) -> str:
     ever clash, and 128 random bits make even that a formality.
     """
     while True:
-        # Not secrets.token_hex: a read of os.urandom per message (~5% of the sending step's time),
+        # Not secrets.token_hex: a read of os.urandom per message is a system call on the hot path,
         # and a boundary needs to be unique, not secret (the bodies are checked below). The random
         # module reseeds itself in each forked worker process.
         boundary = f"=_{random.getrandbits(128):032x}"
@@ -148,7 +148,7 @@ def _text_field(name: str, value: str) -> str:
 
 
 def _date_now() -> str:
-    """The Date header for now, formatted once a second (format_datetime costs ~10 us a message)."""
+    """The Date header for now, formatted once a second rather than per message (format_datetime is slow)."""
     global _last_date
     now = datetime.now(timezone.utc).replace(microsecond=0)
     last = _last_date  # one read: sending threads may replace it meanwhile

@@ -76,7 +76,7 @@ FILE_RECHECK_SECONDS = 1.0
 
 class _Unchanged:
     """Jinja's auto_reload check of a file template: asked at every render, so the file is looked
-    at no more than every FILE_RECHECK_SECONDS (two stat calls per part cost send() ~3% of its time)."""
+    at no more than every FILE_RECHECK_SECONDS (stat calls per part at every send() add up)."""
 
     def __init__(self, path: Path, mtime: float) -> None:
         self.path, self.mtime, self.checked = path, mtime, time.monotonic()
@@ -213,7 +213,7 @@ _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n){2,}")
 
 def text_source_from_html(html: str) -> str | None:
     """A text template derived from an HTML template's source, so that messages do not each
-    convert their rendered HTML (inscriptis: ~0.3–1 ms a message). Jinja tags sit in text nodes
+    convert their rendered HTML (inscriptis costs more than the rest of a render). Jinja tags sit in text nodes
     and come through; None when a tag holds `<`, `>` or `&` (the HTML parser could change what it
     says) or the derived template does not compile: convert each message instead."""
     if any(c in tag for tag in _JINJA_TAG.findall(html) for c in "<>&"):

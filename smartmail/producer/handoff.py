@@ -1,14 +1,4 @@
-"""Producers hand committed message ids to one background thread, which pushes them to the outbox.
-
-send() is durable once its INSERT commits; the Redis call after it only tells the workers sooner
-than the reconciler would. Made by the caller's thread it cost ~0.27 ms of a ~1.4 ms send() (a
-send() loop, this repo's 2-core host), so the producer API leaves it to a thread that runs while
-the caller is on to its next statement, and that pushes whatever has piled up meanwhile in one
-call. An id whose push is lost (Redis down, or the process killed in the few milliseconds before
-the push) is still `queued` in the database: the reconciler dispatches it, as it does any id
-Redis lost. `flush()` waits for the pushes; it runs at exit and after each Celery task, whose
-prefork processes end with os._exit, which skips atexit.
-"""
+"""Producers hand committed message ids to one background thread, which pushes them to the outbox."""
 from __future__ import annotations
 
 import atexit

@@ -6,8 +6,7 @@ import os
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
-# Every pair of digits, by the 10 bits it spells: 13 look-ups an id where a digit at a time took
-# 26 divmods (2.5 against 4.4 us an id).
+# Every pair of digits, by the 10 bits it spells: 13 look-ups an id instead of 26 divmods.
 _PAIRS = [high + low for high in _ALPHABET for low in _ALPHABET]
 # RFC 4648 base32 spells 5 bits a digit, most significant first, as the ULID layout does; only
 # the alphabet differs. 80 random bits are 10 bytes, 16 digits: no padding.
@@ -26,7 +25,7 @@ def new_id() -> str:
 
 def new_ids(count: int) -> list[str]:
     """`count` ids as new_id makes them, in one go for a campaign's fan-out (one per recipient):
-    the time spelled once, the random parts in one call (0.7 against 1.7 us an id)."""
+    the time spelled once, the random parts in one call."""
     prefix = _spelled(time.time_ns() // 1_000_000, 10)
     randomness = base64.b32encode(os.urandom(10 * count)).translate(_TO_CROCKFORD).decode()
     return [prefix + randomness[start:start + 16] for start in range(0, 16 * count, 16)]

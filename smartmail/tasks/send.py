@@ -13,11 +13,9 @@ from smartmail.workers.dispatch import BULK, DRAIN_TASKS, TRANSACTIONAL, get_out
 log = structlog.get_logger("smartmail.dispatch")
 
 # A drain keeps its lease and delivers batch after batch (a backlog, or what arrived meanwhile) for
-# up to this long before it hands over to a new task. A task per full batch cost each batch a claim
-# and a recording that the worker waited for (delivery.deliver's pipeline starts with each task)
-# and a task switch (alternating 100,000-recipient campaigns: 8,765, 8,437 and 8,841 against 8,280,
-# 8,483 and 7,401 msg/s); a task per send() cost two tasks a message. Worker processes share a
-# backlog through the drains its enqueue starts (up to SMARTMAIL_DISPATCH_DRAINS).
+# up to this long before it hands over to a new task: a task per batch would cost each batch a claim
+# and a recording the worker waits for, and a task switch. Worker processes share a backlog through
+# the drains its enqueue starts (up to SMARTMAIL_DISPATCH_DRAINS).
 LOOP_SECONDS = 1.0
 
 

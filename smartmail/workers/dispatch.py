@@ -62,8 +62,7 @@ end
 # Add ids to the delayed set (ARGV[4..]: score, id, score, id, ...). Starting a drain here, not
 # only in _POP, matters: the drain that deferred them may have let its follow-up finish already.
 # An id due before the timer drain wakes (its key lives wait + lease ms) ends that timer: else
-# it would wait up to MAX_TIMER_MS for no reason (seen in CI: a message held 0.5 s for a
-# connection slot delivered 17 s late); a drain started here, or an active one, times it anew.
+# it would wait up to MAX_TIMER_MS for no reason; a drain started here, or an active one, times it anew.
 _ENQUEUE_LATER = _NOW + """
 local earliest = nil
 for i = 4, #ARGV, 2 do
@@ -137,7 +136,7 @@ class Outbox:
         if not due:
             return []
         # Rounded up: an id moved a fraction of a millisecond before its row is due would not be
-        # claimed, and would wait for beat's next round (seen: a retry left for good in a test).
+        # claimed, and would wait for beat's next round.
         args = [x for message_id, at in due for x in (math.ceil(at * 1000), message_id)]
         leases = self._enqueue_later(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *args])
         return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
