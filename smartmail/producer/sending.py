@@ -1,25 +1,21 @@
 """The producer API: validate, render and store messages, then publish delivery tasks after the commit."""
 from __future__ import annotations
 
-import functools
-import json
-
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import psycopg
-from sqlalchemy import String, bindparam, case, literal, null, select, true
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import bindparam, select
 
 from smartmail.errors import InvalidMessage
 from smartmail.content import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.store.engine import get_engine, statement_connection, upsert_insert, utcnow
+from smartmail.store.engine import get_engine, statement_connection, utcnow
 from smartmail.store.ids import new_id
-from smartmail.store.models import HAS_KEY, Message, MessageState, Suppression
+from smartmail.store.models import Message, MessageState, Suppression
+from smartmail.store.sql import messages as messages_sql
 from smartmail.producer.handoff import hand_off, hand_off_now
 
 _MAX_TAGS = 20
@@ -92,15 +88,6 @@ def _render(connection, prepared: dict[str, Any], settings) -> rendering.Rendere
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
 
 
-@functools.lru_cache(maxsize=2)
-def _insert_statement(dialect: str):
-    # Core executemany without RETURNING: psycopg pipelines one prepared INSERT per row, ~20 ms per
-    # 1,000 rows here, where a multi-row INSERT … RETURNING cost ~200 ms (client-side parsing of a
-    # 23,000-placeholder statement). Which rows a conflicting idempotency key skipped is read back.
-    return upsert_insert(dialect)(Message.__table__).on_conflict_do_nothing(
-        index_elements=["idempotency_key"], index_where=HAS_KEY)
-
-
 def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     """Validate and render every message first (one bad message: an error naming it, nothing stored),
     then store them in one transaction and hand the queued ones to the workers: by default a
@@ -131,7 +118,7 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
                 "send_at": None,
                 "_address": item["to"].address, "_send_at": item["send_at"],
             })
-        if len(rows) == 1:  # send(): one autocommit statement, see _insert_one_statement
+        if len(rows) == 1:  # send(): one autocommit statement, see store.sql.messages
             results = [_store_one(reader, rows[0], now)]
     if len(rows) > 1:
         with get_engine().begin() as connection:
@@ -180,7 +167,7 @@ def _store(connection, rows: list[dict[str, Any]], now: datetime) -> list[SendRe
             unique.append(r)
         if key:
             seen.add(key)
-    connection.execute(_insert_statement(connection.dialect.name), unique)
+    messages_sql.for_bind(connection).insert_many(connection, unique)
     keys = [r["idempotency_key"] for r in rows if r["idempotency_key"]]
     owners = {m.idempotency_key: m for chunk in _chunks(keys) for m in connection.execute(_owners, {"keys": chunk})}
     results = []
@@ -193,76 +180,10 @@ def _store(connection, rows: list[dict[str, Any]], now: datetime) -> list[SendRe
     return results
 
 
-# The columns a suppressed recipient sets (see _store) instead of the values given for the row.
-_SET_WHEN_SUPPRESSED = ("state", "reason", "finished_at", "enqueued_at", "next_attempt_at", "send_at")
-
-
-@functools.lru_cache(maxsize=4)
-def _insert_one_statement(dialect: str, columns: tuple[str, ...]):
-    """INSERT … SELECT of one message that looks up its recipient's suppression in the same
-    statement: a send() is one autocommit round trip, where a transaction of SELECT and INSERT
-    took four (BEGIN, SELECT, INSERT, COMMIT) and half the producer's CPU (py-spy)."""
-    table = Message.__table__
-    probe = select(bindparam("_email", type_=String()).label("email")).subquery("probe")
-    source = probe.outerjoin(Suppression.__table__, Suppression.email == probe.c.email)
-    suppressed = Suppression.reason.is_not(None)
-    given = {key: bindparam(key, type_=table.c[key].type) for key in columns}
-    when_suppressed = {
-        **{key: null() for key in _SET_WHEN_SUPPRESSED},
-        "state": literal(MessageState.SUPPRESSED.value),
-        "reason": literal("recipient suppressed: ") + Suppression.reason,
-        "finished_at": given["created_at"],
-    }
-    values = [case((suppressed, when_suppressed[key]), else_=given[key]) if key in _SET_WHEN_SUPPRESSED
-              else given[key] for key in columns]
-    # SQLite needs a WHERE on an upsert's SELECT, to tell its ON from a join's.
-    query = select(*values).select_from(source).where(true())
-    insert = upsert_insert(dialect)(table).from_select(columns, query)
-    insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"], index_where=HAS_KEY)
-    return insert.returning(table.c.state, table.c.reason)
-
-
-@functools.lru_cache(maxsize=4)
-def _insert_one_sql(dialect, columns: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """_insert_one_statement as psycopg runs it, and its constant parameters."""
-    compiled = _insert_one_statement("postgresql", columns).compile(dialect=dialect)
-    constants = {name: value for name, value in compiled.params.items() if name not in columns and name != "_email"}
-    return str(compiled), constants
-
-
-_JSON_COLUMNS = ("headers", "tags")  # the only columns whose values SQLAlchemy would process for psycopg
-
-
-def _insert_one_pg(connection, row: dict[str, Any], email: str) -> tuple:
-    """Run send()'s INSERT on the connection's psycopg cursor, compiled once: per call,
-    Connection.execute derived the statement's cache key (walking its 24 CASE-laden columns) and
-    built a result object: 0.71 → 0.58 ms of CPU for this step with exec_driver_sql, 0.57 → 0.39
-    with the cursor (two interleaved A/Bs, 3,000 calls each).
-    Errors are raised and a lost connection discarded as SQLAlchemy would have."""
-    sql, constants = _insert_one_sql(connection.dialect, tuple(row))
-    parameters = {**row, **constants, "_email": email, **{c: json.dumps(row[c]) for c in _JSON_COLUMNS}}
-    driver = connection.connection.driver_connection
-    assert driver.autocommit, "send()'s INSERT must commit by itself"
-    try:
-        with driver.cursor() as cursor:
-            cursor.execute(sql, parameters)
-            return cursor.fetchone()
-    except psycopg.Error as exc:
-        lost = connection.dialect.is_disconnect(exc, driver, None)
-        if lost:
-            connection.invalidate(exc)
-        raise DBAPIError.instance(sql, parameters, exc, psycopg.Error, connection_invalidated=lost,
-                                  dialect=connection.dialect) from exc
-
-
 def _store_one(connection, row: dict[str, Any], now: datetime) -> SendResult:
     _unsuppressed_state(row, now)
     email = normalize_address(row.pop("_address"))
-    if connection.dialect.name == "postgresql":
-        stored = _insert_one_pg(connection, row, email)
-    else:  # SQLite's parameters need SQLAlchemy's processing (datetimes stored as its strings)
-        statement = _insert_one_statement(connection.dialect.name, tuple(row))
-        stored = connection.execute(statement, {**row, "_email": email}).first()
+    stored = messages_sql.for_bind(connection).insert_one(connection, row, email)
     if stored is not None:
         return SendResult(row["id"], *stored)  # (state, reason)
     owner = connection.execute(_owners, {"keys": [row["idempotency_key"]]}).first()

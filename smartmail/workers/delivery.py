@@ -2,26 +2,23 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import structlog
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import OperationalError
 
-from smartmail import runtime
 from smartmail.workers import campaign_rows as campaign_delivery
-from smartmail.addresses import bare_address, normalize_address
+from smartmail.workers import claims
+from smartmail.addresses import bare_address
 from smartmail.config import get_settings
 from smartmail.workers.policy import Site
-from smartmail.store.engine import get_engine, statement_connection, upsert_insert, utcnow
+from smartmail.store.engine import get_engine, utcnow
 from smartmail.content.mime import build_mime
-from smartmail.store.models import Campaign, CampaignState, Contact, Message, MessageState, Suppression
+from smartmail.store.models import MessageState
 from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.dispatch import TRANSACTIONAL, enqueue, enqueue_later
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
@@ -29,99 +26,6 @@ from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transpor
 
 log = structlog.get_logger("smartmail.delivery")
 
-_table = Message.__table__
-# Core statements built once: the ORM's bulk-update path cost more than the SQL itself here.
-# queued -> sending for the given ids; only rows still queued come back, so a redelivered task or
-# a second worker can never send a message twice.
-# A claimable row: queued, or deferred and due (drains get such ids from the outbox's delayed set:
-# throttled messages, short retries), and not of a paused or cancelled campaign: that is what makes
-# pause and cancel take effect at once on every worker. The state test is written so that it
-# implies no partial index's predicate (models.py): the rows are found by primary key, always.
-_claimable = (
-    _table.c.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value]),
-    or_(_table.c.state == MessageState.QUEUED.value, _table.c.next_attempt_at <= bindparam("now")),
-    or_(_table.c.campaign_id.is_(None),
-        _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))),
-)
-_claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
-                    _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header, _table.c.attempts,
-                    _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
-_claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
-# Each claimed row comes with its contact (campaign messages) and the suppression of the contact's
-# address, if any, for campaign_delivery.prepare's re-check: read by the claim, not by a query of
-# the sending thread's own (on PostgreSQL that was a transaction of three round trips a window).
-_contacts, _suppressions = Contact.__table__, Suppression.__table__
-_contact_columns = (_contacts.c.email.label("contact_email"), _contacts.c.status.label("contact_status"),
-                    _contacts.c.attributes.label("contact_attributes"), _contacts.c.timezone.label("contact_timezone"),
-                    _suppressions.c.reason.label("suppressed"))
-# SQLite: the claim, then its rows with their contacts, in the same transaction.
-_claim = (update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
-          .values(**_claim_values).returning(_table.c.id))
-_claimed_rows = (select(*_claimed_columns, *_contact_columns)
-                 .select_from(_table.outerjoin(_contacts, _contacts.c.id == _table.c.contact_id)
-                              .outerjoin(_suppressions, _suppressions.c.email == _contacts.c.email))
-                 .where(_table.c.id.in_(bindparam("ids", expanding=True))))
-# SQLite: one statement, executed many times (executemany), for every outcome of a window.
-# The WHERE on state makes the write conditional: a row someone else already moved is left alone.
-_record = (
-    update(_table)
-    # (An IN list cannot be used with executemany, hence the OR.) `unknown` is included so a late
-    # outcome from a worker the reconciler gave up on still records the truth.
-    .where(_table.c.id == bindparam("b_id"),
-           or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value))
-    .values(state=bindparam("b_state"), next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_finished"),
-            smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"),
-            # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
-            attempts=_table.c.attempts - bindparam("b_unattempted"))
-)
-# On PostgreSQL one statement records the previous window's outcomes and claims the next: an
-# UPDATE over unnest()ed arrays (one constant statement, where an UPDATE per message cost twice
-# the CPU on both sides), and the claim, which skips rows another worker is claiming right now
-# (FOR UPDATE SKIP LOCKED: that worker will send them). Run on its own, it needs no BEGIN and
-# COMMIT: one round trip a window, where a transaction of SET, UPDATE and claim took five. The
-# two parts touch different rows (claimed rows are `sending`, claimable ones are not); the claimed
-# rows come back with their contacts (_contact_columns). Every scan of messages has an `id = ANY`
-# test, so that the one generic plan a statement connection keeps (db.statement_connection) finds
-# the rows by primary key: without the outer UPDATE's, that plan walked the whole primary key when
-# it was made on the statistics of an emptied table.
-_RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
-  UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
-      smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
-  FROM unnest(%(id)b::text[], %(state)b::text[], %(next)b::timestamp[], %(finished)b::timestamp[],
-              %(code)b::int[], %(reply)b::text[], %(reason)b::text[], %(unattempted)b::int[])
-       AS v(id, state, next, finished, code, reply, reason, unattempted)
-  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')),
-claimed AS (
-  UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
-  WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
-      AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
-      AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
-      FOR UPDATE SKIP LOCKED)
-  RETURNING {", ".join(c.name for c in _claimed_columns)})
-SELECT claimed.*, {", ".join(f"{c.element.table.name}.{c.element.name} AS {c.name}" for c in _contact_columns)}
-FROM claimed LEFT JOIN contacts ON contacts.id = claimed.contact_id
-    LEFT JOIN suppressions ON suppressions.email = contacts.email"""
-_OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
-# A campaign cancelled while a window was in flight: the window's deferred messages (held by the
-# rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
-# never send again. Run in the recording transaction, after the cancel or before it: in the second
-# case the cancel's own UPDATE waits for these rows and then finds them deferred.
-_cancel_deferred_of_cancelled = (
-    update(_table)
-    .where(_table.c.id.in_(bindparam("ids", expanding=True)), _table.c.state == MessageState.DEFERRED.value,
-           _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
-    .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
-)
-# Taken (PostgreSQL) before a window with deferrals writes its outcomes, as cancel_campaign takes
-# the campaign's row before it updates the campaign's messages. Without it the two can miss each
-# other: a cancel whose UPDATE saw these rows still `sending` skips them, and
-# _cancel_deferred_of_cancelled, run before the cancel committed, sees the campaign still sending
-# (seen in CI: a row left `deferred`).
-_lock_campaigns_of = (
-    select(Campaign.id)
-    .where(Campaign.id.in_(select(_table.c.campaign_id).where(_table.c.id.in_(bindparam("ids", expanding=True)))))
-    .with_for_update(read=True)
-)
 # Sites up to this rate (messages/s) take a token per message; see _shaped_window.
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
 # Waits up to this long are timed in Redis (enqueue_later) rather than left to beat's next round.
@@ -188,63 +92,6 @@ def _hold(row, hold: Hold, max_age: float, now: datetime, site: str | None = Non
                    site=site, attempted=False)
 
 
-def _outcomes(results: list[_Result], now: datetime) -> dict[str, list]:
-    """The outcome columns (_OUTCOME_COLUMNS), each a list with one entry per result."""
-    rows = [(r.id, r.state.value, r.next_attempt_at, None if r.state is MessageState.DEFERRED else now,
-             r.reply.code, r.reply.text[:2000], r.reason, 0 if r.attempted else 1) for r in results]
-    return {name: list(values) for name, values in zip(_OUTCOME_COLUMNS, zip(*rows))} if rows else \
-        dict.fromkeys(_OUTCOME_COLUMNS, [])
-
-
-def _record_and_claim_on(connection, results: list[_Result], now: datetime, ids: Sequence[str] = ()) -> list:
-    """Write the outcomes, then claim `ids`; the claimed rows, with their contacts (_contact_columns)."""
-    deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
-    if connection.dialect.name == "postgresql":
-        if deferred:
-            connection.execute(_lock_campaigns_of, {"ids": deferred}).all()
-        claimed = connection.exec_driver_sql(_RECORD_AND_CLAIM_PG,
-                                             {**_outcomes(results, now), "ids": list(ids), "now": now}).all()
-    else:
-        if results:
-            outcomes = _outcomes(results, now)
-            connection.execute(_record, [dict(zip(("b_" + c for c in _OUTCOME_COLUMNS), row))
-                                         for row in zip(*outcomes.values())])
-        taken = connection.execute(_claim, {"ids": list(ids), "now": now}).scalars().all() if ids else []
-        claimed = connection.execute(_claimed_rows, {"ids": taken}).all() if taken else []
-    if deferred:
-        connection.execute(_cancel_deferred_of_cancelled, {"ids": deferred, "now": now})
-    bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}
-    if bounces:
-        connection.execute(upsert_insert(connection.dialect.name)(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"]), [
-            {"email": email, "reason": "hard_bounce", "detail": str(r.reply)[:2000], "source_message_id": r.id,
-             "created_at": now}
-            for email, r in bounces.items()
-        ])
-    return claimed
-
-
-@contextmanager
-def claim_transaction(engine):
-    """A transaction of the engine's own connections for a window whose outcomes need more than
-    the one statement (deferrals, bounces), planned as a statement connection's statements are:
-    by key whatever the statistics say (sequential scans off; with the statistics of an emptied
-    table the claim read all of `messages`), and never from a generic plan psycopg's preparing
-    would keep (made while the table was small, it kept a sequential scan as the table grew to
-    10,000 rows: 3 ms a claim). Not preparing any statement of the engine instead cost
-    send_many's INSERT 0.09 ms of PostgreSQL CPU a message."""
-    with engine.begin() as connection:
-        if connection.dialect.name != "postgresql":
-            yield connection
-            return
-        connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-        driver = connection.connection.driver_connection
-        threshold, driver.prepare_threshold = driver.prepare_threshold, None
-        try:
-            yield connection
-        finally:
-            driver.prepare_threshold = threshold
-
-
 def deliver(message_ids: Sequence[str], transport: Transport | None = None, shaper: Shaper | None = None,
             stream: str = TRANSACTIONAL, more: Iterable[Sequence[str]] = ()) -> DeliveryReport:
     """Send the given messages that are still queued (or deferred and due), then the batches of
@@ -252,7 +99,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
 
     Works in windows of SMARTMAIL_CLAIM_WINDOW messages. While a window is sent, one statement
     records the outcomes of the window before it and claims the window after it (on PostgreSQL in
-    a helper thread: waiting for that statement was a quarter of a campaign worker's time). So a
+    a helper thread: waiting for that statement was a large share of a campaign worker's time). So a
     worker killed mid-window leaves at most two windows of rows in `sending`, which the reconciler
     marks `unknown`, never re-sends. With traffic shaping on, each window takes its sites' rate
     tokens first; messages that may not go yet are deferred to their slot and handed back to the
@@ -266,7 +113,7 @@ def deliver(message_ids: Sequence[str], transport: Transport | None = None, shap
     report = DeliveryReport()
     size = settings.claim_window if stream == TRANSACTIONAL else settings.bulk_claim_window
     engine = get_engine()
-    statements = _statement_runner(engine)
+    statements = claims.statement_runner(engine)
     windows = _windows(itertools.chain([message_ids], more), size)
     pending: list[_Result] = []
     window = next(windows, None)
@@ -309,31 +156,6 @@ def _send_claimed(claimed: list, transport: Transport, shaper: Shaper | None, sc
     return _shaped_window(claimed, transport, shaper, now) + skipped
 
 
-class _Inline:
-    """An executor that runs each call at once (SQLite: its one writer gains nothing from a thread)."""
-
-    @staticmethod
-    def submit(fn, *args) -> futures.Future:
-        future: futures.Future = futures.Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed over to result(), as a thread's would be
-            future.set_exception(exc)
-        return future
-
-
-@runtime.per_process(close=lambda executor, close: executor.shutdown(wait=close))
-def _statement_thread() -> futures.ThreadPoolExecutor:
-    return futures.ThreadPoolExecutor(1, thread_name_prefix="record-and-claim")
-
-
-def _statement_runner(engine) -> futures.Executor | _Inline:
-    """Where a window's record-and-claim runs while the window before it is sent."""
-    if engine.dialect.name != "postgresql":
-        return _Inline()
-    return _statement_thread()
-
-
 def _next_window(engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str],
              report: DeliveryReport, stream: str) -> list:
     """Record the previous window's outcomes and claim `ids`; on a database failure, give back
@@ -341,10 +163,10 @@ def _next_window(engine, pending: list[_Result], ids: Sequence[str], unclaimed: 
     if not pending and not ids:
         return []
     try:
-        claimed = _record_and_claim(engine, pending, ids, utcnow())
+        claimed = claims.record_and_claim(engine, pending, ids, utcnow())
     except OperationalError:
         # The outcomes in `pending` are lost and those rows end `unknown` via the reconciler,
-        # which is why _record_and_claim retried first.
+        # which is why claims.record_and_claim retried first.
         enqueue(list(unclaimed), stream)
         raise
     _after_recording(pending, report, stream)
@@ -453,28 +275,6 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
         enqueue_later(wake, stream)
     except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due
         log.error("dispatch.later_failed", error=str(exc), count=len(wake))
-
-
-def _record_and_claim(engine, pending: list[_Result], ids: Sequence[str], now: datetime, attempts: int = 4):
-    """The previous window's outcomes, then the next window's claim, atomically. Both are
-    conditional on the current state, so retrying after a failed attempt is safe."""
-    # One statement is atomic by itself on PostgreSQL; deferrals and bounces add statements that
-    # must see the outcomes (see _cancel_deferred_of_cancelled), and SQLite writes them separately.
-    alone = engine.dialect.name == "postgresql" and not any(
-        r.suppress or r.state is MessageState.DEFERRED for r in pending)
-    for attempt in range(attempts):
-        try:
-            if alone:
-                with statement_connection() as connection:
-                    return _record_and_claim_on(connection, pending, now, ids)
-            with claim_transaction(engine) as connection:
-                return _record_and_claim_on(connection, pending, now, ids)
-        except OperationalError:
-            if attempt == attempts - 1:
-                raise
-            log.warning("delivery.database_retry", attempt=attempt + 1)
-            time.sleep(0.5 * 2 ** attempt)
-    return []
 
 
 def _send_window(transport: Transport, jobs: list[tuple]) -> list[Reply]:

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from smartmail.workers.policy import Site, get_policy
 from smartmail.store.engine import get_engine
 from smartmail.store.models import Message, MessageState, in_state
+from smartmail.store.sql import messages as messages_sql
 from smartmail.workers.limiter import SiteState, get_throttle
 from smartmail.workers.shaping import get_shaper
 
@@ -32,10 +33,7 @@ def _deferred_by_domain() -> Counter:
     """Deferred messages per recipient domain, counted in SQL (the bare domain, lower-cased)."""
     engine = get_engine()
     recipient = func.rtrim(Message.recipient, ">")
-    if engine.dialect.name == "postgresql":
-        domain = func.split_part(recipient, "@", 2)
-    else:
-        domain = func.substr(recipient, func.instr(recipient, "@") + 1)
+    domain = messages_sql.for_bind(engine).domain_of(recipient)
     query = (select(func.lower(domain), func.count()).where(in_state(MessageState.DEFERRED))
              .group_by(func.lower(domain)))
     with engine.connect() as connection:

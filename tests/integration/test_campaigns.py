@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from smartmail.campaigns import fan_out as campaign_fan_out
 from smartmail.campaigns import lifecycle as campaigns
-from smartmail.workers import delivery
+from smartmail.workers import claims, delivery
 from smartmail.workers import maintenance
 from smartmail.audience.contacts import InvalidInput, create_list
 from smartmail.store.engine import get_engine, session_scope, utcnow
@@ -157,10 +157,10 @@ def test_a_cancel_and_a_window_recording_deferrals_do_not_miss_each_other(relay)
     with session_scope() as session:
         ids = list(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
     now = utcnow()
-    assert len(delivery._record_and_claim(get_engine(), [], ids, now)) == 3  # the window is in flight
+    assert len(claims.record_and_claim(get_engine(), [], ids, now)) == 3  # the window is in flight
     held = [delivery._Result(i, "x@alpha.example", MessageState.DEFERRED, Reply(None, "held by the rate cap"),
                              next_attempt_at=now + timedelta(minutes=5), attempted=False) for i in ids]
-    recorder = threading.Thread(target=delivery._record_and_claim, args=(get_engine(), held, [], now), daemon=True)
+    recorder = threading.Thread(target=claims.record_and_claim, args=(get_engine(), held, [], now), daemon=True)
 
     def record_meanwhile(session):
         recorder.start()
@@ -214,7 +214,7 @@ def test_cancel_mid_send_sends_nothing_more(relay, start_worker):
 
 
 def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(relay):
-    from smartmail.workers import delivery
+    from smartmail.workers import claims, delivery
     from smartmail.workers.outcomes import Reply
 
     make_audience(4)
@@ -230,7 +230,7 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
                              next_attempt_at=now + timedelta(seconds=1), attempted=False) for i in ids[:3]]
     sent = delivery._Result(ids[3], "x@example.com", MessageState.SENT, Reply(250, "ok"))
     with get_engine().begin() as connection:
-        delivery._record_and_claim_on(connection, [*held, sent], now)
+        claims.record_and_claim_on(connection, [*held, sent], now)
     assert message_states("late") == {"cancelled": 3, "sent": 1}
 
 

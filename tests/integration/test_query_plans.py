@@ -8,7 +8,9 @@ from sqlalchemy import event, select, update
 
 from smartmail.workers import maintenance
 from smartmail.store.engine import get_engine, refresh_statistics, statement_connection, utcnow
-from smartmail.workers.delivery import _record_and_claim_on, _Result, claim_transaction
+from smartmail.store.sql.claims import for_bind
+from smartmail.workers.claims import record_and_claim_on
+from smartmail.workers.delivery import _Result
 from smartmail.store.models import Contact, Message, MessageState
 from smartmail.workers.outcomes import Reply
 
@@ -54,8 +56,8 @@ def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_noth
     outcomes = [_Result(i, "u@example.com", MessageState.SENT, Reply(250, "2.0.0 ok")) for i in sent]
 
     # The connections delivery._record_and_claim uses: one statement alone, or with deferrals and bounces.
-    with statement_connection() if path == "alone" else claim_transaction(engine) as connection:
-        plan = _plan(connection, lambda c: _record_and_claim_on(c, outcomes, utcnow(), ids[:50]),
+    with statement_connection() if path == "alone" else for_bind(engine).transaction(engine) as connection:
+        plan = _plan(connection, lambda c: record_and_claim_on(c, outcomes, utcnow(), ids[:50]),
                      containing="claimed_at")  # the claim (SQLite reads the claimed rows after it)
 
     # The state indexes would have the claim read every queued entry to find its 50 rows.

@@ -7,14 +7,14 @@ import re
 import pytest
 
 import smartmail
-from smartmail.workers import delivery
+from smartmail.workers import claims
 from smartmail.store.engine import get_engine, statement_connection, utcnow
 
 
 def _plan_of_prepared_claim(connection) -> str:
     """Run the record-and-claim until psycopg has prepared it, then EXPLAIN its prepared statement."""
     for _ in range(6):
-        delivery._record_and_claim_on(connection, [], utcnow(), [])
+        claims.record_and_claim_on(connection, [], utcnow(), [])
     name = connection.exec_driver_sql(
         "SELECT name FROM pg_prepared_statements WHERE position('SKIP LOCKED' in statement) > 0").scalar_one()
     arguments = ", ".join(["NULL"] * 8 + ["now()::timestamp", "ARRAY['a', 'b']"])  # outcomes, now, ids

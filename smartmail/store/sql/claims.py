@@ -1,0 +1,191 @@
+"""The claim SQL: record a window's outcomes and claim the next window, one class per dialect."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+
+from sqlalchemy import bindparam, or_, select, update
+
+from smartmail.store import dialect
+from smartmail.store.models import (
+    Campaign,
+    CampaignState,
+    Contact,
+    Message,
+    MessageState,
+    Suppression,
+)
+
+_table = Message.__table__
+# Core statements built once: the ORM's bulk-update path cost more than the SQL itself.
+# queued -> sending for the given ids; only rows still queued come back, so a redelivered task or
+# a second worker can never send a message twice.
+# A claimable row: queued, or deferred and due (drains get such ids from the outbox's delayed set:
+# throttled messages, short retries), and not of a paused or cancelled campaign: that is what makes
+# pause and cancel take effect at once on every worker. The state test is written so that it
+# implies no partial index's predicate (models.py): the rows are found by primary key, always.
+_claimable = (
+    _table.c.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value]),
+    or_(_table.c.state == MessageState.QUEUED.value, _table.c.next_attempt_at <= bindparam("now")),
+    or_(_table.c.campaign_id.is_(None),
+        _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))),
+)
+_claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
+                    _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header, _table.c.attempts,
+                    _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
+_claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
+# Each claimed row comes with its contact (campaign messages) and the suppression of the contact's
+# address, if any, for campaign_rows.prepare's re-check: read by the claim, not by a query of the
+# sending thread's own (on PostgreSQL that would be a transaction of three round trips a window).
+_contacts, _suppressions = Contact.__table__, Suppression.__table__
+_contact_columns = (_contacts.c.email.label("contact_email"), _contacts.c.status.label("contact_status"),
+                    _contacts.c.attributes.label("contact_attributes"), _contacts.c.timezone.label("contact_timezone"),
+                    _suppressions.c.reason.label("suppressed"))
+# The outcome columns record_and_claim takes, each a list with one entry per message.
+OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
+# A campaign cancelled while a window was in flight: the window's deferred messages (held by the
+# rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
+# never send again. Run in the recording transaction, after the cancel or before it: in the second
+# case the cancel's own UPDATE waits for these rows and then finds them deferred.
+_cancel_deferred_of_cancelled = (
+    update(_table)
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)), _table.c.state == MessageState.DEFERRED.value,
+           _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
+    .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
+)
+
+
+class Claims:
+    """A dialect's record-and-claim; the statements both dialects share are here."""
+
+    # Whether the record-and-claim runs in a helper thread while the window before it is sent.
+    in_helper_thread: bool = False
+    # Whether record_and_claim is atomic on an autocommit connection, with no transaction around it.
+    atomic_alone: bool = False
+
+    @contextmanager
+    def transaction(self, engine) -> Iterator:
+        """A transaction for a window whose outcomes need more than the one statement (deferrals, bounces)."""
+        with engine.begin() as connection:
+            yield connection
+
+    def record_and_claim(self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime) -> list:
+        """Write `outcomes` (OUTCOME_COLUMNS), then claim `ids`; the claimed rows, with their contacts."""
+        raise NotImplementedError
+
+    def lock_campaigns_of(self, connection, ids: Sequence[str]) -> None:
+        """Lock the campaigns of messages `ids` before their deferrals are recorded (see PostgresClaims)."""
+
+    def cancel_deferred_of_cancelled(self, connection, ids: Sequence[str], now: datetime) -> None:
+        connection.execute(_cancel_deferred_of_cancelled, {"ids": ids, "now": now})
+
+
+# SQLite: the claim, then its rows with their contacts, in the same transaction.
+_claim = (update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
+          .values(**_claim_values).returning(_table.c.id))
+_claimed_rows = (select(*_claimed_columns, *_contact_columns)
+                 .select_from(_table.outerjoin(_contacts, _contacts.c.id == _table.c.contact_id)
+                              .outerjoin(_suppressions, _suppressions.c.email == _contacts.c.email))
+                 .where(_table.c.id.in_(bindparam("ids", expanding=True))))
+# SQLite: one statement, executed many times (executemany), for every outcome of a window.
+# The WHERE on state makes the write conditional: a row someone else already moved is left alone.
+_record = (
+    update(_table)
+    # (An IN list cannot be used with executemany, hence the OR.) `unknown` is included so a late
+    # outcome from a worker the reconciler gave up on still records the truth.
+    .where(_table.c.id == bindparam("b_id"),
+           or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value))
+    .values(state=bindparam("b_state"), next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_finished"),
+            smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"),
+            # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
+            attempts=_table.c.attempts - bindparam("b_unattempted"))
+)
+_RECORD_KEYS = tuple("b_" + c for c in OUTCOME_COLUMNS)
+
+
+class SqliteClaims(Claims):
+    """See `Claims`. The outcomes (executemany), the claim and its rows: separate statements in one
+    transaction, run inline (its one writer gains nothing from a thread)."""
+
+    def record_and_claim(self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime) -> list:
+        if outcomes["id"]:
+            connection.execute(_record, [dict(zip(_RECORD_KEYS, row)) for row in zip(*outcomes.values())])
+        taken = connection.execute(_claim, {"ids": list(ids), "now": now}).scalars().all() if ids else []
+        return connection.execute(_claimed_rows, {"ids": taken}).all() if taken else []
+
+
+# On PostgreSQL one statement records the previous window's outcomes and claims the next: an
+# UPDATE over unnest()ed arrays (one constant statement, where an UPDATE per message cost more CPU
+# on both sides), and the claim, which skips rows another worker is claiming right now
+# (FOR UPDATE SKIP LOCKED: that worker will send them). Run on its own, it needs no BEGIN and
+# COMMIT: one round trip a window, where a transaction of SET, UPDATE and claim took five. The
+# two parts touch different rows (claimed rows are `sending`, claimable ones are not); the claimed
+# rows come back with their contacts (_contact_columns). Every scan of messages has an `id = ANY`
+# test, so that the one generic plan a statement connection keeps (engine.statement_connection)
+# finds the rows by primary key: without the outer UPDATE's, a plan made on the statistics of an
+# emptied table walked the whole primary key.
+_RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
+  UPDATE messages m SET state = v.state, next_attempt_at = v.next, finished_at = v.finished,
+      smtp_code = v.code, smtp_reply = v.reply, reason = v.reason, attempts = m.attempts - v.unattempted
+  FROM unnest(%(id)b::text[], %(state)b::text[], %(next)b::timestamp[], %(finished)b::timestamp[],
+              %(code)b::int[], %(reply)b::text[], %(reason)b::text[], %(unattempted)b::int[])
+       AS v(id, state, next, finished, code, reply, reason, unattempted)
+  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')),
+claimed AS (
+  UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
+  WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
+      AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
+      AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
+      FOR UPDATE SKIP LOCKED)
+  RETURNING {", ".join(c.name for c in _claimed_columns)})
+SELECT claimed.*, {", ".join(f"{c.element.table.name}.{c.element.name} AS {c.name}" for c in _contact_columns)}
+FROM claimed LEFT JOIN contacts ON contacts.id = claimed.contact_id
+    LEFT JOIN suppressions ON suppressions.email = contacts.email"""
+# Taken before a window with deferrals writes its outcomes, as cancel_campaign takes the campaign's
+# row before it updates the campaign's messages. Without it the two can miss each other: a cancel
+# whose UPDATE saw these rows still `sending` skips them, and _cancel_deferred_of_cancelled, run
+# before the cancel committed, sees the campaign still sending.
+_lock_campaigns_of = (
+    select(Campaign.id)
+    .where(Campaign.id.in_(select(_table.c.campaign_id).where(_table.c.id.in_(bindparam("ids", expanding=True)))))
+    .with_for_update(read=True)
+)
+
+
+class PostgresClaims(Claims):
+    """See `Claims`. One statement records and claims; it runs in a helper thread, as waiting for it
+    was a large share of a campaign worker's time."""
+
+    in_helper_thread = True
+    atomic_alone = True
+
+    @contextmanager
+    def transaction(self, engine) -> Iterator:
+        """Planned as a statement connection's statements are: by key whatever the statistics say
+        (sequential scans off: with the statistics of an emptied table the claim read all of
+        `messages`), and never from a generic plan psycopg's preparing would keep (made while the
+        table was small, it kept a sequential scan as the table grew). Not preparing any statement
+        of the engine instead cost send_many's INSERT more PostgreSQL CPU."""
+        with engine.begin() as connection:
+            connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            driver = connection.connection.driver_connection
+            threshold, driver.prepare_threshold = driver.prepare_threshold, None
+            try:
+                yield connection
+            finally:
+                driver.prepare_threshold = threshold
+
+    def record_and_claim(self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime) -> list:
+        return connection.exec_driver_sql(_RECORD_AND_CLAIM_PG, {**outcomes, "ids": list(ids), "now": now}).all()
+
+    def lock_campaigns_of(self, connection, ids: Sequence[str]) -> None:
+        connection.execute(_lock_campaigns_of, {"ids": ids}).all()
+
+
+_BY_DIALECT: dict[str, Claims] = {dialect.POSTGRESQL: PostgresClaims(), dialect.SQLITE: SqliteClaims()}
+
+
+def for_bind(bind) -> Claims:
+    """The claim SQL of the dialect an Engine, Connection or Session speaks."""
+    return _BY_DIALECT[dialect.name_of(bind)]
