@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from smartmail import runtime
@@ -146,10 +145,6 @@ def forget_engines(*, close: bool = True) -> None:
     get_engine.forget(close=close)
     _statement_engine.forget(close=close)
 
-
-def upsert_insert(dialect_name: str):
-    """The dialect's INSERT, which has `on_conflict_do_nothing` on both SQLite and PostgreSQL."""
-    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert
 
 
 def insert_else_upsert(cursor, insert: str, upsert: str, params) -> list | None:

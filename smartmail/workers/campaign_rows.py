@@ -61,7 +61,7 @@ def prepare(rows: list, now: datetime) -> Prepared:
         return prepared
     campaigns = _campaign_rows({r.campaign_id for r in mine})
     sendable = []
-    for row in mine:  # each row carries its contact (delivery._contact_columns)
+    for row in mine:  # each row carries its contact (store.sql.claims._contact_columns)
         campaign = campaigns[row.campaign_id]
         if row.contact_status is None:
             prepared.suppressed.append((row, "contact erased"))
@@ -122,7 +122,7 @@ def window_opens(now: datetime, zone: str, start: str, end: str) -> datetime | N
 
 
 class Rendered:
-    """A claimed row (delivery._claimed_columns) with its content rendered. The row's fields are
+    """A claimed row (store.sql.claims._claimed_columns) with its content rendered. The row's fields are
     copied: delegating them through __getattr__ would cost an indirection per field read."""
 
     __slots__ = ("id", "sender", "recipient", "reply_to", "message_id_header", "attempts", "created_at", "send_at",
