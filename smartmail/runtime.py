@@ -74,13 +74,13 @@ def on_reset(hook: Callable[[bool], None]) -> Callable[[bool], None]:
 
 def reset(*, close: bool = True) -> None:
     """Release and drop every per-process value, newest first, then run the hooks: after a fork
-    (close=False) and between tests. Closers run while the other values still exist, so a closer
-    may use them (the hand-off pushes its pending ids through the outbox)."""
+    (close=False) and between tests. Closers run outside the lock and before anything is dropped:
+    a closer may use other values (the hand-off's thread pushes its pending ids through the outbox)."""
     with _lock:
-        for key in reversed(list(_values)):
-            closer = _closers.get(key)
-            if closer is not None:
-                closer(_values[key], close)
+        held = [(_values[key], _closers[key]) for key in reversed(list(_values)) if key in _closers]
+    for value, closer in held:
+        closer(value, close)
+    with _lock:
         _values.clear()
         _closers.clear()
     for hook in _hooks:
