@@ -3,6 +3,7 @@
 Fixtures live with the tests that use them: tests/unit/conftest.py (fakes only) and
 tests/integration/conftest.py (real Redis, databases, an SMTP server, worker and beat processes).
 """
+
 from __future__ import annotations
 
 import time
@@ -31,11 +32,14 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, message="
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {message() if callable(message) else message}"
+            )
         time.sleep(interval)
 
 
 # --- Settings for a test -----------------------------------------------------------------------
+
 
 def reset_caches() -> None:
     """Drop every per-process value (settings, engines, clients, caches), pushing handed-off ids first."""

@@ -5,6 +5,7 @@ Every test in this folder is marked `integration`. A test that stores data runs 
 processes, not the SQL (which the in-process tests here cover on both dialects), and runs on
 PostgreSQL, the production database, only (on SQLite where no PostgreSQL answers and none is required).
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,6 +61,7 @@ def pytest_collection_modifyitems(config, items):
         if HERE in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
     result = yield
+
     # ... and ordered after pytest grouped the tests by database: within each run of one module's
     # tests on one database, those using the shared worker first (in their order), so they reuse
     # one worker and the others run after it is gone.
@@ -78,6 +80,7 @@ def pytest_collection_modifyitems(config, items):
 
 # --- Redis -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """The Redis named by SMARTMAIL_TEST_REDIS_URL (default 127.0.0.1:6379, database 13), else a local one."""
@@ -90,6 +93,7 @@ def redis_url(tmp_path_factory):
 
 
 # --- Databases ---------------------------------------------------------------------------------
+
 
 def _postgres_admin_url() -> str:
     return os.environ.get("SMARTMAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -128,13 +132,25 @@ def database_url(request, tmp_path_factory):
 def _clear_tables(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        for table in ("import_errors", "import_jobs", "events", "list_memberships", "segments", "lists", "contacts",
-                      "messages", "campaigns", "suppressions", "templates"):
+        for table in (
+            "import_errors",
+            "import_jobs",
+            "events",
+            "list_memberships",
+            "segments",
+            "lists",
+            "contacts",
+            "messages",
+            "campaigns",
+            "suppressions",
+            "templates",
+        ):
             conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()
 
 
 # --- SMTP server -------------------------------------------------------------------------------
+
 
 @dataclass
 class ReceivedMessage:
@@ -174,8 +190,14 @@ class RecordingHandler:
             scripted = self.script.get(recipient)
             if scripted:
                 return scripted.pop(0)
-            self.messages.append(ReceivedMessage(envelope.mail_from, list(envelope.rcpt_tos),
-                                                 envelope.original_content or envelope.content, time.time()))
+            self.messages.append(
+                ReceivedMessage(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    envelope.original_content or envelope.content,
+                    time.time(),
+                )
+            )
         return "250 2.0.0 Ok: queued"
 
     def reset(self) -> None:
@@ -198,8 +220,9 @@ class RecordingHandler:
 def _module_smtp_server():
     handler = RecordingHandler()
     port = localredis.free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, decode_data=False,
-                            data_size_limit=10 * 1024 * 1024)
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, decode_data=False, data_size_limit=10 * 1024 * 1024
+    )
     controller.start()
     handler.port = port
     yield handler
@@ -215,6 +238,7 @@ def smtp_server(_module_smtp_server):
 
 
 # --- Settings for a test -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def env(monkeypatch, database_url, redis_url, tmp_path):
@@ -250,14 +274,21 @@ def env(monkeypatch, database_url, redis_url, tmp_path):
 
 # --- Worker and beat processes -----------------------------------------------------------------
 
+
 class Process:
     """A celery worker or beat subprocess in its own process group (so kill -9 takes its children too)."""
 
     def __init__(self, argv: list[str], log: Path, nice: int = 0) -> None:
         self.log = log
-        self.popen = subprocess.Popen(argv, env=dict(os.environ), cwd=ROOT, stdout=log.open("wb"),
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        self.popen = subprocess.Popen(
+            argv,
+            env=dict(os.environ),
+            cwd=ROOT,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -287,16 +318,41 @@ class Process:
 
 
 def _worker_process(log: Path, name: str, concurrency: int, pool: str, queues: str, nice: int) -> Process:
-    return Process([sys.executable, "-m", "celery", "-A", "smartmail.workers.app", "worker",
-                    "-Q", queues, "--pool", pool, "-c", str(concurrency), "-l", "INFO",
-                    "--without-gossip", "--without-mingle", "--without-heartbeat",
-                    "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h"], log, nice)
+    return Process(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "smartmail.workers.app",
+            "worker",
+            "-Q",
+            queues,
+            "--pool",
+            pool,
+            "-c",
+            str(concurrency),
+            "-l",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"{name}-{uuid.uuid4().hex[:6]}@%h",
+        ],
+        log,
+        nice,
+    )
 
 
 def _wait_ready(processes: list[Process]) -> None:
     try:
-        wait_for(lambda: all("ready." in p.output() or not p.alive() for p in processes), 60, interval=0.02,
-                 message="worker ready")
+        wait_for(
+            lambda: all("ready." in p.output() or not p.alive() for p in processes),
+            60,
+            interval=0.02,
+            message="worker ready",
+        )
     except AssertionError:
         for process in processes:
             process.kill()
@@ -321,17 +377,25 @@ class WorkerStarter:
 
     def _new(self, concurrency: int, pool: str, queues: str, nice: int) -> Process:
         number = len(self.started)
-        process = _worker_process(self.directory / f"worker-{number}.log", f"test{number}", concurrency, pool,
-                                  queues, nice)
+        process = _worker_process(
+            self.directory / f"worker-{number}.log", f"test{number}", concurrency, pool, queues, nice
+        )
         self.started.append(process)
         return process
 
-    def __call__(self, concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default",
-                 nice: int = 0) -> Process:
+    def __call__(
+        self, concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default", nice: int = 0
+    ) -> Process:
         return self.many(1, concurrency, pool, queues, nice)[0]
 
-    def many(self, count: int, concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default",
-             nice: int = 0) -> list[Process]:
+    def many(
+        self,
+        count: int,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        queues: str = "transactional,default",
+        nice: int = 0,
+    ) -> list[Process]:
         processes = [self._new(concurrency, pool, queues, nice) for _ in range(count)]
         _wait_ready(processes)
         return processes
@@ -361,8 +425,9 @@ class SharedWorkers:
         self.process: Process | None = None
         self.started = 0
 
-    def start(self, concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default",
-              nice: int = 0) -> Process:
+    def start(
+        self, concurrency: int = 2, pool: str = "prefork", queues: str = "transactional,default", nice: int = 0
+    ) -> Process:
         settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("SMARTMAIL_")))
         key = (concurrency, pool, queues, nice, settings)
         # Not on SQLite: it hands a deleted row's id out again, and a worker keeps campaigns by id.
@@ -415,8 +480,21 @@ def start_beat(tmp_path):
     started: list[Process] = []
 
     def start() -> Process:
-        process = Process([sys.executable, "-m", "celery", "-A", "smartmail.workers.app", "beat", "-l", "INFO",
-                           "-s", str(tmp_path / "beat-schedule")], tmp_path / "beat.log")
+        process = Process(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "smartmail.workers.app",
+                "beat",
+                "-l",
+                "INFO",
+                "-s",
+                str(tmp_path / "beat-schedule"),
+            ],
+            tmp_path / "beat.log",
+        )
         started.append(process)
         return process
 

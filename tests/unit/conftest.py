@@ -4,6 +4,7 @@ Every test in this folder is marked `unit` (`pytest -m unit` runs them alone, in
 Fixtures shared by several unit modules belong here; the real Redis, database, SMTP server and
 worker fixtures are in tests/integration/conftest.py, out of these tests' reach.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
