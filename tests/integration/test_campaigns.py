@@ -98,10 +98,10 @@ def start_bulk_worker(start_worker, concurrency: int = 2):
     return start_worker(concurrency=concurrency, queues="bulk,default")
 
 
-def test_a_campaign_reaches_every_eligible_contact_exactly_once_with_unsubscribe_headers(relay, start_worker,
+def test_a_campaign_reaches_every_eligible_contact_exactly_once_with_unsubscribe_headers(relay, shared_worker,
                                                                                           start_beat):
     eligible = make_audience(20_000, unsubscribed_every=40, suppressed_every=60)
-    start_bulk_worker(start_worker)
+    start_bulk_worker(shared_worker)
     start_beat()
     campaigns.create_campaign("spring", template="newsletter", lists=["news"], tags=["spring"])
     campaigns.launch_campaign("spring")
@@ -173,9 +173,9 @@ def test_a_cancel_and_a_window_recording_deferrals_do_not_miss_each_other(relay)
     assert campaigns.campaign_status("racy").counts == {"cancelled": 3}
 
 
-def test_pause_stops_every_worker_and_resume_delivers_the_rest_once(relay, start_worker):
+def test_pause_stops_every_worker_and_resume_delivers_the_rest_once(relay, shared_worker):
     eligible = make_audience(1500)
-    start_bulk_worker(start_worker)
+    start_bulk_worker(shared_worker)
     campaigns.create_campaign("paced", template="newsletter", lists=["news"], rate_cap=250)
     campaigns.launch_campaign("paced")
     wait_for(lambda: relay.count >= 200, 60, message="200 delivered")
@@ -196,9 +196,9 @@ def test_pause_stops_every_worker_and_resume_delivers_the_rest_once(relay, start
     assert len(got) == len(set(got)) and set(got) == eligible
 
 
-def test_cancel_mid_send_sends_nothing_more(relay, start_worker):
+def test_cancel_mid_send_sends_nothing_more(relay, shared_worker):
     make_audience(1500)
-    start_bulk_worker(start_worker)
+    start_bulk_worker(shared_worker)
     campaigns.create_campaign("oops", template="newsletter", lists=["news"], rate_cap=250)
     campaigns.launch_campaign("oops")
     wait_for(lambda: relay.count >= 200, 60, message="200 delivered")
@@ -251,11 +251,11 @@ def test_contacts_unsubscribed_or_suppressed_after_the_fan_out_are_skipped_at_se
         f"c{i}@{DOMAINS[i % 5]}" for i in range(10) if i not in (3, 6))
 
 
-def test_a_scheduled_campaign_starts_on_time_via_beat(relay, start_worker, start_beat):
+def test_a_scheduled_campaign_starts_on_time_via_beat(relay, shared_worker, start_beat):
     from datetime import datetime, timedelta, timezone
 
     eligible = make_audience(50)
-    start_bulk_worker(start_worker, concurrency=1)
+    start_bulk_worker(shared_worker)
     start_beat()
     send_at = datetime.now(timezone.utc) + timedelta(seconds=3)
     assert campaigns.create_campaign("later", template="newsletter", lists=["news"], send_at=send_at)["state"] == \
@@ -268,12 +268,12 @@ def test_a_scheduled_campaign_starts_on_time_via_beat(relay, start_worker, start
     wait_for(lambda: campaigns.campaign_status("later").state == "sent", 30, message="campaign marked sent")
 
 
-def test_a_451_to_one_recipient_in_ten_is_retried_and_delivered(relay, start_worker):
+def test_a_451_to_one_recipient_in_ten_is_retried_and_delivered(relay, shared_worker):
     eligible = sorted(make_audience(500))
     refused = eligible[::10]
     for address in refused:
         relay.script[address] = ["451 4.3.0 Temporary local problem"]
-    start_bulk_worker(start_worker)
+    start_bulk_worker(shared_worker)
     campaigns.create_campaign("retry", template="newsletter", lists=["news"])
     campaigns.launch_campaign("retry")
     wait_for(lambda: relay.count >= 500, 90,

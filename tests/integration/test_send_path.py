@@ -36,8 +36,8 @@ def wait_until_final(total: int, timeout: float = 120) -> collections.Counter:
                     timeout, interval=0.2, message=f"{total} messages in a final state")
 
 
-def test_300_personalized_messages_arrive_exactly_once(relay, start_worker):
-    start_worker(concurrency=2)
+def test_300_personalized_messages_arrive_exactly_once(relay, shared_worker):
+    shared_worker(concurrency=2)
     people = [(f"Person{i} <p{i}@example{i % 7}.org>", f"Person{i}", f"p{i}@example{i % 7}.org") for i in range(300)]
     results = [
         smartmail.send(to, template="welcome", context={"first_name": name, "email": addr, "plan": "<Pro & Co>"},
@@ -68,8 +68,8 @@ def test_300_personalized_messages_arrive_exactly_once(relay, start_worker):
         assert by_rcpt[addr].mail_from == "tests@example.com"
 
 
-def test_same_idempotency_key_sends_one_email(relay, start_worker):
-    start_worker(concurrency=1)
+def test_same_idempotency_key_sends_one_email(relay, shared_worker):
+    shared_worker(concurrency=2)
     first = smartmail.send("ann@example.org", subject="Receipt", text="Thanks", idempotency_key="order-42")
     second = smartmail.send("ann@example.org", subject="Receipt", text="Thanks", idempotency_key="order-42")
     assert second.id == first.id and second.duplicate and not first.duplicate
@@ -83,8 +83,8 @@ def test_same_idempotency_key_sends_one_email(relay, start_worker):
     assert recipients == {"ann@example.org": 1, "bob@example.org": 1}
 
 
-def test_send_many_of_1000_sends_1000(relay, start_worker):
-    start_worker(concurrency=2)
+def test_send_many_of_1000_sends_1000(relay, shared_worker):
+    shared_worker(concurrency=2)
     specs = [{"to": f"user{i}@example.com", "template": "password-reset",
               "context": {"email": f"user{i}@example.com", "reset_url": f"https://example.com/r/{i}"}}
              for i in range(1000)]
@@ -97,9 +97,9 @@ def test_send_many_of_1000_sends_1000(relay, start_worker):
     assert urls == {str(i) for i in range(1000)}
 
 
-def test_451_twice_then_250_is_delivered_on_the_third_attempt(relay, start_worker, start_beat):
+def test_451_twice_then_250_is_delivered_on_the_third_attempt(relay, shared_worker, start_beat):
     relay.script["slow@example.com"] = ["451 4.3.0 Try again later", "451 4.3.0 Try again later"]
-    start_worker(concurrency=2)
+    shared_worker(concurrency=2)
     start_beat()
     result = smartmail.send("slow@example.com", subject="Hello", text="patience")
     wait_for(lambda: smartmail.status(result.id)["state"] == "sent", 60, interval=0.2, message="delivery after retries")
@@ -108,9 +108,9 @@ def test_451_twice_then_250_is_delivered_on_the_third_attempt(relay, start_worke
     assert relay.attempts["slow@example.com"] == 3 and relay.count == 1
 
 
-def test_550_hard_bounce_fails_suppresses_and_blocks_later_sends(relay, start_worker):
+def test_550_hard_bounce_fails_suppresses_and_blocks_later_sends(relay, shared_worker):
     relay.script["gone@example.com"] = ["550 5.1.1 <gone@example.com>: Recipient address rejected: User unknown"]
-    start_worker(concurrency=1)
+    shared_worker(concurrency=2)
     result = smartmail.send("Gone <gone@example.com>", subject="Hello", text="anyone?")
     wait_for(lambda: smartmail.status(result.id)["state"] == "failed", 60, message="failed state")
     info = smartmail.status(result.id)
@@ -178,10 +178,10 @@ def test_kill_9_of_a_busy_worker_never_sends_twice(relay, start_worker, monkeypa
     assert set(ids) <= sent | unknown
 
 
-def test_scheduled_message_is_sent_by_beat_when_due(relay, start_worker, start_beat):
+def test_scheduled_message_is_sent_by_beat_when_due(relay, shared_worker, start_beat):
     from datetime import datetime, timedelta, timezone
 
-    start_worker(concurrency=1)
+    shared_worker(concurrency=2)
     start_beat()
     send_at = datetime.now(timezone.utc) + timedelta(seconds=2)
     result = smartmail.send("later@example.com", subject="Reminder", text="now", send_at=send_at)

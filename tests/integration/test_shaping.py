@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import os
 import random
 import threading
 import time
@@ -155,10 +156,9 @@ def test_each_site_keeps_its_rate_and_an_unlimited_site_is_not_held_back(shaped,
         [sites.fast]
         domains = ["fast.example"]
     """)
-    for _ in range(3):
-        # Workers and this test's one-threaded SMTP server share two cores; at a lower priority the
-        # workers cannot starve the server, whose lag would show as bunching that no sender caused.
-        start_worker(concurrency=1, nice=10)
+    # Workers and this test's one-threaded SMTP server share two cores; at a lower priority the
+    # workers cannot starve the server, whose lag would show as bunching that no sender caused.
+    start_worker.many(3, concurrency=1, nice=10)
     counts = {"fifty.example": 500, "twenty.example": 200, "fast.example": 2300}
     recipients = [f"user{i}@{domain}" for domain, n in counts.items() for i in range(n)]
     random.Random(7).shuffle(recipients)
@@ -210,7 +210,7 @@ def test_a_try_again_later_reply_slows_that_site_only(shaped, start_worker):
         domains = ["calm.example"]
     """)
     server.refuse["busy.example"] = 5
-    workers = [start_worker(concurrency=1) for _ in range(3)]
+    workers = start_worker.many(3, concurrency=1)
     busy = [f"b{i}@busy.example" for i in range(30)]
     calm = [f"c{i}@calm.example" for i in range(300)]
     send_all(busy + calm)
@@ -246,8 +246,7 @@ def test_a_site_never_gets_more_connections_than_its_limit(shaped, start_worker)
         [sites.wide]
         domains = ["wide.example"]
     """)
-    for _ in range(3):
-        start_worker(concurrency=2)  # six processes, each sending four messages at a time
+    start_worker.many(3, concurrency=2)  # six processes, each sending four messages at a time
     two = [f"t{i}@two.example" for i in range(300)]
     wide = [f"w{i}@wide.example" for i in range(300)]
     send_all([x for pair in zip(two, wide) for x in pair])
@@ -334,13 +333,14 @@ def test_a_policy_change_reaches_running_workers_without_a_restart(shaped, start
     first = [t for t, _ in server.received["edited.example"]]
     assert max(first) - min(first) < 2.0
 
-    time.sleep(1.1)  # a new mtime, whatever the file system's timestamp granularity
+    before = (tmp_path / "policy.toml").stat().st_mtime
     (tmp_path / "policy.toml").write_text("""
         [sites.edited]
         domains = ["edited.example"]
         rate = "10/s"
         burst = 1
     """)
+    os.utime(tmp_path / "policy.toml", (before + 2, before + 2))  # a new mtime, whatever the file system's granularity
     time.sleep(1.5)  # SMARTMAIL_POLICY_CHECK_INTERVAL is 1 s
     send_all([f"b{i}@edited.example" for i in range(20)])
     wait_for(lambda: server.count() >= 40, 60, message="20 more at the now limited site")
