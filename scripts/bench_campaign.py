@@ -14,16 +14,17 @@ In one run, into Postfix's C smtp-sink (Debian package `postfix`):
    memory (VmHWM) of the worker's pool processes, which should not grow with the audience.
 Reuses scripts/bench_send.py's sink, worker, database and CPU accounting.
 """
+
 from __future__ import annotations
 
 import argparse
-
-import bench_results
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import bench_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,9 +56,26 @@ def ceiling(bench: Bench, messages: int) -> float:
         started = time.perf_counter()
         # -s 2: two sessions at a time; -d: keep each connection for the next message; -m: messages in
         # all; -l: payload size, about that of the rendered welcome message.
-        subprocess.run([source, "-d", "-s", "2", "-m", str(messages), "-l", "4000",
-                        "-f", "bench@bench.example.com", "-t", "user@example.com", f"127.0.0.1:{sink.port}"],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                source,
+                "-d",
+                "-s",
+                "2",
+                "-m",
+                str(messages),
+                "-l",
+                "4000",
+                "-f",
+                "bench@bench.example.com",
+                "-t",
+                "user@example.com",
+                f"127.0.0.1:{sink.port}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         done = sink.wait(messages, timeout=60, stall=30, what="ceiling", alive=lambda: None)
         return messages / (done - started)
     finally:
@@ -79,13 +97,26 @@ def make_audience(bench: Bench, n: int) -> None:
         connection.execute(insert(ContactList).values(name="bench", created_at=now))
         list_id = connection.scalar(select(ContactList.id).where(ContactList.name == "bench"))
         for start in range(0, n, 10_000):
-            rows = [{"email": f"user{i}@example.com", "status": "subscribed", "created_at": now, "updated_at": now,
-                     "attributes": bench_send.recipient(i)[1]} for i in range(start, min(n, start + 10_000))]
+            rows = [
+                {
+                    "email": f"user{i}@example.com",
+                    "status": "subscribed",
+                    "created_at": now,
+                    "updated_at": now,
+                    "attributes": bench_send.recipient(i)[1],
+                }
+                for i in range(start, min(n, start + 10_000))
+            ]
             connection.execute(insert(Contact), rows)
         ids = list(connection.scalars(select(Contact.id)))
         for start in range(0, len(ids), 10_000):
-            connection.execute(insert(ListMembership), [{"list_id": list_id, "contact_id": i, "status": "subscribed",
-                                                         "joined_at": now} for i in ids[start:start + 10_000]])
+            connection.execute(
+                insert(ListMembership),
+                [
+                    {"list_id": list_id, "contact_id": i, "status": "subscribed", "joined_at": now}
+                    for i in ids[start : start + 10_000]
+                ],
+            )
     engine.dispose()
 
 
@@ -110,18 +141,33 @@ def campaign_run(bench: Bench, n: int) -> dict:
         meter = CpuMeter(lambda: bench.own_pids(worker, sink.process.pid))
         started = time.perf_counter()
         campaigns.launch_campaign(name)
-        done = sink.wait(n, timeout=bench.args.timeout, stall=bench.args.stall_timeout, what=f"campaign of {n}",
-                         alive=worker.check)
+        done = sink.wait(
+            n, timeout=bench.args.timeout, stall=bench.args.stall_timeout, what=f"campaign of {n}", alive=worker.check
+        )
         seconds = done - started
-        first, tenth, ninetieth = (sink.wait(mark, timeout=1, stall=1, what="a mark", alive=worker.check) for mark in marks)
+        first, tenth, ninetieth = (
+            sink.wait(mark, timeout=1, stall=1, what="a mark", alive=worker.check) for mark in marks
+        )
         cpu = meter.summary(n)
-        wait_for(lambda: campaigns.campaign_status(name).counts.get("sent", 0) >= n, timeout=120,
-                 what="every row recorded sent", alive=worker.check, interval=0.2)
+        wait_for(
+            lambda: campaigns.campaign_status(name).counts.get("sent", 0) >= n,
+            timeout=120,
+            what="every row recorded sent",
+            alive=worker.check,
+            interval=0.2,
+        )
         pool = [pid for pid in worker.pids() if pid != worker.process.pid]
-        return {"n": n, "seconds": seconds, "rate": n / seconds, "cpu": cpu, "peak_mb": peak_rss_mb(pool),
-                "first": first - started, "steady_rate": (marks[2] - marks[1]) / max(ninetieth - tenth, 1e-6),
-                "phases": (tenth - started, ninetieth - tenth, done - ninetieth),
-                "states": campaigns.campaign_status(name).counts}
+        return {
+            "n": n,
+            "seconds": seconds,
+            "rate": n / seconds,
+            "cpu": cpu,
+            "peak_mb": peak_rss_mb(pool),
+            "first": first - started,
+            "steady_rate": (marks[2] - marks[1]) / max(ninetieth - tenth, 1e-6),
+            "phases": (tenth - started, ninetieth - tenth, done - ninetieth),
+            "states": campaigns.campaign_status(name).counts,
+        }
     finally:
         worker.stop()
         sink.stop()
@@ -154,29 +200,51 @@ def main() -> int:
         bench.quiet()
         base = bench.throughput("baseline")
         base_rate = args.baseline_messages / base["seconds"]
-        log(f"baseline  naive Celery task + new connection per email: {base_rate:8.0f} msg/s "
-            f"({args.baseline_messages} messages)\n          {base['cpu']}")
+        log(
+            f"baseline  naive Celery task + new connection per email: {base_rate:8.0f} msg/s "
+            f"({args.baseline_messages} messages)\n          {base['cpu']}"
+        )
         results = []
         for n in sizes:
             r = campaign_run(bench, n)
             results.append(r)
-            log(f"campaign  {n:>7} recipients: {r['rate']:8.0f} msg/s ({r['seconds']:.1f} s from launch to the last "
+            log(
+                f"campaign  {n:>7} recipients: {r['rate']:8.0f} msg/s ({r['seconds']:.1f} s from launch to the last "
                 f"acceptance); {r['rate'] / base_rate:5.1f}x baseline (target >= 10) "
                 f"{'OK' if r['rate'] >= 10 * base_rate else 'MISSED'}; {r['rate'] / top:.0%} of the ceiling; "
                 f"worker pool peak RSS {r['peak_mb']:.0f} MB\n          first acceptance {r['first']:.2f} s after "
                 f"launch; from 10% to 90% of the audience {r['steady_rate']:.0f} msg/s "
-                f"(launch to 10%, 10-90%, 90-100%: {', '.join(f'{t:.2f}' for t in r['phases'])} s)\n          {r['cpu']}")
+                f"(launch to 10%, 10-90%, 90-100%: {', '.join(f'{t:.2f}' for t in r['phases'])} s)\n"
+                f"          {r['cpu']}"
+            )
             if set(r["states"]) != {"sent"}:
                 log(f"          states: {r['states']}")
         if len(results) > 1:
-            log(f"worker memory: peak RSS {results[0]['peak_mb']:.0f} MB at {results[0]['n']} recipients, "
-                f"{results[-1]['peak_mb']:.0f} MB at {results[-1]['n']}")
-        bench_results.save("bench_campaign", args, {
-            "ceiling_msg_s": top, "baseline_msg_s": base_rate,
-            "campaigns": [{"recipients": r["n"], "msg_s": r["rate"], "ratio": r["rate"] / base_rate,
-                           "steady_msg_s": r["steady_rate"], "first_acceptance_s": r["first"],
-                           "phases_s": r["phases"], "peak_rss_mb": r["peak_mb"], "states": r["states"]}
-                          for r in results]})
+            log(
+                f"worker memory: peak RSS {results[0]['peak_mb']:.0f} MB at {results[0]['n']} recipients, "
+                f"{results[-1]['peak_mb']:.0f} MB at {results[-1]['n']}"
+            )
+        bench_results.save(
+            "bench_campaign",
+            args,
+            {
+                "ceiling_msg_s": top,
+                "baseline_msg_s": base_rate,
+                "campaigns": [
+                    {
+                        "recipients": r["n"],
+                        "msg_s": r["rate"],
+                        "ratio": r["rate"] / base_rate,
+                        "steady_msg_s": r["steady_rate"],
+                        "first_acceptance_s": r["first"],
+                        "phases_s": r["phases"],
+                        "peak_rss_mb": r["peak_mb"],
+                        "states": r["states"],
+                    }
+                    for r in results
+                ],
+            },
+        )
         return 0
     except BenchError as exc:
         bench.failed = True

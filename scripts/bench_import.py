@@ -7,11 +7,10 @@ and a three-rule segment count over 1,000,000 contacts and 5,000,000 events.
 PostgreSQL: SMARTMAIL_BENCH_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test);
 a throwaway database is created and dropped. SQLite: a file in a temporary directory.
 """
+
 from __future__ import annotations
 
 import argparse
-
-import bench_results
 import csv
 import json
 import os
@@ -23,6 +22,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import bench_results
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +35,9 @@ def generate(path: Path, rows: int) -> None:
         writer = csv.writer(out)
         writer.writerow(["email", "first_name", "age", "plan", "country"])
         for i in range(rows):
-            writer.writerow([f"user{i}@example{i % 97}.com", f"Name{i}", 18 + i % 70, plans[i % 3],
-                             ["FR", "DE", "US", "BR"][i % 4]])
+            writer.writerow(
+                [f"user{i}@example{i % 97}.com", f"Name{i}", 18 + i % 70, plans[i % 3], ["FR", "DE", "US", "BR"][i % 4]]
+            )
 
 
 def use_database(url: str) -> None:
@@ -56,8 +57,10 @@ def baseline(url: str, path: Path) -> float:
     engine = get_engine()
     reset()
     now = utcnow()
-    sql = text("INSERT INTO contacts (email, status, attributes, created_at, updated_at) "
-               "VALUES (:email, 'subscribed', :attributes, :now, :now)")
+    sql = text(
+        "INSERT INTO contacts (email, status, attributes, created_at, updated_at) "
+        "VALUES (:email, 'subscribed', :attributes, :now, :now)"
+    )
     started = time.perf_counter()
     rows = 0
     with path.open(encoding="utf-8", newline="") as handle:
@@ -65,8 +68,15 @@ def baseline(url: str, path: Path) -> float:
         next(reader)
         batch = []
         for email, first_name, age, plan, country in reader:
-            batch.append({"email": email, "now": now, "attributes": json.dumps(
-                {"first_name": first_name, "age": int(age), "plan": plan, "country": country})})
+            batch.append(
+                {
+                    "email": email,
+                    "now": now,
+                    "attributes": json.dumps(
+                        {"first_name": first_name, "age": int(age), "plan": plan, "country": country}
+                    ),
+                }
+            )
             if len(batch) == 5000:
                 with engine.begin() as conn:
                     conn.execute(sql, batch)
@@ -95,8 +105,7 @@ def reset() -> None:
 
 def smartmail_import(path: Path, list_name: str | None) -> tuple[float, dict]:
     """`smartmail contacts import FILE [--list bench] --type age=integer`, in this process."""
-    from smartmail.audience import contacts
-    from smartmail.audience import imports
+    from smartmail.audience import contacts, imports
 
     if list_name:
         contacts.create_list(list_name)
@@ -120,8 +129,14 @@ def load_events(url: str, count: int, contacts_total: int) -> float:
         first_id = conn.execute(text("SELECT min(id) FROM contacts")).scalar()
     chunk = 200_000
     for start in range(0, count, chunk):
-        rows = [(rng.choice(types), first_id + rng.randrange(contacts_total),
-                 now - timedelta(seconds=rng.randrange(365 * 86400))) for _ in range(min(chunk, count - start))]
+        rows = [
+            (
+                rng.choice(types),
+                first_id + rng.randrange(contacts_total),
+                now - timedelta(seconds=rng.randrange(365 * 86400)),
+            )
+            for _ in range(min(chunk, count - start))
+        ]
         with engine.begin() as conn:
             raw = conn.connection.driver_connection
             if engine.dialect.name == "postgresql":
@@ -129,8 +144,10 @@ def load_events(url: str, count: int, contacts_total: int) -> float:
                     for row in rows:
                         copy.write_row((*row, "{}"))
             else:
-                raw.executemany("INSERT INTO events (type, contact_id, occurred_at, properties) VALUES (?, ?, ?, '{}')",
-                                [(t, c, o.strftime("%Y-%m-%d %H:%M:%S.%f")) for t, c, o in rows])
+                raw.executemany(
+                    "INSERT INTO events (type, contact_id, occurred_at, properties) VALUES (?, ?, ?, '{}')",
+                    [(t, c, o.strftime("%Y-%m-%d %H:%M:%S.%f")) for t, c, o in rows],
+                )
     # Statistics, and on PostgreSQL the visibility map that index-only scans need: what autovacuum
     # would have done by the time anyone counts a segment.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -155,7 +172,9 @@ def segment_count() -> tuple[int, float, str]:
         query = segments.audience_query(rules)
         compiled = query.compile(engine, compile_kwargs={"literal_binds": True})
         with engine.connect() as conn:
-            plan = "\n".join(r[0] for r in conn.execute(text(f"EXPLAIN (ANALYZE, COSTS OFF) SELECT count(*) FROM ({compiled}) q")))
+            plan = "\n".join(
+                r[0] for r in conn.execute(text(f"EXPLAIN (ANALYZE, COSTS OFF) SELECT count(*) FROM ({compiled}) q"))
+            )
     return total, min(timings), plan
 
 
@@ -173,15 +192,16 @@ def run(name: str, url: str, path: Path, rows: int, events: int, show_plan: bool
     print(f"{name:10} the same file again (all updates): {again:,.0f} rows/s ({again / base:.2f}x)", flush=True)
     reset()
     rate, status = smartmail_import(path, "bench")
-    print(f"{name:10} import {rows:,} new contacts joining a list: {rate:,.0f} rows/s ({rate / base:.2f}x)",
-          flush=True)
+    print(f"{name:10} import {rows:,} new contacts joining a list: {rate:,.0f} rows/s ({rate / base:.2f}x)", flush=True)
     figures = {"baseline_rows_s": base, "new_rows_s": figures_new, "updates_rows_s": again, "list_join_rows_s": rate}
     if events:
         took = load_events(url, events, status["created"])
         total, best, plan = segment_count()
-        print(f"{name:10} segment count (plan=pro, list, opened within 30 days) over {rows:,} contacts and "
-              f"{events:,} events: {total:,} contacts in {best * 1000:.0f} ms (events loaded in {took:.0f} s)",
-              flush=True)
+        print(
+            f"{name:10} segment count (plan=pro, list, opened within 30 days) over {rows:,} contacts and "
+            f"{events:,} events: {total:,} contacts in {best * 1000:.0f} ms (events loaded in {took:.0f} s)",
+            flush=True,
+        )
         figures["segment_count_ms"] = best * 1000
         if show_plan and plan:
             print(plan)
@@ -201,19 +221,25 @@ def main() -> int:
         generate(path, args.rows)
         print(f"generated {args.rows:,} rows ({path.stat().st_size / 1e6:.0f} MB)", flush=True)
         if args.only in (None, "postgresql"):
-            admin_url = os.environ.get("SMARTMAIL_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+            admin_url = os.environ.get(
+                "SMARTMAIL_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+            )
             name = f"smartmail_bench_{uuid.uuid4().hex[:8]}"
             admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
             try:
-                results["postgresql"] = run("postgresql", admin_url.rsplit("/", 1)[0] + f"/{name}", path, args.rows, args.events, args.plan)
+                results["postgresql"] = run(
+                    "postgresql", admin_url.rsplit("/", 1)[0] + f"/{name}", path, args.rows, args.events, args.plan
+                )
             finally:
                 use_database("sqlite://")
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if args.only in (None, "sqlite"):
-            results["sqlite"] = run("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", path, args.rows, args.events, args.plan)
+            results["sqlite"] = run(
+                "sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", path, args.rows, args.events, args.plan
+            )
     bench_results.save("bench_import", args, results)
     return 0
 

@@ -12,6 +12,7 @@ Prints, for one process and for two at once:
   SMARTMAIL_CLAIM_WINDOW messages. Target: under 0.5 ms at p50.
 The database this uses is FLUSHED.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 def _clients(url: str):
     import redis
 
-    from smartmail.workers.policy import Site
-    from smartmail.workers.outcomes import RetrySchedule
     from smartmail.workers.limiter import SiteThrottle
+    from smartmail.workers.outcomes import RetrySchedule
+    from smartmail.workers.policy import Site
 
     client = redis.Redis.from_url(url)
     throttle = SiteThrottle(client, "bench:")
@@ -41,10 +42,12 @@ def _clients(url: str):
 def _measure(url: str, kind: str, calls: int, barrier=None) -> tuple[float, list[float]]:
     """(calls per second, per-call latencies in seconds) for one kind of call."""
     client, throttle, limited, unlimited = _clients(url)
-    call = {"ping": client.ping,
-            "acquire1": lambda: throttle.acquire(limited, 1),
-            "acquire10": lambda: throttle.acquire(limited, 10),
-            "window": lambda: throttle.acquire(unlimited, 10)}[kind]
+    call = {
+        "ping": client.ping,
+        "acquire1": lambda: throttle.acquire(limited, 1),
+        "acquire10": lambda: throttle.acquire(limited, 10),
+        "window": lambda: throttle.acquire(unlimited, 10),
+    }[kind]
     for _ in range(200):  # warm: connection, script cache
         call()
     if barrier is not None:
@@ -91,22 +94,32 @@ def main() -> int:
     redis.Redis.from_url(args.redis_url).flushdb()
     print(f"limiter: {args.calls} calls per measurement against {args.redis_url}")
     results = {}
-    for kind, label in (("ping", "baseline: PING round trip"), ("acquire1", "acquire(site, 1)"),
-                        ("acquire10", "acquire(site, 10) batch"), ("window", "unlimited site, per window")):
+    for kind, label in (
+        ("ping", "baseline: PING round trip"),
+        ("acquire1", "acquire(site, 1)"),
+        ("acquire10", "acquire(site, 10) batch"),
+        ("window", "unlimited site, per window"),
+    ):
         rate, latencies = _measure(args.redis_url, kind, args.calls)
         both = _two_processes(args.redis_url, kind, args.calls)
         results[kind] = latencies
-        print(f"  {label:28} 1 process {rate:8.0f}/s   2 processes {both:8.0f}/s   "
-              f"p50 {pct(latencies, 50) * 1e6:6.0f} us   p99 {pct(latencies, 99) * 1e6:6.0f} us")
+        print(
+            f"  {label:28} 1 process {rate:8.0f}/s   2 processes {both:8.0f}/s   "
+            f"p50 {pct(latencies, 50) * 1e6:6.0f} us   p99 {pct(latencies, 99) * 1e6:6.0f} us"
+        )
     ping50 = pct(results["ping"], 50)
     per_message_limited = pct(results["acquire1"], 50)
     per_message_unlimited = pct(results["window"], 50) / args.window
     print(f"  GCRA work over a plain round trip: {(per_message_limited - ping50) * 1e6:.0f} us at p50")
     print("added latency per message on the send path (target p50 < 0.5 ms):")
-    print(f"  rate-limited site (a token per message)       p50 {per_message_limited * 1e3:.3f} ms  "
-          f"{'OK' if per_message_limited < 0.0005 else 'MISSED'}")
-    print(f"  unlimited site (one check per {args.window}-message window) p50 {per_message_unlimited * 1e3:.3f} ms  "
-          f"{'OK' if per_message_unlimited < 0.0005 else 'MISSED'}")
+    print(
+        f"  rate-limited site (a token per message)       p50 {per_message_limited * 1e3:.3f} ms  "
+        f"{'OK' if per_message_limited < 0.0005 else 'MISSED'}"
+    )
+    print(
+        f"  unlimited site (one check per {args.window}-message window) p50 {per_message_unlimited * 1e3:.3f} ms  "
+        f"{'OK' if per_message_unlimited < 0.0005 else 'MISSED'}"
+    )
     redis.Redis.from_url(args.redis_url).flushdb()
     return 0
 

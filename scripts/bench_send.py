@@ -18,11 +18,10 @@ with trust auth (or --database sqlite) and Postfix's smtp-sink (Debian package `
 2. Latency: smartmail.send() at a steady --rate for --latency-seconds into an aiosmtpd sink that stamps
    each Message-ID when its DATA is accepted.
 """
+
 from __future__ import annotations
 
 import argparse
-
-import bench_results
 import math
 import multiprocessing
 import os
@@ -39,7 +38,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
+
+import bench_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -47,8 +49,17 @@ sys.path.insert(0, str(ROOT))
 
 SENDER = "SmartMail Bench <bench@bench.example.com>"
 TEMPLATE = "welcome"
-WORKER_FLAGS = ["--pool", "prefork", "-c", "2", "-l", "WARNING",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+WORKER_FLAGS = [
+    "--pool",
+    "prefork",
+    "-c",
+    "2",
+    "-l",
+    "WARNING",
+    "--without-gossip",
+    "--without-mingle",
+    "--without-heartbeat",
+]
 SCENARIOS = ("baseline", "send", "send_many", "send_many_unshaped", "latency")
 # The bench's recipients are all @example.com: one site, limited generously, so shaping does its work.
 POLICY = """
@@ -137,7 +148,10 @@ def wait_until_idle(max_wait: float, busy_below: float = 0.15) -> float:
                 log(f"    (the machine is still {busy:.0%} busy with other work; running anyway)")
             return busy
         if not said:
-            log(f"    (the machine is {busy:.0%} busy with other work; waiting up to {max_wait:.0f} s for it to go idle)")
+            log(
+                f"    (the machine is {busy:.0%} busy with other work; "
+                f"waiting up to {max_wait:.0f} s for it to go idle)"
+            )
             said = True
 
 
@@ -162,12 +176,15 @@ class CpuMeter:
         machine = (busy1 - self.busy0) / wall
         own = sum(used.values()) / wall
         per_message = ", ".join(f"{role} {seconds / messages * 1000:.2f}" for role, seconds in used.items() if seconds)
-        return (f"CPU: machine {machine:.2f} of {cpus:.0f} cores busy, benchmark processes {own:.2f}, "
-                f"other work {max(machine - own, 0.0):.2f}\n"
-                f"             CPU ms per message: {per_message} (total {sum(used.values()) / messages * 1000:.2f})")
+        return (
+            f"CPU: machine {machine:.2f} of {cpus:.0f} cores busy, benchmark processes {own:.2f}, "
+            f"other work {max(machine - own, 0.0):.2f}\n"
+            f"             CPU ms per message: {per_message} (total {sum(used.values()) / messages * 1000:.2f})"
+        )
 
 
 # --- child processes ---------------------------------------------------------------------------
+
 
 class Children:
     """Every child runs in its own session (process group), so stopping it takes its forks too."""
@@ -175,13 +192,19 @@ class Children:
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path = ROOT,
-              stdout=None) -> subprocess.Popen:
+    def start(
+        self, argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path = ROOT, stdout=None
+    ) -> subprocess.Popen:
         with log_path.open("ab") as log_file:
-            process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                       stdout=stdout if stdout is not None else log_file,
-                                       stderr=log_file if stdout is not None else subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else log_file,
+                stderr=log_file if stdout is not None else subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.processes.append(process)
         return process
 
@@ -342,8 +365,14 @@ def _stamp_sink_main(port: int, conn) -> None:
                 unmatched[0] += 1
             return "250 2.0.0 Ok: queued"
 
-    controller = Controller(StampingHandler(), hostname="127.0.0.1", port=port, decode_data=False,
-                            data_size_limit=10 * 1024 * 1024, server_hostname="bench-sink")
+    controller = Controller(
+        StampingHandler(),
+        hostname="127.0.0.1",
+        port=port,
+        decode_data=False,
+        data_size_limit=10 * 1024 * 1024,
+        server_hostname="bench-sink",
+    )
     controller.start()
     conn.send("ready")
     try:
@@ -402,6 +431,7 @@ class StampSink:
 
 # --- services ----------------------------------------------------------------------------------
 
+
 class Database:
     """A throw-away PostgreSQL database (created here, dropped at the end) or a SQLite file."""
 
@@ -427,8 +457,10 @@ class Database:
                 raise BenchError(f"PostgreSQL at {admin_url} not usable ({exc}); try --database sqlite") from exc
             self.url = admin_url.rsplit("/", 1)[0] + f"/{self.name}"
             with create_engine(self.url).connect() as conn:
-                settings = ", ".join(f"{n}={conn.execute(text(f'SHOW {n}')).scalar()}"
-                                     for n in ("synchronous_commit", "fsync", "shared_buffers"))
+                settings = ", ".join(
+                    f"{n}={conn.execute(text(f'SHOW {n}')).scalar()}"
+                    for n in ("synchronous_commit", "fsync", "shared_buffers")
+                )
             self.version += f" ({settings})"
         from smartmail.store import migrate
 
@@ -452,7 +484,6 @@ class Database:
 
     def claimed_at(self, ids: list[str]) -> dict[str, float]:
         """Message id -> claimed_at as a Unix time (stored as naive UTC)."""
-        from datetime import timezone
 
         from sqlalchemy import select
 
@@ -461,10 +492,10 @@ class Database:
         out: dict[str, float] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
+                chunk = ids[start : start + 500]
                 for mid, at in conn.execute(select(Message.id, Message.claimed_at).where(Message.id.in_(chunk))):
                     if at is not None:
-                        out[mid] = at.replace(tzinfo=timezone.utc).timestamp()
+                        out[mid] = at.replace(tzinfo=UTC).timestamp()
         return out
 
     def backend_pids(self) -> set[int]:
@@ -473,8 +504,11 @@ class Database:
         from sqlalchemy import text
 
         with self.admin.connect() as conn:
-            return set(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :name"),
-                                    {"name": self.name}).scalars())
+            return set(
+                conn.execute(
+                    text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": self.name}
+                ).scalars()
+            )
 
     def drop(self) -> None:
         if getattr(self, "engine", None) is not None:
@@ -488,8 +522,14 @@ class Database:
         self.admin.dispose()
 
 
-def wait_for(predicate: Callable[[], object], *, timeout: float, what: str, alive: Callable[[], None] = lambda: None,
-             interval: float = 0.05):
+def wait_for(
+    predicate: Callable[[], object],
+    *,
+    timeout: float,
+    what: str,
+    alive: Callable[[], None] = lambda: None,
+    interval: float = 0.05,
+):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -509,8 +549,17 @@ class Worker:
         self.label = label
         self.queues = queues
         self.log_path = bench.workdir / f"worker-{label}.log"
-        argv = [sys.executable, "-m", "celery", "-A", app, "worker", *WORKER_FLAGS,
-                "-n", f"bench-{label}-{uuid.uuid4().hex[:6]}@%h"]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            *WORKER_FLAGS,
+            "-n",
+            f"bench-{label}-{uuid.uuid4().hex[:6]}@%h",
+        ]
         if app.startswith("smartmail"):
             argv += ["-Q", ",".join(queues)]  # as tests/conftest.py starts them
         self.process = bench.children.start(argv, env=env, log_path=self.log_path)
@@ -527,8 +576,9 @@ class Worker:
 
     def check(self) -> None:
         if self.process.poll() is not None:
-            raise BenchError(f"the {self.label} worker exited with {self.process.returncode}; "
-                             f"see {self.log_path}:\n{self.tail()}")
+            raise BenchError(
+                f"the {self.label} worker exited with {self.process.returncode}; see {self.log_path}:\n{self.tail()}"
+            )
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -557,6 +607,7 @@ class Worker:
 
 # --- the benchmark -----------------------------------------------------------------------------
 
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -579,20 +630,22 @@ class Bench:
         self.redis.flushdb()
         self.database = Database(self.args.database, self.args.postgres_admin_url, self.workdir)
         # The producer (this process) and the workers read the same SMARTMAIL_* settings.
-        os.environ.update({
-            "SMARTMAIL_DATABASE_URL": self.database.url,
-            "SMARTMAIL_REDIS_URL": self.redis_url,
-            "SMARTMAIL_DEFAULT_SENDER": SENDER,
-            "SMARTMAIL_SECRET_KEY": "bench-secret-key-0123456789",
-            "SMARTMAIL_TEMPLATES_DIR": str(ROOT / "templates"),
-            "SMARTMAIL_TRANSPORT": "smtp",
-            "SMARTMAIL_LOG_LEVEL": "WARNING",
-            "SMARTMAIL_SMTP_URL": "smtp://127.0.0.1:9?tls=none",  # each run's workers get their sink's port
-            "NAIVE_BROKER_URL": self.redis_url,
-            "NAIVE_TEMPLATES_DIR": str(ROOT / "templates"),
-            "NAIVE_SENDER": SENDER,
-            "SMARTMAIL_POLICY_FILE": str(self.workdir / "policy.toml"),
-        })
+        os.environ.update(
+            {
+                "SMARTMAIL_DATABASE_URL": self.database.url,
+                "SMARTMAIL_REDIS_URL": self.redis_url,
+                "SMARTMAIL_DEFAULT_SENDER": SENDER,
+                "SMARTMAIL_SECRET_KEY": "bench-secret-key-0123456789",
+                "SMARTMAIL_TEMPLATES_DIR": str(ROOT / "templates"),
+                "SMARTMAIL_TRANSPORT": "smtp",
+                "SMARTMAIL_LOG_LEVEL": "WARNING",
+                "SMARTMAIL_SMTP_URL": "smtp://127.0.0.1:9?tls=none",  # each run's workers get their sink's port
+                "NAIVE_BROKER_URL": self.redis_url,
+                "NAIVE_TEMPLATES_DIR": str(ROOT / "templates"),
+                "NAIVE_SENDER": SENDER,
+                "SMARTMAIL_POLICY_FILE": str(self.workdir / "policy.toml"),
+            }
+        )
         (self.workdir / "policy.toml").write_text(POLICY)
         from smartmail.config import get_settings
 
@@ -641,26 +694,39 @@ class Bench:
 
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
         redis_version = self.redis.info("server").get("redis_version", "?")
-        postfix = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True).stdout.strip()
+        postfix = subprocess.run(
+            ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True
+        ).stdout.strip()
         log("environment")
-        log(f"  cpus               {os.cpu_count()} (usable by this process: {affinity}); load avg "
-            + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        log(
+            f"  cpus               {os.cpu_count()} (usable by this process: {affinity}); load avg "
+            + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        )
         log(f"  platform           {platform.platform()}, Python {platform.python_version()}")
-        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
+        ).stdout.strip()
         log(f"  smartmail          {commit or '?'} ({ROOT})")
         log(f"  database           {self.args.database}: {self.database.version}")
         log(f"  broker             Redis {redis_version} at {self.redis_url}")
         log(f"  celery / kombu     {celery.__version__} / {kombu.__version__}; SQLAlchemy {sqlalchemy.__version__}")
         log(f"  workers            1 worker, {' '.join(WORKER_FLAGS)} (SMARTMAIL_LOG_LEVEL=WARNING)")
-        log(f"  throughput sink    Postfix smtp-sink {postfix or '?'} ({shutil.which('smtp-sink')}), "
-            "counted by its -c counters")
-        log(f"  latency sink       aiosmtpd {getattr(aiosmtpd, '__version__', '?')} in a separate process, "
-            "time.time() at handle_DATA")
-        log("  traffic shaping    on (policy: example.com at 100000/s, burst 1000, 50 connections), "
-            "except send_many_unshaped")
-        log(f"  smartmail settings batch_size={self.batch_size} claim_window={self.claim_window} "
-            f"smtp_max_messages_per_connection={os.environ.get('SMARTMAIL_SMTP_MAX_MESSAGES_PER_CONNECTION', '100')}")
+        log(
+            f"  throughput sink    Postfix smtp-sink {postfix or '?'} ({shutil.which('smtp-sink')}), "
+            "counted by its -c counters"
+        )
+        log(
+            f"  latency sink       aiosmtpd {getattr(aiosmtpd, '__version__', '?')} in a separate process, "
+            "time.time() at handle_DATA"
+        )
+        log(
+            "  traffic shaping    on (policy: example.com at 100000/s, burst 1000, 50 connections), "
+            "except send_many_unshaped"
+        )
+        log(
+            f"  smartmail settings batch_size={self.batch_size} claim_window={self.claim_window} "
+            f"smtp_max_messages_per_connection={os.environ.get('SMARTMAIL_SMTP_MAX_MESSAGES_PER_CONNECTION', '100')}"
+        )
         log()
 
     def own_pids(self, worker: Worker | None, sink_pid: int | None) -> dict[str, set[int]]:
@@ -686,8 +752,11 @@ class Bench:
         self.redis.flushdb()
 
     def smartmail_worker(self, label: str, smtp_port: int) -> Worker:
-        env = dict(os.environ, SMARTMAIL_SMTP_URL=f"smtp://127.0.0.1:{smtp_port}?tls=none",
-                   SMARTMAIL_SHAPING="0" if label.endswith("_unshaped") else "1")
+        env = dict(
+            os.environ,
+            SMARTMAIL_SMTP_URL=f"smtp://127.0.0.1:{smtp_port}?tls=none",
+            SMARTMAIL_SHAPING="0" if label.endswith("_unshaped") else "1",
+        )
         return Worker(self, label, "smartmail.workers.app", ["transactional", "default"], env)
 
     # throughput
@@ -703,8 +772,12 @@ class Bench:
         worker = None
         try:
             if scenario == "baseline":
-                env = dict(os.environ, NAIVE_SMTP_HOST="127.0.0.1", NAIVE_SMTP_PORT=str(sink.port),
-                           PYTHONPATH=os.pathsep.join(filter(None, [str(SCRIPTS), os.environ.get("PYTHONPATH")])))
+                env = dict(
+                    os.environ,
+                    NAIVE_SMTP_HOST="127.0.0.1",
+                    NAIVE_SMTP_PORT=str(sink.port),
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(SCRIPTS), os.environ.get("PYTHONPATH")])),
+                )
                 worker = Worker(self, scenario, "naive_baseline", ["celery"], env)
                 import naive_baseline
 
@@ -717,11 +790,13 @@ class Bench:
                 import smartmail
 
                 if scenario == "send":
+
                     def produce(first: int, count: int) -> None:
                         for i in range(first, first + count):
                             to, context = recipient(i)
                             smartmail.send(to, template=TEMPLATE, context=context)
                 else:
+
                     def produce(first: int, count: int) -> None:
                         for start in range(first, first + count, args.batch):
                             specs = []
@@ -734,8 +809,12 @@ class Bench:
             produce(10_000_000, warmup)
             sink.wait(warmup, timeout=120, stall=60, what=f"{scenario} warm-up", alive=worker.check)
             if scenario != "baseline":
-                wait_for(lambda: self.database.states().get("sent", 0) >= warmup, timeout=60,
-                         what="warm-up rows to be recorded", alive=worker.check)
+                wait_for(
+                    lambda: self.database.states().get("sent", 0) >= warmup,
+                    timeout=60,
+                    what="warm-up rows to be recorded",
+                    alive=worker.check,
+                )
                 self.database.clear()
             time.sleep(0.5)  # let the warm-up's trailing QUITs and acks settle
             self.quiet()
@@ -746,13 +825,23 @@ class Bench:
             started = time.perf_counter()
             produce(0, n)
             enqueued = time.perf_counter()
-            accepted = sink.wait(target, timeout=args.timeout, stall=args.stall_timeout,
-                                 what=f"{scenario} run", alive=worker.check)
-            result = {"scenario": scenario, "seconds": accepted - started, "enqueue_seconds": enqueued - started,
-                      "cpu": meter.summary(n)}
+            accepted = sink.wait(
+                target, timeout=args.timeout, stall=args.stall_timeout, what=f"{scenario} run", alive=worker.check
+            )
+            result = {
+                "scenario": scenario,
+                "seconds": accepted - started,
+                "enqueue_seconds": enqueued - started,
+                "cpu": meter.summary(n),
+            }
             if scenario != "baseline":
-                wait_for(lambda: self._all_final(n), timeout=60, what=f"{scenario} rows to be recorded",
-                         alive=worker.check, interval=0.02)
+                wait_for(
+                    lambda: self._all_final(n),
+                    timeout=60,
+                    what=f"{scenario} rows to be recorded",
+                    alive=worker.check,
+                    interval=0.02,
+                )
                 result["recorded_seconds"] = time.perf_counter() - started
                 result["states"] = self.database.states()
             result["accepted_total"] = sink.count - (target - n)
@@ -811,8 +900,12 @@ class Bench:
                 before[result.id] = wall
                 returned[result.id] = wall + call_seconds[-1]
             sent_for = time.perf_counter() - t0
-            wait_for(lambda: sink.count() >= args.warmup + total, timeout=args.stall_timeout,
-                     what="the latency run's messages to be accepted", alive=worker.check)
+            wait_for(
+                lambda: sink.count() >= args.warmup + total,
+                timeout=args.stall_timeout,
+                what="the latency run's messages to be accepted",
+                alive=worker.check,
+            )
             cpu = meter.summary(total)
             stamps, unmatched, sessions = sink.dump()
             latencies = sorted(stamps[mid] - t for mid, t in before.items() if mid in stamps)
@@ -822,9 +915,19 @@ class Bench:
             claimed = self.database.claimed_at(list(before))
             queue = sorted(claimed[mid] - returned[mid] for mid in before if mid in claimed)
             worker_part = sorted(stamps[mid] - claimed[mid] for mid in before if mid in claimed and mid in stamps)
-            return {"total": total, "received": len(latencies), "unmatched": unmatched, "late": late,
-                    "achieved_rate": total / sent_for, "cpu": cpu, "latencies": latencies, "call_seconds": sorted(call_seconds),
-                    "queue_seconds": queue, "worker_seconds": worker_part, "sessions": sessions}
+            return {
+                "total": total,
+                "received": len(latencies),
+                "unmatched": unmatched,
+                "late": late,
+                "achieved_rate": total / sent_for,
+                "cpu": cpu,
+                "latencies": latencies,
+                "call_seconds": sorted(call_seconds),
+                "queue_seconds": queue,
+                "worker_seconds": worker_part,
+                "sessions": sessions,
+            }
         finally:
             if worker is not None:
                 worker.stop()
@@ -841,8 +944,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def report_throughput(r: dict, n: int) -> float:
     rate = n / r["seconds"]
-    line = (f"  {r['scenario']:10} {rate:8.0f} msg/s   {n} messages in {r['seconds']:7.2f} s "
-            f"(enqueue took {r['enqueue_seconds']:6.2f} s = {n / r['enqueue_seconds']:6.0f}/s")
+    line = (
+        f"  {r['scenario']:10} {rate:8.0f} msg/s   {n} messages in {r['seconds']:7.2f} s "
+        f"(enqueue took {r['enqueue_seconds']:6.2f} s = {n / r['enqueue_seconds']:6.0f}/s"
+    )
     if "recorded_seconds" in r:
         line += f"; all rows final in the database after {r['recorded_seconds']:.2f} s"
     log(line + ")")
@@ -862,18 +967,29 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="length of the latency run (default 20)")
     parser.add_argument("--warmup", type=int, default=40, help="untimed messages before each run (default 40)")
     parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
-    parser.add_argument("--postgres-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
-                        help="a database to connect to while creating/dropping smartmail_bench")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
-                        help="broker; this Redis database is FLUSHED (default redis://127.0.0.1:6379/12)")
-    parser.add_argument("--only", default=",".join(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    parser.add_argument(
+        "--postgres-admin-url",
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        help="a database to connect to while creating/dropping smartmail_bench",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/12",
+        help="broker; this Redis database is FLUSHED (default redis://127.0.0.1:6379/12)",
+    )
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="limit per throughput run, seconds")
-    parser.add_argument("--stall-timeout", type=float, default=60.0,
-                        help="give up when nothing was accepted for this long, seconds")
-    parser.add_argument("--idle-wait", type=float, default=180.0,
-                        help="before each timed run, wait up to this long for other work on the machine to stop "
-                             "(0: do not wait)")
+    parser.add_argument(
+        "--stall-timeout", type=float, default=60.0, help="give up when nothing was accepted for this long, seconds"
+    )
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=180.0,
+        help="before each timed run, wait up to this long for other work on the machine to stop (0: do not wait)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp directory with worker logs")
     args = parser.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -896,8 +1012,10 @@ def main() -> int:
         rates: dict[str, float] = {}
         throughput_runs = [s for s in ("baseline", "send", "send_many", "send_many_unshaped") if s in only]
         if throughput_runs:
-            log(f"throughput: {args.messages} messages per run, 2 worker processes, from the first enqueue "
-                "to smtp-sink's last acceptance")
+            log(
+                f"throughput: {args.messages} messages per run, 2 worker processes, from the first enqueue "
+                "to smtp-sink's last acceptance"
+            )
             for scenario in throughput_runs:
                 log(f"  running {scenario} ...")
                 rates[scenario] = report_throughput(bench.throughput(scenario), args.messages)
@@ -915,28 +1033,43 @@ def main() -> int:
         if rates:
             bench_results.save("bench_send", args, {"throughput_msg_s": rates})
         if "latency" in only:
-            log(f"latency: send() to SMTP acceptance at {args.rate:g} msg/s for {args.latency_seconds:g} s, "
-                "2 worker processes")
+            log(
+                f"latency: send() to SMTP acceptance at {args.rate:g} msg/s for {args.latency_seconds:g} s, "
+                "2 worker processes"
+            )
             r = bench.latency()
             lat = [x * 1000 for x in r["latencies"]]
             calls = [x * 1000 for x in r["call_seconds"]]
-            log(f"  messages {r['total']} sent at {r['achieved_rate']:.1f}/s, {r['received']} matched at the sink"
+            log(
+                f"  messages {r['total']} sent at {r['achieved_rate']:.1f}/s, {r['received']} matched at the sink"
                 + (f", {r['unmatched']} without a Message-ID" if r["unmatched"] else "")
-                + (f", {r['late']} calls more than one interval late" if r["late"] else ""))
-            bench_results.save("bench_send_latency", args, {
-                "rate": args.rate, "sent": r["total"], "matched": r["received"],
-                "latency_ms": {p: percentile(lat, p) for p in (50, 90, 99)}})
-            log(f"  latency  p50 {percentile(lat, 50):6.1f} ms  p90 {percentile(lat, 90):6.1f} ms  "
+                + (f", {r['late']} calls more than one interval late" if r["late"] else "")
+            )
+            bench_results.save(
+                "bench_send_latency",
+                args,
+                {
+                    "rate": args.rate,
+                    "sent": r["total"],
+                    "matched": r["received"],
+                    "latency_ms": {p: percentile(lat, p) for p in (50, 90, 99)},
+                },
+            )
+            log(
+                f"  latency  p50 {percentile(lat, 50):6.1f} ms  p90 {percentile(lat, 90):6.1f} ms  "
                 f"p99 {percentile(lat, 99):6.1f} ms  max {lat[-1] if lat else float('nan'):6.1f} ms   "
                 f"(targets p50 < 30, p99 < 150)  "
-                f"{'OK' if lat and percentile(lat, 50) < 30 and percentile(lat, 99) < 150 else 'MISSED'}")
-            for label, values in (("send() call (producer: render, INSERT, COMMIT, publish)", calls),
-                                  ("send() return -> worker starts the task (Redis, Celery)",
-                                   [x * 1000 for x in r["queue_seconds"]]),
-                                  ("worker start -> accepted (claim COMMIT, MIME, SMTP)",
-                                   [x * 1000 for x in r["worker_seconds"]])):
-                log(f"    {label:58} p50 {percentile(values, 50):6.1f}  p90 {percentile(values, 90):6.1f}  "
-                    f"p99 {percentile(values, 99):6.1f}  max {values[-1] if values else float('nan'):6.1f} ms")
+                f"{'OK' if lat and percentile(lat, 50) < 30 and percentile(lat, 99) < 150 else 'MISSED'}"
+            )
+            for label, values in (
+                ("send() call (producer: render, INSERT, COMMIT, publish)", calls),
+                ("send() return -> worker starts the task (Redis, Celery)", [x * 1000 for x in r["queue_seconds"]]),
+                ("worker start -> accepted (claim COMMIT, MIME, SMTP)", [x * 1000 for x in r["worker_seconds"]]),
+            ):
+                log(
+                    f"    {label:58} p50 {percentile(values, 50):6.1f}  p90 {percentile(values, 90):6.1f}  "
+                    f"p99 {percentile(values, 99):6.1f}  max {values[-1] if values else float('nan'):6.1f} ms"
+                )
             log(f"  SMTP connections opened by the workers: {r['sessions']} (warm-up included)")
             log(f"  {r['cpu']}")
         return 0

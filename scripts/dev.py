@@ -5,6 +5,7 @@ Each command first makes `.venv` and installs SmartMail with its test extras int
 runs the demo, the test suite, or the guards CI runs (ruff, ruff format, mypy, import rules).
 Extra arguments go to `smartmail demo` or pytest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ PYTHON = VENV / "bin" / "python"
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - run by whatever python3 the machine has
         sys.exit(f"SmartMail needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"creating {VENV}", flush=True)
@@ -39,8 +40,12 @@ def ensure_venv() -> None:
 def check() -> int:
     """The guards, each run even when one before it failed; non-zero if any failed."""
     bin_ = VENV / "bin"
-    guards = [[str(bin_ / "ruff"), "check", "."], [str(bin_ / "ruff"), "format", "--check", "."],
-              [str(bin_ / "mypy")], [str(bin_ / "lint-imports")]]
+    guards = [
+        [str(bin_ / "ruff"), "check", "."],
+        [str(bin_ / "ruff"), "format", "--check", "."],
+        [str(bin_ / "mypy")],
+        [str(bin_ / "lint-imports")],
+    ]
     failed = [g for g in guards if subprocess.run(g, cwd=ROOT).returncode != 0]
     for guard in failed:
         print(f"failed: {Path(guard[0]).name} {' '.join(guard[1:])}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The naive baseline for scripts/bench_send.py: one Celery task per email, rendered and sent over a new SMTP connection.
+"""The naive baseline of the benchmarks: one Celery task per email, rendered and sent over a new connection.
 
 This is deliberately what people write first (Celery's defaults throughout: early acks, prefetch 4,
 pickle-free json, no result backend configured). Configured by environment variables so the
@@ -12,6 +12,7 @@ benchmark can point it at its own broker and SMTP sink:
 
 Run a worker with `celery -A naive_baseline worker` from this directory (or with it on PYTHONPATH).
 """
+
 from __future__ import annotations
 
 import os

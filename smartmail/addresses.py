@@ -1,4 +1,5 @@
 """Address and header validation: one place that decides what may reach an SMTP envelope or header."""
+
 from __future__ import annotations
 
 import functools
@@ -16,8 +17,21 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+")
 # Headers SmartMail writes itself; letting callers set them would allow spoofing or duplicates.
 RESERVED_HEADERS = frozenset(
     h.lower()
-    for h in ("From", "To", "Cc", "Bcc", "Subject", "Reply-To", "Message-ID", "Date",
-              "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Sender", "Return-Path")
+    for h in (
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Subject",
+        "Reply-To",
+        "Message-ID",
+        "Date",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Sender",
+        "Return-Path",
+    )
 )
 
 

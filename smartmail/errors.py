@@ -1,4 +1,5 @@
 """Domain exceptions, in one place: each bad-input error names the field it is about."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Structured logging (structlog): console output for people, JSON lines for log collectors."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Per-process state (settings, engines, clients, caches, the shaper, the transport) in one registry with reset()."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Contacts and lists: create, upsert, update and erase contacts, list membership, and `track` for custom events."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,12 @@ log = structlog.get_logger("smartmail.contacts")
 
 STATUSES = tuple(s.value for s in ContactStatus)
 # A contact status that must never be mailed maps to a suppression reason, and back.
-STATUS_TO_SUPPRESSION = {"unsubscribed": "unsubscribed", "bounced": "hard_bounce", "complained": "complaint",
-                         "blocked": "manual"}
+STATUS_TO_SUPPRESSION = {
+    "unsubscribed": "unsubscribed",
+    "bounced": "hard_bounce",
+    "complained": "complaint",
+    "blocked": "manual",
+}
 SUPPRESSION_TO_STATUS = {"unsubscribed": "unsubscribed", "hard_bounce": "bounced", "complaint": "complained"}
 # Event types the tracking and delivery code record; `track` is for the application's own names.
 RESERVED_EVENTS = frozenset({"open", "click", "sent", "bounce", "complaint", "unsubscribe", "delivered"})
@@ -40,6 +45,7 @@ _BAD_ATTRIBUTE_CHARS = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
 # --- Validation -----------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=65536)
 def _domain_ok(domain: str) -> str | None:
@@ -81,8 +87,10 @@ def normalize_email(value: Any, *, field: str = "email") -> str:
 
 def check_attribute_name(name: Any, *, field: str) -> str:
     if not isinstance(name, str) or not 0 < len(name) <= 64 or _BAD_ATTRIBUTE_CHARS.search(name):
-        raise InvalidInput(f"{name!r} is not a valid attribute name (1-64 characters, no quotes, "
-                           "backslashes or control characters)", field=field)
+        raise InvalidInput(
+            f"{name!r} is not a valid attribute name (1-64 characters, no quotes, backslashes or control characters)",
+            field=field,
+        )
     return name
 
 
@@ -176,11 +184,21 @@ def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- Contacts ---------------------------------------------------------------------------------------
 
+
 def as_dict(contact: Contact, lists: list[str] | None = None) -> dict[str, Any]:
-    data = {"id": contact.id, "email": contact.email, "status": contact.status,
-            "attributes": dict(contact.attributes or {}), "timezone": contact.timezone, "locale": contact.locale,
-            "source": contact.source, "created_at": contact.created_at, "updated_at": contact.updated_at,
-            "last_open_at": contact.last_open_at, "last_click_at": contact.last_click_at}
+    data = {
+        "id": contact.id,
+        "email": contact.email,
+        "status": contact.status,
+        "attributes": dict(contact.attributes or {}),
+        "timezone": contact.timezone,
+        "locale": contact.locale,
+        "source": contact.source,
+        "created_at": contact.created_at,
+        "updated_at": contact.updated_at,
+        "last_open_at": contact.last_open_at,
+        "last_click_at": contact.last_click_at,
+    }
     if lists is not None:
         data["lists"] = lists
     return data
@@ -198,9 +216,11 @@ def _sync_suppression(session: Session, email: str, status: str) -> None:
     path checks); an explicit return to `subscribed` takes it off."""
     if status in STATUS_TO_SUPPRESSION:
         insert = dialect.insert(session)
-        session.execute(insert(Suppression).values(email=email, reason=STATUS_TO_SUPPRESSION[status],
-                                                   detail="contact status", created_at=utcnow())
-                        .on_conflict_do_nothing(index_elements=["email"]))
+        session.execute(
+            insert(Suppression)
+            .values(email=email, reason=STATUS_TO_SUPPRESSION[status], detail="contact status", created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["email"])
+        )
     elif status == ContactStatus.SUBSCRIBED.value:
         session.execute(delete(Suppression).where(Suppression.email == email))
 
@@ -210,10 +230,14 @@ def _get(session: Session, email: str) -> Contact | None:
 
 
 def _lists_of(session: Session, contact_id: int) -> list[str]:
-    return list(session.scalars(
-        select(ContactList.name).join(ListMembership, ListMembership.list_id == ContactList.id)
-        .where(ListMembership.contact_id == contact_id, ListMembership.status == "subscribed")
-        .order_by(ContactList.name)))
+    return list(
+        session.scalars(
+            select(ContactList.name)
+            .join(ListMembership, ListMembership.list_id == ContactList.id)
+            .where(ListMembership.contact_id == contact_id, ListMembership.status == "subscribed")
+            .order_by(ContactList.name)
+        )
+    )
 
 
 def _apply(session: Session, contact: Contact, fields: dict[str, Any], *, merge: bool) -> None:
@@ -237,10 +261,16 @@ def _create(session: Session, email: str, fields: dict[str, Any]) -> Contact:
     # A given status wins (an explicit `subscribed` lifts the suppression); otherwise a suppressed
     # address starts with the matching status.
     status = fields.get("status") or suppressed_as or ContactStatus.SUBSCRIBED.value
-    contact = Contact(email=email, status=status,
-                      attributes={k: v for k, v in fields.get("attributes", {}).items() if v is not None},
-                      timezone=fields.get("timezone"), locale=fields.get("locale"), source=fields.get("source"),
-                      created_at=now, updated_at=now)
+    contact = Contact(
+        email=email,
+        status=status,
+        attributes={k: v for k, v in fields.get("attributes", {}).items() if v is not None},
+        timezone=fields.get("timezone"),
+        locale=fields.get("locale"),
+        source=fields.get("source"),
+        created_at=now,
+        updated_at=now,
+    )
     session.add(contact)
     session.flush()
     if "status" in fields:
@@ -301,9 +331,11 @@ def delete_contact(email: str) -> bool:
         contact = _get(session, email)
         insert = dialect.insert(session)
         # Keep an existing reason (a hard bounce stays a hard bounce); otherwise record the erasure.
-        session.execute(insert(Suppression).values(email=email, reason="erased", detail="contact deleted",
-                                                   created_at=utcnow())
-                        .on_conflict_do_nothing(index_elements=["email"]))
+        session.execute(
+            insert(Suppression)
+            .values(email=email, reason="erased", detail="contact deleted", created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["email"])
+        )
         if contact is None:
             return False
         # Explicit deletes rather than relying on ON DELETE CASCADE: SQLite only honours it with
@@ -325,6 +357,7 @@ def count_contacts(status: str | None = None) -> int:
 
 # --- Lists --------------------------------------------------------------------------------------------
 
+
 def _list_by_name(session: Session, name: str, *, field: str = "list") -> ContactList:
     row = session.scalar(select(ContactList).where(ContactList.name == name))
     if row is None:
@@ -342,8 +375,13 @@ def create_list(name: str, description: str | None = None) -> dict[str, Any]:
         row = ContactList(name=name, description=description, created_at=utcnow())
         session.add(row)
         session.flush()
-        return {"id": row.id, "name": row.name, "description": row.description, "created_at": row.created_at,
-                "members": 0}
+        return {
+            "id": row.id,
+            "name": row.name,
+            "description": row.description,
+            "created_at": row.created_at,
+            "members": 0,
+        }
 
 
 def get_list_id(name: str) -> int:
@@ -354,13 +392,22 @@ def get_list_id(name: str) -> int:
 
 def get_lists() -> list[dict[str, Any]]:
     """Every list with its number of subscribed members."""
-    members = (select(ListMembership.list_id, func.count().label("n")).where(ListMembership.status == "subscribed")
-               .group_by(ListMembership.list_id).subquery())
+    members = (
+        select(ListMembership.list_id, func.count().label("n"))
+        .where(ListMembership.status == "subscribed")
+        .group_by(ListMembership.list_id)
+        .subquery()
+    )
     with session_scope() as session:
-        rows = session.execute(select(ContactList, func.coalesce(members.c.n, 0))
-                               .outerjoin(members, members.c.list_id == ContactList.id).order_by(ContactList.name))
-        return [{"id": row.id, "name": row.name, "description": row.description, "created_at": row.created_at,
-                 "members": n} for row, n in rows]
+        rows = session.execute(
+            select(ContactList, func.coalesce(members.c.n, 0))
+            .outerjoin(members, members.c.list_id == ContactList.id)
+            .order_by(ContactList.name)
+        )
+        return [
+            {"id": row.id, "name": row.name, "description": row.description, "created_at": row.created_at, "members": n}
+            for row, n in rows
+        ]
 
 
 def delete_list(name: str) -> bool:
@@ -388,12 +435,15 @@ def add_members(list_name: str, emails: Iterable[str], *, source: str = "api") -
         for email in normalized:
             contact = _get(session, email) or _create(session, email, {"source": source})
             result = session.execute(
-                insert(ListMembership).values(list_id=target.id, contact_id=contact.id, status="subscribed",
-                                              joined_at=now, source=source)
-                .on_conflict_do_update(index_elements=["list_id", "contact_id"],
-                                       set_={"status": "subscribed", "joined_at": now, "source": source},
-                                       where=ListMembership.status != "subscribed")
-                .returning(ListMembership.contact_id))
+                insert(ListMembership)
+                .values(list_id=target.id, contact_id=contact.id, status="subscribed", joined_at=now, source=source)
+                .on_conflict_do_update(
+                    index_elements=["list_id", "contact_id"],
+                    set_={"status": "subscribed", "joined_at": now, "source": source},
+                    where=ListMembership.status != "subscribed",
+                )
+                .returning(ListMembership.contact_id)
+            )
             joined += len(result.all())
         return joined
 
@@ -405,24 +455,31 @@ def remove_members(list_name: str, emails: Iterable[str]) -> int:
     with session_scope() as session:
         target = _list_by_name(session, list_name)
         ids = select(Contact.id).where(Contact.email.in_(normalized)).scalar_subquery()
-        result = session.connection().execute(delete(ListMembership.__table__).where(
-            ListMembership.list_id == target.id, ListMembership.contact_id.in_(ids)))
+        result = session.connection().execute(
+            delete(ListMembership.__table__).where(
+                ListMembership.list_id == target.id, ListMembership.contact_id.in_(ids)
+            )
+        )
         return result.rowcount
 
 
 # --- Custom events ------------------------------------------------------------------------------------
 
-def track(email: str, event: str, properties: Mapping[str, Any] | None = None, *,
-          occurred_at: datetime | None = None) -> int:
+
+def track(
+    email: str, event: str, properties: Mapping[str, Any] | None = None, *, occurred_at: datetime | None = None
+) -> int:
     """Record a custom event (e.g. `order_placed`) for a contact, creating the contact if it is new;
     segments and automations select on these. Returns the event id."""
     email = normalize_email(email)
     if not isinstance(event, str) or not _EVENT_NAME.fullmatch(event):
-        raise InvalidInput(f"{event!r} is not an event name (a letter, then up to 63 letters, digits or _ . : -)",
-                           field="event")
+        raise InvalidInput(
+            f"{event!r} is not an event name (a letter, then up to 63 letters, digits or _ . : -)", field="event"
+        )
     if event.lower() in RESERVED_EVENTS:
-        raise InvalidInput(f"{event!r} is recorded by SmartMail's tracking and cannot be tracked by hand",
-                           field="event")
+        raise InvalidInput(
+            f"{event!r} is recorded by SmartMail's tracking and cannot be tracked by hand", field="event"
+        )
     if properties is None:
         properties = {}
     if not isinstance(properties, Mapping) or not all(isinstance(k, str) for k in properties):
@@ -443,6 +500,7 @@ def track(email: str, event: str, properties: Mapping[str, Any] | None = None, *
 
 
 # --- For modules that change a contact inside their own transaction (unsubscribe, …) ----------------
+
 
 def sync_suppression(session: Session, email: str, status: str) -> None:
     """Public name of `_sync_suppression`: put the address on (or take it off) the suppression list

@@ -1,4 +1,5 @@
 """Contact export to CSV, with spreadsheet formulas neutralized (OWASP "CSV Injection")."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,17 @@ from smartmail.store.models import Contact
 # A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets;
 # tab and carriage return can hide such a start (https://owasp.org/www-community/attacks/CSV_Injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-BASE_COLUMNS = ("email", "status", "timezone", "locale", "source", "created_at", "updated_at",
-                "last_open_at", "last_click_at")
+BASE_COLUMNS = (
+    "email",
+    "status",
+    "timezone",
+    "locale",
+    "source",
+    "created_at",
+    "updated_at",
+    "last_open_at",
+    "last_click_at",
+)
 
 
 def safe_cell(value: Any) -> Any:
@@ -53,6 +63,8 @@ def export_contacts(out: TextIO, *, contact_ids=None, batch: int = 5000) -> int:
     with reader() as connection:
         for row in connection.execution_options(yield_per=batch).execute(query):
             values = row.attributes or {}
-            writer.writerow([*(_cell(getattr(row, c)) for c in BASE_COLUMNS), *(_cell(values.get(a)) for a in attributes)])
+            writer.writerow(
+                [*(_cell(getattr(row, c)) for c in BASE_COLUMNS), *(_cell(values.get(a)) for a in attributes)]
+            )
             count += 1
     return count

@@ -1,4 +1,5 @@
 """Segments: a JSON rule language checked with field paths and compiled to one SQL query over contacts."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ from sqlalchemy import and_, exists, func, not_, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
-from smartmail.errors import InvalidSegment
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
-from smartmail.store.sql import json_attributes
-from smartmail.store.sql.json_attributes import JsonAttributes, guard
+from smartmail.errors import InvalidSegment
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message, Segment
+from smartmail.store.sql import json_attributes
+from smartmail.store.sql.json_attributes import JsonAttributes, guard
 
 OPERATORS = ("eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists")
 ENGAGEMENT = {"opened_within": "open", "clicked_within": "click"}
@@ -33,6 +34,7 @@ messages_t = Message.__table__
 
 
 # --- Parsing: JSON → a small checked tree -----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Attr:
@@ -127,8 +129,10 @@ def _parse(rule: Any, path: str, depth: int, counter: list[int]) -> Any:
         values = rule["status"] if isinstance(rule["status"], list) else [rule["status"]]
         for i, value in enumerate(values):
             if value not in STATUSES:
-                raise InvalidSegment(f"{value!r} is not one of {', '.join(STATUSES)}",
-                                     field=f"{path}.status" + (f"[{i}]" if isinstance(rule["status"], list) else ""))
+                raise InvalidSegment(
+                    f"{value!r} is not one of {', '.join(STATUSES)}",
+                    field=f"{path}.status" + (f"[{i}]" if isinstance(rule["status"], list) else ""),
+                )
         if not values:
             raise InvalidSegment("must name at least one status", field=f"{path}.status")
         return Simple("status", tuple(values))
@@ -152,8 +156,11 @@ def _parse(rule: Any, path: str, depth: int, counter: list[int]) -> Any:
             raise InvalidSegment(f"must be a whole number from 1, not {min_count!r}", field=f"{path}.min_count")
         return EventRule(name, within, min_count)
     keys = ", ".join(repr(k) for k in rule) or "nothing"
-    raise InvalidSegment(f"unknown rule ({keys}); expected one of all, any, not, attr, status, list, "
-                         "created_within, opened_within, clicked_within, sent_within, event", field=path)
+    raise InvalidSegment(
+        f"unknown rule ({keys}); expected one of all, any, not, attr, status, list, "
+        "created_within, opened_within, clicked_within, sent_within, event",
+        field=path,
+    )
 
 
 def _only(rule: Mapping, allowed: set[str], path: str) -> None:
@@ -252,24 +259,31 @@ def _clause(node: Any, sql: JsonAttributes, now: datetime, after: int | None) ->
         since = now - timedelta(days=node.within) if node.within else None
         if node.min_count == 1:
             return exists().where(*_of_contact(events_t.c.contact_id, after), *_events_since(node.name, since))
-        counted = (select(events_t.c.contact_id).where(*_events_since(node.name, since))
-                   .group_by(events_t.c.contact_id).having(func.count() >= node.min_count))
+        counted = (
+            select(events_t.c.contact_id)
+            .where(*_events_since(node.name, since))
+            .group_by(events_t.c.contact_id)
+            .having(func.count() >= node.min_count)
+        )
         return contacts_t.c.id.in_(counted)
     kind, value = node.kind, node.value
     if kind == "status":
         return contacts_t.c.status.in_(value)
     if kind == "list":
-        return exists().where(*_of_contact(members_t.c.contact_id, after), members_t.c.status == "subscribed",
-                              members_t.c.list_id == select(lists_t.c.id).where(lists_t.c.name == value)
-                              .scalar_subquery())
+        return exists().where(
+            *_of_contact(members_t.c.contact_id, after),
+            members_t.c.status == "subscribed",
+            members_t.c.list_id == select(lists_t.c.id).where(lists_t.c.name == value).scalar_subquery(),
+        )
     since = now - timedelta(days=value)
     if kind == "created_within":
         return contacts_t.c.created_at >= since
     if kind in ENGAGEMENT:
         return exists().where(*_of_contact(events_t.c.contact_id, after), *_events_since(ENGAGEMENT[kind], since))
     if kind == "sent_within":
-        sent = select(sql.recipient_address(messages_t.c.recipient)).where(messages_t.c.state == "sent",
-                                                                           messages_t.c.finished_at >= since)
+        sent = select(sql.recipient_address(messages_t.c.recipient)).where(
+            messages_t.c.state == "sent", messages_t.c.finished_at >= since
+        )
         return contacts_t.c.email.in_(sent)
     raise AssertionError(kind)
 
@@ -281,8 +295,7 @@ def compile_where(rules: Any, bind: Any, now: datetime | None = None, after: int
     return where if after is None else and_(contacts_t.c.id > after, where)
 
 
-def audience_query(rules: Any, bind: Any = None, now: datetime | None = None,
-                   after: int | None = None) -> Select:
+def audience_query(rules: Any, bind: Any = None, now: datetime | None = None, after: int | None = None) -> Select:
     """SELECT contacts.id of a segment's audience, for callers to page through by keyset, e.g.
     `audience_query(r, after=last_id).order_by(contacts.c.id).limit(1000)`.
     `rules` is a rule tree or a saved segment's name; `bind` as for compile_where (default: the engine)."""
@@ -290,6 +303,7 @@ def audience_query(rules: Any, bind: Any = None, now: datetime | None = None,
 
 
 # --- Saved segments and their use ------------------------------------------------------------------
+
 
 def _check_lists(node: Any) -> None:
     """A rule naming a list that does not exist is a mistake worth an error, not an empty segment."""
@@ -342,14 +356,21 @@ def save_segment(name: str, rules: Any) -> dict[str, Any]:
         else:
             row.rules, row.updated_at = rules, now
         session.flush()
-        return {"id": row.id, "name": row.name, "rules": row.rules, "created_at": row.created_at,
-                "updated_at": row.updated_at}
+        return {
+            "id": row.id,
+            "name": row.name,
+            "rules": row.rules,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+        }
 
 
 def get_segments() -> list[dict[str, Any]]:
     with session_scope() as session:
-        return [{"id": s.id, "name": s.name, "rules": s.rules, "updated_at": s.updated_at}
-                for s in session.scalars(select(Segment).order_by(Segment.name))]
+        return [
+            {"id": s.id, "name": s.name, "rules": s.rules, "updated_at": s.updated_at}
+            for s in session.scalars(select(Segment).order_by(Segment.name))
+        ]
 
 
 def delete_segment(name: str) -> bool:
@@ -378,8 +399,5 @@ def preview(rules_or_name: Any, limit: int = 10) -> list[dict[str, Any]]:
     check(rules)
     engine = get_engine()
     with session_scope() as session:
-        rows = session.scalars(select(Contact).where(compile_where(rules, engine))
-                               .order_by(Contact.id).limit(limit))
+        rows = session.scalars(select(Contact).where(compile_where(rules, engine)).order_by(Contact.id).limit(limit))
         return [as_dict(c) for c in rows]
-
-

@@ -1,4 +1,5 @@
 """The unsubscribe itself: the contact's status, the suppression list and an event, in one transaction."""
+
 from __future__ import annotations
 
 import structlog
@@ -34,8 +35,14 @@ def unsubscribe(contact_id: int, campaign_id: int | None, *, source: str) -> boo
             sync_suppression(session, contact.email, ContactStatus.UNSUBSCRIBED.value)
             changed = True
         if changed:
-            session.add(Event(type="unsubscribe", contact_id=contact.id, occurred_at=utcnow(),
-                              properties={"campaign_id": campaign_id, "source": source}))
+            session.add(
+                Event(
+                    type="unsubscribe",
+                    contact_id=contact.id,
+                    occurred_at=utcnow(),
+                    properties={"campaign_id": campaign_id, "source": source},
+                )
+            )
     if changed:
         log.info("contact.unsubscribed", contact_id=contact_id, campaign_id=campaign_id, source=source)
     return changed

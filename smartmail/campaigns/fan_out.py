@@ -1,4 +1,5 @@
 """Campaign fan-out: the audience query, a page of contacts at a time into message rows, the fan-out lease."""
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -68,9 +69,11 @@ def audience_query(session, campaign: Campaign, after: int | None = None):
             raise NotFound(f"campaign {campaign.name!r}: no saved segment named {campaign.segment!r}")
         rules.append(segment_rules)
     contacts = Contact.__table__
-    return (segments.audience_query({"all": rules}, session, after=after)
-            .add_columns(contacts.c.email, contacts.c.timezone)
-            .where(~exists().where(Suppression.email == contacts.c.email)))
+    return (
+        segments.audience_query({"all": rules}, session, after=after)
+        .add_columns(contacts.c.email, contacts.c.timezone)
+        .where(~exists().where(Suppression.email == contacts.c.email))
+    )
 
 
 def fan_out(campaign_id: int, owner: str | None = None) -> int:
@@ -97,8 +100,9 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
                 return created
             campaign.fan_out_until = _lease_end()
             contacts = Contact.__table__
-            page = session.execute(audience_query(session, campaign, after=campaign.cursor)
-                                   .order_by(contacts.c.id).limit(PAGE)).all()
+            page = session.execute(
+                audience_query(session, campaign, after=campaign.cursor).order_by(contacts.c.id).limit(PAGE)
+            ).all()
             if not page:
                 campaign.fanned_out = True
                 log.info("campaign.fanned_out", campaign=campaign.name, messages=created)
@@ -129,8 +133,9 @@ def _message_rows(campaign: Campaign, page: list, now: datetime) -> list[Message
     rows = []
     for message_id, (contact_id, email, zone) in zip(new_ids(len(page)), page):
         opens = window_opens(now, known_zone(zone, window[2]), window[0], window[1]) if window else None
-        rows.append(MessageRow(message_id, scheduled if opens else queued, email, contact_id, opens,
-                               None if opens else now))
+        rows.append(
+            MessageRow(message_id, scheduled if opens else queued, email, contact_id, opens, None if opens else now)
+        )
     return rows
 
 
@@ -138,14 +143,21 @@ def _redispatch_waiting(campaign_id: int) -> None:
     """Rows whose ids are not in the outbox: queued ones (a pause dropped them, or a fan-out died
     between its commit and its dispatch) and deferred ones that came due while the campaign was
     paused. Hand them to the bulk queue again; claims are conditional."""
-    waiting = or_(Message.state == MessageState.QUEUED.value,
-                  and_(Message.state == MessageState.DEFERRED.value, Message.next_attempt_at <= utcnow()))
+    waiting = or_(
+        Message.state == MessageState.QUEUED.value,
+        and_(Message.state == MessageState.DEFERRED.value, Message.next_attempt_at <= utcnow()),
+    )
     last = ""
     while True:
         with reader() as connection:
-            ids = list(connection.scalars(
-                select(Message.id).where(Message.campaign_id == campaign_id, waiting, Message.id > last)
-                .order_by(Message.id).limit(5000)))
+            ids = list(
+                connection.scalars(
+                    select(Message.id)
+                    .where(Message.campaign_id == campaign_id, waiting, Message.id > last)
+                    .order_by(Message.id)
+                    .limit(5000)
+                )
+            )
         if not ids:
             return
         enqueue(ids, BULK)
@@ -157,8 +169,13 @@ def take_lost_fan_outs(now: datetime) -> list[tuple[int, str, str]]:
     (SKIP LOCKED: a fan-out renewing its lease right now is alive), so two beats cannot both
     restart one, and a renewal cannot slip in between."""
     with session_scope() as session:
-        lost = session.scalars(select(Campaign).where(
-            Campaign.state == CampaignState.SENDING.value, ~Campaign.fanned_out,
-            or_(Campaign.fan_out_until.is_(None), Campaign.fan_out_until < now))
-            .with_for_update(skip_locked=True)).all()
+        lost = session.scalars(
+            select(Campaign)
+            .where(
+                Campaign.state == CampaignState.SENDING.value,
+                ~Campaign.fanned_out,
+                or_(Campaign.fan_out_until.is_(None), Campaign.fan_out_until < now),
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
         return [(c.id, c.name, hand_fan_out(c, now)) for c in lost]

@@ -1,4 +1,5 @@
 """Campaigns: create, schedule, launch, pause, resume and cancel; run what is due; report progress."""
+
 from __future__ import annotations
 
 import re
@@ -36,11 +37,16 @@ from smartmail.workers.dispatch import publish
 log = structlog.get_logger("smartmail.campaigns")
 
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
-_OPEN = (MessageState.QUEUED.value, MessageState.SENDING.value, MessageState.DEFERRED.value,
-         MessageState.SCHEDULED.value)
+_OPEN = (
+    MessageState.QUEUED.value,
+    MessageState.SENDING.value,
+    MessageState.DEFERRED.value,
+    MessageState.SCHEDULED.value,
+)
 
 
 # --- Send windows ------------------------------------------------------------------------------
+
 
 def parse_window(value: str | None, *, field: str = "window") -> tuple[str, str] | None:
     """`"08:00-20:00"` → ("08:00", "20:00"); a window may wrap midnight ("22:00-06:00")."""
@@ -54,13 +60,14 @@ def parse_window(value: str | None, *, field: str = "window") -> tuple[str, str]
 
 # --- The API -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CampaignStatus:
     name: str
     state: str
     counts: dict[str, int]
     total: int
-    rate: float           # messages sent per second over the last minute
+    rate: float  # messages sent per second over the last minute
     eta_seconds: float | None
     fanned_out: bool
 
@@ -72,10 +79,20 @@ def _get(session, name: str) -> Campaign:
     return campaign
 
 
-def create_campaign(name: str, *, template: str, lists: Iterable[str] = (), segment: str | None = None,
-                    from_: str | None = None, reply_to: str | None = None, send_at: datetime | None = None,
-                    window: str | None = None, window_timezone: str = "UTC", rate_cap: float | None = None,
-                    tags: Iterable[str] = ()) -> dict[str, Any]:
+def create_campaign(
+    name: str,
+    *,
+    template: str,
+    lists: Iterable[str] = (),
+    segment: str | None = None,
+    from_: str | None = None,
+    reply_to: str | None = None,
+    send_at: datetime | None = None,
+    window: str | None = None,
+    window_timezone: str = "UTC",
+    rate_cap: float | None = None,
+    tags: Iterable[str] = (),
+) -> dict[str, Any]:
     """A draft campaign: `template` to the members of `lists` and/or the saved `segment`, minus
     suppressed and non-subscribed contacts. Errors name the field; nothing is stored then."""
     settings = get_settings()
@@ -108,11 +125,23 @@ def create_campaign(name: str, *, template: str, lists: Iterable[str] = (), segm
             raise InvalidInput(f"no saved segment named {segment!r}", field="segment")
         if session.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
             raise InvalidInput(f"a campaign named {name!r} exists already", field="name")
-        campaign = Campaign(name=name, state=CampaignState.DRAFT.value, template_name=template, lists=lists,
-                            segment=segment, sender=sender, reply_to=reply, send_at=send_at, tags=list(tags),
-                            window_start=start_end[0] if start_end else None,
-                            window_end=start_end[1] if start_end else None, window_timezone=window_timezone,
-                            rate_cap=rate_cap, cursor=0, fanned_out=False)
+        campaign = Campaign(
+            name=name,
+            state=CampaignState.DRAFT.value,
+            template_name=template,
+            lists=lists,
+            segment=segment,
+            sender=sender,
+            reply_to=reply,
+            send_at=send_at,
+            tags=list(tags),
+            window_start=start_end[0] if start_end else None,
+            window_end=start_end[1] if start_end else None,
+            window_timezone=window_timezone,
+            rate_cap=rate_cap,
+            cursor=0,
+            fanned_out=False,
+        )
         session.add(campaign)
         session.flush()
         if send_at is not None:
@@ -132,8 +161,9 @@ def launch_campaign(name: str) -> None:
     with session_scope() as session:
         campaign = _get(session, name)
         if not _start(session, campaign):
-            raise InvalidInput(f"campaign {name!r} is {campaign.state}; only a draft or scheduled one can launch",
-                               field="state")
+            raise InvalidInput(
+                f"campaign {name!r} is {campaign.state}; only a draft or scheduled one can launch", field="state"
+            )
         campaign_id, owner = campaign.id, campaign.fan_out_owner
     _publish_fan_out(campaign_id, owner)
 
@@ -164,11 +194,16 @@ def cancel_campaign(name: str) -> int:
         campaign.finished_at = utcnow()
         session.flush()  # the campaign's row first, then its messages: the order delivery's recording keeps
         result = session.execute(
-            update(Message).where(Message.campaign_id == campaign.id,
-                                  Message.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value,
-                                                     MessageState.SCHEDULED.value]))
+            update(Message)
+            .where(
+                Message.campaign_id == campaign.id,
+                Message.state.in_(
+                    [MessageState.QUEUED.value, MessageState.DEFERRED.value, MessageState.SCHEDULED.value]
+                ),
+            )
             .values(state=MessageState.CANCELLED.value, finished_at=utcnow(), reason="campaign cancelled"),
-            execution_options={"synchronize_session": False})
+            execution_options={"synchronize_session": False},
+        )
         return result.rowcount
 
 
@@ -189,11 +224,15 @@ def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
     settings = get_settings()
     ref = template_store.resolve(session, campaign.template_name, settings.templates_dir)
     if ref.version is not None:
-        parts = {part: template_store.load_part(None, ref.name, ref.version, part, session=session)
-                 for part in ("subject", "html", "text")}
+        parts = {
+            part: template_store.load_part(None, ref.name, ref.version, part, session=session)
+            for part in ("subject", "html", "text")
+        }
     else:
-        parts = {part: (ref.path / filename).read_text(encoding="utf-8") if (ref.path / filename).is_file() else None
-                 for part, filename in template_store.FILE_PARTS.items()}
+        parts = {
+            part: (ref.path / filename).read_text(encoding="utf-8") if (ref.path / filename).is_file() else None
+            for part, filename in template_store.FILE_PARTS.items()
+        }
     campaign.subject, campaign.html, campaign.text = parts["subject"], parts["html"], parts["text"]
     if campaign.text is None and campaign.html:
         campaign.text = rendering.text_source_from_html(campaign.html)
@@ -210,20 +249,35 @@ def _publish_fan_out(campaign_id: int, owner: str | None) -> None:
 
 def campaign_status(name: str) -> CampaignStatus:
     with reader() as connection:
-        campaign = connection.execute(select(Campaign.id, Campaign.state, Campaign.fanned_out)
-                                      .where(Campaign.name == name)).first()
+        campaign = connection.execute(
+            select(Campaign.id, Campaign.state, Campaign.fanned_out).where(Campaign.name == name)
+        ).first()
         if campaign is None:
             raise NotFound(f"no campaign named {name!r}")
-        counts = dict(connection.execute(select(Message.state, func.count()).where(Message.campaign_id == campaign.id)
-                                         .group_by(Message.state)).all())
+        counts = dict(
+            connection.execute(
+                select(Message.state, func.count()).where(Message.campaign_id == campaign.id).group_by(Message.state)
+            ).all()
+        )
         minute_ago = utcnow() - timedelta(seconds=60)
-        recent = connection.scalar(select(func.count()).where(Message.campaign_id == campaign.id,
-                                                              Message.state == MessageState.SENT.value,
-                                                              Message.finished_at >= minute_ago))
+        recent = connection.scalar(
+            select(func.count()).where(
+                Message.campaign_id == campaign.id,
+                Message.state == MessageState.SENT.value,
+                Message.finished_at >= minute_ago,
+            )
+        )
     remaining = sum(counts.get(s, 0) for s in _OPEN)
     rate = recent / 60.0
-    return CampaignStatus(name, campaign.state, counts, sum(counts.values()), rate,
-                          remaining / rate if rate > 0 else None, bool(campaign.fanned_out))
+    return CampaignStatus(
+        name,
+        campaign.state,
+        counts,
+        sum(counts.values()),
+        rate,
+        remaining / rate if rate > 0 else None,
+        bool(campaign.fanned_out),
+    )
 
 
 def run_due(now: datetime | None = None) -> None:
@@ -231,8 +285,9 @@ def run_due(now: datetime | None = None) -> None:
     mark finished campaigns sent."""
     now = now or utcnow()
     with session_scope() as session:
-        due = session.scalars(select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value,
-                                                     Campaign.send_at <= now)).all()
+        due = session.scalars(
+            select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value, Campaign.send_at <= now)
+        ).all()
         started = [(c.id, c.fan_out_owner) for c in due if _start(session, c, now)]
     for campaign_id, owner in started:
         log.info("campaign.started", campaign_id=campaign_id)
@@ -242,12 +297,26 @@ def run_due(now: datetime | None = None) -> None:
         _publish_fan_out(campaign_id, owner)
     open_messages = exists().where(Message.campaign_id == Campaign.id, Message.state.in_(_OPEN))
     with session_scope() as session:
-        session.execute(update(Campaign).where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out,
-                                               ~open_messages)
-                        .values(state=CampaignState.SENT.value, finished_at=now),
-                        execution_options={"synchronize_session": False})
+        session.execute(
+            update(Campaign)
+            .where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out, ~open_messages)
+            .values(state=CampaignState.SENT.value, finished_at=now),
+            execution_options={"synchronize_session": False},
+        )
 
 
-__all__ = ["CampaignStatus", "audience_query", "campaign_status", "cancel_campaign", "create_campaign",
-           "fan_out", "launch_campaign", "parse_window", "pause_campaign", "resume_campaign", "run_due",
-           "schedule_campaign", "window_opens"]
+__all__ = [
+    "CampaignStatus",
+    "audience_query",
+    "campaign_status",
+    "cancel_campaign",
+    "create_campaign",
+    "fan_out",
+    "launch_campaign",
+    "parse_window",
+    "pause_campaign",
+    "resume_campaign",
+    "run_due",
+    "schedule_campaign",
+    "window_opens",
+]

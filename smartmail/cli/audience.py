@@ -1,4 +1,5 @@
 """`smartmail contacts`, `smartmail lists` and `smartmail segments`: the audience commands."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from smartmail.cli.output import err, fail, out
 contacts_app = typer.Typer(help="Contacts: add, show, change, erase, import and export.", no_args_is_help=True)
 lists_app = typer.Typer(help="Lists and their members.", no_args_is_help=True)
 segments_app = typer.Typer(help="Segments: saved JSON rules, counts and previews.", no_args_is_help=True)
-
 
 
 def _print_json(data: Any) -> None:
@@ -63,6 +63,7 @@ def _json_option(value: str | None, option: str) -> Any:
 
 # --- contacts --------------------------------------------------------------------------------------
 
+
 def _contact_fields(attr: list[str], status: str | None, timezone: str | None, locale: str | None) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if attr:
@@ -76,8 +77,12 @@ def _contact_fields(attr: list[str], status: str | None, timezone: str | None, l
 @contacts_app.command("add")
 def contacts_add(
     email: str,
-    attr: Annotated[list[str], typer.Option("--attr", help="Attribute NAME=VALUE (repeatable; JSON values keep their type).")] = [],
-    status: Annotated[str | None, typer.Option(help="subscribed, unsubscribed, bounced, complained or blocked.")] = None,
+    attr: Annotated[
+        list[str], typer.Option("--attr", help="Attribute NAME=VALUE (repeatable; JSON values keep their type).")
+    ] = [],
+    status: Annotated[
+        str | None, typer.Option(help="subscribed, unsubscribed, bounced, complained or blocked.")
+    ] = None,
     timezone: Annotated[str | None, typer.Option(help="IANA time zone, e.g. Europe/Paris.")] = None,
     locale: Annotated[str | None, typer.Option(help="e.g. en or pt-BR.")] = None,
     list_: Annotated[list[str], typer.Option("--list", help="Join this list (repeatable).")] = [],
@@ -165,7 +170,8 @@ def contacts_delete(email: str, yes: Annotated[bool, typer.Option("--yes", help=
 
 @contacts_app.command("track")
 def contacts_track(
-    email: str, event: str,
+    email: str,
+    event: str,
     properties: Annotated[str | None, typer.Option(help="Event properties as a JSON object.")] = None,
 ) -> None:
     """Record a custom event, e.g. order_placed, for a contact."""
@@ -183,14 +189,20 @@ def _progress_loop(job_id: str, inline: bool) -> dict[str, Any]:
     from smartmail.audience import imports
 
     status = imports.job_status(job_id)
-    columns = (TextColumn("[bold]importing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[rows]}"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]importing"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[rows]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("import", total=status["total_bytes"] or 1, rows="")
 
         def show(s: dict[str, Any]) -> None:
-            progress.update(task, completed=s["bytes_read"],
-                            rows=f"{s['created']} new, {s['updated']} updated, {s['failed']} bad")
+            progress.update(
+                task, completed=s["bytes_read"], rows=f"{s['created']} new, {s['updated']} updated, {s['failed']} bad"
+            )
 
         if inline:
             status = imports.run_job(job_id, on_progress=show)
@@ -216,33 +228,55 @@ def _enqueue(job_id: str) -> None:
     try:
         imports.enqueue(job_id)
     except (RedisError, KombuError, OSError) as exc:
-        fail(f"import job {job_id} is stored but could not be queued ({exc}); "
-             f"run `smartmail contacts import-resume {job_id} --inline`, or start Redis and a worker", code=1)
+        fail(
+            f"import job {job_id} is stored but could not be queued ({exc}); "
+            f"run `smartmail contacts import-resume {job_id} --inline`, or start Redis and a worker",
+            code=1,
+        )
 
 
 @contacts_app.command("import")
 def contacts_import(
     file: Annotated[Path, typer.Argument(help="CSV (header row) or JSON Lines file.")],
     list_: Annotated[str | None, typer.Option("--list", help="Join every imported contact to this list.")] = None,
-    mode: Annotated[str, typer.Option(help="upsert, create (new addresses only) or update (known ones only).")] = "upsert",
+    mode: Annotated[
+        str, typer.Option(help="upsert, create (new addresses only) or update (known ones only).")
+    ] = "upsert",
     format_: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from the file name).")] = None,
-    map_: Annotated[list[str], typer.Option("--map", help="COLUMN=TARGET: email, status, timezone, locale, ignore "
-                                                          "or an attribute name (repeatable).")] = [],
-    type_: Annotated[list[str], typer.Option("--type", help="ATTRIBUTE=TYPE: string, number, integer, boolean, date, "
-                                                            "datetime or json (repeatable).")] = [],
+    map_: Annotated[
+        list[str],
+        typer.Option(
+            "--map", help="COLUMN=TARGET: email, status, timezone, locale, ignore or an attribute name (repeatable)."
+        ),
+    ] = [],
+    type_: Annotated[
+        list[str],
+        typer.Option(
+            "--type", help="ATTRIBUTE=TYPE: string, number, integer, boolean, date, datetime or json (repeatable)."
+        ),
+    ] = [],
     delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (default: detected).")] = None,
     encoding: Annotated[str | None, typer.Option(help="CSV encoding (default: detected).")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per transaction.")] = 5000,
-    errors: Annotated[Path | None, typer.Option(help="Where to write the error report (default FILE.errors.csv).")] = None,
+    errors: Annotated[
+        Path | None, typer.Option(help="Where to write the error report (default FILE.errors.csv).")
+    ] = None,
     inline: Annotated[bool, typer.Option(help="Run here instead of on a worker of the imports queue.")] = False,
     wait: Annotated[bool, typer.Option(help="Show progress until the import ends.")] = True,
 ) -> None:
     """Import contacts from a CSV or JSON Lines file, showing progress and a summary."""
     from smartmail.audience import imports
 
-    options = {"list": list_, "mode": mode, "format": format_, "mapping": _pairs(map_, "--map"),
-               "types": _pairs(type_, "--type"), "delimiter": delimiter, "encoding": encoding,
-               "batch_size": batch_size}
+    options = {
+        "list": list_,
+        "mode": mode,
+        "format": format_,
+        "mapping": _pairs(map_, "--map"),
+        "types": _pairs(type_, "--type"),
+        "delimiter": delimiter,
+        "encoding": encoding,
+        "batch_size": batch_size,
+    }
     try:
         job_id = imports.create_job(file, **options)
     except InvalidInput as exc:
@@ -284,8 +318,9 @@ def contacts_import_status(job_id: str, as_json: Annotated[bool, typer.Option("-
         _print_json(status)
     else:
         _summary(status)
-        out.print(f"{status['bytes_read']} of {status['total_bytes']} bytes, row {status['rows_done']}",
-                  highlight=False)
+        out.print(
+            f"{status['bytes_read']} of {status['total_bytes']} bytes, row {status['rows_done']}", highlight=False
+        )
 
 
 @contacts_app.command("import-errors")
@@ -337,8 +372,9 @@ def contacts_export(
             fail("give --list or --segment, not both")
         if list_ is not None:
             list_id = contacts.get_list_id(list_)
-            ids = select(ListMembership.contact_id).where(ListMembership.list_id == list_id,
-                                                          ListMembership.status == "subscribed")
+            ids = select(ListMembership.contact_id).where(
+                ListMembership.list_id == list_id, ListMembership.status == "subscribed"
+            )
         if segment is not None:
             ids = segments.audience_query(segment)
     except InvalidInput as exc:
@@ -352,6 +388,7 @@ def contacts_export(
 
 
 # --- lists -----------------------------------------------------------------------------------------
+
 
 @lists_app.command("create")
 def lists_create(name: str, description: Annotated[str | None, typer.Option()] = None) -> None:
@@ -397,7 +434,9 @@ def lists_delete(name: str, yes: Annotated[bool, typer.Option("--yes")] = False)
 
 
 @lists_app.command("add")
-def lists_add(name: str, emails: Annotated[list[str], typer.Argument(help="Addresses (new ones become contacts).")]) -> None:
+def lists_add(
+    name: str, emails: Annotated[list[str], typer.Argument(help="Addresses (new ones become contacts).")]
+) -> None:
     """Subscribe addresses to a list."""
     from smartmail.audience import contacts
 
@@ -422,6 +461,7 @@ def lists_remove(name: str, emails: list[str]) -> None:
 
 # --- segments --------------------------------------------------------------------------------------
 
+
 def _rules_or_name(name: str | None, rules: str | None) -> Any:
     if (name is None) == (rules is None):
         fail("give a saved segment NAME or --rules, one of the two")
@@ -441,8 +481,10 @@ def segments_save(name: str, rules: Annotated[str, typer.Option(help="Rules as J
 
 
 @segments_app.command("count")
-def segments_count(name: Annotated[str | None, typer.Argument()] = None,
-                   rules: Annotated[str | None, typer.Option(help="Rules as JSON, or @FILE.")] = None) -> None:
+def segments_count(
+    name: Annotated[str | None, typer.Argument()] = None,
+    rules: Annotated[str | None, typer.Option(help="Rules as JSON, or @FILE.")] = None,
+) -> None:
     """Count a saved segment's (or some rules') contacts."""
     from smartmail.audience import segments
 
@@ -456,9 +498,11 @@ def segments_count(name: Annotated[str | None, typer.Argument()] = None,
 
 
 @segments_app.command("preview")
-def segments_preview(name: Annotated[str | None, typer.Argument()] = None,
-                     rules: Annotated[str | None, typer.Option()] = None,
-                     limit: Annotated[int, typer.Option()] = 10) -> None:
+def segments_preview(
+    name: Annotated[str | None, typer.Argument()] = None,
+    rules: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option()] = 10,
+) -> None:
     """Show the first contacts a segment selects."""
     from smartmail.audience import segments
 

@@ -1,4 +1,5 @@
 """`smartmail campaign …`: create, schedule, launch, pause, resume, cancel, and watch a campaign's progress."""
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,28 @@ def create(
     from_: Annotated[str | None, typer.Option("--from")] = None,
     reply_to: Annotated[str | None, typer.Option()] = None,
     send_at: Annotated[datetime | None, typer.Option(help="ISO time (naive = UTC); scheduled if given.")] = None,
-    window: Annotated[str | None, typer.Option(help='Daily send window in the recipient\'s time zone, "08:00-20:00".')] = None,
+    window: Annotated[
+        str | None, typer.Option(help='Daily send window in the recipient\'s time zone, "08:00-20:00".')
+    ] = None,
     window_timezone: Annotated[str, typer.Option(help="Time zone for contacts without one.")] = "UTC",
     rate_cap: Annotated[float | None, typer.Option(help="Campaign-wide messages per second.")] = None,
     tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],  # noqa: B006
 ) -> None:
     """Create a campaign (a draft, or scheduled with --send-at)."""
-    created = _run(campaigns.create_campaign, name, template=template, lists=list_, segment=segment, from_=from_,
-                   reply_to=reply_to, send_at=send_at, window=window, window_timezone=window_timezone,
-                   rate_cap=rate_cap, tags=tag)
+    created = _run(
+        campaigns.create_campaign,
+        name,
+        template=template,
+        lists=list_,
+        segment=segment,
+        from_=from_,
+        reply_to=reply_to,
+        send_at=send_at,
+        window=window,
+        window_timezone=window_timezone,
+        rate_cap=rate_cap,
+        tags=tag,
+    )
     out.print(f"campaign {escape(name)} created ({created['state']})")
 
 
@@ -95,32 +109,62 @@ def cancel(name: str) -> None:
 def _table(status: campaigns.CampaignStatus) -> Table:
     table = Table("campaign", "state", "messages", *sorted(status.counts), "rate", "eta")
     eta = f"{status.eta_seconds:.0f}s" if status.eta_seconds is not None else "-"
-    table.add_row(status.name, status.state, str(status.total), *(str(status.counts[k]) for k in sorted(status.counts)),
-                  f"{status.rate:.1f}/s", eta)
+    table.add_row(
+        status.name,
+        status.state,
+        str(status.total),
+        *(str(status.counts[k]) for k in sorted(status.counts)),
+        f"{status.rate:.1f}/s",
+        eta,
+    )
     return table
 
 
 @campaign_app.command("status")
-def status(name: str, watch: Annotated[bool, typer.Option("--watch", help="A live progress bar until it ends.")] = False,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(
+    name: str,
+    watch: Annotated[bool, typer.Option("--watch", help="A live progress bar until it ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Counts per state, rate over the last minute and the time left."""
     current = _run(campaigns.campaign_status, name)
     if as_json:
-        out.print_json(json.dumps({"name": current.name, "state": current.state, "counts": current.counts,
-                                   "total": current.total, "rate": current.rate, "eta_seconds": current.eta_seconds,
-                                   "fanned_out": current.fanned_out}))
+        out.print_json(
+            json.dumps(
+                {
+                    "name": current.name,
+                    "state": current.state,
+                    "counts": current.counts,
+                    "total": current.total,
+                    "rate": current.rate,
+                    "eta_seconds": current.eta_seconds,
+                    "fanned_out": current.fanned_out,
+                }
+            )
+        )
         return
     if not watch:
         out.print(_table(current))
         return
     final = ("sent", "failed", "suppressed", "unknown", "cancelled")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=out) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=out,
+    ) as progress:
         task = progress.add_task(name, total=max(current.total, 1), rate="")
         while True:
             done = sum(current.counts.get(k, 0) for k in final)
-            progress.update(task, total=max(current.total, 1), completed=done,
-                            description=f"{name} ({current.state})", rate=f"{current.rate:.1f}/s")
+            progress.update(
+                task,
+                total=max(current.total, 1),
+                completed=done,
+                description=f"{name} ({current.state})",
+                rate=f"{current.rate:.1f}/s",
+            )
             if current.state in ("sent", "cancelled"):
                 break
             time.sleep(1)

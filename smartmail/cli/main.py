@@ -1,4 +1,5 @@
 """The `smartmail` command line: database, sending, workers, the local sink, status and the demo."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from smartmail.cli.output import err, fail, out
 from smartmail.config.settings import SettingsError, get_settings
 from smartmail.logs import configure as configure_logging
 
-app = typer.Typer(help="SmartMail: self-hosted email sending on Celery, Redis and SMTP.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="SmartMail: self-hosted email sending on Celery, Redis and SMTP.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 templates_app = typer.Typer(help="Templates stored in the database (versioned).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -28,7 +32,6 @@ app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
 app.add_typer(segments_app, name="segments")
 app.add_typer(campaign_app, name="campaign")
-
 
 
 @db_app.command("upgrade")
@@ -97,8 +100,10 @@ def send(
     tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],
     idempotency_key: Annotated[str | None, typer.Option()] = None,
     send_at: Annotated[datetime | None, typer.Option(help="ISO time; naive times are UTC.")] = None,
-    file: Annotated[Path | None, typer.Option(help="JSON file: one message object or a list (send_many).",
-                                                 exists=True, dir_okay=False)] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="JSON file: one message object or a list (send_many).", exists=True, dir_okay=False),
+    ] = None,
 ) -> None:
     """Queue email: from flags, or from a JSON file of message objects with the same field names."""
     import smartmail
@@ -126,9 +131,22 @@ def send(
             parsed_context = json.loads(context) if context else {}
         except json.JSONDecodeError as exc:
             fail(f"--context: not valid JSON: {exc}")
-        specs = [{"to": to, "template": template, "subject": subject, "html": html, "text": text,
-                  "context": parsed_context, "from_": from_, "reply_to": reply_to, "headers": _parse_header(header),
-                  "tags": tag, "idempotency_key": idempotency_key, "send_at": send_at}]
+        specs = [
+            {
+                "to": to,
+                "template": template,
+                "subject": subject,
+                "html": html,
+                "text": text,
+                "context": parsed_context,
+                "from_": from_,
+                "reply_to": reply_to,
+                "headers": _parse_header(header),
+                "tags": tag,
+                "idempotency_key": idempotency_key,
+                "send_at": send_at,
+            }
+        ]
     try:
         results = smartmail.send_many(specs)
     except smartmail.InvalidMessage as exc:
@@ -173,12 +191,28 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     except PolicyError as exc:
         fail(str(exc))
     if as_json:
-        out.print_json(json.dumps([{
-            "site": s.site.name, "domains": s.domains, "rate": s.site.rate, "current_rate": s.current_rate,
-            "burst": s.site.burst, "connections": s.state.connections, "max_connections": s.site.max_connections,
-            "deferred": s.deferred, "slowed_rate": s.state.slowed_rate, "slowed_for": s.state.slowed_for,
-            "suspended_for": s.state.suspended_for, "suspended_reason": s.state.suspended_reason,
-            "counters": s.state.counters} for s in statuses]))
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "site": s.site.name,
+                        "domains": s.domains,
+                        "rate": s.site.rate,
+                        "current_rate": s.current_rate,
+                        "burst": s.site.burst,
+                        "connections": s.state.connections,
+                        "max_connections": s.site.max_connections,
+                        "deferred": s.deferred,
+                        "slowed_rate": s.state.slowed_rate,
+                        "slowed_for": s.state.slowed_for,
+                        "suspended_for": s.state.suspended_for,
+                        "suspended_reason": s.state.suspended_reason,
+                        "counters": s.state.counters,
+                    }
+                    for s in statuses
+                ]
+            )
+        )
         return
     table = Table("site", "domains", "rate", "now", "burst", "connections", "deferred", "sent", "throttled", "notes")
     for s in statuses:
@@ -188,10 +222,19 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         if s.state.slowed_rate is not None:
             notes.append(f"slowed {s.state.slowed_for:.0f}s more")
         domains = (s.domains[0] + (f" +{len(s.domains) - 1}" if len(s.domains) > 1 else "")) if s.domains else ""
-        table.add_row(s.site.name, domains, _rate(s.site.rate), _rate(s.current_rate), str(s.site.burst) if s.site.rate else "-",
-                      f"{s.state.connections}/{s.site.max_connections}", str(s.deferred),
-                      str(s.state.counters.get("sent", 0)), str(s.state.counters.get("throttled", 0)),
-                      "; ".join(notes), style="red" if s.state.suspended_for else None)
+        table.add_row(
+            s.site.name,
+            domains,
+            _rate(s.site.rate),
+            _rate(s.current_rate),
+            str(s.site.burst) if s.site.rate else "-",
+            f"{s.state.connections}/{s.site.max_connections}",
+            str(s.deferred),
+            str(s.state.counters.get("sent", 0)),
+            str(s.state.counters.get("throttled", 0)),
+            "; ".join(notes),
+            style="red" if s.state.suspended_for else None,
+        )
     out.print(table)
 
 
@@ -213,9 +256,11 @@ def worker(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def beat(ctx: typer.Context, loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
-         schedule: Annotated[Path, typer.Option(help="Where beat keeps its schedule state.")] = Path(
-             "celerybeat-schedule")) -> None:
+def beat(
+    ctx: typer.Context,
+    loglevel: Annotated[str, typer.Option("-l", "--loglevel")] = "INFO",
+    schedule: Annotated[Path, typer.Option(help="Where beat keeps its schedule state.")] = Path("celerybeat-schedule"),
+) -> None:
     """Run Celery beat: queue due messages and reconcile with Redis on a schedule."""
     from smartmail.workers.app import app as celery_app
 

@@ -1,4 +1,5 @@
 """What every command prints with: the two consoles and `fail`, a message on stderr and a non-zero exit."""
+
 from __future__ import annotations
 
 from typing import NoReturn

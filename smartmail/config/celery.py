@@ -1,4 +1,5 @@
 """Celery configuration: queues, routing, the reliability settings of DESIGN.md, and the beat schedule."""
+
 from __future__ import annotations
 
 from kombu import Queue
@@ -13,8 +14,10 @@ def celery_config(settings: Settings) -> dict:
         "broker_url": settings.redis_url,
         # A task whose ETA/countdown exceeds the visibility timeout would be delivered twice
         # (docs/getting-started/backends-and-brokers/redis.rst), so long waits live in the database.
-        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout,
-                                     "global_keyprefix": settings.redis_key_prefix},
+        "broker_transport_options": {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "global_keyprefix": settings.redis_key_prefix,
+        },
         "broker_connection_retry_on_startup": True,
         "task_queues": [Queue(name) for name in QUEUES],
         "task_default_queue": "default",
@@ -38,10 +41,11 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": False,
         "timezone": "UTC",
         "beat_schedule": {
-            "enqueue-due-messages": {"task": "smartmail.maintenance.enqueue_due",
-                                     "schedule": settings.scheduler_interval},
-            "reconcile": {"task": "smartmail.maintenance.reconcile",
-                          "schedule": settings.reconcile_interval},
+            "enqueue-due-messages": {
+                "task": "smartmail.maintenance.enqueue_due",
+                "schedule": settings.scheduler_interval,
+            },
+            "reconcile": {"task": "smartmail.maintenance.reconcile", "schedule": settings.reconcile_interval},
             "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
         },
     }

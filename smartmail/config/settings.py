@@ -1,4 +1,5 @@
 """Settings read from SMARTMAIL_* environment variables, validated once at start-up."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from smartmail import runtime
-from smartmail.errors import SettingsError
 from smartmail.addresses import AddressError, parse_mailbox
+from smartmail.errors import SettingsError
 
 TlsMode = Literal["none", "starttls", "ssl"]
 
@@ -104,7 +105,9 @@ class Settings(BaseSettings):
     bulk_batch_size: int = Field(500, ge=1, le=10000)
     bulk_claim_window: int = Field(50, ge=1, le=1000)
     fan_out_lease: float = Field(60.0, gt=0)  # seconds a campaign fan-out may go silent before beat restarts it
-    import_writers: int = Field(3, ge=1, le=8)  # PostgreSQL connections an import writes batches on at once (the pool holds 10)
+    import_writers: int = Field(
+        3, ge=1, le=8
+    )  # PostgreSQL connections an import writes batches on at once (the pool holds 10)
 
     # Traffic shaping (see policy.toml): off sends without rate, connection or rule checks.
     shaping: bool = True

@@ -1,10 +1,11 @@
 """MIME building: a stored message row becomes the RFC 5322 bytes handed to a transport."""
+
 from __future__ import annotations
 
 import binascii
-import re
 import random
-from datetime import datetime, timezone
+import re
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 # RFC 5322 section 2.1.1: a line SHOULD be at most 78 characters and MUST be at most 998.
@@ -25,9 +26,18 @@ _FOLD_CHUNK = re.compile(r"[ \t]*[^ \t]+|[ \t]+")
 _QUOTED_PAIR = re.compile(r"\\(.)")  # RFC 5322 section 3.2.1
 
 
-def build_mime(*, sender: str, recipient: str, subject: str, text: str, html: str | None,
-               message_id: str, reply_to: str | None = None, headers: dict[str, str] | None = None,
-               date: datetime | None = None) -> bytes:
+def build_mime(
+    *,
+    sender: str,
+    recipient: str,
+    subject: str,
+    text: str,
+    html: str | None,
+    message_id: str,
+    reply_to: str | None = None,
+    headers: dict[str, str] | None = None,
+    date: datetime | None = None,
+) -> bytes:
     """multipart/alternative (text first, HTML last, as RFC 2046 section 5.1.4 orders by preference).
 
     Built by hand rather than with `email.message.EmailMessage`: this runs once per delivered
@@ -53,18 +63,22 @@ def build_mime(*, sender: str, recipient: str, subject: str, text: str, html: st
     boundary = _boundary(text_body, html_body)
     fields.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"')
     delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
-    return b"".join((
-        ("\r\n".join(fields) + "\r\n").encode("ascii"),
-        delimiter,
-        f'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: {text_cte}\r\n\r\n'
-        .encode("ascii"),
-        text_body,
-        delimiter,
-        f'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: {html_cte}\r\n\r\n'
-        .encode("ascii"),
-        html_body,
-        f"\r\n--{boundary}--\r\n".encode("ascii"),
-    ))
+    return b"".join(
+        (
+            ("\r\n".join(fields) + "\r\n").encode("ascii"),
+            delimiter,
+            f'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: {text_cte}\r\n\r\n'.encode(
+                "ascii"
+            ),
+            text_body,
+            delimiter,
+            f'Content-Type: text/html; charset="utf-8"\r\nContent-Transfer-Encoding: {html_cte}\r\n\r\n'.encode(
+                "ascii"
+            ),
+            html_body,
+            f"\r\n--{boundary}--\r\n".encode("ascii"),
+        )
+    )
 
 
 def _boundary(*bodies: bytes) -> str:
@@ -97,8 +111,12 @@ def _encode_body(text: str, *, delimited: bool) -> tuple[str, bytes]:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     data = text.encode("utf-8")
     # RFC 2045 section 2.7: 7bit data is US-ASCII without NUL in lines of at most 998 octets.
-    if (text.isascii() and "\0" not in text and (delimited or not data or data[-1] == 0x0A)
-            and max(map(len, data.split(b"\n"))) <= _LINE_MAX):
+    if (
+        text.isascii()
+        and "\0" not in text
+        and (delimited or not data or data[-1] == 0x0A)
+        and max(map(len, data.split(b"\n"))) <= _LINE_MAX
+    ):
         return "7bit", data.replace(b"\n", b"\r\n")
     # Quoted-printable keeps mostly-Latin text readable; each high byte costs 3 characters, so
     # past about one byte in six base64 (4 per 3) is the smaller encoding.
@@ -118,7 +136,7 @@ def _encode_body(text: str, *, delimited: bool) -> tuple[str, bytes]:
 def _base64_lines(data: bytes) -> bytes:
     """base64 in 76-character CRLF lines (RFC 2045 section 6.8)."""
     b2a = binascii.b2a_base64
-    return b"".join(b2a(data[i:i + 57], newline=False) + b"\r\n" for i in range(0, len(data), 57))
+    return b"".join(b2a(data[i : i + 57], newline=False) + b"\r\n" for i in range(0, len(data), 57))
 
 
 def _end_with_soft_break(body: bytes) -> bytes:
@@ -150,7 +168,7 @@ def _text_field(name: str, value: str) -> str:
 def _date_now() -> str:
     """The Date header for now, formatted once a second rather than per message (format_datetime is slow)."""
     global _last_date
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     last = _last_date  # one read: sending threads may replace it meanwhile
     if last[0] != now:
         last = _last_date = (now, format_datetime(now))
@@ -196,8 +214,7 @@ def _fold(prefix: str, value: str) -> str | None:
     for chunk in _FOLD_CHUNK.findall(value):
         # Break only before whitespace with a word after it: a line of nothing but whitespace
         # is obsolete syntax (RFC 5322 section 4.2).
-        if len(line) + len(chunk) > _FOLD_AT and line != prefix and not chunk.isspace() \
-                and chunk[0] in " \t":
+        if len(line) + len(chunk) > _FOLD_AT and line != prefix and not chunk.isspace() and chunk[0] in " \t":
             lines.append(line)
             line = chunk
         else:
@@ -218,12 +235,16 @@ def _encoded_words(value: str, room: int) -> list[str]:
     q = [_Q.get(ch) or "".join(f"={b:02X}" for b in ch.encode("utf-8")) for ch in value]
     raw = value.encode("utf-8")
     if sum(map(len, q)) <= 4 * -(-len(raw) // 3):
-        return ["=?utf-8?q?" + "".join(chunk) + "?="
-                for chunk in _chunks(q, [len(piece) for piece in q], first, _WORD_PAYLOAD)]
+        return [
+            "=?utf-8?q?" + "".join(chunk) + "?="
+            for chunk in _chunks(q, [len(piece) for piece in q], first, _WORD_PAYLOAD)
+        ]
     sizes = [len(ch.encode("utf-8")) for ch in value]
     # n octets take 4 * ceil(n / 3) base64 characters.
-    return ["=?utf-8?b?" + binascii.b2a_base64("".join(chunk).encode("utf-8"), newline=False).decode("ascii")
-            + "?=" for chunk in _chunks(list(value), sizes, 3 * (first // 4), 3 * (_WORD_PAYLOAD // 4))]
+    return [
+        "=?utf-8?b?" + binascii.b2a_base64("".join(chunk).encode("utf-8"), newline=False).decode("ascii") + "?="
+        for chunk in _chunks(list(value), sizes, 3 * (first // 4), 3 * (_WORD_PAYLOAD // 4))
+    ]
 
 
 def _chunks(units: list[str], sizes: list[int], first: int, rest: int) -> list[list[str]]:

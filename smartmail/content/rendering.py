@@ -1,4 +1,5 @@
 """Rendering: a sandboxed Jinja2 environment that turns a template plus context into subject, HTML and text."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
 from inscriptis import get_text
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from smartmail import runtime
+from smartmail.addresses import reject_line_breaks
+from smartmail.content import template_store
 from smartmail.errors import TemplateError
 from smartmail.store.engine import session_factory
-from smartmail import runtime
-from smartmail.content import template_store
-from smartmail.addresses import reject_line_breaks
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ class MailSandbox(ImmutableSandboxedEnvironment):
     def _parse(self, source, name, filename):
         tree = super()._parse(source, name, filename)
         for node in tree.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
-            raise jinja2.TemplateSyntaxError("include, import and extends are not allowed in email templates",
-                                             node.lineno, name, filename)
+            raise jinja2.TemplateSyntaxError(
+                "include, import and extends are not allowed in email templates", node.lineno, name, filename
+            )
         return tree
 
     def call_binop(self, context, operator, left, right):
@@ -189,8 +191,17 @@ def _display(jinja_name: str) -> str:
 def _run(template: jinja2.Template, context: dict[str, Any]) -> str:
     try:
         return template.render(context)
-    except (jinja2.TemplateError, SecurityError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError,
-            RecursionError, MemoryError) as exc:
+    except (
+        jinja2.TemplateError,
+        SecurityError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+        AttributeError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
         line = None
         for frame in traceback.extract_tb(exc.__traceback__):
             if frame.filename == template.filename:
@@ -247,9 +258,17 @@ def _part_names(ref: template_store.TemplateRef) -> dict[str, str]:
     return {part: f"file/{ref.path / filename}" for part, filename in template_store.FILE_PARTS.items()}
 
 
-def render(session, *, context: dict[str, Any], template: str | None = None,
-           subject: str | None = None, html: str | None = None, text: str | None = None,
-           templates_dir: Path = Path("templates"), cache_seconds: float = 0.0) -> Rendered:
+def render(
+    session,
+    *,
+    context: dict[str, Any],
+    template: str | None = None,
+    subject: str | None = None,
+    html: str | None = None,
+    text: str | None = None,
+    templates_dir: Path = Path("templates"),
+    cache_seconds: float = 0.0,
+) -> Rendered:
     """Render a stored template by reference (resolution memoized for `cache_seconds`), or inline
     subject/html/text strings (also Jinja)."""
     if template is not None:

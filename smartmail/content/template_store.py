@@ -1,4 +1,5 @@
 """Where templates live: versioned rows in the database, and directories under SMARTMAIL_TEMPLATES_DIR."""
+
 from __future__ import annotations
 
 import re

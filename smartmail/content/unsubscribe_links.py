@@ -1,4 +1,5 @@
 """Unsubscribe links: signed tokens, the unsubscribe URL and the List-Unsubscribe headers (RFC 2369, RFC 8058)."""
+
 from __future__ import annotations
 
 import base64
@@ -96,14 +97,18 @@ def _uri_prefixes(public_url: str, unsubscribe_mailto: str | None, sender_domain
     makes these headers for every message."""
     # RFC 6068: the address and subject are percent-encoded; `@` and `+` may stay as they are.
     # The subject is `unsubscribe <token>`; tokens are URL-safe, so only the space is encoded.
-    prefixes = (f"{public_url}/unsubscribe/",
-                f"mailto:{quote(_mailto_address(unsubscribe_mailto, sender_domain), safe='@+')}?subject=unsubscribe%20")
+    prefixes = (
+        f"{public_url}/unsubscribe/",
+        f"mailto:{quote(_mailto_address(unsubscribe_mailto, sender_domain), safe='@+')}?subject=unsubscribe%20",
+    )
     for prefix in prefixes:
         # SMARTMAIL_PUBLIC_URL is validated as a URL, but urlsplit silently drops CR, LF and tab,
         # so check what actually goes in the header. A raise, not an assert: asserts vanish under -O.
         if _BAD_IN_URI.search(prefix):
-            raise ValueError(f"unsubscribe URI {prefix!r} contains a control character, space, '<', '>' or ','"
-                             " (check SMARTMAIL_PUBLIC_URL and SMARTMAIL_UNSUBSCRIBE_MAILTO)")
+            raise ValueError(
+                f"unsubscribe URI {prefix!r} contains a control character, space, '<', '>' or ','"
+                " (check SMARTMAIL_PUBLIC_URL and SMARTMAIL_UNSUBSCRIBE_MAILTO)"
+            )
     return prefixes
 
 
@@ -116,5 +121,7 @@ def list_unsubscribe_headers(contact_id: int, campaign_id: int | None, *, token:
         raise ValueError(f"{token!r} is not an unsubscribe token")
     settings = get_settings()
     url, mailto = _uri_prefixes(settings.public_url, settings.unsubscribe_mailto, settings.sender_domain)
-    return {"List-Unsubscribe": f"<{url}{token}>, <{mailto}{token}>",
-            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    return {
+        "List-Unsubscribe": f"<{url}{token}>, <{mailto}{token}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }

@@ -1,4 +1,5 @@
 """`smartmail demo`: start what is missing, send personalized transactional emails, print what the sink got."""
+
 from __future__ import annotations
 
 import os
@@ -34,17 +35,18 @@ def _defaults(data: Path) -> None:
 
 
 def run(count: int, console: Console) -> int:
-    from smartmail.devtools import localredis
-    from smartmail.store import migrate
     from smartmail.config.settings import get_settings
+    from smartmail.devtools import localredis
     from smartmail.devtools.sink import SinkHandler, start_sink
+    from smartmail.store import migrate
 
     data = Path(".smartmail").resolve()
     data.mkdir(exist_ok=True)
     _defaults(data)
     started: list[subprocess.Popen] = []
-    url, redis_process = localredis.ensure(os.environ.get("SMARTMAIL_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                                           data / "redis")
+    url, redis_process = localredis.ensure(
+        os.environ.get("SMARTMAIL_REDIS_URL", "redis://127.0.0.1:6379/0"), data / "redis"
+    )
     os.environ["SMARTMAIL_REDIS_URL"] = url
     if redis_process:
         started.append(redis_process)
@@ -64,7 +66,8 @@ def run(count: int, console: Console) -> int:
         worker = subprocess.Popen(
             [sys.executable, "-m", "smartmail.cli.main", "worker", "--pool", "solo", "-l", "WARNING"],
             env={**os.environ, "SMARTMAIL_LOG_LEVEL": "WARNING"},
-            stdout=(data / "worker.log").open("ab"), stderr=subprocess.STDOUT,
+            stdout=(data / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
         )
         started.append(worker)
         console.print(f"started a worker (pid {worker.pid}, log in {data / 'worker.log'})")
@@ -73,9 +76,11 @@ def run(count: int, console: Console) -> int:
         people = [PEOPLE[i % len(PEOPLE)] for i in range(count)]
         results = [
             smartmail.send(
-                f"{name} <{address}>", template="welcome",
+                f"{name} <{address}>",
+                template="welcome",
                 context={"first_name": name, "email": address, "plan": plan, "product": "SmartMail"},
-                tags=["demo"], idempotency_key=f"demo-{time.time_ns()}-{i}",
+                tags=["demo"],
+                idempotency_key=f"demo-{time.time_ns()}-{i}",
             )
             for i, (name, address, plan) in enumerate(people)
         ]

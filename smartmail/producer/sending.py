@@ -1,22 +1,23 @@
 """The producer API: validate, render and store messages, then publish delivery tasks after the commit."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select
 
-from smartmail.errors import InvalidMessage
-from smartmail.content import rendering
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
+from smartmail.content import rendering
+from smartmail.errors import InvalidMessage
+from smartmail.producer.handoff import hand_off, hand_off_now
 from smartmail.store.engine import get_engine, statement_connection, utcnow
 from smartmail.store.ids import new_id
 from smartmail.store.models import Message, MessageState, Suppression
 from smartmail.store.sql import messages as messages_sql
-from smartmail.producer.handoff import hand_off, hand_off_now
 
 _MAX_TAGS = 20
 
@@ -36,8 +37,20 @@ class SendResult:
 
 def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
     """Validate and render one message spec into a row; raise InvalidMessage naming the field."""
-    allowed = {"to", "template", "subject", "html", "text", "context", "from_", "reply_to",
-               "headers", "tags", "idempotency_key", "send_at"}
+    allowed = {
+        "to",
+        "template",
+        "subject",
+        "html",
+        "text",
+        "context",
+        "from_",
+        "reply_to",
+        "headers",
+        "tags",
+        "idempotency_key",
+        "send_at",
+    }
     unknown = set(spec) - allowed
     if unknown:
         raise InvalidMessage(f"unknown field(s) {', '.join(sorted(unknown))}", field=prefix.rstrip(".") or "send")
@@ -59,15 +72,24 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
         if not isinstance(send_at, datetime):
             raise InvalidMessage("must be a datetime", field=f"{prefix}send_at")
         if send_at.tzinfo is not None:  # naive datetimes are taken as UTC
-            send_at = send_at.astimezone(timezone.utc).replace(tzinfo=None)
+            send_at = send_at.astimezone(UTC).replace(tzinfo=None)
     context = spec.get("context") or {}
     if not isinstance(context, Mapping):
         raise InvalidMessage("must be a mapping", field=f"{prefix}context")
     return {
-        "to": to, "sender": sender, "reply_to": reply_to, "headers": headers, "tags": tags,
-        "idempotency_key": key, "send_at": send_at, "context": dict(context),
-        "template": spec.get("template"), "subject": spec.get("subject"),
-        "html": spec.get("html"), "text": spec.get("text"), "prefix": prefix,
+        "to": to,
+        "sender": sender,
+        "reply_to": reply_to,
+        "headers": headers,
+        "tags": tags,
+        "idempotency_key": key,
+        "send_at": send_at,
+        "context": dict(context),
+        "template": spec.get("template"),
+        "subject": spec.get("subject"),
+        "html": spec.get("html"),
+        "text": spec.get("text"),
+        "prefix": prefix,
     }
 
 
@@ -76,10 +98,16 @@ def _render(connection, prepared: dict[str, Any], settings) -> rendering.Rendere
     if prepared["template"] is not None and any(prepared[p] is not None for p in ("subject", "html", "text")):
         raise InvalidMessage("give either a template or subject/html/text, not both", field=f"{prefix}template")
     try:
-        return rendering.render(connection, context=prepared["context"], template=prepared["template"],
-                                subject=prepared["subject"], html=prepared["html"], text=prepared["text"],
-                                templates_dir=settings.templates_dir,
-                                cache_seconds=settings.template_cache_seconds)
+        return rendering.render(
+            connection,
+            context=prepared["context"],
+            template=prepared["template"],
+            subject=prepared["subject"],
+            html=prepared["html"],
+            text=prepared["text"],
+            templates_dir=settings.templates_dir,
+            cache_seconds=settings.template_cache_seconds,
+        )
     except rendering.TemplateError as exc:
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
     except AddressError as exc:  # a subject with a line break in it, as given or as rendered
@@ -105,19 +133,35 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
         for item in prepared:
             rendered = _render(reader, item, settings)
             message_id = new_id()
-            rows.append({
-                "id": message_id, "idempotency_key": item["idempotency_key"],
-                "sender": str(item["sender"]), "recipient": str(item["to"]),
-                "reply_to": str(item["reply_to"]) if item["reply_to"] else None,
-                "subject": rendered.subject, "html": rendered.html, "text": rendered.text,
-                "headers": item["headers"], "tags": item["tags"],
-                "message_id_header": f"<{message_id}@{settings.sender_domain}>",
-                "template_name": rendered.template_name, "template_version": rendered.template_version,
-                "attempts": 0, "created_at": now, "enqueued_at": None, "next_attempt_at": None,
-                "claimed_at": None, "finished_at": None, "smtp_code": None, "smtp_reply": None, "reason": None,
-                "send_at": None,
-                "_address": item["to"].address, "_send_at": item["send_at"],
-            })
+            rows.append(
+                {
+                    "id": message_id,
+                    "idempotency_key": item["idempotency_key"],
+                    "sender": str(item["sender"]),
+                    "recipient": str(item["to"]),
+                    "reply_to": str(item["reply_to"]) if item["reply_to"] else None,
+                    "subject": rendered.subject,
+                    "html": rendered.html,
+                    "text": rendered.text,
+                    "headers": item["headers"],
+                    "tags": item["tags"],
+                    "message_id_header": f"<{message_id}@{settings.sender_domain}>",
+                    "template_name": rendered.template_name,
+                    "template_version": rendered.template_version,
+                    "attempts": 0,
+                    "created_at": now,
+                    "enqueued_at": None,
+                    "next_attempt_at": None,
+                    "claimed_at": None,
+                    "finished_at": None,
+                    "smtp_code": None,
+                    "smtp_reply": None,
+                    "reason": None,
+                    "send_at": None,
+                    "_address": item["to"].address,
+                    "_send_at": item["send_at"],
+                }
+            )
         if len(rows) == 1:  # send(): one autocommit statement, see store.sql.messages
             results = [_store_one(reader, rows[0], now)]
     if len(rows) > 1:
@@ -129,14 +173,16 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
 
 
 _suppressed = select(Suppression.email, Suppression.reason).where(
-    Suppression.email.in_(bindparam("emails", expanding=True)))
+    Suppression.email.in_(bindparam("emails", expanding=True))
+)
 _owners = select(Message.id, Message.idempotency_key, Message.state, Message.reason).where(
-    Message.idempotency_key.in_(bindparam("keys", expanding=True)))
+    Message.idempotency_key.in_(bindparam("keys", expanding=True))
+)
 
 
 def _chunks(values: list, size: int = 5000):
     """Bounded IN lists: SQLite allows 32,766 parameters per statement, PostgreSQL 65,535."""
-    return (values[i:i + size] for i in range(0, len(values), size))
+    return (values[i : i + size] for i in range(0, len(values), size))
 
 
 def _unsuppressed_state(row: dict[str, Any], now: datetime) -> None:
@@ -150,14 +196,23 @@ def _unsuppressed_state(row: dict[str, Any], now: datetime) -> None:
 
 def _store(connection, rows: list[dict[str, Any]], now: datetime) -> list[SendResult]:
     emails = list({normalize_address(r["_address"]) for r in rows})
-    suppressed = {email: reason for chunk in _chunks(emails)
-                  for email, reason in connection.execute(_suppressed, {"emails": chunk})}
+    suppressed = {
+        email: reason
+        for chunk in _chunks(emails)
+        for email, reason in connection.execute(_suppressed, {"emails": chunk})
+    }
     for row in rows:
         reason = suppressed.get(normalize_address(row.pop("_address")))
         _unsuppressed_state(row, now)
         if reason:
-            row.update(state=MessageState.SUPPRESSED.value, reason=f"recipient suppressed: {reason}", finished_at=now,
-                       enqueued_at=None, next_attempt_at=None, send_at=None)
+            row.update(
+                state=MessageState.SUPPRESSED.value,
+                reason=f"recipient suppressed: {reason}",
+                finished_at=now,
+                enqueued_at=None,
+                next_attempt_at=None,
+                send_at=None,
+            )
     # Two messages in one batch with the same key: the first one wins, the rest are duplicates.
     seen: set[str] = set()
     unique = []
@@ -190,12 +245,34 @@ def _store_one(connection, row: dict[str, Any], now: datetime) -> SendResult:
     return SendResult(owner.id, owner.state, owner.reason, duplicate=True)
 
 
-def send(to: str, *, template: str | None = None, subject: str | None = None, html: str | None = None,
-         text: str | None = None, context: Mapping[str, Any] | None = None, from_: str | None = None,
-         reply_to: str | None = None, headers: Mapping[str, str] | None = None, tags: Iterable[str] | None = None,
-         idempotency_key: str | None = None, send_at: datetime | None = None) -> SendResult:
+def send(
+    to: str,
+    *,
+    template: str | None = None,
+    subject: str | None = None,
+    html: str | None = None,
+    text: str | None = None,
+    context: Mapping[str, Any] | None = None,
+    from_: str | None = None,
+    reply_to: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    tags: Iterable[str] | None = None,
+    idempotency_key: str | None = None,
+    send_at: datetime | None = None,
+) -> SendResult:
     """Queue one transactional email and return at once; see send_many for the guarantees."""
-    spec = {"to": to, "template": template, "subject": subject, "html": html, "text": text,
-            "context": context, "from_": from_, "reply_to": reply_to, "headers": headers,
-            "tags": list(tags or []), "idempotency_key": idempotency_key, "send_at": send_at}
+    spec = {
+        "to": to,
+        "template": template,
+        "subject": subject,
+        "html": html,
+        "text": text,
+        "context": context,
+        "from_": from_,
+        "reply_to": reply_to,
+        "headers": headers,
+        "tags": list(tags or []),
+        "idempotency_key": idempotency_key,
+        "send_at": send_at,
+    }
     return send_many([spec])[0]

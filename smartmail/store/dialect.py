@@ -1,4 +1,5 @@
 """The one place that asks which SQL dialect a connection speaks; store/sql/ picks its statements with it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,7 +10,7 @@ POSTGRESQL, SQLITE = "postgresql", "sqlite"
 
 
 def name_of(bind: Any) -> str:
-    """"postgresql" or "sqlite", for an Engine, Connection or Session."""
+    """ "postgresql" or "sqlite", for an Engine, Connection or Session."""
     if hasattr(bind, "get_bind"):
         bind = bind.get_bind()
     return bind.dialect.name

@@ -1,11 +1,12 @@
 """Database engine and sessions: SQLite (WAL, busy timeout) for development, PostgreSQL (psycopg 3) in production."""
+
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
@@ -20,7 +21,7 @@ COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 
 def utcnow() -> datetime:
     """Naive UTC: stored the same way on SQLite and PostgreSQL (`timestamp without time zone`)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _configure_sqlite(dbapi_connection, _record) -> None:
@@ -58,8 +59,9 @@ def json_loads(data: str | bytes):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                               json_deserializer=json_loads)
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, json_deserializer=json_loads
+        )
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_immediate)
         return engine
@@ -87,9 +89,16 @@ def _statement_engine() -> Engine:
     given = make_url(url).query.get("options")
     options = " ".join(filter(None, [given if isinstance(given, str) else None, _STATEMENT_SESSION]))
     # No reset (ROLLBACK) on return: an autocommit connection has no transaction to end.
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_recycle=1800,
-                         json_deserializer=json_loads,
-                         pool_reset_on_return=None, connect_args={"options": options})
+    return create_engine(
+        url,
+        isolation_level="AUTOCOMMIT",
+        pool_size=5,
+        max_overflow=5,
+        pool_recycle=1800,
+        json_deserializer=json_loads,
+        pool_reset_on_return=None,
+        connect_args={"options": options},
+    )
 
 
 def reader() -> Connection:
@@ -144,7 +153,6 @@ def forget_engines(*, close: bool = True) -> None:
     session_factory.forget()
     get_engine.forget(close=close)
     _statement_engine.forget(close=close)
-
 
 
 def insert_else_upsert(cursor, insert: str, upsert: str, params) -> list | None:

@@ -1,4 +1,5 @@
 """Message ids: 26-character, time-ordered (ULID layout), so new rows land at the end of the primary-key index."""
+
 from __future__ import annotations
 
 import base64
@@ -28,4 +29,4 @@ def new_ids(count: int) -> list[str]:
     the time spelled once, the random parts in one call."""
     prefix = _spelled(time.time_ns() // 1_000_000, 10)
     randomness = base64.b32encode(os.urandom(10 * count)).translate(_TO_CROCKFORD).decode()
-    return [prefix + randomness[start:start + 16] for start in range(0, 16 * count, 16)]
+    return [prefix + randomness[start : start + 16] for start in range(0, 16 * count, 16)]

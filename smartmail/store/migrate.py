@@ -1,4 +1,5 @@
 """Alembic wiring: `smartmail db upgrade` runs the migrations shipped inside the package."""
+
 from __future__ import annotations
 
 from pathlib import Path

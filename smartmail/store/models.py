@@ -1,4 +1,5 @@
 """SQLAlchemy models: templates (versioned), messages (one row per email, the source of truth), suppressions."""
+
 from __future__ import annotations
 
 import enum
@@ -28,15 +29,15 @@ class Base(DeclarativeBase):
 class MessageState(str, enum.Enum):
     """A message's life; see DESIGN.md. Every change is a conditional UPDATE on the current state."""
 
-    SCHEDULED = "scheduled"   # send_at in the future; beat queues it when due
-    QUEUED = "queued"         # a task for it is (or should be) in Redis
-    SENDING = "sending"       # claimed by a worker; SMTP transaction under way
-    SENT = "sent"             # the relay answered 2xx to DATA
-    DEFERRED = "deferred"     # 4xx / connection error; retried at next_attempt_at
-    FAILED = "failed"         # 5xx, or deferred past the maximum age
-    SUPPRESSED = "suppressed" # recipient on the suppression list; never sent
-    UNKNOWN = "unknown"       # worker died while sending; not re-sent automatically
-    CANCELLED = "cancelled"   # its campaign was cancelled before it was sent
+    SCHEDULED = "scheduled"  # send_at in the future; beat queues it when due
+    QUEUED = "queued"  # a task for it is (or should be) in Redis
+    SENDING = "sending"  # claimed by a worker; SMTP transaction under way
+    SENT = "sent"  # the relay answered 2xx to DATA
+    DEFERRED = "deferred"  # 4xx / connection error; retried at next_attempt_at
+    FAILED = "failed"  # 5xx, or deferred past the maximum age
+    SUPPRESSED = "suppressed"  # recipient on the suppression list; never sent
+    UNKNOWN = "unknown"  # worker died while sending; not re-sent automatically
+    CANCELLED = "cancelled"  # its campaign was cancelled before it was sent
 
     def __str__(self) -> str:
         return self.value
@@ -109,12 +110,19 @@ Index("ix_messages_sending_claimed_at", Message.claimed_at, postgresql_where=SEN
 # Unique among the messages that have a key. Partial, because most rows have none (campaign
 # messages never do) and each of their versions would otherwise add a NULL entry to this index too.
 HAS_KEY = Message.idempotency_key.isnot(None)
-Index("uq_messages_idempotency_key", Message.idempotency_key, unique=True,
-      postgresql_where=HAS_KEY, sqlite_where=HAS_KEY)
+Index(
+    "uq_messages_idempotency_key", Message.idempotency_key, unique=True, postgresql_where=HAS_KEY, sqlite_where=HAS_KEY
+)
 # One message per campaign and contact (a relaunch adds nothing); it also finds a campaign's rows.
 OF_CAMPAIGNS = Message.campaign_id.isnot(None)
-Index("uq_messages_campaign_id_contact_id", Message.campaign_id, Message.contact_id, unique=True,
-      postgresql_where=OF_CAMPAIGNS, sqlite_where=OF_CAMPAIGNS)
+Index(
+    "uq_messages_campaign_id_contact_id",
+    Message.campaign_id,
+    Message.contact_id,
+    unique=True,
+    postgresql_where=OF_CAMPAIGNS,
+    sqlite_where=OF_CAMPAIGNS,
+)
 
 
 class Suppression(Base):
@@ -201,8 +209,7 @@ class Event(Base):
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
     type: Mapped[str] = mapped_column(String(64))  # open | click | … | a custom name such as order_placed
-    contact_id: Mapped[int | None] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"),
-                                                   nullable=True)
+    contact_id: Mapped[int | None] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"), nullable=True)
     message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
     properties: Mapped[dict] = mapped_column(_Json, default=dict)
     occurred_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -245,8 +252,7 @@ class ImportRowError(Base):
 
     __tablename__ = "import_errors"
 
-    job_id: Mapped[str] = mapped_column(String(26), ForeignKey("import_jobs.id", ondelete="CASCADE"),
-                                        primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(26), ForeignKey("import_jobs.id", ondelete="CASCADE"), primary_key=True)
     row: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 1 = first data row (line after the header)
     field: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
@@ -255,12 +261,13 @@ class ImportRowError(Base):
 
 # --- Campaigns (issue 5) -----------------------------------------------------------------------
 
+
 class CampaignState(str, enum.Enum):
     DRAFT = "draft"
     SCHEDULED = "scheduled"
-    SENDING = "sending"      # launched: fanning out and/or delivering
+    SENDING = "sending"  # launched: fanning out and/or delivering
     PAUSED = "paused"
-    SENT = "sent"            # every message reached a final state
+    SENT = "sent"  # every message reached a final state
     CANCELLED = "cancelled"
 
     def __str__(self) -> str:
@@ -280,7 +287,7 @@ class Campaign(Base):
     html: Mapped[str | None] = mapped_column(Text, nullable=True)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     template_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    lists: Mapped[list] = mapped_column(JSON, default=list)          # list names
+    lists: Mapped[list] = mapped_column(JSON, default=list)  # list names
     segment: Mapped[str | None] = mapped_column(String(200), nullable=True)  # a saved segment's name
     sender: Mapped[str] = mapped_column(String(320))
     reply_to: Mapped[str | None] = mapped_column(String(320), nullable=True)

@@ -1,4 +1,5 @@
 """Beat tasks: queue due messages and reconcile with the broker."""
+
 from smartmail.workers import maintenance
 from smartmail.workers.app import app
 

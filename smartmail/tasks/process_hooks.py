@@ -1,4 +1,5 @@
 """Worker process hooks that reach the producer: ids a task handed off are pushed before the process can end."""
+
 from celery.signals import task_postrun, worker_process_shutdown
 
 from smartmail.producer.handoff import flush

@@ -1,4 +1,5 @@
 """Delivery tasks: drains of the Redis outboxes (see workers/dispatch.py), transactional and bulk."""
+
 import time
 
 import structlog
@@ -54,13 +55,15 @@ def _drain(task, lease: str, stream: str) -> None:
 
 # A database outage is retried shortly; the ids of the failed batch stay `queued` in the
 # database, and the reconciler pushes them to the outbox again.
-@app.task(name="smartmail.drain", autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60,
-          max_retries=5)
+@app.task(
+    name="smartmail.drain", autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60, max_retries=5
+)
 def drain(lease: str) -> None:
     _drain(drain, lease, TRANSACTIONAL)
 
 
-@app.task(name="smartmail.drain_bulk", autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60,
-          max_retries=5)
+@app.task(
+    name="smartmail.drain_bulk", autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60, max_retries=5
+)
 def drain_bulk(lease: str) -> None:
     _drain(drain_bulk, lease, BULK)

@@ -1,4 +1,5 @@
 """The FastAPI app: unsubscribe page and RFC 8058 one-click endpoint, health check, RFC 9457 problem+json errors."""
+
 from __future__ import annotations
 
 import base64
@@ -21,11 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartmail import __version__
-from smartmail.store.engine import reader
-from smartmail.store.models import Contact, ContactStatus
 from smartmail.audience.unsubscribe import unsubscribe
 from smartmail.content.unsubscribe_links import read_token
 from smartmail.errors import InvalidToken
+from smartmail.store.engine import reader
+from smartmail.store.models import Contact, ContactStatus
 
 log = structlog.get_logger("smartmail.web")
 
@@ -36,16 +37,23 @@ MAX_FORM_BYTES = 8192
 
 # The pages' only style, allowed by its hash so the policy needs neither 'unsafe-inline' nor a
 # stylesheet route. No scripts, images, frames or plugins; forms may only post back to us.
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;"
-          "line-height:1.5;color:#222}button{font:inherit;padding:.5rem 1.25rem;cursor:pointer}")
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;"
+    "line-height:1.5;color:#222}button{font:inherit;padding:.5rem 1.25rem;cursor:pointer}"
+)
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
-HTML_CSP = (f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'")
+HTML_CSP = (
+    f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 # Every response: no MIME sniffing, and no Referer leaking the token in our URLs to other sites.
 COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 # Unsubscribe pages name a person: never cached by a browser or proxy, never framed (clickjacking).
-HTML_HEADERS = {**COMMON_HEADERS, "Content-Security-Policy": HTML_CSP, "X-Frame-Options": "DENY",
-                "Cache-Control": "no-store"}
+HTML_HEADERS = {
+    **COMMON_HEADERS,
+    "Content-Security-Policy": HTML_CSP,
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
 
 _HTML_PATHS = re.compile(r"/unsubscribe(/|$)")
 # A multipart/form-data part named List-Unsubscribe whose value is One-Click (RFC 7578).
@@ -78,25 +86,40 @@ class SecurityHeaders:
 
 # --- HTML pages -------------------------------------------------------------------------------------
 
-def _page(title: str, paragraphs: list[str], *, status: int = 200, form: str | None = None,
-          headers: dict[str, str] | None = None) -> HTMLResponse:
+
+def _page(
+    title: str,
+    paragraphs: list[str],
+    *,
+    status: int = 200,
+    form: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> HTMLResponse:
     """A small page. `title`, `paragraphs` and `form` (a button label) are plain text: all escaped here."""
     body = "".join(f"<p>{escape(p)}</p>" for p in paragraphs)
     if form is not None:
         # No action attribute: the form posts to this page's own URL, so nothing is reflected.
         body += f'<form method="post"><button type="submit">{escape(form)}</button></form>'
-    document = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
-                '<meta name="viewport" content="width=device-width,initial-scale=1">'
-                f'<meta name="robots" content="noindex"><title>{escape(title)}</title>'
-                f"<style>{_STYLE}</style></head><body><main><h1>{escape(title)}</h1>{body}</main></body></html>")
+    document = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<meta name="robots" content="noindex"><title>{escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body><main><h1>{escape(title)}</h1>{body}</main></body></html>"
+    )
     return HTMLResponse(document, status_code=status, headers={**HTML_HEADERS, **(headers or {})})
 
 
 def _invalid_link() -> HTMLResponse:
-    return _page("This unsubscribe link is invalid",
-                 [("It may have been cut short or changed on the way. Use the unsubscribe link in the most "
-                   "recent email you received from us, or reply to that email and ask to be unsubscribed.")],
-                 status=400)
+    return _page(
+        "This unsubscribe link is invalid",
+        [
+            (
+                "It may have been cut short or changed on the way. Use the unsubscribe link in the most "
+                "recent email you received from us, or reply to that email and ask to be unsubscribed."
+            )
+        ],
+        status=400,
+    )
 
 
 def _contact(contact_id: int) -> tuple[str, str] | None:
@@ -131,14 +154,20 @@ def _source(body: bytes, content_type: str) -> str:
 
 # --- problem+json (RFC 9457) -------------------------------------------------------------------------
 
-def problem(status: int, detail: str, *, headers: dict[str, str] | None = None,
-            **extensions: Any) -> JSONResponse:
+
+def problem(status: int, detail: str, *, headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
     """An RFC 9457 problem document. `about:blank` with the status phrase as title (section 4.2.1)
     until the API defines its own problem types."""
-    content = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
-               **extensions}
-    return JSONResponse(content, status_code=status, media_type=PROBLEM_JSON,
-                        headers={**COMMON_HEADERS, **(headers or {})})
+    content = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        **extensions,
+    }
+    return JSONResponse(
+        content, status_code=status, media_type=PROBLEM_JSON, headers={**COMMON_HEADERS, **(headers or {})}
+    )
 
 
 _DETAILS = {404: "There is nothing at this URL.", 405: "This URL does not accept that method."}
@@ -154,8 +183,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     # Location and reason only: echoing the rejected input back could reflect secrets or megabytes.
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in exc.errors()]
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
     return problem(422, "The request is not valid; see errors.", errors=errors)
 
 
@@ -167,6 +195,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 # --- The app -------------------------------------------------------------------------------------------
+
 
 def create_app() -> FastAPI:
     # No /docs or /redoc: they load scripts from a CDN, which a self-hosted mail server should not
@@ -197,8 +226,10 @@ def create_app() -> FastAPI:
             return _invalid_link()
         contact = _contact(contact_id)
         if contact is not None and contact[1] == ContactStatus.UNSUBSCRIBED.value:
-            return _page("You are unsubscribed",
-                         [f"{contact[0]} is already unsubscribed; you will not receive these emails any more."])
+            return _page(
+                "You are unsubscribed",
+                [f"{contact[0]} is already unsubscribed; you will not receive these emails any more."],
+            )
         whom = contact[0] if contact is not None else "your address"
         return _page("Unsubscribe", [f"Stop sending emails to {whom}?"], form="Unsubscribe")
 

@@ -1,4 +1,5 @@
 """The Celery app, configured from settings on first use; per-process state is reset after fork by smartmail.runtime."""
+
 from __future__ import annotations
 
 from celery import Celery
@@ -8,8 +9,16 @@ from smartmail.config import get_settings
 from smartmail.config.celery import celery_config
 from smartmail.logs import configure as configure_logging
 
-app = Celery("smartmail", include=["smartmail.tasks.send", "smartmail.tasks.maintenance", "smartmail.tasks.imports",
-                                     "smartmail.tasks.campaigns", "smartmail.tasks.process_hooks"])
+app = Celery(
+    "smartmail",
+    include=[
+        "smartmail.tasks.send",
+        "smartmail.tasks.maintenance",
+        "smartmail.tasks.imports",
+        "smartmail.tasks.campaigns",
+        "smartmail.tasks.process_hooks",
+    ],
+)
 
 
 @app.on_configure.connect

@@ -1,11 +1,12 @@
-"""Campaign messages once claimed: re-check the recipient, keep the send window and rate cap, and render from the frozen template."""
+"""Claimed campaign messages: the recipient re-checked, the send window and rate cap kept, the template rendered."""
+
 from __future__ import annotations
 
 import html as html_lib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from zoneinfo import ZoneInfo
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 from redis.exceptions import RedisError
@@ -13,18 +14,26 @@ from sqlalchemy import bindparam, select
 
 from smartmail import runtime
 from smartmail.content import rendering
-from smartmail.workers.policy import Site
+from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.store.engine import reader
 from smartmail.store.models import Campaign, ContactStatus
-from smartmail.workers.outcomes import RetrySchedule
-from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.workers.limiter import get_throttle
+from smartmail.workers.outcomes import RetrySchedule
+from smartmail.workers.policy import Site
 
 log = structlog.get_logger("smartmail.campaigns")
 
-_campaign = select(Campaign.id, Campaign.name, Campaign.subject, Campaign.html, Campaign.text, Campaign.rate_cap,
-                   Campaign.window_start, Campaign.window_end, Campaign.window_timezone
-                   ).where(Campaign.id.in_(bindparam("ids", expanding=True)))
+_campaign = select(
+    Campaign.id,
+    Campaign.name,
+    Campaign.subject,
+    Campaign.html,
+    Campaign.text,
+    Campaign.rate_cap,
+    Campaign.window_start,
+    Campaign.window_end,
+    Campaign.window_timezone,
+).where(Campaign.id.in_(bindparam("ids", expanding=True)))
 
 # Frozen at launch, so a process may keep them: campaign id -> its row.
 _frozen: dict[int, Any] = {}
@@ -33,10 +42,10 @@ runtime.on_reset(lambda _close: _frozen.clear())
 
 @dataclass
 class Prepared:
-    ready: list = field(default_factory=list)       # rows to send, content rendered
+    ready: list = field(default_factory=list)  # rows to send, content rendered
     suppressed: list = field(default_factory=list)  # (row, reason): not sent, never will be
-    held: list = field(default_factory=list)        # (row, seconds, reason): outside the window, over the cap
-    failed: list = field(default_factory=list)      # (row, reason): the template cannot render for this contact
+    held: list = field(default_factory=list)  # (row, seconds, reason): outside the window, over the cap
+    failed: list = field(default_factory=list)  # (row, reason): the template cannot render for this contact
 
 
 def _campaign_rows(ids: set[int]) -> dict[int, Any]:
@@ -69,8 +78,11 @@ def prepare(rows: list, now: datetime) -> Prepared:
             prepared.suppressed.append((row, f"contact {row.contact_status}"))
         elif row.suppressed is not None:
             prepared.suppressed.append((row, f"recipient suppressed: {row.suppressed}"))
-        elif campaign.window_start and (opens := window_opens(now, row.contact_timezone or campaign.window_timezone,
-                                                             campaign.window_start, campaign.window_end)):
+        elif campaign.window_start and (
+            opens := window_opens(
+                now, row.contact_timezone or campaign.window_timezone, campaign.window_start, campaign.window_end
+            )
+        ):
             prepared.held.append((row, (opens - now).total_seconds(), "outside the campaign's send window"))
         else:
             sendable.append((row, campaign))
@@ -101,13 +113,14 @@ def _rate_capped(sendable: list, prepared: Prepared):
             log.error("campaign.rate_cap_unavailable", campaign_id=campaign_id, error=str(exc))
             granted, first, spacing = 0, 5.0, 0.0
         yield from items[:granted]
-        prepared.held += [(item[0], first + i * spacing, "throttled: campaign rate cap")
-                          for i, item in enumerate(items[granted:])]
+        prepared.held += [
+            (item[0], first + i * spacing, "throttled: campaign rate cap") for i, item in enumerate(items[granted:])
+        ]
 
 
 def window_opens(now: datetime, zone: str, start: str, end: str) -> datetime | None:
     """None when `now` (naive UTC) is inside the daily window in `zone`; else when it next opens (naive UTC)."""
-    local = now.replace(tzinfo=timezone.utc).astimezone(ZoneInfo(zone))
+    local = now.replace(tzinfo=UTC).astimezone(ZoneInfo(zone))
     s_h, s_m = map(int, start.split(":"))
     e_h, e_m = map(int, end.split(":"))
     minute = local.hour * 60 + local.minute
@@ -118,20 +131,38 @@ def window_opens(now: datetime, zone: str, start: str, end: str) -> datetime | N
     opening = local.replace(hour=s_h, minute=s_m, second=0, microsecond=0)
     if opening <= local:
         opening += timedelta(days=1)
-    return opening.astimezone(timezone.utc).replace(tzinfo=None)
+    return opening.astimezone(UTC).replace(tzinfo=None)
 
 
 class Rendered:
     """A claimed row (store.sql.claims._claimed_columns) with its content rendered. The row's fields are
     copied: delegating them through __getattr__ would cost an indirection per field read."""
 
-    __slots__ = ("id", "sender", "recipient", "reply_to", "message_id_header", "attempts", "created_at", "send_at",
-                 "campaign_id", "contact_id", "subject", "html", "text", "headers")
+    __slots__ = (
+        "id",
+        "sender",
+        "recipient",
+        "reply_to",
+        "message_id_header",
+        "attempts",
+        "created_at",
+        "send_at",
+        "campaign_id",
+        "contact_id",
+        "subject",
+        "html",
+        "text",
+        "headers",
+    )
 
     def __init__(self, row, subject: str, html: str | None, text: str, headers: dict[str, str]) -> None:
         self.id, self.sender, self.recipient, self.reply_to = row.id, row.sender, row.recipient, row.reply_to
         self.message_id_header, self.attempts, self.created_at, self.send_at = (
-            row.message_id_header, row.attempts, row.created_at, row.send_at)
+            row.message_id_header,
+            row.attempts,
+            row.created_at,
+            row.send_at,
+        )
         self.campaign_id, self.contact_id = row.campaign_id, row.contact_id
         self.subject, self.html, self.text, self.headers = subject, html, text, headers
 
@@ -139,10 +170,13 @@ class Rendered:
 def _render(row, campaign) -> Rendered:
     token = make_token(row.contact_id, campaign.id)
     url = unsubscribe_url(token)
-    context = {**(row.contact_attributes or {}), "email": row.contact_email, "unsubscribe_url": url,
-               "campaign": campaign.name}
-    rendered = rendering.render(None, context=context, subject=campaign.subject, html=campaign.html,
-                                text=campaign.text)
+    context = {
+        **(row.contact_attributes or {}),
+        "email": row.contact_email,
+        "unsubscribe_url": url,
+        "campaign": campaign.name,
+    }
+    rendered = rendering.render(None, context=context, subject=campaign.subject, html=campaign.html, text=campaign.text)
     html, text = rendered.html, rendered.text
     # Every marketing message shows a way out, whether or not the template placed the link.
     if "unsubscribe_url" not in (campaign.html or "") and html is not None:
@@ -150,6 +184,9 @@ def _render(row, campaign) -> Rendered:
         html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
     if "unsubscribe_url" not in (campaign.text or "") and url not in text:
         text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
-    headers = {**list_unsubscribe_headers(row.contact_id, campaign.id, token=token),
-               "X-SmartMail-Campaign": str(campaign.id), "X-SmartMail-Contact": str(row.contact_id)}
+    headers = {
+        **list_unsubscribe_headers(row.contact_id, campaign.id, token=token),
+        "X-SmartMail-Campaign": str(campaign.id),
+        "X-SmartMail-Contact": str(row.contact_id),
+    }
     return Rendered(row, rendered.subject, html, text, headers)

@@ -1,4 +1,5 @@
 """Claims: record a window's outcomes and claim the next window, on the connection they need, with retries."""
+
 from __future__ import annotations
 
 import time
@@ -37,10 +38,24 @@ class Outcome(Protocol):
 
 def outcome_columns(results: Sequence[Outcome], now: datetime) -> dict[str, list]:
     """The outcome columns (OUTCOME_COLUMNS), each a list with one entry per result."""
-    rows = [(r.id, r.state.value, r.next_attempt_at, None if r.state is MessageState.DEFERRED else now,
-             r.reply.code, r.reply.text[:2000], r.reason, 0 if r.attempted else 1) for r in results]
-    return {name: list(values) for name, values in zip(OUTCOME_COLUMNS, zip(*rows))} if rows else \
-        dict.fromkeys(OUTCOME_COLUMNS, [])
+    rows = [
+        (
+            r.id,
+            r.state.value,
+            r.next_attempt_at,
+            None if r.state is MessageState.DEFERRED else now,
+            r.reply.code,
+            r.reply.text[:2000],
+            r.reason,
+            0 if r.attempted else 1,
+        )
+        for r in results
+    ]
+    return (
+        {name: list(values) for name, values in zip(OUTCOME_COLUMNS, zip(*rows))}
+        if rows
+        else dict.fromkeys(OUTCOME_COLUMNS, [])
+    )
 
 
 def record_and_claim_on(connection, results: Sequence[Outcome], now: datetime, ids: Sequence[str] = ()) -> list:
@@ -55,11 +70,19 @@ def record_and_claim_on(connection, results: Sequence[Outcome], now: datetime, i
     bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}
     if bounces:
         suppress = dialect.insert(connection)(Suppression.__table__).on_conflict_do_nothing(index_elements=["email"])
-        connection.execute(suppress, [
-            {"email": email, "reason": "hard_bounce", "detail": str(r.reply)[:2000], "source_message_id": r.id,
-             "created_at": now}
-            for email, r in bounces.items()
-        ])
+        connection.execute(
+            suppress,
+            [
+                {
+                    "email": email,
+                    "reason": "hard_bounce",
+                    "detail": str(r.reply)[:2000],
+                    "source_message_id": r.id,
+                    "created_at": now,
+                }
+                for email, r in bounces.items()
+            ],
+        )
     return claimed
 
 
@@ -81,7 +104,7 @@ def record_and_claim(engine, pending: Sequence[Outcome], ids: Sequence[str], now
             if attempt == attempts - 1:
                 raise
             log.warning("delivery.database_retry", attempt=attempt + 1)
-            time.sleep(0.5 * 2 ** attempt)
+            time.sleep(0.5 * 2**attempt)
     return []
 
 

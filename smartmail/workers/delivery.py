@@ -1,26 +1,27 @@
 """Delivery: claim queued messages, hand them to the transport, and record each outcome with bulk UPDATEs."""
+
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
-from smartmail.workers import campaign_rows as campaign_delivery
-from smartmail.workers import claims
 from smartmail.addresses import bare_address
 from smartmail.config import get_settings
-from smartmail.workers.policy import Site
-from smartmail.store.engine import get_engine, utcnow
 from smartmail.content.mime import build_mime
+from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import MessageState
-from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
+from smartmail.workers import campaign_rows as campaign_delivery
+from smartmail.workers import claims
 from smartmail.workers.dispatch import TRANSACTIONAL, enqueue, enqueue_later
+from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
+from smartmail.workers.policy import Site
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
 from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transport, get_transport
 
@@ -57,27 +58,42 @@ def retry_schedule() -> RetrySchedule:
     return RetrySchedule.from_settings(get_settings())
 
 
-def _decide(row, reply: Reply, schedule: RetrySchedule, now: datetime, site: str | None = None,
-            bounce: bool = False) -> _Result:
+def _decide(
+    row, reply: Reply, schedule: RetrySchedule, now: datetime, site: str | None = None, bounce: bool = False
+) -> _Result:
     outcome = classify(reply)
     if outcome.verdict is Verdict.SENT:
         return _Result(row.id, row.recipient, MessageState.SENT, reply, site=site)
     if outcome.verdict is Verdict.UNKNOWN:
-        return _Result(row.id, row.recipient, MessageState.UNKNOWN, reply, site=site,
-                       reason="connection lost after the message was sent; the relay may have accepted it")
+        return _Result(
+            row.id,
+            row.recipient,
+            MessageState.UNKNOWN,
+            reply,
+            site=site,
+            reason="connection lost after the message was sent; the relay may have accepted it",
+        )
     if bounce:
-        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site,
-                       reason="bounced by a policy response rule")
+        return _Result(
+            row.id, row.recipient, MessageState.FAILED, reply, site=site, reason="bounced by a policy response rule"
+        )
     if outcome.verdict is Verdict.DEFERRED:
         # The maximum age counts from when the message was due, not when it was created.
         due = schedule.next_attempt(row.attempts, row.send_at or row.created_at, now)
         if due is not None:
             return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due, site=site)
-        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site,
-                       reason=f"expired: still deferred after {row.attempts} attempts")
+        return _Result(
+            row.id,
+            row.recipient,
+            MessageState.FAILED,
+            reply,
+            site=site,
+            reason=f"expired: still deferred after {row.attempts} attempts",
+        )
     reason = "hard bounce" if outcome.suppress else "policy rejection" if outcome.policy else "rejected"
-    return _Result(row.id, row.recipient, MessageState.FAILED, reply, reason=reason, suppress=outcome.suppress,
-                   site=site)
+    return _Result(
+        row.id, row.recipient, MessageState.FAILED, reply, reason=reason, suppress=outcome.suppress, site=site
+    )
 
 
 def _hold(row, hold: Hold, max_age: float, now: datetime, site: str | None = None) -> _Result:
@@ -86,14 +102,34 @@ def _hold(row, hold: Hold, max_age: float, now: datetime, site: str | None = Non
     due = now + timedelta(seconds=hold.seconds)
     reply = Reply(None, hold.reason, AT_CONNECTION_LIMIT)
     if due > (row.send_at or row.created_at) + timedelta(seconds=max_age):
-        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site, attempted=False,
-                       reason=f"expired: {hold.reason}")
-    return _Result(row.id, row.recipient, MessageState.DEFERRED, reply, next_attempt_at=due, reason=hold.reason,
-                   site=site, attempted=False)
+        return _Result(
+            row.id,
+            row.recipient,
+            MessageState.FAILED,
+            reply,
+            site=site,
+            attempted=False,
+            reason=f"expired: {hold.reason}",
+        )
+    return _Result(
+        row.id,
+        row.recipient,
+        MessageState.DEFERRED,
+        reply,
+        next_attempt_at=due,
+        reason=hold.reason,
+        site=site,
+        attempted=False,
+    )
 
 
-def deliver(message_ids: Sequence[str], transport: Transport | None = None, shaper: Shaper | None = None,
-            stream: str = TRANSACTIONAL, more: Iterable[Sequence[str]] = ()) -> DeliveryReport:
+def deliver(
+    message_ids: Sequence[str],
+    transport: Transport | None = None,
+    shaper: Shaper | None = None,
+    stream: str = TRANSACTIONAL,
+    more: Iterable[Sequence[str]] = (),
+) -> DeliveryReport:
     """Send the given messages that are still queued (or deferred and due), then the batches of
     `more` (a drain's later pops from the outbox).
 
@@ -140,7 +176,7 @@ def _windows(batches: Iterable[Sequence[str]], size: int) -> Iterator[tuple[Sequ
     """Each window's ids, with the ids of its batch not claimed before it (given back on a failure)."""
     for batch in batches:
         for start in range(0, len(batch), size):
-            yield batch[start:start + size], batch[start:]
+            yield batch[start : start + size], batch[start:]
 
 
 def _send_claimed(claimed: list, transport: Transport, shaper: Shaper | None, schedule: RetrySchedule) -> list[_Result]:
@@ -156,8 +192,9 @@ def _send_claimed(claimed: list, transport: Transport, shaper: Shaper | None, sc
     return _shaped_window(claimed, transport, shaper, now) + skipped
 
 
-def _next_window(engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str],
-             report: DeliveryReport, stream: str) -> list:
+def _next_window(
+    engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str], report: DeliveryReport, stream: str
+) -> list:
     """Record the previous window's outcomes and claim `ids`; on a database failure, give back
     `unclaimed` (the ids of this batch not yet claimed) to the outbox."""
     if not pending and not ids:
@@ -178,10 +215,14 @@ def _prepare_campaign_rows(claimed, schedule: RetrySchedule, now: datetime) -> t
     """Campaign rows re-checked, windowed, capped and rendered (campaign_delivery.py); the rows to
     send, and the results of those that will not go now."""
     prepared = campaign_delivery.prepare(claimed, now)
-    skipped = [_Result(row.id, row.recipient, MessageState.SUPPRESSED, Reply(None, reason), reason=reason,
-                       attempted=False) for row, reason in prepared.suppressed]
-    skipped += [_Result(row.id, row.recipient, MessageState.FAILED, Reply(None, reason), reason=reason)
-                for row, reason in prepared.failed]
+    skipped = [
+        _Result(row.id, row.recipient, MessageState.SUPPRESSED, Reply(None, reason), reason=reason, attempted=False)
+        for row, reason in prepared.suppressed
+    ]
+    skipped += [
+        _Result(row.id, row.recipient, MessageState.FAILED, Reply(None, reason), reason=reason)
+        for row, reason in prepared.failed
+    ]
     skipped += [_hold(row, Hold(seconds, reason), schedule.max_age, now) for row, seconds, reason in prepared.held]
     return prepared.ready, skipped
 
@@ -219,10 +260,13 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
             if not granted:
                 refused[index] = holds[0]
             return bool(granted)
+
         return take_token
 
-    replies = _send_window(transport, [(row, site, token_taker(i, site) if _per_message(site) else None)
-                                       for i, (row, site) in enumerate(admitted)])
+    replies = _send_window(
+        transport,
+        [(row, site, token_taker(i, site) if _per_message(site) else None) for i, (row, site) in enumerate(admitted)],
+    )
     reacted: set[str] = set()
     done = utcnow()
     for i, ((row, site), reply) in enumerate(zip(admitted, replies)):
@@ -267,10 +311,16 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
             by_site = report.site_counts.setdefault(result.site, {})
             by_site[counter] = by_site.get(counter, 0) + 1
         if result.attempted:
-            log.info("message.outcome", message_id=result.id, state=state, smtp_code=result.reply.code,
-                     reply=result.reply.text[:200], site=result.site)
+            log.info(
+                "message.outcome",
+                message_id=result.id,
+                state=state,
+                smtp_code=result.reply.code,
+                reply=result.reply.text[:200],
+                site=result.site,
+            )
         if result.next_attempt_at is not None and result.next_attempt_at <= soon:
-            wake.append((result.id, result.next_attempt_at.replace(tzinfo=timezone.utc).timestamp()))
+            wake.append((result.id, result.next_attempt_at.replace(tzinfo=UTC).timestamp()))
     try:
         enqueue_later(wake, stream)
     except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due
@@ -284,9 +334,16 @@ def _send_window(transport: Transport, jobs: list[tuple]) -> list[Reply]:
     positions: list[int] = []
     for i, (row, site, ready) in enumerate(jobs):
         try:
-            data = build_mime(sender=row.sender, recipient=row.recipient, subject=row.subject, text=row.text,
-                              html=row.html, message_id=row.message_id_header, reply_to=row.reply_to,
-                              headers=row.headers)
+            data = build_mime(
+                sender=row.sender,
+                recipient=row.recipient,
+                subject=row.subject,
+                text=row.text,
+                html=row.html,
+                message_id=row.message_id_header,
+                reply_to=row.reply_to,
+                headers=row.headers,
+            )
         except (ValueError, UnicodeError) as exc:  # content that cannot be encoded will never send
             replies[i] = Reply(554, f"5.6.0 message could not be built: {exc}", "build")
             continue

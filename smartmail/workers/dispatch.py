@@ -1,4 +1,5 @@
 """The one seam to enqueue work: message ids to the Redis outboxes that drain tasks deliver from, and tasks by name."""
+
 from __future__ import annotations
 
 import math
@@ -53,17 +54,24 @@ return leases
 """
 
 # Push ids (ARGV[4..]) to the outbox.
-_ENQUEUE = _NOW + """
+_ENQUEUE = (
+    _NOW
+    + """
 for i = 4, #ARGV, 4000 do
   redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
 end
-""" + _MOVE_DUE + _START_DRAINS
+"""
+    + _MOVE_DUE
+    + _START_DRAINS
+)
 
 # Add ids to the delayed set (ARGV[4..]: score, id, score, id, ...). Starting a drain here, not
 # only in _POP, matters: the drain that deferred them may have let its follow-up finish already.
 # An id due before the timer drain wakes (its key lives wait + lease ms) ends that timer: else
 # it would wait up to MAX_TIMER_MS for no reason; a drain started here, or an active one, times it anew.
-_ENQUEUE_LATER = _NOW + """
+_ENQUEUE_LATER = (
+    _NOW
+    + """
 local earliest = nil
 for i = 4, #ARGV, 2 do
   local due = tonumber(ARGV[i])
@@ -76,13 +84,19 @@ local ttl = redis.call('PTTL', KEYS[5])
 if earliest and ttl > 0 and earliest < now + ttl - tonumber(ARGV[2]) then
   redis.call('DEL', KEYS[5])
 end
-""" + _MOVE_DUE + _START_DRAINS
+"""
+    + _MOVE_DUE
+    + _START_DRAINS
+)
 
 # Pop a batch for a drain and renew its lease. With nothing to pop, end the lease in the same
 # step (so an enqueue either sees this drain still active, or starts a new one); and if ids are
 # waiting and no drain is timing them, this drain becomes the timer: it returns {'wait', ms}
 # and comes back (a Celery countdown) when the first of them is due.
-_POP = _NOW + _MOVE_DUE + """
+_POP = (
+    _NOW
+    + _MOVE_DUE
+    + """
 local ids = redis.call('LPOP', KEYS[1], tonumber(ARGV[3]))
 if ids then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
@@ -99,6 +113,7 @@ if #first > 0 and not timer then
 end
 return {}
 """
+)
 
 # Streams of messages, each with its own outbox and drain task on its own queue, so a campaign's
 # backlog never delays a password reset.
@@ -112,8 +127,14 @@ MAX_TIMER_MS = 30_000
 class Outbox:
     """The Redis side of dispatch; `client` is any redis-py client (tests pass fakeredis)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "", max_drains: int = 4, batch_size: int = 100,
-                 stream: str = TRANSACTIONAL) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "",
+        max_drains: int = 4,
+        batch_size: int = 100,
+        stream: str = TRANSACTIONAL,
+    ) -> None:
         self.client = client
         self.stream = stream
         base = f"{prefix}smartmail:outbox" + ("" if stream == TRANSACTIONAL else f":{stream}")

@@ -1,4 +1,5 @@
-"""Shared per-site traffic state in Redis: a GCRA rate limiter, connection leases, slow-downs, suspensions and counters."""
+"""Shared per-site traffic state in Redis: GCRA rate limits, connection leases, slow-downs, suspensions, counters."""
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,8 @@ if rest > 0 then
   local start = now + retry_after
   if promised > start then start = promised end
   local last = start + rest * interval
-  redis.call('SET', KEYS[4], string.format('%.0f', last), 'PX', math.min(math.ceil((last - now) / 1000) + 1000, 86400000))
+  local ttl = math.min(math.ceil((last - now) / 1000) + 1000, 86400000)
+  redis.call('SET', KEYS[4], string.format('%.0f', last), 'PX', ttl)
   first = start - now
 end
 return {granted, retry_after, first, interval}
@@ -122,8 +124,8 @@ class Grant:
 
 @dataclass(frozen=True)
 class SiteState:
-    slowed_rate: float | None     # messages/s while a slow-down is active
-    slowed_for: float | None      # seconds left
+    slowed_rate: float | None  # messages/s while a slow-down is active
+    slowed_for: float | None  # seconds left
     suspended_for: float | None
     suspended_reason: str | None
     connections: int
@@ -154,14 +156,16 @@ class SiteThrottle:
         """Take up to n send tokens for the site in one round trip (now_us: a clock for tests)."""
         keys = [self._key(site.name, k) for k in ("tat", "slow", "suspend", "promise")]
         granted, retry_after, first, interval = self._acquire(
-            keys=keys, args=[n, interval_us(site.rate), site.burst, "" if now_us is None else now_us])
+            keys=keys, args=[n, interval_us(site.rate), site.burst, "" if now_us is None else now_us]
+        )
         suspended = granted == 0 and interval == 0 and retry_after > 0
         return Grant(int(granted), retry_after / 1e6, first / 1e6, interval / 1e6, suspended)
 
     # Connection leases (a semaphore per site whose permits expire with a worker that died).
     def lease_connection(self, site: Site, lease: str) -> bool:
-        return bool(self._lease(keys=[self._key(site.name, "connections")],
-                                args=[site.max_connections, lease, self.lease_ms]))
+        return bool(
+            self._lease(keys=[self._key(site.name, "connections")], args=[site.max_connections, lease, self.lease_ms])
+        )
 
     def renew_connections(self, site_name: str, leases: list[str]) -> list[str]:
         """Extend the given leases; return those lost (their connections must close)."""
@@ -228,7 +232,7 @@ class SiteThrottle:
         names = set()
         for key in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
             key = key.decode() if isinstance(key, bytes) else key
-            names.add(key[len(self.prefix):].rsplit(":", 1)[0])
+            names.add(key[len(self.prefix) :].rsplit(":", 1)[0])
         return names
 
 

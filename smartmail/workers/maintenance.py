@@ -1,4 +1,5 @@
 """Beat jobs: queue messages whose time has come, and reconcile the database with what Redis may have lost."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
 
 def _dispatch_by_stream(moved: list[tuple[str, int | None]]) -> None:
     """Campaign messages go to the bulk outbox, the others to the transactional one."""
-    for stream, ids in ((TRANSACTIONAL, [i for i, campaign in moved if campaign is None]),
-                        (BULK, [i for i, campaign in moved if campaign is not None])):
+    for stream, ids in (
+        (TRANSACTIONAL, [i for i, campaign in moved if campaign is None]),
+        (BULK, [i for i, campaign in moved if campaign is not None]),
+    ):
         if ids:  # an empty push would only repeat restart_drains' round trip
             enqueue(ids, stream)
 
@@ -88,8 +91,7 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     now = now or utcnow()
     report = ReconcileReport()
     restart_drains()  # first restart drains for ids that dead drains left in the outboxes
-    stale_queued = (QUEUED,
-                    Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
+    stale_queued = (QUEUED, Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
     # While drains are working through a backlog, old `queued` rows are most likely still in it:
     # pushing them again would only double the backlog. Lost ids are pushed once it is drained.
     busy = any(o.backlog() > 0 and o.active_drains() > 0 for o in (get_outbox(TRANSACTIONAL), get_outbox(BULK)))
@@ -102,10 +104,15 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     with session_scope() as session:
         result = session.execute(
             update(Message)
-            .where(Message.id.in_(select(Message.id).where(*stuck).with_for_update(skip_locked=True).scalar_subquery()),
-                   *stuck)
-            .values(state=MessageState.UNKNOWN.value, finished_at=now,
-                    reason="worker lost during the SMTP transaction; not re-sent automatically"),
+            .where(
+                Message.id.in_(select(Message.id).where(*stuck).with_for_update(skip_locked=True).scalar_subquery()),
+                *stuck,
+            )
+            .values(
+                state=MessageState.UNKNOWN.value,
+                finished_at=now,
+                reason="worker lost during the SMTP transaction; not re-sent automatically",
+            ),
             execution_options={"synchronize_session": False},
         )
         report.unknown = result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult

@@ -1,4 +1,5 @@
-"""SMTP reply classification (RFC 5321, RFC 3463) and the retry schedule: the one place that decides a message's fate."""
+"""SMTP reply classification (RFC 5321, RFC 3463) and the retry schedule: the one place deciding a fate."""
+
 from __future__ import annotations
 
 import enum
@@ -41,7 +42,7 @@ class Verdict(str, enum.Enum):
 class Outcome:
     verdict: Verdict
     suppress: bool = False  # a hard bounce: the address itself is bad
-    policy: bool = False    # a 5.7.x policy rejection: about the sender or content, not the address
+    policy: bool = False  # a 5.7.x policy rejection: about the sender or content, not the address
 
 
 # RFC 3463 X.1.x subjects about the *recipient* address. 5.1.7 and 5.1.8 are about the sender's
@@ -79,7 +80,7 @@ def classify(reply: Reply) -> Outcome:
         enhanced = reply.enhanced
         if enhanced and enhanced.startswith("4."):
             return Outcome(Verdict.DEFERRED)  # the enhanced code says transient; trust the finer signal
-        subject, detail = (enhanced.split(".")[1:] if enhanced else (None, None))
+        subject, detail = enhanced.split(".")[1:] if enhanced else (None, None)
         hard = subject == "1" and detail not in _SENDER_SUBJECTS
         return Outcome(Verdict.FAILED, suppress=hard, policy=subject == "7")
     return Outcome(Verdict.DEFERRED)
@@ -98,11 +99,17 @@ class RetrySchedule:
     @classmethod
     def from_settings(cls, settings) -> RetrySchedule:
         """SMARTMAIL_RETRY_*: the schedule with shaping off, and of any site whose policy sets none."""
-        return cls(settings.retry_first_interval, settings.retry_backoff_factor, settings.retry_max_interval,
-                   settings.retry_jitter, settings.retry_max_age)
+        return cls(
+            settings.retry_first_interval,
+            settings.retry_backoff_factor,
+            settings.retry_max_interval,
+            settings.retry_jitter,
+            settings.retry_max_age,
+        )
 
-    def next_attempt(self, attempts: int, created_at: datetime, now: datetime,
-                     rng: random.Random | None = None) -> datetime | None:
+    def next_attempt(
+        self, attempts: int, created_at: datetime, now: datetime, rng: random.Random | None = None
+    ) -> datetime | None:
         """When to try again after `attempts` tries, or None once the message is too old to retry."""
         try:
             grown = self.first_interval * self.backoff_factor ** max(attempts - 1, 0)

@@ -1,4 +1,5 @@
 """What every transport takes (Outgoing) and the reply of a message held back before it was sent."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

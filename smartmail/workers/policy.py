@@ -1,4 +1,5 @@
-"""Traffic-shaping policy: a TOML file mapping recipient domains to sites, each with rates, connection limits, retries and response rules."""
+"""The traffic-shaping policy: a TOML file mapping recipient domains to sites with rates, limits, retries, rules."""
+
 from __future__ import annotations
 
 import os
@@ -56,6 +57,7 @@ def parse_duration(value: Any) -> float:
 
 # --- The file's shape (pydantic validates it and names the offending key) ---------------------
 
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,15 +70,16 @@ class RetrySpec(_Spec):
     max_age: float | None = None
 
     _durations = field_validator("first_interval", "max_interval", "max_age", mode="before")(
-        lambda value: parse_duration(value) if value is not None else None)
+        lambda value: parse_duration(value) if value is not None else None
+    )
 
 
 class RuleSpec(_Spec):
     match: str
     action: Literal["slow", "suspend", "bounce"]
-    rate: float | None = None       # slow: to this rate
+    rate: float | None = None  # slow: to this rate
     factor: float | None = Field(None, gt=0, lt=1)  # slow: to this fraction of the configured rate
-    duration: float = 1800.0        # slow, suspend: how long before it lifts on its own
+    duration: float = 1800.0  # slow, suspend: how long before it lifts on its own
 
     _rate = field_validator("rate", mode="before")(lambda value: parse_rate(value) if value is not None else None)
     _duration = field_validator("duration", mode="before")(parse_duration)
@@ -128,6 +131,7 @@ class PolicySpec(_Spec):
 
 
 # --- What the rest of SmartMail uses ----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -201,10 +205,15 @@ def build_policy(spec: PolicySpec, defaults: RetrySchedule) -> Policy:
 
     def make(name: str, site: SiteSpec) -> Site:
         rate = site.rate if site.rate != "inherit" else (base.rate if base.rate != "inherit" else None)
-        retry = RetrySchedule(*(pick(getattr(site.retry, key), getattr(base.retry, key), getattr(defaults, key))
-                                for key in ("first_interval", "backoff_factor", "max_interval", "jitter", "max_age")))
+        retry = RetrySchedule(
+            *(
+                pick(getattr(site.retry, key), getattr(base.retry, key), getattr(defaults, key))
+                for key in ("first_interval", "backoff_factor", "max_interval", "jitter", "max_age")
+            )
+        )
         return Site(
-            name=name, rate=rate,
+            name=name,
+            rate=rate,
             burst=pick(site.burst, base.burst, max(1, int(rate or 1))),
             max_connections=pick(site.max_connections, base.max_connections, 20),
             max_messages_per_connection=pick(site.max_messages_per_connection, base.max_messages_per_connection, 100),
@@ -233,8 +242,12 @@ def _file_path(data: Any, loc: tuple) -> list:
             data = data[part]
         elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
             data = data[part]
-        elif isinstance(data, dict) and isinstance(part, str) and "[" not in part \
-                and not part.startswith(("function-", "literal")):
+        elif (
+            isinstance(data, dict)
+            and isinstance(part, str)
+            and "[" not in part
+            and not part.startswith(("function-", "literal"))
+        ):
             data = None  # a required key that is missing: the error is about it
         else:
             continue
@@ -255,7 +268,9 @@ def load_policy(path: Path, defaults: RetrySchedule) -> Policy:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in _file_path(data, error["loc"])).lstrip(".")
+            key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in _file_path(data, error["loc"])).lstrip(
+                "."
+            )
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{key or '(top level)'}: {message}")
         raise PolicyError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None

@@ -1,4 +1,5 @@
-"""Traffic shaping on the send path: which site a recipient belongs to, how many of a window may go now, and what replies change."""
+"""Traffic shaping on the send path: a recipient's site, how much of a window may go now, what replies change."""
+
 from __future__ import annotations
 
 import random
@@ -9,9 +10,9 @@ from dataclasses import dataclass
 import structlog
 
 from smartmail import runtime
-from smartmail.workers.policy import Policy, Site, get_policy
-from smartmail.workers.outcomes import Reply
 from smartmail.workers.limiter import SiteThrottle, get_throttle
+from smartmail.workers.outcomes import Reply
+from smartmail.workers.policy import Policy, Site, get_policy
 
 log = structlog.get_logger("smartmail.shaping")
 
@@ -27,8 +28,12 @@ class Hold:
 class MxResolver:
     """MX host names of a domain via dnspython, cached per process (failures too, briefly)."""
 
-    def __init__(self, timeout: float = 2.0, cache_seconds: float = 3600.0,
-                 lookup: Callable[[str, float], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        timeout: float = 2.0,
+        cache_seconds: float = 3600.0,
+        lookup: Callable[[str, float], list[str]] | None = None,
+    ) -> None:
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self._lookup = lookup or _dns_mx
@@ -59,8 +64,9 @@ def _dns_mx(domain: str, timeout: float) -> list[str]:
 class Shaper:
     """The per-process front of traffic shaping; policy and Redis state are shared by all workers."""
 
-    def __init__(self, throttle: SiteThrottle, policy: Callable[[], Policy] = get_policy,
-                 resolver: MxResolver | None = None) -> None:
+    def __init__(
+        self, throttle: SiteThrottle, policy: Callable[[], Policy] = get_policy, resolver: MxResolver | None = None
+    ) -> None:
         self.throttle = throttle
         self.policy = policy
         self.resolver = resolver
@@ -110,8 +116,13 @@ class Shaper:
         reacted.add(site.name)
         if self.throttle.apply_rule(site, rule, str(reply)):
             if rule.action == "slow":
-                log.warning("site.slowed", site=site.name, rate=site.slowed_rate(rule), seconds=rule.duration,
-                            reply=str(reply)[:300])
+                log.warning(
+                    "site.slowed",
+                    site=site.name,
+                    rate=site.slowed_rate(rule),
+                    seconds=rule.duration,
+                    reply=str(reply)[:300],
+                )
             else:
                 log.warning("site.suspended", site=site.name, seconds=rule.duration, reply=str(reply)[:300])
         return None

@@ -1,4 +1,5 @@
-"""Per-site status for operators: configured and current rate, connections, deferred messages, slow-downs and suspensions."""
+"""Per-site status for operators: configured and current rate, connections, deferrals, slow-downs, suspensions."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -6,11 +7,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from smartmail.workers.policy import Site, get_policy
 from smartmail.store.engine import get_engine
 from smartmail.store.models import Message, MessageState, in_state
 from smartmail.store.sql import messages as messages_sql
 from smartmail.workers.limiter import SiteState, get_throttle
+from smartmail.workers.policy import Site, get_policy
 from smartmail.workers.shaping import get_shaper
 
 
@@ -34,8 +35,7 @@ def _deferred_by_domain() -> Counter:
     engine = get_engine()
     recipient = func.rtrim(Message.recipient, ">")
     domain = messages_sql.for_bind(engine).domain_of(recipient)
-    query = (select(func.lower(domain), func.count()).where(in_state(MessageState.DEFERRED))
-             .group_by(func.lower(domain)))
+    query = select(func.lower(domain), func.count()).where(in_state(MessageState.DEFERRED)).group_by(func.lower(domain))
     with engine.connect() as connection:
         return Counter(dict(connection.execute(query).all()))
 
@@ -58,5 +58,7 @@ def site_statuses() -> list[SiteStatus]:
         domains[name].add(domain)
     for name in throttle.known_sites() - set(sites):
         sites[name] = policy.sites.get(name) or policy.unknown_site(name)
-    return [SiteStatus(site, sorted(domains.get(name, ())), throttle.state(name), deferred_sites[name])
-            for name, site in sorted(sites.items())]
+    return [
+        SiteStatus(site, sorted(domains.get(name, ())), throttle.state(name), deferred_sites[name])
+        for name, site in sorted(sites.items())
+    ]

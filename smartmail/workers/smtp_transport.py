@@ -1,4 +1,5 @@
 """SMTP transport: connections pooled per site, leased across processes, transactions run by smtp_window."""
+
 from __future__ import annotations
 
 import functools
@@ -85,9 +86,17 @@ class SmtpTransport:
     connections, so those of a process that died expire on their own.
     """
 
-    def __init__(self, url: SmtpUrl, *, timeout: float = 30.0, max_messages_per_connection: int = 100,
-                 local_hostname: str | None = None, max_idle: int = 8, idle_timeout: float = 5.0,
-                 gate: ConnectionGate | None = None) -> None:
+    def __init__(
+        self,
+        url: SmtpUrl,
+        *,
+        timeout: float = 30.0,
+        max_messages_per_connection: int = 100,
+        local_hostname: str | None = None,
+        max_idle: int = 8,
+        idle_timeout: float = 5.0,
+        gate: ConnectionGate | None = None,
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.max_messages = max_messages_per_connection
@@ -115,8 +124,9 @@ class SmtpTransport:
     def _connect(self) -> smtplib.SMTP:
         context = self._tls_context() if self.url.tls != "none" else None
         if self.url.tls == "ssl":
-            smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.url.host, self.url.port, local_hostname=self.local_hostname,
-                                                  timeout=self.timeout, context=context)
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                self.url.host, self.url.port, local_hostname=self.local_hostname, timeout=self.timeout, context=context
+            )
         else:
             smtp = smtplib.SMTP(self.url.host, self.url.port, local_hostname=self.local_hostname, timeout=self.timeout)
         try:
@@ -155,8 +165,9 @@ class SmtpTransport:
                 return None
         self._start_sweeper()
         try:
-            conn = _Connection(self._connect(), pool, lease,
-                               site.max_messages_per_connection if site else self.max_messages)
+            conn = _Connection(
+                self._connect(), pool, lease, site.max_messages_per_connection if site else self.max_messages
+            )
         except BaseException:
             if lease:
                 self.gate.release_connection(pool, lease)
@@ -254,8 +265,14 @@ class SmtpTransport:
                 return  # the other holder's transaction fails too, and forgets it
         self._forget(conn)
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
-             ready: Callable[[], bool] | None = None) -> Reply:
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        site: Site | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> Reply:
         return smtp_window.run(self._transaction(sender, recipient, data, site, ready))
 
     def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]:
@@ -271,23 +288,28 @@ class SmtpTransport:
             self._connector_pid = os.getpid()
         return self._connector_threads
 
-    def _transaction(self, sender: str, recipient: str, data: bytes, site: Site | None,
-                     ready: Callable[[], bool] | None) -> smtp_window.Transaction:
+    def _transaction(
+        self, sender: str, recipient: str, data: bytes, site: Site | None, ready: Callable[[], bool] | None
+    ) -> smtp_window.Transaction:
         """One message's SMTP transaction, as a generator of the I/O it needs (smtp_window drives it)."""
         if not (sender.isascii() and recipient.isascii()):
             # Non-ASCII addresses need SMTPUTF8 (RFC 6531 section 3.7.4.1), which we do not use.
             return Reply(553, "5.6.7 non-ASCII address requires SMTPUTF8, which SmartMail does not use")
         if "\n" in sender + recipient or "\r" in sender + recipient:  # would end the command, add another
             return Reply(553, "5.1.3 envelope address contains a line break")
-        commands = (f"MAIL FROM:<{sender}>\r\n".encode("ascii"), f"RCPT TO:<{recipient}>\r\n".encode("ascii"),
-                    b"DATA\r\n")
+        commands = (
+            f"MAIL FROM:<{sender}>\r\n".encode("ascii"),
+            f"RCPT TO:<{recipient}>\r\n".encode("ascii"),
+            b"DATA\r\n",
+        )
         pool = site.name if site else ""
         for attempt in range(2):
             try:
                 # A retry opens a fresh connection: the other idle ones may be just as dead.
                 if attempt == 0:
-                    conn, reused = yield smtp_window.Acquire(lambda: self._take_idle(site),
-                                                             lambda: self._acquire(site), pool)
+                    conn, reused = yield smtp_window.Acquire(
+                        lambda: self._take_idle(site), lambda: self._acquire(site), pool
+                    )
                 else:
                     conn, reused = (yield smtp_window.Acquire(lambda: None, lambda: self._open(site))), False
             except smtplib.SMTPResponseException as exc:
@@ -298,8 +320,9 @@ class SmtpTransport:
                 return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
             if conn is None:
                 self._want(site)
-                return Reply(None, f"site {site.name} is at its limit of {site.max_connections} connections",
-                             AT_CONNECTION_LIMIT)
+                return Reply(
+                    None, f"site {site.name} is at its limit of {site.max_connections} connections", AT_CONNECTION_LIMIT
+                )
             if ready is not None:
                 if not ready():
                     self._release(conn)

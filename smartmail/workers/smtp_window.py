@@ -1,4 +1,5 @@
 """Drivers of SMTP transactions written as generators: one at a time, or a window's side by side from one thread."""
+
 from __future__ import annotations
 
 import selectors
@@ -28,6 +29,7 @@ class Write(NamedTuple):
 
 class Read(NamedTuple):
     """One reply; `timeout`: seconds to wait for it, None for the connection's own."""
+
     conn: Any
     timeout: float | None = None
 
@@ -35,6 +37,7 @@ class Read(NamedTuple):
 class Acquire(NamedTuple):
     """A connection: `now()` returns one without waiting, or None; `wait()` may connect or wait.
     With a `pool`, a connection of that pool lent within the window may be given instead."""
+
     now: Callable[[], Any]
     wait: Callable[[], Any]
     pool: str | None = None
@@ -46,6 +49,7 @@ class Lend(NamedTuple):
     RFC 2920 section 3.1: message content may be the first command of a pipelined group, so the
     next MAIL, RCPT and DATA go in the same write as this body. `share()` is what the borrower's
     Acquire receives."""
+
     conn: Any
     pool: str
     share: Callable[[], Any]
@@ -98,7 +102,7 @@ def take_reply(inbox: bytearray) -> tuple[int, bytes] | None:
             if len(inbox) - start > smtplib._MAXLINE:
                 raise smtplib.SMTPResponseException(500, "Line too long.")
             return None
-        line = bytes(inbox[start:end + 1])
+        line = bytes(inbox[start : end + 1])
         start = end + 1
         lines.append(line[4:].strip(b" \t\r\n"))
         if line[3:4] != b"-":
@@ -133,8 +137,24 @@ _PENDING = object()  # _Window.acquire: the transaction waits (parked, or for th
 class _Window:
     """The state of one run_window call; each method is a step of its event loop."""
 
-    __slots__ = ("parallelism", "connector", "replies", "waiting", "running", "slots", "parked", "lendings",
-                 "donors", "readers", "deadlines", "unsent", "watched", "acquiring", "selector", "wake")
+    __slots__ = (
+        "parallelism",
+        "connector",
+        "replies",
+        "waiting",
+        "running",
+        "slots",
+        "parked",
+        "lendings",
+        "donors",
+        "readers",
+        "deadlines",
+        "unsent",
+        "watched",
+        "acquiring",
+        "selector",
+        "wake",
+    )
 
     def __init__(self, transactions: Sequence[Transaction], parallelism: int, connector: ThreadPoolExecutor) -> None:
         self.parallelism = parallelism
@@ -228,8 +248,14 @@ class _Window:
                 slots.add(index)
                 self.advance(index, transaction)
 
-    def advance(self, index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None,
-                request: Any = None) -> None:
+    def advance(
+        self,
+        index: int,
+        transaction: Transaction,
+        value: Any = None,
+        error: BaseException | None = None,
+        request: Any = None,
+    ) -> None:
         """Resume a transaction (or take up its `request`) until it must wait for a reply or a
         connection, or ends."""
         unsent, readers = self.unsent, self.readers
@@ -325,8 +351,9 @@ class _Window:
                 del readers[conn], deadlines[conn]
             self.deliver(index, transaction, reply)
 
-    def deliver(self, index: int, transaction: Transaction, value: Any = None,
-                error: BaseException | None = None) -> None:
+    def deliver(
+        self, index: int, transaction: Transaction, value: Any = None, error: BaseException | None = None
+    ) -> None:
         self.lendings.pop(index, None)  # a lender's last reply (or failure): its connection is no longer to be borrowed
         self.advance(index, transaction, value, error)
 

@@ -1,4 +1,5 @@
 """Transports: the Transport protocol, file, console and in-memory sinks, and the one settings pick."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,14 @@ class Transport(Protocol):
     """Hands messages (Outgoing's fields) to the next hop and reports the replies; never raises for
     delivery failures. send_window sends a window's messages, up to `parallelism` at a time."""
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
-             ready: Callable[[], bool] | None = None) -> Reply: ...
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        site: Site | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> Reply: ...
 
     def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]: ...
 
@@ -45,8 +52,14 @@ class FileTransport(_OneAtATime):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
-             ready: Callable[[], bool] | None = None) -> Reply:
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        site: Site | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> Reply:
         if ready is not None and not ready():
             return HELD_REPLY
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}-{recipient.replace('/', '_')}.eml"
@@ -64,8 +77,14 @@ class ConsoleTransport(_OneAtATime):
     def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stdout
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
-             ready: Callable[[], bool] | None = None) -> Reply:
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        site: Site | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> Reply:
         if ready is not None and not ready():
             return HELD_REPLY
         self.stream.write(f"--- message from {sender} to {recipient}\n{data.decode('utf-8', 'replace')}\n")
@@ -82,8 +101,14 @@ class MemoryTransport(_OneAtATime):
     def __init__(self) -> None:
         self.outbox: list[tuple[str, str, bytes]] = []
 
-    def send(self, sender: str, recipient: str, data: bytes, site: Site | None = None,
-             ready: Callable[[], bool] | None = None) -> Reply:
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        site: Site | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> Reply:
         if ready is not None and not ready():
             return HELD_REPLY
         self.outbox.append((sender, recipient, data))
@@ -97,11 +122,15 @@ def build_transport(settings: Settings) -> Transport:
     from smartmail.workers.limiter import make_throttle
 
     if settings.transport == "smtp":
-        return SmtpTransport(settings.smtp, timeout=settings.smtp_timeout,
-                             max_messages_per_connection=settings.smtp_max_messages_per_connection,
-                             local_hostname=settings.smtp_local_hostname, max_idle=settings.smtp_parallelism,
-                             idle_timeout=settings.smtp_idle_timeout,
-                             gate=make_throttle(settings) if settings.shaping else None)
+        return SmtpTransport(
+            settings.smtp,
+            timeout=settings.smtp_timeout,
+            max_messages_per_connection=settings.smtp_max_messages_per_connection,
+            local_hostname=settings.smtp_local_hostname,
+            max_idle=settings.smtp_parallelism,
+            idle_timeout=settings.smtp_idle_timeout,
+            gate=make_throttle(settings) if settings.shaping else None,
+        )
     if settings.transport == "file":
         return FileTransport(settings.file_transport_dir)
     if settings.transport == "console":

@@ -1,4 +1,5 @@
 """Bad input gets an error naming the field, and nothing is stored or queued."""
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,24 @@ BAD_SENDS = [
     ({"to": "ann@example.org, bob@example.org", "subject": "s", "text": "t"}, "to"),
     ({"to": "ann@example.org\r\nBcc: victim@example.com", "subject": "s", "text": "t"}, "to"),
     ({"to": "ann@example.org", "from_": "nobody", "subject": "s", "text": "t"}, "from_"),
-    ({"to": "ann@example.org", "reply_to": "x@example.com\nBcc: y@example.com", "subject": "s", "text": "t"}, "reply_to"),
+    (
+        {"to": "ann@example.org", "reply_to": "x@example.com\nBcc: y@example.com", "subject": "s", "text": "t"},
+        "reply_to",
+    ),
     ({"to": "ann@example.org", "subject": "Hi\r\nBcc: victim@example.com", "text": "t"}, "subject"),
-    ({"to": "ann@example.org", "subject": "Hi {{ name }}", "text": "t", "context": {"name": "x\r\nBcc: v@example.com"}},
-     "subject"),
-    ({"to": "ann@example.org", "subject": "s", "text": "t", "headers": {"X-Ok": "a\r\nBcc: v@example.com"}},
-     "headers.X-Ok"),
+    (
+        {
+            "to": "ann@example.org",
+            "subject": "Hi {{ name }}",
+            "text": "t",
+            "context": {"name": "x\r\nBcc: v@example.com"},
+        },
+        "subject",
+    ),
+    (
+        {"to": "ann@example.org", "subject": "s", "text": "t", "headers": {"X-Ok": "a\r\nBcc: v@example.com"}},
+        "headers.X-Ok",
+    ),
     ({"to": "ann@example.org", "subject": "s", "text": "t", "headers": {"Bcc": "v@example.com"}}, "headers.Bcc"),
     ({"to": "ann@example.org", "subject": "s", "text": "t", "headers": {"Bad Name": "x"}}, "headers"),
     ({"to": "ann@example.org", "template": "no-such-template"}, "template"),
@@ -97,16 +110,19 @@ def test_cli_send_reports_bad_input_with_exit_code_2(env):
     result = runner.invoke(cli, ["send", "--to", "nobody", "--subject", "s", "--text", "t"])
     assert result.exit_code == 2
     assert "to: " in result.output and "@-sign" in result.output
-    result = runner.invoke(cli, ["send", "--to", "ann@example.org", "--subject", "s", "--text", "t",
-                                 "--header", "X-A:b\r\nBcc: v@example.com"])
+    result = runner.invoke(
+        cli,
+        ["send", "--to", "ann@example.org", "--subject", "s", "--text", "t", "--header", "X-A:b\r\nBcc: v@example.com"],
+    )
     assert result.exit_code == 2 and "headers.X-A" in result.output
     nothing_stored_or_queued(env["SMARTMAIL_REDIS_URL"])
 
 
 def test_cli_send_file_reports_which_message_is_bad(env, tmp_path):
     path = tmp_path / "batch.json"
-    path.write_text(json.dumps([{"to": "a@example.com", "subject": "s", "text": "t"},
-                                {"to": "b@example.com", "template": "nope"}]))
+    path.write_text(
+        json.dumps([{"to": "a@example.com", "subject": "s", "text": "t"}, {"to": "b@example.com", "template": "nope"}])
+    )
     result = runner.invoke(cli, ["send", "--file", str(path)])
     assert result.exit_code == 2 and "messages[1].template" in result.output
     path.write_text("{not json")
@@ -116,9 +132,20 @@ def test_cli_send_file_reports_which_message_is_bad(env, tmp_path):
 
 
 def test_cli_send_and_status(env):
-    result = runner.invoke(cli, ["send", "--to", "Ann <ann@example.org>", "--template", "welcome",
-                                 "--context", json.dumps({"first_name": "Ann", "email": "ann@example.org"}),
-                                 "--tag", "signup"])
+    result = runner.invoke(
+        cli,
+        [
+            "send",
+            "--to",
+            "Ann <ann@example.org>",
+            "--template",
+            "welcome",
+            "--context",
+            json.dumps({"first_name": "Ann", "email": "ann@example.org"}),
+            "--tag",
+            "signup",
+        ],
+    )
     assert result.exit_code == 0, result.output
     message_id, state = result.output.split()[:2]
     assert state == "queued"
@@ -134,7 +161,9 @@ def test_cli_refuses_a_template_with_a_syntax_error(env, tmp_path):
     result = runner.invoke(cli, ["templates", "save", "promo", "--subject", "Hi", "--html-file", str(html)])
     assert result.exit_code == 2 and "line 1" in result.output
     html.write_text("<p>Hi {{ name }}</p>")
-    assert runner.invoke(cli, ["templates", "save", "promo", "--subject", "Hi", "--html-file", str(html)]).exit_code == 0
+    assert (
+        runner.invoke(cli, ["templates", "save", "promo", "--subject", "Hi", "--html-file", str(html)]).exit_code == 0
+    )
     with session_scope() as session:
         assert [(t.name, t.version) for t in session.scalars(select(Template))] == [("promo", 1)]
 
@@ -142,8 +171,13 @@ def test_cli_refuses_a_template_with_a_syntax_error(env, tmp_path):
 def test_missing_settings_fail_at_start_naming_the_variable(tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SMARTMAIL_")}
     clean["SMARTMAIL_SMTP_URL"] = "http://relay.example.com"
-    result = subprocess.run([sys.executable, "-m", "smartmail.cli.main", "send", "--to", "a@example.com"],
-                            env=clean, cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "smartmail.cli.main", "send", "--to", "a@example.com"],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     for variable in ("SMARTMAIL_DEFAULT_SENDER", "SMARTMAIL_SECRET_KEY", "SMARTMAIL_SMTP_URL"):
         assert variable in result.stderr, result.stderr

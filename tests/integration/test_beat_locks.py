@@ -1,4 +1,5 @@
 """Beat's UPDATEs take only rows no other transaction holds, so they never wait on a worker (PostgreSQL)."""
+
 from __future__ import annotations
 
 import threading
@@ -7,16 +8,31 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from smartmail.workers import maintenance
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import Message
+from smartmail.workers import maintenance
 
 
 def _rows(state: str, count: int, old: bool) -> list[str]:
     at = utcnow() - timedelta(hours=1 if old else 0)
-    rows = [{"id": f"{state[:4]}{i:022d}", "state": state, "sender": "a@example.com", "recipient": f"u{i}@example.com",
-             "subject": "s", "text": "t", "headers": {}, "tags": [], "message_id_header": f"<{state}{i}@example.com>",
-             "attempts": 1, "created_at": at, "enqueued_at": at, "claimed_at": at} for i in range(count)]
+    rows = [
+        {
+            "id": f"{state[:4]}{i:022d}",
+            "state": state,
+            "sender": "a@example.com",
+            "recipient": f"u{i}@example.com",
+            "subject": "s",
+            "text": "t",
+            "headers": {},
+            "tags": [],
+            "message_id_header": f"<{state}{i}@example.com>",
+            "attempts": 1,
+            "created_at": at,
+            "enqueued_at": at,
+            "claimed_at": at,
+        }
+        for i in range(count)
+    ]
     with get_engine().begin() as connection:
         connection.execute(Message.__table__.insert(), rows)
     return [r["id"] for r in rows]

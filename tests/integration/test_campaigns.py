@@ -1,23 +1,23 @@
 """Campaigns on real parts: fan-out, chunked bulk delivery by worker processes, pause/resume/cancel, beat, retries."""
+
 from __future__ import annotations
 
 import collections
 import re
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from smartmail.audience.contacts import InvalidInput, create_list
 from smartmail.campaigns import fan_out as campaign_fan_out
 from smartmail.campaigns import lifecycle as campaigns
-from smartmail.workers import claims, delivery
-from smartmail.workers import maintenance
-from smartmail.audience.contacts import InvalidInput, create_list
+from smartmail.content.template_store import save_template
+from smartmail.content.unsubscribe_links import read_token
 from smartmail.store.engine import get_engine, session_scope, utcnow
-from smartmail.store.sql import fan_out as fan_out_sql
 from smartmail.store.models import (
     Campaign,
     Contact,
@@ -27,9 +27,9 @@ from smartmail.store.models import (
     MessageState,
     Suppression,
 )
+from smartmail.store.sql import fan_out as fan_out_sql
+from smartmail.workers import claims, delivery, maintenance
 from smartmail.workers.outcomes import Reply
-from smartmail.content.template_store import save_template
-from smartmail.content.unsubscribe_links import read_token
 from tests.conftest import reset_caches, wait_for
 
 pytestmark = pytest.mark.integration
@@ -55,20 +55,33 @@ def make_audience(n: int, *, unsubscribed_every: int = 0, suppressed_every: int 
     rows = []
     for i in range(n):
         status = "unsubscribed" if unsubscribed_every and i % unsubscribed_every == 1 else "subscribed"
-        rows.append({"email": f"c{i}@{DOMAINS[i % 5]}", "status": status, "created_at": now, "updated_at": now,
-                     "attributes": {"first_name": f"Name{i}", "plan": ("free", "pro")[i % 2]}})
+        rows.append(
+            {
+                "email": f"c{i}@{DOMAINS[i % 5]}",
+                "status": status,
+                "created_at": now,
+                "updated_at": now,
+                "attributes": {"first_name": f"Name{i}", "plan": ("free", "pro")[i % 2]},
+            }
+        )
     suppressed = {rows[i]["email"] for i in range(n) if suppressed_every and i % suppressed_every == 2}
     with get_engine().begin() as connection:
         for start in range(0, n, 5000):
-            connection.execute(insert(Contact), rows[start:start + 5000])
+            connection.execute(insert(Contact), rows[start : start + 5000])
         list_id = connection.scalar(select(ContactList.id).where(ContactList.name == list_name))
         ids = list(connection.scalars(select(Contact.id)))
         for start in range(0, len(ids), 5000):
-            connection.execute(insert(ListMembership), [{"list_id": list_id, "contact_id": i, "status": "subscribed",
-                                                         "joined_at": now} for i in ids[start:start + 5000]])
+            connection.execute(
+                insert(ListMembership),
+                [
+                    {"list_id": list_id, "contact_id": i, "status": "subscribed", "joined_at": now}
+                    for i in ids[start : start + 5000]
+                ],
+            )
         if suppressed:
-            connection.execute(insert(Suppression), [{"email": e, "reason": "hard_bounce", "created_at": now}
-                                                     for e in suppressed])
+            connection.execute(
+                insert(Suppression), [{"email": e, "reason": "hard_bounce", "created_at": now} for e in suppressed]
+            )
     return {r["email"] for r in rows if r["status"] == "subscribed" and r["email"] not in suppressed}
 
 
@@ -88,9 +101,11 @@ def debug_states(name: str) -> dict:
     """Where a campaign's unfinished messages are: state, due time and attempts, for a timeout message."""
     with session_scope() as session:
         campaign_id = session.scalar(select(Campaign.id).where(Campaign.name == name))
-        rows = session.execute(select(Message.state, Message.next_attempt_at, Message.attempts, Message.reason)
-                               .where(Message.campaign_id == campaign_id,
-                                      Message.state.not_in(("sent", "unknown"))).limit(5)).all()
+        rows = session.execute(
+            select(Message.state, Message.next_attempt_at, Message.attempts, Message.reason)
+            .where(Message.campaign_id == campaign_id, Message.state.not_in(("sent", "unknown")))
+            .limit(5)
+        ).all()
     return {"status": campaigns.campaign_status(name), "now": utcnow(), "examples": [tuple(r) for r in rows]}
 
 
@@ -98,8 +113,9 @@ def start_bulk_worker(start_worker, concurrency: int = 2):
     return start_worker(concurrency=concurrency, queues="bulk,default")
 
 
-def test_a_campaign_reaches_every_eligible_contact_exactly_once_with_unsubscribe_headers(relay, shared_worker,
-                                                                                          start_beat):
+def test_a_campaign_reaches_every_eligible_contact_exactly_once_with_unsubscribe_headers(
+    relay, shared_worker, start_beat
+):
     eligible = make_audience(20_000, unsubscribed_every=40, suppressed_every=60)
     start_bulk_worker(shared_worker)
     start_beat()
@@ -158,8 +174,17 @@ def test_a_cancel_and_a_window_recording_deferrals_do_not_miss_each_other(relay)
         ids = list(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
     now = utcnow()
     assert len(claims.record_and_claim(get_engine(), [], ids, now)) == 3  # the window is in flight
-    held = [delivery._Result(i, "x@alpha.example", MessageState.DEFERRED, Reply(None, "held by the rate cap"),
-                             next_attempt_at=now + timedelta(minutes=5), attempted=False) for i in ids]
+    held = [
+        delivery._Result(
+            i,
+            "x@alpha.example",
+            MessageState.DEFERRED,
+            Reply(None, "held by the rate cap"),
+            next_attempt_at=now + timedelta(minutes=5),
+            attempted=False,
+        )
+        for i in ids
+    ]
     recorder = threading.Thread(target=claims.record_and_claim, args=(get_engine(), held, [], now), daemon=True)
 
     def record_meanwhile(session):
@@ -226,8 +251,17 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
         ids = list(session.scalars(select(Message.id).order_by(Message.id)))
     assert campaigns.cancel_campaign("late") == 0  # nothing queued: all in flight
     now = utcnow()
-    held = [delivery._Result(i, "x@example.com", MessageState.DEFERRED, Reply(None, "throttled: campaign rate cap"),
-                             next_attempt_at=now + timedelta(seconds=1), attempted=False) for i in ids[:3]]
+    held = [
+        delivery._Result(
+            i,
+            "x@example.com",
+            MessageState.DEFERRED,
+            Reply(None, "throttled: campaign rate cap"),
+            next_attempt_at=now + timedelta(seconds=1),
+            attempted=False,
+        )
+        for i in ids[:3]
+    ]
     sent = delivery._Result(ids[3], "x@example.com", MessageState.SENT, Reply(250, "ok"))
     with get_engine().begin() as connection:
         claims.record_and_claim_on(connection, [*held, sent], now)
@@ -248,18 +282,21 @@ def test_contacts_unsubscribed_or_suppressed_after_the_fan_out_are_skipped_at_se
     delivery.deliver(ids, stream="bulk")
     assert message_states("late-change") == {"sent": 8, "suppressed": 2}
     assert sorted(m.rcpt_tos[0] for m in relay.messages) == sorted(
-        f"c{i}@{DOMAINS[i % 5]}" for i in range(10) if i not in (3, 6))
+        f"c{i}@{DOMAINS[i % 5]}" for i in range(10) if i not in (3, 6)
+    )
 
 
 def test_a_scheduled_campaign_starts_on_time_via_beat(relay, shared_worker, start_beat):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     eligible = make_audience(50)
     start_bulk_worker(shared_worker)
     start_beat()
-    send_at = datetime.now(timezone.utc) + timedelta(seconds=3)
-    assert campaigns.create_campaign("later", template="newsletter", lists=["news"], send_at=send_at)["state"] == \
-        "scheduled"
+    send_at = datetime.now(UTC) + timedelta(seconds=3)
+    assert (
+        campaigns.create_campaign("later", template="newsletter", lists=["news"], send_at=send_at)["state"]
+        == "scheduled"
+    )
     time.sleep(1)
     assert relay.count == 0
     wait_for(lambda: relay.count >= 50, 60, message="the scheduled campaign's messages")
@@ -276,8 +313,11 @@ def test_a_451_to_one_recipient_in_ten_is_retried_and_delivered(relay, shared_wo
     start_bulk_worker(shared_worker)
     campaigns.create_campaign("retry", template="newsletter", lists=["news"])
     campaigns.launch_campaign("retry")
-    wait_for(lambda: relay.count >= 500, 90,
-             message=lambda: f"all 500, the refused ones on retry; {relay.count} arrived; {debug_states('retry')}")
+    wait_for(
+        lambda: relay.count >= 500,
+        90,
+        message=lambda: f"all 500, the refused ones on retry; {relay.count} arrived; {debug_states('retry')}",
+    )
     assert sorted(m.rcpt_tos[0] for m in relay.messages) == eligible
     assert all(relay.attempts[a] == 2 for a in refused)
     with session_scope() as session:
@@ -339,10 +379,14 @@ def test_a_fan_out_behind_its_rows_adds_only_the_missing_ones(relay, monkeypatch
     with session_scope() as session:
         campaign = session.get(Campaign, campaign_id)
         first_ids = set(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
-        third_page_starts = sorted(session.scalars(select(Message.contact_id).where(
-            Message.campaign_id == campaign_id)))[39]
-        session.execute(update(Message).where(Message.campaign_id == campaign_id,
-                                              Message.contact_id > third_page_starts).values(campaign_id=None))
+        third_page_starts = sorted(
+            session.scalars(select(Message.contact_id).where(Message.campaign_id == campaign_id))
+        )[39]
+        session.execute(
+            update(Message)
+            .where(Message.campaign_id == campaign_id, Message.contact_id > third_page_starts)
+            .values(campaign_id=None)
+        )
         campaign.cursor, campaign.fanned_out = 0, False  # two pages behind the rows it has
 
     assert campaigns.fan_out(campaign_id) == 10  # the third page's contacts again, nothing else
@@ -361,13 +405,22 @@ def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_in
     for name in ("copy", "insert"):
         if name == "insert":  # PostgreSQL fans out by COPY unless an address would need escaping
             monkeypatch.setattr(fan_out_sql, "COPY_SPECIAL", re.compile(""))
-        campaigns.create_campaign(name, template="newsletter", lists=["news"], window=closed, tags=["spring"],
-                                  reply_to="Help <help@example.com>")
+        campaigns.create_campaign(
+            name,
+            template="newsletter",
+            lists=["news"],
+            window=closed,
+            tags=["spring"],
+            reply_to="Help <help@example.com>",
+        )
         campaign_id = started(name)
         assert campaigns.fan_out(campaign_id) == 30
         with session_scope() as session:
-            rows = session.execute(select(Message.id, Message.message_id_header, *columns)
-                                   .where(Message.campaign_id == campaign_id).order_by(Message.contact_id)).all()
+            rows = session.execute(
+                select(Message.id, Message.message_id_header, *columns)
+                .where(Message.campaign_id == campaign_id)
+                .order_by(Message.contact_id)
+            ).all()
         assert all(r.message_id_header == f"<{r.id}@example.com>" for r in rows)
         written[name] = [tuple(r)[2:] for r in rows]
     assert written["copy"] == written["insert"]
@@ -405,14 +458,16 @@ def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, 
         counts = message_states("crash")
         return sum(counts[s] for s in ("sent", "unknown")) == len(eligible) and counts
 
-    counts = wait_for(done, 180, interval=1.0,
-                      message=lambda: f"every message sent or unknown: {debug_states('crash')}")
+    counts = wait_for(
+        done, 180, interval=1.0, message=lambda: f"every message sent or unknown: {debug_states('crash')}"
+    )
     got = [m.rcpt_tos[0] for m in relay.messages]
     assert len(got) == len(set(got)), "a contact received two messages"
     assert counts["unknown"] <= 2 * concurrency * window, counts  # the window being sent, the one claimed meanwhile
     with session_scope() as session:
-        sent = set(session.scalars(select(Message.recipient).where(Message.campaign_id.is_not(None),
-                                                                   Message.state == "sent")))
+        sent = set(
+            session.scalars(select(Message.recipient).where(Message.campaign_id.is_not(None), Message.state == "sent"))
+        )
     assert sent <= set(got) <= eligible
 
 
@@ -453,8 +508,22 @@ def test_campaign_cli_reports_bad_input_and_shows_status(relay):
     result = runner.invoke(cli, ["campaign", "create", "c1", "--template", "newsletter", "--list", "missing"])
     assert result.exit_code == 2 and "lists[0]" in result.output
     assert runner.invoke(cli, ["campaign", "status", "nope"]).exit_code == 1
-    result = runner.invoke(cli, ["campaign", "create", "c1", "--template", "newsletter", "--list", "news",
-                                 "--window", "08:00-20:00", "--rate-cap", "5"])
+    result = runner.invoke(
+        cli,
+        [
+            "campaign",
+            "create",
+            "c1",
+            "--template",
+            "newsletter",
+            "--list",
+            "news",
+            "--window",
+            "08:00-20:00",
+            "--rate-cap",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["campaign", "status", "c1", "--json"])
     assert result.exit_code == 0 and '"state": "draft"' in result.output

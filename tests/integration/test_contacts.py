@@ -1,4 +1,5 @@
 """Contacts, lists and custom events on SQLite and PostgreSQL: the Python API and the CLI, good and bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,8 @@ from typer.testing import CliRunner
 
 import smartmail
 from smartmail.audience import contacts
-from smartmail.cli.main import app as cli
 from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.cli.main import app as cli
 from smartmail.store.engine import session_scope
 from smartmail.store.models import Contact, ContactList, Event, ImportJob, ListMembership, Message, Segment, Suppression
 
@@ -31,8 +32,9 @@ def suppressions() -> dict[str, str]:
 
 
 def test_contact_lifecycle(env):
-    created = contacts.create_contact(" Ann@Example.ORG ", attributes={"plan": "pro", "age": 31, "vip": True},
-                                      timezone="Europe/Paris", locale="fr-FR")
+    created = contacts.create_contact(
+        " Ann@Example.ORG ", attributes={"plan": "pro", "age": 31, "vip": True}, timezone="Europe/Paris", locale="fr-FR"
+    )
     assert created["email"] == "ann@example.org" and created["status"] == "subscribed"
     with pytest.raises(InvalidInput) as error:
         contacts.create_contact("ANN@example.org")
@@ -91,7 +93,7 @@ def test_lists_and_members(env):
     assert contacts.add_members("news", ["a@example.org", "B@example.org", "b@example.org"]) == 2
     assert contacts.add_members("news", ["a@example.org"]) == 0  # already a member
     assert contacts.get_contact("b@example.org")["lists"] == ["news"]
-    assert [(l["name"], l["members"]) for l in contacts.get_lists()] == [("news", 2)]
+    assert [(lst["name"], lst["members"]) for lst in contacts.get_lists()] == [("news", 2)]
     assert contacts.remove_members("news", ["a@example.org", "zzz@example.org"]) == 1
     assert contacts.get_contact("a@example.org")["lists"] == []
     assert contacts.delete_list("news") and contacts.get_lists() == []
@@ -154,8 +156,21 @@ def test_cli_contacts_lists_segments_import_and_export(env, tmp_path):
         return result.output
 
     ok("lists", "create", "news", "--description", "Weekly")
-    assert "created contact" in ok("contacts", "add", "Zoe@Example.org", "--attr", "age=31", "--attr", "name=Zoé",
-                                   "--attr", "tags=[\"a\"]", "--list", "news", "--timezone", "Europe/Paris")
+    assert "created contact" in ok(
+        "contacts",
+        "add",
+        "Zoe@Example.org",
+        "--attr",
+        "age=31",
+        "--attr",
+        "name=Zoé",
+        "--attr",
+        'tags=["a"]',
+        "--list",
+        "news",
+        "--timezone",
+        "Europe/Paris",
+    )
     zoe = contacts.get_contact("zoe@example.org")
     assert zoe["attributes"] == {"age": 31, "name": "Zoé", "tags": ["a"]} and zoe["lists"] == ["news"]
     assert json.loads(ok("contacts", "get", "zoe@example.org", "--json"))["attributes"]["age"] == 31

@@ -1,4 +1,5 @@
 """Contact imports on SQLite and PostgreSQL: bad rows reported, good rows in, re-runs idempotent, memory bounded."""
+
 from __future__ import annotations
 
 import csv
@@ -10,10 +11,9 @@ import tracemalloc
 import pytest
 from sqlalchemy import func, select
 
-from smartmail.audience import contacts
-from smartmail.audience import imports
-from smartmail.audience.imports import writer
+from smartmail.audience import contacts, imports
 from smartmail.audience.contacts import InvalidInput
+from smartmail.audience.imports import writer
 from smartmail.store.engine import session_scope
 from smartmail.store.models import Contact, ImportJob, ImportRowError, ListMembership, Suppression
 from smartmail.store.sql.contact_rows import PostgresContactRows, SqliteContactRows
@@ -32,8 +32,14 @@ def generate_csv(path, rows: int, bad_every: int = 100) -> dict[int, str]:
         for i in range(rows):
             row_no = i + 2
             email = f"user{i}@example{i % 13}.org"
-            cells = [email.encode(), f"Name{i}".encode(), str(20 + i % 60).encode(), b"yes" if i % 3 == 0 else b"no",
-                     f"2024-{1 + i % 12:02d}-{1 + i % 28:02d}".encode(), [b"free", b"pro", b"team"][i % 3]]
+            cells = [
+                email.encode(),
+                f"Name{i}".encode(),
+                str(20 + i % 60).encode(),
+                b"yes" if i % 3 == 0 else b"no",
+                f"2024-{1 + i % 12:02d}-{1 + i % 28:02d}".encode(),
+                [b"free", b"pro", b"team"][i % 3],
+            ]
             if i % bad_every == bad_every // 2:
                 kind = BAD_KINDS[(i // bad_every) % len(BAD_KINDS)]
                 bad[row_no] = kind
@@ -51,9 +57,13 @@ def generate_csv(path, rows: int, bad_every: int = 100) -> dict[int, str]:
     return bad
 
 
-REASON = {"invalid": ("email", "is not a valid email address"), "missing": ("email", "missing email address"),
-          "duplicate": ("email", "duplicate of"), "undecodable": ("first_name", "undecodable bytes"),
-          "columns": ("(row)", "expected 6 columns, found 4")}
+REASON = {
+    "invalid": ("email", "is not a valid email address"),
+    "missing": ("email", "missing email address"),
+    "duplicate": ("email", "duplicate of"),
+    "undecodable": ("first_name", "undecodable bytes"),
+    "columns": ("(row)", "expected 6 columns, found 4"),
+}
 TYPES = {"age": "integer", "vip": "boolean", "signup": "date"}
 
 
@@ -137,6 +147,7 @@ def test_an_address_repeated_in_the_next_batch_is_reported_not_written_twice(env
         def slow_upsert(*args, **kwargs):
             real_upsert(*args, **kwargs)
             time.sleep(0.05)
+
         return slow_upsert
 
     for rows in (PostgresContactRows, SqliteContactRows):
@@ -192,7 +203,9 @@ def test_a_second_run_of_the_same_job_cannot_commit_the_same_rows(env, tmp_path)
     with session_scope() as session:
         session.get(ImportJob, job_id).rows_done = 101  # another run moved the checkpoint meanwhile
     # This run read the checkpoint before the move: its first commit finds it moved and stops.
-    records = [item for _, item, _ in imports.read_csv(path, imports.ImportOptions(**imports.job_status(job_id)["options"]))]
+    records = [
+        item for _, item, _ in imports.read_csv(path, imports.ImportOptions(**imports.job_status(job_id)["options"]))
+    ]
     with pytest.raises(imports.JobGone):
         writer.commit_batch(job_id, 0, 101, 0, records[:100], [], imports.ImportOptions(), None)
     assert count(Contact) == 0
@@ -225,11 +238,24 @@ def test_modes_lists_types_and_suppressions(env, tmp_path):
     contacts.create_contact("old@example.org", attributes={"keep": 1, "plan": "free"}, timezone="Europe/Paris")
     contacts.create_contact("gone@example.org", status="bounced")
     first = tmp_path / "a.jsonl"
-    first.write_text("\n".join(json.dumps(x) for x in [
-        {"email": "old@example.org", "plan": "pro", "score": 4.5, "tags": ["a", "b"], "attributes": {"vip": True}},
-        {"email": "new@example.org", "status": "unsubscribed", "locale": "pt-BR", "score": 7},
-        {"email": "gone@example.org", "status": "subscribed"},
-    ]) + "\n", encoding="utf-8")
+    first.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {
+                    "email": "old@example.org",
+                    "plan": "pro",
+                    "score": 4.5,
+                    "tags": ["a", "b"],
+                    "attributes": {"vip": True},
+                },
+                {"email": "new@example.org", "status": "unsubscribed", "locale": "pt-BR", "score": 7},
+                {"email": "gone@example.org", "status": "subscribed"},
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
     created = imports.run_job(imports.create_job(first, mode="create", list="vip"))
     assert (created["created"], created["skipped"]) == (1, 2)
@@ -268,8 +294,10 @@ def test_modes_lists_types_and_suppressions(env, tmp_path):
 
 def test_encodings_delimiters_and_mapping(env, tmp_path):
     latin = tmp_path / "latin.csv"
-    latin.write_bytes("Courriel;Prénom;Ville\r\nzoe@example.org;Zoé;Besançon\r\n".encode("cp1252") * 1
-                      + "andre@example.org;André;Orléans\r\n".encode("cp1252"))
+    latin.write_bytes(
+        "Courriel;Prénom;Ville\r\nzoe@example.org;Zoé;Besançon\r\n".encode("cp1252") * 1
+        + "andre@example.org;André;Orléans\r\n".encode("cp1252")
+    )
     status = imports.run_job(imports.create_job(latin, mapping={"Courriel": "email", "Prénom": "first_name"}))
     assert status["created"] == 2 and status["options"]["delimiter"] == ";"
     assert contacts.get_contact("zoe@example.org")["attributes"] == {"first_name": "Zoé", "Ville": "Besançon"}
@@ -291,10 +319,12 @@ def test_encodings_delimiters_and_mapping(env, tmp_path):
 
 def test_jsonl_bad_lines_are_reported(env, tmp_path):
     path = tmp_path / "events.jsonl"
-    path.write_bytes(b'{"email": "a@example.org"}\n{"email": \n[1, 2]\n{"email": "b@example.org", "status": 5}\n'
-                     b'{"email": "c@example.org", "name": "\xff"}\n\n{"email": "d@example.org", "age": "x"}\n'
-                     b'{"email": "e@example.org", "name": "\\ud800"}\n{"email": "f@example.org", "score": NaN}\n'
-                     b'{"email": "g@example.org", "score": 1e400}\n')
+    path.write_bytes(
+        b'{"email": "a@example.org"}\n{"email": \n[1, 2]\n{"email": "b@example.org", "status": 5}\n'
+        b'{"email": "c@example.org", "name": "\xff"}\n\n{"email": "d@example.org", "age": "x"}\n'
+        b'{"email": "e@example.org", "name": "\\ud800"}\n{"email": "f@example.org", "score": NaN}\n'
+        b'{"email": "g@example.org", "score": 1e400}\n'
+    )
     job_id = imports.create_job(path, types={"age": "integer"})
     status = imports.run_job(job_id)
     assert (status["created"], status["failed"]) == (1, 8)
@@ -355,14 +385,26 @@ def test_bad_files_name_the_problem(env, tmp_path):
 def test_export_neutralizes_spreadsheet_formulas(env, tmp_path):
     from smartmail.audience import exports
 
-    contacts.create_contact("f@example.org", attributes={
-        "a": "=HYPERLINK(\"http://evil\")", "b": "+1+2", "c": "-3", "d": "@SUM(A1)", "e": "\tx", "f": "\r=1",
-        "g": "plain", "n": -5, "flag": True, "list": ["=x"]})
+    contacts.create_contact(
+        "f@example.org",
+        attributes={
+            "a": '=HYPERLINK("http://evil")',
+            "b": "+1+2",
+            "c": "-3",
+            "d": "@SUM(A1)",
+            "e": "\tx",
+            "f": "\r=1",
+            "g": "plain",
+            "n": -5,
+            "flag": True,
+            "list": ["=x"],
+        },
+    )
     buffer = io.StringIO()
     assert exports.export_contacts(buffer) == 1
     buffer.seek(0)
     row = next(csv.DictReader(buffer))
-    assert row["a"] == "'=HYPERLINK(\"http://evil\")" and row["b"] == "'+1+2" and row["c"] == "'-3"
+    assert row["a"] == '\'=HYPERLINK("http://evil")' and row["b"] == "'+1+2" and row["c"] == "'-3"
     assert row["d"] == "'@SUM(A1)" and row["e"] == "'\tx" and row["f"] == "'\r=1"
     assert row["g"] == "plain" and row["n"] == "-5" and row["flag"] == "true" and row["list"] == '["=x"]'
     assert row["email"] == "f@example.org"
@@ -375,8 +417,12 @@ def test_import_runs_on_a_worker_of_the_imports_queue(env, tmp_path, start_worke
     contacts.create_list("from-worker")
     worker = start_worker(concurrency=1, queues="imports")
     job_id = imports.start_import(path, list="from-worker", types=TYPES, batch_size=1000)
-    status = wait_for(lambda: (s := imports.job_status(job_id))["state"] in ("done", "failed") and s, 120,
-                      interval=0.2, message="import job finished")
+    status = wait_for(
+        lambda: (s := imports.job_status(job_id))["state"] in ("done", "failed") and s,
+        120,
+        interval=0.2,
+        message="import job finished",
+    )
     assert status["state"] == "done", (status, worker.output())
     assert (status["created"], status["failed"]) == (3000 - len(bad), len(bad))
     assert count(Contact) == 3000 - len(bad) and count(ListMembership) == 3000 - len(bad)

@@ -1,4 +1,5 @@
 """The migrations build the schema the models describe, on SQLite and PostgreSQL, and step back."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,11 +27,18 @@ def _uniqueness_of_key(url: str) -> list[str]:
     engine = create_engine(url)
     try:
         found = inspect(engine)
-        return sorted([f"index {i['name']}" for i in found.get_indexes("messages")
-                       if i["column_names"] == ["idempotency_key"] and i["unique"]
-                       and not i.get("duplicates_constraint")]  # PostgreSQL lists a constraint's index too
-                      + ["constraint" for c in found.get_unique_constraints("messages")
-                         if c["column_names"] == ["idempotency_key"]])
+        return sorted(
+            [
+                f"index {i['name']}"
+                for i in found.get_indexes("messages")
+                if i["column_names"] == ["idempotency_key"] and i["unique"] and not i.get("duplicates_constraint")
+            ]  # PostgreSQL lists a constraint's index too
+            + [
+                "constraint"
+                for c in found.get_unique_constraints("messages")
+                if c["column_names"] == ["idempotency_key"]
+            ]
+        )
     finally:
         engine.dispose()
 
@@ -50,9 +58,10 @@ def test_idempotency_index_steps_down_to_the_full_constraint_and_back(database_u
 
 
 def test_keys_stay_unique_and_keyless_rows_do_not_collide(env):
+    from sqlalchemy import text
+
     import smartmail
     from smartmail.store.engine import get_engine
-    from sqlalchemy import text
 
     first = smartmail.send("a@example.com", subject="s", text="t", idempotency_key="k-1")
     again = smartmail.send("b@example.com", subject="s", text="t", idempotency_key="k-1")

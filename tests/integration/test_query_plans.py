@@ -1,4 +1,5 @@
-"""The statements on messages that run per window or per beat tick use the index meant for them, whatever the statistics say."""
+"""The statements on messages run per window or beat tick use the index meant for them, whatever the statistics."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -6,21 +7,35 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import event, select, update
 
-from smartmail.workers import maintenance
 from smartmail.store.engine import get_engine, refresh_statistics, statement_connection, utcnow
+from smartmail.store.models import Contact, Message, MessageState
 from smartmail.store.sql.claims import for_bind
+from smartmail.workers import maintenance
 from smartmail.workers.claims import record_and_claim_on
 from smartmail.workers.delivery import _Result
-from smartmail.store.models import Contact, Message, MessageState
 from smartmail.workers.outcomes import Reply
 
 
 def _queue(count: int, state: str = "queued") -> list[str]:
     now = utcnow()
-    rows = [{"id": f"{state[:4]}{i:022d}", "state": state, "sender": "a@example.com", "recipient": f"u{i}@example.com",
-             "subject": "s", "text": "t", "headers": {}, "tags": [], "message_id_header": f"<{i}@example.com>",
-             "attempts": 0, "created_at": now, "enqueued_at": now, "next_attempt_at": now - timedelta(seconds=1)}
-            for i in range(count)]
+    rows = [
+        {
+            "id": f"{state[:4]}{i:022d}",
+            "state": state,
+            "sender": "a@example.com",
+            "recipient": f"u{i}@example.com",
+            "subject": "s",
+            "text": "t",
+            "headers": {},
+            "tags": [],
+            "message_id_header": f"<{i}@example.com>",
+            "attempts": 0,
+            "created_at": now,
+            "enqueued_at": now,
+            "next_attempt_at": now - timedelta(seconds=1),
+        }
+        for i in range(count)
+    ]
     with get_engine().begin() as connection:
         connection.execute(Message.__table__.insert(), rows)
     return [r["id"] for r in rows]
@@ -57,8 +72,9 @@ def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_noth
 
     # The connections delivery._record_and_claim uses: one statement alone, or with deferrals and bounces.
     with statement_connection() if path == "alone" else for_bind(engine).transaction(engine) as connection:
-        plan = _plan(connection, lambda c: record_and_claim_on(c, outcomes, utcnow(), ids[:50]),
-                     containing="claimed_at")  # the claim (SQLite reads the claimed rows after it)
+        plan = _plan(
+            connection, lambda c: record_and_claim_on(c, outcomes, utcnow(), ids[:50]), containing="claimed_at"
+        )  # the claim (SQLite reads the claimed rows after it)
 
     # The state indexes would have the claim read every queued entry to find its 50 rows.
     assert "ix_messages" not in plan, plan
@@ -69,17 +85,19 @@ def test_beat_finds_due_stale_and_stuck_rows_through_the_partial_indexes(env):
     _queue(200, "deferred")
     now = utcnow()
     queries = {
-        "ix_messages_waiting_next_attempt_at": select(Message.id).where(maintenance.WAITING,
-                                                                         Message.next_attempt_at <= now),
+        "ix_messages_waiting_next_attempt_at": select(Message.id).where(
+            maintenance.WAITING, Message.next_attempt_at <= now
+        ),
         "ix_messages_queued_enqueued_at": select(Message.id).where(maintenance.QUEUED, Message.enqueued_at < now),
-        "ix_messages_sending_claimed_at": update(Message).where(maintenance.SENDING, Message.claimed_at < now)
-                                          .values(state="unknown"),
+        "ix_messages_sending_claimed_at": update(Message)
+        .where(maintenance.SENDING, Message.claimed_at < now)
+        .values(state="unknown"),
     }
     with get_engine().connect() as connection, connection.begin():
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a small table: ask what can serve
         for index, query in queries.items():
-            plan = _plan(connection, lambda c: c.execute(query))
+            plan = _plan(connection, lambda c, query=query: c.execute(query))
             assert index in plan, plan
         connection.rollback()
 
@@ -93,9 +111,19 @@ def test_tables_changed_much_since_their_last_analyze_are_analyzed_before_a_fan_
         connection.exec_driver_sql("ANALYZE")  # everything fresh: nothing to do
         assert refresh_statistics(connection, tables) == []
         now = utcnow()
-        connection.execute(Contact.__table__.insert(), [
-            {"email": f"u{i}@example.com", "status": "subscribed", "attributes": {}, "created_at": now,
-             "updated_at": now} for i in range(3000)])
+        connection.execute(
+            Contact.__table__.insert(),
+            [
+                {
+                    "email": f"u{i}@example.com",
+                    "status": "subscribed",
+                    "attributes": {},
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for i in range(3000)
+            ],
+        )
     with engine.begin() as connection:
         analyzed = refresh_statistics(connection, tables)
         again = refresh_statistics(connection, tables)

@@ -1,5 +1,6 @@
 """send_many does bulk I/O (a constant number of SQL statements and two Redis round trips, whatever
 the batch size); send() is one SQL statement."""
+
 from __future__ import annotations
 
 import psycopg
@@ -8,9 +9,9 @@ import redis.connection
 from sqlalchemy import event
 
 import smartmail
+from smartmail.content.template_store import save_template
 from smartmail.store.engine import get_engine, session_scope, statement_connection
 from smartmail.store.models import Suppression
-from smartmail.content.template_store import save_template
 
 
 @pytest.fixture
@@ -29,8 +30,11 @@ def io(env, monkeypatch):
 
             monkeypatch.setattr(psycopg.Cursor, method, spy_statement)
     else:
-        event.listen(get_engine(), "before_cursor_execute",
-                     lambda conn, cursor, sql, params, context, many: statements.append(sql))
+        event.listen(
+            get_engine(),
+            "before_cursor_execute",
+            lambda conn, cursor, sql, params, context, many: statements.append(sql),
+        )
     packets = []
     real = redis.connection.Connection.send_packed_command
 
@@ -48,9 +52,14 @@ def test_send_many_uses_constant_statements_and_one_redis_round_trip(io, size):
     with session_scope() as session:
         save_template(session, "receipt", subject="Receipt {{ n }}", html="<p>{{ n }}</p>")
     statements.clear()
-    specs = [{"to": f"u{i}@example.com", "template": "receipt" if i % 2 else "password-reset",
-              "context": {"n": i, "email": f"u{i}@example.com", "reset_url": "https://example.com/r"}}
-             for i in range(size)]
+    specs = [
+        {
+            "to": f"u{i}@example.com",
+            "template": "receipt" if i % 2 else "password-reset",
+            "context": {"n": i, "email": f"u{i}@example.com", "reset_url": "https://example.com/r"},
+        }
+        for i in range(size)
+    ]
     results = smartmail.send_many(specs)
     assert smartmail.flush()  # the ids' push, made by a background thread
 
@@ -76,7 +85,10 @@ def test_send_is_one_statement_that_checks_suppression_itself(io):
     assert smartmail.flush()
 
     assert (sent.state, suppressed.state, suppressed.reason) == (
-        "queued", "suppressed", "recipient suppressed: unsubscribed")
+        "queued",
+        "suppressed",
+        "recipient suppressed: unsubscribed",
+    )
     assert [s.split()[0] for s in statements] == ["INSERT", "INSERT"], statements  # no BEGIN, no COMMIT
     assert len(packets) <= 2, packets  # the queued one's outbox script, then the drain task it started
 

@@ -1,4 +1,5 @@
 """Segment rules on SQLite and PostgreSQL, checked against a brute-force Python filter over the same generated data."""
+
 from __future__ import annotations
 
 import random
@@ -7,11 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, insert, select
 
-from smartmail.audience import contacts
-from smartmail.audience import segments
+from smartmail.audience import contacts, segments
+from smartmail.audience.segments import InvalidSegment
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message
-from smartmail.audience.segments import InvalidSegment
 
 CONTACTS = 600
 
@@ -50,9 +50,15 @@ def world(env):
     now = utcnow()
     people = []
     for i in range(CONTACTS):
-        people.append({"email": f"p{i}@example{i % 5}.org", "status": rng.choice(contacts.STATUSES + ("subscribed",) * 4),
-                       "attributes": _attributes(rng), "created_at": now - timedelta(days=rng.randrange(0, 90), hours=12),
-                       "updated_at": now})
+        people.append(
+            {
+                "email": f"p{i}@example{i % 5}.org",
+                "status": rng.choice(contacts.STATUSES + ("subscribed",) * 4),
+                "attributes": _attributes(rng),
+                "created_at": now - timedelta(days=rng.randrange(0, 90), hours=12),
+                "updated_at": now,
+            }
+        )
     engine = get_engine()
     with engine.begin() as conn:
         conn.execute(insert(Contact), people)
@@ -61,37 +67,67 @@ def world(env):
             p["id"] = ids[p["email"]]
         lists = {}
         for name in ("news", "customers", "empty"):
-            lists[name] = conn.execute(insert(ContactList).values(name=name, created_at=now).returning(ContactList.id)).scalar()
+            lists[name] = conn.execute(
+                insert(ContactList).values(name=name, created_at=now).returning(ContactList.id)
+            ).scalar()
         memberships = []
         for p in people:
             for name in ("news", "customers"):
                 if rng.random() < 0.4:
-                    memberships.append({"list_id": lists[name], "contact_id": p["id"], "joined_at": now,
-                                        "status": rng.choice(["subscribed", "subscribed", "unsubscribed"])})
+                    memberships.append(
+                        {
+                            "list_id": lists[name],
+                            "contact_id": p["id"],
+                            "joined_at": now,
+                            "status": rng.choice(["subscribed", "subscribed", "unsubscribed"]),
+                        }
+                    )
         conn.execute(insert(ListMembership), memberships)
         events = []
         for p in people:
             for _ in range(rng.randrange(0, 6)):
-                events.append({"type": rng.choice(["open", "open", "click", "order_placed", "signup"]),
-                               "contact_id": p["id"], "properties": {},
-                               "occurred_at": now - timedelta(days=rng.randrange(0, 60), hours=12)})
+                events.append(
+                    {
+                        "type": rng.choice(["open", "open", "click", "order_placed", "signup"]),
+                        "contact_id": p["id"],
+                        "properties": {},
+                        "occurred_at": now - timedelta(days=rng.randrange(0, 60), hours=12),
+                    }
+                )
         events.append({"type": "open", "contact_id": None, "properties": {}, "occurred_at": now})  # anonymous
         conn.execute(insert(Event), events)
         messages = []
         for n, p in enumerate(rng.sample(people, 200)):
             local, _, domain = p["email"].partition("@")
             recipient = rng.choice([p["email"], f"Person {n} <{local.upper()}@{domain}>", f'"A <b>" <{p["email"]}>'])
-            messages.append({"id": f"{n:026d}", "state": rng.choice(["sent", "sent", "failed"]), "sender": "s@example.com",
-                             "recipient": recipient, "subject": "s", "text": "t", "headers": {}, "tags": [],
-                             "message_id_header": f"<{n}@example.com>", "attempts": 1, "created_at": now,
-                             "finished_at": now - timedelta(days=rng.randrange(0, 30), hours=12)})
+            messages.append(
+                {
+                    "id": f"{n:026d}",
+                    "state": rng.choice(["sent", "sent", "failed"]),
+                    "sender": "s@example.com",
+                    "recipient": recipient,
+                    "subject": "s",
+                    "text": "t",
+                    "headers": {},
+                    "tags": [],
+                    "message_id_header": f"<{n}@example.com>",
+                    "attempts": 1,
+                    "created_at": now,
+                    "finished_at": now - timedelta(days=rng.randrange(0, 30), hours=12),
+                }
+            )
         conn.execute(insert(Message), messages)
-    membership = {(m["contact_id"], name) for name, list_id in lists.items() for m in memberships
-                  if m["list_id"] == list_id and m["status"] == "subscribed"}
+    membership = {
+        (m["contact_id"], name)
+        for name, list_id in lists.items()
+        for m in memberships
+        if m["list_id"] == list_id and m["status"] == "subscribed"
+    }
     return {"people": people, "membership": membership, "events": events, "messages": messages, "now": now}
 
 
 # --- the brute-force filter: the rule language's meaning, written plainly ---------------------------
+
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -121,8 +157,12 @@ def _attr(rule, attrs) -> bool:
         if isinstance(v, list):
             return any(_same(x, target) for x in v)
         return isinstance(target, str) and isinstance(v, str) and target in v
-    compare = {"gt": lambda a, b: a > b, "gte": lambda a, b: a >= b, "lt": lambda a, b: a < b,
-               "lte": lambda a, b: a <= b}[op]
+    compare = {
+        "gt": lambda a, b: a > b,
+        "gte": lambda a, b: a >= b,
+        "lt": lambda a, b: a < b,
+        "lte": lambda a, b: a <= b,
+    }[op]
     if _num(target) and rule.get("type") != "date":
         return _num(v) and compare(v, target)
     return isinstance(v, str) and compare(v, target)
@@ -149,17 +189,27 @@ def matches(rule, person, world) -> bool:
     for key, type_ in engagement.items():
         if key in rule:
             since = now - timedelta(days=rule[key])
-            return any(e["contact_id"] == person["id"] and e["type"] == type_ and e["occurred_at"] >= since
-                       for e in world["events"])
+            return any(
+                e["contact_id"] == person["id"] and e["type"] == type_ and e["occurred_at"] >= since
+                for e in world["events"]
+            )
     if "sent_within" in rule:
         since = now - timedelta(days=rule["sent_within"])
-        return any(m["state"] == "sent" and m["finished_at"] >= since
-                   and m["recipient"].rpartition("<")[2].rstrip(">").lower() == person["email"]
-                   for m in world["messages"])
+        return any(
+            m["state"] == "sent"
+            and m["finished_at"] >= since
+            and m["recipient"].rpartition("<")[2].rstrip(">").lower() == person["email"]
+            for m in world["messages"]
+        )
     if "event" in rule:
         since = now - timedelta(days=rule["within"]) if rule.get("within") else None
-        hits = sum(1 for e in world["events"] if e["contact_id"] == person["id"] and e["type"] == rule["event"]
-                   and (since is None or e["occurred_at"] >= since))
+        hits = sum(
+            1
+            for e in world["events"]
+            if e["contact_id"] == person["id"]
+            and e["type"] == rule["event"]
+            and (since is None or e["occurred_at"] >= since)
+        )
         return hits >= rule.get("min_count", 1)
     raise AssertionError(rule)
 
@@ -216,9 +266,17 @@ CASES = [
     {"not": {"event": "order_placed", "min_count": 2}},
     {"all": [{"attr": "plan", "op": "eq", "value": "pro"}, {"list": "news"}, {"opened_within": 30}]},
     {"any": [{"attr": "vip", "op": "eq", "value": True}, {"clicked_within": 5}, {"status": "blocked"}]},
-    {"all": [{"not": {"any": [{"attr": "age", "op": "lt", "value": 30}, {"attr": "age", "op": "exists", "value": False}]}},
-             {"any": [{"list": "customers"}, {"not": {"status": "subscribed"}}]},
-             {"not": {"attr": "tags", "op": "contains", "value": "beta"}}]},
+    {
+        "all": [
+            {
+                "not": {
+                    "any": [{"attr": "age", "op": "lt", "value": 30}, {"attr": "age", "op": "exists", "value": False}]
+                }
+            },
+            {"any": [{"list": "customers"}, {"not": {"status": "subscribed"}}]},
+            {"not": {"attr": "tags", "op": "contains", "value": "beta"}},
+        ]
+    },
 ]
 
 
@@ -275,7 +333,10 @@ def test_a_keyset_bound_selects_the_same_contacts_above_it(world):
 
 
 BAD = [
-    ({"all": [{"status": "subscribed"}, {"list": "news"}, {"attr": "age", "op": "eqq", "value": 1}]}, "rules.all[2].op"),
+    (
+        {"all": [{"status": "subscribed"}, {"list": "news"}, {"attr": "age", "op": "eqq", "value": 1}]},
+        "rules.all[2].op",
+    ),
     ({"all": [{"list": "no-such-list"}]}, "rules.all[0].list"),
     ({"any": [{"not": {"list": "missing"}}]}, "rules.any[0].not.list"),
 ]

@@ -1,9 +1,11 @@
 """The transactional send path on real parts: Redis, celery worker processes, beat, and an SMTP server."""
+
 from __future__ import annotations
 
 import collections
 import threading
 import time
+from datetime import UTC
 
 import pytest
 from sqlalchemy import func, select
@@ -27,21 +29,33 @@ def relay(env, smtp_server, monkeypatch):
 
 def states() -> collections.Counter:
     with session_scope() as session:
-        return collections.Counter(dict(session.execute(select(Message.state, func.count()).group_by(Message.state)).all()))
+        return collections.Counter(
+            dict(session.execute(select(Message.state, func.count()).group_by(Message.state)).all())
+        )
 
 
 def wait_until_final(total: int, timeout: float = 120) -> collections.Counter:
     final = {"sent", "failed", "suppressed", "unknown"}
-    return wait_for(lambda: (c := states()) and sum(v for k, v in c.items() if k in final) >= total and c,
-                    timeout, interval=0.2, message=f"{total} messages in a final state")
+    return wait_for(
+        lambda: (c := states()) and sum(v for k, v in c.items() if k in final) >= total and c,
+        timeout,
+        interval=0.2,
+        message=f"{total} messages in a final state",
+    )
 
 
 def test_300_personalized_messages_arrive_exactly_once(relay, shared_worker):
     shared_worker(concurrency=2)
     people = [(f"Person{i} <p{i}@example{i % 7}.org>", f"Person{i}", f"p{i}@example{i % 7}.org") for i in range(300)]
     results = [
-        smartmail.send(to, template="welcome", context={"first_name": name, "email": addr, "plan": "<Pro & Co>"},
-                       headers={"X-Order-Id": f"order-{i}"}, tags=["welcome"], reply_to="help@example.com")
+        smartmail.send(
+            to,
+            template="welcome",
+            context={"first_name": name, "email": addr, "plan": "<Pro & Co>"},
+            headers={"X-Order-Id": f"order-{i}"},
+            tags=["welcome"],
+            reply_to="help@example.com",
+        )
         for i, (to, name, addr) in enumerate(people)
     ]
     assert len({r.id for r in results}) == 300 and {r.state for r in results} == {"queued"}
@@ -73,9 +87,13 @@ def test_same_idempotency_key_sends_one_email(relay, shared_worker):
     first = smartmail.send("ann@example.org", subject="Receipt", text="Thanks", idempotency_key="order-42")
     second = smartmail.send("ann@example.org", subject="Receipt", text="Thanks", idempotency_key="order-42")
     assert second.id == first.id and second.duplicate and not first.duplicate
-    batch = smartmail.send_many([{"to": "ann@example.org", "subject": "Receipt", "text": "x", "idempotency_key": "order-42"},
-                                 {"to": "bob@example.org", "subject": "Receipt", "text": "x", "idempotency_key": "order-43"},
-                                 {"to": "bob@example.org", "subject": "Receipt", "text": "x", "idempotency_key": "order-43"}])
+    batch = smartmail.send_many(
+        [
+            {"to": "ann@example.org", "subject": "Receipt", "text": "x", "idempotency_key": "order-42"},
+            {"to": "bob@example.org", "subject": "Receipt", "text": "x", "idempotency_key": "order-43"},
+            {"to": "bob@example.org", "subject": "Receipt", "text": "x", "idempotency_key": "order-43"},
+        ]
+    )
     assert batch[0].id == first.id and batch[0].duplicate
     assert batch[2].id == batch[1].id and batch[2].duplicate
     assert wait_until_final(2) == {"sent": 2}  # two rows: the duplicates were never stored
@@ -85,15 +103,23 @@ def test_same_idempotency_key_sends_one_email(relay, shared_worker):
 
 def test_send_many_of_1000_sends_1000(relay, shared_worker):
     shared_worker(concurrency=2)
-    specs = [{"to": f"user{i}@example.com", "template": "password-reset",
-              "context": {"email": f"user{i}@example.com", "reset_url": f"https://example.com/r/{i}"}}
-             for i in range(1000)]
+    specs = [
+        {
+            "to": f"user{i}@example.com",
+            "template": "password-reset",
+            "context": {"email": f"user{i}@example.com", "reset_url": f"https://example.com/r/{i}"},
+        }
+        for i in range(1000)
+    ]
     results = smartmail.send_many(specs)
     assert len({r.id for r in results}) == 1000
     wait_for(lambda: relay.count >= 1000, 120, message="1000 messages")
     assert wait_until_final(1000)["sent"] == 1000
     assert len(set(relay.message_ids())) == 1000
-    urls = {m.parsed().get_body(("plain",)).get_content().split("https://example.com/r/")[1].split()[0] for m in relay.messages}
+    urls = {
+        m.parsed().get_body(("plain",)).get_content().split("https://example.com/r/")[1].split()[0]
+        for m in relay.messages
+    }
     assert urls == {str(i) for i in range(1000)}
 
 
@@ -138,8 +164,9 @@ def test_kill_9_of_a_busy_worker_never_sends_twice(relay, start_worker, monkeypa
     first = start_worker(concurrency=concurrency)
     specs = [{"to": f"k{i}@example.com", "subject": f"Message {i}", "text": f"body {i}"} for i in range(2000)]
     # Produce in the background, so the kill lands while messages are still arriving as well.
-    producer = threading.Thread(target=lambda: smartmail.send_many(specs) if batched
-                                else [smartmail.send(**spec) for spec in specs])
+    producer = threading.Thread(
+        target=lambda: smartmail.send_many(specs) if batched else [smartmail.send(**spec) for spec in specs]
+    )
     producer.start()
     wait_for(lambda: relay.count >= 300, 120, message="300 delivered before the kill")
     first.kill9()
@@ -179,11 +206,11 @@ def test_kill_9_of_a_busy_worker_never_sends_twice(relay, start_worker, monkeypa
 
 
 def test_scheduled_message_is_sent_by_beat_when_due(relay, shared_worker, start_beat):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     shared_worker(concurrency=2)
     start_beat()
-    send_at = datetime.now(timezone.utc) + timedelta(seconds=2)
+    send_at = datetime.now(UTC) + timedelta(seconds=2)
     result = smartmail.send("later@example.com", subject="Reminder", text="now", send_at=send_at)
     assert result.state == "scheduled"
     wait_for(lambda: relay.count >= 1, 30, message="the scheduled message")

@@ -1,4 +1,5 @@
-"""Traffic shaping on real parts: three worker processes, Redis, and an SMTP server that timestamps every message per site."""
+"""Traffic shaping on real parts: three worker processes, Redis, and an SMTP server timestamping each message."""
+
 from __future__ import annotations
 
 import bisect
@@ -104,6 +105,7 @@ def site_server():
 @pytest.fixture
 def shaped(env, site_server, monkeypatch, tmp_path):
     """Point SmartMail at the site server with a policy written for the test."""
+
     def configure(policy: str) -> SiteServer:
         path = tmp_path / "policy.toml"
         path.write_text(policy)
@@ -132,8 +134,12 @@ def most_allowed(rate: float, burst: int, jitter: float = 0.05) -> int:
 
 def send_all(recipients: list[str]) -> None:
     for start in range(0, len(recipients), 500):
-        smartmail.send_many([{"to": to, "subject": "Hello {{ n }}", "text": "Message {{ n }}", "context": {"n": i}}
-                             for i, to in enumerate(recipients[start:start + 500], start)])
+        smartmail.send_many(
+            [
+                {"to": to, "subject": "Hello {{ n }}", "text": "Message {{ n }}", "context": {"n": i}}
+                for i, to in enumerate(recipients[start : start + 500], start)
+            ]
+        )
 
 
 def sent_states() -> collections.Counter:
@@ -228,8 +234,11 @@ def test_a_try_again_later_reply_slows_that_site_only(shaped, start_worker):
     state = get_throttle().state("busy")
     assert state.slowed_rate == pytest.approx(4.0) and 0 < state.slowed_for <= 60
     assert get_throttle().state("calm").slowed_rate is None
-    assert wait_for(lambda: any("site.slowed" in w.output() and "Try again later" in w.output() for w in workers),
-                    10, message="site.slowed in a worker log")
+    assert wait_for(
+        lambda: any("site.slowed" in w.output() and "Try again later" in w.output() for w in workers),
+        10,
+        message="site.slowed in a worker log",
+    )
 
     # After the first refusal, busy.example got at most 4/s plus its burst; calm.example was not held back.
     first_refusal = min(t for t, _ in server.refused)
@@ -263,9 +272,9 @@ def test_sites_command_shows_rates_connections_deferred_mail_and_rules_in_force(
     from typer.testing import CliRunner
 
     from smartmail.cli.main import app as cli
-    from smartmail.workers.policy import get_policy
     from smartmail.store.engine import get_engine, utcnow
     from smartmail.workers.limiter import get_throttle
+    from smartmail.workers.policy import get_policy
 
     shaped("""
         [sites.busy]
@@ -291,11 +300,18 @@ def test_sites_command_shows_rates_connections_deferred_mail_and_rules_in_force(
     assert throttle.apply_rule(busy, busy.rules[0], "421 4.7.0 try again later")
     assert throttle.apply_rule(blocked, blocked.rules[0], "554 5.7.1 blocked by policy")
     assert throttle.lease_connection(busy, "lease-1")
-    result = smartmail.send_many([{"to": f"Ann {i} <ann{i}@{domain}>", "subject": "s", "text": "t"}
-                                  for i, domain in enumerate(["busy.example", "busy.example", "other.example"])])
+    result = smartmail.send_many(
+        [
+            {"to": f"Ann {i} <ann{i}@{domain}>", "subject": "s", "text": "t"}
+            for i, domain in enumerate(["busy.example", "busy.example", "other.example"])
+        ]
+    )
     with get_engine().begin() as connection:  # as if delivery had deferred them
-        connection.execute(Message.__table__.update().where(Message.id.in_([r.id for r in result]))
-                           .values(state="deferred", next_attempt_at=utcnow()))
+        connection.execute(
+            Message.__table__.update()
+            .where(Message.id.in_([r.id for r in result]))
+            .values(state="deferred", next_attempt_at=utcnow())
+        )
 
     out = CliRunner().invoke(cli, ["sites", "--json"])
     assert out.exit_code == 0, out.output

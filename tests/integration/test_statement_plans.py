@@ -1,5 +1,6 @@
 """The record-and-claim keeps one generic plan per statement connection (PostgreSQL): that plan must
 find its rows by primary key, however few rows `messages` had when it was made."""
+
 from __future__ import annotations
 
 import re
@@ -7,8 +8,8 @@ import re
 import pytest
 
 import smartmail
-from smartmail.workers import claims
 from smartmail.store.engine import get_engine, statement_connection, utcnow
+from smartmail.workers import claims
 
 
 def _plan_of_prepared_claim(connection) -> str:
@@ -16,7 +17,8 @@ def _plan_of_prepared_claim(connection) -> str:
     for _ in range(6):
         claims.record_and_claim_on(connection, [], utcnow(), [])
     name = connection.exec_driver_sql(
-        "SELECT name FROM pg_prepared_statements WHERE position('SKIP LOCKED' in statement) > 0").scalar_one()
+        "SELECT name FROM pg_prepared_statements WHERE position('SKIP LOCKED' in statement) > 0"
+    ).scalar_one()
     arguments = ", ".join(["NULL"] * 8 + ["now()::timestamp", "ARRAY['a', 'b']"])  # outcomes, now, ids
     return "\n".join(connection.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arguments})").scalars())
 

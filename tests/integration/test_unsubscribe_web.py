@@ -1,4 +1,5 @@
 """The unsubscribe page and RFC 8058 one-click endpoint, /healthz and problem+json errors, on SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import re
@@ -9,10 +10,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
 
 from smartmail.audience import contacts
-from smartmail.store.engine import session_scope
-from smartmail.store.models import Contact, Event, Suppression
 from smartmail.audience.unsubscribe import unsubscribe
 from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token
+from smartmail.store.engine import session_scope
+from smartmail.store.models import Contact, Event, Suppression
 from smartmail.web.app import app
 from tests.conftest import reset_caches
 
@@ -69,9 +70,11 @@ def test_one_click_post_unsubscribes_once(client):
     assert_html_security_headers(response)
     assert "You are unsubscribed" in response.text
     after = state()
-    assert after == {"contacts": {"ann@example.org": "unsubscribed"},
-                     "suppressions": {"ann@example.org": "unsubscribed"},
-                     "events": [("unsubscribe", ann["id"], {"campaign_id": 7, "source": "one-click"})]}
+    assert after == {
+        "contacts": {"ann@example.org": "unsubscribed"},
+        "suppressions": {"ann@example.org": "unsubscribed"},
+        "events": [("unsubscribe", ann["id"], {"campaign_id": 7, "source": "one-click"})],
+    }
     again = client.post(path(token), data=ONE_CLICK)
     assert again.status_code == 200 and "You are unsubscribed" in again.text
     assert state() == after
@@ -108,9 +111,12 @@ def test_forged_tokens_get_400_and_change_nothing(client):
     ann = contacts.create_contact("ann@example.org")
     bob = contacts.create_contact("bob@example.org")
     signature = make_token(ann["id"], 7).rsplit(".", 1)[1]
-    forged = [f"{bob['id']}.7.{signature}",          # Ann's signature on Bob's id
-              make_token(ann["id"], 7)[:-1],            # truncated
-              f"{ann['id']}.7.{'A' * 43}", "garbage"]
+    forged = [
+        f"{bob['id']}.7.{signature}",  # Ann's signature on Bob's id
+        make_token(ann["id"], 7)[:-1],  # truncated
+        f"{ann['id']}.7.{'A' * 43}",
+        "garbage",
+    ]
     before = state()
     for token in forged:
         for response in (client.get(path(token)), client.post(path(token), data=ONE_CLICK)):
@@ -134,9 +140,11 @@ def test_bounced_contact_missing_from_the_suppression_list_gets_on_it(client):
     with session_scope() as session:
         session.execute(delete(Suppression))
     assert unsubscribe(bob["id"], 7, source="test") is True
-    assert state() == {"contacts": {"bob@example.org": "bounced"},
-                       "suppressions": {"bob@example.org": "unsubscribed"},
-                       "events": [("unsubscribe", bob["id"], {"campaign_id": 7, "source": "test"})]}
+    assert state() == {
+        "contacts": {"bob@example.org": "bounced"},
+        "suppressions": {"bob@example.org": "unsubscribed"},
+        "events": [("unsubscribe", bob["id"], {"campaign_id": 7, "source": "test"})],
+    }
     assert unsubscribe(bob["id"], 7, source="test") is False
 
 
@@ -156,8 +164,12 @@ def test_erased_contact(client):
 
 def test_html_injection_is_escaped(client):
     attack = "<img src=x onerror=alert(1)>"
-    for response in (client.get(path(attack)), client.post(path(attack)), client.get(path(attack) + "/x"),
-                     client.put(path(attack))):
+    for response in (
+        client.get(path(attack)),
+        client.post(path(attack)),
+        client.get(path(attack) + "/x"),
+        client.put(path(attack)),
+    ):
         assert response.status_code in (400, 404, 405)
         assert "<img" not in response.text and "onerror" not in response.text
         assert_html_security_headers(response)
@@ -170,8 +182,11 @@ def test_html_injection_is_escaped(client):
 def test_oversized_body_is_refused(client):
     ann = contacts.create_contact("ann@example.org")
     before = state()
-    response = client.post(path(make_token(ann["id"], 7)), content=b"x" * 100_000,
-                           headers={"content-type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        path(make_token(ann["id"], 7)),
+        content=b"x" * 100_000,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 413
     assert state() == before
 
@@ -208,8 +223,12 @@ def test_healthz_without_a_database(client, env, monkeypatch, tmp_path):
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
-    assert response.json() == {"type": "about:blank", "title": "Service Unavailable", "status": 503,
-                               "detail": "The database is not reachable."}
+    assert response.json() == {
+        "type": "about:blank",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "The database is not reachable.",
+    }
 
 
 def test_unknown_api_path_is_a_problem_json_404(client):
@@ -217,8 +236,12 @@ def test_unknown_api_path_is_a_problem_json_404(client):
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["x-content-type-options"] == "nosniff"
-    assert response.json() == {"type": "about:blank", "title": "Not Found", "status": 404,
-                               "detail": "There is nothing at this URL."}
+    assert response.json() == {
+        "type": "about:blank",
+        "title": "Not Found",
+        "status": 404,
+        "detail": "There is nothing at this URL.",
+    }
 
 
 def test_wrong_method_on_an_api_path_is_a_problem_json_405(client):

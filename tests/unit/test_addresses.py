@@ -1,4 +1,5 @@
 """Unit tests for smartmail.addresses: mailbox parsing, header checks, normalization."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,8 @@ from smartmail.addresses import (
     reject_line_breaks,
 )
 
-
 # --- parse_mailbox: valid input -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("value", "address", "display_name"),
@@ -63,6 +64,7 @@ def test_a_display_name_that_looks_like_an_address_is_only_a_display_name():
 
 # --- parse_mailbox: invalid input ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -70,14 +72,14 @@ def test_a_display_name_that_looks_like_an_address_is_only_a_display_name():
         "bob",
         "bob@",
         "@example.com",
-        "bob@example",            # no dot in the domain
+        "bob@example",  # no dot in the domain
         "bob@localhost",
         "bob..smith@example.com",  # consecutive dots
         ".bob@example.com",
         "bob@-example.com",
-        "bob@[127.0.0.1]",         # domain literals are not accepted
-        "üser@example.com",        # non-ASCII local part would need SMTPUTF8, which is off
-        "Bob bob@example.com",     # display name without angle brackets
+        "bob@[127.0.0.1]",  # domain literals are not accepted
+        "üser@example.com",  # non-ASCII local part would need SMTPUTF8, which is off
+        "Bob bob@example.com",  # display name without angle brackets
         "undisclosed-recipients:;",
         "<>",
     ],
@@ -111,7 +113,7 @@ def test_default_field_name_is_address():
         "alice@example.com; bob@example.com",
         "alice@example.com bob@example.com",
         "Alice <alice@example.com> <bob@example.com>",
-        "alice@example.com)<bob@example.com>",   # CVE-2023-27043 style parser confusion
+        "alice@example.com)<bob@example.com>",  # CVE-2023-27043 style parser confusion
         "team: alice@example.com, bob@example.com;",
         ",bob@example.com",
     ],
@@ -155,6 +157,7 @@ def test_whitespace_inside_the_address_is_rejected_not_removed(value):
 
 # --- reject_line_breaks -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", ["plain", "", "tab\tis fine", "unicode é ✓"])
 def test_reject_line_breaks_accepts_single_line_values(value):
     reject_line_breaks(value, field="subject")  # no exception
@@ -168,6 +171,7 @@ def test_reject_line_breaks_names_the_field(value):
 
 
 # --- normalize_address --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("value", "expected"),
@@ -187,6 +191,7 @@ def test_normalize_address_is_idempotent():
 
 
 # --- check_headers ------------------------------------------------------------------------------
+
 
 def test_check_headers_accepts_and_returns_custom_headers():
     headers = {"X-Campaign": "spring", "List-Id": "<news.example.com>", "X-Empty": "", "X~Odd!Name#": "ok"}
@@ -236,8 +241,21 @@ def test_reserved_headers_are_refused_case_insensitively(name):
 
 
 def test_reserved_set_covers_the_headers_smartmail_writes():
-    assert {"from", "to", "cc", "bcc", "subject", "reply-to", "message-id", "date", "mime-version",
-            "content-type", "content-transfer-encoding", "sender", "return-path"} == set(RESERVED_HEADERS)
+    assert {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "reply-to",
+        "message-id",
+        "date",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "sender",
+        "return-path",
+    } == set(RESERVED_HEADERS)
 
 
 @pytest.mark.parametrize("value", ["a\r\nBcc: eve@example.com", "a\nb", "a\rb", "a\0b"])

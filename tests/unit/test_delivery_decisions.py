@@ -1,11 +1,12 @@
 """delivery._decide: how a classified reply becomes the next state of a message row."""
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from smartmail.workers.delivery import _decide
 from smartmail.store.models import MessageState
+from smartmail.workers.delivery import _decide
 from smartmail.workers.outcomes import Reply, RetrySchedule
 
 NOW = datetime(2026, 11, 26, 12, 0, 0)
@@ -13,8 +14,9 @@ SCHEDULE = RetrySchedule(first_interval=60, backoff_factor=2, max_interval=3600,
 
 
 def row(attempts=1, created_at=NOW, send_at=None):
-    return SimpleNamespace(id="01TEST", recipient="Ann <ann@example.org>", attempts=attempts,
-                           created_at=created_at, send_at=send_at)
+    return SimpleNamespace(
+        id="01TEST", recipient="Ann <ann@example.org>", attempts=attempts, created_at=created_at, send_at=send_at
+    )
 
 
 def test_a_4xx_defers_on_the_backoff_schedule():

@@ -1,4 +1,5 @@
 """The outbox's Lua scripts (fakeredis with Lua): batching, drain leases, no lost wake-ups, lease expiry."""
+
 from __future__ import annotations
 
 import time

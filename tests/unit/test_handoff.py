@@ -1,4 +1,5 @@
 """The background hand-off of committed ids to the outbox: batching, flush, failures, fork."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from smartmail.workers import dispatch
 from smartmail.producer import handoff
+from smartmail.workers import dispatch
 
 
 @pytest.fixture

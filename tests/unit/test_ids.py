@@ -1,4 +1,5 @@
 """Message ids spell the ULID layout in Crockford base32, in time order."""
+
 from __future__ import annotations
 
 import random

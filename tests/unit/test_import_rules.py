@@ -1,4 +1,5 @@
 """The package's import graph has no cycle (the layer contracts in pyproject.toml are checked by lint-imports)."""
+
 from __future__ import annotations
 
 import grimp

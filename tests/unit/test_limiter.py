@@ -1,5 +1,6 @@
 """The per-site Redis state (fakeredis with Lua): GCRA rate limiting on an exact clock, slow-downs,
 suspensions, the spreading of refused messages, connection leases and counters."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,16 +12,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartmail.workers.policy import Rule, Site
-from smartmail.workers.outcomes import RetrySchedule
 from smartmail.workers.limiter import COUNTERS, Grant, SiteThrottle, interval_us
+from smartmail.workers.outcomes import RetrySchedule
+from smartmail.workers.policy import Rule, Site
 
 S = 1_000_000  # microseconds per second
 
 
 def make_site(rate: float | None, burst: int = 1, name: str = "site", max_connections: int = 2) -> Site:
-    return Site(name=name, rate=rate, burst=burst, max_connections=max_connections,
-                max_messages_per_connection=100, retry=RetrySchedule())
+    return Site(
+        name=name,
+        rate=rate,
+        burst=burst,
+        max_connections=max_connections,
+        max_messages_per_connection=100,
+        retry=RetrySchedule(),
+    )
 
 
 def slow_rule(*, rate: float | None = None, factor: float | None = None, duration: float = 60.0) -> Rule:
@@ -53,6 +60,7 @@ def test_interval_is_whole_microseconds_per_message():
 
 
 # --- GCRA: burst, steady rate, exact retry_after ------------------------------------------------
+
 
 @pytest.mark.parametrize("burst", [1, 7, 100])
 def test_a_fresh_bucket_grants_exactly_the_burst_at_once(throttle, burst):
@@ -113,11 +121,20 @@ def test_retry_after_of_a_partial_grant_points_at_the_next_token(throttle):
 
 # --- batch acquisition --------------------------------------------------------------------------
 
+
 def test_a_batch_is_the_same_as_that_many_single_acquisitions(client):
     site = make_site(10, 5)
     batched, single = SiteThrottle(client, prefix="batch:"), SiteThrottle(client, prefix="single:")
-    steps = [(0, 3), (0, 4), (150_000, 2), (150_000, 10), (420_000, 1), (2 * S, 7), (2 * S + 50_000, 3),
-             (2 * S + 300_000, 9)]
+    steps = [
+        (0, 3),
+        (0, 4),
+        (150_000, 2),
+        (150_000, 10),
+        (420_000, 1),
+        (2 * S, 7),
+        (2 * S + 50_000, 3),
+        (2 * S + 300_000, 9),
+    ]
     for now, n in steps:
         got = batched.acquire(site, n, now_us=now).granted
         singles = sum(single.acquire(site, 1, now_us=now).granted for _ in range(n))
@@ -148,8 +165,9 @@ def _scenario(draw):
     rate = draw(st.sampled_from(_EXACT_RATES))
     burst = draw(st.integers(1, 12))
     interval = S // rate
-    step = st.one_of(st.just(0), st.integers(0, interval), st.integers(0, 3 * interval),
-                     st.integers(0, (burst + 2) * interval))
+    step = st.one_of(
+        st.just(0), st.integers(0, interval), st.integers(0, 3 * interval), st.integers(0, (burst + 2) * interval)
+    )
     steps = draw(st.lists(st.tuples(step, st.integers(0, 2 * burst + 3)), min_size=1, max_size=25))
     return rate, burst, steps
 
@@ -184,8 +202,11 @@ def test_property_no_window_exceeds_burst_plus_rate_and_no_grant_without_capacit
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rate=st.sampled_from(_EXACT_RATES), burst=st.integers(1, 10),
-       calls=st.lists(st.tuples(st.integers(0, 5 * S), st.integers(0, 20)), min_size=1, max_size=20))
+@given(
+    rate=st.sampled_from(_EXACT_RATES),
+    burst=st.integers(1, 10),
+    calls=st.lists(st.tuples(st.integers(0, 5 * S), st.integers(0, 20)), min_size=1, max_size=20),
+)
 def test_property_a_clock_going_back_and_forth_never_grants_more_than_the_bucket_allows(rate, burst, calls):
     site = make_site(rate, burst)
     throttle = SiteThrottle(_shared, prefix=next(_prefixes))
@@ -195,6 +216,7 @@ def test_property_a_clock_going_back_and_forth_never_grants_more_than_the_bucket
 
 
 # --- clock edge cases ---------------------------------------------------------------------------
+
 
 def test_a_clock_going_backwards_grants_nothing_extra_and_does_not_error(throttle):
     site = make_site(10, 3)
@@ -247,8 +269,12 @@ def test_a_high_rate_keeps_its_pace_within_a_fraction_of_a_percent(throttle):
 def test_a_huge_n_grants_the_burst_and_says_when_the_rest_may_go(throttle):
     site = make_site(10, 5)
     grant = throttle.acquire(site, 10**12, now_us=0)
-    assert (grant.granted, us(grant.retry_after), us(grant.first_wait), us(grant.spacing)) == (5, 100_000, 100_000,
-                                                                                              100_000)
+    assert (grant.granted, us(grant.retry_after), us(grant.first_wait), us(grant.spacing)) == (
+        5,
+        100_000,
+        100_000,
+        100_000,
+    )
     assert throttle.acquire(site, 1, now_us=100_000).granted == 1
 
 
@@ -263,6 +289,7 @@ def test_an_even_larger_n_does_not_error(throttle):
 
 
 # --- unlimited sites, suspensions and slow-downs ------------------------------------------------
+
 
 def test_an_unlimited_site_grants_everything(throttle):
     grant = throttle.acquire(make_site(None), 5000, now_us=0)
@@ -344,13 +371,13 @@ def test_a_factor_rule_is_ignored_on_an_unlimited_site(throttle, client):
 
 def test_a_less_severe_slow_down_does_not_speed_the_site_up(throttle):
     site = make_site(10, 1)
-    assert throttle.apply_rule(site, slow_rule(factor=0.25), "421 a") is True   # 2.5/s
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 b") is False   # 5/s: less severe
+    assert throttle.apply_rule(site, slow_rule(factor=0.25), "421 a") is True  # 2.5/s
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 b") is False  # 5/s: less severe
     assert throttle.state("site").slowed_rate == pytest.approx(2.5)
     assert throttle.acquire(site, 1, now_us=0).granted == 1
     assert throttle.acquire(site, 1, now_us=399_999).granted == 0
     assert throttle.acquire(site, 1, now_us=400_000).granted == 1
-    assert throttle.apply_rule(site, slow_rule(factor=0.1), "421 c") is True    # 1/s: more severe
+    assert throttle.apply_rule(site, slow_rule(factor=0.1), "421 c") is True  # 1/s: more severe
     assert throttle.state("site").slowed_rate == pytest.approx(1)
 
 
@@ -388,6 +415,7 @@ def test_a_repeated_slow_down_extends_it(throttle):
 
 # --- spreading the refused messages ("promise") -------------------------------------------------
 
+
 def _slots(grant: Grant, now: int, refused: int) -> list[int]:
     return [now + us(grant.first_wait) + i * us(grant.spacing) for i in range(refused)]
 
@@ -423,6 +451,7 @@ def test_nothing_refused_means_no_wait(throttle):
 
 
 # --- connection leases --------------------------------------------------------------------------
+
 
 def test_leases_up_to_max_connections_and_release_frees_one(throttle):
     site = make_site(None, max_connections=2)
@@ -483,6 +512,7 @@ def test_renew_returns_lost_leases_and_keeps_live_ones(throttle, client):
 
 
 # --- counters and state -------------------------------------------------------------------------
+
 
 def test_counters_add_up_per_site(throttle):
     throttle.count({"google": {"sent": 3, "failed": 1}, "yahoo": {"sent": 2}})

@@ -1,11 +1,12 @@
 """Unit tests for smartmail.content.mime: what build_mime writes parses back, with the stdlib, to its inputs."""
+
 from __future__ import annotations
 
 import binascii
 import email
 import email.policy
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from email.headerregistry import Address
 
@@ -19,9 +20,15 @@ DATE = datetime(2024, 5, 1, 12, 30, 5, tzinfo=timezone(timedelta(hours=2)))
 
 
 def build(**overrides) -> bytes:
-    kwargs = dict(sender="Ann <ann@example.org>", recipient="bob@example.com", subject="Hello",
-                  text="Hi Bob", html="<p>Hi Bob</p>", message_id="<abc123@mail.example.org>",
-                  date=DATE)
+    kwargs = dict(
+        sender="Ann <ann@example.org>",
+        recipient="bob@example.com",
+        subject="Hello",
+        text="Hi Bob",
+        html="<p>Hi Bob</p>",
+        message_id="<abc123@mail.example.org>",
+        date=DATE,
+    )
     kwargs.update(overrides)
     return build_mime(**kwargs)
 
@@ -126,7 +133,7 @@ def test_alternative_parts_round_trip(body):
 def test_encoded_lines_stay_within_their_limits(body):
     for html in (None, body):
         msg = parse(build(text=body, html=html))
-        for part in ([msg] if html is None else list(msg.iter_parts())):
+        for part in [msg] if html is None else list(msg.iter_parts()):
             cte = part["Content-Transfer-Encoding"]
             lines = transfer_lines(part)
             if cte in ("quoted-printable", "base64"):
@@ -170,10 +177,17 @@ def test_ascii_bodies_stay_readable():
 
 
 def test_headers_decode_to_inputs():
-    data = build(sender='"Doe, J" <j@example.com>', recipient="Zoë Ångström <zoe@example.org>",
-                 reply_to='"Müller, Jörg \\"JM\\"" <jm@example.net>', subject="Grüße 🎉 — your order",
-                 headers={"X-Campaign": "spring-sale", "X-Note": "naïve café", "List-Unsubscribe":
-                          "<https://example.com/u/abc>, <mailto:u@example.com>"})
+    data = build(
+        sender='"Doe, J" <j@example.com>',
+        recipient="Zoë Ångström <zoe@example.org>",
+        reply_to='"Müller, Jörg \\"JM\\"" <jm@example.net>',
+        subject="Grüße 🎉 — your order",
+        headers={
+            "X-Campaign": "spring-sale",
+            "X-Note": "naïve café",
+            "List-Unsubscribe": "<https://example.com/u/abc>, <mailto:u@example.com>",
+        },
+    )
     assert_wire_format(data)
     msg = parse(data)
     assert mailbox(msg, "From") == ("Doe, J", "j@example.com")
@@ -199,12 +213,18 @@ def test_date_defaults_to_now_utc():
     msg = parse(build(date=None))
     sent = msg["Date"].datetime
     assert sent.utcoffset() == timedelta(0)
-    assert abs(datetime.now(timezone.utc) - sent) < timedelta(seconds=5)
+    assert abs(datetime.now(UTC) - sent) < timedelta(seconds=5)
 
 
 def test_long_subjects_are_folded():
-    for subject in ("word " * 60 + "end", "Grüße aus Köln, " * 20 + "Ende", "你好世界" * 40,
-                    "x" * 500, "y" * 1200, "=?utf-8?q?not_an_encoded_word?="):
+    for subject in (
+        "word " * 60 + "end",
+        "Grüße aus Köln, " * 20 + "Ende",
+        "你好世界" * 40,
+        "x" * 500,
+        "y" * 1200,
+        "=?utf-8?q?not_an_encoded_word?=",
+    ):
         data = build(subject=subject, headers={"X-Long": subject})
         assert_wire_format(data)
         header = data.partition(b"\r\n\r\n")[0]
@@ -242,10 +262,14 @@ def test_non_ascii_address_is_refused():
 
 # --- properties ---------------------------------------------------------------------------------
 
-header_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\0"),
-                      max_size=200).map(str.strip)
-display_name = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=80) \
-    .map(lambda s: " ".join(s.split())).filter(bool)
+header_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\0"), max_size=200).map(
+    str.strip
+)
+display_name = (
+    st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=80)
+    .map(lambda s: " ".join(s.split()))
+    .filter(bool)
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

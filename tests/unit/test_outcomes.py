@@ -1,4 +1,5 @@
 """Unit tests for smartmail.workers.outcomes: SMTP reply classification and the retry schedule."""
+
 from __future__ import annotations
 
 import random
@@ -12,6 +13,7 @@ SENT, DEFERRED, FAILED = Verdict.SENT, Verdict.DEFERRED, Verdict.FAILED
 
 
 # --- Reply.enhanced -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),
@@ -35,10 +37,10 @@ def test_enhanced_code_is_parsed_from_the_start_of_the_text(text, expected):
     [
         "Requested action not taken: mailbox unavailable",  # no enhanced code at all
         "",
-        "User unknown 5.1.1",             # not leading the text
-        "3.1.1 class 3 does not exist",   # RFC 3463 classes are 2, 4 and 5 only
+        "User unknown 5.1.1",  # not leading the text
+        "3.1.1 class 3 does not exist",  # RFC 3463 classes are 2, 4 and 5 only
         "5.1 only two parts",
-        "5.1.1234 detail too long",       # at most three digits (RFC 3463 section 2)
+        "5.1.1234 detail too long",  # at most three digits (RFC 3463 section 2)
         "5.1234.1 subject too long",
         "5.1.1a glued to a letter",
         "55.1.1 class too long",
@@ -63,6 +65,7 @@ def test_reply_is_immutable_and_comparable():
 
 # --- classify -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("code", "text", "expected"),
     [
@@ -80,8 +83,7 @@ def test_reply_is_immutable_and_comparable():
         # A 4xx is transient even when the enhanced code claims a recipient problem: never suppress.
         (450, "4.1.1 Recipient address temporarily unverifiable", Outcome(DEFERRED)),
         # 5.1.x about the recipient: a hard bounce that suppresses the address.
-        (550, "5.1.1 <bob@example.com>: Recipient address rejected: User unknown",
-         Outcome(FAILED, suppress=True)),
+        (550, "5.1.1 <bob@example.com>: Recipient address rejected: User unknown", Outcome(FAILED, suppress=True)),
         (550, "5.1.2 Bad destination system address", Outcome(FAILED, suppress=True)),
         (553, "5.1.3 Bad destination mailbox address syntax", Outcome(FAILED, suppress=True)),
         (550, "5.1.10 Recipient address has null MX", Outcome(FAILED, suppress=True)),
@@ -241,8 +243,13 @@ def test_max_age_ends_a_realistic_retry_sequence():
 
 def test_defaults():
     schedule = RetrySchedule()
-    assert (schedule.first_interval, schedule.backoff_factor, schedule.max_interval, schedule.jitter,
-            schedule.max_age) == (60.0, 2.0, 3600.0, 0.2, 3 * 86400.0)
+    assert (
+        schedule.first_interval,
+        schedule.backoff_factor,
+        schedule.max_interval,
+        schedule.jitter,
+        schedule.max_age,
+    ) == (60.0, 2.0, 3600.0, 0.2, 3 * 86400.0)
 
 
 def test_very_many_attempts_are_still_capped():

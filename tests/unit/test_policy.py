@@ -1,5 +1,6 @@
 """The traffic-shaping policy: rate and duration syntax, loading and inheritance, errors that name
 the file and the key, hot reload, and the look-ups the send path makes (rules, sites by domain/MX)."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from smartmail.workers.outcomes import Reply, RetrySchedule
 from smartmail.workers.policy import (
     DEFAULT_POLICY_FILE,
     Policy,
@@ -20,7 +22,6 @@ from smartmail.workers.policy import (
     parse_duration,
     parse_rate,
 )
-from smartmail.workers.outcomes import Reply, RetrySchedule
 
 DEFAULTS = RetrySchedule(first_interval=11.0, backoff_factor=3.0, max_interval=77.0, jitter=0.05, max_age=999.0)
 
@@ -46,6 +47,7 @@ def policy_error(tmp_path: Path, text: str) -> str:
 
 # --- parse_rate / parse_duration ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -70,8 +72,9 @@ def test_parse_rate_accepts(value, expected):
         assert result == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("value", ["fast", "0/s", "0.0/min", "-1/s", 5, 5.0, "10/day", "10", "/s", "1e3/s", "", None,
-                                   True])
+@pytest.mark.parametrize(
+    "value", ["fast", "0/s", "0.0/min", "-1/s", 5, 5.0, "10/day", "10", "/s", "1e3/s", "", None, True]
+)
 def test_parse_rate_rejects(value):
     with pytest.raises(ValueError, match="expected a rate"):
         parse_rate(value)
@@ -106,6 +109,7 @@ def test_parse_duration_rejects(value):
 
 # --- loading ------------------------------------------------------------------------------------
 
+
 def test_the_shipped_policy_loads():
     policy = load_policy(DEFAULT_POLICY_FILE, DEFAULTS)
     assert set(policy.sites) == {"google", "microsoft", "yahoo"}
@@ -134,7 +138,9 @@ def test_an_empty_policy_is_all_defaults(tmp_path):
 
 
 def test_sites_inherit_from_default_then_from_the_built_in_defaults(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [default]
         rate = "10/s"
         burst = 4
@@ -151,41 +157,52 @@ def test_sites_inherit_from_default_then_from_the_built_in_defaults(tmp_path):
         jitter = 0.1
 
         [sites.bare]
-    """)
+    """,
+    )
     own, bare = policy.sites["own"], policy.sites["bare"]
     assert (own.rate, own.burst, own.max_connections, own.max_messages_per_connection) == (100.0, 4, 3, 7)
-    assert own.retry == RetrySchedule(first_interval=30.0, backoff_factor=3.0, max_interval=7200.0, jitter=0.1,
-                                      max_age=999.0)
+    assert own.retry == RetrySchedule(
+        first_interval=30.0, backoff_factor=3.0, max_interval=7200.0, jitter=0.1, max_age=999.0
+    )
     assert (bare.rate, bare.burst, bare.max_connections, bare.max_messages_per_connection) == (10.0, 4, 3, 100)
-    assert bare.retry == RetrySchedule(first_interval=30.0, backoff_factor=3.0, max_interval=77.0, jitter=0.5,
-                                       max_age=999.0)
+    assert bare.retry == RetrySchedule(
+        first_interval=30.0, backoff_factor=3.0, max_interval=77.0, jitter=0.5, max_age=999.0
+    )
     assert policy.default.retry == bare.retry
 
 
 def test_burst_defaults_to_one_second_of_the_rate(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [sites.fast]
         rate = "50/s"
         [sites.slow]
         rate = "30/min"
         [sites.open]
         rate = "unlimited"
-    """)
+    """,
+    )
     assert [policy.sites[name].burst for name in ("fast", "slow", "open")] == [50, 1, 1]
 
 
 def test_a_site_can_be_unlimited_under_a_limited_default(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [default]
         rate = "10/s"
         [sites.open]
         rate = "unlimited"
-    """)
+    """,
+    )
     assert policy.sites["open"].rate is None and policy.default.rate == 10.0
 
 
 def test_site_rules_come_before_the_default_rules(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [[default.rules]]
         match = "^4"
         action = "slow"
@@ -198,85 +215,118 @@ def test_site_rules_come_before_the_default_rules(tmp_path):
         [[sites.x.rules]]
         match = "^550 5\\\\.7"
         action = "bounce"
-    """)
+    """,
+    )
     x = policy.sites["x"]
-    assert [(r.pattern.pattern, r.action) for r in x.rules] == [("^421", "suspend"), (r"^550 5\.7", "bounce"),
-                                                               ("^4", "slow")]
+    assert [(r.pattern.pattern, r.action) for r in x.rules] == [
+        ("^421", "suspend"),
+        (r"^550 5\.7", "bounce"),
+        ("^4", "slow"),
+    ]
     assert x.rules[0].duration == 300.0 and x.rules[2].duration == 1800.0  # the rule default: 30 minutes
     assert [r.action for r in policy.default.rules] == ["slow"]  # the default's own rules once only
 
 
 def test_a_slow_rule_rate_is_parsed(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [[sites.x.rules]]
         match = "^4"
         action = "slow"
         rate = "120/min"
-    """)
+    """,
+    )
     rule = policy.sites["x"].rules[0]
     assert (rule.rate, rule.factor) == (2.0, None)
 
 
 def test_domains_and_mx_suffixes_are_lower_cased(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [sites.big]
         domains = ["Example.COM", " Mail.Example.Org. "]
         mx = ["MX.Example.NET."]
-    """)
+    """,
+    )
     assert policy.domains == {"example.com": "big", "mail.example.org": "big"}
     assert policy.mx_suffixes == (("mx.example.net", "big"),)
 
 
 def test_mx_suffixes_are_sorted_longest_first(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [sites.short]
         mx = ["example.net"]
         [sites.long]
         mx = ["eu.example.net", "z.net"]
         [sites.longest]
         mx = ["mx.eu.example.net"]
-    """)
-    assert policy.mx_suffixes == (("mx.eu.example.net", "longest"), ("eu.example.net", "long"),
-                                  ("example.net", "short"), ("z.net", "long"))
+    """,
+    )
+    assert policy.mx_suffixes == (
+        ("mx.eu.example.net", "longest"),
+        ("eu.example.net", "long"),
+        ("example.net", "short"),
+        ("z.net", "long"),
+    )
 
 
 def test_mx_options_are_read(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [mx]
         enabled = true
         timeout = 0.5
         cache_seconds = 60
-    """)
+    """,
+    )
     assert (policy.mx.enabled, policy.mx.timeout, policy.mx.cache_seconds) == (True, 0.5, 60)
 
 
 # --- malformed policies name the file and the key -----------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("text", "key", "detail"),
     [
         ('[sites.google]\nrate = "fast"\n', "sites.google.rate", "expected a rate"),
-        ('[sites.google]\nrate = 100\n', "sites.google.rate", "expected a rate"),
+        ("[sites.google]\nrate = 100\n", "sites.google.rate", "expected a rate"),
         ('[sites.google]\nrate = "0/s"\n', "sites.google.rate", "expected a rate"),
         ("[default.retry]\njitter = 2\n", "default.retry.jitter", "less than or equal to 1"),
         ("[default.retry]\nbackoff_factor = 0.5\n", "default.retry.backoff_factor", "greater than or equal to 1"),
         ('[sites.x.retry]\nmax_age = "soon"\n', "sites.x.retry.max_age", "expected a duration"),
-        ('[[sites.x.rules]]\nmatch = "("\naction = "suspend"\n', "sites.x.rules[0].match",
-         "not a valid regular expression"),
-        ('[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nrate = "1/s"\nfactor = 0.5\n', "sites.x.rules[0]",
-         "exactly one of rate or factor"),
+        (
+            '[[sites.x.rules]]\nmatch = "("\naction = "suspend"\n',
+            "sites.x.rules[0].match",
+            "not a valid regular expression",
+        ),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nrate = "1/s"\nfactor = 0.5\n',
+            "sites.x.rules[0]",
+            "exactly one of rate or factor",
+        ),
         ('[[sites.x.rules]]\nmatch = "a"\naction = "slow"\n', "sites.x.rules[0]", "exactly one of rate or factor"),
         ('[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nfactor = 1.5\n', "sites.x.rules[0].factor", "less than 1"),
         ('[[sites.x.rules]]\nmatch = "a"\naction = "explode"\n', "sites.x.rules[0].action", "'bounce'"),
-        ('[[sites.x.rules]]\nmatch = "a"\naction = "suspend"\nduration = "soon"\n', "sites.x.rules[0].duration",
-         "expected a duration"),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "suspend"\nduration = "soon"\n',
+            "sites.x.rules[0].duration",
+            "expected a duration",
+        ),
         ('[[sites.x.rules]]\naction = "suspend"\n', "sites.x.rules[0].match", "Field required"),
         ("[sites.x]\nmax_conections = 3\n", "sites.x.max_conections", "Extra inputs are not permitted"),
         ("[sites.x]\nburst = 0\n", "sites.x.burst", "greater than or equal to 1"),
         ("[mx]\ntimeout = 0\n", "mx.timeout", "greater than 0"),
-        ("[sitez.x]\nrate = \"1/s\"\n", "sitez", "Extra inputs are not permitted"),
-        ('[sites.a]\ndomains = ["A.com"]\n[sites.b]\ndomains = ["a.com"]\n', "sites.b.domains",
-         "'a.com' already belongs to site 'a'"),
+        ('[sitez.x]\nrate = "1/s"\n', "sitez", "Extra inputs are not permitted"),
+        (
+            '[sites.a]\ndomains = ["A.com"]\n[sites.b]\ndomains = ["a.com"]\n',
+            "sites.b.domains",
+            "'a.com' already belongs to site 'a'",
+        ),
     ],
 )
 def test_a_malformed_policy_names_the_key(tmp_path, text, key, detail):
@@ -318,6 +368,7 @@ def test_a_missing_file_is_a_policy_error(tmp_path):
 
 
 # --- hot reload ---------------------------------------------------------------------------------
+
 
 def _rewrite(path: Path, text: str, bump_ns: int) -> None:
     path.write_text(textwrap.dedent(text), encoding="utf-8")
@@ -363,6 +414,7 @@ def test_the_store_refuses_to_start_with_a_broken_file(tmp_path):
 
 # --- rules --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shipped() -> Policy:
     return load_policy(DEFAULT_POLICY_FILE, RetrySchedule())
@@ -372,8 +424,13 @@ def test_rules_match_on_code_and_text(shipped):
     slow, suspend = shipped.default.rules
     assert str(Reply(421, "4.7.0 Try again later")) == "421 4.7.0 Try again later"
     assert slow.matches(Reply(421, "4.7.0 Try again later"))
-    assert slow.matches(Reply(450, "4.2.1 The user you are trying to contact is receiving mail at a rate that "
-                                   "prevents additional messages from being delivered. RATE LIMIT"))
+    assert slow.matches(
+        Reply(
+            450,
+            "4.2.1 The user you are trying to contact is receiving mail at a rate that "
+            "prevents additional messages from being delivered. RATE LIMIT",
+        )
+    )
     assert not slow.matches(Reply(550, "5.7.1 rate limit"))  # a 5xx is not a slow-down
     assert not slow.matches(Reply(None, "try again later"))  # no reply code at all
     assert suspend.matches(Reply(554, "5.7.1 Service unavailable; client host blocked using Spamhaus"))
@@ -404,7 +461,7 @@ def _rule(rate=None, factor=None) -> Rule:
     ("site_rate", "rule", "expected"),
     [
         (100.0, _rule(rate=10.0), 10.0),
-        (5.0, _rule(rate=10.0), 5.0),     # a slow rule never speeds a site up
+        (5.0, _rule(rate=10.0), 5.0),  # a slow rule never speeds a site up
         (None, _rule(rate=10.0), 10.0),
         (100.0, _rule(factor=0.25), 25.0),
         (None, _rule(factor=0.25), None),  # a fraction of unlimited is nothing to apply
@@ -415,6 +472,7 @@ def test_slowed_rate(site_rate, rule, expected):
 
 
 # --- sites by domain and by MX ------------------------------------------------------------------
+
 
 def test_site_for_domain(shipped):
     assert shipped.site_for_domain("gmail.com").name == "google"
@@ -439,19 +497,24 @@ def test_site_for_mx_takes_the_first_host_that_matches(shipped):
 
 
 def test_site_for_mx_prefers_the_longest_suffix(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [sites.all]
         mx = ["example.net"]
         [sites.eu]
         mx = ["eu.example.net"]
-    """)
+    """,
+    )
     assert policy.site_for_mx(["mx1.eu.example.net"]).name == "eu"
     assert policy.site_for_mx(["mx1.us.example.net"]).name == "all"
     assert policy.site_for_mx(["mx1.neu.example.net"]).name == "all"
 
 
 def test_an_unknown_domain_is_a_site_of_its_own_with_the_default_limits(tmp_path):
-    policy = load(tmp_path, """
+    policy = load(
+        tmp_path,
+        """
         [default]
         rate = "5/s"
         burst = 2
@@ -459,7 +522,8 @@ def test_an_unknown_domain_is_a_site_of_its_own_with_the_default_limits(tmp_path
         [[default.rules]]
         match = "^421"
         action = "suspend"
-    """)
+    """,
+    )
     site = policy.unknown_site("example.org")
     assert site.name == "example.org"
     assert (site.rate, site.burst, site.max_connections, site.max_messages_per_connection) == (5.0, 2, 4, 100)

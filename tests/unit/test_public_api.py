@@ -1,4 +1,5 @@
 """The names `import smartmail` offers resolve, and keep resolving after their modules are imported."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,15 @@ import pytest
 import smartmail
 
 PUBLIC = {
-    "campaigns": ["create_campaign", "launch_campaign", "pause_campaign", "resume_campaign", "cancel_campaign",
-                  "campaign_status", "schedule_campaign"],
+    "campaigns": [
+        "create_campaign",
+        "launch_campaign",
+        "pause_campaign",
+        "resume_campaign",
+        "cancel_campaign",
+        "campaign_status",
+        "schedule_campaign",
+    ],
     "contacts": ["create_contact", "upsert_contact", "get_contact", "delete_contact"],
     "imports": ["start_import", "job_status"],
     "segments": ["count", "save_segment"],

@@ -1,4 +1,5 @@
 """Unit tests for smartmail.content.rendering and smartmail.content.template_store, on a temporary SQLite database."""
+
 from __future__ import annotations
 
 import os
@@ -11,14 +12,12 @@ from sqlalchemy.orm import Session
 
 import smartmail.store.engine as db
 from smartmail import runtime
-from smartmail.store import migrate
-from smartmail.content import rendering
-from smartmail.content import template_store
 from smartmail.addresses import AddressError
-from smartmail.config.settings import get_settings
-from smartmail.store.models import Template
+from smartmail.content import rendering, template_store
 from smartmail.content.rendering import Rendered, TemplateError, html_to_text, render, text_source_from_html
 from smartmail.content.template_store import TemplateNotFound, TemplateRef
+from smartmail.store import migrate
+from smartmail.store.models import Template
 
 
 def _clear_caches() -> None:
@@ -98,16 +97,26 @@ ESCAPED = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &#34;Co&#34;"
 
 # --- file templates -----------------------------------------------------------------------------
 
+
 def test_file_template_renders_all_three_parts(session, templates_dir):
-    write_file_template(templates_dir, "welcome", subject="Welcome, {{ name }}!\n",
-                        html="<p>Hello {{ name }}</p>\n", text="Hello {{ name }}\n")
+    write_file_template(
+        templates_dir,
+        "welcome",
+        subject="Welcome, {{ name }}!\n",
+        html="<p>Hello {{ name }}</p>\n",
+        text="Hello {{ name }}\n",
+    )
     result = render(session, context={"name": "Bob"}, template="welcome", templates_dir=templates_dir)
     assert result == Rendered("Welcome, Bob!", "<p>Hello Bob</p>", "Hello Bob", "welcome", None)
 
 
 def test_file_template_without_text_part_gets_text_from_html(session, templates_dir):
-    write_file_template(templates_dir, "news", subject="News",
-                        html="<h1>Big news</h1><p>Hello {{ name }}, read <a href='https://example.com'>this</a>.</p>")
+    write_file_template(
+        templates_dir,
+        "news",
+        subject="News",
+        html="<h1>Big news</h1><p>Hello {{ name }}, read <a href='https://example.com'>this</a>.</p>",
+    )
     result = render(session, context={"name": "Bob"}, template="news", templates_dir=templates_dir)
     assert "<" not in result.text
     assert "Big news" in result.text and "Hello Bob, read this." in result.text
@@ -150,6 +159,7 @@ def test_file_template_has_no_versions(session, templates_dir):
 
 
 # --- database templates and template_store ------------------------------------------------------
+
 
 def test_db_template_renders(session, save, templates_dir):
     save("welcome", subject="Hi {{ name }}", html="<p>Hello {{ name }}</p>", text="Hello {{ name }}")
@@ -234,9 +244,10 @@ def test_malformed_reference_is_a_value_error(session, templates_dir, reference)
         render(session, context={}, template=reference, templates_dir=templates_dir)
 
 
-@pytest.mark.parametrize(("reference", "expected"),
-                         [("welcome", ("welcome", None)), ("welcome@3", ("welcome", 3)),
-                          ("a.b-c_d@10", ("a.b-c_d", 10))])
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [("welcome", ("welcome", None)), ("welcome@3", ("welcome", 3)), ("a.b-c_d@10", ("a.b-c_d", 10))],
+)
 def test_parse_reference(reference, expected):
     assert template_store.parse_reference(reference) == expected
 
@@ -313,6 +324,7 @@ def test_rendering_a_db_template_inside_a_make_engine_session(db_url, save, temp
 
 # --- inline templates ---------------------------------------------------------------------------
 
+
 def test_inline_subject_and_html(session):
     result = render(session, context={"name": EVIL}, subject="Hi {{ name }}", html="<b>{{ name }}</b>")
     assert result.subject == f"Hi {EVIL}"
@@ -369,6 +381,7 @@ def test_line_breaks_in_the_body_are_fine(session):
 
 # --- errors name the template and the line ------------------------------------------------------
 
+
 def test_missing_variable_names_template_and_line_inline(session):
     with pytest.raises(TemplateError) as info:
         render(session, context={}, subject="S", html="<p>\nHello {{ missing }}\n</p>")
@@ -402,11 +415,19 @@ def test_missing_variable_is_an_error_even_when_only_tested_for_truth(session):
 
 
 def test_default_filter_and_is_defined_tolerate_absence(session):
-    result = render(session, context={}, subject='Hi {{ name | default("there") }}',
-                    text="{% if vip is defined %}VIP{% else %}regular{% endif %}")
+    result = render(
+        session,
+        context={},
+        subject='Hi {{ name | default("there") }}',
+        text="{% if vip is defined %}VIP{% else %}regular{% endif %}",
+    )
     assert (result.subject, result.text) == ("Hi there", "regular")
-    result = render(session, context={"name": "Ann", "vip": True}, subject='Hi {{ name | default("there") }}',
-                    text="{% if vip is defined %}VIP{% else %}regular{% endif %}")
+    result = render(
+        session,
+        context={"name": "Ann", "vip": True},
+        subject='Hi {{ name | default("there") }}',
+        text="{% if vip is defined %}VIP{% else %}regular{% endif %}",
+    )
     assert (result.subject, result.text) == ("Hi Ann", "VIP")
 
 
@@ -451,6 +472,7 @@ def test_check_template_source(db_url):
 
 # --- the sandbox --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("source", "context"),
     [
@@ -460,7 +482,7 @@ def test_check_template_source(db_url):
         ("{{ x.__code__ }}", {"x": lambda: None}),
         ("{{ cycler.__init__.__globals__ }}", {}),
         ("{{ '{0.__class__}'.format(1) }}", {}),
-        ("{{ items.append(4) }}", {"items": [1, 2, 3]}),     # immutable sandbox: no mutating the context
+        ("{{ items.append(4) }}", {"items": [1, 2, 3]}),  # immutable sandbox: no mutating the context
         ("{{ d.update(a=1) }}", {"d": {}}),
         ("{{ d.pop('k') }}", {"d": {"k": 1}}),
     ],
@@ -495,8 +517,10 @@ def test_templates_cannot_include_arbitrary_files(session, tmp_path):
 
 
 def test_a_text_part_derived_from_the_html_source_matches_converting_each_message(session, templates_dir):
-    html = ("<h1>Hello {{ name }},</h1>\n<p>Your code is <b>{{ code }}</b>.</p>\n"
-            "{% if plan is defined %}<p>Plan: {{ plan }}</p>{% endif %}")
+    html = (
+        "<h1>Hello {{ name }},</h1>\n<p>Your code is <b>{{ code }}</b>.</p>\n"
+        "{% if plan is defined %}<p>Plan: {{ plan }}</p>{% endif %}"
+    )
     write_file_template(templates_dir, "derived", subject="Code", html=html)
     for context in ({"name": "Ann", "code": "X1"}, {"name": "Bob & <Co>", "code": "42", "plan": "pro"}):
         result = render(session, context=context, template="derived", templates_dir=templates_dir)

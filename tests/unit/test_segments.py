@@ -1,4 +1,5 @@
 """Segment rule parsing: every malformed rule is refused with the path of the bad part."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,11 @@ from smartmail.audience import segments
 from smartmail.audience.segments import InvalidSegment
 
 BAD = [
-    ({"all": [{"status": "subscribed"}, {"list": "a"}, {"attr": "x", "op": "eqq", "value": 1}]}, "rules.all[2].op",
-     "unknown operator 'eqq'"),
+    (
+        {"all": [{"status": "subscribed"}, {"list": "a"}, {"attr": "x", "op": "eqq", "value": 1}]},
+        "rules.all[2].op",
+        "unknown operator 'eqq'",
+    ),
     ([], "rules", "a rule must be a JSON object"),
     ({"all": []}, "rules.all", "non-empty list"),
     ({"any": "x"}, "rules.any", "non-empty list"),
@@ -66,9 +70,15 @@ def test_depth_and_size_are_bounded():
 
 @pytest.mark.parametrize("dialect", [sqlite.dialect(), postgresql.dialect()], ids=["sqlite", "postgresql"])
 def test_rules_compile_to_one_select_with_values_bound(dialect):
-    rules = {"all": [{"attr": "plan", "op": "eq", "value": "pro'); DROP TABLE contacts; --"},
-                     {"attr": "name", "op": "gt", "value": "M"},
-                     {"list": "news"}, {"opened_within": 30}, {"not": {"event": "order_placed", "min_count": 2}}]}
+    rules = {
+        "all": [
+            {"attr": "plan", "op": "eq", "value": "pro'); DROP TABLE contacts; --"},
+            {"attr": "name", "op": "gt", "value": "M"},
+            {"list": "news"},
+            {"opened_within": 30},
+            {"not": {"event": "order_placed", "min_count": 2}},
+        ]
+    }
     query = segments.audience_query(rules, dialect)
     sql = str(query.compile(dialect=dialect))
     assert sql.count("SELECT") >= 1 and sql.startswith("SELECT contacts.id")

@@ -1,4 +1,5 @@
 """Unit tests for smartmail.config.settings: the SMTP URL parser and loading settings from the environment."""
+
 from __future__ import annotations
 
 import os
@@ -211,8 +212,10 @@ def test_settings_error_does_not_echo_the_secret_key(env):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("postgresql://mail:pw@db.example.com:5432/smartmail",
-         "postgresql+psycopg://mail:pw@db.example.com:5432/smartmail"),
+        (
+            "postgresql://mail:pw@db.example.com:5432/smartmail",
+            "postgresql+psycopg://mail:pw@db.example.com:5432/smartmail",
+        ),
         ("postgresql+psycopg://mail@db/smartmail", "postgresql+psycopg://mail@db/smartmail"),
         ("sqlite:////var/lib/smartmail.db", "sqlite:////var/lib/smartmail.db"),
         ("sqlite://", "sqlite://"),

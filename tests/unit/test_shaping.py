@@ -1,5 +1,6 @@
 """The send path's traffic shaping: which site a domain belongs to (policy, MX), how many messages
 may go now and when the rest come back, and what SMTP replies change for every worker."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,9 +8,9 @@ import itertools
 import fakeredis
 import pytest
 
-from smartmail.workers.policy import Policy, load_policy
-from smartmail.workers.outcomes import Reply, RetrySchedule
 from smartmail.workers.limiter import SiteThrottle
+from smartmail.workers.outcomes import Reply, RetrySchedule
+from smartmail.workers.policy import Policy, load_policy
 from smartmail.workers.shaping import Hold, MxResolver, Shaper
 
 POLICY = """
@@ -87,12 +88,14 @@ class FakeLookup:
 
 @pytest.fixture
 def lookup():
-    return FakeLookup({
-        "corp.example": ["alt1.aspmx.l.google.com", "aspmx.l.google.com"],
-        "shop.example": ["mx.shop.example"],
-        "evil.example": ["mx.evilgoogle.com"],
-        "mixed.example": ["mx.shop.example", "mta7.am0.yahoodns.net"],
-    })
+    return FakeLookup(
+        {
+            "corp.example": ["alt1.aspmx.l.google.com", "aspmx.l.google.com"],
+            "shop.example": ["mx.shop.example"],
+            "evil.example": ["mx.evilgoogle.com"],
+            "mixed.example": ["mx.shop.example", "mta7.am0.yahoodns.net"],
+        }
+    )
 
 
 @pytest.fixture
@@ -101,6 +104,7 @@ def shaper(throttle, policy, lookup):
 
 
 # --- site_for -----------------------------------------------------------------------------------
+
 
 def test_a_listed_domain_is_its_site_without_an_mx_lookup(shaper, lookup):
     assert shaper.site_for("gmail.com").name == "google"
@@ -160,6 +164,7 @@ def test_no_mx_lookups_when_they_are_off(tmp_path, throttle, lookup):
 
 # --- admit --------------------------------------------------------------------------------------
 
+
 def test_admit_grants_the_burst_and_holds_the_rest_one_interval_apart(shaper, policy):
     google = policy.sites["google"]  # 10/s, burst 3
     granted, holds = shaper.admit(google, 8)
@@ -172,7 +177,7 @@ def test_admit_grants_the_burst_and_holds_the_rest_one_interval_apart(shaper, po
 
 def test_successive_admits_queue_their_holds_behind_each_other(shaper, policy):
     google = policy.sites["google"]
-    _, first = shaper.admit(google, 5)   # 3 go, holds at ~0.1, ~0.2
+    _, first = shaper.admit(google, 5)  # 3 go, holds at ~0.1, ~0.2
     granted, second = shaper.admit(google, 2)
     assert granted == 0
     assert second[0].seconds == pytest.approx(first[-1].seconds + 0.1, abs=0.01)
@@ -206,6 +211,7 @@ def test_connection_hold_is_short_and_names_the_limit(policy):
 
 
 # --- react --------------------------------------------------------------------------------------
+
 
 class CountingThrottle(SiteThrottle):
     def __init__(self, client) -> None:

@@ -1,4 +1,5 @@
 """Unit tests for smartmail.workers.transports, against a real in-process aiosmtpd server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from smartmail.config.settings import Settings, SmtpUrl
-from smartmail.workers.outcomes import Reply, Verdict, classify
 from smartmail.workers import smtp_transport, transports
+from smartmail.workers.outcomes import Reply, Verdict, classify
 from smartmail.workers.transports import (
     ConsoleTransport,
     FileTransport,
@@ -33,11 +34,14 @@ SENDER = "bounces@example.com"
 
 
 def message(n: int | str = 1, recipient: str = "rcpt@example.net") -> bytes:
-    return (f"From: {SENDER}\r\nTo: {recipient}\r\nSubject: message {n}\r\n\r\n"
-            f"Body of message {n}.\r\n.line starting with a dot\r\n").encode()
+    return (
+        f"From: {SENDER}\r\nTo: {recipient}\r\nSubject: message {n}\r\n\r\n"
+        f"Body of message {n}.\r\n.line starting with a dot\r\n"
+    ).encode()
 
 
 # --- the in-process SMTP server -----------------------------------------------------------------
+
 
 @dataclass
 class Received:
@@ -68,10 +72,10 @@ class RecordingHandler:
         self.rcpt_replies: dict[str, str] = {}
         self.data_replies: dict[str, str] = {}
         self.hang_up_after: set[str] = set()
-        self.pretend_rcpt: set[str] = set()   # answer 250 to RCPT without taking the recipient
-        self.stall_rcpt: set[str] = set()     # answer RCPT only after 3 s
-        self.gather_data = 1                  # hold DATA until this many transactions are in DATA at once
-        self.data_delay = 0.0                 # seconds before answering the end of data
+        self.pretend_rcpt: set[str] = set()  # answer 250 to RCPT without taking the recipient
+        self.stall_rcpt: set[str] = set()  # answer RCPT only after 3 s
+        self.gather_data = 1  # hold DATA until this many transactions are in DATA at once
+        self.data_delay = 0.0  # seconds before answering the end of data
         self._in_data = 0
         self.protocols: list = []
 
@@ -119,8 +123,9 @@ class RecordingHandler:
         while self._in_data < self.gather_data and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.sleep(self.data_delay)
-        record = Received(self._conn(server), envelope.mail_from, list(envelope.rcpt_tos),
-                          envelope.content, session.ssl is not None)
+        record = Received(
+            self._conn(server), envelope.mail_from, list(envelope.rcpt_tos), envelope.content, session.ssl is not None
+        )
         first = envelope.rcpt_tos[0]
         if first in self.data_replies:
             self.rejected_data.append(record)
@@ -153,8 +158,9 @@ class Server:
         self.controller: Controller | None = None
 
     def start(self) -> Server:
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                     server_hostname="smtp.test", **self.kwargs)
+        self.controller = Controller(
+            self.handler, hostname="127.0.0.1", port=self.port, server_hostname="smtp.test", **self.kwargs
+        )
         self.controller.start()
         return self
 
@@ -222,6 +228,7 @@ def transport(server, make_transport) -> SmtpTransport:
 
 
 # --- SmtpTransport: the happy path and connection reuse -----------------------------------------
+
 
 def test_delivers_the_message_as_given(transport, handler):
     reply = transport.send(SENDER, "alice@example.net", message(1, "alice@example.net"))
@@ -327,6 +334,7 @@ def test_concurrent_senders_share_the_pool(server, handler, make_transport):
 
 # --- SmtpTransport.send_window: one thread, many transactions ----------------------------------
 
+
 def test_a_window_runs_its_transactions_side_by_side(server, handler, make_transport):
     handler.gather_data = 4  # the relay answers DATA only once 4 transactions are in DATA together
     transport = make_transport(server.url(), max_idle=4)
@@ -343,13 +351,30 @@ def test_a_window_reports_each_message_in_order_and_keeps_its_sessions(server, h
     handler.data_replies["grey@example.net"] = "451 4.7.1 Greylisted"
     handler.rcpt_replies["rude@example.net"] = "554 5.7.1 Go away"
     handler.hang_up_after.add("rude@example.net")
-    recipients = ["a@example.net", "unknown@example.net", "b@example.net", "grey@example.net", "rude@example.net",
-                  "c@example.net", "d@example.net", "unknown@example.net", "e@example.net"]
+    recipients = [
+        "a@example.net",
+        "unknown@example.net",
+        "b@example.net",
+        "grey@example.net",
+        "rude@example.net",
+        "c@example.net",
+        "d@example.net",
+        "unknown@example.net",
+        "e@example.net",
+    ]
     transport = make_transport(server.url(), max_idle=3)
     replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 3)
     assert [(r.code, r.stage) for r in replies] == [
-        (250, "data"), (550, "rcpt"), (250, "data"), (451, "data"), (554, "rcpt"),
-        (250, "data"), (250, "data"), (550, "rcpt"), (250, "data")]
+        (250, "data"),
+        (550, "rcpt"),
+        (250, "data"),
+        (451, "data"),
+        (554, "rcpt"),
+        (250, "data"),
+        (250, "data"),
+        (550, "rcpt"),
+        (250, "data"),
+    ]
     assert sorted(r.rcpt_tos[0] for r in handler.received) == [f"{x}@example.net" for x in "abcde"]
     assert all(r.content == message(r.rcpt_tos[0], r.rcpt_tos[0]) for r in handler.received)
     # After each rejection before the end of data (which clears the transaction by itself), except
@@ -371,8 +396,13 @@ def test_a_silent_relay_times_out_one_transaction_not_the_window(server, handler
     handler.stall_rcpt.add("slow@example.net")
     transport = make_transport(server.url(), timeout=0.5, max_idle=2)
     started = time.monotonic()
-    replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in
-                                     ("a@example.net", "slow@example.net", "b@example.net", "c@example.net")], 2)
+    replies = transport.send_window(
+        [
+            Outgoing(SENDER, r, message(r, r))
+            for r in ("a@example.net", "slow@example.net", "b@example.net", "c@example.net")
+        ],
+        2,
+    )
     assert time.monotonic() - started < 2.5
     assert replies[1].code is None and replies[1].stage == "rcpt" and "timed out" in replies[1].text
     assert [replies[i].code for i in (0, 2, 3)] == [250, 250, 250]
@@ -385,14 +415,20 @@ def test_a_window_gives_each_message_its_ready_check(server, handler, make_trans
     def ready(recipient: str):
         return lambda: asked.append(recipient) or recipient != "held@example.net"
 
-    replies = transport.send_window([Outgoing(SENDER, r, message(r, r), None, ready(r))
-                                     for r in ("a@example.net", "held@example.net", "b@example.net")], 2)
+    replies = transport.send_window(
+        [
+            Outgoing(SENDER, r, message(r, r), None, ready(r))
+            for r in ("a@example.net", "held@example.net", "b@example.net")
+        ],
+        2,
+    )
     assert [r.stage for r in replies] == ["data", transports.HELD, "data"]
     assert sorted(asked) == ["a@example.net", "b@example.net", "held@example.net"]
     assert sorted(r.rcpt_tos[0] for r in handler.received) == ["a@example.net", "b@example.net"]
 
 
 # --- Windows: each body goes out with the next message's commands (RFC 2920 section 3.1) --------
+
 
 def record_writes(monkeypatch) -> list[bytes]:
     writes: list[bytes] = []
@@ -417,7 +453,9 @@ def test_a_window_sends_each_body_with_the_next_messages_commands(server, handle
     writes = [w for w in writes if isinstance(w, bytes)]  # not smtplib's own EHLO
     if handler.pipelining:
         body = [transports._dot_stuffed(message(r, r)) for r in recipients]
-        assert writes == [commands(recipients[0])] + [body[i] + commands(recipients[i + 1]) for i in range(4)] + [body[4]]
+        assert writes == [commands(recipients[0])] + [body[i] + commands(recipients[i + 1]) for i in range(4)] + [
+            body[4]
+        ]
     else:
         assert len(writes) == 20  # MAIL, RCPT, DATA and the body, one write each
 
@@ -429,8 +467,13 @@ def test_a_rejected_body_does_not_hold_up_the_next_message_on_its_connection(ser
     recipients = ["a@example.net", "grey@example.net", "b@example.net", "spam@example.net", "c@example.net"]
     transport = make_transport(server.url(), max_idle=1)
     replies = transport.send_window([Outgoing(SENDER, r, message(r, r)) for r in recipients], 1)
-    assert [(r.code, r.stage) for r in replies] == [(250, "data"), (451, "data"), (250, "data"), (554, "data"),
-                                                    (250, "data")]
+    assert [(r.code, r.stage) for r in replies] == [
+        (250, "data"),
+        (451, "data"),
+        (250, "data"),
+        (554, "data"),
+        (250, "data"),
+    ]
     assert [r.rcpt_tos[0] for r in handler.received] == ["a@example.net", "b@example.net", "c@example.net"]
     # The end of data cleared each rejected transaction; c went on a new session once the relay hung up.
     assert handler.rsets == [] and handler.connections == 2
@@ -496,7 +539,10 @@ def test_a_connection_lost_after_a_body_leaves_it_unknown_and_retries_the_next_m
         assert replies[1].code is None and replies[1].stage == "data"
         assert classify(replies[1]).verdict is Verdict.UNKNOWN
         assert [(session, b"To: " + r.encode() in body) for (session, body), r in zip(relay.bodies, recipients)] == [
-            (1, True), (1, True), (2, True)]
+            (1, True),
+            (1, True),
+            (2, True),
+        ]
     finally:
         transport.close()  # its pooled session ends, so the relay's thread does
         relay.close()
@@ -505,9 +551,11 @@ def test_a_connection_lost_after_a_body_leaves_it_unknown_and_retries_the_next_m
 def test_a_borrower_held_back_leaves_the_window_within_its_parallelism(server, handler, make_transport):
     handler.data_delay = 0.3  # the first message's final reply comes while the second is held back
     transport = make_transport(server.url())
-    messages = [Outgoing(SENDER, "a@example.net", message("a")),
-                Outgoing(SENDER, "held@example.net", message("held"), None, lambda: False),
-                Outgoing(SENDER, "c@example.net", message("c"))]
+    messages = [
+        Outgoing(SENDER, "a@example.net", message("a")),
+        Outgoing(SENDER, "held@example.net", message("held"), None, lambda: False),
+        Outgoing(SENDER, "c@example.net", message("c")),
+    ]
     replies = transport.send_window(messages, 1)
     assert [r.stage for r in replies] == ["data", transports.HELD, "data"]
     assert handler.connections == 1
@@ -547,14 +595,17 @@ def test_a_window_lends_a_connection_only_within_its_site_and_cap(server, handle
     messages = [Outgoing(SENDER, f"m{i}@{s.name}.example", message(i), s) for i, s in enumerate([one, two] * 4)]
     replies = transport.send_window(messages, 2)
     assert [r.code for r in replies] == [250] * 8
-    by_site = {name: [r.conn for r in handler.received if r.rcpt_tos[0].endswith(f"@{name}.example")]
-               for name in ("one", "two")}
+    by_site = {
+        name: [r.conn for r in handler.received if r.rcpt_tos[0].endswith(f"@{name}.example")]
+        for name in ("one", "two")
+    }
     assert len(set(by_site["two"])) == 1 and len(by_site["two"]) == 4
     assert len(set(by_site["one"])) == 2  # one's connection retired after 3 messages
     assert sorted(by_site["one"]).count(by_site["one"][0]) == 3
 
 
 # --- SmtpTransport: failed transactions ---------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("stage", "reply", "verdict", "suppress"),
@@ -641,6 +692,7 @@ def test_the_transport_recovers_after_the_relay_hung_up_on_a_rejection(transport
 
 # --- SmtpTransport: dead and missing connections ------------------------------------------------
 
+
 def test_idle_connection_closed_by_the_server_is_replaced_transparently(server, transport, handler):
     assert transport.send(SENDER, "a@example.net", message(1)).code == 250
     server.drop_connections()
@@ -684,8 +736,9 @@ def test_server_restart_between_sends_is_survived(handler, make_transport):
 def test_all_pooled_connections_dead_is_survived(server, handler, make_transport):
     transport = make_transport(server.url(), max_idle=4)
     handler.gather_data = 2  # two transactions in DATA at once: two connections end up in the pool
-    threads = [threading.Thread(target=transport.send, args=(SENDER, f"p{i}@example.net", message(i)))
-               for i in range(2)]
+    threads = [
+        threading.Thread(target=transport.send, args=(SENDER, f"p{i}@example.net", message(i))) for i in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -735,11 +788,17 @@ def greeting_server():
 @pytest.mark.parametrize(
     ("greeting", "expected", "verdict"),
     [
-        (b"421 4.7.0 smtp.test Service not available, too busy\r\n",
-         Reply(None, "session setup refused: 421 4.7.0 smtp.test Service not available, too busy"), Verdict.DEFERRED),
+        (
+            b"421 4.7.0 smtp.test Service not available, too busy\r\n",
+            Reply(None, "session setup refused: 421 4.7.0 smtp.test Service not available, too busy"),
+            Verdict.DEFERRED,
+        ),
         # A relay refusing the session says nothing about this message: deferred, not failed.
-        (b"554 5.7.1 smtp.test Your IP is blocked\r\n",
-         Reply(None, "session setup refused: 554 5.7.1 smtp.test Your IP is blocked"), Verdict.DEFERRED),
+        (
+            b"554 5.7.1 smtp.test Your IP is blocked\r\n",
+            Reply(None, "session setup refused: 554 5.7.1 smtp.test Your IP is blocked"),
+            Verdict.DEFERRED,
+        ),
     ],
 )
 def test_refusing_greeting_is_reported_and_deferred(greeting_server, make_transport, greeting, expected, verdict):
@@ -772,6 +831,7 @@ def test_non_ascii_envelope_address_does_not_raise(transport, handler):
 
 
 # --- SmtpTransport: AUTH and TLS ----------------------------------------------------------------
+
 
 class Authenticator:
     def __init__(self, users: dict[str, str]) -> None:
@@ -874,8 +934,9 @@ def test_starttls(handler, make_transport, server_tls_context, trust_test_ca):
 
 def test_starttls_with_auth_over_tls(handler, make_transport, server_tls_context, trust_test_ca):
     authenticator = Authenticator({"mailer": "secret"})
-    srv = Server(handler, tls_context=server_tls_context, require_starttls=True, authenticator=authenticator,
-                 auth_required=True).start()  # auth_require_tls defaults to True
+    srv = Server(
+        handler, tls_context=server_tls_context, require_starttls=True, authenticator=authenticator, auth_required=True
+    ).start()  # auth_require_tls defaults to True
     try:
         transport = make_transport(srv.url("starttls", "mailer", "secret"))
         assert transport.send(SENDER, "a@example.net", message()).code == 250
@@ -926,6 +987,7 @@ def test_implicit_tls(handler, make_transport, server_tls_context, trust_test_ca
 
 
 # --- FileTransport, ConsoleTransport, MemoryTransport -------------------------------------------
+
 
 def test_file_transport_writes_one_eml_per_message(tmp_path):
     directory = tmp_path / "deep" / "outbox"
@@ -988,14 +1050,21 @@ def test_memory_transport_keeps_messages_until_closed():
 
 # --- build_transport / get_transport / set_transport --------------------------------------------
 
+
 def _settings(**overrides) -> Settings:
     return Settings(default_sender=SENDER, secret_key="0123456789abcdef-secret", **overrides)
 
 
 def test_build_transport_smtp_uses_the_settings():
-    transport = build_transport(_settings(
-        transport="smtp", smtp_url="smtp://u:p@relay.example.com:2525?tls=starttls", smtp_timeout=12.5,
-        smtp_max_messages_per_connection=42, smtp_local_hostname="mailer.example.com"))
+    transport = build_transport(
+        _settings(
+            transport="smtp",
+            smtp_url="smtp://u:p@relay.example.com:2525?tls=starttls",
+            smtp_timeout=12.5,
+            smtp_max_messages_per_connection=42,
+            smtp_local_hostname="mailer.example.com",
+        )
+    )
     assert isinstance(transport, SmtpTransport)
     assert transport.url == SmtpUrl("relay.example.com", 2525, "starttls", "u", "p")
     assert (transport.timeout, transport.max_messages, transport.local_hostname) == (12.5, 42, "mailer.example.com")
@@ -1060,6 +1129,7 @@ def test_connection_lost_after_the_body_is_unknown_not_retried(make_transport):
 
 # --- Per-site pools and connection leases --------------------------------------------------------
 
+
 class FakeGate:
     """A ConnectionGate in memory: grants up to `limit` leases per site."""
 
@@ -1091,8 +1161,8 @@ class FakeGate:
 
 
 def site(name: str, max_connections: int = 1, max_messages: int = 100):
-    from smartmail.workers.policy import Site
     from smartmail.workers.outcomes import RetrySchedule
+    from smartmail.workers.policy import Site
 
     return Site(name, None, 1, max_connections, max_messages, RetrySchedule())
 

@@ -1,4 +1,5 @@
 """Unit tests for smartmail.audience.unsubscribe: signed tokens and the List-Unsubscribe headers."""
+
 from __future__ import annotations
 
 import base64
@@ -41,6 +42,7 @@ def sign(payload: str, purpose: str, secret: str = SECRET) -> str:
 
 
 # --- Tokens ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("contact_id", "campaign_id"), [(1, None), (42, 7), (2**63 - 1, 2**63 - 1), (9, None)])
 def test_round_trip(contact_id, campaign_id):
@@ -93,13 +95,13 @@ def test_every_changed_signature_character_is_refused():
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     for position in range(len(signature)):
         for replacement in (c for c in alphabet[:8] + alphabet[-4:] if c != signature[position]):
-            forged = f"{payload}.{signature[:position]}{replacement}{signature[position + 1:]}"
+            forged = f"{payload}.{signature[:position]}{replacement}{signature[position + 1 :]}"
             with pytest.raises(InvalidToken):
                 read_token(forged)
     # The last character holds 2 padding bits: another character decoding to the same bytes is
     # still a different token and refused (one spelling per signature).
     last = alphabet.index(signature[-1])
-    for variant in alphabet[last & ~3:(last & ~3) + 4]:
+    for variant in alphabet[last & ~3 : (last & ~3) + 4]:
         if variant != signature[-1]:
             with pytest.raises(InvalidToken):
                 read_token(f"{payload}.{signature[:-1]}{variant}")
@@ -112,10 +114,20 @@ def test_every_truncation_is_refused():
             read_token(token[:length])
 
 
-@pytest.mark.parametrize("mangle", [
-    lambda t: t + "x", lambda t: t + ".", lambda t: "0" + t, lambda t: " " + t, lambda t: t + "\n",
-    lambda t: t.replace(".", "%2E", 1), lambda t: t.upper(), lambda t: "-" + t, lambda t: "x" * 5000,
-])
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t + "x",
+        lambda t: t + ".",
+        lambda t: "0" + t,
+        lambda t: " " + t,
+        lambda t: t + "\n",
+        lambda t: t.replace(".", "%2E", 1),
+        lambda t: t.upper(),
+        lambda t: "-" + t,
+        lambda t: "x" * 5000,
+    ],
+)
 def test_malformed_tokens_are_refused(mangle):
     with pytest.raises(InvalidToken):
         read_token(mangle(make_token(42, 7)))
@@ -133,15 +145,17 @@ def test_leading_zero_ids_are_refused_even_when_signed():
         read_token(sign("042.7", "unsubscribe"))
 
 
-@pytest.mark.parametrize(("contact_id", "campaign_id"),
-                         [(0, None), (-1, None), (True, None), ("42", None), (2**63, None), (1.0, None),
-                          (42, 0), (42, "7"), (42, False)])
+@pytest.mark.parametrize(
+    ("contact_id", "campaign_id"),
+    [(0, None), (-1, None), (True, None), ("42", None), (2**63, None), (1.0, None), (42, 0), (42, "7"), (42, False)],
+)
 def test_make_token_refuses_bad_ids(contact_id, campaign_id):
     with pytest.raises(ValueError):
         make_token(contact_id, campaign_id)
 
 
 # --- URL and headers ------------------------------------------------------------------------------------
+
 
 def test_unsubscribe_url_uses_public_url_without_double_slash():
     assert unsubscribe_url("abc") == "https://mail.example.com/unsubscribe/abc"
@@ -151,8 +165,10 @@ def test_headers_exact_format_with_default_mailto():
     token = make_token(42, 7)
     headers = list_unsubscribe_headers(42, 7)
     assert headers == {
-        "List-Unsubscribe": (f"<https://mail.example.com/unsubscribe/{token}>, "
-                             f"<mailto:unsubscribe@example.com?subject=unsubscribe%20{token}>"),
+        "List-Unsubscribe": (
+            f"<https://mail.example.com/unsubscribe/{token}>, "
+            f"<mailto:unsubscribe@example.com?subject=unsubscribe%20{token}>"
+        ),
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
     for value in headers.values():
@@ -165,10 +181,13 @@ def test_default_mailto_follows_message_id_domain(env):
     assert "<mailto:unsubscribe@mx.example.org?subject=" in list_unsubscribe_headers(1, None)["List-Unsubscribe"]
 
 
-@pytest.mark.parametrize(("setting", "address"), [
-    ("leave+news@example.net", "leave+news@example.net"),
-    ("Unsubscribe Desk <desk@Example.NET>", "desk@example.net"),
-])
+@pytest.mark.parametrize(
+    ("setting", "address"),
+    [
+        ("leave+news@example.net", "leave+news@example.net"),
+        ("Unsubscribe Desk <desk@Example.NET>", "desk@example.net"),
+    ],
+)
 def test_configured_mailto(env, setting, address):
     env.setenv("SMARTMAIL_UNSUBSCRIBE_MAILTO", setting)
     get_settings.forget()
@@ -184,8 +203,9 @@ def test_bad_mailto_setting_is_an_error(env):
         list_unsubscribe_headers(1, None)
 
 
-@pytest.mark.parametrize("public_url", ["https://mail.example.com/x\r\nBcc: victim@example.org",
-                                        "https://mail.example.com/a\tb"])
+@pytest.mark.parametrize(
+    "public_url", ["https://mail.example.com/x\r\nBcc: victim@example.org", "https://mail.example.com/a\tb"]
+)
 def test_line_breaks_never_reach_a_header(env, public_url):
     # Settings validation passes these (urlsplit drops CR, LF and tab), so the headers must check.
     env.setenv("SMARTMAIL_PUBLIC_URL", public_url)

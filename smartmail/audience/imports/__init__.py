@@ -1,4 +1,5 @@
 """Bulk contact import: streamed CSV / JSON Lines readers, one upsert per batch, progress and a row error report."""
+
 from smartmail.audience.imports.jobs import (
     create_job,
     enqueue,
@@ -22,6 +23,26 @@ from smartmail.audience.imports.options import (
 from smartmail.audience.imports.readers import check_header, read_csv, read_jsonl
 from smartmail.audience.imports.writer import BatchResult, JobGone
 
-__all__ = ["FIELDS", "FORMATS", "IGNORE", "MODES", "TYPES", "BatchResult", "ImportOptions", "JobGone", "Record",
-           "RowError", "check_header", "check_options", "convert", "create_job", "enqueue", "job_status",
-           "read_csv", "read_jsonl", "run_job", "start_import", "write_error_report"]
+__all__ = [
+    "FIELDS",
+    "FORMATS",
+    "IGNORE",
+    "MODES",
+    "TYPES",
+    "BatchResult",
+    "ImportOptions",
+    "JobGone",
+    "Record",
+    "RowError",
+    "check_header",
+    "check_options",
+    "convert",
+    "create_job",
+    "enqueue",
+    "job_status",
+    "read_csv",
+    "read_jsonl",
+    "run_job",
+    "start_import",
+    "write_error_report",
+]

@@ -1,4 +1,5 @@
 """Import jobs: created and queued, run or resumed from their checkpoint batch by batch, status and error report."""
+
 from __future__ import annotations
 
 import collections
@@ -51,8 +52,15 @@ def create_job(path: str | os.PathLike, **options: Any) -> str:
             list_id = session.scalar(select(ContactList.id).where(ContactList.name == opts.list))
             if list_id is None:
                 raise InvalidInput(f"no list named {opts.list!r}", field="list")
-        job = ImportJob(id=new_id(), state="pending", path=str(resolved), options=opts.__dict__.copy(),
-                        list_id=list_id, total_bytes=resolved.stat().st_size, created_at=utcnow())
+        job = ImportJob(
+            id=new_id(),
+            state="pending",
+            path=str(resolved),
+            options=opts.__dict__.copy(),
+            list_id=list_id,
+            total_bytes=resolved.stat().st_size,
+            created_at=utcnow(),
+        )
         session.add(job)
         return job.id
 
@@ -149,15 +157,19 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
         return job_status(job_id)
     log.info("import.started", job_id=job_id, path=str(path), resume_after_row=checkpoint)
     try:
-        _write_in_order(job_id, _read_ahead(_batches(path, options, checkpoint)), checkpoint, options, list_id,
-                        on_progress)
+        _write_in_order(
+            job_id, _read_ahead(_batches(path, options, checkpoint)), checkpoint, options, list_id, on_progress
+        )
     except JobGone:
         log.warning("import.superseded", job_id=job_id)
         return job_status(job_id)
     except Exception as exc:
         with session_scope() as session:
-            session.execute(update(ImportJob).where(ImportJob.id == job_id)
-                            .values(state="failed", error=f"{type(exc).__name__}: {exc}"))
+            session.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job_id)
+                .values(state="failed", error=f"{type(exc).__name__}: {exc}")
+            )
         log.error("import.failed", job_id=job_id, error=str(exc))
         raise
     with session_scope() as session:
@@ -170,8 +182,14 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
     return status
 
 
-def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, options: ImportOptions,
-                    list_id: int | None, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+def _write_in_order(
+    job_id: str,
+    batches: Iterator[Batch],
+    checkpoint: int,
+    options: ImportOptions,
+    list_id: int | None,
+    on_progress: Callable[[dict[str, Any]], None] | None,
+) -> None:
     """Commit the batches in file order. Where the store allows concurrent batches (PostgreSQL),
     SMARTMAIL_IMPORT_WRITERS batches are written at once, each on its own connection: one server
     process alone is the bottleneck of an import there, and other cores would idle. Order and the
@@ -194,8 +212,7 @@ def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, opti
     def write(batch: Batch, checkpoint: int, after: threading.Event, done: threading.Event) -> int:
         records, errors, last_row, position = batch
         try:
-            return commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id,
-                                after=after)
+            return commit_batch(job_id, checkpoint, last_row, position, records, errors, options, list_id, after=after)
         finally:
             done.set()
 
@@ -217,8 +234,9 @@ def _write_in_order(job_id: str, batches: Iterator[Batch], checkpoint: int, opti
             finish_oldest()
 
 
-def _drop_repeats(records: list[Record], errors: list[tuple[int, RowError]],
-                  recent: Iterable[dict[str, int]]) -> tuple[list[Record], list[tuple[int, RowError]], dict[str, int]]:
+def _drop_repeats(
+    records: list[Record], errors: list[tuple[int, RowError]], recent: Iterable[dict[str, int]]
+) -> tuple[list[Record], list[tuple[int, RowError]], dict[str, int]]:
     """Rows whose address one of the recent batches has: reported as duplicates. Returns this
     batch's records and errors, and its own email -> first row."""
     previous: dict[str, int] = {}
@@ -227,8 +245,9 @@ def _drop_repeats(records: list[Record], errors: list[tuple[int, RowError]],
     repeated = [r for r in records if r.email in previous]
     if repeated:
         records = [r for r in records if r.email not in previous]
-        errors = errors + [(r.row, RowError("email", f"duplicate of row {previous[r.email]}", r.email))
-                           for r in repeated]
+        errors = errors + [
+            (r.row, RowError("email", f"duplicate of row {previous[r.email]}", r.email)) for r in repeated
+        ]
     return records, errors, {r.email: r.row for r in reversed(records)}
 
 
@@ -237,11 +256,23 @@ def job_status(job_id: str) -> dict[str, Any]:
         job = session.get(ImportJob, job_id)
         if job is None:
             raise InvalidInput(f"no import job {job_id}", field="job_id")
-        return {"job_id": job.id, "state": job.state, "path": job.path, "options": job.options,
-                "total_bytes": job.total_bytes, "bytes_read": job.bytes_read, "rows_done": job.rows_done,
-                "created": job.created, "updated": job.updated, "skipped": job.skipped, "failed": job.failed,
-                "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
-                "finished_at": job.finished_at}
+        return {
+            "job_id": job.id,
+            "state": job.state,
+            "path": job.path,
+            "options": job.options,
+            "total_bytes": job.total_bytes,
+            "bytes_read": job.bytes_read,
+            "rows_done": job.rows_done,
+            "created": job.created,
+            "updated": job.updated,
+            "skipped": job.skipped,
+            "failed": job.failed,
+            "error": job.error,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        }
 
 
 def write_error_report(job_id: str, out: TextIO) -> int:
@@ -254,7 +285,9 @@ def write_error_report(job_id: str, out: TextIO) -> int:
         table = ImportRowError.__table__
         result = connection.execution_options(yield_per=5000).execute(
             select(table.c.row, table.c.field, table.c.reason, table.c.value)
-            .where(table.c.job_id == job_id).order_by(table.c.row))
+            .where(table.c.job_id == job_id)
+            .order_by(table.c.row)
+        )
         for row, field_name, reason, value in result:
             report.writerow([row, safe_cell(field_name), safe_cell(reason), safe_cell(value or "")])
             count += 1

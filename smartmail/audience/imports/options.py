@@ -1,4 +1,5 @@
 """Import options and what they mean for a row: validation, column mapping, attribute types, one row as a Record."""
+
 from __future__ import annotations
 
 import codecs
@@ -19,9 +20,18 @@ TYPES = ("string", "number", "integer", "boolean", "date", "datetime", "json")
 FIELDS = ("email", "status", "timezone", "locale")
 IGNORE = "ignore"
 # Header names understood without a mapping (compared lower-cased, spaces and dashes as _).
-_DEFAULT_FIELDS = {"email": "email", "e_mail": "email", "email_address": "email", "mail": "email",
-                   "status": "status", "timezone": "timezone", "time_zone": "timezone", "tz": "timezone",
-                   "locale": "locale", "language": "locale"}
+_DEFAULT_FIELDS = {
+    "email": "email",
+    "e_mail": "email",
+    "email_address": "email",
+    "mail": "email",
+    "status": "status",
+    "timezone": "timezone",
+    "time_zone": "timezone",
+    "tz": "timezone",
+    "locale": "locale",
+    "language": "locale",
+}
 _TRUE = frozenset({"true", "yes", "y", "t", "1", "on"})
 _FALSE = frozenset({"false", "no", "n", "f", "0", "off"})
 _INT = re.compile(r"[+-]?\d+")
@@ -31,13 +41,13 @@ _INT = re.compile(r"[+-]?\d+")
 class ImportOptions:
     """What `start_import` / `create_job` accept; stored with the job so a re-run reads the file the same way."""
 
-    format: str | None = None          # csv | jsonl; from the file name when None
-    mode: str = "upsert"               # upsert | create (new addresses only) | update (known addresses only)
-    list: str | None = None            # join every imported contact to this list
+    format: str | None = None  # csv | jsonl; from the file name when None
+    mode: str = "upsert"  # upsert | create (new addresses only) | update (known addresses only)
+    list: str | None = None  # join every imported contact to this list
     mapping: dict[str, str] = field(default_factory=dict)  # column -> email|status|timezone|locale|ignore|<attribute>
-    types: dict[str, str] = field(default_factory=dict)    # attribute -> string|number|integer|boolean|date|…
-    delimiter: str | None = None       # CSV; sniffed when None
-    encoding: str | None = None        # CSV; detected when None (a UTF-8 BOM always wins)
+    types: dict[str, str] = field(default_factory=dict)  # attribute -> string|number|integer|boolean|date|…
+    delimiter: str | None = None  # CSV; sniffed when None
+    encoding: str | None = None  # CSV; detected when None (a UTF-8 BOM always wins)
     batch_size: int = 5000
     source: str = "import"
 
@@ -65,7 +75,9 @@ def check_options(path: Path, options: ImportOptions) -> ImportOptions:
         raise InvalidInput(f"{str(path)!r} is not a readable file", field="path")
     if options.format is None:
         suffix = path.suffix.lower()
-        options.format = "jsonl" if suffix in (".jsonl", ".ndjson") else "csv" if suffix in (".csv", ".tsv", ".txt") else None
+        options.format = (
+            "jsonl" if suffix in (".jsonl", ".ndjson") else "csv" if suffix in (".csv", ".tsv", ".txt") else None
+        )
         if options.format is None:
             raise InvalidInput(f"cannot tell the format from {path.name!r}: give csv or jsonl", field="format")
     if options.format not in FORMATS:
@@ -98,9 +110,10 @@ def check_options(path: Path, options: ImportOptions) -> ImportOptions:
     if options.delimiter is not None:
         if options.delimiter == "\\t":
             options.delimiter = "\t"
-        if len(options.delimiter) != 1 or options.delimiter in "\"\r\n" or options.delimiter.isalnum():
-            raise InvalidInput("must be one character other than a quote, a letter, a digit or a line break",
-                               field="delimiter")
+        if len(options.delimiter) != 1 or options.delimiter in '"\r\n' or options.delimiter.isalnum():
+            raise InvalidInput(
+                "must be one character other than a quote, a letter, a digit or a line break", field="delimiter"
+            )
     return options
 
 
@@ -145,8 +158,11 @@ def convert(value: Any, kind: str) -> Any:
     if kind == "string":
         return value if isinstance(value, str) else json.dumps(value)
     if kind == "json":
-        return json.loads(value, parse_constant=refuse_constant, parse_float=finite_float) \
-            if isinstance(value, str) else value
+        return (
+            json.loads(value, parse_constant=refuse_constant, parse_float=finite_float)
+            if isinstance(value, str)
+            else value
+        )
     if kind == "boolean":
         if isinstance(value, bool):
             return value

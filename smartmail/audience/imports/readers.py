@@ -1,4 +1,5 @@
 """Streaming CSV and JSON Lines readers: encoding and delimiter detection, one Record or RowError per row."""
+
 from __future__ import annotations
 
 import codecs
@@ -39,7 +40,7 @@ def _detect_encoding(sample: bytes) -> str:
         return "utf-16"
     # A UTF-8 file with a few broken rows is still UTF-8 (those rows are reported), so judge by the
     # share of lines that fail to decode, not by the first failure. The sample may end mid-character.
-    lines = sample[:sample.rfind(b"\n") + 1 or len(sample)].split(b"\n")
+    lines = sample[: sample.rfind(b"\n") + 1 or len(sample)].split(b"\n")
     bad = 0
     for line in lines:
         try:
@@ -100,7 +101,9 @@ def _open_csv(path: Path, options: ImportOptions) -> tuple[TextIO, list[str], An
     missing = [column for column in options.mapping if column not in seen]
     if missing:
         text.close()
-        raise InvalidInput(f"no column {missing[0]!r} in the header ({', '.join(header)})", field=f"mapping.{missing[0]}")
+        raise InvalidInput(
+            f"no column {missing[0]!r} in the header ({', '.join(header)})", field=f"mapping.{missing[0]}"
+        )
     return text, header, reader
 
 
@@ -111,8 +114,11 @@ def check_header(path: Path, options: ImportOptions) -> ImportOptions:
         header = _open_csv(path, options)[1]
         plan = column_plan(header, options)
         if not any(kind == "email" for _, kind, _ in plan):
-            raise InvalidInput(f"no column holds the email address (columns: {', '.join(header)}); map one "
-                               "with email, e.g. --map 'E-Mail=email'", field="mapping")
+            raise InvalidInput(
+                f"no column holds the email address (columns: {', '.join(header)}); map one "
+                "with email, e.g. --map 'E-Mail=email'",
+                field="mapping",
+            )
     return options
 
 
@@ -132,13 +138,17 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[Item]:
             if not cells:
                 continue  # a blank line
             if len(cells) != width:
-                yield row_no, RowError("(row)", f"expected {width} columns, found {len(cells)}",
-                                       options.delimiter.join(cells)), tell
+                yield (
+                    row_no,
+                    RowError("(row)", f"expected {width} columns, found {len(cells)}", options.delimiter.join(cells)),
+                    tell,
+                )
                 continue
             if _SURROGATE.search("\0".join(cells)):  # one search per row; the cell is found only if needed
                 index = next(i for i, _, _ in plan if _SURROGATE.search(cells[i]))
-                item: Record | RowError = RowError(header[index], f"undecodable bytes (not valid {options.encoding})",
-                                                   cells[index])
+                item: Record | RowError = RowError(
+                    header[index], f"undecodable bytes (not valid {options.encoding})", cells[index]
+                )
             else:
                 # An empty cell sets nothing (and so erases nothing).
                 attributes = {name: cells[i] for i, name in attribute_columns if cells[i] != ""}
@@ -173,15 +183,21 @@ def read_jsonl(path: Path, options: ImportOptions) -> Iterator[Item]:
                 yield row_no, RowError("(row)", f"undecodable bytes (not valid UTF-8): {exc.reason}", line), position
                 continue
             except json.JSONDecodeError as exc:
-                yield row_no, RowError("(row)", f"not valid JSON: {exc.msg} at column {exc.colno}",
-                                       line.decode("utf-8")), position
+                yield (
+                    row_no,
+                    RowError("(row)", f"not valid JSON: {exc.msg} at column {exc.colno}", line.decode("utf-8")),
+                    position,
+                )
                 continue
             except ValueError as exc:  # refuse_constant, finite_float
                 yield row_no, RowError("(row)", f"not valid JSON: {exc}", line.decode("utf-8")), position
                 continue
             if (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(item):
-                yield row_no, RowError("(row)", "a \\u escape encodes half a character (a lone surrogate)",
-                                       line.decode("utf-8")), position
+                yield (
+                    row_no,
+                    RowError("(row)", "a \\u escape encodes half a character (a lone surrogate)", line.decode("utf-8")),
+                    position,
+                )
                 continue
             if not isinstance(item, dict):
                 yield row_no, RowError("(row)", "each line must be a JSON object", line.decode("utf-8")), position

@@ -1,4 +1,5 @@
-"""Import batches written: in-file duplicates, the mode and suppressions applied, one upsert, row errors and the checkpoint."""
+"""Import batches written: duplicates, mode and suppressions applied, one upsert, row errors, the checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def _clip(value: Any) -> str | None:
     return text[:_MAX_VALUE_IN_REPORT]
 
 
-def write_batch(connection: Connection, job_id: str, records: list[Record], options: ImportOptions,
-                list_id: int | None) -> BatchResult:
+def write_batch(
+    connection: Connection, job_id: str, records: list[Record], options: ImportOptions, list_id: int | None
+) -> BatchResult:
     """Write one batch in the caller's transaction: in-file duplicates found, mode applied, one upsert,
     list memberships joined, suppressed addresses kept suppressed."""
     result = BatchResult()
@@ -63,8 +65,9 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
     unique: list[Record] = []
     for record in records:
         if record.email in first_row:
-            result.errors.append((record.row, RowError("email", f"duplicate of row {first_row[record.email]}",
-                                                       record.email)))
+            result.errors.append(
+                (record.row, RowError("email", f"duplicate of row {first_row[record.email]}", record.email))
+            )
         else:
             first_row[record.email] = record.row
             unique.append(record)
@@ -77,11 +80,12 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
     for record in unique:
         mark, current = known.get(record.email, (None, None))
         if mark == job_id:  # written earlier in this file: a duplicate row
-            result.errors.append((record.row, RowError("email", "duplicate of an earlier row in this file",
-                                                       record.email)))
+            result.errors.append(
+                (record.row, RowError("email", "duplicate of an earlier row in this file", record.email))
+            )
             continue
         exists = current is not None
-        if (options.mode == "update" and not exists):
+        if options.mode == "update" and not exists:
             result.skipped += 1
             continue
         if options.mode == "create" and exists:
@@ -103,34 +107,65 @@ def write_batch(connection: Connection, job_id: str, records: list[Record], opti
                 new_suppressions.append((record.email, contacts.STATUS_TO_SUPPRESSION[status]))
         rows.append((record.email, status, record.timezone, record.locale, _to_json(record.attributes)))
     if rows:
-        store.upsert(rows, job_id=job_id, source=options.source, create_only=options.mode == "create",
-                     list_id=list_id, all_new=not known)
+        store.upsert(
+            rows,
+            job_id=job_id,
+            source=options.source,
+            create_only=options.mode == "create",
+            list_id=list_id,
+            all_new=not known,
+        )
         if new_suppressions:
             store.suppress(new_suppressions)
     return result
 
 
-def commit_batch(job_id: str, checkpoint: int, last_row: int, position: int, records: list[Record],
-                 errors: list[tuple[int, RowError]], options: ImportOptions, list_id: int | None,
-                 after: threading.Event | None = None) -> int:
+def commit_batch(
+    job_id: str,
+    checkpoint: int,
+    last_row: int,
+    position: int,
+    records: list[Record],
+    errors: list[tuple[int, RowError]],
+    options: ImportOptions,
+    list_id: int | None,
+    after: threading.Event | None = None,
+) -> int:
     """Write a batch, its row errors and the job's new checkpoint in one transaction; the new checkpoint."""
     with get_engine().begin() as connection:
         for_bind(connection).begin_batch()
         result = write_batch(connection, job_id, records, options, list_id) if records else BatchResult()
         all_errors = errors + result.errors
         if all_errors:
-            connection.execute(ImportRowError.__table__.insert(), [
-                {"job_id": job_id, "row": row, "field": error.field[:200], "reason": error.reason,
-                 "value": _clip(error.value)} for row, error in all_errors])
+            connection.execute(
+                ImportRowError.__table__.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "row": row,
+                        "field": error.field[:200],
+                        "reason": error.reason,
+                        "value": _clip(error.value),
+                    }
+                    for row, error in all_errors
+                ],
+            )
         # The checkpoint moves only from where this run found it: a second run of the same job
         # (a redelivered task) cannot commit the same rows twice.
         if after is not None:
             after.wait()  # the batch before has committed (or failed: then the checkpoint has not moved)
         moved = connection.execute(
-            update(ImportJob).where(ImportJob.id == job_id, ImportJob.rows_done == checkpoint)
-            .values(rows_done=last_row, bytes_read=position, created=ImportJob.created + result.created,
-                    updated=ImportJob.updated + result.updated, skipped=ImportJob.skipped + result.skipped,
-                    failed=ImportJob.failed + len(all_errors)))
+            update(ImportJob)
+            .where(ImportJob.id == job_id, ImportJob.rows_done == checkpoint)
+            .values(
+                rows_done=last_row,
+                bytes_read=position,
+                created=ImportJob.created + result.created,
+                updated=ImportJob.updated + result.updated,
+                skipped=ImportJob.skipped + result.skipped,
+                failed=ImportJob.failed + len(all_errors),
+            )
+        )
         if moved.rowcount != 1:
             raise JobGone(job_id)
     return last_row

@@ -1,4 +1,5 @@
 """Alembic environment: migrates the database named by SMARTMAIL_DATABASE_URL (or the config's URL)."""
+
 from alembic import context
 
 from smartmail.store.engine import make_engine

@@ -1,1 +1,1 @@
-"""Statements that differ between PostgreSQL and SQLite: one module per concern, one class per dialect behind a small interface."""
+"""Statements that differ between PostgreSQL and SQLite: a module per concern, a class per dialect."""

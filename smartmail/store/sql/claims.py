@@ -1,4 +1,5 @@
 """The claim SQL: record a window's outcomes and claim the next window, one class per dialect."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -28,20 +29,39 @@ _table = Message.__table__
 _claimable = (
     _table.c.state.in_([MessageState.QUEUED.value, MessageState.DEFERRED.value]),
     or_(_table.c.state == MessageState.QUEUED.value, _table.c.next_attempt_at <= bindparam("now")),
-    or_(_table.c.campaign_id.is_(None),
-        _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value))),
+    or_(
+        _table.c.campaign_id.is_(None),
+        _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.SENDING.value)),
+    ),
 )
-_claimed_columns = (_table.c.id, _table.c.sender, _table.c.recipient, _table.c.reply_to, _table.c.subject,
-                    _table.c.text, _table.c.html, _table.c.headers, _table.c.message_id_header, _table.c.attempts,
-                    _table.c.created_at, _table.c.send_at, _table.c.campaign_id, _table.c.contact_id)
+_claimed_columns = (
+    _table.c.id,
+    _table.c.sender,
+    _table.c.recipient,
+    _table.c.reply_to,
+    _table.c.subject,
+    _table.c.text,
+    _table.c.html,
+    _table.c.headers,
+    _table.c.message_id_header,
+    _table.c.attempts,
+    _table.c.created_at,
+    _table.c.send_at,
+    _table.c.campaign_id,
+    _table.c.contact_id,
+)
 _claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
 # Each claimed row comes with its contact (campaign messages) and the suppression of the contact's
 # address, if any, for campaign_rows.prepare's re-check: read by the claim, not by a query of the
 # sending thread's own (on PostgreSQL that would be a transaction of three round trips a window).
 _contacts, _suppressions = Contact.__table__, Suppression.__table__
-_contact_columns = (_contacts.c.email.label("contact_email"), _contacts.c.status.label("contact_status"),
-                    _contacts.c.attributes.label("contact_attributes"), _contacts.c.timezone.label("contact_timezone"),
-                    _suppressions.c.reason.label("suppressed"))
+_contact_columns = (
+    _contacts.c.email.label("contact_email"),
+    _contacts.c.status.label("contact_status"),
+    _contacts.c.attributes.label("contact_attributes"),
+    _contacts.c.timezone.label("contact_timezone"),
+    _suppressions.c.reason.label("suppressed"),
+)
 # The outcome columns record_and_claim takes, each a list with one entry per message.
 OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
@@ -50,8 +70,11 @@ OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason",
 # case the cancel's own UPDATE waits for these rows and then finds them deferred.
 _cancel_deferred_of_cancelled = (
     update(_table)
-    .where(_table.c.id.in_(bindparam("ids", expanding=True)), _table.c.state == MessageState.DEFERRED.value,
-           _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)))
+    .where(
+        _table.c.id.in_(bindparam("ids", expanding=True)),
+        _table.c.state == MessageState.DEFERRED.value,
+        _table.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == CampaignState.CANCELLED.value)),
+    )
     .values(state=MessageState.CANCELLED.value, finished_at=bindparam("now"), reason="campaign cancelled")
 )
 
@@ -82,24 +105,41 @@ class Claims:
 
 
 # SQLite: the claim, then its rows with their contacts, in the same transaction.
-_claim = (update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
-          .values(**_claim_values).returning(_table.c.id))
-_claimed_rows = (select(*_claimed_columns, *_contact_columns)
-                 .select_from(_table.outerjoin(_contacts, _contacts.c.id == _table.c.contact_id)
-                              .outerjoin(_suppressions, _suppressions.c.email == _contacts.c.email))
-                 .where(_table.c.id.in_(bindparam("ids", expanding=True))))
+_claim = (
+    update(_table)
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)), *_claimable)
+    .values(**_claim_values)
+    .returning(_table.c.id)
+)
+_claimed_rows = (
+    select(*_claimed_columns, *_contact_columns)
+    .select_from(
+        _table.outerjoin(_contacts, _contacts.c.id == _table.c.contact_id).outerjoin(
+            _suppressions, _suppressions.c.email == _contacts.c.email
+        )
+    )
+    .where(_table.c.id.in_(bindparam("ids", expanding=True)))
+)
 # SQLite: one statement, executed many times (executemany), for every outcome of a window.
 # The WHERE on state makes the write conditional: a row someone else already moved is left alone.
 _record = (
     update(_table)
     # (An IN list cannot be used with executemany, hence the OR.) `unknown` is included so a late
     # outcome from a worker the reconciler gave up on still records the truth.
-    .where(_table.c.id == bindparam("b_id"),
-           or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value))
-    .values(state=bindparam("b_state"), next_attempt_at=bindparam("b_next"), finished_at=bindparam("b_finished"),
-            smtp_code=bindparam("b_code"), smtp_reply=bindparam("b_reply"), reason=bindparam("b_reason"),
-            # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
-            attempts=_table.c.attempts - bindparam("b_unattempted"))
+    .where(
+        _table.c.id == bindparam("b_id"),
+        or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value),
+    )
+    .values(
+        state=bindparam("b_state"),
+        next_attempt_at=bindparam("b_next"),
+        finished_at=bindparam("b_finished"),
+        smtp_code=bindparam("b_code"),
+        smtp_reply=bindparam("b_reply"),
+        reason=bindparam("b_reason"),
+        # A message held back by traffic shaping was not attempted: its retry backoff must not grow.
+        attempts=_table.c.attempts - bindparam("b_unattempted"),
+    )
 )
 _RECORD_KEYS = tuple("b_" + c for c in OUTCOME_COLUMNS)
 

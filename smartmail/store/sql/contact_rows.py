@@ -1,4 +1,5 @@
-"""Contact rows written in bulk (imports): per-batch session settings, look-ups, upserts with list joins, suppressions."""
+"""Contact rows written in bulk (imports): session settings, look-ups, upserts with list joins, suppressions."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -25,8 +26,9 @@ class ContactRows(Protocol):
     def known(self, emails: list[str]) -> tuple[Known, dict[str, str]]:
         """({email: (last_import_id, status)} of known contacts, {email: suppression reason})."""
 
-    def upsert(self, rows: list[Row], *, job_id: str, source: str, create_only: bool, list_id: int | None,
-               all_new: bool) -> None:
+    def upsert(
+        self, rows: list[Row], *, job_id: str, source: str, create_only: bool, list_id: int | None, all_new: bool
+    ) -> None:
         """Insert or update the rows (attributes merge; an empty field leaves the stored one), marked
         with the job; join them to the list, if any. `all_new`: none was known at the look-up."""
 
@@ -100,29 +102,35 @@ class PostgresContactRows:
         # rows per batch.
         # One query for both tables: cheaper than two `= ANY(array)` look-ups.
         cursor.execute("SET LOCAL enable_seqscan = off")
-        cursor.execute("SELECT b.email, c.id IS NOT NULL, c.last_import_id, c.status, s.reason "
-                       "FROM unnest(%s::text[]) b(email) LEFT JOIN contacts c ON c.email = b.email "
-                       "LEFT JOIN suppressions s ON s.email = b.email WHERE c.id IS NOT NULL OR s.email IS NOT NULL",
-                       (array,))
+        cursor.execute(
+            "SELECT b.email, c.id IS NOT NULL, c.last_import_id, c.status, s.reason "
+            "FROM unnest(%s::text[]) b(email) LEFT JOIN contacts c ON c.email = b.email "
+            "LEFT JOIN suppressions s ON s.email = b.email WHERE c.id IS NOT NULL OR s.email IS NOT NULL",
+            (array,),
+        )
         rows = cursor.fetchall()
         cursor.execute("SET LOCAL enable_seqscan = DEFAULT")
         known = {email: (mark, status) for email, is_contact, mark, status, _ in rows if is_contact}
         return known, {email: reason for email, _, _, _, reason in rows if reason is not None}
 
-    def upsert(self, rows: list[Row], *, job_id: str, source: str, create_only: bool, list_id: int | None,
-               all_new: bool) -> None:
+    def upsert(
+        self, rows: list[Row], *, job_id: str, source: str, create_only: bool, list_id: int | None, all_new: bool
+    ) -> None:
         now = utcnow()
         set_clause = _MARK_ONLY_SET if create_only else _PG_UPSERT_SET
         # COPY into a session-local staging table, then one INSERT … SELECT … ON CONFLICT: COPY
         # loads several times faster than executemany.
         cursor = self.bind.connection.driver_connection.cursor()
         cursor.execute(_PG_STAGING)
-        with cursor.copy("COPY smartmail_import_staging (email, status, timezone, locale, attributes) "
-                         "FROM STDIN") as copy:
+        with cursor.copy(
+            "COPY smartmail_import_staging (email, status, timezone, locale, attributes) FROM STDIN"
+        ) as copy:
             copy.write(_copy_text(rows))  # one write: cheaper than write_row per row
-        insert = ("INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
-                  "last_import_id) SELECT email, status, timezone, locale, attributes, %(source)s, %(now)s, %(now)s, "
-                  "%(job)s FROM smartmail_import_staging")
+        insert = (
+            "INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
+            "last_import_id) SELECT email, status, timezone, locale, attributes, %(source)s, %(now)s, %(now)s, "
+            "%(job)s FROM smartmail_import_staging"
+        )
         upsert = f"{insert} ON CONFLICT (email) DO UPDATE SET {set_clause}"
         params = {"source": source, "now": now, "job": job_id}
         if list_id is not None:
@@ -130,10 +138,14 @@ class PostgresContactRows:
             # ON CONFLICT DO NOTHING: someone who left the list stays off it.
             params.update(list=list_id, member_source=f"import:{job_id}")
             # (New contacts cannot be members yet, so their memberships need no ON CONFLICT either.)
-            insert, upsert = ((f"WITH upserted AS ({statement} RETURNING id) INSERT INTO list_memberships "
-                               "(list_id, contact_id, status, joined_at, source) SELECT %(list)s, id, 'subscribed', "
-                               f"%(now)s, %(member_source)s FROM upserted{conflict}")
-                              for statement, conflict in ((insert, ""), (upsert, " ON CONFLICT DO NOTHING")))
+            insert, upsert = (
+                (
+                    f"WITH upserted AS ({statement} RETURNING id) INSERT INTO list_memberships "
+                    "(list_id, contact_id, status, joined_at, source) SELECT %(list)s, id, 'subscribed', "
+                    f"%(now)s, %(member_source)s FROM upserted{conflict}"
+                )
+                for statement, conflict in ((insert, ""), (upsert, " ON CONFLICT DO NOTHING"))
+            )
         if all_new:
             # Every address was unknown a moment ago; a concurrent writer may have added one since.
             insert_else_upsert(cursor, insert, upsert, params)
@@ -144,8 +156,11 @@ class PostgresContactRows:
     def suppress(self, pairs: list[tuple[str, str]]) -> None:
         now = utcnow()
         cursor = self.bind.connection.driver_connection.cursor()
-        cursor.executemany("INSERT INTO suppressions (email, reason, detail, created_at) VALUES (%s, %s, %s, %s) "
-                           "ON CONFLICT (email) DO NOTHING", [(e, r, "import", now) for e, r in pairs])
+        cursor.executemany(
+            "INSERT INTO suppressions (email, reason, detail, created_at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (email) DO NOTHING",
+            [(e, r, "import", now) for e, r in pairs],
+        )
 
 
 # --- SQLite ----------------------------------------------------------------------------------------
@@ -178,27 +193,33 @@ class SqliteContactRows:
     def known(self, emails: list[str]) -> tuple[Known, dict[str, str]]:
         known, suppressed = {}, {}
         for start in range(0, len(emails), _SQLITE_CHUNK):
-            chunk = emails[start:start + _SQLITE_CHUNK]
+            chunk = emails[start : start + _SQLITE_CHUNK]
             marks = ",".join("?" * len(chunk))
             cursor = self.bind.exec_driver_sql(
-                f"SELECT email, last_import_id, status FROM contacts WHERE email IN ({marks})", tuple(chunk))
+                f"SELECT email, last_import_id, status FROM contacts WHERE email IN ({marks})", tuple(chunk)
+            )
             known.update({email: (mark, status) for email, mark, status in cursor})
-            cursor = self.bind.exec_driver_sql(f"SELECT email, reason FROM suppressions WHERE email IN ({marks})",
-                                               tuple(chunk))
+            cursor = self.bind.exec_driver_sql(
+                f"SELECT email, reason FROM suppressions WHERE email IN ({marks})", tuple(chunk)
+            )
             suppressed.update(dict(cursor.fetchall()))
         return known, suppressed
 
-    def upsert(self, rows: list[Row], *, job_id: str, source: str, create_only: bool, list_id: int | None,
-               all_new: bool) -> None:
+    def upsert(
+        self, rows: list[Row], *, job_id: str, source: str, create_only: bool, list_id: int | None, all_new: bool
+    ) -> None:
         set_clause = _MARK_ONLY_SET if create_only else _SQLITE_UPSERT_SET
         stamp = _sqlite_time(utcnow())
         values = [(*row, source, stamp, stamp, job_id) for row in rows]
-        insert = ("INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
-                  "last_import_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        insert = (
+            "INSERT INTO contacts (email, status, timezone, locale, attributes, source, created_at, updated_at, "
+            "last_import_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
         # No savepoint needed for a plain INSERT here: SQLite writers are serialized (BEGIN IMMEDIATE),
         # so no address can have appeared since the batch's look-up.
-        self.bind.exec_driver_sql(insert if all_new else f"{insert} ON CONFLICT (email) DO UPDATE SET {set_clause}",
-                                  values)
+        self.bind.exec_driver_sql(
+            insert if all_new else f"{insert} ON CONFLICT (email) DO UPDATE SET {set_clause}", values
+        )
         if list_id is not None:
             self._join(list_id, [row[0] for row in rows], f"import:{job_id}")
 
@@ -206,14 +227,18 @@ class SqliteContactRows:
         """The batch's contacts join the list (ON CONFLICT DO NOTHING: leavers stay off)."""
         now = utcnow()
         for start in range(0, len(emails), _SQLITE_CHUNK):
-            chunk = emails[start:start + _SQLITE_CHUNK]
+            chunk = emails[start : start + _SQLITE_CHUNK]
             self.bind.exec_driver_sql(
                 "INSERT INTO list_memberships (list_id, contact_id, status, joined_at, source) "
                 f"SELECT ?, id, 'subscribed', ?, ? FROM contacts WHERE email IN ({','.join('?' * len(chunk))}) "
-                "ON CONFLICT DO NOTHING", (list_id, _sqlite_time(now), source, *chunk))
+                "ON CONFLICT DO NOTHING",
+                (list_id, _sqlite_time(now), source, *chunk),
+            )
 
     def suppress(self, pairs: list[tuple[str, str]]) -> None:
         now = utcnow()
-        self.bind.exec_driver_sql("INSERT INTO suppressions (email, reason, detail, created_at) VALUES (?, ?, ?, ?) "
-                                  "ON CONFLICT (email) DO NOTHING",
-                                  [(e, r, "import", _sqlite_time(now)) for e, r in pairs])
+        self.bind.exec_driver_sql(
+            "INSERT INTO suppressions (email, reason, detail, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (email) DO NOTHING",
+            [(e, r, "import", _sqlite_time(now)) for e, r in pairs],
+        )

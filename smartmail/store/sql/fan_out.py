@@ -1,4 +1,5 @@
 """A campaign fan-out page's message rows written in one go: COPY on PostgreSQL, a multi-row INSERT elsewhere."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from smartmail.store.models import OF_CAMPAIGNS, Campaign, Message
 
 class MessageRow(NamedTuple):
     """What differs between a page's message rows; the rest is the campaign's (FanOutInsert)."""
+
     id: str
     state: str
     recipient: str
@@ -26,31 +28,63 @@ class FanOutInsert:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
 
     def __init__(self, insert) -> None:
-        self._insert = (insert(Message.__table__)
-                        .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"], index_where=OF_CAMPAIGNS)
-                        .returning(Message.id, Message.state))
+        self._insert = (
+            insert(Message.__table__)
+            .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"], index_where=OF_CAMPAIGNS)
+            .returning(Message.id, Message.state)
+        )
 
-    def insert_page(self, session, campaign: Campaign, rows: list[MessageRow], now: datetime,
-                    domain: str) -> list[tuple[str, str]]:
+    def insert_page(
+        self, session, campaign: Campaign, rows: list[MessageRow], now: datetime, domain: str
+    ) -> list[tuple[str, str]]:
         shared = {
-            "idempotency_key": None, "sender": campaign.sender, "reply_to": campaign.reply_to,
-            "subject": "", "html": None, "text": "",  # rendered when sent (campaign_delivery.py)
-            "headers": {}, "tags": campaign.tags, "template_name": campaign.template_name,
-            "template_version": campaign.template_version, "attempts": 0, "created_at": now, "claimed_at": None,
-            "finished_at": None, "smtp_code": None, "smtp_reply": None, "reason": None, "campaign_id": campaign.id,
+            "idempotency_key": None,
+            "sender": campaign.sender,
+            "reply_to": campaign.reply_to,
+            "subject": "",
+            "html": None,
+            "text": "",  # rendered when sent (campaign_delivery.py)
+            "headers": {},
+            "tags": campaign.tags,
+            "template_name": campaign.template_name,
+            "template_version": campaign.template_version,
+            "attempts": 0,
+            "created_at": now,
+            "claimed_at": None,
+            "finished_at": None,
+            "smtp_code": None,
+            "smtp_reply": None,
+            "reason": None,
+            "campaign_id": campaign.id,
         }
-        return [tuple(r) for r in session.execute(self._insert, [
-            {**shared, "id": r.id, "state": r.state, "recipient": r.recipient,
-             "message_id_header": f"<{r.id}@{domain}>", "enqueued_at": r.enqueued_at, "next_attempt_at": r.send_at,
-             "send_at": r.send_at, "contact_id": r.contact_id}
-            for r in rows])]
+        return [
+            tuple(r)
+            for r in session.execute(
+                self._insert,
+                [
+                    {
+                        **shared,
+                        "id": r.id,
+                        "state": r.state,
+                        "recipient": r.recipient,
+                        "message_id_header": f"<{r.id}@{domain}>",
+                        "enqueued_at": r.enqueued_at,
+                        "next_attempt_at": r.send_at,
+                        "send_at": r.send_at,
+                        "contact_id": r.contact_id,
+                    }
+                    for r in rows
+                ],
+            )
+        ]
 
 
 # On PostgreSQL a page goes through COPY into a staging table and one INSERT … SELECT: the generic
 # multi-row INSERT … RETURNING took more than half of a worker's CPU while a campaign fanned out
 # (psycopg parses every such statement's thousands of placeholders).
 _PG_FAN_OUT_STAGING = """CREATE TEMP TABLE IF NOT EXISTS smartmail_fan_out (
-    id text, state text, recipient text, contact_id bigint, due timestamp, enqueued_at timestamp) ON COMMIT DELETE ROWS"""
+    id text, state text, recipient text, contact_id bigint, due timestamp, enqueued_at timestamp)
+    ON COMMIT DELETE ROWS"""
 _PG_FAN_OUT_INSERT = """INSERT INTO messages (id, state, sender, recipient, reply_to, subject, text, headers, tags,
     message_id_header, template_name, template_version, attempts, created_at, enqueued_at, next_attempt_at, send_at,
     campaign_id, contact_id)
@@ -58,8 +92,10 @@ SELECT s.id, s.state, %(sender)s, s.recipient, %(reply_to)s, '', '', '{}'::json,
     '<' || s.id || '@' || %(domain)s || '>', %(template)s, %(version)s, 0, %(now)s, s.enqueued_at, s.due, s.due,
     %(campaign)s, s.contact_id
 FROM smartmail_fan_out s"""
-_PG_FAN_OUT_UPSERT = (_PG_FAN_OUT_INSERT + " ON CONFLICT (campaign_id, contact_id) WHERE campaign_id IS NOT NULL "
-                      "DO NOTHING RETURNING id, state")
+_PG_FAN_OUT_UPSERT = (
+    _PG_FAN_OUT_INSERT + " ON CONFLICT (campaign_id, contact_id) WHERE campaign_id IS NOT NULL "
+    "DO NOTHING RETURNING id, state"
+)
 
 
 class PostgresqlFanOutInsert(FanOutInsert):
@@ -68,14 +104,16 @@ class PostgresqlFanOutInsert(FanOutInsert):
     def __init__(self) -> None:
         super().__init__(postgresql.insert)
 
-    def insert_page(self, session, campaign: Campaign, rows: list[MessageRow], now: datetime,
-                    domain: str) -> list[tuple[str, str]]:
+    def insert_page(
+        self, session, campaign: Campaign, rows: list[MessageRow], now: datetime, domain: str
+    ) -> list[tuple[str, str]]:
         if COPY_SPECIAL.search("".join(r.recipient for r in rows)):
             return super().insert_page(session, campaign, rows, now, domain)
         return self._copy_page(session.connection(), campaign, rows, now, domain)
 
-    def _copy_page(self, connection, campaign: Campaign, rows: list[MessageRow], now: datetime,
-                   domain: str) -> list[tuple[str, str]]:
+    def _copy_page(
+        self, connection, campaign: Campaign, rows: list[MessageRow], now: datetime, domain: str
+    ) -> list[tuple[str, str]]:
         now_text = now.isoformat(sep=" ")  # most rows' enqueued_at: formatted once a page
 
         def stamp(moment: datetime | None) -> str:
@@ -86,11 +124,25 @@ class PostgresqlFanOutInsert(FanOutInsert):
         cursor = connection.connection.driver_connection.cursor()
         cursor.execute(_PG_FAN_OUT_STAGING)
         with cursor.copy("COPY smartmail_fan_out FROM STDIN") as copy:
-            copy.write("".join([f"{r.id}\t{r.state}\t{r.recipient}\t{r.contact_id}\t{stamp(r.send_at)}\t"
-                                f"{stamp(r.enqueued_at)}\n" for r in rows]))
-        params = {"sender": campaign.sender, "reply_to": campaign.reply_to, "tags": json.dumps(campaign.tags),
-                  "domain": domain, "template": campaign.template_name, "version": campaign.template_version,
-                  "now": now, "campaign": campaign.id}
+            copy.write(
+                "".join(
+                    [
+                        f"{r.id}\t{r.state}\t{r.recipient}\t{r.contact_id}\t{stamp(r.send_at)}\t"
+                        f"{stamp(r.enqueued_at)}\n"
+                        for r in rows
+                    ]
+                )
+            )
+        params = {
+            "sender": campaign.sender,
+            "reply_to": campaign.reply_to,
+            "tags": json.dumps(campaign.tags),
+            "domain": domain,
+            "template": campaign.template_name,
+            "version": campaign.template_version,
+            "now": now,
+            "campaign": campaign.id,
+        }
         # The page's contacts come after the checkpoint, committed with the rows before them, so none
         # has a row yet (a plain INSERT skips ON CONFLICT's cost), and the rows are known: nothing to
         # return. Should one have a row after all (a relaunch), the page adds only the others.

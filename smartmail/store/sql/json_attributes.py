@@ -1,4 +1,5 @@
 """Typed tests on a JSON column's top-level attributes, and the text functions segment rules use, per SQL dialect."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Message-row SQL that differs by dialect: inserting transactional messages, a recipient's domain."""
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,10 @@ def _insert_one_statement(insert, columns: tuple[str, ...]):
         "reason": literal("recipient suppressed: ") + Suppression.reason,
         "finished_at": given["created_at"],
     }
-    values = [case((suppressed, when_suppressed[key]), else_=given[key]) if key in _SET_WHEN_SUPPRESSED
-              else given[key] for key in columns]
+    values = [
+        case((suppressed, when_suppressed[key]), else_=given[key]) if key in _SET_WHEN_SUPPRESSED else given[key]
+        for key in columns
+    ]
     # SQLite needs a WHERE on an upsert's SELECT, to tell its ON from a join's.
     query = select(*values).select_from(source).where(true())
     statement = insert(table).from_select(columns, query)
@@ -119,8 +122,9 @@ class PostgresMessages(Messages):
             lost = connection.dialect.is_disconnect(exc, driver, None)
             if lost:
                 connection.invalidate(exc)
-            raise DBAPIError.instance(sql, parameters, exc, psycopg.Error, connection_invalidated=lost,
-                                      dialect=connection.dialect) from exc
+            raise DBAPIError.instance(
+                sql, parameters, exc, psycopg.Error, connection_invalidated=lost, dialect=connection.dialect
+            ) from exc
 
     def domain_of(self, recipient):
         return func.split_part(recipient, "@", 2)
