@@ -59,7 +59,7 @@ def reject_line_breaks(value: str, *, field: str) -> None:
         raise AddressError("must not contain CR, LF or NUL characters", field=field)
 
 
-def parse_mailbox(value: str, *, field: str = "address") -> Mailbox:
+def parse_mailbox(value: object, *, field: str = "address") -> Mailbox:
     """Validate `addr@example.com` or `Name <addr@example.com>`; domain lower-cased, IDNA-checked."""
     if not isinstance(value, str) or not value.strip():
         raise AddressError("an email address is required", field=field)

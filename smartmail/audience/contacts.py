@@ -80,8 +80,8 @@ def email_problem(value: Any) -> tuple[str | None, str | None]:
 
 def normalize_email(value: Any, *, field: str = "email") -> str:
     email, reason = email_problem(value)
-    if reason:
-        raise InvalidInput(reason, field=field)
+    if email is None:
+        raise InvalidInput(reason or "not an email address", field=field)
     return email
 
 
@@ -352,7 +352,7 @@ def count_contacts(status: str | None = None) -> int:
     if status is not None:
         query = query.where(Contact.status == check_status(status))
     with session_scope() as session:
-        return session.scalar(query)
+        return session.scalar(query) or 0
 
 
 # --- Lists --------------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def delete_list(name: str) -> bool:
         return True
 
 
-def add_members(list_name: str, emails: Iterable[str], *, source: str = "api") -> int:
+def add_members(list_name: str, emails: Iterable[str], *, source: str | None = "api") -> int:
     """Subscribe addresses to a list, creating contacts that do not exist yet; all addresses are
     checked first (one bad address: an error naming it, nothing written). Returns how many joined."""
     list_name = check_list_name(list_name)

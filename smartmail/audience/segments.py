@@ -388,7 +388,7 @@ def count(rules_or_name: Any) -> int:
     check(rules)
     query = select(func.count()).select_from(contacts_t).where(compile_where(rules, get_engine()))
     with reader() as connection:
-        return connection.scalar(query)
+        return connection.scalar(query) or 0
 
 
 def preview(rules_or_name: Any, limit: int = 10) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -120,15 +121,17 @@ def _owns(campaign_id: int, owner: str | None) -> bool:
     return current is not None and (owner is None or current[0] == owner)
 
 
-def _insert_page(session, campaign: Campaign, page: list, now: datetime, domain: str) -> list[tuple[str, str]]:
+def _insert_page(session, campaign: Campaign, page: Sequence, now: datetime, domain: str) -> list[tuple[str, str]]:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
     rows = _message_rows(campaign, page, now)
     return fan_out_sql.for_bind(session).insert_page(session, campaign, rows, now, domain)
 
 
-def _message_rows(campaign: Campaign, page: list, now: datetime) -> list[MessageRow]:
+def _message_rows(campaign: Campaign, page: Sequence, now: datetime) -> list[MessageRow]:
     """The message rows of a page of (contact id, email, time zone)."""
-    window = (campaign.window_start, campaign.window_end, campaign.window_timezone) if campaign.window_start else None
+    window = None
+    if campaign.window_start and campaign.window_end:  # set together, or neither
+        window = (campaign.window_start, campaign.window_end, campaign.window_timezone or "UTC")
     queued, scheduled = MessageState.QUEUED.value, MessageState.SCHEDULED.value
     rows = []
     for message_id, (contact_id, email, zone) in zip(new_ids(len(page)), page):

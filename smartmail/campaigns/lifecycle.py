@@ -204,7 +204,7 @@ def cancel_campaign(name: str) -> int:
             .values(state=MessageState.CANCELLED.value, finished_at=utcnow(), reason="campaign cancelled"),
             execution_options={"synchronize_session": False},
         )
-        return result.rowcount
+        return result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
 
 
 def _transition(name: str, sources: set[CampaignState], target: CampaignState, **values) -> None:
@@ -229,6 +229,7 @@ def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
             for part in ("subject", "html", "text")
         }
     else:
+        assert ref.path is not None  # a reference without a version is a file template
         parts = {
             part: (ref.path / filename).read_text(encoding="utf-8") if (ref.path / filename).is_file() else None
             for part, filename in template_store.FILE_PARTS.items()
@@ -268,7 +269,7 @@ def campaign_status(name: str) -> CampaignStatus:
             )
         )
     remaining = sum(counts.get(s, 0) for s in _OPEN)
-    rate = recent / 60.0
+    rate = (recent or 0) / 60.0
     return CampaignStatus(
         name,
         campaign.state,

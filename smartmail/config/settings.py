@@ -167,7 +167,7 @@ class Settings(BaseSettings):
 def load_settings() -> Settings:
     """Read the environment; raise SettingsError naming each bad SMARTMAIL_* variable."""
     try:
-        return Settings()  # type: ignore[call-arg]
+        return Settings()
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

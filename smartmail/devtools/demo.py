@@ -96,7 +96,8 @@ def run(count: int, console: Console) -> int:
             table.add_column(column)
         for item in handler.messages:
             message = item.parsed()
-            first_line = message.get_body(("plain",)).get_content().strip().splitlines()[0]
+            body = message.get_body(("plain",))
+            first_line = body.get_content().strip().splitlines()[0] if body is not None else ""
             table.add_row(message["To"], message["Subject"], message["Message-ID"], first_line)
         console.print(table)
         states: dict[str, int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     literal_column,
@@ -23,7 +25,8 @@ from smartmail.store.engine import utcnow
 
 
 class Base(DeclarativeBase):
-    pass
+    # Every model is mapped to a Table; SQLAlchemy types __table__ as any FromClause.
+    __table__: ClassVar[Table]
 
 
 class MessageState(str, enum.Enum):

@@ -270,9 +270,9 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     reacted: set[str] = set()
     done = utcnow()
     for i, ((row, site), reply) in enumerate(zip(admitted, replies)):
-        reply = refused.get(i, reply)
-        if isinstance(reply, Hold):
-            results.append(_hold(row, reply, site.retry.max_age, done, site.name))
+        hold = refused.get(i)
+        if hold is not None:
+            results.append(_hold(row, hold, site.retry.max_age, done, site.name))
         elif reply.stage == AT_CONNECTION_LIMIT:
             results.append(_hold(row, shaper.connection_hold(site), site.retry.max_age, done, site.name))
         else:

@@ -169,7 +169,7 @@ class SmtpTransport:
                 self._connect(), pool, lease, site.max_messages_per_connection if site else self.max_messages
             )
         except BaseException:
-            if lease:
+            if lease and self.gate is not None:
                 self.gate.release_connection(pool, lease)
             raise
         with self._lock:
@@ -180,6 +180,8 @@ class SmtpTransport:
     def _want(self, site: Site) -> None:
         """Ask other processes to give back their idle connections to the site. Not while waiting
         for one of our own: our sweeper would close it the moment it is idle (close_wanted)."""
+        if self.gate is None:
+            return
         try:
             self.gate.want_connection(site.name)
         except Exception:  # noqa: BLE001 - only a hint
@@ -318,7 +320,8 @@ class SmtpTransport:
                 return Reply(None, f"session setup refused: {exc.smtp_code} {_reply_text(exc.smtp_error)}")
             except (smtplib.SMTPException, OSError) as exc:
                 return Reply(None, f"connection to {self.url.host}:{self.url.port} failed: {exc}")
-            if conn is None:
+            if conn is None:  # only a site's pool has a connection limit
+                assert site is not None
                 self._want(site)
                 return Reply(
                     None, f"site {site.name} is at its limit of {site.max_connections} connections", AT_CONNECTION_LIMIT
@@ -449,7 +452,7 @@ class SmtpTransport:
                 if conn.lease:
                     by_site.setdefault(conn.pool, []).append(conn)
         for site_name, conns in by_site.items():
-            lost = set(self.gate.renew_connections(site_name, [c.lease for c in conns]))
+            lost = set(self.gate.renew_connections(site_name, [c.lease for c in conns if c.lease]))
             for conn in conns:
                 if conn.lease in lost:
                     # Another process may hold this permit now: stop using the connection.

@@ -16,6 +16,7 @@ import structlog
 
 from smartmail.workers.outcomes import Reply
 
+_MAXLINE = getattr(smtplib, "_MAXLINE", 8192)  # smtplib's own limit on a reply line
 log = structlog.get_logger("smartmail.smtp")
 
 
@@ -99,7 +100,7 @@ def take_reply(inbox: bytearray) -> tuple[int, bytes] | None:
     while True:
         end = inbox.find(b"\n", start)
         if end < 0:
-            if len(inbox) - start > smtplib._MAXLINE:
+            if len(inbox) - start > _MAXLINE:
                 raise smtplib.SMTPResponseException(500, "Line too long.")
             return None
         line = bytes(inbox[start : end + 1])

@@ -174,6 +174,7 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
         raise
     with session_scope() as session:
         job = session.get(ImportJob, job_id)
+        assert job is not None  # this run holds the job's checkpoint
         job.state, job.finished_at, job.bytes_read = "done", utcnow(), job.total_bytes
     status = job_status(job_id)
     log.info("import.done", **{k: status[k] for k in ("job_id", "created", "updated", "skipped", "failed")})

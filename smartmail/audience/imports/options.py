@@ -126,7 +126,7 @@ def target(name: str, options: ImportOptions) -> str:
 
 def column_plan(header: list[str], options: ImportOptions) -> list[tuple[int, str, str]]:
     """(index, kind, name): kind is a contact field, or 'attr' with the attribute's name."""
-    plan = []
+    plan: list[tuple[int, str, str]] = []
     taken: dict[str, str] = {}
     for index, column in enumerate(header):
         goes_to = target(column, options)
@@ -208,8 +208,8 @@ def build_record(row_no: int, values: dict[str, Any], attributes: dict[str, Any]
     if raw_email is None or (isinstance(raw_email, str) and not raw_email.strip()):
         raise RowError("email", "missing email address")
     email, reason = contacts.email_problem(raw_email)
-    if reason:
-        raise RowError("email", reason, raw_email)
+    if email is None:
+        raise RowError("email", reason or "not an email address", raw_email)
     status = values.get("status") or None
     if status is not None and status not in contacts.STATUSES:
         status = status.strip().lower() if isinstance(status, str) else status

@@ -140,7 +140,9 @@ def read_csv(path: Path, options: ImportOptions) -> Iterator[Item]:
             if len(cells) != width:
                 yield (
                     row_no,
-                    RowError("(row)", f"expected {width} columns, found {len(cells)}", options.delimiter.join(cells)),
+                    RowError(
+                        "(row)", f"expected {width} columns, found {len(cells)}", (options.delimiter or ",").join(cells)
+                    ),
                     tell,
                 )
                 continue

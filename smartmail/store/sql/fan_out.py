@@ -37,7 +37,7 @@ class FanOutInsert:
     def insert_page(
         self, session, campaign: Campaign, rows: list[MessageRow], now: datetime, domain: str
     ) -> list[tuple[str, str]]:
-        shared = {
+        shared: dict[str, Any] = {
             "idempotency_key": None,
             "sender": campaign.sender,
             "reply_to": campaign.reply_to,

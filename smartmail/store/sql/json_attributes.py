@@ -29,6 +29,9 @@ class JsonAttribute:
     text: ColumnElement
     type_: ColumnElement
 
+    def __init__(self, column: Any, name: str) -> None:
+        raise NotImplementedError
+
     def is_string(self) -> ColumnElement:
         raise NotImplementedError
 
