@@ -92,9 +92,12 @@ def create_campaign(
     window_timezone: str = "UTC",
     rate_cap: float | None = None,
     tags: Iterable[str] = (),
+    resend_unknown: bool = False,
 ) -> dict[str, Any]:
     """A draft campaign: `template` to the members of `lists` and/or the saved `segment`, minus
-    suppressed and non-subscribed contacts. Errors name the field; nothing is stored then."""
+    suppressed and non-subscribed contacts. Errors name the field; nothing is stored then.
+    `resend_unknown`: at-least-once, messages a worker crash left `unknown` (their content may
+    have reached the relay) are sent again; a recipient may then get a duplicate."""
     settings = get_settings()
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidInput("a name of 1-200 characters is required", field="name")
@@ -111,6 +114,8 @@ def create_campaign(
         raise InvalidInput(f"unknown time zone {window_timezone!r}", field="window_timezone")
     if rate_cap is not None and (isinstance(rate_cap, bool) or not isinstance(rate_cap, (int, float)) or rate_cap <= 0):
         raise InvalidInput("must be a positive number of messages per second", field="rate_cap")
+    if not isinstance(resend_unknown, bool):
+        raise InvalidInput("must be true or false", field="resend_unknown")
     if send_at is not None and send_at.tzinfo is not None:
         send_at = send_at.astimezone(UTC).replace(tzinfo=None)
     with session_scope() as session:
@@ -139,6 +144,7 @@ def create_campaign(
             window_end=start_end[1] if start_end else None,
             window_timezone=window_timezone,
             rate_cap=rate_cap,
+            resend_unknown=resend_unknown,
             cursor=0,
             fanned_out=False,
         )

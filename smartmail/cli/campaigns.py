@@ -52,6 +52,9 @@ def create(
     window_timezone: Annotated[str, typer.Option(help="Time zone for contacts without one.")] = "UTC",
     rate_cap: Annotated[float | None, typer.Option(help="Campaign-wide messages per second.")] = None,
     tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],  # noqa: B006
+    resend_unknown: Annotated[
+        bool, typer.Option(help="At-least-once: re-send messages a worker crash left unknown (duplicates possible).")
+    ] = False,
 ) -> None:
     """Create a campaign (a draft, or scheduled with --send-at)."""
     created = _run(
@@ -67,6 +70,7 @@ def create(
         window_timezone=window_timezone,
         rate_cap=rate_cap,
         tags=tag,
+        resend_unknown=resend_unknown,
     )
     out.print(f"campaign {escape(name)} created ({created['state']})")
 

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(60.0, gt=0)
     reconcile_queued_after: float = Field(600.0, gt=0)
     sending_timeout: float = Field(600.0, gt=0)
+    # A worker process's claims are its own while it renews this lease (workers/ownership.py); once
+    # it lapses, beat gives the claimed messages that were never transmitted to other workers.
+    owner_lease: float = Field(10.0, ge=1)
 
     # Celery / Redis.
     broker_visibility_timeout: int = Field(3600, gt=0)
@@ -97,7 +100,7 @@ class Settings(BaseSettings):
     # Drains are how worker processes share a backlog (tasks/send.py): at least the processes that
     # consume a stream's queue; more than those only wait their turn in the queue.
     dispatch_drains: int = Field(16, ge=1, le=1000)
-    # send() pushes its ids to Redis from a background thread (workers/handoff.py), not in the call.
+    # send() pushes its ids to Redis from a background thread (producer/handoff.py), not in the call.
     dispatch_in_background: bool = True
     claim_window: int = Field(10, ge=1, le=1000)
     # Campaigns (the bulk stream) favour throughput: bigger batches and claim windows cost fewer

@@ -9,6 +9,7 @@ from typing import ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     literal_column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -79,6 +81,8 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # The worker process (workers/ownership.py) whose claim put the row in `sending`.
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     send_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # when scheduled for later
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -300,6 +304,8 @@ class Campaign(Base):
     window_end: Mapped[str | None] = mapped_column(String(5), nullable=True)
     window_timezone: Mapped[str] = mapped_column(String(64), default="UTC")  # for contacts without one
     rate_cap: Mapped[float | None] = mapped_column(Float, nullable=True)  # messages per second, campaign-wide
+    # At-least-once: messages a crash left `unknown` are sent again (a duplicate is possible).
+    resend_unknown: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     # Fan-out checkpoint: every audience contact up to this id has its message row.
     cursor: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), default=0)
     fanned_out: Mapped[bool] = mapped_column(default=False)

@@ -23,6 +23,7 @@ LOOP_SECONDS = 1.0
 def _drain(task, lease: str, stream: str) -> None:
     outbox = get_outbox(stream)
     deadline = time.monotonic() + LOOP_SECONDS
+    token = task.request.id or lease  # names this run's in-flight list (dispatch._POP)
 
     def batches():
         # A broker failure here ends the drain but not the delivery: the windows claimed so far
@@ -30,7 +31,7 @@ def _drain(task, lease: str, stream: str) -> None:
         # expire; then the next enqueue, or beat's, starts another drain.
         try:
             while True:
-                ids = outbox.pop(lease)
+                ids = outbox.pop(lease, token)
                 if isinstance(ids, float):  # this drain times the waiting ids: back when the first is due
                     task.apply_async((lease,), countdown=ids)
                     return
@@ -51,6 +52,10 @@ def _drain(task, lease: str, stream: str) -> None:
         yield ids
 
     delivery.deliver([], stream=stream, more=batches())
+    try:
+        outbox.finish(token)
+    except (RedisError, OSError) as exc:  # its list goes back to the outbox once the lease lapses: harmless
+        log.error("drain.broker_failed", error=str(exc), stream=stream)
 
 
 # A database outage is retried shortly; the ids of the failed batch stay `queued` in the

@@ -58,13 +58,15 @@ def outcome_columns(results: Sequence[Outcome], now: datetime) -> dict[str, list
     )
 
 
-def record_and_claim_on(connection, results: Sequence[Outcome], now: datetime, ids: Sequence[str] = ()) -> list:
-    """Write the outcomes, then claim `ids`; the claimed rows, with their contacts."""
+def record_and_claim_on(
+    connection, results: Sequence[Outcome], now: datetime, ids: Sequence[str] = (), owner: str = ""
+) -> list:
+    """Write the outcomes of rows `owner` claimed, then claim `ids` for it; the claimed rows, with their contacts."""
     sql = claims_sql.for_bind(connection)
     deferred = [r.id for r in results if r.state is MessageState.DEFERRED]
     if deferred:
         sql.lock_campaigns_of(connection, deferred)
-    claimed = sql.record_and_claim(connection, outcome_columns(results, now), ids, now)
+    claimed = sql.record_and_claim(connection, outcome_columns(results, now), ids, now, owner)
     if deferred:
         sql.cancel_deferred_of_cancelled(connection, deferred, now)
     bounces = {normalize_address(bare_address(r.recipient)): r for r in results if r.suppress}
@@ -86,9 +88,11 @@ def record_and_claim_on(connection, results: Sequence[Outcome], now: datetime, i
     return claimed
 
 
-def record_and_claim(engine, pending: Sequence[Outcome], ids: Sequence[str], now: datetime, attempts: int = 4) -> list:
-    """The previous window's outcomes, then the next window's claim, atomically. Both are
-    conditional on the current state, so retrying after a failed attempt is safe."""
+def record_and_claim(
+    engine, pending: Sequence[Outcome], ids: Sequence[str], now: datetime, owner: str, attempts: int = 4
+) -> list:
+    """The previous window's outcomes, then the next window's claim for `owner`, atomically. Both
+    are conditional on the current state, so retrying after a failed attempt is safe."""
     sql = claims_sql.for_bind(engine)
     # One statement is atomic by itself on some dialects (atomic_alone); deferrals and bounces add
     # statements that must see the outcomes (see cancel_deferred_of_cancelled).
@@ -97,9 +101,9 @@ def record_and_claim(engine, pending: Sequence[Outcome], ids: Sequence[str], now
         try:
             if alone:
                 with statement_connection() as connection:
-                    return record_and_claim_on(connection, pending, now, ids)
+                    return record_and_claim_on(connection, pending, now, ids, owner)
             with sql.transaction(engine) as connection:
-                return record_and_claim_on(connection, pending, now, ids)
+                return record_and_claim_on(connection, pending, now, ids, owner)
         except OperationalError:
             if attempt == attempts - 1:
                 raise

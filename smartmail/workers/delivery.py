@@ -18,11 +18,12 @@ from smartmail.content.mime import build_mime
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import MessageState
 from smartmail.workers import campaign_rows as campaign_delivery
-from smartmail.workers import claims
+from smartmail.workers import claims, ownership
 from smartmail.workers.dispatch import TRANSACTIONAL, enqueue, enqueue_later
 from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.policy import Site
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
+from smartmail.workers.smtp_window import Marker
 from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transport, get_transport
 
 log = structlog.get_logger("smartmail.delivery")
@@ -135,11 +136,13 @@ def deliver(
 
     Works in windows of SMARTMAIL_CLAIM_WINDOW messages. While a window is sent, one statement
     records the outcomes of the window before it and claims the window after it (on PostgreSQL in
-    a helper thread: waiting for that statement was a large share of a campaign worker's time). So a
-    worker killed mid-window leaves at most two windows of rows in `sending`, which the reconciler
-    marks `unknown`, never re-sends. With traffic shaping on, each window takes its sites' rate
-    tokens first; messages that may not go yet are deferred to their slot and handed back to the
-    outbox when it comes.
+    a helper thread: waiting for that statement was a large share of a campaign worker's time).
+    Claims name this process's owner (workers/ownership.py), and content goes out only once its
+    write-ahead mark is made: a worker killed mid-window leaves up to two windows of rows in
+    `sending`, which beat settles once its lease lapses: the marked become `unknown` (never
+    re-sent), the others are queued again. With traffic shaping on, each window takes its sites'
+    rate tokens first; messages that may not go yet are deferred to their slot and handed back to
+    the outbox when it comes.
     """
     settings = get_settings()
     transport = transport or get_transport()
@@ -149,21 +152,22 @@ def deliver(
     report = DeliveryReport()
     size = settings.claim_window if stream == TRANSACTIONAL else settings.bulk_claim_window
     engine = get_engine()
+    owner = ownership.current()
     statements = claims.statement_runner(engine)
     windows = _windows(itertools.chain([message_ids], more), size)
     pending: list[_Result] = []
     window = next(windows, None)
-    claimed = _next_window(engine, [], *window, report, stream) if window else []
+    claimed = _next_window(engine, owner, [], *window, report, stream) if window else []
     while window is not None:
         window = next(windows, None)
-        following = statements.submit(_next_window, engine, pending, *(window or ([], [])), report, stream)
+        following = statements.submit(_next_window, engine, owner, pending, *(window or ([], [])), report, stream)
         try:
-            pending = _send_claimed(claimed, transport, shaper, schedule)
+            pending = _send_claimed(claimed, transport, shaper, schedule, owner.mark)
         except BaseException:
             futures.wait([following])  # its claim stands: the reconciler settles those rows
             raise
         claimed = following.result()
-    _next_window(engine, pending, [], [], report, stream)
+    _next_window(engine, owner, pending, [], [], report, stream)
     if shaper is not None and report.site_counts:
         try:  # once per call, not per window: the counters are for metrics, a round trip each adds up
             shaper.throttle.count(report.site_counts)
@@ -179,33 +183,45 @@ def _windows(batches: Iterable[Sequence[str]], size: int) -> Iterator[tuple[Sequ
             yield batch[start : start + size], batch[start:]
 
 
-def _send_claimed(claimed: list, transport: Transport, shaper: Shaper | None, schedule: RetrySchedule) -> list[_Result]:
-    """Send a claimed window; the outcomes to record."""
+def _send_claimed(
+    claimed: list, transport: Transport, shaper: Shaper | None, schedule: RetrySchedule, marker: Marker | None = None
+) -> list[_Result]:
+    """Send a claimed window, marking each message before its content goes; the outcomes to record."""
     now = utcnow()
     skipped: list[_Result] = []
     if any(row.campaign_id is not None for row in claimed):
         claimed, skipped = _prepare_campaign_rows(claimed, schedule, now)
     if shaper is None:
-        replies = _send_window(transport, [(row, None, None) for row in claimed])
+        replies = _send_window(transport, [(row, None, None) for row in claimed], marker)
         done = utcnow()
         return [_decide(row, reply, schedule, done) for row, reply in zip(claimed, replies)] + skipped
-    return _shaped_window(claimed, transport, shaper, now) + skipped
+    return _shaped_window(claimed, transport, shaper, now, marker) + skipped
 
 
 def _next_window(
-    engine, pending: list[_Result], ids: Sequence[str], unclaimed: Sequence[str], report: DeliveryReport, stream: str
+    engine,
+    owner: ownership.Owner,
+    pending: list[_Result],
+    ids: Sequence[str],
+    unclaimed: Sequence[str],
+    report: DeliveryReport,
+    stream: str,
 ) -> list:
-    """Record the previous window's outcomes and claim `ids`; on a database failure, give back
-    `unclaimed` (the ids of this batch not yet claimed) to the outbox."""
+    """Record the previous window's outcomes and claim `ids` for `owner`; on a database failure,
+    give back `unclaimed` (the ids of this batch not yet claimed) to the outbox."""
     if not pending and not ids:
         return []
+    if ids and owner.lost.is_set():  # its claims would only wait for recovery: another worker takes them
+        enqueue(list(ids), stream)
+        ids = []
     try:
-        claimed = claims.record_and_claim(engine, pending, ids, utcnow())
+        claimed = claims.record_and_claim(engine, pending, ids, utcnow(), owner.id)
     except OperationalError:
         # The outcomes in `pending` are lost and those rows end `unknown` via the reconciler,
         # which is why claims.record_and_claim retried first.
         enqueue(list(unclaimed), stream)
         raise
+    owner.recorded([result.id for result in pending])
     _after_recording(pending, report, stream)
     report.claimed += len(claimed)
     return claimed
@@ -227,7 +243,9 @@ def _prepare_campaign_rows(claimed, schedule: RetrySchedule, now: datetime) -> t
     return prepared.ready, skipped
 
 
-def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime) -> list[_Result]:
+def _shaped_window(
+    claimed, transport: Transport, shaper: Shaper, now: datetime, marker: Marker | None = None
+) -> list[_Result]:
     """Send one window under traffic shaping: rate tokens per site, then the sends, then the rules.
 
     A site with a configured rate up to PER_MESSAGE_TOKENS_UP_TO takes each message's token in the
@@ -266,6 +284,7 @@ def _shaped_window(claimed, transport: Transport, shaper: Shaper, now: datetime)
     replies = _send_window(
         transport,
         [(row, site, token_taker(i, site) if _per_message(site) else None) for i, (row, site) in enumerate(admitted)],
+        marker,
     )
     reacted: set[str] = set()
     done = utcnow()
@@ -327,7 +346,7 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
         log.error("dispatch.later_failed", error=str(exc), count=len(wake))
 
 
-def _send_window(transport: Transport, jobs: list[tuple]) -> list[Reply]:
+def _send_window(transport: Transport, jobs: list[tuple], marker: Marker | None = None) -> list[Reply]:
     """Build each (row, site, ready) message and hand the window to the transport; the replies."""
     replies: list[Reply | None] = [None] * len(jobs)
     outgoing: list[Outgoing] = []
@@ -348,10 +367,10 @@ def _send_window(transport: Transport, jobs: list[tuple]) -> list[Reply]:
             replies[i] = Reply(554, f"5.6.0 message could not be built: {exc}", "build")
             continue
         # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-        outgoing.append(Outgoing(bare_address(row.sender), bare_address(row.recipient), data, site, ready))
+        outgoing.append(Outgoing(bare_address(row.sender), bare_address(row.recipient), data, site, ready, row.id))
         positions.append(i)
     try:
-        sent = transport.send_window(outgoing, get_settings().smtp_parallelism)
+        sent = transport.send_window(outgoing, get_settings().smtp_parallelism, marker)
     except Exception as exc:  # noqa: BLE001 - a transport bug must not lose the window's outcomes
         log.exception("transport.error", message_ids=[jobs[i][0].id for i in positions])
         sent = [Reply(None, f"transport error: {exc!r}", "data")] * len(outgoing)

@@ -34,9 +34,28 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Ids a drain popped wait in its in-flight list (KEYS[1]:inflight:<token>) until its next pop,
+# when they are claimed; the list of a drain not heard from for a lease (its worker died between
+# pop and claim) goes back to the outbox here. A claimed id pushed again is harmless: its row is
+# no longer claimable. (Keys built in the script: one Redis, not a cluster.)
+_RETURN_LOST = """
+local lost = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 100)
+for _, token in ipairs(lost) do
+  local list = KEYS[1] .. ':inflight:' .. token
+  local ids = redis.call('LRANGE', list, 0, -1)
+  for i = 1, #ids, 4000 do
+    redis.call('RPUSH', KEYS[1], unpack(ids, i, math.min(i + 3999, #ids)))
+  end
+  redis.call('DEL', list)
+  redis.call('ZREM', KEYS[6], token)
+end
+"""
+
 # Start drains for the backlog, up to the cap, and one for waiting ids when no drain is active
 # or timing them; return the new lease ids, which the caller publishes.
-_START_DRAINS = """
+_START_DRAINS = (
+    _RETURN_LOST
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local backlog = redis.call('LLEN', KEYS[1])
 local active = redis.call('ZCARD', KEYS[2])
@@ -52,6 +71,7 @@ for i = 1, wanted do
 end
 return leases
 """
+)
 
 # Push ids (ARGV[4..]) to the outbox.
 _ENQUEUE = (
@@ -97,11 +117,16 @@ _POP = (
     _NOW
     + _MOVE_DUE
     + """
+local inflight = KEYS[1] .. ':inflight:' .. ARGV[5]
+redis.call('DEL', inflight)
 local ids = redis.call('LPOP', KEYS[1], tonumber(ARGV[3]))
 if ids then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('RPUSH', inflight, unpack(ids))
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[2]), ARGV[5])
   return ids
 end
+redis.call('ZREM', KEYS[6], ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local timer = redis.call('GET', KEYS[5])
 if timer == ARGV[1] then redis.call('DEL', KEYS[5]); timer = false end
@@ -114,6 +139,12 @@ end
 return {}
 """
 )
+
+# A drain that ends (its ids claimed) drops its in-flight list.
+_FINISH = """
+redis.call('DEL', KEYS[1] .. ':inflight:' .. ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+"""
 
 # Streams of messages, each with its own outbox and drain task on its own queue, so a campaign's
 # backlog never delays a password reset.
@@ -138,12 +169,13 @@ class Outbox:
         self.client = client
         self.stream = stream
         base = f"{prefix}smartmail:outbox" + ("" if stream == TRANSACTIONAL else f":{stream}")
-        self.keys = [base, f"{base}:drains", f"{base}:lease", f"{base}:delayed", f"{base}:timer"]
+        self.keys = [base, f"{base}:drains", f"{base}:lease", f"{base}:delayed", f"{base}:timer", f"{base}:inflight"]
         self.max_drains = max_drains
         self.batch_size = batch_size
         self._enqueue = client.register_script(_ENQUEUE)
         self._enqueue_later = client.register_script(_ENQUEUE_LATER)
         self._pop = client.register_script(_POP)
+        self._finish = client.register_script(_FINISH)
 
     def push(self, ids: Sequence[str]) -> list[str]:
         """Add ids; return the leases of drains the caller must publish (often none). With no ids,
@@ -162,14 +194,24 @@ class Outbox:
         leases = self._enqueue_later(keys=self.keys, args=[self.max_drains, LEASE_MS, self.batch_size, *args])
         return [lease.decode() if isinstance(lease, bytes) else str(lease) for lease in leases]
 
-    def pop(self, lease: str) -> list[str] | float:
+    def pop(self, lease: str, token: str | None = None) -> list[str] | float:
         """The next batch for the drain holding `lease`; empty means the drain is done; a number
-        means: come back in that many seconds, ids are waiting."""
-        ids = self._pop(keys=self.keys, args=[lease, LEASE_MS, self.batch_size, MAX_TIMER_MS])
+        means: come back in that many seconds, ids are waiting. `token` names the drain's in-flight
+        list (the task's id): the batch popped before this one was claimed, this one is not yet."""
+        args: list[str | int] = [lease, LEASE_MS, self.batch_size, MAX_TIMER_MS, token or lease]
+        ids = self._pop(keys=self.keys, args=args)
         ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
         if ids and ids[0] == "wait":
             return int(ids[1]) / 1000
         return ids
+
+    def finish(self, token: str) -> None:
+        """The drain named `token` claimed everything it popped."""
+        self._finish(keys=self.keys, args=[token])
+
+    def in_flight(self) -> int:
+        """Drains holding popped ids that are not claimed yet."""
+        return self.client.zcard(self.keys[5])
 
     def backlog(self) -> int:
         return self.client.llen(self.keys[0])

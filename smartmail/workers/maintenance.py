@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from smartmail.config import get_settings
 from smartmail.store.engine import session_scope, utcnow
-from smartmail.store.models import QUEUED, SENDING, WAITING, Message, MessageState
+from smartmail.store.models import QUEUED, SENDING, WAITING, Campaign, Message, MessageState
+from smartmail.workers import ownership
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, enqueue, get_outbox
 
 log = structlog.get_logger("smartmail.maintenance")
@@ -27,6 +28,12 @@ _PAGE = 5000  # rows per statement, so one run never holds a huge transaction
 class ReconcileReport:
     requeued: int = 0
     unknown: int = 0
+
+
+_LOST_AFTER_DATA = "worker lost during the SMTP transaction; not re-sent automatically"
+# Campaigns whose messages a crash left `unknown` are sent again (at-least-once).
+_RESENDING = select(Campaign.id).where(Campaign.resend_unknown.is_(True))
+_NOT_RESENT = or_(Message.campaign_id.is_(None), Message.campaign_id.not_in(_RESENDING))
 
 
 def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
@@ -61,10 +68,50 @@ def restart_drains() -> None:
         enqueue([], stream)
 
 
+def recover_lost_claims(now: datetime | None = None) -> ReconcileReport:
+    """Messages claimed by a worker process whose lease lapsed (killed, or frozen past it): those
+    it marked as transmitted become `unknown`, the rest are queued again for other workers. When
+    Redis lost the marks, all of them become `unknown`: the relay may have any of them."""
+    now = now or utcnow()
+    report = ReconcileReport()
+    with session_scope() as session:
+        owners = [owner for owner in session.scalars(select(Message.claimed_by).where(SENDING).distinct()) if owner]
+    if not owners:
+        return report
+    settings = get_settings()
+    client = get_outbox(TRANSACTIONAL).client
+    lost = ownership.inspect(client, settings.redis_key_prefix, owners)
+    for owner, marked in lost.items():
+        mine = (SENDING, Message.claimed_by == owner)
+        with session_scope() as session:
+            may_have_gone = mine if marked is None else (*mine, Message.id.in_(list(marked)))
+            result = session.execute(
+                update(Message)
+                .where(*may_have_gone, _NOT_RESENT)
+                .values(state=MessageState.UNKNOWN.value, finished_at=now, reason=_LOST_AFTER_DATA),
+                execution_options={"synchronize_session": False},
+            )
+            report.unknown += result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+            moved = session.execute(
+                update(Message)
+                .where(*mine)
+                .values(state=MessageState.QUEUED.value, claimed_by=None, enqueued_at=now)
+                .returning(Message.id, Message.campaign_id),
+                execution_options={"synchronize_session": False},
+            ).all()
+        _dispatch_by_stream([(row[0], row[1]) for row in moved])
+        report.requeued += len(moved)
+        log.warning("maintenance.claims_recovered", owner=owner, requeued=len(moved), unknown=report.unknown)
+    ownership.forget(client, settings.redis_key_prefix, lost)
+    return report
+
+
 def enqueue_due(now: datetime | None = None) -> int:
-    """Deferred and scheduled messages whose next_attempt_at has passed: back to queued, published."""
+    """Deferred and scheduled messages whose next_attempt_at has passed: back to queued, published;
+    and the claims of workers that died, recovered."""
     now = now or utcnow()
     restart_drains()
+    recover_lost_claims(now)
     due = (WAITING, Message.next_attempt_at <= now)
     total = 0
     while moved := _requeue(due, now):
@@ -111,11 +158,14 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
             .values(
                 state=MessageState.UNKNOWN.value,
                 finished_at=now,
-                reason="worker lost during the SMTP transaction; not re-sent automatically",
+                reason=_LOST_AFTER_DATA,
             ),
             execution_options={"synchronize_session": False},
         )
         report.unknown = result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+    resent = _requeue((Message.state == MessageState.UNKNOWN.value, Message.campaign_id.in_(_RESENDING)), now)
+    _dispatch_by_stream(resent)
+    report.requeued += len(resent)
     if report.requeued or report.unknown:
         log.warning("maintenance.reconciled", requeued=report.requeued, unknown=report.unknown)
     return report

@@ -13,13 +13,15 @@ class Outgoing(NamedTuple):
     """A message for Transport.send and send_window. `site` (traffic shaping) selects the
     connection pool and its limits; None means no limits. `ready`, when given, is called once the
     message is about to go (a session is open): if it returns False the message is not sent and
-    the reply has stage HELD."""
+    the reply has stage HELD. `key` (the message id) is what the write-ahead mark of its
+    transmission names (smtp_window.Transmit)."""
 
     sender: str
     recipient: str
     data: bytes
     site: Site | None = None
     ready: Callable[[], bool] | None = None
+    key: str | None = None
 
 
 # The reply stage of a message not sent because `ready()` said no (traffic shaping held it back).

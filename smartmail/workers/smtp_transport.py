@@ -277,11 +277,14 @@ class SmtpTransport:
     ) -> Reply:
         return smtp_window.run(self._transaction(sender, recipient, data, site, ready))
 
-    def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]:
+    def send_window(
+        self, messages: Sequence[Outgoing], parallelism: int, marker: smtp_window.Marker | None = None
+    ) -> list[Reply]:
         """The messages' transactions side by side over up to `parallelism` connections, driven
-        from this thread (smtp_window.run_window)."""
+        from this thread (smtp_window.run_window); with a `marker`, content goes once marked."""
         transactions = [self._transaction(*message) for message in messages]
-        return smtp_window.run_window(transactions, parallelism, self._connector())
+        keys = [message.key for message in messages]
+        return smtp_window.run_window(transactions, parallelism, self._connector(), marker, keys)
 
     def _connector(self) -> ThreadPoolExecutor:
         """Threads that open connections (or wait for a busy one) while a window's loop goes on."""
@@ -291,7 +294,13 @@ class SmtpTransport:
         return self._connector_threads
 
     def _transaction(
-        self, sender: str, recipient: str, data: bytes, site: Site | None, ready: Callable[[], bool] | None
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        site: Site | None,
+        ready: Callable[[], bool] | None,
+        key: str | None = None,
     ) -> smtp_window.Transaction:
         """One message's SMTP transaction, as a generator of the I/O it needs (smtp_window drives it)."""
         if not (sender.isascii() and recipient.isascii()):
@@ -351,12 +360,7 @@ class SmtpTransport:
                     code, response = yield from self._command(conn, commands[2])
                     if code == 354:
                         stage = "data"  # from here on, a lost connection may have delivered it
-                        # RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for the reply to the final
-                        # dot; giving up earlier would leave a message the relay may accept `unknown`.
-                        yield smtp_window.Write(conn, _dot_stuffed(data))
-                        if conn.pipelining and not conn.retired and conn.sent + 2 <= conn.max_messages:
-                            yield smtp_window.Lend(conn, pool, functools.partial(self._share, conn))
-                        code, response = yield smtp_window.Read(conn, max(self.timeout, 600.0))
+                        code, response = yield from self._content(conn, data, key, pool)
                 conn.sent += 1
                 if code == 421:  # RFC 5321 section 3.8: the relay is closing the session
                     conn.retired = True
@@ -365,6 +369,10 @@ class SmtpTransport:
                     # end of data clears it by itself, section 4.1.1.4). A relay that hung up after
                     # answering must not turn its answer into "connection lost".
                     yield from self._safe_rset(conn)
+            except smtp_window.NotTransmitted as exc:
+                # The content never left: the relay discards a transaction without its final dot.
+                self._drop(conn)
+                return Reply(None, f"not transmitted: {exc}", "mail")
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 self._drop(conn)
                 if reused and stage == "mail":
@@ -373,6 +381,16 @@ class SmtpTransport:
             self._release(conn)
             return Reply(code, _reply_text(response), stage)
         return Reply(None, "connection lost twice before DATA")
+
+    def _content(self, conn: _Connection, data: bytes, key: str | None, pool: str):
+        """The message's content and final dot (write-ahead marked when it has a key); the reply.
+        RFC 5321 section 4.5.3.2.6: wait up to 10 minutes for that reply; giving up earlier would
+        leave a message the relay may accept `unknown`."""
+        content = _dot_stuffed(data)
+        yield smtp_window.Transmit(conn, content, key) if key else smtp_window.Write(conn, content)
+        if conn.pipelining and not conn.retired and conn.sent + 2 <= conn.max_messages:
+            yield smtp_window.Lend(conn, pool, functools.partial(self._share, conn))
+        return (yield smtp_window.Read(conn, max(self.timeout, 600.0)))
 
     @staticmethod
     def _command(conn: _Connection, command: bytes):

@@ -28,6 +28,19 @@ class Write(NamedTuple):
     data: bytes
 
 
+class Transmit(NamedTuple):
+    """A Write of a message's content, final dot included: `key` (the message id) must be marked
+    as transmitted first (workers/ownership.py), and the content goes only if it was."""
+
+    conn: Any
+    data: bytes
+    key: str
+
+
+class NotTransmitted(Exception):
+    """A message's content was not sent: its write-ahead mark could not be made."""
+
+
 class Read(NamedTuple):
     """One reply; `timeout`: seconds to wait for it, None for the connection's own."""
 
@@ -56,10 +69,12 @@ class Lend(NamedTuple):
     share: Callable[[], Any]
 
 
-Transaction = Generator[Write | Read | Acquire | Lend, Any, Reply]
+Transaction = Generator[Write | Transmit | Read | Acquire | Lend, Any, Reply]
+# Marks `keys` as about to be transmitted, in one call; False: none of them may be.
+Marker = Callable[[Sequence[str]], bool]
 
 
-def run(transaction: Transaction) -> Reply:
+def run(transaction: Transaction, marker: Marker | None = None) -> Reply:
     """Run one transaction with blocking calls (smtplib's own reads); nothing is lent."""
     value: Any = None
     error: BaseException | None = None
@@ -71,6 +86,10 @@ def run(transaction: Transaction) -> Reply:
         value, error = None, None
         try:
             if isinstance(request, Write):
+                request.conn.smtp.send(request.data)
+            elif isinstance(request, Transmit):
+                if marker is not None and not marker([request.key]):
+                    raise NotTransmitted("the write-ahead mark could not be made")
                 request.conn.smtp.send(request.data)
             elif isinstance(request, Read):
                 value = _read_blocking(request)
@@ -116,7 +135,13 @@ def take_reply(inbox: bytearray) -> tuple[int, bytes] | None:
     return code, b"\n".join(lines)
 
 
-def run_window(transactions: Sequence[Transaction], parallelism: int, connector: ThreadPoolExecutor) -> list[Reply]:
+def run_window(
+    transactions: Sequence[Transaction],
+    parallelism: int,
+    connector: ThreadPoolExecutor,
+    marker: Marker | None = None,
+    keys: Sequence[str | None] = (),
+) -> list[Reply]:
     """Run the transactions over up to `parallelism` connections, from this thread: replies are
     read as they arrive on each connection (selectors), so no transaction waits for another's
     server. Connections that must be opened (or waited for) are got by `connector`'s threads.
@@ -128,8 +153,13 @@ def run_window(transactions: Sequence[Transaction], parallelism: int, connector:
     a busy connection instead of two.
 
     One thread instead of one per connection: threads blocking on their own connections spend
-    the worker's CPU on GIL hand-offs."""
-    return _Window(transactions, parallelism, connector).run()
+    the worker's CPU on GIL hand-offs.
+
+    With a `marker`, content (Transmit) goes out only once its key is marked: before each flush,
+    one call marks the keys of the contents about to go and of up to `parallelism` transactions
+    after them (`keys`: each transaction's), so that a crash leaves few marked messages that were
+    not in fact transmitted, for a call per few messages rather than per message."""
+    return _Window(transactions, parallelism, connector, marker, keys).run()
 
 
 _PENDING = object()  # _Window.acquire: the transaction waits (parked, or for the connector)
@@ -155,9 +185,26 @@ class _Window:
         "acquiring",
         "selector",
         "wake",
+        "marker",
+        "keys",
+        "marked",
+        "unmarked",
+        "mark_from",
     )
 
-    def __init__(self, transactions: Sequence[Transaction], parallelism: int, connector: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        transactions: Sequence[Transaction],
+        parallelism: int,
+        connector: ThreadPoolExecutor,
+        marker: Marker | None = None,
+        keys: Sequence[str | None] = (),
+    ) -> None:
+        self.marker = marker
+        self.keys = keys
+        self.marked: set[str] = set()
+        self.unmarked: dict[Any, list[str]] = {}  # conn -> keys of its unsent content not yet marked
+        self.mark_from = 0  # the marks look ahead from here, in transaction order
         self.parallelism = parallelism
         self.connector = connector
         self.replies: list[Reply | None] = [None] * len(transactions)
@@ -273,6 +320,10 @@ class _Window:
             try:
                 if isinstance(request, Write):
                     unsent.setdefault(request.conn, []).append(request.data)
+                elif isinstance(request, Transmit):
+                    unsent.setdefault(request.conn, []).append(request.data)
+                    if self.marker is not None and request.key not in self.marked:
+                        self.unmarked.setdefault(request.conn, []).append(request.key)
                 elif isinstance(request, Read):
                     if request.conn in readers or (value := take_reply(request.conn.inbox)) is None:
                         return self.wait_for_reply(index, transaction, request)
@@ -362,6 +413,7 @@ class _Window:
         """The connection broke (or timed out): every transaction waiting on it gets the error."""
         self.unwatch(conn)
         self.unsent.pop(conn, None)
+        self.unmarked.pop(conn, None)
         self.deadlines.pop(conn, None)
         for index, transaction, _ in self.readers.pop(conn, ()):
             self.deliver(index, transaction, error=error)
@@ -370,6 +422,11 @@ class _Window:
         """Send what was written; False if a send failed (its transactions moved on meanwhile)."""
         unsent = self.unsent
         sent = True
+        if self.unmarked and not self.mark():
+            for conn in list(self.unmarked):
+                self.fail(conn, NotTransmitted("the write-ahead mark could not be made"))
+            self.unmarked.clear()
+            sent = False
         while unsent:
             conn, parts = unsent.popitem()
             try:
@@ -378,6 +435,25 @@ class _Window:
                 self.fail(conn, exc)
                 sent = False
         return sent
+
+    def mark(self) -> bool:
+        """Mark the keys of content about to go, and of the next transactions up to `parallelism`."""
+        wanted = [key for keys in self.unmarked.values() for key in keys]
+        keys, replies, marked = self.keys, self.replies, self.marked
+        ahead = 0
+        while self.mark_from < len(keys) and ahead < self.parallelism:
+            index = self.mark_from
+            self.mark_from += 1
+            key = keys[index]
+            if key is not None and key not in marked and replies[index] is None and key not in wanted:
+                wanted.append(key)
+                ahead += 1
+        assert self.marker is not None
+        if not self.marker(wanted):
+            return False
+        marked.update(wanted)
+        self.unmarked.clear()
+        return True
 
     def watch(self, conn: Any) -> None:
         """Register the connection's socket, and keep it while readers follow one another on it."""

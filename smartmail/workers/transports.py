@@ -18,6 +18,7 @@ from smartmail.workers.outcomes import Reply
 from smartmail.workers.outgoing import HELD, HELD_REPLY, Outgoing  # noqa: F401
 from smartmail.workers.policy import Site
 from smartmail.workers.smtp_transport import AT_CONNECTION_LIMIT, ConnectionGate, SmtpTransport, _dot_stuffed  # noqa: F401
+from smartmail.workers.smtp_window import Marker
 
 
 class Transport(Protocol):
@@ -33,7 +34,9 @@ class Transport(Protocol):
         ready: Callable[[], bool] | None = None,
     ) -> Reply: ...
 
-    def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]: ...
+    def send_window(
+        self, messages: Sequence[Outgoing], parallelism: int, marker: Marker | None = None
+    ) -> list[Reply]: ...
 
     def close(self) -> None: ...
 
@@ -41,8 +44,13 @@ class Transport(Protocol):
 class _OneAtATime:
     """send_window for transports that do not wait on a network."""
 
-    def send_window(self, messages: Sequence[Outgoing], parallelism: int) -> list[Reply]:
-        return [self.send(*message) for message in messages]  # type: ignore[attr-defined]
+    def send_window(self, messages: Sequence[Outgoing], parallelism: int, marker: Marker | None = None) -> list[Reply]:
+        return [self._send_one(m, marker) for m in messages]
+
+    def _send_one(self, m: Outgoing, marker: Marker | None) -> Reply:
+        if marker is not None and m.key is not None and not marker([m.key]):
+            return Reply(None, "not transmitted: the write-ahead mark could not be made", "mail")
+        return self.send(m.sender, m.recipient, m.data, m.site, m.ready)  # type: ignore[attr-defined]
 
 
 class FileTransport(_OneAtATime):

@@ -173,7 +173,7 @@ def test_a_cancel_and_a_window_recording_deferrals_do_not_miss_each_other(relay)
     with session_scope() as session:
         ids = list(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
     now = utcnow()
-    assert len(claims.record_and_claim(get_engine(), [], ids, now)) == 3  # the window is in flight
+    assert len(claims.record_and_claim(get_engine(), [], ids, now, "w1")) == 3  # the window is in flight
     held = [
         delivery._Result(
             i,
@@ -185,7 +185,7 @@ def test_a_cancel_and_a_window_recording_deferrals_do_not_miss_each_other(relay)
         )
         for i in ids
     ]
-    recorder = threading.Thread(target=claims.record_and_claim, args=(get_engine(), held, [], now), daemon=True)
+    recorder = threading.Thread(target=claims.record_and_claim, args=(get_engine(), held, [], now, "w1"), daemon=True)
 
     def record_meanwhile(session):
         recorder.start()
@@ -247,7 +247,7 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
     campaign_id = started("late")
     campaigns.fan_out(campaign_id)
     with session_scope() as session:  # a worker's window claimed them
-        session.execute(update(Message).values(state="sending"))
+        session.execute(update(Message).values(state="sending", claimed_by="w1"))
         ids = list(session.scalars(select(Message.id).order_by(Message.id)))
     assert campaigns.cancel_campaign("late") == 0  # nothing queued: all in flight
     now = utcnow()
@@ -264,7 +264,7 @@ def test_messages_in_flight_at_a_cancel_that_end_deferred_are_cancelled_too(rela
     ]
     sent = delivery._Result(ids[3], "x@example.com", MessageState.SENT, Reply(250, "ok"))
     with get_engine().begin() as connection:
-        claims.record_and_claim_on(connection, [*held, sent], now)
+        claims.record_and_claim_on(connection, [*held, sent], now, owner="w1")
     assert message_states("late") == {"cancelled": 3, "sent": 1}
 
 

@@ -33,6 +33,7 @@ def _queue(count: int, state: str = "queued") -> list[str]:
             "created_at": now,
             "enqueued_at": now,
             "next_attempt_at": now - timedelta(seconds=1),
+            "claimed_by": "w1" if state == "sending" else None,
         }
         for i in range(count)
     ]
@@ -73,7 +74,7 @@ def test_the_claim_looks_its_ids_up_by_primary_key_even_when_statistics_say_noth
     # The connections delivery._record_and_claim uses: one statement alone, or with deferrals and bounces.
     with statement_connection() if path == "alone" else for_bind(engine).transaction(engine) as connection:
         plan = _plan(
-            connection, lambda c: record_and_claim_on(c, outcomes, utcnow(), ids[:50]), containing="claimed_at"
+            connection, lambda c: record_and_claim_on(c, outcomes, utcnow(), ids[:50], "w1"), containing="claimed_at"
         )  # the claim (SQLite reads the claimed rows after it)
 
     # The state indexes would have the claim read every queued entry to find its 50 rows.

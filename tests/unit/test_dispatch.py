@@ -135,11 +135,11 @@ def test_a_broker_failure_mid_drain_ends_the_drain_and_keeps_what_was_popped(out
     real_pop = outbox.pop
     pops = []
 
-    def pop(lease):
+    def pop(lease, token=None):
         pops.append(lease)
         if len(pops) == 2:
             raise redis.ConnectionError("Redis went away")
-        return real_pop(lease)
+        return real_pop(lease, token)
 
     monkeypatch.setattr(outbox, "pop", pop)
     delivered, follow_ups = _run_drain(outbox, monkeypatch, [["a"], ["b"]])

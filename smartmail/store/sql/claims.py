@@ -50,7 +50,12 @@ _claimed_columns = (
     _table.c.campaign_id,
     _table.c.contact_id,
 )
-_claim_values = {"state": MessageState.SENDING.value, "claimed_at": bindparam("now"), "attempts": _table.c.attempts + 1}
+_claim_values = {
+    "state": MessageState.SENDING.value,
+    "claimed_at": bindparam("now"),
+    "claimed_by": bindparam("owner"),
+    "attempts": _table.c.attempts + 1,
+}
 # Each claimed row comes with its contact (campaign messages) and the suppression of the contact's
 # address, if any, for campaign_rows.prepare's re-check: read by the claim, not by a query of the
 # sending thread's own (on PostgreSQL that would be a transaction of three round trips a window).
@@ -93,8 +98,11 @@ class Claims:
         with engine.begin() as connection:
             yield connection
 
-    def record_and_claim(self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime) -> list:
-        """Write `outcomes` (OUTCOME_COLUMNS), then claim `ids`; the claimed rows, with their contacts."""
+    def record_and_claim(
+        self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime, owner: str
+    ) -> list:
+        """Write `outcomes` (OUTCOME_COLUMNS) of rows `owner` claimed, then claim `ids` for it; the
+        claimed rows, with their contacts."""
         raise NotImplementedError
 
     def lock_campaigns_of(self, connection, ids: Sequence[str]) -> None:
@@ -121,7 +129,8 @@ _claimed_rows = (
     .where(_table.c.id.in_(bindparam("ids", expanding=True)))
 )
 # SQLite: one statement, executed many times (executemany), for every outcome of a window.
-# The WHERE on state makes the write conditional: a row someone else already moved is left alone.
+# The WHERE on state and owner makes the write conditional: a row someone else already moved, or
+# that recovery gave to another worker (workers/ownership.py), is left alone.
 _record = (
     update(_table)
     # (An IN list cannot be used with executemany, hence the OR.) `unknown` is included so a late
@@ -129,6 +138,7 @@ _record = (
     .where(
         _table.c.id == bindparam("b_id"),
         or_(_table.c.state == MessageState.SENDING.value, _table.c.state == MessageState.UNKNOWN.value),
+        _table.c.claimed_by == bindparam("b_owner"),
     )
     .values(
         state=bindparam("b_state"),
@@ -148,10 +158,14 @@ class SqliteClaims(Claims):
     """See `Claims`. The outcomes (executemany), the claim and its rows: separate statements in one
     transaction, run inline (its one writer gains nothing from a thread)."""
 
-    def record_and_claim(self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime) -> list:
+    def record_and_claim(
+        self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime, owner: str
+    ) -> list:
         if outcomes["id"]:
-            connection.execute(_record, [dict(zip(_RECORD_KEYS, row)) for row in zip(*outcomes.values())])
-        taken = connection.execute(_claim, {"ids": list(ids), "now": now}).scalars().all() if ids else []
+            rows = [{**dict(zip(_RECORD_KEYS, row)), "b_owner": owner} for row in zip(*outcomes.values())]
+            connection.execute(_record, rows)
+        claim = {"ids": list(ids), "now": now, "owner": owner}
+        taken = connection.execute(_claim, claim).scalars().all() if ids else []
         return connection.execute(_claimed_rows, {"ids": taken}).all() if taken else []
 
 
@@ -171,9 +185,10 @@ _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
   FROM unnest(%(id)b::text[], %(state)b::text[], %(next)b::timestamp[], %(finished)b::timestamp[],
               %(code)b::int[], %(reply)b::text[], %(reason)b::text[], %(unattempted)b::int[])
        AS v(id, state, next, finished, code, reply, reason, unattempted)
-  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')),
+  WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')
+      AND m.claimed_by = %(owner)s),
 claimed AS (
-  UPDATE messages SET state = 'sending', claimed_at = %(now)s, attempts = attempts + 1
+  UPDATE messages SET state = 'sending', claimed_at = %(now)s, claimed_by = %(owner)s, attempts = attempts + 1
   WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])
       AND state IN ('queued', 'deferred') AND (state = 'queued' OR next_attempt_at <= %(now)s)
       AND (campaign_id IS NULL OR campaign_id IN (SELECT id FROM campaigns WHERE state = 'sending'))
@@ -216,8 +231,11 @@ class PostgresClaims(Claims):
             finally:
                 driver.prepare_threshold = threshold
 
-    def record_and_claim(self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime) -> list:
-        return connection.exec_driver_sql(_RECORD_AND_CLAIM_PG, {**outcomes, "ids": list(ids), "now": now}).all()
+    def record_and_claim(
+        self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime, owner: str
+    ) -> list:
+        params = {**outcomes, "ids": list(ids), "now": now, "owner": owner}
+        return connection.exec_driver_sql(_RECORD_AND_CLAIM_PG, params).all()
 
     def lock_campaigns_of(self, connection, ids: Sequence[str]) -> None:
         connection.execute(_lock_campaigns_of, {"ids": ids}).all()
