@@ -24,7 +24,7 @@ from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.policy import Site
 from smartmail.workers.shaping import Hold, Shaper, get_shaper
 from smartmail.workers.smtp_window import Marker
-from smartmail.workers.transports import AT_CONNECTION_LIMIT, Outgoing, Transport, get_transport
+from smartmail.workers.transports import AT_CONNECTION_LIMIT, NOT_SENT, Outgoing, Transport, get_transport
 
 log = structlog.get_logger("smartmail.delivery")
 
@@ -32,6 +32,8 @@ log = structlog.get_logger("smartmail.delivery")
 PER_MESSAGE_TOKENS_UP_TO = 1000.0
 # Waits up to this long are timed in Redis (enqueue_later) rather than left to beat's next round.
 SHORT_WAIT = timedelta(seconds=60)
+# A message not transmitted for want of its write-ahead mark waits this long (seconds), not counted as an attempt.
+NOT_SENT_WAIT = 2.0
 
 
 @dataclass
@@ -62,6 +64,8 @@ def retry_schedule() -> RetrySchedule:
 def _decide(
     row, reply: Reply, schedule: RetrySchedule, now: datetime, site: str | None = None, bounce: bool = False
 ) -> _Result:
+    if reply.stage == NOT_SENT:
+        return _hold(row, Hold(NOT_SENT_WAIT, reply.text), schedule.max_age, now, site)
     outcome = classify(reply)
     if outcome.verdict is Verdict.SENT:
         return _Result(row.id, row.recipient, MessageState.SENT, reply, site=site)

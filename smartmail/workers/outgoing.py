@@ -27,3 +27,7 @@ class Outgoing(NamedTuple):
 # The reply stage of a message not sent because `ready()` said no (traffic shaping held it back).
 HELD = "held"
 HELD_REPLY = Reply(None, "held back before MAIL FROM", HELD)
+# The reply stage of a message whose content was not sent because its write-ahead mark could not
+# be made (workers/ownership.py): not an attempt, tried again shortly.
+NOT_SENT = "unsent"
+NOT_SENT_REPLY = Reply(None, "not transmitted: the write-ahead mark could not be made", NOT_SENT)

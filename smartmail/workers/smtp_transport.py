@@ -19,7 +19,7 @@ import structlog
 from smartmail.config.settings import SmtpUrl
 from smartmail.workers import smtp_window
 from smartmail.workers.outcomes import Reply
-from smartmail.workers.outgoing import HELD_REPLY, Outgoing
+from smartmail.workers.outgoing import HELD_REPLY, NOT_SENT_REPLY, Outgoing
 from smartmail.workers.policy import Site
 
 log = structlog.get_logger("smartmail.smtp")
@@ -369,10 +369,10 @@ class SmtpTransport:
                     # end of data clears it by itself, section 4.1.1.4). A relay that hung up after
                     # answering must not turn its answer into "connection lost".
                     yield from self._safe_rset(conn)
-            except smtp_window.NotTransmitted as exc:
+            except smtp_window.NotTransmitted:
                 # The content never left: the relay discards a transaction without its final dot.
                 self._drop(conn)
-                return Reply(None, f"not transmitted: {exc}", "mail")
+                return NOT_SENT_REPLY
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 self._drop(conn)
                 if reused and stage == "mail":

@@ -15,7 +15,7 @@ from smartmail.config.settings import Settings
 from smartmail.workers.outcomes import Reply
 
 # Outgoing, HELD and the SMTP transport's names are re-exported: delivery and the tests import them from here.
-from smartmail.workers.outgoing import HELD, HELD_REPLY, Outgoing  # noqa: F401
+from smartmail.workers.outgoing import HELD, HELD_REPLY, NOT_SENT, NOT_SENT_REPLY, Outgoing  # noqa: F401
 from smartmail.workers.policy import Site
 from smartmail.workers.smtp_transport import AT_CONNECTION_LIMIT, ConnectionGate, SmtpTransport, _dot_stuffed  # noqa: F401
 from smartmail.workers.smtp_window import Marker
@@ -49,7 +49,7 @@ class _OneAtATime:
 
     def _send_one(self, m: Outgoing, marker: Marker | None) -> Reply:
         if marker is not None and m.key is not None and not marker([m.key]):
-            return Reply(None, "not transmitted: the write-ahead mark could not be made", "mail")
+            return NOT_SENT_REPLY
         return self.send(m.sender, m.recipient, m.data, m.site, m.ready)  # type: ignore[attr-defined]
 
 

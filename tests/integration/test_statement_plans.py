@@ -15,11 +15,11 @@ from smartmail.workers import claims
 def _plan_of_prepared_claim(connection) -> str:
     """Run the record-and-claim until psycopg has prepared it, then EXPLAIN its prepared statement."""
     for _ in range(6):
-        claims.record_and_claim_on(connection, [], utcnow(), [])
+        claims.record_and_claim_on(connection, [], utcnow(), [], "w1")
     name = connection.exec_driver_sql(
         "SELECT name FROM pg_prepared_statements WHERE position('SKIP LOCKED' in statement) > 0"
     ).scalar_one()
-    arguments = ", ".join(["NULL"] * 8 + ["now()::timestamp", "ARRAY['a', 'b']"])  # outcomes, now, ids
+    arguments = ", ".join(["NULL"] * 8 + ["'w1'", "now()::timestamp", "ARRAY['a', 'b']"])  # outcomes, owner, now, ids
     return "\n".join(connection.exec_driver_sql(f"EXPLAIN EXECUTE {name}({arguments})").scalars())
 
 
