@@ -300,7 +300,7 @@ def test_an_unlimited_site_grants_everything(throttle):
 @pytest.mark.parametrize("rate", [None, 10])
 def test_a_suspension_grants_nothing_and_says_for_how_long(throttle, rate):
     site = make_site(rate, 5)
-    assert throttle.apply_rule(site, suspend_rule(duration=60), "421 4.7.0 [TS01] deferred") is True
+    assert throttle.apply_rule(site, suspend_rule(duration=60), "421 4.7.0 [TS01] deferred").changed is True
     grant = throttle.acquire(site, 7, now_us=0)
     assert grant.granted == 0 and grant.suspended is True
     assert 59.0 < grant.retry_after <= 60.0
@@ -326,7 +326,7 @@ def test_a_refusal_for_lack_of_tokens_is_not_a_suspension(throttle):
 
 def test_a_slow_rule_with_a_rate_paces_an_unlimited_site(throttle):
     site = make_site(None, 2)
-    assert throttle.apply_rule(site, slow_rule(rate=10), "421 too many") is True
+    assert throttle.apply_rule(site, slow_rule(rate=10), "421 too many").changed is True
     assert throttle.acquire(site, 10, now_us=0).granted == 2  # the site's burst at the slowed interval
     refused = throttle.acquire(site, 3, now_us=0)
     assert (refused.granted, us(refused.retry_after), us(refused.spacing)) == (0, 100_000, 100_000)
@@ -337,7 +337,7 @@ def test_a_slow_rule_with_a_rate_paces_an_unlimited_site(throttle):
 
 def test_a_slow_rule_with_a_rate_paces_a_limited_site(throttle):
     site = make_site(100, 1)
-    assert throttle.apply_rule(site, slow_rule(rate=4), "421 too many") is True
+    assert throttle.apply_rule(site, slow_rule(rate=4), "421 too many").changed is True
     assert throttle.acquire(site, 5, now_us=0).granted == 1
     assert throttle.acquire(site, 5, now_us=249_999).granted == 0  # not 10,000 µs (100/s)
     assert throttle.acquire(site, 5, now_us=250_000).granted == 1
@@ -353,7 +353,7 @@ def test_a_slow_rule_never_speeds_a_limited_site_up(throttle):
 
 def test_a_factor_rule_halves_a_limited_site(throttle):
     site = make_site(10, 1)
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited") is True
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited").changed is True
     assert throttle.state("site").slowed_rate == pytest.approx(5)
     assert throttle.acquire(site, 5, now_us=0).granted == 1
     assert throttle.acquire(site, 5, now_us=100_000).granted == 0
@@ -363,7 +363,7 @@ def test_a_factor_rule_halves_a_limited_site(throttle):
 
 def test_a_factor_rule_is_ignored_on_an_unlimited_site(throttle, client):
     site = make_site(None)
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited") is False
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited").changed is False
     assert client.keys("*") == []
     assert throttle.acquire(site, 500, now_us=0).granted == 500
     assert throttle.state("site").slowed_rate is None
@@ -371,13 +371,13 @@ def test_a_factor_rule_is_ignored_on_an_unlimited_site(throttle, client):
 
 def test_a_less_severe_slow_down_does_not_speed_the_site_up(throttle):
     site = make_site(10, 1)
-    assert throttle.apply_rule(site, slow_rule(factor=0.25), "421 a") is True  # 2.5/s
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 b") is False  # 5/s: less severe
+    assert throttle.apply_rule(site, slow_rule(factor=0.25), "421 a").changed is True  # 2.5/s
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 b").changed is False  # 5/s: less severe
     assert throttle.state("site").slowed_rate == pytest.approx(2.5)
     assert throttle.acquire(site, 1, now_us=0).granted == 1
     assert throttle.acquire(site, 1, now_us=399_999).granted == 0
     assert throttle.acquire(site, 1, now_us=400_000).granted == 1
-    assert throttle.apply_rule(site, slow_rule(factor=0.1), "421 c") is True  # 1/s: more severe
+    assert throttle.apply_rule(site, slow_rule(factor=0.1), "421 c").changed is True  # 1/s: more severe
     assert throttle.state("site").slowed_rate == pytest.approx(1)
 
 
@@ -392,24 +392,24 @@ def test_a_less_severe_slow_down_does_not_cut_a_severe_one_short(throttle):
 
 def test_a_repeated_suspension_does_not_cut_the_first_one_short(throttle):
     site = make_site(None)
-    assert throttle.apply_rule(site, suspend_rule(duration=3600), "421 blocked for an hour") is True
-    assert throttle.apply_rule(site, suspend_rule(duration=1), "421 blocked briefly") is False
+    assert throttle.apply_rule(site, suspend_rule(duration=3600), "421 blocked for an hour").changed is True
+    assert throttle.apply_rule(site, suspend_rule(duration=1), "421 blocked briefly").changed is False
     assert throttle.state("site").suspended_for > 3590
 
 
 def test_apply_rule_is_true_only_when_it_changed_the_state(throttle):
     site = make_site(10)
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x") is True
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x") is False  # the same again
-    assert throttle.apply_rule(site, suspend_rule(), "421 y") is True
-    assert throttle.apply_rule(site, suspend_rule(), "421 y") is False
-    assert throttle.apply_rule(site, Rule(re.compile("^5"), "bounce", None, None, 60), "550 no") is False
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x").changed is True
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x").changed is False  # the same again
+    assert throttle.apply_rule(site, suspend_rule(), "421 y").changed is True
+    assert throttle.apply_rule(site, suspend_rule(), "421 y").changed is False
+    assert throttle.apply_rule(site, Rule(re.compile("^5"), "bounce", None, None, 60), "550 no").changed is False
 
 
 def test_a_repeated_slow_down_extends_it(throttle):
     site = make_site(10)
     throttle.apply_rule(site, slow_rule(factor=0.5, duration=10), "421 x")
-    assert throttle.apply_rule(site, slow_rule(factor=0.5, duration=600), "421 x") is False
+    assert throttle.apply_rule(site, slow_rule(factor=0.5, duration=600), "421 x").changed is False
     assert 590 < throttle.state("site").slowed_for <= 600
 
 
