@@ -36,6 +36,8 @@ class SiteServer:
 
     refusal: str = "421 4.7.0 Try again later"
     refuse: dict[str, int] = field(default_factory=dict)
+    refuse_for: dict[str, float] = field(default_factory=dict)  # seconds from a domain's first DATA
+    _first_data: dict[str, float] = field(default_factory=dict)
     received: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: collections.defaultdict(list))
     refused: list[tuple[float, str]] = field(default_factory=list)
     open_sessions: collections.Counter = field(default_factory=collections.Counter)
@@ -63,6 +65,10 @@ class SiteServer:
         recipient = envelope.rcpt_tos[0].lower()
         domain = recipient.rsplit("@", 1)[1]
         with self.lock:
+            first = self._first_data.setdefault(domain, time.time())
+            if time.time() < first + self.refuse_for.get(domain, 0):
+                self.refused.append((time.time(), recipient))
+                return self.refusal
             if self.refuse.get(domain, 0) > 0:
                 self.refuse[domain] -= 1
                 self.refused.append((time.time(), recipient))
@@ -245,6 +251,50 @@ def test_a_try_again_later_reply_slows_that_site_only(shaped, start_worker):
     after = [t for t, _ in server.received["busy.example"] if t > first_refusal + 0.05]
     assert max_in_any_second(after) <= most_allowed(4, 5)
     assert max(t for t, _ in server.received["calm.example"]) < max(t for t, _ in server.received["busy.example"])
+
+
+def test_a_slowed_site_climbs_back_to_its_rate_after_quiet_periods(shaped, start_worker):
+    from smartmail.workers.limiter import get_throttle
+
+    server = shaped("""
+        [sites.busy]
+        domains = ["busy.example"]
+        rate = "20/s"
+        burst = 1
+        [[sites.busy.rules]]
+        match = '(?i)^421 .*try again later'
+        action = "slow"
+        factor = 0.5
+        recover_after = "2s"
+        recover_step = 0.25
+        duration = "60s"
+    """)
+    server.refuse_for["busy.example"] = 1.0  # shorter than a quiet period: one cut, to 10/s
+    start_worker.many(2, concurrency=1)
+    # Mail keeps coming faster than the site's rate, so what arrives follows the limiter: 10/s for
+    # two quiet seconds after the last refusal, then 15/s, then the configured 20/s.
+    seen: list[tuple[float, float | None, bool]] = []
+    started = time.time()
+    for i in range(int(30 * 9.5)):
+        send_all([f"u{i}@busy.example"])
+        state = get_throttle().state("busy", 20)
+        seen.append((time.time(), state.slowed_rate, state.recovering))
+        time.sleep(max(0.0, started + (i + 1) / 30 - time.time()))
+    wait_for(lambda: server.count("busy.example") >= 285, 60, interval=0.2, message="285 messages at the server")
+
+    assert (10.0, False) in {(rate, recovering) for _, rate, recovering in seen}  # halved, held
+    assert (15.0, True) in {(rate, recovering) for _, rate, recovering in seen}  # one step back up
+    assert seen[-1][1] is None and get_throttle().state("busy", 20).slowed_rate is None
+    last_refusal = max(t for t, _ in server.refused)
+    stamps = sorted(t for t, _ in server.received["busy.example"])
+
+    def between(start: float, end: float) -> list[float]:
+        return [t for t in stamps if last_refusal + start <= t < last_refusal + end]
+
+    assert max_in_any_second(between(0.25, 1.75)) <= most_allowed(10, 1)
+    assert max_in_any_second(between(2.25, 3.75)) <= most_allowed(15, 1)
+    assert len(between(4.5, 6.5)) >= 2 * 16  # back near 20/s
+    assert max_in_any_second(between(4.5, 6.5)) <= most_allowed(20, 1)
 
 
 def test_a_site_never_gets_more_connections_than_its_limit(shaped, start_worker):
