@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from smartmail.cli.output import err, fail, out
@@ -177,12 +178,82 @@ def status(message_id: str, as_json: Annotated[bool, typer.Option("--json")] = F
 def _rate(value: float | None) -> str:
     if value is None:
         return "unlimited"
-    return f"{value:g}/s" if value >= 1 else f"{value * 60:g}/min"
+    return f"{value:.4g}/s" if value >= 1 else f"{value * 60:.4g}/min"
+
+
+def _span(seconds: float) -> str:
+    """A wait as an operator reads it: `45s`, `9m30s`, `2h05m`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds % 60 else f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# The Redis counter `throttled` counts holds: each time shaping held a message back instead of
+# sending it (rate, suspension, connection limit), so one message held three times counts three.
+_SITE_COLUMNS = ("site", "domains", "rate", "now", "burst", "connections", "deferred", "sent", "holds", "notes")
+
+
+def _site_notes(s) -> str:
+    """What is in force at the site: a suspension, or a slow-down and when it is back at full rate."""
+    notes = []
+    if s.state.suspended_for:
+        notes.append(f"suspended {_span(s.state.suspended_for)} more: {s.state.suspended_reason}")
+    if s.state.slowed_rate is not None:
+        back = "full rate" if s.site.rate is not None else "lifts"
+        phase = "recovering" if s.state.recovering else "slowed"
+        step = f", next step in {_span(s.state.next_step_in)}" if s.state.next_step_in is not None else ""
+        notes.append(f"{phase} to {_rate(s.state.slowed_rate)}{step}, {back} in {_span(s.state.slowed_for)}")
+    return "; ".join(notes)
+
+
+def _site_row(s, all_domains: bool) -> list[str]:
+    if all_domains:
+        domains = ",".join(s.domains)
+    else:
+        domains = (s.domains[0] + (f" +{len(s.domains) - 1}" if len(s.domains) > 1 else "")) if s.domains else ""
+    return [
+        s.site.name,
+        domains,
+        _rate(s.site.rate),
+        _rate(s.current_rate),
+        str(s.site.burst) if s.site.rate is not None else "-",
+        f"{s.state.connections}/{s.site.max_connections}",
+        str(s.deferred),
+        str(s.state.counters.get("sent", 0)),
+        str(s.state.counters.get("throttled", 0)),
+        _site_notes(s),
+    ]
+
+
+def _site_json(s) -> dict:
+    return {
+        "site": s.site.name,
+        "domains": s.domains,
+        "rate": s.site.rate,
+        "current_rate": s.current_rate,
+        "burst": s.site.burst if s.site.rate is not None else None,  # an unlimited site has no bucket
+        "connections": s.state.connections,
+        "max_connections": s.site.max_connections,
+        "deferred": s.deferred,
+        "slowed_rate": s.state.slowed_rate,
+        "slowed_for": s.state.slowed_for,
+        "recovering": s.state.recovering,
+        "next_step_in": s.state.next_step_in,
+        "suspended_for": s.state.suspended_for,
+        "suspended_reason": s.state.suspended_reason,
+        "counters": s.state.counters,
+    }
 
 
 @app.command()
 def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show each site's configured and current rate, connections, deferred mail, slow-downs and suspensions."""
+    """Show each site's configured and current rate, connections, deferred mail, slow-downs and suspensions.
+
+    On a terminal a table; piped, one tab-separated line per site with nothing cut short.
+    """
     from smartmail.workers.policy import PolicyError
     from smartmail.workers.sites import site_statuses
 
@@ -191,50 +262,18 @@ def sites(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     except PolicyError as exc:
         fail(str(exc))
     if as_json:
-        out.print_json(
-            json.dumps(
-                [
-                    {
-                        "site": s.site.name,
-                        "domains": s.domains,
-                        "rate": s.site.rate,
-                        "current_rate": s.current_rate,
-                        "burst": s.site.burst,
-                        "connections": s.state.connections,
-                        "max_connections": s.site.max_connections,
-                        "deferred": s.deferred,
-                        "slowed_rate": s.state.slowed_rate,
-                        "slowed_for": s.state.slowed_for,
-                        "suspended_for": s.state.suspended_for,
-                        "suspended_reason": s.state.suspended_reason,
-                        "counters": s.state.counters,
-                    }
-                    for s in statuses
-                ]
-            )
-        )
+        out.print_json(json.dumps([_site_json(s) for s in statuses]))
         return
-    table = Table("site", "domains", "rate", "now", "burst", "connections", "deferred", "sent", "throttled", "notes")
+    if not out.is_terminal:
+        # A table sized for a terminal cuts cells short, and its borders get in the way of
+        # grep, cut and awk: piped output is plain TSV, every domain listed.
+        lines = [_SITE_COLUMNS] + [_site_row(s, all_domains=True) for s in statuses]
+        sys.stdout.write("".join("\t".join(" ".join(c.split()) for c in line) + "\n" for line in lines))
+        return
+    table = Table(*_SITE_COLUMNS)
     for s in statuses:
-        notes = []
-        if s.state.suspended_for:
-            notes.append(f"suspended {s.state.suspended_for:.0f}s more: {s.state.suspended_reason}")
-        if s.state.slowed_rate is not None:
-            notes.append(f"slowed {s.state.slowed_for:.0f}s more")
-        domains = (s.domains[0] + (f" +{len(s.domains) - 1}" if len(s.domains) > 1 else "")) if s.domains else ""
-        table.add_row(
-            s.site.name,
-            domains,
-            _rate(s.site.rate),
-            _rate(s.current_rate),
-            str(s.site.burst) if s.site.rate else "-",
-            f"{s.state.connections}/{s.site.max_connections}",
-            str(s.deferred),
-            str(s.state.counters.get("sent", 0)),
-            str(s.state.counters.get("throttled", 0)),
-            "; ".join(notes),
-            style="red" if s.state.suspended_for else None,
-        )
+        cells = [escape(cell) for cell in _site_row(s, all_domains=False)]  # a reply may read as markup
+        table.add_row(*cells, style="red" if s.state.suspended_for else None)
     out.print(table)
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -33,6 +34,10 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# A slowed site regains a tenth of its configured rate per two quiet minutes: a halved rate is
+# back in ten minutes without a further matching reply.
+DEFAULT_RECOVER_AFTER = 120.0
+DEFAULT_RECOVER_STEP = 0.1
 
 
 def parse_rate(value: Any) -> float | None:
@@ -79,10 +84,30 @@ class RuleSpec(_Spec):
     action: Literal["slow", "suspend", "bounce"]
     rate: float | None = None  # slow: to this rate
     factor: float | None = Field(None, gt=0, lt=1)  # slow: to this fraction of the configured rate
-    duration: float = 1800.0  # slow, suspend: how long before it lifts on its own
+    duration: float = 1800.0  # slow, suspend: how long after the last matching reply it lifts at the latest
+    recover_after: float | None = None  # slow: a quiet period, after which the rate climbs one step
+    recover_step: float | None = Field(None, ge=0, le=1)  # slow: the step, a fraction of the configured rate
 
     _rate = field_validator("rate", mode="before")(lambda value: parse_rate(value) if value is not None else None)
     _duration = field_validator("duration", mode="before")(parse_duration)
+
+    @field_validator("recover_after", mode="before")
+    @classmethod
+    def _quiet_period(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        seconds = parse_duration(value)
+        if seconds <= 0:
+            raise ValueError(f"expected a duration longer than 0, got {value!r}")
+        return seconds
+
+    @field_validator("recover_after", "recover_step")
+    @classmethod
+    def _slow_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        action = info.data.get("action", "slow")
+        if value is not None and action != "slow":
+            raise ValueError(f"only a slow rule recovers step by step, not a {action} rule")
+        return value
 
     @field_validator("match")
     @classmethod
@@ -140,6 +165,8 @@ class Rule:
     rate: float | None
     factor: float | None
     duration: float
+    recover_after: float = DEFAULT_RECOVER_AFTER
+    recover_step: float = DEFAULT_RECOVER_STEP
 
     def matches(self, reply: Reply) -> bool:
         return bool(self.pattern.search(str(reply)))
@@ -193,7 +220,18 @@ class Policy:
 
 
 def _rules(specs: list[RuleSpec]) -> tuple[Rule, ...]:
-    return tuple(Rule(re.compile(s.match), s.action, s.rate, s.factor, s.duration) for s in specs)
+    return tuple(
+        Rule(
+            re.compile(s.match),
+            s.action,
+            s.rate,
+            s.factor,
+            s.duration,
+            s.recover_after if s.recover_after is not None else DEFAULT_RECOVER_AFTER,
+            s.recover_step if s.recover_step is not None else DEFAULT_RECOVER_STEP,
+        )
+        for s in specs
+    )
 
 
 def build_policy(spec: PolicySpec, defaults: RetrySchedule) -> Policy:

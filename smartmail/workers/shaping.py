@@ -114,17 +114,18 @@ class Shaper:
         if site.name in reacted:
             return None
         reacted.add(site.name)
-        if self.throttle.apply_rule(site, rule, str(reply)):
-            if rule.action == "slow":
-                log.warning(
-                    "site.slowed",
-                    site=site.name,
-                    rate=site.slowed_rate(rule),
-                    seconds=rule.duration,
-                    reply=str(reply)[:300],
-                )
-            else:
-                log.warning("site.suspended", site=site.name, seconds=rule.duration, reply=str(reply)[:300])
+        armed = self.throttle.apply_rule(site, rule, str(reply))
+        if armed.changed and rule.action == "slow":
+            log.warning(
+                "site.slowed",
+                site=site.name,
+                rate=armed.rate,
+                recover_after=rule.recover_after,
+                recover_step=rule.recover_step,
+                reply=str(reply)[:300],
+            )
+        elif armed.changed:
+            log.warning("site.suspended", site=site.name, seconds=rule.duration, reply=str(reply)[:300])
         return None
 
 

@@ -59,6 +59,6 @@ def site_statuses() -> list[SiteStatus]:
     for name in throttle.known_sites() - set(sites):
         sites[name] = policy.sites.get(name) or policy.unknown_site(name)
     return [
-        SiteStatus(site, sorted(domains.get(name, ())), throttle.state(name), deferred_sites[name])
+        SiteStatus(site, sorted(domains.get(name, ())), throttle.state(name, site.rate), deferred_sites[name])
         for name, site in sorted(sites.items())
     ]

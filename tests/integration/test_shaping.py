@@ -6,6 +6,7 @@ import bisect
 import collections
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ class SiteServer:
 
     refusal: str = "421 4.7.0 Try again later"
     refuse: dict[str, int] = field(default_factory=dict)
+    refuse_for: dict[str, float] = field(default_factory=dict)  # seconds from a domain's first DATA
+    _first_data: dict[str, float] = field(default_factory=dict)
     received: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: collections.defaultdict(list))
     refused: list[tuple[float, str]] = field(default_factory=list)
     open_sessions: collections.Counter = field(default_factory=collections.Counter)
@@ -63,6 +66,10 @@ class SiteServer:
         recipient = envelope.rcpt_tos[0].lower()
         domain = recipient.rsplit("@", 1)[1]
         with self.lock:
+            first = self._first_data.setdefault(domain, time.time())
+            if time.time() < first + self.refuse_for.get(domain, 0):
+                self.refused.append((time.time(), recipient))
+                return self.refusal
             if self.refuse.get(domain, 0) > 0:
                 self.refuse[domain] -= 1
                 self.refused.append((time.time(), recipient))
@@ -247,6 +254,53 @@ def test_a_try_again_later_reply_slows_that_site_only(shaped, start_worker):
     assert max(t for t, _ in server.received["calm.example"]) < max(t for t, _ in server.received["busy.example"])
 
 
+def test_a_slowed_site_climbs_back_to_its_rate_after_quiet_periods(shaped, start_worker):
+    from smartmail.workers.limiter import get_throttle
+
+    server = shaped("""
+        [sites.busy]
+        domains = ["busy.example"]
+        rate = "20/s"
+        burst = 3
+        [[sites.busy.rules]]
+        match = '(?i)^421 .*try again later'
+        action = "slow"
+        factor = 0.5
+        recover_after = "2s"
+        recover_step = 0.25
+        duration = "60s"
+    """)
+    # A burst of 3: with one, a token falling free between two messages would be lost, and the
+    # site would get less than its rate whatever the slow-down. Refusals for less than a quiet
+    # period: one cut, to 10/s.
+    server.refuse_for["busy.example"] = 1.0
+    start_worker.many(2, concurrency=1)
+    # Mail keeps coming faster than the site's rate, so what arrives follows the limiter: 10/s for
+    # two quiet seconds after the last refusal, then 15/s, then the configured 20/s.
+    seen: list[tuple[float, float | None, bool]] = []
+    started = time.time()
+    for i in range(int(30 * 9.5)):
+        send_all([f"u{i}@busy.example"])
+        state = get_throttle().state("busy", 20)
+        seen.append((time.time(), state.slowed_rate, state.recovering))
+        time.sleep(max(0.0, started + (i + 1) / 30 - time.time()))
+    wait_for(lambda: server.count("busy.example") >= 285, 60, interval=0.2, message="285 messages at the server")
+
+    assert (10.0, False) in {(rate, recovering) for _, rate, recovering in seen}  # halved, held
+    assert (15.0, True) in {(rate, recovering) for _, rate, recovering in seen}  # one step back up
+    assert seen[-1][1] is None and get_throttle().state("busy", 20).slowed_rate is None
+    last_refusal = max(t for t, _ in server.refused)
+    stamps = sorted(t for t, _ in server.received["busy.example"])
+
+    def between(start: float, end: float) -> list[float]:
+        return [t for t in stamps if last_refusal + start <= t < last_refusal + end]
+
+    assert max_in_any_second(between(0.25, 1.75)) <= most_allowed(10, 3)
+    assert max_in_any_second(between(2.25, 3.75)) <= most_allowed(15, 3)
+    assert len(between(4.5, 6.5)) >= 2 * 17  # back near 20/s
+    assert max_in_any_second(between(4.5, 6.5)) <= most_allowed(20, 3)
+
+
 def test_a_site_never_gets_more_connections_than_its_limit(shaped, start_worker):
     server = shaped("""
         [sites.two]
@@ -318,13 +372,23 @@ def test_sites_command_shows_rates_connections_deferred_mail_and_rules_in_force(
     rows = {row["site"]: row for row in json.loads(out.output)}
     assert rows["busy"]["rate"] == 10 and rows["busy"]["current_rate"] == 5 and rows["busy"]["burst"] == 7
     assert rows["busy"]["connections"] == 1 and rows["busy"]["max_connections"] == 3
-    assert rows["busy"]["deferred"] == 2 and 590 < rows["busy"]["slowed_for"] <= 600
+    assert rows["busy"]["deferred"] == 2 and 590 < rows["busy"]["slowed_for"] <= 600  # 5 steps of 2 minutes
+    assert rows["busy"]["recovering"] is False and 110 < rows["busy"]["next_step_in"] <= 120
+    assert rows["blocked"]["burst"] is None  # unlimited: no bucket, no burst
     assert rows["blocked"]["current_rate"] == 0 and "blocked by policy" in rows["blocked"]["suspended_reason"]
     assert rows["other.example"]["deferred"] == 1 and rows["other.example"]["rate"] is None
     assert rows["default"]["deferred"] == 0
 
-    table = CliRunner().invoke(cli, ["sites"], env={"COLUMNS": "200"})
-    assert table.exit_code == 0 and "suspended" in table.output and "slowed" in table.output
+    # Piped (as under CliRunner), one tab-separated line per site, nothing cut at 80 columns.
+    piped = CliRunner().invoke(cli, ["sites"], env={"COLUMNS": "80"})
+    assert piped.exit_code == 0, piped.output
+    lines = [line.split("\t") for line in piped.output.splitlines()]
+    assert lines[0] == ["site", "domains", "rate", "now", "burst", "connections", "deferred", "sent", "holds", "notes"]
+    by_site = {line[0]: line for line in lines[1:]}
+    assert all(len(line) == 10 for line in lines) and "…" not in piped.output
+    assert by_site["busy"][2:5] == ["10/s", "5/s", "7"] and by_site["blocked"][4] == "-"
+    assert re.fullmatch(r"slowed to 5/s, next step in (2m|1m5\ds), full rate in (10m|9m5\ds)", by_site["busy"][9])
+    assert re.fullmatch(r"suspended (1h00m|59m5\ds) more: 554 5\.7\.1 blocked by policy", by_site["blocked"][9])
 
 
 def test_sites_command_names_the_bad_key_of_a_malformed_policy(shaped):

@@ -30,8 +30,15 @@ def make_site(rate: float | None, burst: int = 1, name: str = "site", max_connec
     )
 
 
-def slow_rule(*, rate: float | None = None, factor: float | None = None, duration: float = 60.0) -> Rule:
-    return Rule(re.compile("^4"), "slow", rate, factor, duration)
+def slow_rule(
+    *,
+    rate: float | None = None,
+    factor: float | None = None,
+    duration: float = 60.0,
+    recover_after: float = 120.0,
+    recover_step: float = 0.1,
+) -> Rule:
+    return Rule(re.compile("^4"), "slow", rate, factor, duration, recover_after, recover_step)
 
 
 def suspend_rule(duration: float = 60.0) -> Rule:
@@ -300,7 +307,7 @@ def test_an_unlimited_site_grants_everything(throttle):
 @pytest.mark.parametrize("rate", [None, 10])
 def test_a_suspension_grants_nothing_and_says_for_how_long(throttle, rate):
     site = make_site(rate, 5)
-    assert throttle.apply_rule(site, suspend_rule(duration=60), "421 4.7.0 [TS01] deferred") is True
+    assert throttle.apply_rule(site, suspend_rule(duration=60), "421 4.7.0 [TS01] deferred").changed is True
     grant = throttle.acquire(site, 7, now_us=0)
     assert grant.granted == 0 and grant.suspended is True
     assert 59.0 < grant.retry_after <= 60.0
@@ -326,7 +333,7 @@ def test_a_refusal_for_lack_of_tokens_is_not_a_suspension(throttle):
 
 def test_a_slow_rule_with_a_rate_paces_an_unlimited_site(throttle):
     site = make_site(None, 2)
-    assert throttle.apply_rule(site, slow_rule(rate=10), "421 too many") is True
+    assert throttle.apply_rule(site, slow_rule(rate=10), "421 too many").changed is True
     assert throttle.acquire(site, 10, now_us=0).granted == 2  # the site's burst at the slowed interval
     refused = throttle.acquire(site, 3, now_us=0)
     assert (refused.granted, us(refused.retry_after), us(refused.spacing)) == (0, 100_000, 100_000)
@@ -337,7 +344,7 @@ def test_a_slow_rule_with_a_rate_paces_an_unlimited_site(throttle):
 
 def test_a_slow_rule_with_a_rate_paces_a_limited_site(throttle):
     site = make_site(100, 1)
-    assert throttle.apply_rule(site, slow_rule(rate=4), "421 too many") is True
+    assert throttle.apply_rule(site, slow_rule(rate=4), "421 too many").changed is True
     assert throttle.acquire(site, 5, now_us=0).granted == 1
     assert throttle.acquire(site, 5, now_us=249_999).granted == 0  # not 10,000 µs (100/s)
     assert throttle.acquire(site, 5, now_us=250_000).granted == 1
@@ -353,7 +360,7 @@ def test_a_slow_rule_never_speeds_a_limited_site_up(throttle):
 
 def test_a_factor_rule_halves_a_limited_site(throttle):
     site = make_site(10, 1)
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited") is True
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited").changed is True
     assert throttle.state("site").slowed_rate == pytest.approx(5)
     assert throttle.acquire(site, 5, now_us=0).granted == 1
     assert throttle.acquire(site, 5, now_us=100_000).granted == 0
@@ -363,7 +370,7 @@ def test_a_factor_rule_halves_a_limited_site(throttle):
 
 def test_a_factor_rule_is_ignored_on_an_unlimited_site(throttle, client):
     site = make_site(None)
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited") is False
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 rate limited").changed is False
     assert client.keys("*") == []
     assert throttle.acquire(site, 500, now_us=0).granted == 500
     assert throttle.state("site").slowed_rate is None
@@ -371,13 +378,13 @@ def test_a_factor_rule_is_ignored_on_an_unlimited_site(throttle, client):
 
 def test_a_less_severe_slow_down_does_not_speed_the_site_up(throttle):
     site = make_site(10, 1)
-    assert throttle.apply_rule(site, slow_rule(factor=0.25), "421 a") is True  # 2.5/s
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 b") is False  # 5/s: less severe
+    assert throttle.apply_rule(site, slow_rule(factor=0.25), "421 a").changed is True  # 2.5/s
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 b").changed is False  # 5/s: less severe
     assert throttle.state("site").slowed_rate == pytest.approx(2.5)
     assert throttle.acquire(site, 1, now_us=0).granted == 1
     assert throttle.acquire(site, 1, now_us=399_999).granted == 0
     assert throttle.acquire(site, 1, now_us=400_000).granted == 1
-    assert throttle.apply_rule(site, slow_rule(factor=0.1), "421 c") is True  # 1/s: more severe
+    assert throttle.apply_rule(site, slow_rule(factor=0.1), "421 c").changed is True  # 1/s: more severe
     assert throttle.state("site").slowed_rate == pytest.approx(1)
 
 
@@ -392,25 +399,138 @@ def test_a_less_severe_slow_down_does_not_cut_a_severe_one_short(throttle):
 
 def test_a_repeated_suspension_does_not_cut_the_first_one_short(throttle):
     site = make_site(None)
-    assert throttle.apply_rule(site, suspend_rule(duration=3600), "421 blocked for an hour") is True
-    assert throttle.apply_rule(site, suspend_rule(duration=1), "421 blocked briefly") is False
+    assert throttle.apply_rule(site, suspend_rule(duration=3600), "421 blocked for an hour").changed is True
+    assert throttle.apply_rule(site, suspend_rule(duration=1), "421 blocked briefly").changed is False
     assert throttle.state("site").suspended_for > 3590
 
 
 def test_apply_rule_is_true_only_when_it_changed_the_state(throttle):
     site = make_site(10)
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x") is True
-    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x") is False  # the same again
-    assert throttle.apply_rule(site, suspend_rule(), "421 y") is True
-    assert throttle.apply_rule(site, suspend_rule(), "421 y") is False
-    assert throttle.apply_rule(site, Rule(re.compile("^5"), "bounce", None, None, 60), "550 no") is False
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x").changed is True
+    assert throttle.apply_rule(site, slow_rule(factor=0.5), "421 x").changed is False  # the same again
+    assert throttle.apply_rule(site, suspend_rule(), "421 y").changed is True
+    assert throttle.apply_rule(site, suspend_rule(), "421 y").changed is False
+    assert throttle.apply_rule(site, Rule(re.compile("^5"), "bounce", None, None, 60), "550 no").changed is False
 
 
 def test_a_repeated_slow_down_extends_it(throttle):
     site = make_site(10)
     throttle.apply_rule(site, slow_rule(factor=0.5, duration=10), "421 x")
-    assert throttle.apply_rule(site, slow_rule(factor=0.5, duration=600), "421 x") is False
+    assert throttle.apply_rule(site, slow_rule(factor=0.5, duration=600), "421 x").changed is False
     assert 590 < throttle.state("site").slowed_for <= 600
+
+
+# --- recovery: additive increase after quiet periods, on a clock the test controls --------------
+
+
+def halving(duration: float = 3600.0, after: float = 60.0, step: float = 0.1) -> Rule:
+    return slow_rule(factor=0.5, duration=duration, recover_after=after, recover_step=step)
+
+
+def rate_at(throttle, site: Site, seconds: float) -> float | None:
+    return throttle.state(site.name, site.rate, now_us=us(seconds)).slowed_rate
+
+
+def test_a_slowed_site_climbs_back_a_step_per_quiet_period(throttle):
+    site = make_site(10)
+    armed = throttle.apply_rule(site, halving(), "421 try again later", now_us=0)
+    assert armed.changed and armed.rate == pytest.approx(5)
+    state = throttle.state("site", 10, now_us=us(59.9))
+    assert state.slowed_rate == pytest.approx(5) and not state.recovering
+    assert state.next_step_in == pytest.approx(0.1) and state.slowed_for == pytest.approx(240.1)  # 5 steps of 1/s
+    state = throttle.state("site", 10, now_us=us(60))
+    assert state.slowed_rate == pytest.approx(6) and state.recovering and state.slowed_for == pytest.approx(240)
+    assert [rate_at(throttle, site, t) for t in (120, 180, 299.9)] == pytest.approx([7, 8, 9])
+    assert rate_at(throttle, site, 300) is None  # back at the configured rate
+
+
+def test_the_limiter_paces_at_the_recovering_rate(throttle):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(), "421 try again later", now_us=0)
+    t = us(60)  # 6/s: one token every 166,667 µs
+    assert throttle.acquire(site, 5, now_us=t).granted == 1
+    assert throttle.acquire(site, 5, now_us=t + 166_666).granted == 0
+    assert throttle.acquire(site, 5, now_us=t + 166_667).granted == 1
+    t = us(300)  # the configured 10/s again
+    assert throttle.acquire(site, 5, now_us=t).granted == 1
+    assert throttle.acquire(site, 5, now_us=t + 100_000).granted == 1
+
+
+def test_a_matching_reply_during_recovery_cuts_from_the_rate_in_force(throttle):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(), "421 a", now_us=0)
+    assert rate_at(throttle, site, 130) == pytest.approx(7)
+    armed = throttle.apply_rule(site, halving(), "421 b", now_us=us(130))
+    assert armed.changed and armed.rate == pytest.approx(3.5)
+    assert rate_at(throttle, site, 189.9) == pytest.approx(3.5)  # a new quiet period from the reply
+    assert rate_at(throttle, site, 190) == pytest.approx(4.5)
+    assert throttle.state("site", 10, now_us=us(190)).slowed_for == pytest.approx(5 * 60 + 60)  # 6.5/s to go
+
+
+def test_replies_within_a_quiet_period_cut_once_but_restart_it(throttle):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(), "421 a", now_us=0)
+    armed = throttle.apply_rule(site, halving(), "421 in flight", now_us=us(30))
+    assert not armed.changed and armed.rate == pytest.approx(5)
+    assert rate_at(throttle, site, 89.9) == pytest.approx(5)  # not 6: the quiet period began at 30 s
+    assert rate_at(throttle, site, 90) == pytest.approx(6)
+
+
+def test_a_factor_never_takes_a_site_below_one_a_minute(throttle):
+    site = make_site(0.05)  # 3/min
+    rule = slow_rule(factor=0.1, duration=3600, recover_after=60, recover_step=0)
+    assert throttle.apply_rule(site, rule, "421 a", now_us=0).rate == pytest.approx(1 / 60)
+    assert throttle.apply_rule(site, rule, "421 b", now_us=us(60)).rate == pytest.approx(1 / 60)
+
+
+def test_a_zero_step_holds_the_slowed_rate_until_the_duration(throttle):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(duration=600, step=0), "421 a", now_us=0)
+    state = throttle.state("site", 10, now_us=us(599))
+    assert state.slowed_rate == pytest.approx(5) and state.next_step_in is None and state.slowed_for == 1
+    assert rate_at(throttle, site, 600) is None
+
+
+def test_the_duration_caps_a_slow_recovery(throttle):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(duration=150), "421 a", now_us=0)
+    assert throttle.state("site", 10, now_us=us(120)).slowed_for == pytest.approx(30)
+    assert rate_at(throttle, site, 149) == pytest.approx(7)
+    assert rate_at(throttle, site, 150) is None
+
+
+def test_an_unlimited_site_climbs_by_steps_of_the_rules_rate_until_the_duration(throttle):
+    site = make_site(None)
+    throttle.apply_rule(site, slow_rule(rate=10, duration=600, recover_after=60, recover_step=0.5), "421", now_us=0)
+    assert [rate_at(throttle, site, t) for t in (0, 60, 599)] == pytest.approx([10, 15, 55])
+    assert throttle.state("site", None, now_us=0).slowed_for == pytest.approx(600)
+    assert rate_at(throttle, site, 600) is None
+
+
+def test_a_rate_rule_during_recovery_cuts_to_its_rate(throttle):
+    site = make_site(10)
+    rule = slow_rule(rate=4, duration=3600, recover_after=60, recover_step=0.1)
+    throttle.apply_rule(site, rule, "421 a", now_us=0)
+    assert rate_at(throttle, site, 60) == pytest.approx(5)
+    assert throttle.apply_rule(site, rule, "421 b", now_us=us(61)).changed
+    assert rate_at(throttle, site, 61) == pytest.approx(4)
+
+
+def test_the_key_expires_once_back_at_full_rate(throttle, client):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(after=2), "421 a")
+    assert 10_000 < client.pttl("t:smartmail:site:site:slowdown") <= 11_000  # five steps of 2 s, and a margin
+
+
+def test_acquire_stays_one_round_trip_during_a_slow_down(throttle, client, monkeypatch):
+    site = make_site(10)
+    throttle.apply_rule(site, halving(), "421 a", now_us=0)
+    throttle.acquire(site, 1, now_us=0)  # the first call of a process loads the script
+    commands = []
+    execute = client.execute_command
+    monkeypatch.setattr(client, "execute_command", lambda *a, **k: commands.append(a[0]) or execute(*a, **k))
+    assert throttle.acquire(site, 3, now_us=us(61)).spacing == pytest.approx(1 / 6, abs=1e-6)
+    assert commands == ["EVALSHA"]
 
 
 # --- spreading the refused messages ("promise") -------------------------------------------------

@@ -13,6 +13,8 @@ import pytest
 from smartmail.workers.outcomes import Reply, RetrySchedule
 from smartmail.workers.policy import (
     DEFAULT_POLICY_FILE,
+    DEFAULT_RECOVER_AFTER,
+    DEFAULT_RECOVER_STEP,
     Policy,
     PolicyError,
     PolicyStore,
@@ -241,6 +243,33 @@ def test_a_slow_rule_rate_is_parsed(tmp_path):
     assert (rule.rate, rule.factor) == (2.0, None)
 
 
+def test_a_slow_rule_recovers_a_tenth_every_two_quiet_minutes_unless_told(tmp_path):
+    policy = load(
+        tmp_path,
+        """
+        [[sites.x.rules]]
+        match = "^4"
+        action = "slow"
+        factor = 0.5
+        [[sites.x.rules]]
+        match = "^421"
+        action = "slow"
+        factor = 0.5
+        recover_after = "30s"
+        recover_step = 0.25
+        [[sites.x.rules]]
+        match = "^451"
+        action = "slow"
+        rate = "1/s"
+        recover_after = 90
+        recover_step = 0
+    """,
+    )
+    rules = policy.sites["x"].rules
+    assert [(r.recover_after, r.recover_step) for r in rules] == [(120.0, 0.1), (30.0, 0.25), (90.0, 0.0)]
+    assert (DEFAULT_RECOVER_AFTER, DEFAULT_RECOVER_STEP) == (120.0, 0.1)
+
+
 def test_domains_and_mx_suffixes_are_lower_cased(tmp_path):
     policy = load(
         tmp_path,
@@ -318,6 +347,41 @@ def test_mx_options_are_read(tmp_path):
             "expected a duration",
         ),
         ('[[sites.x.rules]]\naction = "suspend"\n', "sites.x.rules[0].match", "Field required"),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nfactor = 0.5\nrecover_after = "soon"\n',
+            "sites.x.rules[0].recover_after",
+            "expected a duration",
+        ),
+        (
+            '[[default.rules]]\nmatch = "a"\naction = "slow"\nfactor = 0.5\nrecover_after = 0\n',
+            "default.rules[0].recover_after",
+            "longer than 0",
+        ),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nfactor = 0.5\nrecover_step = 1.5\n',
+            "sites.x.rules[0].recover_step",
+            "less than or equal to 1",
+        ),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nfactor = 0.5\nrecover_step = -0.1\n',
+            "sites.x.rules[0].recover_step",
+            "greater than or equal to 0",
+        ),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "suspend"\nrecover_after = "1m"\n',
+            "sites.x.rules[0].recover_after",
+            "only a slow rule recovers step by step, not a suspend rule",
+        ),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "bounce"\nrecover_step = 0.2\n',
+            "sites.x.rules[0].recover_step",
+            "not a bounce rule",
+        ),
+        (
+            '[[sites.x.rules]]\nmatch = "a"\naction = "slow"\nfactor = 0.5\nrecover_every = "1m"\n',
+            "sites.x.rules[0].recover_every",
+            "Extra inputs are not permitted",
+        ),
         ("[sites.x]\nmax_conections = 3\n", "sites.x.max_conections", "Extra inputs are not permitted"),
         ("[sites.x]\nburst = 0\n", "sites.x.burst", "greater than or equal to 1"),
         ("[mx]\ntimeout = 0\n", "mx.timeout", "greater than 0"),

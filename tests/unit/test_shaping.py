@@ -220,7 +220,7 @@ class CountingThrottle(SiteThrottle):
 
     def apply_rule(self, site, rule, reply_text):
         changed = super().apply_rule(site, rule, reply_text)
-        self.applied.append((site.name, rule.action, changed))
+        self.applied.append((site.name, rule.action, changed.changed))
         return changed
 
 
