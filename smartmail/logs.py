@@ -17,6 +17,9 @@ class _StderrLogger:
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
+_library_configured = False
+
+
 def configure(level: str = "INFO", fmt: str = "console") -> None:
     """Called by the processes SmartMail owns (CLI, worker, beat), never on import: an application
     that calls smartmail.send() keeps its own logging configuration."""
@@ -30,5 +33,34 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=lambda *_args: _StderrLogger(),
+        cache_logger_on_first_use=True,
+    )
+
+
+def configure_for_library(level: str = "INFO", fmt: str = "console") -> None:
+    """Called once per process when SmartMail is first used as a library (by get_settings), so that
+    SMARTMAIL_LOG_LEVEL holds there too, without taking over an application's own logging:
+    - structlog already configured (structlog.is_configured()): the application's setup is kept;
+    - stdlib logging configured (the root logger has handlers): SmartMail's events are handed to
+      `logging.getLogger("smartmail.…")`, so the application's handlers, format and levels apply;
+    - neither: lines on stderr, as the CLI and workers write them."""
+    global _library_configured
+    if _library_configured:
+        return
+    _library_configured = True
+    if structlog.is_configured():
+        return
+    if not logging.getLogger().handlers:
+        configure(level, fmt)
+        return
+    # The application's handlers add the time and level; the message is the event and its fields.
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    processors: list = [structlog.contextvars.merge_contextvars]
+    if fmt == "json":
+        processors.append(structlog.processors.format_exc_info)
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )

@@ -286,6 +286,16 @@ def contacts_import(
     if not wait and not inline:
         out.print(f"import job {job_id} queued", highlight=False)
         return
+    if inline:
+        # Printed first, so that a run killed midway (Ctrl-C, a lost terminal) can be resumed.
+        out.print(
+            f"import job {job_id} started; if interrupted, resume it with "
+            f"`smartmail contacts import-resume {job_id} --inline`",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"import job {job_id} queued", highlight=False)
     status = _progress_loop(job_id, inline)
     _summary(status)
     if status["failed"]:
@@ -321,6 +331,53 @@ def contacts_import_status(job_id: str, as_json: Annotated[bool, typer.Option("-
         out.print(
             f"{status['bytes_read']} of {status['total_bytes']} bytes, row {status['rows_done']}", highlight=False
         )
+
+
+def _progress(status: dict[str, Any]) -> str:
+    if status["state"] == "done":
+        return "100%"
+    total = status["total_bytes"] or 0
+    return f"{100 * status['bytes_read'] // total}%" if total else "-"
+
+
+@contacts_app.command("imports")
+def contacts_imports(
+    limit: Annotated[int, typer.Option(min=1, help="How many jobs, newest first.")] = 20,
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in this state: pending, running, done or failed.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List import jobs with their state and progress, newest first."""
+    from smartmail.audience import imports
+
+    try:
+        jobs = imports.list_jobs(limit, state)
+    except InvalidInput as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json([{**job, "progress": _progress(job)} for job in jobs])
+        return
+    table = Table()
+    for name, justify in (("job", "left"), ("state", "left"), ("file", "left"), ("progress", "right"),
+                          ("rows", "right"), ("created", "right"), ("updated", "right"), ("skipped", "right"),
+                          ("failed", "right"), ("started", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, no_wrap=name in ("job", "state"))  # type: ignore[arg-type]
+    for job in jobs:
+        started = job["started_at"] or job["created_at"]
+        table.add_row(
+            job["job_id"],
+            job["state"],
+            Path(job["path"]).name,
+            _progress(job),
+            str(job["rows_done"]),
+            *(str(job[n]) for n in ("created", "updated", "skipped", "failed")),
+            started.strftime("%Y-%m-%d %H:%M:%S") if started else "",
+        )
+    out.print(table)
+    if any(job["state"] in ("running", "failed") for job in jobs):
+        # A `running` job whose process was killed stays `running`: only a resume moves it on.
+        err.print("a failed or interrupted job continues from its checkpoint: smartmail contacts import-resume JOB")
 
 
 @contacts_app.command("import-errors")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+import structlog
 from kombu import Queue
 
 from smartmail.config.settings import Settings
+from smartmail.outage import Outage, is_connection_error
+
+log = structlog.get_logger("smartmail.broker")
 
 QUEUES = ("transactional", "bulk", "imports", "events", "webhooks", "default")
 
@@ -19,6 +26,12 @@ def celery_config(settings: Settings) -> dict:
             "global_keyprefix": settings.redis_key_prefix,
         },
         "broker_connection_retry_on_startup": True,
+        # A worker waits out a Redis outage of any length and reconnects, instead of exiting after
+        # Celery's default of 100 attempts (with backoff, under an hour) and needing a restart.
+        "broker_connection_max_retries": None,
+        # Cancelling tasks on a lost connection would end a drain in the middle of an SMTP
+        # transaction (its messages become `unknown`); late acks redeliver them anyway, harmlessly.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_queues": [Queue(name) for name in QUEUES],
         "task_default_queue": "default",
         "task_routes": {
@@ -49,3 +62,77 @@ def celery_config(settings: Settings) -> dict:
             "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
         },
     }
+
+
+class _OutageFilter(logging.Filter):
+    """On a Celery logger: records that report a lost broker connection become one Outage line per
+    outage (dropped here); a record that reports the connection back ends the outage."""
+
+    def __init__(
+        self,
+        outage: Outage,
+        failure: Callable[[logging.LogRecord], BaseException | None],
+        recovery: Callable[[logging.LogRecord], bool] = lambda _record: False,
+    ) -> None:
+        super().__init__()
+        self.outage, self._failure, self._recovery = outage, failure, recovery
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = self._failure(record)
+        if error is not None:
+            self.outage.failed(error)
+            return False
+        if self._recovery(record):
+            return not self.outage.ok()  # the recovered line says it, with the outage's length
+        return True
+
+
+def _consumer_failure(record: logging.LogRecord) -> BaseException | None:
+    # celery.worker.consumer logs CONNECTION_ERROR (uri, exc, next step) per reconnect attempt and
+    # CONNECTION_RETRY (as '%s (%r)', text, exc) when the connection drops: the exception is args[1].
+    from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY
+
+    args = record.args if isinstance(record.args, tuple) else ()
+    if len(args) >= 2 and isinstance(args[1], BaseException):
+        if record.msg == CONNECTION_ERROR or (record.msg == "%s (%r)" and args[0] == CONNECTION_RETRY):
+            return args[1]
+    return None
+
+
+def _beat_failure(record: logging.LogRecord) -> BaseException | None:
+    # celery.beat's apply_entry logs 'Message Error' with the stack and the exception's whole chain
+    # (kombu's retries, `IndexError: pop from empty list` from its channel pool) for every due entry.
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(record.msg, str) and record.msg.startswith("Message Error") and is_connection_error(exc):
+        return exc
+    return None
+
+
+def _not_the_cancel_warning(record: logging.LogRecord) -> bool:
+    return "worker_cancel_long_running_tasks_on_connection_loss" not in record.getMessage()
+
+
+_installed: dict[str, Outage] = {}
+
+
+def quiet_broker_outages(process: str) -> Outage:
+    """Install, once per process, the log filters that turn Celery's per-attempt broker errors
+    (`process` is "worker" or "beat") into one warning line per outage and one when it ends."""
+    if process in _installed:
+        return _installed[process]
+    outage = _installed[process] = Outage(f"{process}.broker", log)
+    if process == "beat":
+        from celery.signals import after_task_publish
+
+        logging.getLogger("celery.beat").addFilter(_OutageFilter(outage, _beat_failure))
+        # Beat logs nothing when a send succeeds; the publish signal says the broker is back.
+        after_task_publish.connect(lambda **_kwargs: outage.ok(), weak=False)
+    else:
+        logging.getLogger("celery.worker.consumer.consumer").addFilter(_OutageFilter(outage, _consumer_failure))
+        logging.getLogger("celery.worker.consumer.connection").addFilter(
+            _OutageFilter(outage, lambda _record: None, lambda record: record.msg == "Connected to %s")
+        )
+        # Celery prints this multi-line warning on every lost connection while the setting above is
+        # False; it routes warnings to the `py.warnings` logger (logging.captureWarnings).
+        logging.getLogger("py.warnings").addFilter(_not_the_cancel_warning)
+    return outage

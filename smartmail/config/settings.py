@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from smartmail import runtime
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.errors import SettingsError
+from smartmail.logs import configure_for_library
 
 TlsMode = Literal["none", "starttls", "ssl"]
 
@@ -182,5 +183,8 @@ def load_settings() -> Settings:
 
 @runtime.per_process()
 def get_settings() -> Settings:
-    """The process-wide settings, loaded on first use."""
-    return load_settings()
+    """The process-wide settings, loaded on first use; the first use also applies SMARTMAIL_LOG_LEVEL
+    to SmartMail's logs, unless the application configured logging itself (logs.configure_for_library)."""
+    settings = load_settings()
+    configure_for_library(settings.log_level, settings.log_format)
+    return settings

@@ -12,9 +12,13 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from smartmail import runtime
+from smartmail.outage import Outage
 from smartmail.workers import dispatch
 
 log = structlog.get_logger("smartmail.dispatch")
+
+# One warning line per Redis outage in this process, not one per push (a sender may push often).
+_redis = Outage("dispatch.handoff", log)
 
 
 class Handoff:
@@ -75,7 +79,10 @@ def hand_off_now(message_ids: Sequence[str], stream: str = dispatch.TRANSACTIONA
     try:
         dispatch.enqueue(message_ids, stream)
     except (RedisError, KombuError, OSError) as exc:
-        log.error("dispatch.failed", error=str(exc), count=len(message_ids), stream=stream)
+        _redis.failed(exc, stream=stream)
+        log.debug("dispatch.failed", error=str(exc), count=len(message_ids), stream=stream)
+    else:
+        _redis.ok()
 
 
 def _flush_on_reset(handoff: Handoff, close: bool) -> None:

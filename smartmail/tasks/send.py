@@ -7,6 +7,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
+from smartmail.outage import Outage
 from smartmail.workers import delivery
 from smartmail.workers.app import app
 from smartmail.workers.dispatch import BULK, DRAIN_TASKS, TRANSACTIONAL, get_outbox, publish
@@ -18,6 +19,9 @@ log = structlog.get_logger("smartmail.dispatch")
 # and a recording the worker waits for, and a task switch. Worker processes share a backlog through
 # the drains its enqueue starts (up to SMARTMAIL_DISPATCH_DRAINS).
 LOOP_SECONDS = 1.0
+
+# Per stream and process: a broker outage is one warning line, however many drains fail in it.
+_broker = {stream: Outage(f"drain.{stream}", log) for stream in (TRANSACTIONAL, BULK)}
 
 
 def _drain(task, lease: str, stream: str) -> None:
@@ -32,6 +36,7 @@ def _drain(task, lease: str, stream: str) -> None:
         try:
             while True:
                 ids = outbox.pop(lease, token)
+                _broker[stream].ok()
                 if isinstance(ids, float):  # this drain times the waiting ids: back when the first is due
                     task.apply_async((lease,), countdown=ids)
                     return
@@ -41,21 +46,21 @@ def _drain(task, lease: str, stream: str) -> None:
                     break
                 yield ids
         except (RedisError, KombuError, OSError) as exc:
-            log.error("drain.broker_failed", error=str(exc), stream=stream)
+            _broker[stream].failed(exc)
             return
         # More may be waiting: publish the follow-up first, so that another worker process can
         # take the next batch while this one is delivered.
         try:
             publish(DRAIN_TASKS[stream], lease)
         except (RedisError, KombuError, OSError) as exc:
-            log.error("drain.broker_failed", error=str(exc), stream=stream)
+            _broker[stream].failed(exc)
         yield ids
 
     delivery.deliver([], stream=stream, more=batches())
     try:
         outbox.finish(token)
     except (RedisError, OSError) as exc:  # its list goes back to the outbox once the lease lapses: harmless
-        log.error("drain.broker_failed", error=str(exc), stream=stream)
+        _broker[stream].failed(exc)
 
 
 # A database outage is retried shortly; the ids of the failed batch stay `queued` in the

@@ -6,7 +6,7 @@ from celery import Celery
 from celery.signals import beat_init, celeryd_init, worker_process_shutdown
 
 from smartmail.config import get_settings
-from smartmail.config.celery import celery_config
+from smartmail.config.celery import celery_config, quiet_broker_outages
 from smartmail.logs import configure as configure_logging
 
 app = Celery(
@@ -28,9 +28,10 @@ def _configure(sender: Celery, **_kwargs) -> None:
 
 @celeryd_init.connect
 @beat_init.connect
-def _configure_logging(**_kwargs) -> None:
+def _configure_logging(signal=None, **_kwargs) -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+    quiet_broker_outages("beat" if signal is beat_init else "worker")
 
 
 @celeryd_init.connect

@@ -6,15 +6,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 from sqlalchemy import or_, select, update
 
 from smartmail.config import get_settings
+from smartmail.outage import Outage
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import QUEUED, SENDING, WAITING, Campaign, Message, MessageState
 from smartmail.workers import ownership
 from smartmail.workers.dispatch import BULK, TRANSACTIONAL, enqueue, get_outbox
 
 log = structlog.get_logger("smartmail.maintenance")
+# Beat's jobs run every few seconds: a Redis outage is one warning line, and the database work
+# (deferred rows due, stuck `sending` rows) still runs; rows left `queued` are pushed once Redis is back.
+_redis = Outage("maintenance.redis", log)
+_REDIS_ERRORS = (RedisError, KombuError, OSError)
 
 _PAGE = 5000  # rows per statement, so one run never holds a huge transaction
 # Beat's UPDATEs take only rows no worker has locked (PostgreSQL; SQLite has one writer anyway).
@@ -53,19 +60,35 @@ def _requeue(where, now: datetime) -> list[tuple[str, int | None]]:
 
 
 def _dispatch_by_stream(moved: list[tuple[str, int | None]]) -> None:
-    """Campaign messages go to the bulk outbox, the others to the transactional one."""
+    """Campaign messages go to the bulk outbox, the others to the transactional one. Without Redis
+    the rows stay `queued` in the database, and the reconciler pushes them later."""
     for stream, ids in (
         (TRANSACTIONAL, [i for i, campaign in moved if campaign is None]),
         (BULK, [i for i, campaign in moved if campaign is not None]),
     ):
         if ids:  # an empty push would only repeat restart_drains' round trip
-            enqueue(ids, stream)
+            _with_redis(enqueue, ids, stream)
+
+
+def _with_redis(call, *args) -> bool:
+    """Run a Redis step of a beat job; False if Redis failed (noted once per outage)."""
+    try:
+        call(*args)
+    except _REDIS_ERRORS as exc:
+        _redis.failed(exc)
+        return False
+    _redis.ok()
+    return True
+
+
+def _outboxes_busy() -> bool:
+    return any(o.backlog() > 0 and o.active_drains() > 0 for o in (get_outbox(TRANSACTIONAL), get_outbox(BULK)))
 
 
 def restart_drains() -> None:
     """Start drains for ids that drains lost with their worker left in either outbox."""
     for stream in (TRANSACTIONAL, BULK):
-        enqueue([], stream)
+        _with_redis(enqueue, [], stream)
 
 
 def recover_lost_claims(now: datetime | None = None) -> ReconcileReport:
@@ -80,7 +103,11 @@ def recover_lost_claims(now: datetime | None = None) -> ReconcileReport:
         return report
     settings = get_settings()
     client = get_outbox(TRANSACTIONAL).client
-    lost = ownership.inspect(client, settings.redis_key_prefix, owners)
+    try:  # without Redis no lease can be seen to lapse: nothing is recovered, nothing is wrongly taken
+        lost = ownership.inspect(client, settings.redis_key_prefix, owners)
+    except _REDIS_ERRORS as exc:
+        _redis.failed(exc)
+        return report
     for owner, marked in lost.items():
         mine = (SENDING, Message.claimed_by == owner)
         with session_scope() as session:
@@ -102,7 +129,7 @@ def recover_lost_claims(now: datetime | None = None) -> ReconcileReport:
         _dispatch_by_stream([(row[0], row[1]) for row in moved])
         report.requeued += len(moved)
         log.warning("maintenance.claims_recovered", owner=owner, requeued=len(moved), unknown=report.unknown)
-    ownership.forget(client, settings.redis_key_prefix, lost)
+    _with_redis(ownership.forget, client, settings.redis_key_prefix, lost)
     return report
 
 
@@ -141,7 +168,11 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
     stale_queued = (QUEUED, Message.enqueued_at < now - timedelta(seconds=settings.reconcile_queued_after))
     # While drains are working through a backlog, old `queued` rows are most likely still in it:
     # pushing them again would only double the backlog. Lost ids are pushed once it is drained.
-    busy = any(o.backlog() > 0 and o.active_drains() > 0 for o in (get_outbox(TRANSACTIONAL), get_outbox(BULK)))
+    busy = True  # without Redis nothing could be pushed: only the database part runs
+    try:
+        busy = _outboxes_busy()
+    except _REDIS_ERRORS as exc:
+        _redis.failed(exc)
     while not busy and (moved := _requeue(stale_queued, now)):
         _dispatch_by_stream(moved)
         report.requeued += len(moved)

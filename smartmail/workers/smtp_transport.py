@@ -17,6 +17,7 @@ from typing import Protocol
 import structlog
 
 from smartmail.config.settings import SmtpUrl
+from smartmail.outage import Outage, is_connection_error
 from smartmail.workers import smtp_window
 from smartmail.workers.outcomes import Reply
 from smartmail.workers.outgoing import HELD_REPLY, NOT_SENT_REPLY, Outgoing
@@ -428,6 +429,7 @@ class SmtpTransport:
     def _sweep_forever(self) -> None:
         renew_every = self.gate.lease_ms / 3000 if self.gate else 10.0
         last_renewal = time.monotonic()
+        outage = Outage("smtp.sweeper", log)
         while not self._closed.wait(min(0.25, self.idle_timeout / 2)):
             try:
                 self.close_idle(time.monotonic() - self.idle_timeout)
@@ -435,8 +437,11 @@ class SmtpTransport:
                 if time.monotonic() - last_renewal >= renew_every:
                     last_renewal = time.monotonic()
                     self.renew_leases()
-            except Exception:  # noqa: BLE001 - keep sweeping; Redis may be back next time
-                log.warning("smtp.sweep_failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - keep sweeping; Redis may be back next time
+                # One line per outage, not a traceback every sweep; anything else may be a bug.
+                outage.failed(exc, traceback=not is_connection_error(exc))
+            else:
+                outage.ok()
 
     def close_idle(self, idle_before: float = float("inf")) -> None:
         """Close pooled connections idle since before `idle_before` (monotonic); all by default."""

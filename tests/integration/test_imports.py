@@ -427,3 +427,72 @@ def test_import_runs_on_a_worker_of_the_imports_queue(env, tmp_path, start_worke
     assert (status["created"], status["failed"]) == (3000 - len(bad), len(bad))
     assert count(Contact) == 3000 - len(bad) and count(ListMembership) == 3000 - len(bad)
     assert "smartmail.imports.run" in worker.output()
+
+
+def test_a_duplicate_names_the_first_row_however_far_back_and_after_a_resume(env, tmp_path):
+    path = tmp_path / "c.csv"
+    lines = [f"u{i}@example.org,N{i}" for i in range(100)]
+    lines[60] = "U3@Example.org,again"  # many batches after row 5 (u3)
+    lines[95] = "u70@example.org,again"  # after the resume below, first seen before its checkpoint
+    path.write_text("email,first_name\n" + "\n".join(lines) + "\n")
+    job_id = imports.create_job(path, batch_size=7)
+
+    class Killed(Exception):
+        pass
+
+    def die_past_row_80(status):
+        if status["rows_done"] > 80:
+            raise Killed
+
+    with pytest.raises(Killed):
+        imports.run_job(job_id, on_progress=die_past_row_80)
+    assert imports.job_status(job_id)["state"] == "failed"
+    status = imports.run_job(job_id)
+    assert (status["state"], status["created"], status["failed"]) == ("done", 98, 2)
+    assert {(int(e["row"]), e["reason"]) for e in report_rows(job_id)} == {
+        (62, "duplicate of row 5"),
+        (97, "duplicate of row 72"),
+    }
+
+
+def test_cli_inline_import_prints_its_job_id_first_and_imports_lists_the_jobs(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from smartmail.cli.main import app as cli
+
+    runner = CliRunner()
+    path = tmp_path / "people.csv"
+    generate_csv(path, 3000, bad_every=10_000)
+    result = runner.invoke(cli, ["contacts", "import", str(path), "--inline", "--batch-size", "1000"])
+    assert result.exit_code == 0, result.output
+    done_id = imports.list_jobs(1)[0]["job_id"]
+    first = result.output.splitlines()[0]
+    assert first.startswith(f"import job {done_id} started") and f"import-resume {done_id} --inline" in first
+
+    # A run killed midway stays `running` with its checkpoint; the listing shows where it got to.
+    killed_id = imports.create_job(path, batch_size=100)
+
+    def killed(status):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imports.run_job(killed_id, on_progress=killed)
+    listed = runner.invoke(cli, ["contacts", "imports", "--json"])
+    assert listed.exit_code == 0, listed.output
+    jobs = {job["job_id"]: job for job in json.loads(listed.stdout)}
+    assert jobs[done_id]["state"] == "done" and jobs[done_id]["progress"] == "100%"
+    # (On PostgreSQL the batches written beside the first one commit too.)
+    assert jobs[killed_id]["state"] == "running" and 101 <= jobs[killed_id]["rows_done"] < 3001
+    assert 0 < int(jobs[killed_id]["progress"].rstrip("%")) < 100
+    table = runner.invoke(cli, ["contacts", "imports"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "people.csv" in table.output and "import-resume" in table.output
+    assert next(line for line in table.output.splitlines() if killed_id in line).split("│")[2].strip() == "running"
+    assert [
+        j["job_id"] for j in json.loads(runner.invoke(cli, ["contacts", "imports", "--json", "--state", "done"]).stdout)
+    ] == [done_id]
+
+    resumed = runner.invoke(cli, ["contacts", "import-resume", killed_id, "--inline"])
+    assert resumed.exit_code == 0, resumed.output
+    assert imports.job_status(killed_id)["state"] == "done"
+    bad = runner.invoke(cli, ["contacts", "imports", "--state", "stuck"])
+    assert bad.exit_code == 2 and "state: " in bad.output

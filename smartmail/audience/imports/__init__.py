@@ -1,9 +1,11 @@
 """Bulk contact import: streamed CSV / JSON Lines readers, one upsert per batch, progress and a row error report."""
 
 from smartmail.audience.imports.jobs import (
+    JOB_STATES,
     create_job,
     enqueue,
     job_status,
+    list_jobs,
     run_job,
     start_import,
     write_error_report,
@@ -27,6 +29,7 @@ __all__ = [
     "FIELDS",
     "FORMATS",
     "IGNORE",
+    "JOB_STATES",
     "MODES",
     "TYPES",
     "BatchResult",
@@ -40,6 +43,7 @@ __all__ = [
     "create_job",
     "enqueue",
     "job_status",
+    "list_jobs",
     "read_csv",
     "read_jsonl",
     "run_job",

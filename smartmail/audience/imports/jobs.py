@@ -7,7 +7,7 @@ import csv
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +34,7 @@ from smartmail.workers.dispatch import publish
 
 log = structlog.get_logger("smartmail.imports")
 
+JOB_STATES = ("pending", "running", "done", "failed")
 Batch = tuple[list[Record], list[tuple[int, RowError]], int, int]  # records, errors, last row, bytes read
 _DONE = object()
 
@@ -77,12 +78,20 @@ def enqueue(job_id: str) -> None:
 
 
 def _batches(path: Path, options: ImportOptions, checkpoint: int) -> Iterator[Batch]:
-    """The rows after the checkpoint in batches of options.batch_size (good and bad rows counted)."""
+    """The rows after the checkpoint in batches of options.batch_size (good and bad rows counted).
+    A repeated address is reported here, naming its first row wherever that is in the file: the
+    reader keeps each address's first row (a resumed run reads them from the rows before its
+    checkpoint): one dict entry per distinct address, so a file of a few million rows fits."""
     read = read_jsonl if options.format == "jsonl" else read_csv
     records: list[Record] = []
     errors: list[tuple[int, RowError]] = []
+    first_row: dict[str, int] = {}
     last_row, tell = checkpoint, (lambda: 0)
     for row_no, item, tell in read(path, options):
+        if isinstance(item, Record):
+            first = first_row.setdefault(item.email, row_no)
+            if first != row_no and row_no > checkpoint:
+                item = RowError("email", f"duplicate of row {first}", item.email)
         if row_no <= checkpoint:
             continue
         last_row = row_no
@@ -197,7 +206,7 @@ def _write_in_order(
     checkpoint still hold: a batch moves the job's checkpoint from where the previous batch leaves
     it, and only once that batch has committed, so it commits after it, or finds the checkpoint
     unmoved (JobGone) if that batch failed. A batch cannot see the rows of the batches being
-    written beside it, so addresses repeated between them are found here, in memory."""
+    written beside it; addresses repeated between them are already reported by `_batches`."""
     writers = get_settings().import_writers
     if writers == 1 or not for_bind(get_engine()).concurrent_batches:
         for records, errors, last_row, position in batches:
@@ -206,7 +215,6 @@ def _write_in_order(
                 on_progress(job_status(job_id))
         return
     in_flight: collections.deque[Future] = collections.deque()
-    recent: collections.deque[dict[str, int]] = collections.deque(maxlen=writers - 1)  # email -> row
     committed = threading.Event()  # the previous batch's transaction has ended
     committed.set()
 
@@ -224,8 +232,6 @@ def _write_in_order(
 
     with ThreadPoolExecutor(writers, thread_name_prefix="smartmail-import-writer") as pool:
         for records, errors, last_row, position in batches:
-            records, errors, mine = _drop_repeats(records, errors, recent)
-            recent.append(mine)
             if len(in_flight) == writers:
                 finish_oldest()
             after, committed = committed, threading.Event()
@@ -235,21 +241,24 @@ def _write_in_order(
             finish_oldest()
 
 
-def _drop_repeats(
-    records: list[Record], errors: list[tuple[int, RowError]], recent: Iterable[dict[str, int]]
-) -> tuple[list[Record], list[tuple[int, RowError]], dict[str, int]]:
-    """Rows whose address one of the recent batches has: reported as duplicates. Returns this
-    batch's records and errors, and its own email -> first row."""
-    previous: dict[str, int] = {}
-    for batch in recent:
-        previous.update(batch)
-    repeated = [r for r in records if r.email in previous]
-    if repeated:
-        records = [r for r in records if r.email not in previous]
-        errors = errors + [
-            (r.row, RowError("email", f"duplicate of row {previous[r.email]}", r.email)) for r in repeated
-        ]
-    return records, errors, {r.email: r.row for r in reversed(records)}
+def _status(job: ImportJob) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "path": job.path,
+        "options": job.options,
+        "total_bytes": job.total_bytes,
+        "bytes_read": job.bytes_read,
+        "rows_done": job.rows_done,
+        "created": job.created,
+        "updated": job.updated,
+        "skipped": job.skipped,
+        "failed": job.failed,
+        "error": job.error,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
 
 
 def job_status(job_id: str) -> dict[str, Any]:
@@ -257,23 +266,18 @@ def job_status(job_id: str) -> dict[str, Any]:
         job = session.get(ImportJob, job_id)
         if job is None:
             raise InvalidInput(f"no import job {job_id}", field="job_id")
-        return {
-            "job_id": job.id,
-            "state": job.state,
-            "path": job.path,
-            "options": job.options,
-            "total_bytes": job.total_bytes,
-            "bytes_read": job.bytes_read,
-            "rows_done": job.rows_done,
-            "created": job.created,
-            "updated": job.updated,
-            "skipped": job.skipped,
-            "failed": job.failed,
-            "error": job.error,
-            "created_at": job.created_at,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-        }
+        return _status(job)
+
+
+def list_jobs(limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
+    """The newest import jobs first, as job_status() gives them."""
+    if state is not None and state not in JOB_STATES:
+        raise InvalidInput(f"{state!r} is not one of {', '.join(JOB_STATES)}", field="state")
+    query = select(ImportJob).order_by(ImportJob.created_at.desc(), ImportJob.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(ImportJob.state == state)
+    with session_scope() as session:
+        return [_status(job) for job in session.scalars(query)]
 
 
 def write_error_report(job_id: str, out: TextIO) -> int:
