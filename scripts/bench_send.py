@@ -858,12 +858,15 @@ class Bench:
 
     # latency
 
-    def latency(self) -> dict:
+    def latency(self, fresh: bool = True) -> dict:
+        """send() at args.rate for args.latency_seconds, each message timed to the sink's acceptance;
+        fresh=False keeps the broker and database as they are (a campaign may be running)."""
         import smartmail
 
         args = self.args
-        self.fresh_broker()
-        self.database.clear()
+        if fresh:
+            self.fresh_broker()
+            self.database.clear()
         sink = StampSink()
         self.sinks.append(sink)
         worker = None
@@ -874,7 +877,8 @@ class Bench:
                 smartmail.send(to, template=TEMPLATE, context=context)
             wait_for(lambda: sink.count() >= args.warmup, timeout=120, what="latency warm-up", alive=worker.check)
             time.sleep(0.5)
-            self.quiet()
+            if fresh:  # with a campaign running the machine is busy on purpose
+                self.quiet()
             meter = CpuMeter(lambda: self.own_pids(worker, sink.process.pid))
 
             total = max(1, round(args.rate * args.latency_seconds))
