@@ -98,9 +98,9 @@ class Shaper:
 
     @staticmethod
     def connection_hold(site: Site) -> Hold:
-        # Connections free up within a transaction or two elsewhere; jitter keeps the waiting
-        # messages of several workers from coming back at the same instant.
-        return Hold(random.uniform(0.2, 1.0), f"throttled: site {site.name} at {site.max_connections} connections")
+        # Back while the holder still keeps its connection (SmtpTransport.keep_wanted_for), so it
+        # may take them on that connection; jitter keeps several workers' from coming back at once.
+        return Hold(random.uniform(0.05, 0.3), f"throttled: site {site.name} at {site.max_connections} connections")
 
     def react(self, site: Site, reply: Reply, reacted: set[str]) -> str | None:
         """Apply the first response rule the reply matches, for every worker at once; returns the

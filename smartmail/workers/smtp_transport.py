@@ -97,6 +97,7 @@ class SmtpTransport:
         max_idle: int = 8,
         idle_timeout: float = 5.0,
         gate: ConnectionGate | None = None,
+        keep_wanted_for: float = 1.0,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -105,6 +106,7 @@ class SmtpTransport:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.gate = gate
+        self.keep_wanted_for = keep_wanted_for
         self._idle: dict[str, list[_Connection]] = {}
         self._busy: dict[str, set[_Connection]] = {}
         self._opening: dict[str, int] = {}  # connections being opened, by pool
@@ -433,7 +435,7 @@ class SmtpTransport:
         while not self._closed.wait(min(0.25, self.idle_timeout / 2)):
             try:
                 self.close_idle(time.monotonic() - self.idle_timeout)
-                self.close_wanted()
+                self.close_wanted(time.monotonic() - self.keep_wanted_for)
                 if time.monotonic() - last_renewal >= renew_every:
                     last_renewal = time.monotonic()
                     self.renew_leases()
@@ -452,17 +454,26 @@ class SmtpTransport:
         for conn in stale:
             self._quit(conn)
 
-    def close_wanted(self) -> None:
+    def close_wanted(self, idle_before: float = float("inf")) -> None:
         """Close idle connections of sites another process is waiting for: an idle connection
-        holds one of the site's few leases that a busy worker could use."""
+        holds one of the site's few leases that a busy worker could use. Only those idle since
+        before `idle_before` (monotonic; the sweeper keeps `keep_wanted_for` of grace): a site's
+        work comes back through the outbox to either process, and a lease handed over at every
+        pause in it is a new session each time, which receivers read as a reconnect storm."""
         if self.gate is None:
             return
         with self._lock:
-            sites = [pool for pool, idle in self._idle.items() if any(c.lease for c in idle)]
+            sites = [
+                pool for pool, idle in self._idle.items() if any(c.lease and c.idle_since < idle_before for c in idle)
+            ]
         wanted = self.gate.wanted(sites) if sites else set()
         if wanted:
             with self._lock:
-                closing = [c for pool in wanted for c in self._idle.pop(pool, [])]
+                closing = []
+                for pool in wanted:
+                    idle = self._idle.get(pool, [])
+                    closing += [c for c in idle if c.idle_since < idle_before]
+                    self._idle[pool] = [c for c in idle if c.idle_since >= idle_before]
             for conn in closing:
                 self._quit(conn)
 

@@ -1189,6 +1189,20 @@ def test_a_site_at_its_limit_elsewhere_is_reported_not_attempted_and_marked_want
     assert handler.connections == 0 and gate.wanted_sites == {"busy"}
 
 
+def test_a_wanted_connection_used_within_the_grace_stays_open(server, handler, make_transport):
+    # The holder keeps its lease while the site's work still comes to it: handing it over at every
+    # pause would open a session per handover.
+    gate = FakeGate(limit=1)
+    transport = make_transport(server.url(), gate=gate)
+    wanted = site("wanted")
+    transport.send(SENDER, "a@wanted.example", message(), wanted)
+    gate.want_connection("wanted")
+    transport.close_wanted(time.monotonic() - transport.keep_wanted_for)
+    assert len(gate.leases["wanted"]) == 1 and handler.connections == 1
+    transport.close_wanted(time.monotonic() + 1)  # idle past the grace: given back
+    assert gate.leases["wanted"] == set()
+
+
 def test_idle_connections_of_a_wanted_site_close_and_give_back_their_leases(server, handler, make_transport):
     gate = FakeGate(limit=2)
     transport = make_transport(server.url(), gate=gate)
