@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import redis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from smartmail import runtime
 from smartmail.config import get_settings
@@ -61,8 +61,12 @@ class Owner:
         self._stopped = threading.Event()
         self._recorded: list[str] = []
         self._lock = threading.Lock()
-        self._mark = client.register_script(_MARK)
         self._renew = client.register_script(_RENEW)
+        # Marks go over a connection of their own, packed by hand: they are on the send path, and
+        # redis-py's per-command machinery would cost more than Redis's work.
+        self._connection = client.connection_pool.make_connection()
+        self._mark_lock = threading.Lock()
+        self._mark_sha = b""
         try:
             with client.pipeline() as pipe:
                 pipe.set(self.keys[0], "1", px=self.lease_ms)
@@ -83,7 +87,7 @@ class Owner:
         with self._lock:
             forget, self._recorded = self._recorded, []
         try:
-            marked = self._mark(keys=self.keys, args=[len(forget), *forget, *ids])
+            marked = self._call_mark([str(len(forget)), *forget, *ids])
         except RedisError as exc:
             log.warning("ownership.mark_failed", owner=self.id, error=str(exc))
             with self._lock:
@@ -93,6 +97,29 @@ class Owner:
             self._lose()
         return bool(marked)
 
+    def _call_mark(self, args: list[str]) -> int:
+        with self._mark_lock:
+            for _ in range(2):
+                if not self._mark_sha:
+                    self._mark_sha = self.client.script_load(_MARK).encode()
+                words = [
+                    b"EVALSHA",
+                    self._mark_sha,
+                    b"2",
+                    *(k.encode() for k in self.keys),
+                    *(a.encode() for a in args),
+                ]
+                packed = b"".join([b"*%d\r\n" % len(words), *(b"$%d\r\n%b\r\n" % (len(w), w) for w in words)])
+                try:
+                    self._connection.send_packed_command([packed], check_health=False)
+                    return self._connection.read_response()
+                except NoScriptError:  # Redis restarted and forgot the script: load it again
+                    self._mark_sha = b""
+                except (RedisError, OSError):
+                    self._connection.disconnect()
+                    raise
+            raise RedisError("the mark script could not be loaded")
+
     def recorded(self, ids: Iterable[str]) -> None:
         """The outcomes of `ids` are committed: their marks can go (with the next mark call)."""
         with self._lock:
@@ -100,6 +127,7 @@ class Owner:
 
     def close(self, close: bool = True) -> None:
         self._stopped.set()
+        self._connection.disconnect()
         if close and not self.lost.is_set():
             try:  # a clean exit leaves nothing claimed: no need to wait for the lease to lapse
                 self.client.delete(*self.keys)

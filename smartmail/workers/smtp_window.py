@@ -156,7 +156,7 @@ def run_window(
     the worker's CPU on GIL hand-offs.
 
     With a `marker`, content (Transmit) goes out only once its key is marked: before each flush,
-    one call marks the keys of the contents about to go and of up to `parallelism` transactions
+    one call marks the keys of the contents about to go and of up to 2 × `parallelism` transactions
     after them (`keys`: each transaction's), so that a crash leaves few marked messages that were
     not in fact transmitted, for a call per few messages rather than per message."""
     return _Window(transactions, parallelism, connector, marker, keys).run()
@@ -437,11 +437,11 @@ class _Window:
         return sent
 
     def mark(self) -> bool:
-        """Mark the keys of content about to go, and of the next transactions up to `parallelism`."""
+        """Mark the keys of content about to go, and of the next transactions up to 2 × `parallelism`."""
         wanted = [key for keys in self.unmarked.values() for key in keys]
         keys, replies, marked = self.keys, self.replies, self.marked
         ahead = 0
-        while self.mark_from < len(keys) and ahead < self.parallelism:
+        while self.mark_from < len(keys) and ahead < 2 * self.parallelism:
             index = self.mark_from
             self.mark_from += 1
             key = keys[index]

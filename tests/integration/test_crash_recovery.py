@@ -20,9 +20,10 @@ from tests.conftest import reset_caches, wait_for
 from tests.integration.test_campaigns import HTML, make_audience
 
 # Unknown messages that never reached the server: marked ahead of their transmission, at most
-# twice SMARTMAIL_SMTP_PARALLELISM (4) per process (smtp_window's look-ahead). Unknown messages
-# that did reach it are the window whose outcomes were being recorded (they were accepted).
-NEVER_SENT_PER_PROCESS = 2 * 4
+# three times SMARTMAIL_SMTP_PARALLELISM (4) per process (the contents of one flush, and smtp_window's
+# look-ahead of twice it). Unknown messages that did reach it are the window whose outcomes were
+# being recorded (they were accepted).
+NEVER_SENT_PER_PROCESS = 3 * 4
 
 
 @pytest.fixture
@@ -138,3 +139,44 @@ def test_a_worker_frozen_past_its_lease_sends_nothing_twice(relay, start_worker,
     print(f"while frozen: {dict(before)}; after resuming: {dict(after)}")
     assert after["sent"] + after["unknown"] == total and after["unknown"] <= before["unknown"]
     assert_exactly_once_but_unknown(relay, processes_lost=1, window=50)
+
+
+def test_recovery_queues_unmarked_claims_marks_the_rest_unknown_and_resends_them_for_at_least_once_campaigns(
+    relay,
+):
+    """Beat's recovery without processes: two campaigns' messages claimed by an owner whose lease
+    is gone, some of them marked; the at-least-once campaign's marked ones are queued again too."""
+    from sqlalchemy import update
+
+    from smartmail.campaigns import fan_out
+    from smartmail.store.models import Campaign
+    from smartmail.workers import maintenance, ownership
+    from smartmail.workers.dispatch import get_outbox
+    from tests.integration.test_campaigns import started
+
+    make_audience(10)
+    campaigns.create_campaign("once", template="newsletter", lists=["news"])
+    campaigns.create_campaign("twice", template="newsletter", lists=["news"], resend_unknown=True)
+    ids = {}
+    for name in ("once", "twice"):
+        campaign_id = started(name)
+        fan_out.fan_out(campaign_id)
+        with session_scope() as session:
+            ids[name] = sorted(session.scalars(select(Message.id).where(Message.campaign_id == campaign_id)))
+            session.execute(
+                update(Message).where(Message.campaign_id == campaign_id).values(state="sending", claimed_by="gone")
+            )
+    client = get_outbox().client
+    prefix = os.environ["SMARTMAIL_REDIS_KEY_PREFIX"]
+    client.sadd(ownership.marks_key(prefix, "gone"), ownership.SENTINEL, *ids["once"][:3], *ids["twice"][:3])
+
+    report = maintenance.recover_lost_claims()
+
+    with session_scope() as session:
+        state = dict(session.execute(select(Message.id, Message.state)).all())
+        resend = session.scalar(select(Campaign.resend_unknown).where(Campaign.name == "twice"))
+    assert resend is True
+    assert [state[i] for i in ids["once"]] == ["unknown"] * 3 + ["queued"] * 7
+    assert [state[i] for i in ids["twice"]] == ["queued"] * 10
+    assert (report.unknown, report.requeued) == (3, 17)
+    assert not client.exists(ownership.marks_key(prefix, "gone"))  # the marks of a recovered owner go
