@@ -88,7 +88,7 @@ class Owner:
             forget, self._recorded = self._recorded, []
         try:
             marked = self._call_mark([str(len(forget)), *forget, *ids])
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:
             log.warning("ownership.mark_failed", owner=self.id, error=str(exc))
             with self._lock:
                 self._recorded.extend(forget)
