@@ -147,14 +147,6 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def forget_engines(*, close: bool = True) -> None:
-    """Drop the engines and their pooled connections; close=False in a forked child, whose
-    pooled connections are the parent's (Celery prefork children)."""
-    session_factory.forget()
-    get_engine.forget(close=close)
-    _statement_engine.forget(close=close)
-
-
 def insert_else_upsert(cursor, insert: str, upsert: str, params) -> list | None:
     """PostgreSQL: run `insert`, a plain INSERT, in a savepoint, and `upsert` (the same with ON
     CONFLICT) only if a row conflicts after all. For batches that should all be new: a plain

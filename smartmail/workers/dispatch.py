@@ -209,10 +209,6 @@ class Outbox:
         """The drain named `token` claimed everything it popped."""
         self._finish(keys=self.keys, args=[token])
 
-    def in_flight(self) -> int:
-        """Drains holding popped ids that are not claimed yet."""
-        return self.client.zcard(self.keys[5])
-
     def backlog(self) -> int:
         return self.client.llen(self.keys[0])
 

@@ -85,6 +85,17 @@ def _outboxes_busy() -> bool:
     return any(o.backlog() > 0 and o.active_drains() > 0 for o in (get_outbox(TRANSACTIONAL), get_outbox(BULK)))
 
 
+def _requeue_all(where, now: datetime) -> int:
+    """_requeue page after page, each page pushed to its outbox; how many rows moved."""
+    total = 0
+    while moved := _requeue(where, now):
+        _dispatch_by_stream(moved)
+        total += len(moved)
+        if len(moved) < _PAGE:
+            break
+    return total
+
+
 def restart_drains() -> None:
     """Start drains for ids that drains lost with their worker left in either outbox."""
     for stream in (TRANSACTIONAL, BULK):
@@ -118,7 +129,7 @@ def recover_lost_claims(now: datetime | None = None) -> ReconcileReport:
                 .values(state=MessageState.UNKNOWN.value, finished_at=now, reason=_LOST_AFTER_DATA),
                 execution_options={"synchronize_session": False},
             )
-            report.unknown += result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+            unknown = result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
             moved = session.execute(
                 update(Message)
                 .where(*mine)
@@ -128,7 +139,8 @@ def recover_lost_claims(now: datetime | None = None) -> ReconcileReport:
             ).all()
         _dispatch_by_stream([(row[0], row[1]) for row in moved])
         report.requeued += len(moved)
-        log.warning("maintenance.claims_recovered", owner=owner, requeued=len(moved), unknown=report.unknown)
+        report.unknown += unknown
+        log.warning("maintenance.claims_recovered", owner=owner, requeued=len(moved), unknown=unknown)
     _with_redis(ownership.forget, client, settings.redis_key_prefix, lost)
     return report
 
@@ -139,13 +151,7 @@ def enqueue_due(now: datetime | None = None) -> int:
     now = now or utcnow()
     restart_drains()
     recover_lost_claims(now)
-    due = (WAITING, Message.next_attempt_at <= now)
-    total = 0
-    while moved := _requeue(due, now):
-        _dispatch_by_stream(moved)
-        total += len(moved)
-        if len(moved) < _PAGE:
-            break
+    total = _requeue_all((WAITING, Message.next_attempt_at <= now), now)
     if total:
         log.info("maintenance.enqueued_due", count=total)
     return total
@@ -173,11 +179,8 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
         busy = _outboxes_busy()
     except _REDIS_ERRORS as exc:
         _redis.failed(exc)
-    while not busy and (moved := _requeue(stale_queued, now)):
-        _dispatch_by_stream(moved)
-        report.requeued += len(moved)
-        if len(moved) < _PAGE:
-            break
+    if not busy:
+        report.requeued += _requeue_all(stale_queued, now)
     stuck = (SENDING, Message.claimed_at < now - timedelta(seconds=settings.sending_timeout))
     with session_scope() as session:
         result = session.execute(
@@ -194,9 +197,9 @@ def reconcile(now: datetime | None = None) -> ReconcileReport:
             execution_options={"synchronize_session": False},
         )
         report.unknown = result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
-    resent = _requeue((Message.state == MessageState.UNKNOWN.value, Message.campaign_id.in_(_RESENDING)), now)
-    _dispatch_by_stream(resent)
-    report.requeued += len(resent)
+    report.requeued += _requeue_all(
+        (Message.state == MessageState.UNKNOWN.value, Message.campaign_id.in_(_RESENDING)), now
+    )
     if report.requeued or report.unknown:
         log.warning("maintenance.reconciled", requeued=report.requeued, unknown=report.unknown)
     return report

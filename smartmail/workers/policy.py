@@ -363,7 +363,3 @@ def _policy_store() -> PolicyStore:
 def get_policy() -> Policy:
     """The process-wide policy, from SMARTMAIL_POLICY_FILE (default: the shipped policy.toml)."""
     return _policy_store().get()
-
-
-def forget_policy() -> None:
-    _policy_store.forget()
