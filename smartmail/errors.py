@@ -57,3 +57,15 @@ class SettingsError(RuntimeError):
 
 class PolicyError(ValueError):
     """The traffic-shaping policy file is unreadable or malformed; the message names the file and the key."""
+
+
+class Unauthenticated(PermissionError):
+    """No usable API key: missing, malformed, unknown, revoked or expired (`reason` says which)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Conflict(RuntimeError):
+    """The request clashes with the current state (a name taken, a campaign not in a state that allows it)."""

@@ -123,6 +123,18 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     unsubscribe_mailto: str | None = None  # default: unsubscribe@<the default sender's domain>
 
+    # The HTTP API (smartmail web).
+    web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
+    api_rate_limit: float = Field(50.0, gt=0)  # requests/s per API key, unless the key sets its own
+    api_rate_burst: int | None = Field(None, ge=1)  # requests a key may send back to back; default: 2 s worth
+    api_key_cache_seconds: float = Field(5.0, ge=0)  # a key's row is re-read after this (revocation is immediate)
+    api_key_touch_seconds: float = Field(60.0, ge=0)  # last_used_at is written at most this often per key
+    api_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # JSON request bodies; larger: 413
+    api_max_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # import uploads; larger: 413
+    api_upload_dir: Path = Path("uploads")  # where import uploads are streamed to
+    api_idempotency_seconds: float = Field(86400.0, gt=0)  # how long an Idempotency-Key's response is kept
+    api_cors_origins: list[str] = []  # browser origins allowed to call the API; none by default
+
     log_level: str = "INFO"
     log_format: Literal["console", "json"] = "console"
 

@@ -116,6 +116,50 @@ def _render(connection, prepared: dict[str, Any], settings) -> rendering.Rendere
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
 
 
+def _row(item: dict[str, Any], rendered: rendering.Rendered, settings, now: datetime) -> dict[str, Any]:
+    message_id = new_id()
+    return {
+        "id": message_id,
+        "idempotency_key": item["idempotency_key"],
+        "sender": str(item["sender"]),
+        "recipient": str(item["to"]),
+        "reply_to": str(item["reply_to"]) if item["reply_to"] else None,
+        "subject": rendered.subject,
+        "html": rendered.html,
+        "text": rendered.text,
+        "headers": item["headers"],
+        "tags": item["tags"],
+        "message_id_header": f"<{message_id}@{settings.sender_domain}>",
+        "template_name": rendered.template_name,
+        "template_version": rendered.template_version,
+        "attempts": 0,
+        "created_at": now,
+        "enqueued_at": None,
+        "next_attempt_at": None,
+        "claimed_at": None,
+        "finished_at": None,
+        "smtp_code": None,
+        "smtp_reply": None,
+        "reason": None,
+        "send_at": None,
+        "_address": item["to"].address,
+        "_send_at": item["send_at"],
+    }
+
+
+def _commit(rows: list[dict[str, Any]], now: datetime, settings, reader) -> list[SendResult]:
+    """Store the rows (one in one autocommit statement on `reader`, more in one transaction), then
+    hand the queued ones to the workers."""
+    if len(rows) == 1:  # send(): one autocommit statement, see store.sql.messages
+        results = [_store_one(reader, rows[0], now)]
+    else:
+        with get_engine().begin() as connection:
+            results = _store(connection, rows, now)
+    queued = [r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate]
+    (hand_off if settings.dispatch_in_background else hand_off_now)(queued)
+    return results
+
+
 def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     """Validate and render every message first (one bad message: an error naming it, nothing stored),
     then store them in one transaction and hand the queued ones to the workers: by default a
@@ -125,51 +169,32 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     settings = get_settings()
     now = utcnow()
     prepared = [_prepare(spec, f"messages[{i}]." if len(specs) > 1 else "", settings) for i, spec in enumerate(specs)]
-    rows: list[dict[str, Any]] = []
     # Render outside the write transaction (on SQLite it would hold the one write lock meanwhile).
     # Core connections, not an ORM session: this runs once per send() and a session's bookkeeping
     # cost more than the statements.
     with statement_connection() as reader:
-        for item in prepared:
-            rendered = _render(reader, item, settings)
-            message_id = new_id()
-            rows.append(
-                {
-                    "id": message_id,
-                    "idempotency_key": item["idempotency_key"],
-                    "sender": str(item["sender"]),
-                    "recipient": str(item["to"]),
-                    "reply_to": str(item["reply_to"]) if item["reply_to"] else None,
-                    "subject": rendered.subject,
-                    "html": rendered.html,
-                    "text": rendered.text,
-                    "headers": item["headers"],
-                    "tags": item["tags"],
-                    "message_id_header": f"<{message_id}@{settings.sender_domain}>",
-                    "template_name": rendered.template_name,
-                    "template_version": rendered.template_version,
-                    "attempts": 0,
-                    "created_at": now,
-                    "enqueued_at": None,
-                    "next_attempt_at": None,
-                    "claimed_at": None,
-                    "finished_at": None,
-                    "smtp_code": None,
-                    "smtp_reply": None,
-                    "reason": None,
-                    "send_at": None,
-                    "_address": item["to"].address,
-                    "_send_at": item["send_at"],
-                }
-            )
-        if len(rows) == 1:  # send(): one autocommit statement, see store.sql.messages
-            results = [_store_one(reader, rows[0], now)]
-    if len(rows) > 1:
-        with get_engine().begin() as connection:
-            results = _store(connection, rows, now)
-    queued = [r.id for r in results if r.state == MessageState.QUEUED and not r.duplicate]
-    (hand_off if settings.dispatch_in_background else hand_off_now)(queued)
-    return results
+        rows = [_row(item, _render(reader, item, settings), settings, now) for item in prepared]
+        return _commit(rows, now, settings, reader)
+
+
+def send_each(specs: Sequence[Mapping[str, Any]], *, prefix: str = "messages") -> list[SendResult | InvalidMessage]:
+    """send_many for a batch whose bad messages must not stop the good ones: each result is the
+    message's SendResult or the InvalidMessage (naming `messages[i].field`) that kept it out."""
+    settings = get_settings()
+    now = utcnow()
+    outcomes: list[SendResult | InvalidMessage | None] = [None] * len(specs)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with statement_connection() as reader:
+        for i, spec in enumerate(specs):
+            try:
+                item = _prepare(spec, f"{prefix}[{i}].", settings)
+                rows.append((i, _row(item, _render(reader, item, settings), settings, now)))
+            except InvalidMessage as exc:
+                outcomes[i] = exc
+        if rows:
+            for (i, _), result in zip(rows, _commit([row for _, row in rows], now, settings, reader)):
+                outcomes[i] = result
+    return outcomes  # type: ignore[return-value]  # every slot is filled above
 
 
 _suppressed = select(Suppression.email, Suppression.reason).where(

@@ -1,11 +1,16 @@
-"""Message status look-ups for the CLI and the Python API."""
+"""Message status look-ups for the CLI, the Python API and the HTTP API: one message, or a filtered page of them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from smartmail.store.engine import session_scope
-from smartmail.store.models import Message
+from sqlalchemy import select
+
+from smartmail.addresses import normalize_address
+from smartmail.store.engine import reader, session_scope
+from smartmail.store.models import Campaign, Message
+from smartmail.store.sql import json_attributes
+from smartmail.store.sql import messages as messages_sql
 
 _FIELDS = (
     "id",
@@ -26,6 +31,8 @@ _FIELDS = (
     "template_version",
     "message_id_header",
     "tags",
+    "campaign_id",
+    "contact_id",
 )
 
 
@@ -36,3 +43,33 @@ def status(message_id: str) -> dict[str, Any] | None:
         if message is None:
             return None
         return {name: getattr(message, name) for name in _FIELDS}
+
+
+def list_messages(
+    *,
+    limit: int = 100,
+    after: str | None = None,
+    state: str | None = None,
+    tag: str | None = None,
+    campaign: str | None = None,
+    to: str | None = None,
+) -> list[dict[str, Any]]:
+    """Messages newest first (ids are time-ordered), those older than the message `after`, filtered
+    by state, tag, campaign (a name or an id) and recipient address."""
+    columns = [getattr(Message, name) for name in _FIELDS]
+    with reader() as connection:
+        query = select(*columns).order_by(Message.id.desc()).limit(limit)
+        if after is not None:
+            query = query.where(Message.id < after)
+        if state is not None:
+            query = query.where(Message.state == state)
+        if tag is not None:
+            query = query.where(messages_sql.for_bind(connection).has_tag(Message.tags, tag))
+        if campaign is not None:
+            by_name = select(Campaign.id).where(Campaign.name == campaign).scalar_subquery()
+            query = query.where(Message.campaign_id == (int(campaign) if campaign.isdigit() else by_name))
+        if to is not None:
+            # Recipients are stored as given ('Ann <ann@example.org>'): compare their address part.
+            address = json_attributes.for_bind(connection).recipient_address(Message.recipient)
+            query = query.where(address == normalize_address(to))
+        return [dict(row._mapping) for row in connection.execute(query)]

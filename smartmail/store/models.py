@@ -220,6 +220,18 @@ class Event(Base):
     message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
     properties: Mapped[dict] = mapped_column(_Json, default=dict)
     occurred_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # The sender's own id for a custom event (a CRM's or shop's): ingesting it twice stores it once.
+    client_event_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+_HAS_CLIENT_ID = Event.client_event_id.isnot(None)
+Index(
+    "ix_events_client_event_id",
+    Event.client_event_id,
+    unique=True,
+    postgresql_where=_HAS_CLIENT_ID,
+    sqlite_where=_HAS_CLIENT_ID,
+)
 
 
 class Segment(Base):
@@ -317,3 +329,20 @@ class Campaign(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     launched_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ApiKey(Base):
+    """An HTTP API key: shown once as `sm_<id>_<secret>`; only the secret's SHA-256 is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public: the key's name in logs and URLs
+    name: Mapped[str] = mapped_column(String(200))
+    secret_hash: Mapped[str] = mapped_column(String(64))  # hex SHA-256 of the secret part
+    scopes: Mapped[list] = mapped_column(JSON, default=list)
+    rate_limit: Mapped[float | None] = mapped_column(Float, nullable=True)  # requests/s; None: the setting
+    burst: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the setting
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

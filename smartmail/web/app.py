@@ -1,4 +1,4 @@
-"""The FastAPI app: unsubscribe page and RFC 8058 one-click endpoint, health check, RFC 9457 problem+json errors."""
+"""The FastAPI app: the HTTP API (/v1, /docs), unsubscribe page and RFC 8058 one-click endpoint, health check."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import hashlib
 import re
 from html import escape
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qs
 
 import structlog
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -23,14 +22,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartmail import __version__
 from smartmail.audience.unsubscribe import unsubscribe
+from smartmail.config import get_settings
 from smartmail.content.unsubscribe_links import read_token
 from smartmail.errors import InvalidToken
 from smartmail.store.engine import reader
 from smartmail.store.models import Contact, ContactStatus
+from smartmail.web import docs, problems
+from smartmail.web.api import routes as api_routes
+from smartmail.web.api.idempotency import ApiWrites
+from smartmail.web.problems import COMMON_HEADERS
+from smartmail.web.request_context import RequestContext
 
 log = structlog.get_logger("smartmail.web")
 
-PROBLEM_JSON = "application/problem+json"
+API_DESCRIPTION = """SmartMail's HTTP API, version 1. Authenticate with `Authorization: Bearer <API key>`;
+each operation names the scope its key needs. Errors are RFC 9457 problem+json documents; lists are
+paginated with `limit` and `cursor` (`next_cursor`); POSTs accept an `Idempotency-Key` header."""
 # A one-click POST body is `List-Unsubscribe=One-Click` (RFC 8058 section 3.2); nothing legitimate
 # is anywhere near this size.
 MAX_FORM_BYTES = 8192
@@ -45,8 +52,6 @@ _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode(
 HTML_CSP = (
     f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-# Every response: no MIME sniffing, and no Referer leaking the token in our URLs to other sites.
-COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 # Unsubscribe pages name a person: never cached by a browser or proxy, never framed (clickjacking).
 HTML_HEADERS = {
     **COMMON_HEADERS,
@@ -152,59 +157,54 @@ def _source(body: bytes, content_type: str) -> str:
     return "page"
 
 
-# --- problem+json (RFC 9457) -------------------------------------------------------------------------
-
-
-def problem(status: int, detail: str, *, headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
-    """An RFC 9457 problem document. `about:blank` with the status phrase as title (section 4.2.1)
-    until the API defines its own problem types."""
-    content = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-        **extensions,
-    }
-    return JSONResponse(
-        content, status_code=status, media_type=PROBLEM_JSON, headers={**COMMON_HEADERS, **(headers or {})}
-    )
-
-
-_DETAILS = {404: "There is nothing at this URL.", 405: "This URL does not accept that method."}
+# --- Errors: problem+json, HTML on the pages ------------------------------------------------------
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    status = exc.status_code
-    detail = exc.detail if exc.detail != HTTPStatus(status).phrase else _DETAILS.get(status, exc.detail)
     if _HTML_PATHS.match(request.url.path):
+        status = exc.status_code
+        detail = exc.detail if exc.detail != HTTPStatus(status).phrase else "There is nothing at this URL."
         return _page(HTTPStatus(status).phrase, [str(detail)], status=status, headers=dict(exc.headers or {}))
-    return problem(status, str(detail), headers=dict(exc.headers or {}))
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    # Location and reason only: echoing the rejected input back could reflect secrets or megabytes.
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-    return problem(422, "The request is not valid; see errors.", errors=errors)
+    return await problems.http_error(request, exc)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("web.unexpected_error", path=request.url.path, method=request.method)
     if _HTML_PATHS.match(request.url.path):
+        log.exception("web.unexpected_error", path=request.url.path, method=request.method)
         return _page("Something went wrong", ["Please try again in a few minutes."], status=500)
-    return problem(500, "An unexpected error occurred; it has been logged.")
+    return await problems.unexpected_error(request, exc)
 
 
 # --- The app -------------------------------------------------------------------------------------------
 
 
 def create_app() -> FastAPI:
-    # No /docs or /redoc: they load scripts from a CDN, which a self-hosted mail server should not
-    # serve from its own origin. The OpenAPI document itself is at /openapi.json.
-    app = FastAPI(title="SmartMail", version=__version__, docs_url=None, redoc_url=None)
-    app.add_middleware(SecurityHeaders)
-    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]  # Starlette types handlers by Exception
-    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app = FastAPI(
+        title="SmartMail",
+        version=__version__,
+        description=API_DESCRIPTION,
+        openapi_url="/v1/openapi.json",
+        docs_url=None,  # served by smartmail.web.docs from our own origin, not a CDN
+        redoc_url=None,
+    )
+    problems.install(app)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
+    # Outermost last: the request id wraps everything, the security headers every response.
+    app.add_middleware(ApiWrites)
+    app.add_middleware(SecurityHeaders)
+    origins = get_settings().api_cors_origins
+    if origins:  # off by default: API keys belong on servers, not in browsers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+            expose_headers=["RateLimit", "RateLimit-Policy", "Retry-After", "X-Request-Id", "Location"],
+        )
+    app.add_middleware(RequestContext)
+    app.include_router(api_routes.router)
+    docs.install(app)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Message-row SQL that differs by dialect: inserting transactional messages, a recipient's domain."""
+"""Message-row SQL that differs by dialect: inserting transactional messages, a recipient's domain, a tag test."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 from typing import Any
 
 import psycopg
-from sqlalchemy import String, bindparam, case, func, literal, null, select, true
+from sqlalchemy import String, bindparam, case, cast, func, literal, null, select, true
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 
 from smartmail.store import dialect
@@ -68,11 +69,19 @@ class Messages:
         """The SQL expression for the part of `recipient` (an address expression) after its "@"."""
         raise NotImplementedError
 
+    def has_tag(self, tags, tag: str):
+        """The SQL test that the JSON array `tags` holds the string `tag`."""
+        raise NotImplementedError
+
 
 _INSERT_MANY_SQLITE = _insert_many_statement(sqlite.insert)
 
 
 class SqliteMessages(Messages):
+    def has_tag(self, tags, tag: str):
+        each = func.json_each(tags).table_valued("value")
+        return select(literal(1)).select_from(each).where(each.c.value == tag).exists()
+
     """See `Messages`."""
 
     def insert_many(self, connection, rows: list[dict[str, Any]]) -> None:
@@ -100,6 +109,9 @@ def _insert_one_sql(sql_dialect, columns: tuple[str, ...]) -> tuple[str, dict[st
 
 
 class PostgresMessages(Messages):
+    def has_tag(self, tags, tag: str):
+        return cast(tags, JSONB).op("@>", is_comparison=True)(cast(literal(json.dumps([tag])), JSONB))
+
     """See `Messages`."""
 
     def insert_many(self, connection, rows: list[dict[str, Any]]) -> None:

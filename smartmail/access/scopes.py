@@ -1,0 +1,32 @@
+"""The API's scopes: least privilege, one per resource and access (read | write), documented in the README."""
+
+from __future__ import annotations
+
+SCOPES: dict[str, str] = {
+    "messages:send": "send transactional email (POST /v1/messages, /v1/messages/batch)",
+    "messages:read": "read messages and their delivery state",
+    "templates:read": "list, read and preview-render templates",
+    "templates:write": "create template versions and delete templates",
+    "contacts:read": "read contacts, lists, memberships and import jobs",
+    "contacts:write": "create, change and erase contacts; lists, memberships and imports",
+    "segments:read": "read, count and preview segments",
+    "segments:write": "save and delete segments",
+    "events:write": "ingest custom events (POST /v1/events)",
+    "campaigns:read": "read campaigns and their progress",
+    "campaigns:write": "create, change, schedule, launch, pause, resume and cancel campaigns",
+    "suppressions:read": "read the suppression list",
+    "suppressions:write": "add to and remove from the suppression list",
+    "keys:manage": "create, list and revoke API keys",
+}
+
+
+def check_scopes(values: list[str], *, field: str = "scopes") -> list[str]:
+    """The scopes, de-duplicated in the table's order; an unknown one raises InvalidInput naming it."""
+    from smartmail.errors import InvalidInput
+
+    if not values:
+        raise InvalidInput(f"at least one scope is required; known scopes: {', '.join(SCOPES)}", field=field)
+    for i, value in enumerate(values):
+        if value not in SCOPES:
+            raise InvalidInput(f"unknown scope {value!r}; known scopes: {', '.join(SCOPES)}", field=f"{field}[{i}]")
+    return [scope for scope in SCOPES if scope in values]

@@ -1,0 +1,11 @@
+"""Every /v1 router, mounted in one place (a new resource adds its module here)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from smartmail.web.api import messages
+
+router = APIRouter(prefix="/v1")
+for module in (messages,):
+    router.include_router(module.router)

@@ -1,0 +1,143 @@
+"""RFC 9457 problem+json: one shape for every 4xx and 5xx, and the map from domain exceptions to statuses."""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from smartmail.errors import (
+    Conflict,
+    FieldError,
+    InvalidToken,
+    NotFound,
+    TemplateError,
+    TemplateNotFound,
+    Unauthenticated,
+)
+
+log = structlog.get_logger("smartmail.web")
+
+PROBLEM_JSON = "application/problem+json"
+# Every response: no MIME sniffing, and no Referer leaking the token in our URLs to other sites.
+COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+_DETAILS = {404: "There is nothing at this URL.", 405: "This URL does not accept that method."}
+_UNAUTHENTICATED = {
+    "missing": "An API key is required: send `Authorization: Bearer <key>`.",
+    "malformed": "The API key is malformed: keys look like sm_<id>_<secret>.",
+    "unknown": "The API key is not valid.",
+    "revoked": "The API key has been revoked.",
+    "expired": "The API key has expired.",
+}
+
+
+def problem(status: int, detail: str, *, headers: dict[str, str] | None = None, **extensions: Any) -> JSONResponse:
+    """An RFC 9457 problem document: `about:blank` with the status phrase as title (section 4.2.1)."""
+    content = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    content.update(extensions)
+    return JSONResponse(
+        content, status_code=status, media_type=PROBLEM_JSON, headers={**COMMON_HEADERS, **(headers or {})}
+    )
+
+
+def pointer(field: str) -> str:
+    """A field path as the domain names it (`messages[3].to`) as a JSON pointer (`/messages/3/to`)."""
+    parts = re.findall(r"[^.\[\]]+", field)
+    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def field_problem(status: int, field: str, reason: str) -> JSONResponse:
+    return problem(status, f"{field}: {reason}", errors=[{"pointer": pointer(field), "detail": reason}])
+
+
+def unauthenticated(reason: str) -> JSONResponse:
+    # RFC 6750 section 3: no error code when no credentials were sent at all.
+    challenge = 'Bearer realm="smartmail"'
+    if reason != "missing":
+        challenge += f', error="invalid_token", error_description="{_UNAUTHENTICATED[reason]}"'
+    return problem(401, _UNAUTHENTICATED[reason], headers={"WWW-Authenticate": challenge}, reason=reason)
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Each bad field as a JSON pointer into the body, or the query/path/header parameter it names.
+    Location and reason only: echoing the rejected input back could reflect secrets or megabytes."""
+    errors = []
+    for error in exc.errors():
+        where, *path = list(error.get("loc", ())) or ["body"]
+        reason = str(error.get("msg", "is not valid"))
+        if error.get("type") == "json_invalid":  # its loc is a character position, not a field
+            errors.append(
+                {"pointer": "", "detail": f"the body is not valid JSON ({error.get('ctx', {}).get('error', reason)})"}
+            )
+        elif where == "body":
+            errors.append({"pointer": "/" + "/".join(str(p) for p in path), "detail": reason})
+        else:
+            errors.append(
+                {"parameter": ".".join(str(p) for p in path) or str(where), "in": str(where), "detail": reason}
+            )
+    return errors
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    status = exc.status_code
+    detail = exc.detail if exc.detail != HTTPStatus(status).phrase else _DETAILS.get(status, exc.detail)
+    return problem(status, str(detail), headers=dict(exc.headers or {}))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = validation_errors(exc)
+    first = errors[0] if errors else {}
+    where = first.get("pointer") or first.get("parameter") or "the request"
+    detail = f"{where}: {first.get('detail', 'is not valid')}" + (
+        f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    )
+    return problem(422, detail, errors=errors)
+
+
+async def _field_error(request: Request, exc: FieldError) -> Response:
+    return field_problem(422, exc.field, exc.reason)
+
+
+async def _template_error(request: Request, exc: TemplateError) -> Response:
+    return field_problem(422, exc.field, str(exc))
+
+
+async def _not_found(request: Request, exc: LookupError) -> Response:
+    return problem(404, str(exc.args[0]) if exc.args else "Not found.")
+
+
+async def _conflict(request: Request, exc: Conflict) -> Response:
+    return problem(409, str(exc))
+
+
+async def _unauthenticated(request: Request, exc: Unauthenticated) -> Response:
+    return unauthenticated(exc.reason)
+
+
+async def _invalid_token(request: Request, exc: InvalidToken) -> Response:
+    return problem(404, "There is nothing at this URL.")
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("web.unexpected_error", path=request.url.path, method=request.method)
+    return problem(500, "An unexpected error occurred; it has been logged.")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers; Starlette types handlers by Exception, hence the ignores."""
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(FieldError, _field_error)  # type: ignore[arg-type]
+    app.add_exception_handler(TemplateError, _template_error)  # type: ignore[arg-type]
+    app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(TemplateNotFound, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(Unauthenticated, _unauthenticated)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidToken, _invalid_token)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unexpected_error)
