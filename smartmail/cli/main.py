@@ -28,11 +28,13 @@ app.add_typer(db_app, name="db")
 app.add_typer(templates_app, name="templates")
 from smartmail.cli.audience import contacts_app, lists_app, segments_app  # noqa: E402
 from smartmail.cli.campaigns import campaign_app  # noqa: E402
+from smartmail.cli.keys import keys_app  # noqa: E402
 
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
 app.add_typer(segments_app, name="segments")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(keys_app, name="keys")
 
 
 @db_app.command("upgrade")
@@ -333,12 +335,24 @@ def sink(
 def web(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=64, help="uvicorn worker processes (default: SMARTMAIL_WEB_WORKERS).")
+    ] = None,
 ) -> None:
-    """Run the web app (unsubscribe pages, one-click unsubscribe, /healthz) with uvicorn."""
+    """Run the web app (the HTTP API under /v1, /docs, unsubscribe pages, /healthz) with uvicorn."""
     import uvicorn
 
     settings = get_settings()  # a bad configuration stops here with a message naming the variable
-    uvicorn.run("smartmail.web.app:app", host=host, port=port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        "smartmail.web.app:app",
+        host=host,
+        port=port,
+        workers=workers or settings.web_workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,  # the app logs each request itself, with its request id and API key id
+        proxy_headers=False,  # behind a proxy, set FORWARDED_ALLOW_IPS and run uvicorn directly
+        server_header=False,
+    )
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, text
@@ -501,3 +503,97 @@ def start_beat(tmp_path):
     yield start
     for process in started:
         process.kill()
+
+
+# --- The web app, as a real `smartmail web` process ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class WebServers:
+    """The `smartmail web` process of one module: reused by the next test while the SMARTMAIL_*
+    settings are the same (`env` gives a module's tests the same ones per database), else replaced."""
+
+    def __init__(self, tmp_path_factory, module: str) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.module = module
+        self.key: tuple | None = None
+        self.process: Process | None = None
+        self.url = ""
+
+    def start(self, workers: int = 1) -> str:
+        settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("SMARTMAIL_")))
+        if self.process and self.process.alive() and self.key == (workers, settings):
+            return self.url
+        self.kill()
+        port = free_port()
+        log = self.tmp_path_factory.mktemp(f"web-{self.module}") / "web.log"
+        argv = [sys.executable, "-m", "smartmail.cli", "web", "--port", str(port), "--workers", str(workers)]
+        self.process = Process(argv, log)
+        self.url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert self.process is not None and self.process.alive(), self.process and self.process.output()
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 30, interval=0.05, message="smartmail web ready")
+        self.key = (workers, settings)
+        return self.url
+
+    def kill(self) -> None:
+        if self.process:
+            self.process.kill()
+        self.process = self.key = None
+
+
+@pytest.fixture(scope="module")
+def _module_web(request, tmp_path_factory):
+    servers = WebServers(tmp_path_factory, request.module.__name__.rsplit(".", 1)[-1])
+    yield servers
+    servers.kill()
+
+
+@dataclass
+class Api:
+    """A running `smartmail web` and the means to call it: `api.client("contacts:read", ...)` is an
+    httpx client holding a new key with those scopes (all scopes when none are named)."""
+
+    url: str
+    clients: list = field(default_factory=list)
+
+    def key(self, *scopes: str, **options) -> str:
+        from smartmail.access import keys
+        from smartmail.access.scopes import SCOPES
+
+        return keys.create_key("test", list(scopes) or list(SCOPES), **options)[1]
+
+    def client(self, *scopes: str, **options) -> httpx.Client:
+        return self.client_for(self.key(*scopes, **options))
+
+    def client_for(self, token: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture
+def api(env, monkeypatch, _module_web):
+    """A real `smartmail web` process (one uvicorn worker) on this test's database and Redis.
+    Templates and keys are read afresh on every request: the tables are emptied between tests
+    while the process lives on."""
+    monkeypatch.setenv("SMARTMAIL_TEMPLATE_CACHE_SECONDS", "0")
+    monkeypatch.setenv("SMARTMAIL_API_KEY_CACHE_SECONDS", "0")
+    monkeypatch.setenv("SMARTMAIL_API_UPLOAD_DIR", str(_module_web.tmp_path_factory.getbasetemp() / "uploads"))
+    reset_caches()
+    handle = Api(_module_web.start())
+    yield handle
+    for client in handle.clients:
+        client.close()
