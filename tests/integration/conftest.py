@@ -146,6 +146,7 @@ def _clear_tables(url: str) -> None:
             "campaigns",
             "suppressions",
             "templates",
+            "api_keys",
         ):
             conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()
