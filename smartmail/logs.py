@@ -20,10 +20,17 @@ class _StderrLogger:
 _library_configured = False
 
 
+def _renderer(fmt: str) -> structlog.typing.Processor:
+    if fmt == "json":
+        return structlog.processors.JSONRenderer()
+    # Plain tracebacks: rich's pretty ones print local variables, which may hold a request's API key.
+    return structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+
+
 def configure(level: str = "INFO", fmt: str = "console") -> None:
     """Called by the processes SmartMail owns (CLI, worker, beat), never on import: an application
     that calls smartmail.send() keeps its own logging configuration."""
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    renderer = _renderer(fmt)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -54,7 +61,7 @@ def configure_for_library(level: str = "INFO", fmt: str = "console") -> None:
         configure(level, fmt)
         return
     # The application's handlers add the time and level; the message is the event and its fields.
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    renderer = _renderer(fmt)
     processors: list = [structlog.contextvars.merge_contextvars]
     if fmt == "json":
         processors.append(structlog.processors.format_exc_info)

@@ -24,7 +24,7 @@ from smartmail import __version__
 from smartmail.audience.unsubscribe import unsubscribe
 from smartmail.config import get_settings
 from smartmail.content.unsubscribe_links import read_token
-from smartmail.errors import InvalidToken
+from smartmail.errors import InvalidToken, SettingsError
 from smartmail.store.engine import reader
 from smartmail.store.models import Contact, ContactStatus
 from smartmail.web import docs, problems
@@ -178,6 +178,14 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 # --- The app -------------------------------------------------------------------------------------------
 
 
+def _cors_origins() -> list[str]:
+    # Importing the module must not need a configuration (tests and tools import `app` first).
+    try:
+        return get_settings().api_cors_origins
+    except SettingsError:
+        return []
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="SmartMail",
@@ -193,8 +201,7 @@ def create_app() -> FastAPI:
     # Outermost last: the request id wraps everything, the security headers every response.
     app.add_middleware(ApiWrites)
     app.add_middleware(SecurityHeaders)
-    origins = get_settings().api_cors_origins
-    if origins:  # off by default: API keys belong on servers, not in browsers
+    if origins := _cors_origins():  # off by default: API keys belong on servers, not in browsers
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
