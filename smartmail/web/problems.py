@@ -64,6 +64,12 @@ def unauthenticated(reason: str) -> JSONResponse:
     return problem(401, _UNAUTHENTICATED[reason], headers={"WWW-Authenticate": challenge}, reason=reason)
 
 
+def _body_pointer(path: list) -> str:
+    # pydantic adds a `[key]` segment for a dict's key errors; RFC 6901 escapes `~` and `/`.
+    parts = [str(p) for p in path if str(p) != "[key]"]
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
 def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
     """Each bad field as a JSON pointer into the body, or the query/path/header parameter it names.
     Location and reason only: echoing the rejected input back could reflect secrets or megabytes."""
@@ -76,7 +82,7 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
                 {"pointer": "", "detail": f"the body is not valid JSON ({error.get('ctx', {}).get('error', reason)})"}
             )
         elif where == "body":
-            errors.append({"pointer": "/" + "/".join(str(p) for p in path), "detail": reason})
+            errors.append({"pointer": _body_pointer(path), "detail": reason})
         else:
             errors.append(
                 {"parameter": ".".join(str(p) for p in path) or str(where), "in": str(where), "detail": reason}

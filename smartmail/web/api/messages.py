@@ -13,6 +13,7 @@ from smartmail.errors import InvalidMessage
 from smartmail.producer import sending, status
 from smartmail.store.models import MessageState
 from smartmail.web.api.auth import authorize
+from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
 from smartmail.web.problems import pointer
 
@@ -84,11 +85,11 @@ class MessageOut(BaseModel):
     sender: str
     subject: str
     attempts: int
-    created_at: datetime
-    enqueued_at: datetime | None = None
-    claimed_at: datetime | None = None
-    next_attempt_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UtcDateTime
+    enqueued_at: UtcDateTime | None = None
+    claimed_at: UtcDateTime | None = None
+    next_attempt_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
     smtp_code: int | None = None
     smtp_reply: str | None = None
     reason: str | None = None

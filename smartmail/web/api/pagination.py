@@ -20,7 +20,7 @@ class Page(BaseModel, Generic[T]):
 
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page.")]
-Cursor = Annotated[str | None, Query(max_length=512, description="`next_cursor` of the previous page.")]
+Cursor = Annotated[str | None, Query(min_length=1, max_length=512, description="`next_cursor` of the previous page.")]
 
 
 def encode_cursor(position: list[Any]) -> str:
