@@ -30,7 +30,7 @@ class Client:
         base_url: str,
         api_key: str,
         *,
-        timeout: float = 30.0,
+        timeout: float | httpx.Timeout = 30.0,
         max_retries: int = 3,
         backoff: float = 0.5,
         max_wait: float = 30.0,

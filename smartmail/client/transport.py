@@ -117,7 +117,7 @@ class Transport:
                 delay, reason = wait, str(response.status_code)
             attempt += 1
             log.info(
-                "smartmail.client retry %d/%d of %s %s after %s in %.2f s",
+                "retry %d/%d of %s %s after %s in %.2f s",
                 attempt,
                 self.max_retries,
                 method,
