@@ -9,7 +9,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -84,6 +84,8 @@ def create_key(
     if not name or len(name) > 200:
         raise InvalidInput("a name of 1 to 200 characters is required", field="name")
     scopes = check_scopes(list(scopes))
+    if expires_at is not None and expires_at.tzinfo is not None:  # stored, and compared, as naive UTC
+        expires_at = expires_at.astimezone(UTC).replace(tzinfo=None)
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidInput("must be in the future", field="expires_at")
     if rate_limit is not None and not rate_limit > 0:
