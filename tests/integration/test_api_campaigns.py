@@ -9,11 +9,12 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import func, select
 
-from smartmail.audience.contacts import add_members, create_list
+from smartmail.audience.contacts import add_members, create_list, upsert_contact
 from smartmail.campaigns import lifecycle
 from smartmail.content.template_store import save_template
 from smartmail.store.engine import session_scope
 from smartmail.store.models import Campaign, Message
+from tests.conftest import wait_for
 
 PROBLEM = "application/problem+json"
 
@@ -25,6 +26,8 @@ def audience(env):
         save_template(session, "newsletter", subject="News for {{ first_name }}", html="<p>Hello</p>")
     create_list("news")
     create_list("vip")
+    for name in ("a", "b", "c"):
+        upsert_contact(f"{name}@example.org", attributes={"first_name": name.upper()})
     add_members("news", ["a@example.org", "b@example.org", "c@example.org"])
 
 
@@ -224,3 +227,22 @@ def test_a_name_with_a_slash_and_spaces(api, audience):
     assert client.get(f"{created.headers['location']}/progress").json()["name"] == name
     assert client.post(f"{created.headers['location']}/launch").json()["state"] == "sending"
     assert stored(name).state == "sending"
+
+
+def test_a_launch_reaches_the_list_and_progress_counts_it(api, audience, smtp_server, shared_worker, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_SMTP_URL", f"smtp://127.0.0.1:{smtp_server.port}?tls=none")
+    shared_worker(queues="bulk,default")
+    client = api.client("campaigns:read", "campaigns:write")
+    assert client.post("/v1/campaigns", json={"name": "live", "template": "newsletter", "lists": ["news"]}).is_success
+    assert client.post("/v1/campaigns/live/launch").json()["state"] == "sending"
+
+    def progress():
+        return client.get("/v1/campaigns/live/progress").json()
+
+    wait_for(
+        lambda: progress()["counts"].get("sent", 0) + progress()["counts"].get("failed", 0) == 3, 60, message=progress
+    )
+    assert progress()["counts"] == {"sent": 3}
+    received = sorted((m.rcpt_tos[0], m.parsed()["Subject"]) for m in smtp_server.messages)
+    assert received == [(f"{n}@example.org", f"News for {n.upper()}") for n in "abc"]
+    assert progress()["total"] == 3 and progress()["fanned_out"] is True
