@@ -13,7 +13,7 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from smartmail.addresses import AddressError, parse_mailbox
-from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.audience.contacts import InvalidInput, NotFound, check_list_name
 from smartmail.campaigns.fan_out import (
     audience_query,
     fan_out,
@@ -101,6 +101,8 @@ _CHANGEABLE = (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value)
 
 def _identifying(name: str) -> Iterator[Any]:
     """The conditions to try in turn: the name, then for a number the id (a name wins over an id)."""
+    if "\x00" in name:  # no campaign has one (PostgreSQL text cannot hold it)
+        return
     yield Campaign.name == name
     if name.isascii() and name.isdigit() and int(name) < 2**31:
         yield Campaign.id == int(name)
@@ -141,7 +143,13 @@ def as_dict(campaign: Campaign) -> dict[str, Any]:
 
 
 def _naive_utc(moment: datetime | None) -> datetime | None:
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment is not None and moment.tzinfo else moment
+    """A time as stored: naive UTC; a naive one is UTC already."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # past year 9999 in UTC
+        raise InvalidInput("is out of range", field="send_at") from None
 
 
 def _columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,11 +176,17 @@ def _content_columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
     if "lists" in settings:
         values["lists"] = list(settings["lists"] or ())
         for i, list_name in enumerate(values["lists"]):
+            check_list_name(list_name, field=f"lists[{i}]")
             if session.scalar(select(ContactList.id).where(ContactList.name == list_name)) is None:
                 raise InvalidInput(f"no list named {list_name!r}", field=f"lists[{i}]")
     if "segment" in settings:
-        values["segment"] = settings["segment"] or None
-        if values["segment"] and session.scalar(select(Segment.id).where(Segment.name == values["segment"])) is None:
+        segment = values["segment"] = settings["segment"] or None
+        # A saved segment's name is printable (save_segment), so an other one is not looked up.
+        if segment and (
+            not isinstance(segment, str)
+            or not segment.isprintable()
+            or session.scalar(select(Segment.id).where(Segment.name == segment)) is None
+        ):
             raise InvalidInput(f"no saved segment named {values['segment']!r}", field="segment")
     return values
 
@@ -240,8 +254,8 @@ def create_campaign(
     nothing is stored then. `resend_unknown`: at-least-once, messages a worker crash left
     `unknown` (their content may have reached the relay) are sent again; a recipient may then get
     a duplicate. Returns the campaign (as_dict)."""
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise InvalidInput("a name of 1-200 characters is required", field="name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable():
+        raise InvalidInput("a name of 1-200 printable characters is required", field="name")
     lists = list(lists)
     _check_audience(lists, segment)
     settings = {

@@ -129,6 +129,9 @@ def test_bad_input_points_at_the_key_and_stores_nothing(api, audience):
         ({"name": "x", "template": "newsletter"}, "/lists"),
         ({**base, "name": ""}, "/name"),
         ({**base, "send_at": "soon"}, "/send_at"),
+        ({**base, "send_at": "9999-12-31T23:59:59-05:00"}, "/send_at"),  # past year 9999 in UTC
+        ({**base, "name": "a\x00b"}, "/name"),  # PostgreSQL text cannot hold a NUL
+        ({**base, "lists": ["ne\x00ws"]}, "/lists/0"),
     ]
     for body, where in cases:
         response = client.post("/v1/campaigns", json=body)
@@ -144,6 +147,7 @@ def test_bad_input_points_at_the_key_and_stores_nothing(api, audience):
     assert client.get("/v1/campaigns/nope").status_code == 403  # a write-only key
     reader = api.client("campaigns:read")
     assert reader.get("/v1/campaigns/nope").status_code == 404
+    assert reader.get("/v1/campaigns/a%00b/progress").status_code == 404
     assert reader.post("/v1/campaigns/x/launch").status_code == 403
     assert reader.get("/v1/campaigns", params={"cursor": "bm9wZQ"}).status_code == 422
 

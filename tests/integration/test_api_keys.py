@@ -82,6 +82,7 @@ def test_revoked_key_is_refused_on_its_next_request(api):
     assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
     assert admin.delete("/v1/keys/0123456789abcdef").status_code == 404
     assert admin.get("/v1/keys/0123456789abcdef").status_code == 404
+    assert admin.get("/v1/keys/a%00b").status_code == 404
 
 
 def test_list_pages_in_creation_order_and_leaves_revoked_keys_out_on_request(api):
@@ -116,6 +117,8 @@ def test_bad_input_names_the_key_and_stores_nothing(api):
         ({"name": "x", "scopes": ["messages:send"], "burst": 2**40}, "/burst"),
         ({"name": "x", "scopes": ["messages:send"], "secret": "mine"}, "/secret"),
         ({"scopes": ["messages:send"]}, "/name"),
+        ({"name": "a\x00b", "scopes": ["messages:send"]}, "/name"),  # PostgreSQL text cannot hold a NUL
+        ({"name": "x", "scopes": ["messages:send"], "expires_at": "9999-12-31T23:59:59-05:00"}, "/expires_at"),
     ]
     for body, where in cases:
         response = admin.post("/v1/keys", json=body)
