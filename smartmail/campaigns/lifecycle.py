@@ -474,8 +474,11 @@ def run_due(now: datetime | None = None) -> None:
     mark finished campaigns sent."""
     now = now or utcnow()
     with session_scope() as session:
+        # Locked as a launch locks them; one being changed right now is left for the next run.
         due = session.scalars(
-            select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value, Campaign.send_at <= now)
+            select(Campaign)
+            .where(Campaign.state == CampaignState.SCHEDULED.value, Campaign.send_at <= now)
+            .with_for_update(skip_locked=True)
         ).all()
         started = [(c.id, c.fan_out_owner) for c in due if _start(session, c, now)]
     for campaign_id, owner in started:
