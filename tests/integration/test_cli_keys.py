@@ -23,11 +23,7 @@ TOKEN = re.compile(r"sm_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
 
 
 @pytest.fixture
-def runner(env, monkeypatch):
-    from smartmail.cli.output import out
-
-    # Wide enough for a table's ids unwrapped (the console measured its terminal at import).
-    monkeypatch.setattr(out, "width", 200)
+def runner(env):
     return CliRunner()
 
 

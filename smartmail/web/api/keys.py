@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartmail.access import keys
 from smartmail.access.keys import Principal
+from smartmail.access.scopes import SCOPES
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
@@ -51,11 +52,11 @@ class CreatedKeyOut(KeyOut):
 
 @router.post("", status_code=201, response_model=CreatedKeyOut)
 def create_key(body: KeyIn, response: Response, principal: Manager) -> dict[str, Any]:
-    """Create a key and return it with its secret, which is never shown again.
-
-    A `keys:manage` key may grant any scope, its own or not, as an account token does at Stripe
-    or Postmark: it is the administrator's credential, and one that could only pass on its own
-    scopes would still create a `keys:manage` key, so the limit would protect nothing."""
+    """Create a key and return it with its secret, which is never shown again. A key grants only
+    scopes it holds itself (least privilege: a leaked `keys:manage` key cannot mint more power)."""
+    lacking = [scope for scope in body.scopes if scope in SCOPES and scope not in principal.scopes]
+    if lacking:
+        raise HTTPException(403, f"This API key lacks the scope {lacking[0]}, so it cannot grant it.")
     record, token = keys.create_key(
         body.name, body.scopes, expires_at=body.expires_at, rate_limit=body.rate_limit, burst=body.burst
     )
