@@ -150,6 +150,7 @@ def as_dict(row: Template) -> dict[str, Any]:
 
 def get_version(session: Session, name: str, version: int | None = None) -> Template:
     """A stored version (the latest when `version` is None); NotFound names what was missing."""
+    _known_form(name)
     query = select(Template).where(Template.name == name)
     query = query.where(Template.version == version) if version is not None else query.order_by(Template.version.desc())
     row = session.scalars(query.limit(1)).first()
@@ -157,6 +158,12 @@ def get_version(session: Session, name: str, version: int | None = None) -> Temp
         what = f"template {name!r} has no version {version}" if version is not None else f"no template {name!r}"
         raise NotFound(what)
     return row
+
+
+def _known_form(name: str) -> None:
+    # A name no template can have is not looked up: PostgreSQL refuses NUL in a text parameter.
+    if not _NAME.fullmatch(name):
+        raise NotFound(f"no template {name!r}")
 
 
 def get_template(name: str, version: int | None = None) -> dict[str, Any]:
@@ -178,6 +185,9 @@ def list_templates(*, limit: int, after: str | None = None) -> list[dict[str, An
 def create_version(name: str, *, subject: str, html: str, text: str | None = None) -> dict[str, Any]:
     """Store the next version of `name` (compile it first: rendering.check_template_source).
     Two writers racing for the same next number: the loser takes the one after."""
+    for part, source in (("subject", subject), ("html", html), ("text", text)):
+        if source is not None and "\x00" in source:  # no database text type holds NUL
+            raise InvalidInput("must not contain NUL characters", field=part)
     for attempt in range(3):
         try:
             with session_scope() as session:
@@ -189,12 +199,13 @@ def create_version(name: str, *, subject: str, html: str, text: str | None = Non
 
 
 def delete_template(name: str) -> int:
-    """Delete every version of a template; how many there were (0: none).
+    """Delete every version of a template; how many there were (NotFound: none).
 
     Refused (Conflict) while a draft or scheduled campaign names it: such a campaign reads the
     template at launch. Launched campaigns hold their own copy and sent messages their rendered
     content, so neither needs the rows. This process forgets the name at once; other processes
     may still resolve it for up to SMARTMAIL_TEMPLATE_CACHE_SECONDS."""
+    _known_form(name)
     with session_scope() as session:
         waiting = session.scalars(
             select(Campaign.name)
@@ -208,6 +219,8 @@ def delete_template(name: str) -> int:
         if waiting:
             raise Conflict(f"template {name!r} is used by campaigns not launched yet: {', '.join(waiting)}")
         deleted = session.scalar(select(func.count()).where(Template.name == name)) or 0
+        if not deleted:
+            raise NotFound(f"no template {name!r}")
         session.execute(delete(Template).where(Template.name == name))
     forget_resolved(True)
     return deleted
