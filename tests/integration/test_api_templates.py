@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from smartmail.audience import contacts
 from smartmail.campaigns import lifecycle
@@ -113,7 +113,11 @@ def test_preview_renders_with_the_context_and_escapes_html(api):
         "text": "Hello <b>Ann</b> & co, 3 items\n",
     }
     latest = client.post("/v1/templates/welcome/preview", json={"context": context}).json()
-    assert latest == {"subject": "v2 <b>Ann</b> & co", "html": "<p>&lt;B&gt;ANN&lt;/B&gt; &amp; CO</p>", "text": "Text <b>Ann</b> & co"}
+    assert latest == {
+        "subject": "v2 <b>Ann</b> & co",
+        "html": "<p>&lt;B&gt;ANN&lt;/B&gt; &amp; CO</p>",
+        "text": "Text <b>Ann</b> & co",
+    }
 
 
 @pytest.mark.parametrize(
