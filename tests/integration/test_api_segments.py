@@ -40,7 +40,8 @@ def test_save_replace_read_list_delete(api):
     contacts.create_list("news")
     created = client.put("/v1/segments/pro users", json={"rules": PRO})
     assert created.status_code == 201, created.text
-    assert created.headers["location"] == "/v1/segments/pro users"
+    assert created.headers["location"] == "/v1/segments/pro%20users"
+    assert client.get(created.headers["location"]).json()["name"] == "pro users"
     body = created.json()
     assert (body["name"], body["rules"]) == ("pro users", PRO) and body["created_at"].endswith("Z")
     replaced = client.put("/v1/segments/pro users", json={"rules": {"status": "subscribed"}})

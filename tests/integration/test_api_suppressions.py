@@ -42,7 +42,9 @@ def test_add_read_and_add_again(api):
     assert client.get("/v1/suppressions/ANN@example.org").json() == body
     bounce = client.post("/v1/suppressions", json={"email": "bob@example.org", "reason": "hard_bounce"})
     assert bounce.status_code == 201 and status("bob@example.org") is None  # no contact is created
-    assert stored() == {"ann@example.org": "manual", "bob@example.org": "hard_bounce"}
+    tagged = client.post("/v1/suppressions", json={"email": "cy+news@example.org"})
+    assert client.get(tagged.headers["location"]).json()["email"] == "cy+news@example.org"
+    assert stored() == {"ann@example.org": "manual", "bob@example.org": "hard_bounce", "cy+news@example.org": "manual"}
 
 
 def test_list_pages_by_address_and_filters_by_reason(api):

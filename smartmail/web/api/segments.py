@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,7 +68,7 @@ def put_segment(name: SegmentName, body: SegmentIn, response: Response, principa
     saved, created = segments.put_segment(name, body.rules)
     if created:
         response.status_code = 201
-        response.headers["Location"] = f"/v1/segments/{name}"
+        response.headers["Location"] = f"/v1/segments/{quote(name, safe='')}"
     return saved
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,7 +59,7 @@ def add_suppression(body: SuppressionIn, response: Response, principal: Write) -
     entry, created = suppressions.add_suppression(body.email, body.reason, body.detail)
     if not created:
         response.status_code = 200
-    response.headers["Location"] = f"/v1/suppressions/{entry['email']}"
+    response.headers["Location"] = f"/v1/suppressions/{quote(entry['email'], safe='@')}"
     return entry
 
 
