@@ -45,7 +45,8 @@ class _StoreLoader(jinja2.BaseLoader):
     """Loads `db/ROW/NAME@VERSION/PART` from the database and `file/PATH` from disk (ROW: TemplateRef.row).
 
     Jinja's environment caches compiled templates by name, so each template version is compiled
-    once per process; database versions never change, so they are always up to date.
+    once per process; database rows never change, and a name deleted and created again has new
+    ROWs, so the cache is always up to date.
     """
 
     def __init__(self, session_factory) -> None:

@@ -148,6 +148,12 @@ def as_dict(row: Template) -> dict[str, Any]:
     }
 
 
+def _known_form(name: str) -> None:
+    # A name no template can have is not looked up: PostgreSQL refuses NUL in a text parameter.
+    if not _NAME.fullmatch(name):
+        raise NotFound(f"no template {name!r}")
+
+
 def get_version(session: Session, name: str, version: int | None = None) -> Template:
     """A stored version (the latest when `version` is None); NotFound names what was missing."""
     _known_form(name)
@@ -158,12 +164,6 @@ def get_version(session: Session, name: str, version: int | None = None) -> Temp
         what = f"template {name!r} has no version {version}" if version is not None else f"no template {name!r}"
         raise NotFound(what)
     return row
-
-
-def _known_form(name: str) -> None:
-    # A name no template can have is not looked up: PostgreSQL refuses NUL in a text parameter.
-    if not _NAME.fullmatch(name):
-        raise NotFound(f"no template {name!r}")
 
 
 def get_template(name: str, version: int | None = None) -> dict[str, Any]:
