@@ -223,7 +223,9 @@ def test_a_50_mb_upload_leaves_the_web_process_memory_flat(api, _module_web, tmp
     stored.unlink()
     growth = peak - baseline
     print(f"50 MB upload in {elapsed:.2f} s; web RSS {baseline / 2**20:.1f} MiB, peak +{growth / 2**20:.1f} MiB")
-    assert growth < 10 * 2**20, f"the web process grew by {growth / 2**20:.1f} MiB during a {size / 2**20:.0f} MiB upload"
+    assert growth < 10 * 2**20, (
+        f"the web process grew by {growth / 2**20:.1f} MiB during a {size / 2**20:.0f} MiB upload"
+    )
 
 
 @pytest.fixture

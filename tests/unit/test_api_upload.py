@@ -1,4 +1,4 @@
-"""The /v1/imports upload reader without a server: multipart streamed to a file whatever the chunking, limits, bad forms."""
+"""The /v1/imports upload reader without a server: streamed to a file however the body is cut; limits; bad forms."""
 
 from __future__ import annotations
 
@@ -120,8 +120,13 @@ def test_form_fields_become_the_cli_options(tmp_path):
         tmp_path / "x.upload",
         "people.ndjson",
         "",
-        {"list": ["vip"], "batch_size": [" 200 "], "map": ["E-Mail=email", "Age=age"], "type": ["age=integer"],
-         "delimiter": [""]},  # fmt: skip
+        {
+            "list": ["vip"],
+            "batch_size": [" 200 "],
+            "map": ["E-Mail=email", "Age=age"],
+            "type": ["age=integer"],
+            "delimiter": [""],
+        },  # fmt: skip
     )
     assert job_options(upload) == {
         "list": "vip",
