@@ -50,7 +50,7 @@ def files_in(directory) -> list[str]:
     return sorted(os.listdir(directory)) if directory.exists() else []
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(size=st.integers(1, 700))
 def test_the_file_arrives_byte_for_byte_however_the_body_is_cut(tmp_path_factory, size):
     directory = tmp_path_factory.mktemp("uploads")
@@ -161,3 +161,34 @@ def test_domain_option_names_become_form_field_names():
     assert _form_field(InvalidInput("bad", field="types.age")).field == "type.age"
     assert _form_field(InvalidInput("bad", field="header")).field == "file"
     assert _form_field(InvalidInput("bad", field="list")).field == "list"
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from(
+            [
+                f"--{BOUNDARY}\r\n".encode(),
+                f"--{BOUNDARY}--\r\n".encode(),
+                b'Content-Disposition: form-data; name="file"; filename="c.csv"\r\n',
+                b'Content-Disposition: form-data; name="list"\r\n',
+                b"Content-Disposition: form-data\r\n",
+                b"Content-Type: text/csv\r\n",
+                b"\r\n",
+                b"email\r\na@example.org",
+                b"\xff\x00",
+            ]
+        )
+        | st.binary(max_size=40),
+        max_size=30,
+    ),
+    size=st.integers(1, 64),
+)
+def test_any_body_is_an_upload_or_a_refusal_and_leaves_at_most_the_upload(tmp_path_factory, pieces, size):
+    directory = tmp_path_factory.mktemp("uploads")
+    try:
+        upload = receive(b"".join(pieces), directory, size=size, max_bytes=600)
+    except (UploadRefused, InvalidInput):
+        assert files_in(directory) == []
+    else:
+        assert files_in(directory) == [upload.path.name]

@@ -321,7 +321,16 @@ _FORM_SCHEMA = {
     status_code=202,
     response_model=ImportJobOut,
     openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM_SCHEMA}}}},
-    responses={413: {"description": "The upload is larger than SMARTMAIL_API_MAX_UPLOAD_BYTES."}},
+    responses={
+        status: {"description": description, "content": {"application/problem+json": {}}}
+        for status, description in (
+            (400, "The body is not a complete multipart/form-data body."),
+            (413, "The upload is larger than SMARTMAIL_API_MAX_UPLOAD_BYTES (`max_bytes`)."),
+            (415, "The body is not multipart/form-data."),
+            (422, "A form field is missing or not valid; `errors` names it (`/list`)."),
+            (503, "The imports queue is not reachable; nothing was stored."),
+        )
+    },
 )
 async def create_import(
     request: Request,
