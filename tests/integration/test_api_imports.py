@@ -110,7 +110,9 @@ def test_an_upload_is_imported_by_a_worker_of_the_imports_queue(api, shared_work
         ("people.csv", {"batch_size": "0"}, "/batch_size"),
         ("people.csv", {"map": "E-Mail"}, "/map"),
         ("people.csv", {"type": "age=colour"}, "/type/age"),
-        ("people.csv", {"encoding": "zlib"}, "/encoding"),
+        ("people.csv", {"encoding": "zlib"}, "/encoding"),  # a codec, but not a text encoding
+        ("people.csv", {"encoding": "utf-16"}, "/encoding"),  # no BOM: the header cannot be read
+        ("people.csv", {"encoding": "idna"}, "/encoding"),
         ("people.csv", {"delimiter": "ab"}, "/delimiter"),
         ("people.csv", {"colour": "red"}, "/colour"),
         ("people.csv", {"map": "Phone=email"}, "/map/Phone"),

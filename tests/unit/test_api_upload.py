@@ -8,6 +8,7 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.requests import ClientDisconnect
 
 from smartmail.errors import InvalidInput
 from smartmail.web.api.imports import (
@@ -112,6 +113,16 @@ def test_a_bad_form_field_is_named_and_nothing_is_left(tmp_path, parts, field):
     with pytest.raises(InvalidInput) as error:
         receive(form(*parts), tmp_path)
     assert error.value.field == field
+    assert files_in(tmp_path) == []
+
+
+def test_a_client_that_goes_away_leaves_nothing(tmp_path):
+    async def interrupted():
+        yield form(("file", b"x" * 1000, "c.csv"))[:500]
+        raise ClientDisconnect()
+
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(receive_upload(interrupted(), CONTENT_TYPE, tmp_path, 10**6))
     assert files_in(tmp_path) == []
 
 
