@@ -174,10 +174,6 @@ def _file_name(value: bytes) -> str:
     return _CONTROL.sub("", name).strip()[:255]
 
 
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
 async def receive_upload(chunks: AsyncIterator[bytes], content_type: str, directory: Path, max_bytes: int) -> Upload:
     """Stream a multipart/form-data body to a file in `directory`: written in chunks to a temporary
     file, renamed once the whole body has arrived and parsed, removed on any failure. Never more
@@ -217,8 +213,9 @@ async def receive_upload(chunks: AsyncIterator[bytes], content_type: str, direct
         final = directory / f"{uuid.uuid4().hex}.upload"
         await run_in_threadpool(os.replace, temporary_path, final)
     except BaseException:
+        # Synchronous, a single unlink: an await here would not run in a cancelled task.
         out.close()
-        await run_in_threadpool(_remove, temporary_path)
+        temporary_path.unlink(missing_ok=True)
         raise
     return Upload(final, parts.filename, parts.content_type, parts.fields)
 
@@ -270,7 +267,7 @@ class ImportJobOut(BaseModel):
     options: JobOptions
     total_bytes: int
     bytes_read: int
-    rows_done: int = 0
+    rows_done: int
     created: int
     updated: int
     skipped: int
@@ -357,10 +354,10 @@ async def create_import(
         options = job_options(upload)
         job_id = await run_in_threadpool(imports.create_job, upload.path, **options)
     except InvalidInput as exc:
-        await run_in_threadpool(_remove, upload.path)
+        upload.path.unlink(missing_ok=True)
         raise _form_field(exc) from None
     except BaseException:
-        await run_in_threadpool(_remove, upload.path)
+        upload.path.unlink(missing_ok=True)
         raise
     try:
         await run_in_threadpool(imports.enqueue, job_id)
