@@ -26,6 +26,7 @@ from smartmail.store.models import Contact, ContactList, ContactStatus, Event, L
 log = structlog.get_logger("smartmail.contacts")
 
 STATUSES = tuple(s.value for s in ContactStatus)
+MAX_ID = 2**63 - 1  # ids are 64-bit: a larger number from a URL or cursor names no contact
 # A contact status that must never be mailed maps to a suppression reason, and back.
 STATUS_TO_SUPPRESSION = {
     "unsubscribed": "unsubscribed",
@@ -93,7 +94,30 @@ def check_attribute_name(name: Any, *, field: str) -> str:
             f"{name!r} is not a valid attribute name (1-64 characters, no quotes, backslashes or control characters)",
             field=field,
         )
+    check_storable(name, field)
     return name
+
+
+def check_storable(value: Any, field: str) -> None:
+    """Every string in a value (keys too) is one the databases store: PostgreSQL refuses NUL
+    characters, and a lone UTF-16 surrogate (which a JSON body may hold) has no UTF-8 encoding."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput("a NUL character cannot be stored", field=field)
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    "a lone UTF-16 surrogate is not a character and cannot be stored", field=field
+                ) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_storable(key, field)
+            check_storable(item, f"{field}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_storable(item, field)
 
 
 def _check_json_value(value: Any, field: str) -> None:
@@ -103,6 +127,7 @@ def _check_json_value(value: Any, field: str) -> None:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"not JSON-serializable: {exc}", field=field) from None
+    check_storable(value, field)
 
 
 def check_attributes(attributes: Any, *, field: str = "attributes") -> dict[str, Any]:
@@ -160,6 +185,7 @@ def check_source(value: Any, *, field: str = "source") -> str | None:
 def check_list_name(value: Any, *, field: str = "list") -> str:
     if not isinstance(value, str) or not _LIST_NAME.fullmatch(value) or not value.strip():
         raise InvalidInput("a list name is 1-200 characters without control characters", field=field)
+    check_storable(value, field)
     return value
 
 
@@ -362,9 +388,9 @@ def count_contacts(status: str | None = None) -> int:
 def contact_email(key: str) -> str:
     """The stored address a contact is named by in a URL: its address (any case) or its numeric id.
     NotFound when it is neither a known id nor a usable address."""
-    if key.isdigit():
+    if key.isascii() and key.isdigit():
         with session_scope() as session:
-            email = session.scalar(select(Contact.email).where(Contact.id == int(key)))
+            email = None if int(key) > MAX_ID else session.scalar(select(Contact.email).where(Contact.id == int(key)))
         if email is None:
             raise NotFound(f"no contact with id {key}")
         return email
@@ -396,6 +422,8 @@ def list_contacts(
     of a status, or subscribed to a list (InvalidInput naming `list` when there is no such list)."""
     query = select(Contact).order_by(Contact.id).limit(limit)
     if after is not None:
+        if after >= MAX_ID:  # a cursor past every id (no larger id fits the column)
+            return []
         query = query.where(Contact.id > after)
     if status is not None:
         query = query.where(Contact.status == check_status(status))
@@ -422,6 +450,7 @@ def create_list(name: str, description: str | None = None) -> dict[str, Any]:
     name = check_list_name(name, field="name")
     if description is not None and not isinstance(description, str):
         raise InvalidInput("must be a string", field="description")
+    check_storable(description, "description")
     with session_scope() as session:
         if session.scalar(select(ContactList.id).where(ContactList.name == name)) is not None:
             raise InvalidInput(f"a list named {name!r} already exists", field="name")
@@ -493,20 +522,29 @@ def list_lists(limit: int, after: str | None = None) -> list[dict[str, Any]]:
         return [_list_dict(row, counts.get(row.id, 0)) for row in rows]
 
 
+def _named_list(session: Session, name: str) -> ContactList:
+    """The list a URL names; NotFound for an unknown name, or one no list could have."""
+    try:
+        check_list_name(name)
+    except InvalidInput:
+        raise NotFound(f"no list named {name!r}") from None
+    row = session.scalar(select(ContactList).where(ContactList.name == name))
+    if row is None:
+        raise NotFound(f"no list named {name!r}")
+    return row
+
+
 def get_list(name: str) -> dict[str, Any]:
     """One list with its number of subscribed members; NotFound if there is none by that name."""
     with session_scope() as session:
-        row = session.scalar(select(ContactList).where(ContactList.name == name))
-        if row is None:
-            raise NotFound(f"no list named {name!r}")
+        row = _named_list(session, name)
         return _list_dict(row, _member_counts(session, [row.id]).get(row.id, 0))
 
 
 def list_members(name: str, limit: int, after: int | None = None) -> list[dict[str, Any]]:
     """A list's subscribed contacts in id order, from the one after `after`; NotFound for an unknown list."""
     with session_scope() as session:
-        if session.scalar(select(ContactList.id).where(ContactList.name == name)) is None:
-            raise NotFound(f"no list named {name!r}")
+        _named_list(session, name)
     return list_contacts(limit, after, list_name=name)
 
 

@@ -225,3 +225,31 @@ def test_scopes(api):
     writer = api.client("contacts:write")
     assert writer.get("/v1/contacts").status_code == 403
     assert contact_count() == 0
+
+
+def test_input_a_database_cannot_store_is_refused_not_a_500(api):
+    client = api.client("contacts:read", "contacts:write")
+    nul, surrogate = "\\u0000", "\\ud800"  # as JSON escapes: a NUL and a lone UTF-16 surrogate
+    huge_cursor = "WzEwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDBd"  # [10**30]
+    requests = [
+        ("POST", "/v1/contacts", f'{{"email": "a@example.org", "attributes": {{"k": "x{nul}"}}}}'),
+        ("POST", "/v1/contacts", f'{{"email": "a@example.org", "attributes": {{"k": ["{surrogate}"]}}}}'),
+        ("POST", "/v1/contacts", f'{{"email": "a@example.org", "source": "{surrogate}"}}'),
+        ("POST", "/v1/lists", f'{{"name": "x{surrogate}"}}'),
+        ("POST", "/v1/lists", f'{{"name": "x", "description": "{nul}"}}'),
+        ("GET", "/v1/contacts/99999999999999999999999", None),
+        ("GET", "/v1/contacts/%C2%B2", None),
+        ("GET", f"/v1/contacts?cursor={huge_cursor}", None),
+        ("GET", f"/v1/lists/x/members?cursor={huge_cursor}", None),
+        ("GET", "/v1/lists/a%00b", None),
+        ("GET", "/v1/lists/a%ED%A0%80b", None),
+        ("GET", "/v1/contacts?list=a%00b", None),
+    ]
+    for method, path, body in requests:
+        response = client.request(method, path, content=body, headers={"content-type": "application/json"})
+        expected = response.status_code == 422 if method == "POST" else response.status_code < 500
+        assert expected, (method, path, body, response.status_code, response.text)
+    batch = f'{{"contacts": [{{"email": "a@example.org", "attributes": {{"k": "{nul}"}}}}]}}'
+    response = client.post("/v1/contacts/batch", content=batch, headers={"content-type": "application/json"})
+    assert response.json()["results"][0]["errors"][0]["pointer"] == "/contacts/0/attributes/k"
+    assert contact_count() == 0

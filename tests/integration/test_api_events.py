@@ -101,3 +101,16 @@ def test_the_request_itself_is_checked(api):
         == 403
     )
     assert stored_events() == []
+
+
+def test_properties_a_database_cannot_store_are_refused(api):
+    client = api.client("events:write")
+    for properties in ['{"k": "\\u0000"}', '{"\\u0000": 1}', '{"k": {"n": "\\ud800"}}']:
+        body = f'{{"events": [{{"email": "a@example.org", "type": "t", "properties": {properties}}}]}}'
+        response = client.post("/v1/events", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 202, response.text
+        assert response.json()["results"][0]["errors"][0]["pointer"].startswith("/events/0/properties"), properties
+    bad_address = '{"events": [{"email": "a\\ud800@example.org", "type": "t"}]}'
+    response = client.post("/v1/events", content=bad_address, headers={"content-type": "application/json"})
+    assert response.json()["results"][0]["errors"][0]["pointer"] == "/events/0/email", response.text
+    assert stored_events() == []
