@@ -787,7 +787,10 @@ def check_occurred_at(value: Any, *, field: str = "occurred_at") -> datetime:
     if not isinstance(value, datetime):
         raise InvalidInput("must be a datetime", field=field)
     if value.tzinfo is not None:
-        return value.astimezone(UTC).replace(tzinfo=None)
+        try:
+            return value.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            raise InvalidInput("is outside the years 1-9999 once in UTC", field=field) from None
     return value
 
 

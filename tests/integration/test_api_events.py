@@ -58,12 +58,13 @@ def test_bad_items_are_pointed_at_and_the_good_ones_stored(api):
         {"email": "a@example.org", "type": "signed_up", "properties": [1, 2]},
         {"email": "a@example.org", "type": "9lives"},
         {"email": "a@example.org", "type": "paid", "occurred_at": "yesterday"},
+        {"email": "a@example.org", "type": "paid", "occurred_at": "9999-12-31T23:00:00-12:00"},
         {"email": "b@example.org", "type": "paid", "id": "p-1"},
     ]
     response = client.post("/v1/events", json={"events": events})
     assert response.status_code == 202, response.text
     body = response.json()
-    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 0, 7)
+    assert (body["accepted"], body["duplicates"], body["rejected"]) == (2, 0, 8)
     where = {r["index"]: [e["pointer"] for e in r.get("errors", [])] for r in body["results"]}
     assert where == {
         0: [],
@@ -74,7 +75,8 @@ def test_bad_items_are_pointed_at_and_the_good_ones_stored(api):
         5: ["/events/5/properties"],
         6: ["/events/6/type"],
         7: ["/events/7/occurred_at"],
-        8: [],
+        8: ["/events/8/occurred_at"],
+        9: [],
     }
     assert sorted((email, kind) for email, kind, *_ in stored_events()) == [
         ("a@example.org", "signed_up"),
