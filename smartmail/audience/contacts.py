@@ -515,6 +515,7 @@ def list_lists(limit: int, after: str | None = None) -> list[dict[str, Any]]:
     """Lists in name order from the one after `after` (keyset paging), with their subscribed members."""
     query = select(ContactList).order_by(ContactList.name).limit(limit)
     if after is not None:
+        check_storable(after, "cursor")  # a cursor is the client's to alter
         query = query.where(ContactList.name > after)
     with session_scope() as session:
         rows = list(session.scalars(query))
@@ -685,8 +686,8 @@ def _new_values(email: str, fields: dict[str, Any], suppressed_as: str | None, n
 
 
 def _upsert_chunk(connection: Connection, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[int, bool]]:
-    """One chunk of checked rows ({email: fields}) written: a look-up, an INSERT and an UPDATE, each
-    one statement (executemany); {email: (id, created)}."""
+    """One chunk of checked rows ({email: fields}) written in a few statements: the look-ups, one
+    INSERT and one UPDATE (executemany), the new suppressions; {email: (id, created)}."""
     now = utcnow()
     emails = list(rows)
     suppressed = _suppressed(connection, emails)

@@ -242,6 +242,7 @@ def test_input_a_database_cannot_store_is_refused_not_a_500(api):
         ("GET", f"/v1/contacts?cursor={huge_cursor}", None),
         ("GET", f"/v1/lists/x/members?cursor={huge_cursor}", None),
         ("GET", "/v1/lists/a%00b", None),
+        ("GET", "/v1/lists?cursor=WyJcdTAwMDAiXQ", None),  # ["\u0000"]
         ("GET", "/v1/lists/a%ED%A0%80b", None),
         ("GET", "/v1/contacts?list=a%00b", None),
     ]
