@@ -111,7 +111,9 @@ def loc_pointer(loc: tuple[int | str, ...]) -> str:
     return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in loc)
 
 
-@router.post("", status_code=201, response_model=ContactOut, responses={200: {"description": "Updated."}})
+@router.post(
+    "", status_code=201, response_model=ContactOut, responses={200: {"model": ContactOut, "description": "Updated."}}
+)
 def upsert_contact(
     body: ContactIn,
     response: Response,

@@ -27,7 +27,7 @@ class EventIn(BaseModel):
 
     email: str = Field(max_length=320)
     type: str = Field(max_length=64, description="A letter, then letters, digits or _ . : - (such as order_placed).")
-    properties: dict[str, Any] = Field(default_factory=dict)
+    properties: dict[str, Any] | None = None
     occurred_at: datetime | None = Field(None, description="ISO 8601; without an offset, UTC. Default: now.")
     id: str | None = Field(
         None, min_length=1, max_length=200, description="Your id for the event: one already stored is a duplicate."
