@@ -747,7 +747,8 @@ def upsert_many(rows: Sequence[Any]) -> list[Upserted | InvalidInput]:
             results[index] = InvalidInput(f"{email} is also in row {checked[email][0]}", field="email")
             continue
         checked[email] = (index, fields)
-    emails = list(checked)
+    # In one order whatever the client's: concurrent batches take their row locks in the same order.
+    emails = sorted(checked)
     with session_scope() as session:
         connection = session.connection()
         for start in range(0, len(emails), _IN_CHUNK):
@@ -826,7 +827,7 @@ def ensure_contacts(session: Session, emails: Sequence[str], *, source: str) -> 
     does: a suppressed address starts with the matching status), in the caller's transaction."""
     connection = session.connection()
     ids: dict[str, int] = {}
-    unique = list(dict.fromkeys(emails))
+    unique = sorted(set(emails))  # one order for every caller's row locks (see upsert_many)
     for start in range(0, len(unique), _IN_CHUNK):
         chunk = unique[start : start + _IN_CHUNK]
         ids.update({email: row.id for email, row in _stored(connection, chunk, lock=False).items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import func, select
 
@@ -141,6 +142,21 @@ def test_a_batch_of_ten_thousand(api):
     assert len({r["id"] for r in body["results"]}) == 10_000
     assert contact_count() == 10_000
     assert elapsed < 20, elapsed
+
+
+def test_concurrent_batches_of_the_same_addresses(api):
+    # Both see the addresses as new, then one inserts what the other has just inserted: each row
+    # is created once and updated by the other, in whichever order; neither call fails.
+    client = api.client("contacts:write")
+    rows = [{"email": f"both{i}@example.org", "attributes": {"i": i}} for i in range(3000)]
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(
+            pool.map(lambda batch: client.post("/v1/contacts/batch", json={"contacts": batch}), [rows, rows[::-1]])
+        )
+    assert [r.status_code for r in responses] == [200, 200], [r.text[:300] for r in responses]
+    bodies = [r.json() for r in responses]
+    assert sum(b["created"] for b in bodies) == 3000 and sum(b["updated"] for b in bodies) == 3000
+    assert contact_count() == 3000
 
 
 def test_list_contacts_pages_and_filters(api):
