@@ -84,7 +84,10 @@ def ingest(items: Sequence[Any]) -> list[Ingested | InvalidInput]:
             ]
             connection = session.connection()
             plain = [row for row in rows if row["client_event_id"] is None]
-            keyed = [row for row in rows if row["client_event_id"] is not None]
+            # In id order: concurrent calls with the same ids wait for each other rather than deadlock.
+            keyed = sorted(
+                (row for row in rows if row["client_event_id"] is not None), key=lambda row: row["client_event_id"]
+            )
             if plain:
                 connection.execute(dialect.insert(connection)(Event), plain)
             if keyed:

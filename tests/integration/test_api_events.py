@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from sqlalchemy import select
@@ -45,6 +46,20 @@ def test_events_are_stored_and_a_repeated_id_is_a_duplicate(api):
     again = client.post("/v1/events", json={"events": [events[0]]}).json()
     assert (again["accepted"], again["duplicates"]) == (0, 1) and again["results"][0]["duplicate"] is True
     assert len(stored_events()) == 2
+
+
+def test_concurrent_calls_with_the_same_ids_store_each_event_once(api):
+    client = api.client("events:write")
+    # The contacts exist first: the calls then meet on the event ids alone.
+    client.post("/v1/events", json={"events": [{"email": f"c{i}@example.org", "type": "seen"} for i in range(50)]})
+    events = [{"email": f"c{i % 50}@example.org", "type": "paid", "id": f"pay-{i}"} for i in range(1000)]
+    calls = [{"events": events if n % 2 else events[::-1]} for n in range(4)]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda body: client.post("/v1/events", json=body), calls))
+    assert [r.status_code for r in responses] == [202] * 4, [r.text[:300] for r in responses]
+    bodies = [r.json() for r in responses]
+    assert sum(b["accepted"] for b in bodies) == 1000 and sum(b["duplicates"] for b in bodies) == 3000
+    assert len(stored_events()) == 50 + 1000
 
 
 def test_bad_items_are_pointed_at_and_the_good_ones_stored(api):
