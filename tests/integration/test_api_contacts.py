@@ -99,19 +99,21 @@ def test_batch_stores_the_good_rows_and_points_at_the_bad_ones(api):
         {"email": "New@Example.org"},
         {"email": "tz@example.org", "timezone": "Nowhere/Special"},
         {"email": "quits@example.org", "status": "unsubscribed"},
+        {"email": "QUITS@example.org"},
     ]
     response = client.post("/v1/contacts/batch", json={"contacts": rows})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["created"], body["updated"], body["rejected"]) == (2, 2, 4)
+    assert (body["created"], body["updated"], body["rejected"]) == (2, 2, 5)
     results = body["results"]
     assert [r["index"] for r in results] == list(range(len(rows)))
     assert results[0]["created"] is True and results[0]["email"] == "new@example.org"
     assert results[3] == {"index": 3, "email": "kept@example.org", "id": results[3]["id"], "created": False}
     assert results[1]["errors"][0]["pointer"] == "/contacts/1/email"
     assert results[4]["errors"][0]["pointer"] == "/contacts/4/colour"
-    assert results[5]["errors"][0]["pointer"] == "/contacts/5/email"  # the address again
+    assert results[5]["errors"] == [{"pointer": "/contacts/5/email", "detail": "new@example.org is also in row 0"}]
     assert results[6]["errors"][0]["pointer"] == "/contacts/6/timezone"
+    assert results[8]["errors"] == [{"pointer": "/contacts/8/email", "detail": "quits@example.org is also in row 7"}]
     # A batch never resubscribes; attributes still merge.
     gone = client.get("/v1/contacts/gone@example.org").json()
     assert gone["status"] == "unsubscribed" and gone["attributes"] == {"back": True}

@@ -137,17 +137,20 @@ def upsert_batch(
     the others out; an address given twice is an error in its second row. Unlike a single upsert, a
     batch never resubscribes an unsubscribed, bounced or complained contact."""
     results: list[BatchResult | None] = [None] * len(body.contacts)
-    checked: list[tuple[int, dict[str, Any]]] = []
+    # Every row goes to the domain, a refused one as None, so the rows it names are this request's.
+    rows: list[dict[str, Any] | None] = []
     for i, row in enumerate(body.contacts):
         try:
             item = _contact.validate_python(row)
         except ValidationError as exc:
             errors = [RowError(pointer=f"/contacts/{i}" + loc_pointer(e["loc"]), detail=e["msg"]) for e in exc.errors()]
             results[i] = BatchResult(index=i, errors=errors)
+            rows.append(None)
+        else:
+            rows.append({"email": item.email, **item.fields()})
+    for i, outcome in enumerate(contacts.upsert_many(rows)):
+        if results[i] is not None:
             continue
-        checked.append((i, {"email": item.email, **item.fields()}))
-    outcomes = contacts.upsert_many([fields for _, fields in checked])
-    for (i, _), outcome in zip(checked, outcomes):
         if isinstance(outcome, InvalidInput):
             where = f"/contacts/{i}" + (pointer(outcome.field) if outcome.field else "")
             results[i] = BatchResult(index=i, errors=[RowError(pointer=where, detail=outcome.reason)])
