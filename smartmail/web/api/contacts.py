@@ -69,7 +69,9 @@ class ContactOut(BaseModel):
     updated_at: UtcDateTime
     last_open_at: UtcDateTime | None = None
     last_click_at: UtcDateTime | None = None
-    lists: list[str] = Field(default_factory=list, description="The lists the contact is subscribed to.")
+    lists: list[str] | None = Field(
+        None, description="The lists the contact is subscribed to; in answers about one contact only."
+    )
 
 
 class BatchIn(BaseModel):

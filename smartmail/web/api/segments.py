@@ -12,6 +12,7 @@ from smartmail.access.keys import Principal
 from smartmail.audience import segments
 from smartmail.errors import NotFound
 from smartmail.web.api.auth import authorize
+from smartmail.web.api.contacts import ContactOut
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
 
@@ -42,22 +43,8 @@ class Count(BaseModel):
     count: int
 
 
-class Contact(BaseModel):
-    id: int
-    email: str
-    status: str
-    attributes: dict[str, Any]
-    timezone: str | None = None
-    locale: str | None = None
-    source: str | None = None
-    created_at: UtcDateTime
-    updated_at: UtcDateTime
-    last_open_at: UtcDateTime | None = None
-    last_click_at: UtcDateTime | None = None
-
-
 class Contacts(BaseModel):
-    data: list[Contact]
+    data: list[ContactOut]
 
 
 @router.put("/{name}", response_model=SegmentOut)
