@@ -1,4 +1,4 @@
-"""smartmail.client against a real `smartmail web` process: every resource, typed errors, paging, retries that send once."""
+"""smartmail.client against a real `smartmail web`: a round trip per resource, typed errors, paging, safe retries."""
 
 from __future__ import annotations
 
