@@ -299,8 +299,10 @@ def test_campaigns(api):
 
 def test_keys(api):
     with Client(api.url, api.key("keys:manage", "events:write")) as admin:
-        created = admin.keys.create("app", ["events:write"], rate_limit=5, burst=10)
+        expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+        created = admin.keys.create("app", ["events:write"], expires_at=expires, rate_limit=5, burst=10)
         assert (created["scopes"], created["rate_limit"], created["burst"]) == (["events:write"], 5, 10)
+        assert datetime.fromisoformat(created["expires_at"]) == expires
         with pytest.raises(Forbidden, match="messages:send"):
             admin.keys.create("more", ["messages:send"])  # it cannot grant what it lacks
         with Client(api.url, created["key"]) as app:
