@@ -74,6 +74,7 @@ class Contacts(Resource):
         return response.json(), response.status_code == 201
 
     def get(self, email: str) -> dict[str, Any]:
+        """The contact with this address, or with this numeric id (given as a string), with its lists."""
         return self._call("GET", f"/v1/contacts/{_segment(email)}")
 
     def update(self, email: str, **fields: Any) -> dict[str, Any]:
