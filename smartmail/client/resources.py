@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from datetime import datetime
 from typing import IO, Any
@@ -22,6 +22,13 @@ def _body(fields: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments as body keys: exactly those given (a None is sent: it clears a field),
     with `from_` as `from`, which Python cannot take as a keyword."""
     return {("from" if name == "from_" else name): value for name, value in fields.items()}
+
+
+def _form_value(value: Any) -> Any:
+    """A form field's value as httpx sends it; a mapping is the repeated `KEY=VALUE` fields the CLI takes."""
+    if isinstance(value, Mapping):
+        return [f"{key}={item}" for key, item in value.items()]
+    return list(value) if isinstance(value, tuple) else value
 
 
 class Resource:
@@ -67,6 +74,7 @@ class Contacts(Resource):
         return response.json(), response.status_code == 201
 
     def get(self, email: str) -> dict[str, Any]:
+        """The contact with this address, or with this numeric id (given as a string), with its lists."""
         return self._call("GET", f"/v1/contacts/{_segment(email)}")
 
     def update(self, email: str, **fields: Any) -> dict[str, Any]:
@@ -117,9 +125,10 @@ class Lists(Resource):
 class Imports(Resource):
     """/v1/imports (scopes contacts:write to start one, contacts:read to follow it)."""
 
-    def create(self, file: str | os.PathLike[str] | IO[bytes], **fields: Any) -> dict[str, Any]:
-        """Upload a CSV or JSON Lines file (a path or an open binary file) → 202 the job. Fields are the
-        `smartmail import` options: list, mode, format, delimiter, encoding, …"""
+    def create(self, file: str | os.PathLike[str] | IO[bytes], **options: Any) -> dict[str, Any]:
+        """Upload a CSV or JSON Lines file (a path or an open binary file) → 202 the job. Options are the
+        `smartmail contacts import` ones: list, mode, format, delimiter, encoding, batch_size, and the
+        repeatable map (`{"E-Mail": "email"}`: column → target) and type (`{"age": "integer"}`)."""
         with ExitStack() as stack:
             if isinstance(file, str | os.PathLike):
                 name = os.path.basename(os.fspath(file))
@@ -128,18 +137,18 @@ class Imports(Resource):
                 name = os.path.basename(str(getattr(file, "name", "") or "upload"))
                 stream = file
             kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
-            data = {key: value for key, value in fields.items() if value is not None}
+            data = {key: _form_value(value) for key, value in options.items() if value is not None}
             return self._call("POST", "/v1/imports", data=data, files={"file": (name, stream, kind)})
 
-    def get(self, job_id: str | int) -> dict[str, Any]:
+    def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/imports/{_segment(job_id)}")
 
     def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
         return self._list("/v1/imports", page_size, filters)
 
-    def errors(self, job_id: str | int) -> str:
-        """The rows the import rejected, as CSV text."""
-        return self._call("GET", f"/v1/imports/{_segment(job_id)}/errors")
+    def errors(self, job_id: str) -> str:
+        """The rows the import rejected so far, as CSV text."""
+        return self._transport.request("GET", f"/v1/imports/{_segment(job_id)}/errors").text
 
 
 class Templates(Resource):
@@ -229,8 +238,8 @@ class Campaigns(Resource):
     """/v1/campaigns (scopes campaigns:read, campaigns:write)."""
 
     def create(self, name: str, template: str, **settings: Any) -> dict[str, Any]:
-        """A draft campaign. Settings: lists, segment, from_, reply_to, send_at, window, window_timezone,
-        rate_cap, tags."""
+        """A draft campaign (scheduled when send_at is given). Settings: lists, segment, from_, reply_to,
+        send_at, window, window_timezone, rate_cap, tags, resend_unknown."""
         return self._call("POST", "/v1/campaigns", json_body={"name": name, "template": template, **_body(settings)})
 
     def get(self, name: str) -> dict[str, Any]:

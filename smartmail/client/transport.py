@@ -42,7 +42,7 @@ def _in_flight(response: httpx.Response) -> bool:
         return False
     if not isinstance(problem, dict):
         return False
-    # Servers before the `code` extension say so only in the detail.
+    # SmartMail's server says so in the detail; a `code` extension, where a server adds one, is surer.
     return problem.get("code") == "idempotency_in_flight" or "still being processed" in str(problem.get("detail"))
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+import functools
 import json
 import logging
+import re
 import subprocess
 import sys
 import uuid
@@ -30,6 +34,7 @@ from smartmail.client import (
 )
 
 KEY = "sm_0123456789abcdef_" + "s" * 43
+JOB = "01J9ZQ3V7X8K2M4N6P8R0T2V4W"  # an import job's id
 Answer = httpx.Response | Exception
 
 
@@ -152,9 +157,9 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
         "/v1/lists/news/members/a%40example.org",
         None,
     ),
-    (lambda c: c.imports.get(7), "GET", "/v1/imports/7", None),
+    (lambda c: c.imports.get(JOB), "GET", f"/v1/imports/{JOB}", None),
     (lambda c: list(c.imports.list(state="done")), "GET", "/v1/imports?state=done", None),
-    (lambda c: c.imports.errors(7), "GET", "/v1/imports/7/errors", None),
+    (lambda c: c.imports.errors(JOB), "GET", f"/v1/imports/{JOB}/errors", None),
     (
         lambda c: c.templates.create("welcome", "Hi {{ name }}", "<p>Hi</p>"),
         "POST",
@@ -172,10 +177,10 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
     ),
     (lambda c: c.templates.delete("welcome"), "DELETE", "/v1/templates/welcome", None),
     (
-        lambda c: c.segments.save("vip", {"attribute": "plan", "eq": "pro"}),
+        lambda c: c.segments.save("vip", {"attr": "plan", "op": "eq", "value": "pro"}),
         "PUT",
         "/v1/segments/vip",
-        {"rules": {"attribute": "plan", "eq": "pro"}},
+        {"rules": {"attr": "plan", "op": "eq", "value": "pro"}},
     ),
     (lambda c: list(c.segments.list()), "GET", "/v1/segments", None),
     (lambda c: c.segments.get("vip"), "GET", "/v1/segments/vip", None),
@@ -245,6 +250,56 @@ def test_each_method_sends_its_request(call, method, path, body):
     assert body_of(request) == body
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert ("idempotency-key" in request.headers) == (method == "POST")
+    # …and it is one the API declares: its operation, query parameters and body keys.
+    declared = operation(method, path)
+    queries = {p["name"] for p in declared.get("parameters", []) if p["in"] == "query"}
+    assert set(request.url.params) <= queries
+    if body is None:
+        assert not declared.get("requestBody", {}).get("required")
+    else:
+        schema = resolved(declared["requestBody"]["content"]["application/json"]["schema"])
+        assert set(body) <= set(schema["properties"]) and set(schema.get("required", [])) <= set(body)
+
+
+@functools.cache
+def openapi() -> dict[str, Any]:
+    """The API's OpenAPI document, as the web app serves it at /v1/openapi.json."""
+    from smartmail.web.app import create_app
+
+    return create_app().openapi()
+
+
+def resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    return openapi()["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else schema
+
+
+def path_template(method: str, raw_path: str) -> str:
+    """The API path a request reaches: of the templates matching it, the most literal, as routing picks."""
+    path = raw_path.partition("?")[0]
+    matching = [
+        template
+        for template, operations in openapi()["paths"].items()
+        if method.lower() in operations and re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path)
+    ]
+    assert matching, f"{method} {path} is no operation of the API"
+    return min(matching, key=lambda template: template.count("{"))
+
+
+def operation(method: str, raw_path: str) -> dict[str, Any]:
+    return openapi()["paths"][path_template(method, raw_path)][method.lower()]
+
+
+def test_every_operation_of_the_api_has_a_client_method():
+    covered = {(method, path_template(method, path)) for _, method, path, _ in MAPPING}
+    covered.add(("POST", "/v1/imports"))  # multipart: test_an_import_uploads_the_file_with_its_options
+    declared = {
+        (method.upper(), template)
+        for template, operations in openapi()["paths"].items()
+        if template.startswith("/v1/")
+        for method in operations
+    }
+    assert declared - covered == set()
 
 
 def test_answers_are_decoded_by_kind():
@@ -253,6 +308,7 @@ def test_answers_are_decoded_by_kind():
         httpx.Response(200, json={"email": "a@example.org"}),
         httpx.Response(204),
         httpx.Response(200, text="line,email,error\n2,x,bad\n", headers={"Content-Type": "text/csv"}),
+        httpx.Response(200, headers={"Content-Type": "text/csv"}),
         httpx.Response(200, json={"count": 12}),
         httpx.Response(200, json={"data": [{"email": "a@example.org"}]}),
     )
@@ -260,7 +316,8 @@ def test_answers_are_decoded_by_kind():
         assert client.contacts.upsert("a@example.org") == ({"email": "a@example.org"}, True)
         assert client.contacts.upsert("a@example.org") == ({"email": "a@example.org"}, False)
         assert client.contacts.delete("a@example.org") is None
-        assert client.imports.errors(1) == "line,email,error\n2,x,bad\n"
+        assert client.imports.errors(JOB) == "line,email,error\n2,x,bad\n"
+        assert client.imports.errors(JOB) == ""  # no rows rejected (yet): still text
         assert client.segments.count("vip") == 12
         assert client.segments.preview("vip") == [{"email": "a@example.org"}]
 
@@ -275,16 +332,47 @@ def test_a_datetime_is_sent_as_iso_8601():
 def test_an_import_uploads_the_file_with_its_options(tmp_path):
     path = tmp_path / "people.csv"
     path.write_text("email\na@example.org\n")
-    server = Server(httpx.Response(202, json={"id": 3, "state": "pending"}))
+    server = Server(httpx.Response(202, json={"id": JOB, "state": "pending"}))
     with make_client(server) as client:
-        assert client.imports.create(path, list="news", format="csv", delimiter=None) == {"id": 3, "state": "pending"}
+        job = client.imports.create(
+            path,
+            list="news",
+            format="csv",
+            delimiter=None,
+            batch_size=500,
+            map={"E-Mail": "email", "Age": "age"},
+            type=["age=integer"],
+        )
+    assert job == {"id": JOB, "state": "pending"}
     [request] = server.requests
     assert request.url.path == "/v1/imports" and request.headers["content-type"].startswith("multipart/form-data")
-    content = request.content.decode()
-    assert 'name="file"; filename="people.csv"' in content and "Content-Type: text/csv" in content
-    assert "email\na@example.org\n" in content
-    assert 'name="list"\r\n\r\nnews' in content and 'name="format"\r\n\r\ncsv' in content
-    assert "delimiter" not in content
+    fields = form_fields(request)
+    assert fields.pop("file") == [("people.csv", "text/csv", "email\na@example.org\n")]
+    assert fields == {
+        "list": ["news"],
+        "format": ["csv"],
+        "batch_size": ["500"],
+        "map": ["E-Mail=email", "Age=age"],  # a repeated field, as `smartmail contacts import --map` is
+        "type": ["age=integer"],
+    }
+    # Every field is one the API's form declares.
+    form = openapi()["paths"]["/v1/imports"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) >= {"file", *fields}
+
+
+def form_fields(request: httpx.Request) -> dict[str, list[Any]]:
+    """A multipart body's parts by name: a value, or (filename, content type, content) for a file."""
+    message = email.message_from_bytes(
+        b"Content-Type: " + request.headers["content-type"].encode() + b"\r\n\r\n" + request.content,
+        policy=email.policy.HTTP,
+    )
+    fields: dict[str, list[Any]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        value = part.get_payload(decode=True).decode()
+        filename = part.get_filename()
+        fields.setdefault(name, []).append((filename, part.get_content_type(), value) if filename else value)
+    return fields
 
 
 # --- Paging ---------------------------------------------------------------------------------------
