@@ -16,9 +16,10 @@ import structlog
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import Row, bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from smartmail.errors import InvalidInput, NotFound
+from smartmail.errors import ConflictingInput, InvalidInput, NotFound
 from smartmail.store import dialect
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
@@ -40,7 +41,7 @@ RESERVED_EVENTS = frozenset({"open", "click", "sent", "bounce", "complaint", "un
 
 _EVENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8}){0,3}")
-_LIST_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+_LIST_NAME = re.compile(r"[^\x00-\x1f\x7f/]{1,200}")  # no "/": names are URL path segments
 # RFC 5322 dot-atom local part: what nearly every address is. Anything else (quoted, non-ASCII)
 # goes through email-validator in full.
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
@@ -184,7 +185,7 @@ def check_source(value: Any, *, field: str = "source") -> str | None:
 
 def check_list_name(value: Any, *, field: str = "list") -> str:
     if not isinstance(value, str) or not _LIST_NAME.fullmatch(value) or not value.strip():
-        raise InvalidInput("a list name is 1-200 characters without control characters", field=field)
+        raise InvalidInput("a list name is 1-200 characters without control characters or /", field=field)
     check_storable(value, field)
     return value
 
@@ -452,11 +453,15 @@ def create_list(name: str, description: str | None = None) -> dict[str, Any]:
         raise InvalidInput("must be a string", field="description")
     check_storable(description, "description")
     with session_scope() as session:
+        taken = ConflictingInput(f"a list named {name!r} already exists", field="name")
         if session.scalar(select(ContactList.id).where(ContactList.name == name)) is not None:
-            raise InvalidInput(f"a list named {name!r} already exists", field="name")
+            raise taken
         row = ContactList(name=name, description=description, created_at=utcnow())
         session.add(row)
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError:  # created meanwhile by a concurrent request (the name is unique)
+            raise taken from None
         return {
             "id": row.id,
             "name": row.name,

@@ -369,7 +369,7 @@ def _as_dict(row: Segment) -> dict[str, Any]:
 
 
 def _is_name(name: Any) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable()
+    return isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable() and "/" not in name
 
 
 def save_segment(name: str, rules: Any) -> dict[str, Any]:
@@ -381,7 +381,7 @@ def put_segment(name: str, rules: Any) -> tuple[dict[str, Any], bool]:
     """save_segment, and whether the segment is new. Two concurrent creates of one name: the
     second replaces the first (the unique name makes the loser retry as an update)."""
     if not _is_name(name):
-        raise InvalidSegment("a segment name is 1-200 printable characters", field="name")
+        raise InvalidSegment("a segment name is 1-200 printable characters other than /", field="name")
     check(rules)
     for attempt in range(2):
         try:

@@ -23,7 +23,7 @@ from smartmail.campaigns.fan_out import (
 )
 from smartmail.config import get_settings
 from smartmail.content import rendering, template_store
-from smartmail.errors import Conflict
+from smartmail.errors import ConflictingInput
 from smartmail.store.engine import reader, session_scope, utcnow
 from smartmail.store.models import (
     Campaign,
@@ -63,12 +63,8 @@ def parse_window(value: str | None, *, field: str = "window") -> tuple[str, str]
 # --- The API -----------------------------------------------------------------------------------
 
 
-class CampaignConflict(Conflict, InvalidInput):
-    """The campaign's state (or its name, taken) does not allow the request: a 409 over HTTP, and
-    still the InvalidInput naming `field` that the CLI and earlier callers catch."""
-
-    def __init__(self, reason: str, *, field: str) -> None:
-        InvalidInput.__init__(self, reason, field=field)
+class CampaignConflict(ConflictingInput):
+    """The campaign's state (or its name, taken) does not allow the request."""
 
 
 @dataclass(frozen=True)
@@ -254,8 +250,8 @@ def create_campaign(
     nothing is stored then. `resend_unknown`: at-least-once, messages a worker crash left
     `unknown` (their content may have reached the relay) are sent again; a recipient may then get
     a duplicate. Returns the campaign (as_dict)."""
-    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable():
-        raise InvalidInput("a name of 1-200 printable characters is required", field="name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable() or "/" in name:
+        raise InvalidInput("a name of 1-200 printable characters other than / is required", field="name")
     lists = list(lists)
     _check_audience(lists, segment)
     settings = {

@@ -365,14 +365,19 @@ def test_the_callers_idempotency_key_replays_the_first_answer(api):
     assert stored_ids() == [first["id"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router: /v1/lists/{name} and /v1/contacts/{key} are no `:path` parameters, and the server decodes "
-    "%2F before routing, so a list name or an address holding `/` (both accepted when created) is not found",
-)
-def test_names_holding_a_slash_are_reachable(api):
-    with Client(api.url, api.key("contacts:read", "contacts:write")) as client:
-        client.lists.create("news/2026")
+def test_names_are_path_segments_and_addresses_with_a_slash_are_reachable(api):
+    with Client(api.url, api.key("contacts:read", "contacts:write", "suppressions:write")) as client:
+        with pytest.raises(ValidationFailed) as refused:
+            client.lists.create("news/members")
+        assert refused.value.errors[0]["pointer"] == "/name"
+        client.lists.create("news")
         client.contacts.upsert("a/b@example.org")
-        assert client.lists.get("news/2026")["name"] == "news/2026"
-        assert client.contacts.get("a/b@example.org")["email"] == "a/b@example.org"
+        client.lists.add_members("news", ["a/b@example.org"])
+        assert client.contacts.get("a/b@example.org")["lists"] == ["news"]
+        client.lists.remove_member("news", "a/b@example.org")
+        assert client.contacts.update("a/b@example.org", attributes={"x": 1})["attributes"] == {"x": 1}
+        client.suppressions.add("a/b@example.org")
+        client.suppressions.delete("a/b@example.org")
+        client.contacts.delete("a/b@example.org")
+        with pytest.raises(NotFound):
+            client.contacts.get("a/b@example.org")

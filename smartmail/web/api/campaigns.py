@@ -146,7 +146,7 @@ def list_campaigns(
     return page(rows, limit, lambda row: [row["id"]])
 
 
-@router.get("/{name:path}/progress", response_model=ProgressOut)
+@router.get("/{name}/progress", response_model=ProgressOut)
 def campaign_progress(name: Name, principal: Reader) -> dict[str, Any]:
     """Messages per state, the send rate over the last minute and the time left at that rate."""
     status = lifecycle.campaign_status(name)
@@ -161,14 +161,14 @@ def campaign_progress(name: Name, principal: Reader) -> dict[str, Any]:
     }
 
 
-@router.post("/{name:path}/schedule", response_model=CampaignOut)
+@router.post("/{name}/schedule", response_model=CampaignOut)
 def schedule_campaign(name: Name, body: ScheduleIn, principal: Writer) -> dict[str, Any]:
     """Start a draft or scheduled campaign at `send_at` (409 in another state)."""
     lifecycle.schedule_campaign(name, body.send_at)
     return lifecycle.get_campaign(name)
 
 
-@router.post("/{name:path}/launch", response_model=CampaignOut)
+@router.post("/{name}/launch", response_model=CampaignOut)
 def launch_campaign(name: Name, principal: Writer) -> dict[str, Any]:
     """Start sending now: the template is frozen and the audience fanned out on the bulk queue
     (a draft or scheduled campaign; 409 otherwise). Follow it at `/progress`."""
@@ -176,34 +176,34 @@ def launch_campaign(name: Name, principal: Writer) -> dict[str, Any]:
     return lifecycle.get_campaign(name)
 
 
-@router.post("/{name:path}/pause", response_model=CampaignOut)
+@router.post("/{name}/pause", response_model=CampaignOut)
 def pause_campaign(name: Name, principal: Writer) -> dict[str, Any]:
     """Stop a sending campaign: workers claim none of its messages until it is resumed (409 if not sending)."""
     lifecycle.pause_campaign(name)
     return lifecycle.get_campaign(name)
 
 
-@router.post("/{name:path}/resume", response_model=CampaignOut)
+@router.post("/{name}/resume", response_model=CampaignOut)
 def resume_campaign(name: Name, principal: Writer) -> dict[str, Any]:
     """Go on sending a paused campaign (409 if not paused)."""
     lifecycle.resume_campaign(name)
     return lifecycle.get_campaign(name)
 
 
-@router.post("/{name:path}/cancel", response_model=CampaignOut)
+@router.post("/{name}/cancel", response_model=CampaignOut)
 def cancel_campaign(name: Name, principal: Writer) -> dict[str, Any]:
     """Send nothing more: unsent messages become `cancelled` (409 if sent or cancelled already)."""
     lifecycle.cancel_campaign(name)
     return lifecycle.get_campaign(name)
 
 
-@router.get("/{name:path}", response_model=CampaignOut)
+@router.get("/{name}", response_model=CampaignOut)
 def get_campaign(name: Name, principal: Reader) -> dict[str, Any]:
     """One campaign, by name or id."""
     return lifecycle.get_campaign(name)
 
 
-@router.patch("/{name:path}", response_model=CampaignOut)
+@router.patch("/{name}", response_model=CampaignOut)
 def update_campaign(name: Name, body: CampaignChange, principal: Writer) -> dict[str, Any]:
     """Change a draft or scheduled campaign; keys left out keep their values, `null` clears one
     (`send_at: null` makes it a draft again). 409 once it has launched: the row is locked while

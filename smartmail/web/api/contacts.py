@@ -185,7 +185,7 @@ def list_contacts(
     return page(rows, limit, lambda row: [row["id"]])
 
 
-@router.get("/{key}", response_model=ContactOut)
+@router.get("/{key:path}", response_model=ContactOut)
 def get_contact(
     key: ContactKey,
     principal: Annotated[Principal, Security(authorize, scopes=["contacts:read"])],
@@ -198,7 +198,7 @@ def get_contact(
     return found
 
 
-@router.patch("/{key}", response_model=ContactOut)
+@router.patch("/{key:path}", response_model=ContactOut)
 def update_contact(
     key: ContactKey,
     body: ContactPatch,
@@ -210,7 +210,7 @@ def update_contact(
     )
 
 
-@router.delete("/{key}", status_code=204)
+@router.delete("/{key:path}", status_code=204)
 def erase_contact(
     key: ContactKey,
     principal: Annotated[Principal, Security(authorize, scopes=["contacts:write"])],

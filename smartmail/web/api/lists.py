@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartmail.access.keys import Principal
 from smartmail.audience import contacts
-from smartmail.errors import NotFound
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.contacts import ContactKey, ContactOut
 from smartmail.web.api.fields import UtcDateTime
@@ -67,12 +66,6 @@ def create_list(
     principal: Annotated[Principal, Security(authorize, scopes=["contacts:write"])],
 ) -> dict[str, Any]:
     """Create a list; 409 when the name is taken."""
-    try:
-        contacts.get_list(body.name)
-    except NotFound:
-        pass
-    else:
-        raise HTTPException(409, f"A list named {body.name!r} already exists.")
     created = contacts.create_list(body.name, body.description)
     response.headers["Location"] = f"/v1/lists/{quote(created['name'], safe='')}"
     return created
@@ -123,7 +116,7 @@ def add_members(
     return Added(added=contacts.add_members(name, body.emails))
 
 
-@router.delete("/{name}/members/{key}", status_code=204)
+@router.delete("/{name}/members/{key:path}", status_code=204)
 def remove_member(
     name: ListName,
     key: ContactKey,

@@ -47,7 +47,7 @@ class Contacts(BaseModel):
     data: list[ContactOut]
 
 
-@router.put("/{name}", response_model=SegmentOut)
+@router.put("/{name}", response_model=SegmentOut, responses={201: {"model": SegmentOut, "description": "Created."}})
 def put_segment(name: SegmentName, body: SegmentIn, response: Response, principal: Write) -> dict[str, Any]:
     """Save the segment: 201 when new (with `Location`), 200 when its rules were replaced. Bad rules
     are a 422 pointing at the rule (`/rules/any/1/value`) and store nothing, as does a rule naming

@@ -51,7 +51,12 @@ def list_suppressions(
     return page(rows, limit, lambda row: [row["email"]])
 
 
-@router.post("", status_code=201, response_model=SuppressionOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=SuppressionOut,
+    responses={200: {"model": SuppressionOut, "description": "Suppressed already: the entry as it was."}},
+)
 def add_suppression(body: SuppressionIn, response: Response, principal: Write) -> dict[str, Any]:
     """Suppress an address: 201 when new; 200 with the existing entry, unchanged, when it was
     already suppressed (its first reason stands). A `subscribed` contact of that address takes the
@@ -63,12 +68,12 @@ def add_suppression(body: SuppressionIn, response: Response, principal: Write) -
     return entry
 
 
-@router.get("/{email}", response_model=SuppressionOut)
+@router.get("/{email:path}", response_model=SuppressionOut)
 def get_suppression(email: Email, principal: Read) -> dict[str, Any]:
     return suppressions.get_suppression(email)
 
 
-@router.delete("/{email}", status_code=204)
+@router.delete("/{email:path}", status_code=204)
 def remove_suppression(email: Email, principal: Write) -> Response:
     """Take the address off the list. A `bounced` or `blocked` contact is `subscribed` again; an
     `unsubscribed` or `complained` one keeps its status (consent is the recipient's to give), so
