@@ -1,0 +1,561 @@
+#!/usr/bin/env python3
+"""Benchmark: the HTTP API's send endpoints (`smartmail web`, wrk) against send()/send_many() in-process, in one run.
+
+    .venv/bin/python scripts/bench_api.py                  # PostgreSQL, 2 web workers, about 3 minutes
+    .venv/bin/python scripts/bench_api.py --seconds 10 --batches 10
+
+Needs PostgreSQL with trust auth (a database `smartmail_bench_api` is created and dropped), Redis
+(database 14 by default, FLUSHED; one is started if none answers) and wrk (Debian package `wrk`).
+No worker runs: messages are stored `queued` and their ids pushed to a Redis outbox nobody reads,
+which is flushed at the end; nothing is delivered.
+
+1. in-process: `smartmail.send()` in a loop for --seconds; `send_many()` of --batch specs, --batches times.
+2. `smartmail web --workers 2`, wrk with --connections keep-alive connections:
+   a. POST /v1/messages at full speed: requests/s, p50/p99 (target: >= 60% of send()'s rate);
+   b. POST /v1/messages at a constant --rate (an asyncio httpx generator: wrk has no constant-rate
+      mode); latency from each request's scheduled start, so a stall counts in full (target p99 < 50 ms);
+   c. POST /v1/messages/batch of --batch messages from 1 and 2 clients: messages accepted per
+      second (target: >= 80% of send_many()'s).
+3. The auth + rate-limit layer: scripts/bench_api_app.py serves the same handler with and without
+   `Security(authorize)`; wrk at full speed and on one connection, each route in turn.
+Each phase also reports the PostgreSQL sessions opened (pg_stat_database.sessions), which shows
+connection churn between the web processes' thread pool and their SQLAlchemy pools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_results
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(SCRIPTS))
+
+from bench_api_app import OPEN_PATH  # noqa: E402
+from bench_send import Children, BenchError, free_port, log, machine_cpu, percentile, wait_port  # noqa: E402
+
+DATABASE = "smartmail_bench_api"
+SENDER = "SmartMail Bench <bench@bench.example.com>"
+TEMPLATE = "welcome"
+
+# wrk's Lua side: each request a new recipient; at the end one JSON line with the figures (µs).
+WRK_SCRIPT = """
+local counter = 0
+local body = os.getenv("BENCH_BODY")
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local token = os.getenv("BENCH_TOKEN")
+if token ~= "" then wrk.headers["Authorization"] = "Bearer " .. token end
+function setup(thread) counter = counter + 1; thread:set("id", counter) end
+function init(args) n = 0 end
+function request()
+  n = n + 1
+  return wrk.format(nil, nil, nil, string.format(body, id, n))
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,' ..
+    '"mean_us":%.1f,"p50_us":%d,"p90_us":%d,"p99_us":%d,"p999_us":%d,"max_us":%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max))
+end
+"""
+
+
+def message_spec(i: int | str) -> dict[str, Any]:
+    return {"to": f"user{i}@example.com", "template": TEMPLATE, "context": {"first_name": f"User{i}", "plan": "pro"}}
+
+
+# wrk fills in the thread and request numbers: a distinct recipient per request.
+WRK_BODY = json.dumps(message_spec("%d-%d"))
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.children = Children()
+        self.workdir = Path(tempfile.mkdtemp(prefix="smartmail-bench-api-"))
+        self.redis_process = None
+        self.admin = None
+        self.engine = None
+        self.results: dict[str, Any] = {}
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import redis
+        from sqlalchemy import create_engine, text
+
+        from smartmail.devtools import localredis
+
+        if shutil.which("wrk") is None:
+            raise BenchError("wrk not found (Debian: apt-get install wrk)")
+        self.redis_url, self.redis_process = localredis.ensure(self.args.redis_url, self.workdir / "redis")
+        self.redis = redis.Redis.from_url(self.redis_url)
+        self.redis.flushdb()
+        self.admin = create_engine(self.args.postgres_admin_url, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            self.pg_version = conn.execute(text("select version()")).scalar().split(" on ")[0]
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{DATABASE}"'))
+        self.url = self.args.postgres_admin_url.rsplit("/", 1)[0] + f"/{DATABASE}"
+        from smartmail.store import migrate
+
+        migrate.upgrade(self.url)
+        self.engine = create_engine(self.url, pool_size=1, isolation_level="AUTOCOMMIT")
+        self.env = {
+            "SMARTMAIL_DATABASE_URL": self.url,
+            "SMARTMAIL_REDIS_URL": self.redis_url,
+            "SMARTMAIL_DEFAULT_SENDER": SENDER,
+            "SMARTMAIL_SECRET_KEY": "bench-secret-key-0123456789",
+            "SMARTMAIL_TEMPLATES_DIR": str(ROOT / "templates"),
+            "SMARTMAIL_LOG_LEVEL": "WARNING",
+        }
+        if self.args.web_threads:
+            self.env["SMARTMAIL_WEB_THREADS"] = str(self.args.web_threads)
+        os.environ.update(self.env)
+        from smartmail.access import keys
+        from smartmail.config import get_settings
+
+        get_settings.forget()
+        # A limit far above what the machine can serve: the limiter does its work, never says 429.
+        self.token = keys.create_key("bench", ["messages:send"], rate_limit=1_000_000.0, burst=1_000_000)[1]
+
+    def teardown(self) -> None:
+        from sqlalchemy import text
+
+        self.children.stop_all()
+        try:
+            from smartmail import runtime
+
+            runtime.reset()
+        except Exception as exc:  # noqa: BLE001 - cleanup must go on
+            log(f"  (could not reset the runtime: {exc})")
+        if self.engine is not None:
+            self.engine.dispose()
+        if self.admin is not None:
+            with self.admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
+            self.admin.dispose()
+        try:
+            self.redis.flushdb()  # the outbox nobody read
+        except Exception:  # noqa: BLE001
+            pass
+        if self.redis_process is not None:
+            self.redis_process.terminate()
+            self.redis_process.wait(10)
+        if self.args.keep_logs:
+            log(f"logs kept in {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- database ------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Every phase starts from an empty, analyzed messages table."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("DELETE FROM messages"))
+            conn.execute(text("VACUUM ANALYZE messages"))
+        self.redis.flushdb()  # the outbox nobody reads, and the key's rate bucket
+
+    def stored(self) -> int:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM messages")).scalar()
+
+    def sessions(self) -> int:
+        """Sessions PostgreSQL has opened on our database so far (PostgreSQL 14+)."""
+        from sqlalchemy import text
+
+        with self.admin.connect() as conn:
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+            value = conn.execute(
+                text("SELECT sessions FROM pg_stat_database WHERE datname = :name"), {"name": DATABASE}
+            ).scalar()
+        return int(value or 0)
+
+    def phase(self, label: str):
+        return Phase(self, label)
+
+    # --- in-process baselines --------------------------------------------------------------------
+
+    def in_process(self) -> None:
+        import smartmail
+
+        log("in-process")
+        self.clear()
+        for i in range(200):  # warm-up: templates compiled, pools opened, plans cached
+            smartmail.send(**_send_kwargs(f"w{i}"))
+        smartmail.flush()
+        self.clear()
+        with self.phase("send") as p:
+            n = 0
+            end = time.perf_counter() + self.args.seconds
+            while time.perf_counter() < end:
+                smartmail.send(**_send_kwargs(n))
+                n += 1
+            p.count(n)
+            smartmail.flush()
+        self.results["send"] = p.figures(rate=n / p.wall, unit="messages/s")
+
+        self.clear()
+        batch = [message_spec(f"b{i}") for i in range(self.args.batch)]
+        with self.phase("send_many") as p:
+            for _ in range(self.args.batches):
+                smartmail.send_many(batch)
+            smartmail.flush()
+            p.count(self.args.batch * self.args.batches)
+        self.results["send_many"] = p.figures(rate=self.args.batch * self.args.batches / p.wall, unit="messages/s")
+
+    # --- the web process -------------------------------------------------------------------------
+
+    def start_web(self, argv: list[str], label: str) -> tuple[Any, str]:
+        port = free_port()
+        process = self.children.start(
+            [*argv, "--port", str(port)],
+            env=dict(os.environ, **self.env),
+            log_path=self.workdir / f"{label}.log",
+        )
+        wait_port(port, 60, process)
+        url = f"http://127.0.0.1:{port}"
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"{label} never answered /healthz; see {self.workdir / (label + '.log')}")
+            time.sleep(0.1)
+        return process, url
+
+    def wrk(self, url: str, *, token: str | None, connections: int, seconds: float, threads: int = 2) -> dict:
+        script = self.workdir / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        env = dict(os.environ, BENCH_BODY=WRK_BODY, BENCH_TOKEN=token or "")
+        argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "10s"]
+        out = subprocess.run([*argv, "-s", str(script), url], env=env, capture_output=True, text=True, check=False)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH ")]
+        if out.returncode != 0 or not lines:
+            raise BenchError(f"wrk failed ({out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}")
+        figures = json.loads(lines[-1][6:])
+        figures["command"] = " ".join([*argv, "-s", "post.lua", url])
+        figures["rps"] = figures["requests"] / (figures["duration_us"] / 1e6)
+        return figures
+
+    def web(self) -> None:
+        argv = [sys.executable, "-m", "smartmail.cli", "web", "--workers", str(self.args.workers)]
+        process, url = self.start_web(argv, "smartmail-web")
+        log(f"smartmail web --workers {self.args.workers} at {url}")
+        try:
+            self.wrk(f"{url}/v1/messages", token=self.token, connections=self.args.connections, seconds=3)  # warm-up
+            self.clear()
+            with self.phase("http_send") as p:
+                figures = self.wrk(
+                    f"{url}/v1/messages", token=self.token, connections=self.args.connections, seconds=self.args.seconds
+                )
+                p.count(figures["requests"])
+            stored = self.stored()
+            self.results["http_send"] = {
+                **p.figures(rate=figures["rps"], unit="requests/s"),
+                "wrk": figures,
+                "stored": stored,
+                "ratio_to_send": figures["rps"] / self.results["send"]["rate"],
+            }
+            log(
+                f"    p50 {figures['p50_us'] / 1000:.1f} ms  p99 {figures['p99_us'] / 1000:.1f} ms  "
+                f"errors {figures['status'] + figures['timeout'] + figures['read']}  stored {stored}  "
+                f"= {self.results['http_send']['ratio_to_send']:.0%} of send()"
+            )
+
+            self.clear()
+            with self.phase("http_send_constant_rate") as p:
+                constant = asyncio.run(
+                    constant_rate(f"{url}/v1/messages", self.token, self.args.rate, self.args.rate_seconds)
+                )
+                p.count(constant["sent"])
+            self.results["http_send_constant_rate"] = {**p.figures(rate=constant["achieved_rate"]), **constant}
+            log(
+                f"    {constant['ok']}/{constant['sent']} at {constant['achieved_rate']:.0f}/s: "
+                f"p50 {constant['p50_ms']:.1f} ms  p99 {constant['p99_ms']:.1f} ms  max {constant['max_ms']:.1f} ms "
+                f"(from the scheduled start; from the actual send p99 {constant['service_p99_ms']:.1f} ms)"
+            )
+
+            for clients in (1, 2):
+                self.clear()
+                with self.phase(f"http_batch_{clients}") as p:
+                    batch = asyncio.run(
+                        post_batches(f"{url}/v1/messages/batch", self.token, self.args.batch, self.args.batches, clients)
+                    )
+                    p.count(batch["accepted"])
+                stored = self.stored()
+                rate = batch["accepted"] / p.wall
+                self.results[f"http_batch_{clients}"] = {
+                    **p.figures(rate=rate, unit="messages/s"),
+                    **batch,
+                    "stored": stored,
+                    "ratio_to_send_many": rate / self.results["send_many"]["rate"],
+                }
+                log(f"    = {rate / self.results['send_many']['rate']:.0%} of send_many()  stored {stored}")
+        finally:
+            self.children.stop(process, grace=10)
+
+    def auth_cost(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench_api_app:app",
+            "--app-dir",
+            str(SCRIPTS),
+            "--workers",
+            str(self.args.workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        process, url = self.start_web(argv, "bench-app")
+        log(f"auth + rate-limit layer (scripts/bench_api_app.py, {self.args.workers} workers)")
+        try:
+            routes = {"authenticated": (f"{url}/v1/messages", self.token), "open": (f"{url}{OPEN_PATH}", None)}
+            for target, token in routes.values():
+                self.wrk(target, token=token, connections=self.args.connections, seconds=2)  # warm-up
+            out: dict[str, Any] = {}
+            # Alternating, twice each: drift on a shared machine falls on both routes alike.
+            for mode, connections, threads in (("saturated", self.args.connections, 2), ("one_connection", 1, 1)):
+                runs: dict[str, list[dict]] = {name: [] for name in routes}
+                for _ in range(2):
+                    for name, (target, token) in routes.items():
+                        self.clear()
+                        runs[name].append(
+                            self.wrk(
+                                target, token=token, connections=connections, threads=threads, seconds=self.args.auth_seconds
+                            )
+                        )
+                best = {name: max(r, key=lambda f: f["rps"]) for name, r in runs.items()}
+                auth, open_ = best["authenticated"], best["open"]
+                out[mode] = {
+                    "runs": runs,
+                    "authenticated_rps": auth["rps"],
+                    "open_rps": open_["rps"],
+                    # On a saturated machine 1/throughput is the machine time one request takes.
+                    "machine_us_per_request": 1e6 / auth["rps"] - 1e6 / open_["rps"],
+                    "latency_us_mean": auth["mean_us"] - open_["mean_us"],
+                    "latency_us_p50": auth["p50_us"] - open_["p50_us"],
+                }
+                log(
+                    f"  {mode:15} authenticated {auth['rps']:7.0f}/s mean {auth['mean_us']:7.0f} µs | "
+                    f"open {open_['rps']:7.0f}/s mean {open_['mean_us']:7.0f} µs | layer: "
+                    f"{out[mode]['machine_us_per_request']:.0f} µs of machine time, "
+                    f"{out[mode]['latency_us_mean']:.0f} µs of latency per request"
+                )
+            self.results["auth_layer"] = out
+        finally:
+            self.children.stop(process, grace=10)
+
+
+def _send_kwargs(i: int | str) -> dict[str, Any]:
+    spec = message_spec(i)
+    return {"to": spec["to"], "template": spec["template"], "context": spec["context"]}
+
+
+class Phase:
+    """Wall time, machine CPU and PostgreSQL sessions opened over one measured phase."""
+
+    def __init__(self, run: Run, label: str) -> None:
+        self.run, self.label, self.n = run, label, 0
+
+    def __enter__(self) -> Phase:
+        self.sessions0 = self.run.sessions()
+        self.busy0, self.total0 = machine_cpu()
+        self.t0 = time.perf_counter()
+        return self
+
+    def count(self, n: int) -> None:
+        self.n = n
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        busy1, total1 = machine_cpu()
+        self.busy = (busy1 - self.busy0) / max(total1 - self.total0, 1e-9)
+        self.opened = self.run.sessions() - self.sessions0
+
+    def figures(self, *, rate: float, unit: str = "requests/s") -> dict[str, Any]:
+        log(
+            f"  {self.label:24} {self.n:7d} in {self.wall:5.1f} s = {rate:8.0f} {unit}  "
+            f"(machine {self.busy:.0%} busy, {self.opened} PostgreSQL sessions opened)"
+        )
+        return {
+            "count": self.n,
+            "seconds": self.wall,
+            "rate": rate,
+            "unit": unit,
+            "machine_busy": self.busy,
+            "pg_sessions_opened": self.opened,
+        }
+
+
+async def constant_rate(url: str, token: str, rate: float, seconds: float) -> dict[str, Any]:
+    """POST at a fixed schedule (request i at start + i/rate), whatever earlier requests are doing.
+    Latency is measured from the scheduled start (wrk2's correction for coordinated omission)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    total = int(rate * seconds)
+    warmup = int(rate)  # the first second: connections opening
+    latencies: list[float] = []
+    service: list[float] = []
+    failures: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
+
+        async def one(i: int, scheduled: float) -> None:
+            body = json.dumps(message_spec(f"c{i}")).encode()
+            started = time.perf_counter()
+            try:
+                response = await client.post(url, content=body)
+                status = str(response.status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            done = time.perf_counter()
+            if status != "202":
+                failures[status] = failures.get(status, 0) + 1
+            elif i >= warmup:
+                latencies.append(done - scheduled)
+                service.append(done - started)
+
+        start = time.perf_counter() + 0.1
+        tasks = []
+        for i in range(total):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    service.sort()
+    return {
+        "sent": total,
+        "ok": total - sum(failures.values()),
+        "failures": failures,
+        "achieved_rate": total / elapsed,
+        "measured": len(latencies),
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p90_ms": percentile(latencies, 90) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": (latencies[-1] if latencies else float("nan")) * 1000,
+        "service_p50_ms": percentile(service, 50) * 1000,
+        "service_p99_ms": percentile(service, 99) * 1000,
+    }
+
+
+async def post_batches(url: str, token: str, size: int, count: int, clients: int) -> dict[str, Any]:
+    """`count` batches of `size` messages, from `clients` concurrent keep-alive connections."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    bodies = [
+        json.dumps({"messages": [message_spec(f"h{b}-{i}") for i in range(size)]}).encode() for b in range(count)
+    ]
+    queue = list(reversed(bodies))
+    accepted = 0
+    seconds: list[float] = []
+    async with httpx.AsyncClient(headers=headers, timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def worker() -> None:
+            nonlocal accepted
+            while queue:
+                body = queue.pop()
+                started = time.perf_counter()
+                response = await client.post(url, content=body)
+                seconds.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    raise BenchError(f"batch answered {response.status_code}: {response.text[:500]}")
+                accepted += response.json()["accepted"]
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    seconds.sort()
+    log(f"    {count} batches of {size} from {clients} client(s): median {percentile(seconds, 50) * 1000:.0f} ms each")
+    return {"clients": clients, "batches": count, "batch_size": size, "accepted": accepted,
+            "batch_ms_p50": percentile(seconds, 50) * 1000}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of the send() loop and the wrk run")
+    parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the constant-rate run (default 200)")
+    parser.add_argument("--rate-seconds", type=float, default=20.0, help="length of the constant-rate run")
+    parser.add_argument("--batch", type=int, default=1000, help="messages per batch (default 1000)")
+    parser.add_argument("--batches", type=int, default=20, help="batches per batch run (default 20)")
+    parser.add_argument("--auth-seconds", type=float, default=8.0, help="length of each auth-layer wrk run")
+    parser.add_argument(
+        "--web-threads", type=int, default=None, help="SMARTMAIL_WEB_THREADS for the web processes (default: unset)"
+    )
+    parser.add_argument("--postgres-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/14", help="this Redis database is FLUSHED (default /14)"
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp directory with the web logs")
+    args = parser.parse_args()
+
+    run = Run(args)
+    try:
+        run.setup()
+        wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+        log(f"environment: {run.pg_version}; {wrk_version.strip()}; {os.cpu_count()} CPUs; all on this host")
+        run.in_process()
+        run.web()
+        run.auth_cost()
+    except BenchError as exc:
+        log(f"failed: {exc}")
+        run.args.keep_logs = True
+        run.teardown()
+        return 1
+    except BaseException:
+        run.args.keep_logs = True
+        run.teardown()
+        raise
+    run.teardown()
+    r = run.results
+    verdict = {
+        "http_send_ratio_to_send": r["http_send"]["ratio_to_send"],
+        "http_send_ratio_ok": r["http_send"]["ratio_to_send"] >= 0.60,
+        "constant_rate_p99_ms": r["http_send_constant_rate"]["p99_ms"],
+        "constant_rate_p99_ok": r["http_send_constant_rate"]["p99_ms"] < 50,
+        "batch_ratio_to_send_many": r["http_batch_2"]["ratio_to_send_many"],
+        "batch_ratio_ok": r["http_batch_2"]["ratio_to_send_many"] >= 0.80,
+        "auth_layer_us": r["auth_layer"]["saturated"]["machine_us_per_request"],
+    }
+    r["targets"] = verdict
+    r["environment"] = {"postgresql": run.pg_version, "wrk": wrk_version.strip()}
+    log(json.dumps(verdict, indent=2))
+    bench_results.save("bench_api", args, r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
