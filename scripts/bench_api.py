@@ -106,6 +106,8 @@ class Run:
         self.admin = None
         self.engine = None
         self.results: dict[str, Any] = {}
+        self.profile_target: subprocess.Popen | None = None  # the server --profile samples
+        self.profile_next: str | None = None  # the name of the profile the next wrk run records
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -267,7 +269,9 @@ class Run:
         script.write_text(WRK_SCRIPT)
         env = dict(os.environ, BENCH_BODY=WRK_BODY, BENCH_TOKEN=token or "")
         argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "10s"]
+        spy = self.start_profile(seconds)
         out = subprocess.run([*argv, "-s", str(script), url], env=env, capture_output=True, text=True, check=False)
+        self.finish_profile(spy)
         lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH ")]
         if out.returncode != 0 or not lines:
             raise BenchError(f"wrk failed ({out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}")
@@ -275,6 +279,35 @@ class Run:
         figures["command"] = " ".join([*argv, "-s", "post.lua", url])
         figures["rps"] = figures["requests"] / (figures["duration_us"] / 1e6)
         return figures
+
+    # --- profiles (--profile) ------------------------------------------------------------------------
+
+    def start_profile(self, seconds: float) -> tuple[subprocess.Popen, Path] | None:
+        """py-spy on the serving processes for the next wrk run, when --profile asked for that one."""
+        if self.profile_target is None or self.profile_next is None:
+            return None
+        path = Path(self.args.profile) / f"{self.profile_next}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["py-spy", "record", "--pid", str(self.profile_target.pid), "--subprocesses", "--nonblocking"]
+        argv += ["--rate", "200", "--format", "raw", "--duration", f"{seconds:.0f}", "--output", str(path)]
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / argv[0]), *argv[1:]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # attached before the load starts
+        self.profile_next = None
+        return spy, path
+
+    def finish_profile(self, spy: tuple[subprocess.Popen, Path] | None) -> None:
+        if spy is None:
+            return
+        process, path = spy
+        process.wait(60)
+        self.results.setdefault("profiles", {})[path.stem] = summarize_profile(path)
+        log(f"    profile: {path}")
+        for line in self.results["profiles"][path.stem]:
+            log(f"      {line}")
 
     def http_send(self, url: str, label: str) -> dict[str, Any]:
         self.clear()
@@ -314,6 +347,8 @@ class Run:
             self.wrk(one, token=self.token, connections=self.args.connections, seconds=3)  # warm-up
             for r in range(self.args.rounds):
                 log(f"round {r + 1} of {self.args.rounds}")
+                if self.args.profile and r == 0:
+                    self.profile_target, self.profile_next = process, "smartmail-web-post-messages"
                 figures = {
                     "send": self.send_loop("send()"),
                     "http_send": self.http_send(one, "POST /v1/messages"),
@@ -380,6 +415,8 @@ class Run:
                 for _ in range(2):
                     for name, (target, token) in routes.items():
                         self.clear()
+                        if self.args.profile and mode == "one_connection" and not runs[name]:
+                            self.profile_target, self.profile_next = process, f"bench-app-{name}-one-connection"
                         runs[name].append(
                             self.wrk(
                                 target,
@@ -554,6 +591,42 @@ async def post_batches(url: str, token: str, size: int, count: int, clients: int
     }
 
 
+_FRAME = re.compile(r"^(.+) \(([^()]+):\d+\)$")
+# A thread whose innermost frame is one of these waits for work: not time spent serving.
+_WAITING = ("Condition.wait", "Queue.get", "Event.wait", "select", "poll", "_run_once")
+
+
+def summarize_profile(path: Path, top: int = 20) -> list[str]:
+    """Where the serving threads' samples were, from py-spy's raw output (`frames... count` per
+    line): the functions most often innermost (self), then the project's and its libraries' frames
+    most often on the stack (inclusive), each with its share of the busy samples."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [
+            f"{m.group(1)} ({m.group(2).split('site-packages/')[-1]})"
+            for m in map(_FRAME.match, stack.split(";"))
+            if m is not None
+        ]
+        if not count.isdigit() or not frames or frames[-1].split(" (")[0].endswith(_WAITING):
+            continue
+        n = int(count)
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            if frame.split("(")[1].startswith(("smartmail/", "fastapi/", "starlette/", "sqlalchemy/", "redis/")):
+                inclusive[frame] = inclusive.get(frame, 0) + n
+    if not total:
+        return []
+    lines = [f"{total} busy samples; self:"]
+    lines += [f"{n / total:6.1%}  {f}" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[: top // 2]]
+    lines.append("inclusive:")
+    lines += [f"{n / total:6.1%}  {f}" for f, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]]
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each send() loop and wrk run (default 8)")
@@ -575,6 +648,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--idle-wait", type=float, default=20.0, help="wait up to this long (s) for the machine to go idle per phase"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="a folder: py-spy profiles of the servers under the first wrk runs"
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp directory with the web logs")
     args = parser.parse_args()
