@@ -29,7 +29,9 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,7 @@ from bench_send import (  # noqa: E402
     log,
     machine_cpu,
     percentile,
+    process_cpu,
     wait_port,
     wait_until_idle,
 )
@@ -106,6 +109,7 @@ class Run:
         self.admin = None
         self.engine = None
         self.results: dict[str, Any] = {}
+        self.server: subprocess.Popen | None = None  # the web server being measured, if any
         self.profile_target: subprocess.Popen | None = None  # the server --profile samples
         self.profile_next: str | None = None  # the name of the profile the next wrk run records
 
@@ -206,8 +210,15 @@ class Run:
             ).scalar()
         return int(value or 0)
 
-    def phase(self, label: str):
-        return Phase(self, label)
+    def backend_pids(self) -> set[int]:
+        from sqlalchemy import text
+
+        with self.admin.connect() as conn:
+            rows = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :name"), {"name": DATABASE})
+            return set(rows.scalars())
+
+    def phase(self, label: str, *, serving: str, wait: bool = True) -> Phase:
+        return Phase(self, label, serving, wait)
 
     # --- in-process baselines --------------------------------------------------------------------
 
@@ -217,7 +228,7 @@ class Run:
         import smartmail
 
         self.clear()
-        with self.phase(label) as p:
+        with self.phase(label, serving="this process") as p:
             n = 0
             end = time.perf_counter() + self.args.seconds
             while time.perf_counter() < end:
@@ -232,7 +243,7 @@ class Run:
 
         self.clear()
         batch = [message_spec(f"b{i}") for i in range(self.args.batch)]
-        with self.phase(label) as p:
+        with self.phase(label, serving="this process") as p:
             for _ in range(self.args.batches):
                 smartmail.send_many(batch)
             smartmail.flush()
@@ -311,7 +322,7 @@ class Run:
 
     def http_send(self, url: str, label: str) -> dict[str, Any]:
         self.clear()
-        with self.phase(label) as p:
+        with self.phase(label, serving="web server") as p:
             figures = self.wrk(url, token=self.token, connections=self.args.connections, seconds=self.args.seconds)
             p.count(figures["requests"])
         stored = self.stored()
@@ -324,7 +335,7 @@ class Run:
 
     def http_batch(self, url: str, label: str, clients: int) -> dict[str, Any]:
         self.clear()
-        with self.phase(label) as p:
+        with self.phase(label, serving="web server") as p:
             batch = asyncio.run(post_batches(url, self.token, self.args.batch, self.args.batches, clients))
             p.count(batch["accepted"])
         stored = self.stored()
@@ -340,6 +351,7 @@ class Run:
         smartmail.flush()
         argv = [sys.executable, "-m", "smartmail.cli", "web", "--workers", str(self.args.workers)]
         process, url = self.start_web(argv, "smartmail-web")
+        self.server = process
         log(f"smartmail web --workers {self.args.workers} at {url}")
         one, batch = f"{url}/v1/messages", f"{url}/v1/messages/batch"
         rounds: list[dict[str, Any]] = []
@@ -364,7 +376,7 @@ class Run:
                 rounds.append(figures)
 
             self.clear()
-            with self.phase("POST /v1/messages at a constant rate") as p:
+            with self.phase("POST /v1/messages at a constant rate", serving="web server") as p:
                 constant = asyncio.run(
                     constant_rate(one, self.token, self.args.rate, self.args.rate_seconds, self.args.connections)
                 )
@@ -376,6 +388,7 @@ class Run:
                 f"(from the scheduled start; from the actual send p99 {constant['service_p99_ms']:.1f} ms)"
             )
         finally:
+            self.server = None
             self.children.stop(process, grace=10)
         self.results["rounds"] = rounds
         best = {
@@ -385,6 +398,15 @@ class Run:
         self.results["best"] = best
         self.results["ratio_send_best"] = best["http_send"]["rate"] / best["send"]["rate"]
         self.results["ratio_batch_best"] = best["http_batch"]["rate"] / best["send_many"]["rate"]
+        # Serving CPU per message (the least of the rounds), in-process over HTTP: the throughput
+        # ratio two dedicated cores would show if both sides were CPU-bound.
+        least = {
+            name: min(f[name]["serving_cpu_ms_each"] for f in rounds)
+            for name in ("send", "http_send", "send_many", "http_batch")
+        }
+        self.results["serving_cpu_ms_each"] = least
+        self.results["cpu_ratio_send"] = least["send"] / least["http_send"]
+        self.results["cpu_ratio_batch"] = least["send_many"] / least["http_batch"]
         self.results["ratio_send_median"] = statistics.median(f["ratio_send"] for f in rounds)
         self.results["ratio_batch_median"] = statistics.median(f["ratio_batch"] for f in rounds)
 
@@ -403,6 +425,7 @@ class Run:
             "warning",
         ]
         process, url = self.start_web(argv, "bench-app")
+        self.server = process
         log(f"auth + rate-limit layer (scripts/bench_api_app.py, {self.args.workers} workers)")
         try:
             routes = {"authenticated": (f"{url}/v1/messages", self.token), "open": (f"{url}{OPEN_PATH}", None)}
@@ -417,15 +440,16 @@ class Run:
                         self.clear()
                         if self.args.profile and mode == "one_connection" and not runs[name]:
                             self.profile_target, self.profile_next = process, f"bench-app-{name}-one-connection"
-                        runs[name].append(
-                            self.wrk(
+                        with self.phase(f"{name}, {mode}", serving="web server", wait=False) as p:
+                            figures = self.wrk(
                                 target,
                                 token=token,
                                 connections=connections,
                                 threads=threads,
                                 seconds=self.args.auth_seconds,
                             )
-                        )
+                            p.count(figures["requests"])
+                        runs[name].append({**figures, **p.figures(rate=figures["rps"])})
                 best = {name: max(r, key=lambda f: f["rps"]) for name, r in runs.items()}
                 auth, open_ = best["authenticated"], best["open"]
                 out[mode] = {
@@ -436,15 +460,23 @@ class Run:
                     "machine_us_per_request": 1e6 / auth["rps"] - 1e6 / open_["rps"],
                     "latency_us_mean": auth["mean_us"] - open_["mean_us"],
                     "latency_us_p50": auth["p50_us"] - open_["p50_us"],
+                    # CPU of the web server and PostgreSQL per request, the least of each route's runs.
+                    "cpu_us_per_request": 1000
+                    * (
+                        min(f["serving_cpu_ms_each"] for f in runs["authenticated"])
+                        - min(f["serving_cpu_ms_each"] for f in runs["open"])
+                    ),
                 }
                 log(
                     f"  {mode:15} authenticated {auth['rps']:7.0f}/s mean {auth['mean_us']:7.0f} µs | "
                     f"open {open_['rps']:7.0f}/s mean {open_['mean_us']:7.0f} µs | layer: "
+                    f"{out[mode]['cpu_us_per_request']:.0f} µs of server CPU, "
                     f"{out[mode]['machine_us_per_request']:.0f} µs of machine time, "
                     f"{out[mode]['latency_us_mean']:.0f} µs of latency per request"
                 )
             self.results["auth_layer"] = out
         finally:
+            self.server = None
             self.children.stop(process, grace=10)
 
 
@@ -454,15 +486,27 @@ def _send_kwargs(i: int | str) -> dict[str, Any]:
 
 
 class Phase:
-    """Wall time, machine CPU and PostgreSQL sessions opened over one measured phase."""
+    """Wall time, machine CPU, CPU time of each of our processes and PostgreSQL sessions opened over
+    one measured phase. On a shared machine the CPU time a message costs is the steadier figure:
+    other work stretches wall time, not CPU time (much)."""
 
-    def __init__(self, run: Run, label: str) -> None:
+    def __init__(self, run: Run, label: str, serving: str, wait: bool) -> None:
         self.run, self.label, self.n = run, label, 0
+        self.serving, self.wait = serving, wait  # whose CPU is the serving side's: this process or the web server
+
+    def pids(self) -> dict[str, set[int]]:
+        roles = {"this process": {os.getpid()}, "postgresql": self.run.backend_pids()}
+        if self.run.server is not None:
+            out = subprocess.run(["ps", "-o", "pid=", "-g", str(self.run.server.pid)], capture_output=True, text=True)
+            roles["web server"] = {int(p) for p in out.stdout.split()}
+        return roles
 
     def __enter__(self) -> Phase:
         # Other work on a shared machine would be measured as ours: start when it is quiet.
-        self.busy_before = wait_until_idle(self.run.args.idle_wait)
+        self.busy_before = wait_until_idle(self.run.args.idle_wait if self.wait else 0)
         self.sessions0 = self.run.sessions()
+        self.cpu0 = {role: process_cpu(pids) for role, pids in self.pids().items()}
+        self.children0 = _children_cpu()
         self.busy0, self.total0 = machine_cpu()
         self.t0 = time.perf_counter()
         return self
@@ -474,12 +518,23 @@ class Phase:
         self.wall = time.perf_counter() - self.t0
         busy1, total1 = machine_cpu()
         self.busy = (busy1 - self.busy0) / max(total1 - self.total0, 1e-9)
+        # Backends that ended during the phase (connection churn) are not counted: an underestimate.
+        self.cpu = {
+            role: sum(v - self.cpu0.get(role, {}).get(pid, 0.0) for pid, v in process_cpu(pids).items())
+            for role, pids in self.pids().items()
+        }
+        self.cpu["wrk"] = _children_cpu() - self.children0
         self.opened = self.run.sessions() - self.sessions0
 
     def figures(self, *, rate: float, unit: str = "requests/s") -> dict[str, Any]:
+        per_item = {role: seconds * 1000 / max(self.n, 1) for role, seconds in self.cpu.items()}
+        serving = per_item.get(self.serving, 0.0) + per_item["postgresql"]
         log(
             f"  {self.label:24} {self.n:7d} in {self.wall:5.1f} s = {rate:8.0f} {unit}  "
-            f"(machine {self.busy:.0%} busy, {self.opened} PostgreSQL sessions opened)"
+            f"(machine {self.busy:.0%} busy, {self.opened} PostgreSQL sessions opened)\n"
+            f"    CPU ms each: {self.serving} + PostgreSQL {serving:.2f} ("
+            + ", ".join(f"{role} {ms:.2f}" for role, ms in per_item.items() if ms)
+            + ")"
         )
         return {
             "count": self.n,
@@ -489,7 +544,16 @@ class Phase:
             "machine_busy": self.busy,
             "machine_busy_before": self.busy_before,
             "pg_sessions_opened": self.opened,
+            "cpu_ms_each": per_item,
+            # The producer (this process in-process, the web server over HTTP) and PostgreSQL.
+            "serving_cpu_ms_each": serving,
+            "serving": self.serving,
         }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def constant_rate(url: str, token: str, rate: float, seconds: float, connections: int) -> dict[str, Any]:
@@ -655,6 +719,10 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp directory with the web logs")
     args = parser.parse_args()
 
+    # Stopped by a signal, the run still stops its servers and drops its database (a shell starts a
+    # background job with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run = Run(args)
     try:
         run.setup()
@@ -682,6 +750,7 @@ def main() -> int:
         "http_send_ratio_best": r["ratio_send_best"],
         "http_send_ratio_median": r["ratio_send_median"],
         "http_send_ratio_ok": r["ratio_send_best"] >= 0.60,
+        "http_send_cpu_ratio": r["cpu_ratio_send"],
         "constant_rate_p99_ms": r["http_send_constant_rate"]["p99_ms"],
         "constant_rate_p99_ok": r["http_send_constant_rate"]["p99_ms"] < 50,
         "send_many_per_s": best["send_many"]["rate"],
@@ -689,6 +758,8 @@ def main() -> int:
         "batch_ratio_best": r["ratio_batch_best"],
         "batch_ratio_median": r["ratio_batch_median"],
         "batch_ratio_ok": r["ratio_batch_best"] >= 0.80,
+        "batch_cpu_ratio": r["cpu_ratio_batch"],
+        "auth_layer_cpu_us": r["auth_layer"]["saturated"]["cpu_us_per_request"],
         "auth_layer_machine_us": r["auth_layer"]["saturated"]["machine_us_per_request"],
         "auth_layer_latency_us": r["auth_layer"]["one_connection"]["latency_us_mean"],
     }
