@@ -526,7 +526,7 @@ class Phase:
             role: sum(v - self.cpu0.get(role, {}).get(pid, 0.0) for pid, v in process_cpu(pids).items())
             for role, pids in self.pids().items()
         }
-        self.cpu["wrk"] = _children_cpu() - self.children0
+        self.cpu["wrk and py-spy"] = _children_cpu() - self.children0
         self.opened = self.run.sessions() - self.sessions0
 
     def figures(self, *, rate: float, unit: str = "requests/s") -> dict[str, Any]:
