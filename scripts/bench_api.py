@@ -252,12 +252,13 @@ class Run:
 
     # --- the web process -------------------------------------------------------------------------
 
-    def start_web(self, argv: list[str], label: str) -> tuple[Any, str]:
+    def start_web(self, argv: list[str], label: str, tree: Path = ROOT) -> tuple[Any, str]:
         port = free_port()
         process = self.children.start(
             [*argv, "--port", str(port)],
             env=dict(os.environ, **self.env),
             log_path=self.workdir / f"{label}.log",
+            cwd=tree,  # `python -m` imports smartmail from the working directory first
         )
         wait_port(port, 60, process)
         url = f"http://127.0.0.1:{port}"
@@ -412,6 +413,33 @@ class Run:
         self.results["cpu_ratio_batch"] = least["send_many"] / least["http_batch"]
         self.results["ratio_send_median"] = statistics.median(f["ratio_send"] for f in rounds)
         self.results["ratio_batch_median"] = statistics.median(f["ratio_batch"] for f in rounds)
+
+    def ab(self) -> None:
+        """--ab-tree: this checkout's `smartmail web` and another's (the commit before a change) side
+        by side on one database, wrk on POST /v1/messages at each in turn, --rounds times."""
+        other = Path(self.args.ab_tree).resolve()
+        argv = [sys.executable, "-m", "smartmail.cli", "web", "--workers", str(self.args.workers)]
+        servers = {name: self.start_web(argv, f"web-{name}", tree) for name, tree in (("this", ROOT), ("other", other))}
+        log(f"A/B: this checkout against {other}")
+        runs: dict[str, list[dict]] = {name: [] for name in servers}
+        try:
+            for _, url in servers.values():
+                self.wrk(f"{url}/v1/messages", token=self.token, connections=self.args.connections, seconds=3)
+            for _ in range(self.args.rounds):
+                for name, (process, url) in servers.items():
+                    self.server = process
+                    runs[name].append(self.http_send(f"{url}/v1/messages", f"{name}: POST /v1/messages"))
+        finally:
+            self.server = None
+            for process, _ in servers.values():
+                self.children.stop(process, grace=10)
+        self.results["ab"] = {"other_tree": str(other), "runs": runs}
+        for name, figures in runs.items():
+            log(
+                f"  {name:6} best {max(f['rate'] for f in figures):.0f} requests/s, least CPU "
+                f"{min(f['serving_cpu_ms_each'] for f in figures):.2f} ms, PostgreSQL sessions opened "
+                f"{sum(f['pg_sessions_opened'] for f in figures)}"
+            )
 
     def auth_cost(self) -> None:
         argv = [
@@ -722,6 +750,11 @@ def main() -> int:
     parser.add_argument(
         "--profile", default=None, help="a folder: py-spy profiles of the servers under the first wrk runs"
     )
+    parser.add_argument(
+        "--ab-tree",
+        default=None,
+        help="another checkout (`git worktree add DIR COMMIT`): only compare its smartmail web with this one's",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp directory with the web logs")
     args = parser.parse_args()
 
@@ -734,8 +767,11 @@ def main() -> int:
         run.setup()
         wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
         log(f"environment: {run.pg_version}; {wrk_version.strip()}; {os.cpu_count()} CPUs; all on this host")
-        run.rounds()
-        run.auth_cost()
+        if args.ab_tree:
+            run.ab()
+        else:
+            run.rounds()
+            run.auth_cost()
     except BenchError as exc:
         log(f"failed: {exc}")
         run.args.keep_logs = True
@@ -747,6 +783,9 @@ def main() -> int:
         raise
     run.teardown()
     r = run.results
+    if args.ab_tree:
+        bench_results.save("bench_api", args, r)
+        return 0
     best = r["best"]
     verdict = {
         "send_per_s": best["send"]["rate"],
