@@ -110,6 +110,7 @@ class Run:
         self.engine = None
         self.results: dict[str, Any] = {}
         self.server: subprocess.Popen | None = None  # the web server being measured, if any
+        self.serial = 0  # makes each batch run's recipients new
         self.profile_target: subprocess.Popen | None = None  # the server --profile samples
         self.profile_next: str | None = None  # the name of the profile the next wrk run records
 
@@ -242,9 +243,13 @@ class Run:
         import smartmail
 
         self.clear()
-        batch = [message_spec(f"b{i}") for i in range(self.args.batch)]
+        # New recipients in every batch and run, as over HTTP: parsed addresses are cached per process.
+        self.serial += 1
+        batches = [
+            [message_spec(f"b{self.serial}-{b}-{i}") for i in range(self.args.batch)] for b in range(self.args.batches)
+        ]
         with self.phase(label, serving="this process") as p:
-            for _ in range(self.args.batches):
+            for batch in batches:
                 smartmail.send_many(batch)
             smartmail.flush()
             p.count(self.args.batch * self.args.batches)
@@ -338,7 +343,10 @@ class Run:
         self.clear()
         with self.phase(label, serving="web server") as p:
             spy = self.start_profile(self.args.batches * 0.5)
-            batch = asyncio.run(post_batches(url, self.token, self.args.batch, self.args.batches, clients))
+            self.serial += 1
+            batch = asyncio.run(
+                post_batches(url, self.token, self.args.batch, self.args.batches, clients, f"h{self.serial}")
+            )
             self.finish_profile(spy)
             p.count(batch["accepted"])
         stored = self.stored()
@@ -652,12 +660,15 @@ async def constant_rate(url: str, token: str, rate: float, seconds: float, conne
     }
 
 
-async def post_batches(url: str, token: str, size: int, count: int, clients: int) -> dict[str, Any]:
+async def post_batches(url: str, token: str, size: int, count: int, clients: int, prefix: str) -> dict[str, Any]:
     """`count` batches of `size` messages, from `clients` concurrent keep-alive connections."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    bodies = [json.dumps({"messages": [message_spec(f"h{b}-{i}") for i in range(size)]}).encode() for b in range(count)]
+    bodies = [
+        json.dumps({"messages": [message_spec(f"{prefix}-{b}-{i}") for i in range(size)]}).encode()
+        for b in range(count)
+    ]
     queue = list(reversed(bodies))
     accepted = 0
     seconds: list[float] = []
