@@ -1,23 +1,24 @@
 #!/usr/bin/env python3
 """Benchmark: the HTTP API's send endpoints (`smartmail web`, wrk) against send()/send_many() in-process, in one run.
 
-    .venv/bin/python scripts/bench_api.py                  # PostgreSQL, 2 web workers, about 3 minutes
-    .venv/bin/python scripts/bench_api.py --seconds 10 --batches 10
+    .venv/bin/python scripts/bench_api.py                     # PostgreSQL, 2 web workers, 3 rounds: 4-8 minutes
+    .venv/bin/python scripts/bench_api.py --profile /tmp/prof   # and py-spy profiles of the servers
+    git worktree add /tmp/before HEAD~1 && .venv/bin/python scripts/bench_api.py --ab-tree /tmp/before
 
 Needs PostgreSQL with trust auth (a database `smartmail_bench_api` is created and dropped), Redis
 (database 14 by default, FLUSHED; one is started if none answers) and wrk (Debian package `wrk`).
 No worker runs: messages are stored `queued` and their ids pushed to a Redis outbox nobody reads,
 which is flushed at the end; nothing is delivered.
 
-1. in-process: `smartmail.send()` in a loop for --seconds; `send_many()` of --batch specs, --batches times.
-2. `smartmail web --workers 2`, wrk with --connections keep-alive connections:
-   a. POST /v1/messages at full speed: requests/s, p50/p99 (target: >= 60% of send()'s rate);
-   b. POST /v1/messages at a constant --rate (a small asyncio generator here: wrk 4 has no constant-rate
-      mode); latency from each request's scheduled start, so a stall counts in full (target p99 < 50 ms);
-   c. POST /v1/messages/batch of --batch messages from 1 and 2 clients: messages accepted per
-      second (target: >= 80% of send_many()'s).
+1. --rounds rounds, each back to back: `smartmail.send()` in a loop for --seconds, wrk on
+   POST /v1/messages (`smartmail web --workers 2`, --connections keep-alive connections) as long
+   (target: >= 60% of send()'s rate), `send_many()` of --batch specs --batches times, and
+   POST /v1/messages/batch of --batch from --batch-clients clients (target: >= 80% of send_many()'s).
+2. POST /v1/messages at a constant --rate (a small asyncio generator here: wrk 4 has no
+   constant-rate mode); latency from each request's due time, so a stall counts in full
+   (target p99 < 50 ms).
 3. The auth + rate-limit layer: scripts/bench_api_app.py serves the same handler with and without
-   `Security(authorize)`; wrk at full speed and on one connection, each route in turn.
+   `Security(authorize)`; wrk at full load and on one connection, each route twice, alternating.
 Each phase also reports the PostgreSQL sessions opened (pg_stat_database.sessions), which shows
 connection churn between the web processes' thread pool and their SQLAlchemy pools.
 """
