@@ -278,23 +278,23 @@ def test_campaigns(api):
         client.lists.create("news")
         client.lists.add_members("news", ["a@example.org"])
         draft = client.campaigns.create(
-            "spring/2026", "promo", lists=["news"], from_="Shop <shop@example.org>", tags=["s"]
+            "spring 2026", "promo", lists=["news"], from_="Shop <shop@example.org>", tags=["s"]
         )
         assert (draft["state"], draft["from"], draft["lists"]) == ("draft", "Shop <shop@example.org>", ["news"])
-        assert client.campaigns.get("spring/2026") == draft
-        changed = client.campaigns.update("spring/2026", window="08:00-20:00", from_="News <news@example.org>")
+        assert client.campaigns.get("spring 2026") == draft
+        changed = client.campaigns.update("spring 2026", window="08:00-20:00", from_="News <news@example.org>")
         assert (changed["window"], changed["from"]) == ("08:00-20:00", "News <news@example.org>")
-        scheduled = client.campaigns.schedule("spring/2026", later)
+        scheduled = client.campaigns.schedule("spring 2026", later)
         assert scheduled["state"] == "scheduled"
         assert datetime.fromisoformat(scheduled["send_at"]) == later
-        assert client.campaigns.cancel("spring/2026")["state"] == "cancelled"
+        assert client.campaigns.cancel("spring 2026")["state"] == "cancelled"
         with pytest.raises(Conflict):
-            client.campaigns.update("spring/2026", rate_cap=5)
-        progress = client.campaigns.progress("spring/2026")
-        assert (progress["name"], progress["state"], progress["total"]) == ("spring/2026", "cancelled", 0)
+            client.campaigns.update("spring 2026", rate_cap=5)
+        progress = client.campaigns.progress("spring 2026")
+        assert (progress["name"], progress["state"], progress["total"]) == ("spring 2026", "cancelled", 0)
         client.campaigns.create("summer", "promo", lists=["news"])
-        assert [c["name"] for c in client.campaigns.list(page_size=1)] == ["summer", "spring/2026"]
-        assert [c["name"] for c in client.campaigns.list(state="cancelled")] == ["spring/2026"]
+        assert [c["name"] for c in client.campaigns.list(page_size=1)] == ["summer", "spring 2026"]
+        assert [c["name"] for c in client.campaigns.list(state="cancelled")] == ["spring 2026"]
 
 
 def test_keys(api):
