@@ -15,7 +15,7 @@ from smartmail.content import rendering
 from smartmail.errors import InvalidMessage
 from smartmail.producer.handoff import hand_off, hand_off_now
 from smartmail.store.engine import get_engine, statement_connection, utcnow
-from smartmail.store.ids import new_id
+from smartmail.store.ids import new_ids
 from smartmail.store.models import Message, MessageState, Suppression
 from smartmail.store.sql import messages as messages_sql
 
@@ -116,8 +116,9 @@ def _render(connection, prepared: dict[str, Any], settings) -> rendering.Rendere
         raise InvalidMessage(str(exc), field=f"{prefix}template") from None
 
 
-def _row(item: dict[str, Any], rendered: rendering.Rendered, settings, now: datetime) -> dict[str, Any]:
-    message_id = new_id()
+def _row(
+    message_id: str, item: dict[str, Any], rendered: rendering.Rendered, settings, now: datetime
+) -> dict[str, Any]:
     return {
         "id": message_id,
         "idempotency_key": item["idempotency_key"],
@@ -173,7 +174,10 @@ def send_many(specs: Sequence[Mapping[str, Any]]) -> list[SendResult]:
     # Core connections, not an ORM session: this runs once per send() and a session's bookkeeping
     # cost more than the statements.
     with statement_connection() as reader:
-        rows = [_row(item, _render(reader, item, settings), settings, now) for item in prepared]
+        rows = [
+            _row(message_id, item, _render(reader, item, settings), settings, now)
+            for message_id, item in zip(new_ids(len(prepared)), prepared)
+        ]
         return _commit(rows, now, settings, reader)
 
 
@@ -184,11 +188,12 @@ def send_each(specs: Sequence[Mapping[str, Any]], *, prefix: str = "messages") -
     now = utcnow()
     outcomes: list[SendResult | InvalidMessage | None] = [None] * len(specs)
     rows: list[tuple[int, dict[str, Any]]] = []
+    ids = new_ids(len(specs))  # one call for the batch's randomness, not one per message
     with statement_connection() as reader:
         for i, spec in enumerate(specs):
             try:
                 item = _prepare(spec, f"{prefix}[{i}].", settings)
-                rows.append((i, _row(item, _render(reader, item, settings), settings, now)))
+                rows.append((i, _row(ids[i], item, _render(reader, item, settings), settings, now)))
             except InvalidMessage as exc:
                 outcomes[i] = exc
         if rows:
