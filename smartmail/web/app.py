@@ -7,6 +7,7 @@ import hashlib
 import re
 from html import escape
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs
 
 import structlog
@@ -186,6 +187,18 @@ def _cors_origins() -> list[str]:
         return []
 
 
+def _document_problems(app: FastAPI) -> None:
+    """The OpenAPI document declares each operation's problem responses (problems.declare_responses)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            problems.declare_responses(build())  # build() caches the document in app.openapi_schema
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="SmartMail",
@@ -196,6 +209,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
+    _document_problems(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
     # Outermost last: the request id wraps everything, the security headers every response.

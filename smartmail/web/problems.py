@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from http import HTTPStatus
 from typing import Any
@@ -133,6 +134,65 @@ async def _invalid_token(request: Request, exc: InvalidToken) -> Response:
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("web.unexpected_error", path=request.url.path, method=request.method)
     return problem(500, "An unexpected error occurred; it has been logged.")
+
+
+# What each documented error status means, for the OpenAPI document (declare_responses).
+_RESPONSES = {
+    400: "The request is malformed (an `Idempotency-Key` that is not 1 to 255 visible ASCII characters).",
+    401: "No usable API key: missing, malformed, unknown, revoked or expired (`reason`; `WWW-Authenticate`).",
+    403: "The key lacks the scope this operation needs (named in `detail` and `WWW-Authenticate`).",
+    404: "Nothing at this URL (no such resource).",
+    409: "A conflict with the current state, or a request with this `Idempotency-Key` still in flight "
+    '(`"code": "idempotency_in_flight"`, `Retry-After`).',
+    413: "The request body is larger than `SMARTMAIL_API_MAX_BODY_BYTES`.",
+    422: "A field or parameter is not valid: `errors` lists each as a JSON pointer (`pointer`) or a `parameter`.",
+    429: "The key is over its rate limit; `Retry-After` says when to retry.",
+}
+_PROBLEM_SCHEMA = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; extension members (`errors`, `reason`, `code`, …) may follow.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "code": {"type": "string"},
+    },
+}
+_WRITES = frozenset({"post", "put", "patch", "delete"})
+
+
+def declare_responses(schema: dict[str, Any]) -> None:
+    """Declare, on each /v1 operation of an OpenAPI document, the problem responses it can give
+    (in place of FastAPI's 422 HTTPValidationError, a shape we never send): clients and the
+    schema fuzzer then know every status an operation may answer."""
+    reference = {"content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, operation in operations.items():
+            statuses = {422}
+            if operation.get("security"):
+                statuses |= {401, 403, 429}
+            if "{" in path:
+                statuses.add(404)
+            if method in _WRITES:
+                statuses |= {400, 409, 413}
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                declared = responses.get(str(status))
+                if declared is None or status == 422:
+                    responses[str(status)] = {"description": _RESPONSES[status], **reference}
+                elif "content" not in declared:
+                    declared.update(reference)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = _PROBLEM_SCHEMA
+    if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
 
 
 def install(app: FastAPI) -> None:

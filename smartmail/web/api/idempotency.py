@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import redis
 import structlog
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartmail.access import keys
@@ -32,6 +33,7 @@ _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes that stream their own body (to disk) and check its size themselves.
 STREAMED_PATHS = frozenset({"/v1/imports"})
 IN_FLIGHT_MS = 10 * 60 * 1000  # a first request still unanswered after this is taken as dead
+IN_FLIGHT_RETRY_SECONDS = 1  # what a 409 for a request still in flight tells the client to wait
 # Responses that say nothing about the request itself: a retry must run it again.
 _NOT_STORED = frozenset({401, 403, 408, 429})
 # Headers a replay repeats; per-request ones (request id, rate limits) are the retry's own.
@@ -193,19 +195,26 @@ async def _store(client, record_key: str, fingerprint: str, status: int, headers
         log.warning("api.idempotency_not_stored", error=str(exc))
 
 
+def _in_flight() -> Response:
+    # A machine-readable code and a Retry-After, so a client's retry loop needs no string matching.
+    return problem(
+        409,
+        "A request with this Idempotency-Key is still being processed; retry later.",
+        headers={"Retry-After": str(IN_FLIGHT_RETRY_SECONDS)},
+        code="idempotency_in_flight",
+    )
+
+
 async def _answer_retry(
     scope: Scope, receive: Receive, send: Send, stored: bytes | str | None, fingerprint: str
 ) -> None:
-    if stored is None:  # expired between the two calls: as good as in flight
-        await problem(409, "A request with this Idempotency-Key is still being processed; retry later.")(
-            scope, receive, send
+    record = json.loads(stored) if stored is not None else None  # None: expired between the two calls
+    if record is not None and record["fingerprint"] != fingerprint:
+        response = problem(
+            422, "Idempotency-Key: was already used for a different request.", code="idempotency_key_reused"
         )
-        return
-    record = json.loads(stored)
-    if record["fingerprint"] != fingerprint:
-        response = problem(422, "Idempotency-Key: was already used for a different request.")
-    elif "status" not in record:
-        response = problem(409, "A request with this Idempotency-Key is still being processed; retry later.")
+    elif record is None or "status" not in record:
+        response = _in_flight()
     else:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in record["headers"]]
         headers.append((b"idempotent-replayed", b"true"))
