@@ -172,6 +172,11 @@ def key_id_of(token: str) -> str | None:
     return match.group(1) if match else None
 
 
+def redact(text: str) -> str:
+    """`text` with the secret of every API key in it replaced, for what is logged or echoed."""
+    return _TOKEN.sub(r"sm_\1_[redacted]", text)
+
+
 def _load(key_id: str) -> _Cached | None:
     with reader() as connection:
         row = connection.execute(select(ApiKey.__table__).where(ApiKey.id == key_id)).first()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -11,7 +12,9 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from smartmail.errors import (
     Conflict,
@@ -49,8 +52,7 @@ def problem(status: int, detail: str, *, headers: dict[str, str] | None = None, 
 
 def pointer(field: str) -> str:
     """A field path as the domain names it (`messages[3].to`) as a JSON pointer (`/messages/3/to`)."""
-    parts = re.findall(r"[^.\[\]]+", field)
-    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+    return json_pointer(re.findall(r"[^.\[\]]+", field)) or "/"
 
 
 def field_problem(status: int, field: str, reason: str) -> JSONResponse:
@@ -65,10 +67,9 @@ def unauthenticated(reason: str) -> JSONResponse:
     return problem(401, _UNAUTHENTICATED[reason], headers={"WWW-Authenticate": challenge}, reason=reason)
 
 
-def _body_pointer(path: list) -> str:
-    # pydantic adds a `[key]` segment for a dict's key errors; RFC 6901 escapes `~` and `/`.
-    parts = [str(p) for p in path if str(p) != "[key]"]
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+def json_pointer(parts: Iterable[object]) -> str:
+    """RFC 6901: `~` and `/` escaped in each part ("" is the whole document)."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
 def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
@@ -83,7 +84,8 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
                 {"pointer": "", "detail": f"the body is not valid JSON ({error.get('ctx', {}).get('error', reason)})"}
             )
         elif where == "body":
-            errors.append({"pointer": _body_pointer(path), "detail": reason})
+            # pydantic adds a `[key]` segment for a dict's key errors
+            errors.append({"pointer": json_pointer(p for p in path if str(p) != "[key]"), "detail": reason})
         else:
             errors.append(
                 {"parameter": ".".join(str(p) for p in path) or str(where), "in": str(where), "detail": reason}
@@ -94,7 +96,21 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     status = exc.status_code
     detail = exc.detail if exc.detail != HTTPStatus(status).phrase else _DETAILS.get(status, exc.detail)
-    return problem(status, str(detail), headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if status == 405:
+        headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
+    return problem(status, str(detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """Every method some route accepts at the request's path: RFC 9110 section 15.5.6 wants them all
+    in a 405's `Allow`, where Starlette names those of the first route that matched the path only."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE and route.methods:
+            methods |= route.methods
+    return methods
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

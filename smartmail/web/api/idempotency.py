@@ -1,4 +1,4 @@
-"""ASGI middleware for /v1 writes: the body-size limit (413) and `Idempotency-Key` (IETF httpapi draft).
+"""ASGI middleware for /v1 writes: the body-size limit (413), no NUL in JSON (422) and `Idempotency-Key` (IETF httpapi draft).
 
 The first response to a key is stored in Redis per API key, with a fingerprint of the request, and
 replayed for a retry (`Idempotent-Replayed: true`); the same key with another request → 422; a retry
@@ -24,7 +24,7 @@ from smartmail.access import keys
 from smartmail.access.rate_limits import async_redis
 from smartmail.config import get_settings
 from smartmail.errors import Unauthenticated
-from smartmail.web.problems import problem
+from smartmail.web.problems import json_pointer, problem
 
 log = structlog.get_logger("smartmail.web")
 
@@ -33,6 +33,7 @@ _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes that stream their own body (to disk) and check its size themselves.
 STREAMED_PATHS = frozenset({"/v1/imports"})
 IN_FLIGHT_MS = 10 * 60 * 1000  # a first request still unanswered after this is taken as dead
+_NUL = "must not contain NUL characters"
 IN_FLIGHT_RETRY_SECONDS = 1  # what a 409 for a request still in flight tells the client to wait
 # Responses that say nothing about the request itself: a retry must run it again.
 _NOT_STORED = frozenset({401, 403, 408, 429})
@@ -80,6 +81,11 @@ class ApiWrites:
                 )
                 return
             body = read
+            if (where := nul_pointer(body)) is not None:
+                await problem(
+                    422, f"{where or 'the body'}: {_NUL}", errors=[{"pointer": where, "detail": _NUL}]
+                )(scope, receive, send)
+                return
             receive = _replay(body, receive)
         idempotency_key = _header(scope, b"idempotency-key")
         key_id = _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
@@ -91,6 +97,30 @@ class ApiWrites:
             return
         fingerprint = _fingerprint(scope, body, streamed)
         await _idempotent(self.app, scope, receive, send, key_id, idempotency_key, fingerprint)
+
+
+def nul_pointer(body: bytes) -> str | None:
+    """The JSON pointer of the first string (a key or a value) holding a NUL character, which
+    PostgreSQL can store in neither text nor jsonb; None when there is none or the body is not JSON
+    (the app answers that). JSON escapes a NUL in a string as \\u0000 (RFC 8259 section 7)."""
+    if b"\\u0000" not in body:
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    pending: list[tuple[str, object]] = [("", document)]
+    while pending:  # a loop, not recursion: the document may be nested as deep as the parser allows
+        where, value = pending.pop()
+        if isinstance(value, str) and "\x00" in value:
+            return where
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in reversed(list(items)):
+            child = where + json_pointer([key])
+            if isinstance(key, str) and "\x00" in key:
+                return child
+            pending.append((child, item))
+    return None
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
