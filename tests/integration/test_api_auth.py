@@ -91,7 +91,9 @@ def test_every_route_refuses_every_bad_key_and_names_the_missing_scope(api):
                 and (("error=" not in challenge) if name == "missing" else 'error="invalid_token"' in challenge)
             )
             if not ok:
-                failures.append(f"{op.method} {op.path} with a {name} key: {response.status_code} {challenge!r} {response.text[:200]}")
+                failures.append(
+                    f"{op.method} {op.path}, {name} key: {response.status_code} {challenge!r} {response.text[:200]}"
+                )
 
         others = [scope for scope in SCOPES if scope not in op.scopes]
         lacking = api.client_for(api.key(*others, **RATE)) if others else None
@@ -103,7 +105,9 @@ def test_every_route_refuses_every_bad_key_and_names_the_missing_scope(api):
                 and any(scope in detail for scope in op.scopes)
                 and 'error="insufficient_scope"' in response.headers.get("www-authenticate", "")
             ):
-                failures.append(f"{op.method} {op.path} without {op.scopes}: {response.status_code} {response.text[:200]}")
+                failures.append(
+                    f"{op.method} {op.path} without {op.scopes}: {response.status_code} {response.text[:200]}"
+                )
 
         # The control: a key with exactly these scopes gets past authorization.
         allowed = api.client_for(api.key(*op.scopes, **RATE)).request(op.method, op.path)

@@ -198,7 +198,8 @@ def test_cors_is_off_by_default(api):
     client = api.client("messages:read")
     origin = {"Origin": "https://evil.example"}
     preflight = client.options(
-        "/v1/messages", headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        "/v1/messages",
+        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
     )
     assert not any(name.startswith("access-control-") for name in preflight.headers), preflight.headers
     response = client.get("/v1/messages", headers=origin)

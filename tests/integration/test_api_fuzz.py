@@ -10,18 +10,20 @@ import sys
 
 import pytest
 
-EXAMPLES = int(os.environ.get("SMARTMAIL_TEST_FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("SMARTMAIL_TEST_FUZZ_EXAMPLES", "10"))
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance"
 
 
 @pytest.fixture
-def fuzzed_api(request, database_url, api, monkeypatch, _module_web):
-    """`api` on PostgreSQL only (SQLite's single writer is not what is under test) with two uvicorn
-    workers and a rate limit the fuzzer never meets."""
+def _unlimited(database_url, env, monkeypatch):
     if database_url.startswith("sqlite"):
-        pytest.skip("fuzzed on PostgreSQL only")
-    monkeypatch.setenv("SMARTMAIL_API_RATE_LIMIT", "100000")
-    api.url = _module_web.start(workers=2)
+        pytest.skip("fuzzed on PostgreSQL only: SQLite's single writer is not what is under test")
+    monkeypatch.setenv("SMARTMAIL_API_RATE_LIMIT", "100000")  # a rate the fuzzer never meets
+
+
+@pytest.fixture
+def fuzzed_api(_unlimited, api):
+    """`api` on PostgreSQL, its keys never rate-limited."""
     return api
 
 

@@ -1,4 +1,4 @@
-"""ASGI middleware for /v1 writes: the body-size limit (413), no NUL in JSON (422) and `Idempotency-Key` (IETF httpapi draft).
+"""ASGI middleware for /v1 writes: body-size limit (413), no NUL in JSON (422), `Idempotency-Key` (IETF draft).
 
 The first response to a key is stored in Redis per API key, with a fingerprint of the request, and
 replayed for a retry (`Idempotent-Replayed: true`); the same key with another request → 422; a retry
@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import redis
 import structlog
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smartmail.access import keys
@@ -82,9 +82,9 @@ class ApiWrites:
                 return
             body = read
             if (where := nul_pointer(body)) is not None:
-                await problem(
-                    422, f"{where or 'the body'}: {_NUL}", errors=[{"pointer": where, "detail": _NUL}]
-                )(scope, receive, send)
+                await problem(422, f"{where or 'the body'}: {_NUL}", errors=[{"pointer": where, "detail": _NUL}])(
+                    scope, receive, send
+                )
                 return
             receive = _replay(body, receive)
         idempotency_key = _header(scope, b"idempotency-key")
@@ -225,7 +225,7 @@ async def _store(client, record_key: str, fingerprint: str, status: int, headers
         log.warning("api.idempotency_not_stored", error=str(exc))
 
 
-def _in_flight() -> Response:
+def _in_flight() -> JSONResponse:
     # A machine-readable code and a Retry-After, so a client's retry loop needs no string matching.
     return problem(
         409,

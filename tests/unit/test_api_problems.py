@@ -1,0 +1,58 @@
+"""The foundation's pure parts: problem responses declared in the OpenAPI document, NUL found by pointer,
+API keys redacted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smartmail.access.keys import redact
+from smartmail.web.api.idempotency import nul_pointer
+from smartmail.web.app import app
+
+
+def test_every_v1_operation_declares_its_problem_responses():
+    document = app.openapi()
+    operations = [
+        (path, method, operation)
+        for path, methods in document["paths"].items()
+        if path.startswith("/v1/")
+        for method, operation in methods.items()
+    ]
+    assert operations
+    for path, method, operation in operations:
+        declared = operation["responses"]
+        expected = {"401", "403", "422", "429"}
+        expected |= {"404"} if "{" in path else set()
+        expected |= {"400", "409", "413"} if method in ("post", "put", "patch", "delete") else set()
+        assert expected <= set(declared), (method, path, sorted(declared))
+        for status in expected:
+            content = declared[status]["content"]
+            assert content == {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    assert "HTTPValidationError" not in json.dumps(document)
+    assert document["components"]["schemas"]["Problem"]["required"] == ["type", "title", "status", "detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer"),
+    [
+        (b'{"a": "x"}', None),
+        (b'{"a": "x\\\\u0000"}', None),  # an escaped backslash, then "u0000": no NUL
+        (b'{"a": "x\\u0000"}', "/a"),
+        (b'{"a": [1, {"b/c": ["ok", "\\u0000"]}]}', "/a/1/b~1c/1"),
+        (b'{"a": {"k\\u0000": 1}}', "/a/k\x00"),
+        (b'"\\u0000"', ""),
+        (b'{"a": "\\u0000", "b": "\\u0000"}', "/a"),  # the first in document order
+        (b'{"a": "\\u0000"', None),  # not JSON: the app says so
+        (b"[" * 100_000 + b'"\\u0000"' + b"]" * 100_000, None),  # deeper than the parser goes
+    ],
+)
+def test_nul_pointer(body, pointer):
+    assert nul_pointer(body) == pointer
+
+
+def test_redact_keeps_the_key_id_only():
+    token = "sm_0123456789abcdef_" + "A" * 42 + "-"
+    assert redact(f"/v1/x/{token}/y") == "/v1/x/sm_0123456789abcdef_[redacted]/y"
+    assert redact("sm_0123456789abcdef_short") == "sm_0123456789abcdef_short"
