@@ -161,6 +161,7 @@ _RESPONSES = {
     409: "A conflict with the current state, or a request with this `Idempotency-Key` still in flight "
     '(`"code": "idempotency_in_flight"`, `Retry-After`).',
     413: "The request body is larger than `SMARTMAIL_API_MAX_BODY_BYTES`.",
+    415: "The request body is not of the media type this operation takes.",
     422: "A field or parameter is not valid: `errors` lists each as a JSON pointer (`pointer`) or a `parameter`.",
     429: "The key is over its rate limit; `Retry-After` says when to retry.",
 }
@@ -197,6 +198,8 @@ def declare_responses(schema: dict[str, Any]) -> None:
                 statuses.add(404)
             if method in _WRITES:
                 statuses |= {400, 409, 413}
+            if set(operation.get("requestBody", {}).get("content", {})) - {"application/json"}:
+                statuses.add(415)  # an upload's route names the media type it wants
             responses = operation.setdefault("responses", {})
             for status in sorted(statuses):
                 declared = responses.get(str(status))

@@ -33,7 +33,7 @@ def operations() -> list[Operation]:
     documented = app.openapi()["paths"]
     found = []
     for route in iter_route_contexts(app.routes):
-        path = route.path or ""
+        path = route.path_format or ""  # `{name}` for `{name:path}`, as the document has it
         if not path.startswith("/v1/") or path == app.openapi_url:
             continue
         for method in sorted(route.methods or ()):

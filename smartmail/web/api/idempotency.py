@@ -1,4 +1,4 @@
-"""ASGI middleware for /v1 writes: body-size limit (413), no NUL in JSON (422), `Idempotency-Key` (IETF draft).
+"""ASGI middleware for /v1: no NUL in a URL or JSON (404/422); for writes body-size limit (413), `Idempotency-Key`.
 
 The first response to a key is stored in Redis per API key, with a fingerprint of the request, and
 replayed for a retry (`Idempotent-Replayed: true`); the same key with another request → 422; a retry
@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
 
 import redis
 import structlog
@@ -63,11 +64,20 @@ def _authenticated_key_id(scope: Scope) -> str | None:
 
 
 class ApiWrites:
+    """No NUL in any /v1 request's path, query or JSON body; then, for writes, the size limit and
+    `Idempotency-Key`."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _WRITES or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if (refusal := _nul_in_url(scope)) is not None:
+            await refusal(scope, receive, send)
+            return
+        if scope["method"] not in _WRITES:
             await self.app(scope, receive, send)
             return
         streamed = scope["path"] in STREAMED_PATHS
@@ -97,6 +107,21 @@ class ApiWrites:
             return
         fingerprint = _fingerprint(scope, body, streamed)
         await _idempotent(self.app, scope, receive, send, key_id, idempotency_key, fingerprint)
+
+
+def _nul_in_url(scope: Scope) -> JSONResponse | None:
+    """A 404 for a NUL in the path (no resource has one in its name), a 422 naming the query
+    parameter that holds one; None when there is none."""
+    if "\x00" in scope["path"]:
+        return problem(404, "There is nothing at this URL.")
+    query = scope.get("query_string", b"")
+    if b"%00" not in query and b"\x00" not in query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            error = {"parameter": name.replace("\x00", ""), "in": "query", "detail": _NUL}
+            return problem(422, f"{error['parameter']}: {_NUL}", errors=[error])
+    return None
 
 
 def nul_pointer(body: bytes) -> str | None:
