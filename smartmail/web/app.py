@@ -171,8 +171,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     if _HTML_PATHS.match(request.url.path):
-        log.exception("web.unexpected_error", path=request.url.path, method=request.method)
-        return _page("Something went wrong", ["Please try again in a few minutes."], status=500)
+        request_id = problems.log_unexpected(request)
+        headers = {"X-Request-Id": request_id} if request_id else None
+        return _page("Something went wrong", ["Please try again in a few minutes."], status=500, headers=headers)
     return await problems.unexpected_error(request, exc)
 
 

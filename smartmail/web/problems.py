@@ -148,8 +148,20 @@ async def _invalid_token(request: Request, exc: InvalidToken) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("web.unexpected_error", path=request.url.path, method=request.method)
-    return problem(500, "An unexpected error occurred; it has been logged.")
+    request_id = log_unexpected(request)
+    return problem(
+        500,
+        "An unexpected error occurred; it has been logged.",
+        headers={"X-Request-Id": request_id} if request_id else None,
+    )
+
+
+def log_unexpected(request: Request) -> str | None:
+    """Log the exception being handled with the request's id, and return that id: Starlette runs
+    the 500 handler in its outermost middleware, outside RequestContext's log context and headers."""
+    request_id = getattr(request.state, "request_id", None)
+    log.exception("web.unexpected_error", path=request.url.path, method=request.method, request_id=request_id)
+    return request_id
 
 
 # What each documented error status means, for the OpenAPI document (declare_responses).

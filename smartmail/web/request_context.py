@@ -42,6 +42,7 @@ class RequestContext:
             return
         request_id = request_id_of(scope)
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id  # for the 500 handler, which Starlette runs outside this middleware
         started = time.perf_counter()
         status = 500
 
