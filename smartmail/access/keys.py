@@ -213,6 +213,20 @@ def authenticate(token: str | None) -> Principal:
     return cached.principal
 
 
+def needs_database(token: str | None) -> bool:
+    """Whether authenticate(token) would read or write the database now (its key's row not cached or
+    stale, `last_used_at` due): an event loop then calls it in a worker thread."""
+    match = _TOKEN.fullmatch(token or "")
+    if match is None:
+        return False
+    key_id, now, settings = match.group(1), time.monotonic(), get_settings()
+    cached = _cache.get(key_id)
+    if cached is None or now - cached.read_at >= settings.api_key_cache_seconds:
+        return True
+    last = _touched.get(key_id)
+    return last is None or now - last >= settings.api_key_touch_seconds
+
+
 def forget(key_id: str) -> None:
     """Drop a key from this process's cache (the rate limiter found it revoked)."""
     _cache.pop(key_id, None)

@@ -171,7 +171,7 @@ def test_hostile_parameters_are_never_a_server_error(api):
 
 def test_a_sane_request_id_is_echoed_and_logged_an_insane_one_replaced(api, server_log):
     client = api.client("messages:read")
-    sane = "req-42.abc:DEF_x"[:-2]  # letters, digits, . _ : -
+    sane = "req-42.abc:DEF_x"  # letters, digits, . _ : -
     response = client.get("/v1/messages", headers={"X-Request-Id": sane})
     assert response.status_code == 200 and response.headers["x-request-id"] == sane
     made = []

@@ -1,13 +1,17 @@
-"""The foundation's pure parts: problem responses declared in the OpenAPI document, NUL found by pointer,
-API keys redacted."""
+"""The foundation's parts without a server: problem responses declared in the OpenAPI document, NUL
+found by pointer, API keys redacted, authentication's database use."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from smartmail import runtime
+from smartmail.access import keys
 from smartmail.access.keys import redact
+from smartmail.store import migrate
 from smartmail.web.api.idempotency import nul_pointer
 from smartmail.web.app import app
 
@@ -56,3 +60,34 @@ def test_redact_keeps_the_key_id_only():
     token = "sm_0123456789abcdef_" + "A" * 42 + "-"
     assert redact(f"/v1/x/{token}/y") == "/v1/x/sm_0123456789abcdef_[redacted]/y"
     assert redact("sm_0123456789abcdef_short") == "sm_0123456789abcdef_short"
+
+
+@pytest.fixture
+def key_database(tmp_path, monkeypatch):
+    """A migrated SQLite database and settings for keys: rows cached 60 s, last use written every 60 s."""
+    for name in list(os.environ):
+        if name.upper().startswith("SMARTMAIL_"):
+            monkeypatch.delenv(name)
+    url = f"sqlite:///{tmp_path / 'smartmail.db'}"
+    for name, value in {
+        "SMARTMAIL_DATABASE_URL": url,
+        "SMARTMAIL_DEFAULT_SENDER": "SmartMail <noreply@example.com>",
+        "SMARTMAIL_SECRET_KEY": "unit-test-secret-key-0123456789",
+        "SMARTMAIL_API_KEY_CACHE_SECONDS": "60",
+        "SMARTMAIL_API_KEY_TOUCH_SECONDS": "60",
+    }.items():
+        monkeypatch.setenv(name, value)
+    runtime.reset()
+    migrate.upgrade(url)
+    yield
+    runtime.reset()
+
+
+def test_authentication_goes_to_the_database_only_when_its_cache_cannot_answer(key_database):
+    token = keys.create_key("k", ["messages:read"])[1]
+    assert keys.needs_database(token)  # never read
+    keys.authenticate(token)
+    assert not keys.needs_database(token)  # cached, last use just written
+    assert not keys.needs_database("sm_not-a-key") and not keys.needs_database(None)  # refused without I/O
+    keys.forget(keys.key_id_of(token) or "")
+    assert keys.needs_database(token)

@@ -21,10 +21,10 @@ import structlog
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from smartmail.access import keys
 from smartmail.access.rate_limits import async_redis
 from smartmail.config import get_settings
 from smartmail.errors import Unauthenticated
+from smartmail.web.api.auth import authenticate
 from smartmail.web.problems import json_pointer, problem
 
 log = structlog.get_logger("smartmail.web")
@@ -49,14 +49,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _authenticated_key_id(scope: Scope) -> str | None:
+async def _authenticated_key_id(scope: Scope) -> str | None:
     """The id of the request's key once its secret checks out: records are per key, and a replay must
     never answer someone who only knows a key's id."""
     value = _header(scope, b"authorization")
     if not value or value[:7].lower() != "bearer ":
         return None
     try:
-        key_id = keys.authenticate(value[7:].strip()).key_id
+        key_id = (await authenticate(value[7:].strip())).key_id
     except Unauthenticated:
         return None
     scope.setdefault("state", {})["key_id"] = key_id
@@ -98,7 +98,9 @@ class ApiWrites:
                 return
             receive = _replay(body, receive)
         idempotency_key = _header(scope, b"idempotency-key")
-        key_id = _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
+        key_id = (
+            await _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
+        )
         if idempotency_key is None or key_id is None:
             await self.app(scope, receive, send)  # without a valid key the app answers 401
             return
