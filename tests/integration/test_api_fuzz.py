@@ -55,9 +55,11 @@ def schemathesis(api, token: str, *options: str, phases: str, cwd: Path) -> subp
         *options,
     ]
     # In a directory of the test's own: schemathesis keeps a cache (.schemathesis/) where it runs.
-    return subprocess.run(
+    result = subprocess.run(
         argv, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"}, cwd=cwd
     )
+    print(result.stdout)  # its report, for `pytest -rP`: coverage, links followed, warnings
+    return result
 
 
 # Revoking keys is fuzzed on its own: it would revoke the very key the other operations are fuzzed with.

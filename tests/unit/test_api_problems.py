@@ -91,3 +91,21 @@ def test_authentication_goes_to_the_database_only_when_its_cache_cannot_answer(k
     assert not keys.needs_database("sm_not-a-key") and not keys.needs_database(None)  # refused without I/O
     keys.forget(keys.key_id_of(token) or "")
     assert keys.needs_database(token)
+
+
+def test_creates_link_to_the_operations_on_what_they_made():
+    document = app.openapi()
+    by_id = {op["operationId"]: (path, op) for path, ops in document["paths"].items() for op in ops.values()}
+    links = [
+        (path, method, link)
+        for path, ops in document["paths"].items()
+        for method, op in ops.items()
+        for response in op["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    sent = [link for path, method, link in links if (path, method) == ("/v1/messages", "post")]
+    get_message = next(i for i, (path, _) in by_id.items() if path == "/v1/messages/{message_id}")
+    assert {"operationId": get_message, "parameters": {"message_id": "$response.body#/id"}} in sent
+    for _, _, link in links:  # each names an operation and a path parameter of it
+        target_path, _ = by_id[link["operationId"]]
+        assert all(f"{{{name}}}" in target_path for name in link["parameters"]), link
