@@ -198,7 +198,7 @@ def declare_responses(schema: dict[str, Any]) -> None:
     """Declare, on each /v1 operation of an OpenAPI document, the problem responses it can give
     (in place of FastAPI's 422 HTTPValidationError, a shape we never send): clients and the
     schema fuzzer then know every status an operation may answer."""
-    reference = {"content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    reference = {"$ref": "#/components/schemas/Problem"}
     for path, operations in schema.get("paths", {}).items():
         if not path.startswith("/v1/"):
             continue
@@ -214,11 +214,12 @@ def declare_responses(schema: dict[str, Any]) -> None:
                 statuses.add(415)  # an upload's route names the media type it wants
             responses = operation.setdefault("responses", {})
             for status in sorted(statuses):
-                declared = responses.get(str(status))
-                if declared is None or status == 422:
-                    responses[str(status)] = {"description": _RESPONSES[status], **reference}
-                elif "content" not in declared:
-                    declared.update(reference)
+                if str(status) not in responses or status == 422:
+                    responses[str(status)] = {"description": _RESPONSES[status]}
+            for status, declared in responses.items():  # a router's own error responses too
+                if status[0] in "45":
+                    problem_content = declared.setdefault("content", {}).setdefault(PROBLEM_JSON, {})
+                    problem_content.setdefault("schema", reference)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = _PROBLEM_SCHEMA
     if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
