@@ -69,3 +69,11 @@ class Unauthenticated(PermissionError):
 
 class Conflict(RuntimeError):
     """The request clashes with the current state (a name taken, a campaign not in a state that allows it)."""
+
+
+class ConflictingInput(Conflict, InvalidInput):
+    """A value the stored state does not allow (a name taken, a campaign's state): a 409 over HTTP,
+    and still the InvalidInput naming `field` that the CLI and Python callers catch."""
+
+    def __init__(self, reason: str, *, field: str) -> None:
+        InvalidInput.__init__(self, reason, field=field)

@@ -9,7 +9,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -28,6 +28,7 @@ log = structlog.get_logger("smartmail.access")
 PREFIX = "sm_"
 # sm_<key id>_<secret>: the id is lower-case hex (no `_`), the secret 32 random bytes in base64url.
 _TOKEN = re.compile(r"sm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,14 @@ def create_key(
 ) -> tuple[dict[str, Any], str]:
     """Store a new key; return its record and the token `sm_<id>_<secret>`, which is never shown again."""
     name = (name or "").strip()
-    if not name or len(name) > 200:
-        raise InvalidInput("a name of 1 to 200 characters is required", field="name")
+    if not name or len(name) > 200 or not name.isprintable():
+        raise InvalidInput("a name of 1 to 200 printable characters is required", field="name")
     scopes = check_scopes(list(scopes))
+    if expires_at is not None and expires_at.tzinfo is not None:  # stored, and compared, as naive UTC
+        try:
+            expires_at = expires_at.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # past year 9999 in UTC
+            raise InvalidInput("is out of range", field="expires_at") from None
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidInput("must be in the future", field="expires_at")
     if rate_limit is not None and not rate_limit > 0:
@@ -115,21 +121,24 @@ def list_keys(*, include_revoked: bool = True) -> list[dict[str, Any]]:
         return [as_dict(row) for row in session.scalars(query)]
 
 
+def _row(session, key_id: str) -> ApiKey:
+    # Only an id shaped like ours is looked up (PostgreSQL would refuse one holding a NUL).
+    row = session.get(ApiKey, key_id) if _KEY_ID.fullmatch(key_id) else None
+    if row is None:
+        raise NotFound(f"no API key {key_id!r}")
+    return row
+
+
 def get_key(key_id: str) -> dict[str, Any]:
     with session_scope() as session:
-        row = session.get(ApiKey, key_id)
-        if row is None:
-            raise NotFound(f"no API key {key_id!r}")
-        return as_dict(row)
+        return as_dict(_row(session, key_id))
 
 
 def revoke_key(key_id: str) -> dict[str, Any]:
     """Revoke a key at once, in every web process: the database says so, and a Redis mark that the
     per-request rate-limit call reads (a process that misses it re-reads the row within the cache time)."""
     with session_scope() as session:
-        row = session.get(ApiKey, key_id)
-        if row is None:
-            raise NotFound(f"no API key {key_id!r}")
+        row = _row(session, key_id)
         if row.revoked_at is None:
             row.revoked_at = utcnow()
         record = as_dict(row)

@@ -6,17 +6,20 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, bindparam, delete, func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from smartmail.errors import InvalidInput, NotFound
+from smartmail.errors import ConflictingInput, InvalidInput, NotFound
 from smartmail.store import dialect
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
@@ -24,6 +27,7 @@ from smartmail.store.models import Contact, ContactList, ContactStatus, Event, L
 log = structlog.get_logger("smartmail.contacts")
 
 STATUSES = tuple(s.value for s in ContactStatus)
+MAX_ID = 2**63 - 1  # ids are 64-bit: a larger number from a URL or cursor names no contact
 # A contact status that must never be mailed maps to a suppression reason, and back.
 STATUS_TO_SUPPRESSION = {
     "unsubscribed": "unsubscribed",
@@ -37,7 +41,7 @@ RESERVED_EVENTS = frozenset({"open", "click", "sent", "bounce", "complaint", "un
 
 _EVENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8}){0,3}")
-_LIST_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+_LIST_NAME = re.compile(r"[^\x00-\x1f\x7f/]{1,200}")  # no "/": names are URL path segments
 # RFC 5322 dot-atom local part: what nearly every address is. Anything else (quoted, non-ASCII)
 # goes through email-validator in full.
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
@@ -91,7 +95,30 @@ def check_attribute_name(name: Any, *, field: str) -> str:
             f"{name!r} is not a valid attribute name (1-64 characters, no quotes, backslashes or control characters)",
             field=field,
         )
+    check_storable(name, field)
     return name
+
+
+def check_storable(value: Any, field: str) -> None:
+    """Every string in a value (keys too) is one the databases store: PostgreSQL refuses NUL
+    characters, and a lone UTF-16 surrogate (which a JSON body may hold) has no UTF-8 encoding."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput("a NUL character cannot be stored", field=field)
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    "a lone UTF-16 surrogate is not a character and cannot be stored", field=field
+                ) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_storable(key, field)
+            check_storable(item, f"{field}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_storable(item, field)
 
 
 def _check_json_value(value: Any, field: str) -> None:
@@ -101,6 +128,7 @@ def _check_json_value(value: Any, field: str) -> None:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"not JSON-serializable: {exc}", field=field) from None
+    check_storable(value, field)
 
 
 def check_attributes(attributes: Any, *, field: str = "attributes") -> dict[str, Any]:
@@ -157,7 +185,8 @@ def check_source(value: Any, *, field: str = "source") -> str | None:
 
 def check_list_name(value: Any, *, field: str = "list") -> str:
     if not isinstance(value, str) or not _LIST_NAME.fullmatch(value) or not value.strip():
-        raise InvalidInput("a list name is 1-200 characters without control characters", field=field)
+        raise InvalidInput("a list name is 1-200 characters without control characters or /", field=field)
+    check_storable(value, field)
     return value
 
 
@@ -240,14 +269,16 @@ def _lists_of(session: Session, contact_id: int) -> list[str]:
     )
 
 
+def _merge_attributes(current: Mapping[str, Any] | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The given attributes added to the current ones, replacing those of the same name; None removes one."""
+    merged = {**(current or {}), **given}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 def _apply(session: Session, contact: Contact, fields: dict[str, Any], *, merge: bool) -> None:
     for name, value in fields.items():
         if name == "attributes":
-            if merge:  # None removes an attribute; other values replace it
-                merged = {**(contact.attributes or {}), **value}
-                contact.attributes = {k: v for k, v in merged.items() if v is not None}
-            else:
-                contact.attributes = {k: v for k, v in value.items() if v is not None}
+            contact.attributes = _merge_attributes(contact.attributes if merge else None, value)
         else:
             setattr(contact, name, value)
     contact.updated_at = utcnow()
@@ -264,7 +295,7 @@ def _create(session: Session, email: str, fields: dict[str, Any]) -> Contact:
     contact = Contact(
         email=email,
         status=status,
-        attributes={k: v for k, v in fields.get("attributes", {}).items() if v is not None},
+        attributes=_merge_attributes(None, fields.get("attributes", {})),
         timezone=fields.get("timezone"),
         locale=fields.get("locale"),
         source=fields.get("source"),
@@ -355,6 +386,57 @@ def count_contacts(status: str | None = None) -> int:
         return session.scalar(query) or 0
 
 
+def contact_email(key: str) -> str:
+    """The stored address a contact is named by in a URL: its address (any case) or its numeric id.
+    NotFound when it is neither a known id nor a usable address."""
+    if key.isascii() and key.isdigit():
+        with session_scope() as session:
+            email = None if int(key) > MAX_ID else session.scalar(select(Contact.email).where(Contact.id == int(key)))
+        if email is None:
+            raise NotFound(f"no contact with id {key}")
+        return email
+    email, _ = email_problem(key)
+    if email is None:
+        raise NotFound(f"no contact with address {key!r}")
+    return email
+
+
+def _with_lists(session: Session, contacts: list[Contact]) -> list[dict[str, Any]]:
+    """Contacts as dicts with their lists, found in one query for the lot."""
+    lists: dict[int, list[str]] = {c.id: [] for c in contacts}
+    if lists:
+        rows = session.execute(
+            select(ListMembership.contact_id, ContactList.name)
+            .join(ContactList, ContactList.id == ListMembership.list_id)
+            .where(ListMembership.contact_id.in_(list(lists)), ListMembership.status == "subscribed")
+            .order_by(ContactList.name)
+        )
+        for contact_id, name in rows:
+            lists[contact_id].append(name)
+    return [as_dict(c, lists[c.id]) for c in contacts]
+
+
+def list_contacts(
+    limit: int, after: int | None = None, *, status: str | None = None, list_name: str | None = None
+) -> list[dict[str, Any]]:
+    """Contacts in id order, from the one after `after` (keyset paging), with their lists; only those
+    of a status, or subscribed to a list (InvalidInput naming `list` when there is no such list)."""
+    query = select(Contact).order_by(Contact.id).limit(limit)
+    if after is not None:
+        if after >= MAX_ID:  # a cursor past every id (no larger id fits the column)
+            return []
+        query = query.where(Contact.id > after)
+    if status is not None:
+        query = query.where(Contact.status == check_status(status))
+    with session_scope() as session:
+        if list_name is not None:
+            target = _list_by_name(session, check_list_name(list_name))
+            query = query.join(ListMembership, ListMembership.contact_id == Contact.id).where(
+                ListMembership.list_id == target.id, ListMembership.status == "subscribed"
+            )
+        return _with_lists(session, list(session.scalars(query)))
+
+
 # --- Lists --------------------------------------------------------------------------------------------
 
 
@@ -369,12 +451,17 @@ def create_list(name: str, description: str | None = None) -> dict[str, Any]:
     name = check_list_name(name, field="name")
     if description is not None and not isinstance(description, str):
         raise InvalidInput("must be a string", field="description")
+    check_storable(description, "description")
     with session_scope() as session:
+        taken = ConflictingInput(f"a list named {name!r} already exists", field="name")
         if session.scalar(select(ContactList.id).where(ContactList.name == name)) is not None:
-            raise InvalidInput(f"a list named {name!r} already exists", field="name")
+            raise taken
         row = ContactList(name=name, description=description, created_at=utcnow())
         session.add(row)
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError:  # created meanwhile by a concurrent request (the name is unique)
+            raise taken from None
         return {
             "id": row.id,
             "name": row.name,
@@ -408,6 +495,63 @@ def get_lists() -> list[dict[str, Any]]:
             {"id": row.id, "name": row.name, "description": row.description, "created_at": row.created_at, "members": n}
             for row, n in rows
         ]
+
+
+def _list_dict(row: ContactList, members: int) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "created_at": row.created_at,
+        "members": members,
+    }
+
+
+def _member_counts(session: Session, list_ids: list[int]) -> dict[int, int]:
+    rows = session.execute(
+        select(ListMembership.list_id, func.count())
+        .where(ListMembership.list_id.in_(list_ids), ListMembership.status == "subscribed")
+        .group_by(ListMembership.list_id)
+    )
+    return {list_id: n for list_id, n in rows}
+
+
+def list_lists(limit: int, after: str | None = None) -> list[dict[str, Any]]:
+    """Lists in name order from the one after `after` (keyset paging), with their subscribed members."""
+    query = select(ContactList).order_by(ContactList.name).limit(limit)
+    if after is not None:
+        check_storable(after, "cursor")  # a cursor is the client's to alter
+        query = query.where(ContactList.name > after)
+    with session_scope() as session:
+        rows = list(session.scalars(query))
+        counts = _member_counts(session, [row.id for row in rows]) if rows else {}
+        return [_list_dict(row, counts.get(row.id, 0)) for row in rows]
+
+
+def _named_list(session: Session, name: str) -> ContactList:
+    """The list a URL names; NotFound for an unknown name, or one no list could have."""
+    try:
+        check_list_name(name)
+    except InvalidInput:
+        raise NotFound(f"no list named {name!r}") from None
+    row = session.scalar(select(ContactList).where(ContactList.name == name))
+    if row is None:
+        raise NotFound(f"no list named {name!r}")
+    return row
+
+
+def get_list(name: str) -> dict[str, Any]:
+    """One list with its number of subscribed members; NotFound if there is none by that name."""
+    with session_scope() as session:
+        row = _named_list(session, name)
+        return _list_dict(row, _member_counts(session, [row.id]).get(row.id, 0))
+
+
+def list_members(name: str, limit: int, after: int | None = None) -> list[dict[str, Any]]:
+    """A list's subscribed contacts in id order, from the one after `after`; NotFound for an unknown list."""
+    with session_scope() as session:
+        _named_list(session, name)
+    return list_contacts(limit, after, list_name=name)
 
 
 def delete_list(name: str) -> bool:
@@ -463,7 +607,198 @@ def remove_members(list_name: str, emails: Iterable[str]) -> int:
         return result.rowcount
 
 
+# --- Batches: many contacts in a few statements (the API's batch upsert, event ingestion) ------------
+
+_IN_CHUNK = 5000  # addresses per look-up: well under SQLite's 32,766 parameters per statement
+
+
+@dataclass(frozen=True)
+class Upserted:
+    """A batch row stored: its contact's id, and whether the batch created the contact."""
+
+    email: str
+    id: int
+    created: bool
+
+
+def bulk_status(requested: str | None, current: str | None, suppressed_as: str | None) -> str:
+    """The status a bulk write leaves: it can move a contact away from `subscribed`, never back. A
+    suppressed address takes the suppression's status; an unsubscribed, bounced, complained or
+    blocked contact keeps its status unless another such status is asked for."""
+    if suppressed_as:
+        return SUPPRESSION_TO_STATUS.get(suppressed_as, ContactStatus.BLOCKED.value)
+    if current in STATUS_TO_SUPPRESSION and requested in (None, ContactStatus.SUBSCRIBED.value):
+        return current
+    return requested or current or ContactStatus.SUBSCRIBED.value
+
+
+def _check_row(row: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(row, Mapping):
+        raise InvalidInput("must be an object with an email", field="")
+    fields = dict(row)
+    unknown = sorted(set(fields) - _FIELDS - {"email"})
+    if unknown:
+        raise InvalidInput(f"unknown field; known: email, {', '.join(sorted(_FIELDS))}", field=unknown[0])
+    email = normalize_email(fields.pop("email", None))
+    return email, _check_fields(fields)
+
+
+def _suppressed(connection: Connection, emails: list[str]) -> dict[str, str]:
+    query = select(Suppression.email, Suppression.reason).where(Suppression.email.in_(emails))
+    return {email: reason for email, reason in connection.execute(query)}
+
+
+def _stored(connection: Connection, emails: list[str], *, lock: bool) -> dict[str, Row[Any]]:
+    query = select(
+        Contact.id, Contact.email, Contact.status, Contact.attributes, Contact.timezone, Contact.locale, Contact.source
+    ).where(Contact.email.in_(emails))
+    if lock:  # attributes are merged here, in Python: no concurrent write may slip in between
+        query = query.order_by(Contact.id).with_for_update()  # in id order: two batches cannot deadlock
+    return {row.email: row for row in connection.execute(query)}
+
+
+def _insert_new(connection: Connection, values: list[dict[str, Any]]) -> dict[str, int]:
+    """Insert contacts, skipping addresses a concurrent writer added since the look-up; {email: id} of
+    those inserted."""
+    statement = (
+        dialect.insert(connection)(Contact)
+        .on_conflict_do_nothing(index_elements=["email"])
+        .returning(Contact.email, Contact.id)
+    )
+    return {email: contact_id for email, contact_id in connection.execute(statement, values)}
+
+
+def _add_suppressions(connection: Connection, pairs: list[tuple[str, str]]) -> None:
+    if pairs:
+        now = utcnow()
+        connection.execute(
+            dialect.insert(connection)(Suppression).on_conflict_do_nothing(index_elements=["email"]),
+            [{"email": e, "reason": r, "detail": "contact status", "created_at": now} for e, r in pairs],
+        )
+
+
+def _new_values(email: str, fields: dict[str, Any], suppressed_as: str | None, now: datetime) -> dict[str, Any]:
+    return {
+        "email": email,
+        "status": bulk_status(fields.get("status"), None, suppressed_as),
+        "attributes": _merge_attributes(None, fields.get("attributes", {})),
+        "timezone": fields.get("timezone"),
+        "locale": fields.get("locale"),
+        "source": fields.get("source"),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _upsert_chunk(connection: Connection, rows: dict[str, dict[str, Any]]) -> dict[str, tuple[int, bool]]:
+    """One chunk of checked rows ({email: fields}) written in a few statements: the look-ups, one
+    INSERT and one UPDATE (executemany), the new suppressions; {email: (id, created)}."""
+    now = utcnow()
+    emails = list(rows)
+    suppressed = _suppressed(connection, emails)
+    stored = _stored(connection, emails, lock=True)
+    new = [_new_values(e, rows[e], suppressed.get(e), now) for e in emails if e not in stored]
+    inserted = _insert_new(connection, new) if new else {}
+    statuses = {values["email"]: values["status"] for values in new if values["email"] in inserted}
+    raced = [values["email"] for values in new if values["email"] not in inserted]
+    if raced:
+        stored.update(_stored(connection, raced, lock=True))
+    changes = []
+    for email, row in stored.items():
+        fields = rows[email]
+        statuses[email] = bulk_status(fields.get("status"), row.status, suppressed.get(email))
+        changes.append(
+            {
+                "contact_id": row.id,
+                "status": statuses[email],
+                "attributes": _merge_attributes(row.attributes, fields.get("attributes", {})),
+                "timezone": fields.get("timezone", row.timezone),
+                "locale": fields.get("locale", row.locale),
+                "source": fields.get("source", row.source),
+                "updated_at": now,
+            }
+        )
+    if changes:
+        table = Contact.__table__
+        connection.execute(update(table).where(table.c.id == bindparam("contact_id")), changes)
+    _add_suppressions(
+        connection,
+        [
+            (e, STATUS_TO_SUPPRESSION[s])
+            for e, s in statuses.items()
+            if s in STATUS_TO_SUPPRESSION and e not in suppressed
+        ],
+    )
+    outcome = {email: (contact_id, True) for email, contact_id in inserted.items()}
+    outcome.update({email: (row.id, False) for email, row in stored.items()})
+    return outcome
+
+
+def upsert_many(rows: Sequence[Any]) -> list[Upserted | InvalidInput]:
+    """Create or update many contacts (the API's batch) in one transaction and a few statements per
+    5,000: attributes merge as in upsert_contact, statuses change only as `bulk_status` allows, and
+    suppressions follow. A result per row, in order: what was stored, or the row's error (`field`
+    relative to the row; an address repeated in the batch is an error). The good rows are stored
+    whatever the bad ones hold."""
+    results: list[Upserted | InvalidInput | None] = [None] * len(rows)
+    checked: dict[str, tuple[int, dict[str, Any]]] = {}
+    for index, row in enumerate(rows):
+        try:
+            email, fields = _check_row(row)
+        except InvalidInput as exc:
+            results[index] = exc
+            continue
+        if email in checked:
+            results[index] = InvalidInput(f"{email} is also in row {checked[email][0]}", field="email")
+            continue
+        checked[email] = (index, fields)
+    # In one order whatever the client's: concurrent batches take their row locks in the same order.
+    emails = sorted(checked)
+    with session_scope() as session:
+        connection = session.connection()
+        for start in range(0, len(emails), _IN_CHUNK):
+            chunk = {email: checked[email][1] for email in emails[start : start + _IN_CHUNK]}
+            for email, (contact_id, created) in _upsert_chunk(connection, chunk).items():
+                results[checked[email][0]] = Upserted(email, contact_id, created)
+    return [r for r in results if r is not None]
+
+
 # --- Custom events ------------------------------------------------------------------------------------
+
+
+def check_event_name(value: Any, *, field: str = "event") -> str:
+    """A custom event's name: a letter, then up to 63 letters, digits or _ . : -, not one SmartMail records itself."""
+    if not isinstance(value, str) or not _EVENT_NAME.fullmatch(value):
+        raise InvalidInput(
+            f"{value!r} is not an event name (a letter, then up to 63 letters, digits or _ . : -)", field=field
+        )
+    if value.lower() in RESERVED_EVENTS:
+        raise InvalidInput(f"{value!r} is recorded by SmartMail's tracking and cannot be tracked by hand", field=field)
+    return value
+
+
+def check_event_properties(value: Any, *, field: str = "properties") -> dict[str, Any]:
+    """A custom event's properties: a JSON object (None is an empty one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidInput("must be a mapping with string keys", field=field)
+    _check_json_value(dict(value), field)
+    return dict(value)
+
+
+def check_occurred_at(value: Any, *, field: str = "occurred_at") -> datetime:
+    """When an event happened, as the naive UTC the database stores; None is now. Naive input is taken as UTC."""
+    if value is None:
+        return utcnow()
+    if not isinstance(value, datetime):
+        raise InvalidInput("must be a datetime", field=field)
+    if value.tzinfo is not None:
+        try:
+            return value.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:
+            raise InvalidInput("is outside the years 1-9999 once in UTC", field=field) from None
+    return value
 
 
 def track(
@@ -472,28 +807,12 @@ def track(
     """Record a custom event (e.g. `order_placed`) for a contact, creating the contact if it is new;
     segments and automations select on these. Returns the event id."""
     email = normalize_email(email)
-    if not isinstance(event, str) or not _EVENT_NAME.fullmatch(event):
-        raise InvalidInput(
-            f"{event!r} is not an event name (a letter, then up to 63 letters, digits or _ . : -)", field="event"
-        )
-    if event.lower() in RESERVED_EVENTS:
-        raise InvalidInput(
-            f"{event!r} is recorded by SmartMail's tracking and cannot be tracked by hand", field="event"
-        )
-    if properties is None:
-        properties = {}
-    if not isinstance(properties, Mapping) or not all(isinstance(k, str) for k in properties):
-        raise InvalidInput("must be a mapping with string keys", field="properties")
-    _check_json_value(dict(properties), "properties")
-    if occurred_at is None:
-        occurred_at = utcnow()
-    elif not isinstance(occurred_at, datetime):
-        raise InvalidInput("must be a datetime", field="occurred_at")
-    elif occurred_at.tzinfo is not None:  # naive datetimes are taken as UTC
-        occurred_at = occurred_at.astimezone(UTC).replace(tzinfo=None)
+    event = check_event_name(event)
+    checked_properties = check_event_properties(properties)
+    occurred_at = check_occurred_at(occurred_at)
     with session_scope() as session:
         contact = _get(session, email) or _create(session, email, {"source": "track"})
-        row = Event(type=event, contact_id=contact.id, properties=dict(properties), occurred_at=occurred_at)
+        row = Event(type=event, contact_id=contact.id, properties=checked_properties, occurred_at=occurred_at)
         session.add(row)
         session.flush()
         return row.id
@@ -506,3 +825,24 @@ def sync_suppression(session: Session, email: str, status: str) -> None:
     """Public name of `_sync_suppression`: put the address on (or take it off) the suppression list
     to match `status`, in the caller's transaction. An existing suppression keeps its reason."""
     _sync_suppression(session, email, status)
+
+
+def ensure_contacts(session: Session, emails: Sequence[str], *, source: str) -> dict[str, int]:
+    """{email: contact id} for normalized addresses, creating the contacts not known yet (as `track`
+    does: a suppressed address starts with the matching status), in the caller's transaction."""
+    connection = session.connection()
+    ids: dict[str, int] = {}
+    unique = sorted(set(emails))  # one order for every caller's row locks (see upsert_many)
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start : start + _IN_CHUNK]
+        ids.update({email: row.id for email, row in _stored(connection, chunk, lock=False).items()})
+        new = [e for e in chunk if e not in ids]
+        if not new:
+            continue
+        now = utcnow()
+        suppressed = _suppressed(connection, new)
+        ids.update(_insert_new(connection, [_new_values(e, {"source": source}, suppressed.get(e), now) for e in new]))
+        raced = [e for e in new if e not in ids]
+        if raced:
+            ids.update({email: row.id for email, row in _stored(connection, raced, lock=False).items()})
+    return ids

@@ -10,11 +10,12 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, not_, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
-from smartmail.errors import InvalidSegment
+from smartmail.errors import InvalidSegment, NotFound
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message, Segment
 from smartmail.store.sql import json_attributes
@@ -101,7 +102,22 @@ def _iso(value: Any, path: str) -> str:
 def parse(rules: Any, path: str = "rules") -> Any:
     """Check a rule tree; InvalidSegment names the first bad rule by its path."""
     counter = [0]
-    return _parse(rules, path, 0, counter)
+    tree = _parse(rules, path, 0, counter)
+    _refuse_nul(rules, path)
+    return tree
+
+
+def _refuse_nul(value: Any, path: str) -> None:
+    # Every string of a rule can end up a SQL parameter, and PostgreSQL refuses NUL in text.
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidSegment("must not contain NUL characters", field=path)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_nul(key, path)
+            _refuse_nul(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_nul(item, f"{path}[{i}]")
 
 
 def _parse(rule: Any, path: str, depth: int, counter: list[int]) -> Any:
@@ -342,27 +358,75 @@ def check(rules: Any) -> None:
     _check_lists(parse(rules))
 
 
+def _as_dict(row: Segment) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "rules": row.rules,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+def _is_name(name: Any) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable() and "/" not in name
+
+
 def save_segment(name: str, rules: Any) -> dict[str, Any]:
     """Create or replace a saved segment (checked first: a bad rule stores nothing)."""
-    if not isinstance(name, str) or not 0 < len(name) <= 200 or not name.isprintable():
-        raise InvalidSegment("a segment name is 1-200 printable characters", field="name")
+    return put_segment(name, rules)[0]
+
+
+def put_segment(name: str, rules: Any) -> tuple[dict[str, Any], bool]:
+    """save_segment, and whether the segment is new. Two concurrent creates of one name: the
+    second replaces the first (the unique name makes the loser retry as an update)."""
+    if not _is_name(name):
+        raise InvalidSegment("a segment name is 1-200 printable characters other than /", field="name")
     check(rules)
+    for attempt in range(2):
+        try:
+            return _put(name, rules)
+        except IntegrityError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _put(name: str, rules: Any) -> tuple[dict[str, Any], bool]:
     now = utcnow()
     with session_scope() as session:
         row = session.scalar(select(Segment).where(Segment.name == name))
+        created = row is None
         if row is None:
             row = Segment(name=name, rules=rules, created_at=now, updated_at=now)
             session.add(row)
         else:
             row.rules, row.updated_at = rules, now
         session.flush()
-        return {
-            "id": row.id,
-            "name": row.name,
-            "rules": row.rules,
-            "created_at": row.created_at,
-            "updated_at": row.updated_at,
-        }
+        return _as_dict(row), created
+
+
+def get_segment(name: str) -> dict[str, Any]:
+    """A saved segment; NotFound if there is none by that name."""
+    with session_scope() as session:
+        row = session.scalar(select(Segment).where(Segment.name == name)) if _is_name(name) else None
+        if row is None:
+            raise NotFound(f"no segment named {name!r}")
+        return _as_dict(row)
+
+
+def saved_rules(name: str) -> Any:
+    """The rules of a saved segment, for count() and preview(); NotFound if there is none."""
+    return get_segment(name)["rules"]
+
+
+def list_segments(*, limit: int, after: str | None = None) -> list[dict[str, Any]]:
+    """Saved segments by name, from the name after `after` (keyset paging)."""
+    query = select(Segment).order_by(Segment.name).limit(limit)
+    if after is not None:
+        query = query.where(Segment.name > after)
+    with session_scope() as session:
+        return [_as_dict(row) for row in session.scalars(query)]
 
 
 def get_segments() -> list[dict[str, Any]]:
@@ -374,6 +438,8 @@ def get_segments() -> list[dict[str, Any]]:
 
 
 def delete_segment(name: str) -> bool:
+    if not _is_name(name):  # no segment has such a name; PostgreSQL would refuse a NUL in it
+        return False
     with session_scope() as session:
         row = session.scalar(select(Segment).where(Segment.name == name))
         if row is None:

@@ -1,18 +1,19 @@
-"""Campaigns: create, schedule, launch, pause, resume and cancel; run what is due; report progress."""
+"""Campaigns: create, change, list, schedule, launch, pause, resume and cancel; run what is due; report progress."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from smartmail.addresses import AddressError, parse_mailbox
-from smartmail.audience.contacts import InvalidInput, NotFound
+from smartmail.audience.contacts import InvalidInput, NotFound, check_list_name
 from smartmail.campaigns.fan_out import (
     audience_query,
     fan_out,
@@ -22,6 +23,7 @@ from smartmail.campaigns.fan_out import (
 )
 from smartmail.config import get_settings
 from smartmail.content import rendering, template_store
+from smartmail.errors import ConflictingInput
 from smartmail.store.engine import reader, session_scope, utcnow
 from smartmail.store.models import (
     Campaign,
@@ -61,6 +63,10 @@ def parse_window(value: str | None, *, field: str = "window") -> tuple[str, str]
 # --- The API -----------------------------------------------------------------------------------
 
 
+class CampaignConflict(ConflictingInput):
+    """The campaign's state (or its name, taken) does not allow the request."""
+
+
 @dataclass(frozen=True)
 class CampaignStatus:
     name: str
@@ -72,11 +78,156 @@ class CampaignStatus:
     fanned_out: bool
 
 
+# What a draft or scheduled campaign may change; create_campaign takes these too.
+EDITABLE = (
+    "template",
+    "lists",
+    "segment",
+    "from_",
+    "reply_to",
+    "send_at",
+    "window",
+    "window_timezone",
+    "rate_cap",
+    "tags",
+    "resend_unknown",
+)
+_CHANGEABLE = (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value)
+
+
+def _identifying(name: str) -> Iterator[Any]:
+    """The conditions to try in turn: the name, then for a number the id (a name wins over an id)."""
+    if "\x00" in name:  # no campaign has one (PostgreSQL text cannot hold it)
+        return
+    yield Campaign.name == name
+    if name.isascii() and name.isdigit() and int(name) < 2**31:
+        yield Campaign.id == int(name)
+
+
 def _get(session, name: str) -> Campaign:
-    campaign = session.scalar(select(Campaign).where(Campaign.name == name))
-    if campaign is None:
-        raise NotFound(f"no campaign named {name!r}")
-    return campaign
+    """The campaign, its row locked until the transaction ends: a launch, a change and a pause of
+    one campaign take turns (FOR UPDATE; SQLite has one writer at a time anyway)."""
+    for condition in _identifying(name):
+        campaign = session.scalar(select(Campaign).where(condition).with_for_update())
+        if campaign is not None:
+            return campaign
+    raise NotFound(f"no campaign named {name!r}")
+
+
+def as_dict(campaign: Campaign) -> dict[str, Any]:
+    return {
+        "id": campaign.id,
+        "name": campaign.name,
+        "state": campaign.state,
+        "template": campaign.template_name,
+        "template_version": campaign.template_version,
+        "lists": list(campaign.lists or ()),
+        "segment": campaign.segment,
+        "from": campaign.sender,
+        "reply_to": campaign.reply_to,
+        "send_at": campaign.send_at,
+        "window": f"{campaign.window_start}-{campaign.window_end}" if campaign.window_start else None,
+        "window_timezone": campaign.window_timezone,
+        "rate_cap": campaign.rate_cap,
+        "tags": list(campaign.tags or ()),
+        "resend_unknown": campaign.resend_unknown,
+        "fanned_out": campaign.fanned_out,
+        "created_at": campaign.created_at,
+        "launched_at": campaign.launched_at,
+        "finished_at": campaign.finished_at,
+    }
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    """A time as stored: naive UTC; a naive one is UTC already."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # past year 9999 in UTC
+        raise InvalidInput("is out of range", field="send_at") from None
+
+
+def _columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The campaign's columns for the settings given (names as in EDITABLE), each checked; an
+    InvalidInput names the first bad one. Settings not given are left out."""
+    unknown = [key for key in settings if key not in EDITABLE]
+    if unknown:
+        raise InvalidInput("cannot be set on a campaign", field=unknown[0])
+    return {**_content_columns(session, settings), **_delivery_columns(settings)}
+
+
+def _content_columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What and to whom: the template, lists and segment must exist."""
+    values: dict[str, Any] = {}
+    if "template" in settings:
+        template = settings["template"]
+        if not isinstance(template, str) or not template:
+            raise InvalidInput("a template name is required", field="template")
+        try:
+            template_store.resolve(session, template, get_settings().templates_dir)
+        except (template_store.TemplateNotFound, ValueError) as exc:
+            raise InvalidInput(str(exc), field="template") from None
+        values["template_name"] = template
+    if "lists" in settings:
+        values["lists"] = list(settings["lists"] or ())
+        for i, list_name in enumerate(values["lists"]):
+            check_list_name(list_name, field=f"lists[{i}]")
+            if session.scalar(select(ContactList.id).where(ContactList.name == list_name)) is None:
+                raise InvalidInput(f"no list named {list_name!r}", field=f"lists[{i}]")
+    if "segment" in settings:
+        segment = values["segment"] = settings["segment"] or None
+        # A saved segment's name is printable (save_segment), so an other one is not looked up.
+        if segment and (
+            not isinstance(segment, str)
+            or not segment.isprintable()
+            or session.scalar(select(Segment.id).where(Segment.name == segment)) is None
+        ):
+            raise InvalidInput(f"no saved segment named {values['segment']!r}", field="segment")
+    return values
+
+
+def _delivery_columns(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """From whom, when and how fast."""
+    values: dict[str, Any] = {}
+    defaults = get_settings()
+    try:
+        if "from_" in settings:
+            values["sender"] = str(parse_mailbox(settings["from_"] or defaults.default_sender, field="from_"))
+        if "reply_to" in settings:
+            reply_to = settings["reply_to"]
+            values["reply_to"] = str(parse_mailbox(reply_to, field="reply_to")) if reply_to else None
+    except AddressError as exc:
+        raise InvalidInput(exc.reason, field=exc.field) from None
+    if "send_at" in settings:
+        values["send_at"] = _naive_utc(settings["send_at"])
+    if "window" in settings:
+        start_end = parse_window(settings["window"])
+        values["window_start"], values["window_end"] = start_end or (None, None)
+    if "window_timezone" in settings:
+        zone = settings["window_timezone"] or "UTC"
+        if known_zone(zone, "") != zone:
+            raise InvalidInput(f"unknown time zone {zone!r}", field="window_timezone")
+        values["window_timezone"] = zone
+    if "rate_cap" in settings:
+        rate_cap = settings["rate_cap"]
+        if rate_cap is not None and (
+            isinstance(rate_cap, bool) or not isinstance(rate_cap, (int, float)) or not 0 < rate_cap < float("inf")
+        ):
+            raise InvalidInput("must be a positive number of messages per second", field="rate_cap")
+        values["rate_cap"] = rate_cap
+    if "tags" in settings:
+        values["tags"] = list(settings["tags"] or ())
+    if "resend_unknown" in settings:
+        if not isinstance(settings["resend_unknown"], bool):
+            raise InvalidInput("must be true or false", field="resend_unknown")
+        values["resend_unknown"] = settings["resend_unknown"]
+    return values
+
+
+def _check_audience(lists: list[str], segment: str | None) -> None:
+    if not lists and not segment:
+        raise InvalidInput("give lists, a segment, or both", field="audience")
 
 
 def create_campaign(
@@ -94,81 +245,102 @@ def create_campaign(
     tags: Iterable[str] = (),
     resend_unknown: bool = False,
 ) -> dict[str, Any]:
-    """A draft campaign: `template` to the members of `lists` and/or the saved `segment`, minus
-    suppressed and non-subscribed contacts. Errors name the field; nothing is stored then.
-    `resend_unknown`: at-least-once, messages a worker crash left `unknown` (their content may
-    have reached the relay) are sent again; a recipient may then get a duplicate."""
-    settings = get_settings()
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise InvalidInput("a name of 1-200 characters is required", field="name")
+    """A draft campaign (scheduled with `send_at`): `template` to the members of `lists` and/or
+    the saved `segment`, minus suppressed and non-subscribed contacts. Errors name the field;
+    nothing is stored then. `resend_unknown`: at-least-once, messages a worker crash left
+    `unknown` (their content may have reached the relay) are sent again; a recipient may then get
+    a duplicate. Returns the campaign (as_dict)."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable() or "/" in name:
+        raise InvalidInput("a name of 1-200 printable characters other than / is required", field="name")
     lists = list(lists)
-    if not lists and not segment:
-        raise InvalidInput("give lists, a segment, or both", field="audience")
-    try:
-        sender = str(parse_mailbox(from_ or settings.default_sender, field="from_"))
-        reply = str(parse_mailbox(reply_to, field="reply_to")) if reply_to else None
-    except AddressError as exc:
-        raise InvalidInput(exc.reason, field=exc.field) from None
-    start_end = parse_window(window)
-    if known_zone(window_timezone, "") != window_timezone:
-        raise InvalidInput(f"unknown time zone {window_timezone!r}", field="window_timezone")
-    if rate_cap is not None and (isinstance(rate_cap, bool) or not isinstance(rate_cap, (int, float)) or rate_cap <= 0):
-        raise InvalidInput("must be a positive number of messages per second", field="rate_cap")
-    if not isinstance(resend_unknown, bool):
-        raise InvalidInput("must be true or false", field="resend_unknown")
-    if send_at is not None and send_at.tzinfo is not None:
-        send_at = send_at.astimezone(UTC).replace(tzinfo=None)
+    _check_audience(lists, segment)
+    settings = {
+        "template": template,
+        "lists": lists,
+        "segment": segment,
+        "from_": from_,
+        "reply_to": reply_to,
+        "send_at": send_at,
+        "window": window,
+        "window_timezone": window_timezone,
+        "rate_cap": rate_cap,
+        "tags": tags,
+        "resend_unknown": resend_unknown,
+    }
     with session_scope() as session:
-        try:
-            template_store.resolve(session, template, settings.templates_dir)
-        except (template_store.TemplateNotFound, ValueError) as exc:
-            raise InvalidInput(str(exc), field="template") from None
-        for i, list_name in enumerate(lists):
-            if session.scalar(select(ContactList.id).where(ContactList.name == list_name)) is None:
-                raise InvalidInput(f"no list named {list_name!r}", field=f"lists[{i}]")
-        if segment and session.scalar(select(Segment.id).where(Segment.name == segment)) is None:
-            raise InvalidInput(f"no saved segment named {segment!r}", field="segment")
+        values = _columns(session, settings)
         if session.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
-            raise InvalidInput(f"a campaign named {name!r} exists already", field="name")
-        campaign = Campaign(
-            name=name,
-            state=CampaignState.DRAFT.value,
-            template_name=template,
-            lists=lists,
-            segment=segment,
-            sender=sender,
-            reply_to=reply,
-            send_at=send_at,
-            tags=list(tags),
-            window_start=start_end[0] if start_end else None,
-            window_end=start_end[1] if start_end else None,
-            window_timezone=window_timezone,
-            rate_cap=rate_cap,
-            resend_unknown=resend_unknown,
-            cursor=0,
-            fanned_out=False,
-        )
+            raise CampaignConflict(f"a campaign named {name!r} exists already", field="name")
+        state = CampaignState.SCHEDULED if send_at is not None else CampaignState.DRAFT
+        campaign = Campaign(name=name, state=state.value, cursor=0, fanned_out=False, **values)
         session.add(campaign)
+        try:
+            session.flush()
+        except IntegrityError:  # the same name, created by another request since the check
+            raise CampaignConflict(f"a campaign named {name!r} exists already", field="name") from None
+        return as_dict(campaign)
+
+
+def update_campaign(name: str, **settings: Any) -> dict[str, Any]:
+    """Change a draft or scheduled campaign (settings named as in EDITABLE; others stay). Setting
+    `send_at` schedules it, clearing it makes it a draft again. A campaign in another state raises
+    CampaignConflict; its row is locked meanwhile, so a launch waits and sends the changed one."""
+    with session_scope() as session:
+        campaign = _get(session, name)
+        if campaign.state not in _CHANGEABLE:
+            raise CampaignConflict(
+                f"campaign {campaign.name!r} is {campaign.state}; only a draft or scheduled one can change",
+                field="state",
+            )
+        values = _columns(session, settings)
+        _check_audience(values.get("lists", campaign.lists), values.get("segment", campaign.segment))
+        for column, value in values.items():
+            setattr(campaign, column, value)
+        if "send_at" in values:
+            campaign.state = (CampaignState.SCHEDULED if values["send_at"] else CampaignState.DRAFT).value
         session.flush()
-        if send_at is not None:
-            campaign.state = CampaignState.SCHEDULED.value
-        return {"id": campaign.id, "name": name, "state": campaign.state}
+        return as_dict(campaign)
+
+
+def get_campaign(name: str) -> dict[str, Any]:
+    """One campaign by name (or id); NotFound otherwise."""
+    with session_scope() as session:
+        for condition in _identifying(name):
+            campaign = session.scalar(select(Campaign).where(condition))
+            if campaign is not None:
+                return as_dict(campaign)
+    raise NotFound(f"no campaign named {name!r}")
+
+
+def list_campaigns(*, limit: int, before: int | None = None, state: str | None = None) -> list[dict[str, Any]]:
+    """Up to `limit` campaigns, newest first; `before` is the last id of the previous page (keyset)."""
+    query = select(Campaign).order_by(Campaign.id.desc()).limit(limit)
+    if before is not None:
+        query = query.where(Campaign.id < before)
+    if state is not None:
+        query = query.where(Campaign.state == state)
+    with session_scope() as session:
+        return [as_dict(campaign) for campaign in session.scalars(query)]
 
 
 def schedule_campaign(name: str, send_at: datetime) -> None:
     """Start the campaign at `send_at` (beat starts it); a draft or scheduled campaign only."""
-    if send_at.tzinfo is not None:
-        send_at = send_at.astimezone(UTC).replace(tzinfo=None)
-    _transition(name, {CampaignState.DRAFT, CampaignState.SCHEDULED}, CampaignState.SCHEDULED, send_at=send_at)
+    sources = {CampaignState.DRAFT, CampaignState.SCHEDULED}
+    _transition(name, sources, CampaignState.SCHEDULED, send_at=_naive_utc(send_at))
 
 
 def launch_campaign(name: str) -> None:
     """Start now: freeze the template and fan out on the bulk queue."""
     with session_scope() as session:
         campaign = _get(session, name)
-        if not _start(session, campaign):
-            raise InvalidInput(
-                f"campaign {name!r} is {campaign.state}; only a draft or scheduled one can launch", field="state"
+        try:
+            started = _start(session, campaign)
+        except template_store.TemplateNotFound as exc:  # deleted since the campaign was created
+            raise CampaignConflict(str(exc), field="template") from None
+        if not started:
+            raise CampaignConflict(
+                f"campaign {campaign.name!r} is {campaign.state}; only a draft or scheduled one can launch",
+                field="state",
             )
         campaign_id, owner = campaign.id, campaign.fan_out_owner
     _publish_fan_out(campaign_id, owner)
@@ -183,7 +355,7 @@ def resume_campaign(name: str) -> None:
     with session_scope() as session:
         campaign = _get(session, name)
         if campaign.state != CampaignState.PAUSED.value:
-            raise InvalidInput(f"campaign {name!r} is {campaign.state}, not paused", field="state")
+            raise CampaignConflict(f"campaign {campaign.name!r} is {campaign.state}, not paused", field="state")
         campaign.state = CampaignState.SENDING.value
         owner = hand_fan_out(campaign, utcnow())
         campaign_id = campaign.id
@@ -195,7 +367,7 @@ def cancel_campaign(name: str) -> int:
     with session_scope() as session:
         campaign = _get(session, name)
         if campaign.state in (CampaignState.SENT.value, CampaignState.CANCELLED.value):
-            raise InvalidInput(f"campaign {name!r} is {campaign.state} already", field="state")
+            raise CampaignConflict(f"campaign {campaign.name!r} is {campaign.state} already", field="state")
         campaign.state = CampaignState.CANCELLED.value
         campaign.finished_at = utcnow()
         session.flush()  # the campaign's row first, then its messages: the order delivery's recording keeps
@@ -217,7 +389,9 @@ def _transition(name: str, sources: set[CampaignState], target: CampaignState, *
     with session_scope() as session:
         campaign = _get(session, name)
         if campaign.state not in {s.value for s in sources}:
-            raise InvalidInput(f"campaign {name!r} is {campaign.state}; cannot go to {target.value}", field="state")
+            raise CampaignConflict(
+                f"campaign {campaign.name!r} is {campaign.state}; cannot go to {target.value}", field="state"
+            )
         campaign.state = target.value
         for key, value in values.items():
             setattr(campaign, key, value)
@@ -255,11 +429,15 @@ def _publish_fan_out(campaign_id: int, owner: str | None) -> None:
 
 
 def campaign_status(name: str) -> CampaignStatus:
+    """Counts per message state, the rate over the last minute and the time left, by name (or id)."""
     with reader() as connection:
-        campaign = connection.execute(
-            select(Campaign.id, Campaign.state, Campaign.fanned_out).where(Campaign.name == name)
-        ).first()
-        if campaign is None:
+        for condition in _identifying(name):
+            campaign = connection.execute(
+                select(Campaign.id, Campaign.name, Campaign.state, Campaign.fanned_out).where(condition)
+            ).first()
+            if campaign is not None:
+                break
+        else:
             raise NotFound(f"no campaign named {name!r}")
         counts = dict(
             connection.execute(
@@ -277,7 +455,7 @@ def campaign_status(name: str) -> CampaignStatus:
     remaining = sum(counts.get(s, 0) for s in _OPEN)
     rate = (recent or 0) / 60.0
     return CampaignStatus(
-        name,
+        campaign.name,
         campaign.state,
         counts,
         sum(counts.values()),
@@ -292,8 +470,11 @@ def run_due(now: datetime | None = None) -> None:
     mark finished campaigns sent."""
     now = now or utcnow()
     with session_scope() as session:
+        # Locked as a launch locks them; one being changed right now is left for the next run.
         due = session.scalars(
-            select(Campaign).where(Campaign.state == CampaignState.SCHEDULED.value, Campaign.send_at <= now)
+            select(Campaign)
+            .where(Campaign.state == CampaignState.SCHEDULED.value, Campaign.send_at <= now)
+            .with_for_update(skip_locked=True)
         ).all()
         started = [(c.id, c.fan_out_owner) for c in due if _start(session, c, now)]
     for campaign_id, owner in started:
@@ -313,17 +494,23 @@ def run_due(now: datetime | None = None) -> None:
 
 
 __all__ = [
+    "EDITABLE",
+    "CampaignConflict",
     "CampaignStatus",
+    "as_dict",
     "audience_query",
     "campaign_status",
     "cancel_campaign",
     "create_campaign",
     "fan_out",
+    "get_campaign",
     "launch_campaign",
+    "list_campaigns",
     "parse_window",
     "pause_campaign",
     "resume_campaign",
     "run_due",
     "schedule_campaign",
+    "update_campaign",
     "window_opens",
 ]

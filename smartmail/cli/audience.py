@@ -38,16 +38,6 @@ def _parse_attrs(values: list[str], option: str = "--attr") -> dict[str, Any]:
     return attributes
 
 
-def _pairs(values: list[str], option: str) -> dict[str, str]:
-    result = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            fail(f"{option}: {item!r} is not KEY=VALUE")
-        result[key] = value
-    return result
-
-
 def _json_option(value: str | None, option: str) -> Any:
     if value is None:
         return None
@@ -267,17 +257,17 @@ def contacts_import(
     """Import contacts from a CSV or JSON Lines file, showing progress and a summary."""
     from smartmail.audience import imports
 
-    options = {
-        "list": list_,
-        "mode": mode,
-        "format": format_,
-        "mapping": _pairs(map_, "--map"),
-        "types": _pairs(type_, "--type"),
-        "delimiter": delimiter,
-        "encoding": encoding,
-        "batch_size": batch_size,
-    }
     try:
+        options = {
+            "list": list_,
+            "mode": mode,
+            "format": format_,
+            "mapping": imports.parse_pairs(map_, "--map"),
+            "types": imports.parse_pairs(type_, "--type"),
+            "delimiter": delimiter,
+            "encoding": encoding,
+            "batch_size": batch_size,
+        }
         job_id = imports.create_job(file, **options)
     except InvalidInput as exc:
         fail(str(exc))

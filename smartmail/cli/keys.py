@@ -75,7 +75,10 @@ def list_(
     if json_:
         out.print_json(json.dumps(records, default=str))
         return
-    table = Table("id", "name", "scopes", "created", "last used", "expires", "state")
+    table = Table()
+    table.add_column("id", no_wrap=True)  # copied into `keys revoke`: never wrapped
+    for heading in ("name", "scopes", "created", "last used", "expires", "state"):
+        table.add_column(heading)
     for r in records:
         state = "revoked" if r["revoked"] else "active"
         table.add_row(

@@ -338,10 +338,21 @@ def web(
     workers: Annotated[
         int | None, typer.Option(min=1, max=64, help="uvicorn worker processes (default: SMARTMAIL_WEB_WORKERS).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=200, help="Threads per process for the API's routes (default: SMARTMAIL_WEB_THREADS, 10)."
+        ),
+    ] = None,
 ) -> None:
     """Run the web app (the HTTP API under /v1, /docs, unsubscribe pages, /healthz) with uvicorn."""
+    import os
+
     import uvicorn
 
+    if threads is not None:
+        os.environ["SMARTMAIL_WEB_THREADS"] = str(threads)  # the worker processes read their settings anew
+        get_settings.forget()
     settings = get_settings()  # a bad configuration stops here with a message naming the variable
     uvicorn.run(
         "smartmail.web.app:app",

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
 
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
+    # Threads per web process running the sync routes, each holding a database connection at most;
+    # the engines' pools keep that many, so none is opened and closed per request under load.
+    web_threads: int = Field(10, ge=1, le=200)
     api_rate_limit: float = Field(50.0, gt=0)  # requests/s per API key, unless the key sets its own
     api_rate_burst: int | None = Field(None, ge=1)  # requests a key may send back to back; default: 2 s worth
     api_key_cache_seconds: float = Field(5.0, ge=0)  # a key's row is re-read after this (revocation is immediate)

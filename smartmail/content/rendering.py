@@ -22,7 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from smartmail import runtime
 from smartmail.addresses import reject_line_breaks
 from smartmail.content import template_store
-from smartmail.errors import TemplateError
+from smartmail.errors import NotFound, TemplateError
 from smartmail.store.engine import session_factory
 
 
@@ -42,10 +42,11 @@ _session: contextvars.ContextVar = contextvars.ContextVar("smartmail_template_se
 
 
 class _StoreLoader(jinja2.BaseLoader):
-    """Loads `db/NAME@VERSION/PART` from the database and `file/PATH` from disk.
+    """Loads `db/ROW/NAME@VERSION/PART` from the database and `file/PATH` from disk (ROW: TemplateRef.row).
 
     Jinja's environment caches compiled templates by name, so each template version is compiled
-    once per process; database versions never change, so they are always up to date.
+    once per process; database rows never change, and a name deleted and created again has new
+    ROWs, so the cache is always up to date.
     """
 
     def __init__(self, session_factory) -> None:
@@ -54,7 +55,7 @@ class _StoreLoader(jinja2.BaseLoader):
     def get_source(self, environment, template):
         kind, _, rest = template.partition("/")
         if kind == "db":
-            ref, _, part = rest.rpartition("/")
+            ref, _, part = rest.partition("/")[2].rpartition("/")
             name, _, version = ref.partition("@")
             source = template_store.load_part(self.session_factory, name, int(version), part, session=_session.get())
             if source is None:
@@ -185,7 +186,7 @@ def _source(name: str, session=None) -> str:
 
 def _display(jinja_name: str) -> str:
     kind, _, rest = jinja_name.partition("/")
-    return rest if kind == "db" else rest if kind == "file" else jinja_name
+    return rest.partition("/")[2] if kind == "db" else rest if kind == "file" else jinja_name
 
 
 def _run(template: jinja2.Template, context: dict[str, Any]) -> str:
@@ -249,13 +250,17 @@ def _text_template(html: jinja2.Template, source: Callable[[], str]) -> jinja2.T
     return _derived_text[html]
 
 
-@functools.lru_cache(maxsize=1024)
 def _part_names(ref: template_store.TemplateRef) -> dict[str, str]:
-    """The Jinja names of a template's parts; memoized: producers render the same few templates."""
-    if ref.version is not None:
-        return {part: f"db/{ref.name}@{ref.version}/{part}" for part in ("subject", "html", "text")}
-    assert ref.path is not None  # a reference without a version is a file template
-    return {part: f"file/{ref.path / filename}" for part, filename in template_store.FILE_PARTS.items()}
+    """The Jinja names of a template's parts (the row is not part of a TemplateRef's equality)."""
+    return _names(ref.name, ref.version, ref.row, ref.path)
+
+
+@functools.lru_cache(maxsize=1024)  # producers render the same few templates
+def _names(name: str, version: int | None, row: str, path: Path | None) -> dict[str, str]:
+    if version is not None:
+        return {part: f"db/{row}/{name}@{version}/{part}" for part in ("subject", "html", "text")}
+    assert path is not None  # a reference without a version is a file template
+    return {part: f"file/{path / filename}" for part, filename in template_store.FILE_PARTS.items()}
 
 
 def render(
@@ -305,7 +310,30 @@ def render(
 
 
 def check_template_source(subject: str, html: str, text: str | None = None) -> None:
-    """Compile each part so a syntax error is reported when a template is saved, not when mail is sent."""
+    """Compile each part so a syntax error is reported when a template is saved, not when mail is
+    sent; the error's field names the part."""
     for part, source in (("subject", subject), ("html", html), ("text", text)):
         if source is not None:
-            _inline(source, part)
+            try:
+                _inline(source, part)
+            except TemplateError as exc:
+                exc.field = part
+                raise
+
+
+def preview(name: str, context: dict[str, Any], version: int | None = None) -> Rendered:
+    """A stored version (the latest by default) rendered with `context` exactly as a send would:
+    the same sandbox, autoescaped HTML, derived text. Database templates only, always read afresh
+    (never the resolved-name cache). NotFound if there is no such version; TemplateError (field
+    `context` for an undefined variable) if it does not render."""
+    with template_store.reading() as session:
+        row = template_store.get_version(session, name, version)
+        try:
+            return render(session, context=context, template=f"{row.name}@{row.version}")
+        except jinja2.TemplateNotFound:  # deleted between the two reads
+            raise NotFound(f"no template {name!r}") from None
+        except TemplateError as exc:
+            # _run raises `from None`, which still keeps the original as __context__.
+            if isinstance(exc.__context__, jinja2.UndefinedError):
+                exc.field = "context"  # the template is fine; the context lacks what it uses
+            raise

@@ -57,6 +57,30 @@ def json_loads(data: str | bytes):
     return _json.decode(data if isinstance(data, str) else data.decode())
 
 
+# Connections a PostgreSQL engine keeps open; more are opened past it (overflow) and closed on return.
+POOL_SIZE = 5
+_pool_size = POOL_SIZE
+
+
+def serve_threads(count: int) -> None:
+    """Size both engines' pools for `count` threads that may each hold a connection at once (a web
+    process's request threads): past its pool_size, a QueuePool closes every connection returned to
+    it, so under load each request would open a new PostgreSQL backend."""
+    global _pool_size
+    _pool_size = max(POOL_SIZE, count)
+    # Made again on first use, with the new size.
+    for getter in (session_factory, get_engine, _statement_engine):
+        getter.forget()
+
+
+def _default_pool_size(_close: bool = True) -> None:
+    global _pool_size
+    _pool_size = POOL_SIZE
+
+
+runtime.on_reset(_default_pool_size)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -67,7 +91,7 @@ def make_engine(url: str) -> Engine:
         return engine
     # No pool_pre_ping: it costs a round trip per transaction on the hot path. A connection the
     # server dropped fails one transaction (SQLAlchemy then invalidates the pool); tasks retry.
-    return create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800, json_deserializer=json_loads)
+    return create_engine(url, pool_size=_pool_size, max_overflow=5, pool_recycle=1800, json_deserializer=json_loads)
 
 
 def _dispose(engine: Engine, close: bool) -> None:
@@ -92,7 +116,7 @@ def _statement_engine() -> Engine:
     return create_engine(
         url,
         isolation_level="AUTOCOMMIT",
-        pool_size=5,
+        pool_size=_pool_size,
         max_overflow=5,
         pool_recycle=1800,
         json_deserializer=json_loads,

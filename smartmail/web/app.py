@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from html import escape
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
+import anyio.to_thread
 import structlog
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,7 +29,7 @@ from smartmail.audience.unsubscribe import unsubscribe
 from smartmail.config import get_settings
 from smartmail.content.unsubscribe_links import read_token
 from smartmail.errors import InvalidToken, SettingsError
-from smartmail.store.engine import reader
+from smartmail.store.engine import reader, serve_threads
 from smartmail.store.models import Contact, ContactStatus
 from smartmail.web import docs, problems
 from smartmail.web.api import routes as api_routes
@@ -234,8 +237,19 @@ def _link_creates(document: dict[str, Any]) -> None:
                     }
 
 
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # Sync routes run on anyio's thread pool (40 threads by default), each holding a database
+    # connection while it works: as many threads as connections, so the pools never overflow.
+    threads = get_settings().web_threads
+    anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+    serve_threads(threads)
+    yield
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="SmartMail",
         version=__version__,
         description=API_DESCRIPTION,

@@ -3,7 +3,10 @@
 from smartmail.audience.imports.jobs import (
     JOB_STATES,
     create_job,
+    discard_job,
     enqueue,
+    error_report,
+    find_job,
     job_status,
     list_jobs,
     run_job,
@@ -21,6 +24,8 @@ from smartmail.audience.imports.options import (
     RowError,
     check_options,
     convert,
+    format_from_name,
+    parse_pairs,
 )
 from smartmail.audience.imports.readers import check_header, read_csv, read_jsonl
 from smartmail.audience.imports.writer import BatchResult, JobGone
@@ -41,9 +46,14 @@ __all__ = [
     "check_options",
     "convert",
     "create_job",
+    "discard_job",
     "enqueue",
+    "error_report",
+    "find_job",
+    "format_from_name",
     "job_status",
     "list_jobs",
+    "parse_pairs",
     "read_csv",
     "read_jsonl",
     "run_job",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import os
 import queue
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from smartmail.audience.contacts import InvalidInput
 from smartmail.audience.exports import safe_cell
@@ -75,6 +76,18 @@ def start_import(path: str | os.PathLike, **options: Any) -> str:
 
 def enqueue(job_id: str) -> None:
     publish("smartmail.imports.run", job_id)
+
+
+def discard_job(job_id: str) -> None:
+    """Delete a job that could not be queued (so no worker has it), and its file if it was uploaded."""
+    with session_scope() as session:
+        job = session.get(ImportJob, job_id)
+        if job is None or job.state != "pending":
+            return
+        path, uploaded = Path(job.path), job.options.get("upload_name") is not None
+        session.delete(job)
+    if uploaded:
+        path.unlink(missing_ok=True)
 
 
 def _batches(path: Path, options: ImportOptions, checkpoint: int) -> Iterator[Batch]:
@@ -185,6 +198,10 @@ def run_job(job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = 
         job = session.get(ImportJob, job_id)
         assert job is not None  # this run holds the job's checkpoint
         job.state, job.finished_at, job.bytes_read = "done", utcnow(), job.total_bytes
+    if options.upload_name is not None:
+        # An uploaded file is ours, needed no more once every row is in. A failed job keeps its file:
+        # it resumes from its checkpoint (a retried task, `smartmail contacts import-resume`).
+        path.unlink(missing_ok=True)
     status = job_status(job_id)
     log.info("import.done", **{k: status[k] for k in ("job_id", "created", "updated", "skipped", "failed")})
     if on_progress:
@@ -261,39 +278,70 @@ def _status(job: ImportJob) -> dict[str, Any]:
     }
 
 
-def job_status(job_id: str) -> dict[str, Any]:
+def find_job(job_id: str) -> dict[str, Any] | None:
+    """The job as job_status() gives it, or None when there is no such job."""
     with session_scope() as session:
         job = session.get(ImportJob, job_id)
-        if job is None:
-            raise InvalidInput(f"no import job {job_id}", field="job_id")
-        return _status(job)
+        return None if job is None else _status(job)
 
 
-def list_jobs(limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
-    """The newest import jobs first, as job_status() gives them."""
+def job_status(job_id: str) -> dict[str, Any]:
+    found = find_job(job_id)
+    if found is None:
+        raise InvalidInput(f"no import job {job_id}", field="job_id")
+    return found
+
+
+def list_jobs(limit: int = 20, state: str | None = None, before: str | None = None) -> list[dict[str, Any]]:
+    """The newest import jobs first, as job_status() gives them; `before` (a job id) pages on: the
+    jobs after that one in this order."""
     if state is not None and state not in JOB_STATES:
         raise InvalidInput(f"{state!r} is not one of {', '.join(JOB_STATES)}", field="state")
     query = select(ImportJob).order_by(ImportJob.created_at.desc(), ImportJob.id.desc()).limit(limit)
     if state is not None:
         query = query.where(ImportJob.state == state)
+    if before is not None:
+        # Keyset on (created_at, id), the order itself; an unknown id compares with NULL: no rows.
+        last = select(ImportJob.created_at).where(ImportJob.id == before).scalar_subquery()
+        query = query.where(or_(ImportJob.created_at < last, and_(ImportJob.created_at == last, ImportJob.id < before)))
     with session_scope() as session:
         return [_status(job) for job in session.scalars(query)]
 
 
-def write_error_report(job_id: str, out: TextIO) -> int:
-    """The job's bad rows as CSV (row, field, reason, value), in row order; returns how many.
-    Values are neutralized like exports, since the report is meant to be opened in a spreadsheet."""
-    report = csv.writer(out)
+def _report_chunks(job_id: str, rows_per_chunk: int) -> Iterator[tuple[str, int]]:
+    """(CSV text, bad rows in it): the header, then the rows in chunks as the database hands them over."""
+    buffer = io.StringIO()
+    report = csv.writer(buffer)
     report.writerow(["row", "field", "reason", "value"])
-    count = 0
     with reader() as connection:
         table = ImportRowError.__table__
-        result = connection.execution_options(yield_per=5000).execute(
+        result = connection.execution_options(yield_per=rows_per_chunk).execute(
             select(table.c.row, table.c.field, table.c.reason, table.c.value)
             .where(table.c.job_id == job_id)
             .order_by(table.c.row)
         )
-        for row, field_name, reason, value in result:
-            report.writerow([row, safe_cell(field_name), safe_cell(reason), safe_cell(value or "")])
-            count += 1
+        for rows in result.partitions():
+            for row, field_name, reason, value in rows:
+                report.writerow([row, safe_cell(field_name), safe_cell(reason), safe_cell(value or "")])
+            yield buffer.getvalue(), len(rows)
+            buffer.seek(0)
+            buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue(), 0  # the header of a report without rows
+
+
+def error_report(job_id: str, rows_per_chunk: int = 5000) -> Iterator[str]:
+    """The job's bad rows as CSV text (row, field, reason, value) in row order, read from the database
+    while it is sent, in chunks. Values are neutralized like exports, since the report is meant to
+    be opened in a spreadsheet."""
+    for text, _ in _report_chunks(job_id, rows_per_chunk):
+        yield text
+
+
+def write_error_report(job_id: str, out: TextIO) -> int:
+    """The job's error report (see error_report) written to `out`; returns how many bad rows it lists."""
+    count = 0
+    for text, rows in _report_chunks(job_id, 5000):
+        out.write(text)
+        count += rows
     return count

@@ -50,6 +50,9 @@ class ImportOptions:
     encoding: str | None = None  # CSV; detected when None (a UTF-8 BOM always wins)
     batch_size: int = 5000
     source: str = "import"
+    # Set for a file uploaded through the API: the name it was sent under, and a sign that the file
+    # is SmartMail's own, removed once the job is done.
+    upload_name: str | None = None
 
 
 class RowError(Exception):
@@ -74,10 +77,7 @@ def check_options(path: Path, options: ImportOptions) -> ImportOptions:
     if not path.is_file():
         raise InvalidInput(f"{str(path)!r} is not a readable file", field="path")
     if options.format is None:
-        suffix = path.suffix.lower()
-        options.format = (
-            "jsonl" if suffix in (".jsonl", ".ndjson") else "csv" if suffix in (".csv", ".tsv", ".txt") else None
-        )
+        options.format = format_from_name(path.name)
         if options.format is None:
             raise InvalidInput(f"cannot tell the format from {path.name!r}: give csv or jsonl", field="format")
     if options.format not in FORMATS:
@@ -87,6 +87,8 @@ def check_options(path: Path, options: ImportOptions) -> ImportOptions:
     if not isinstance(options.batch_size, int) or not 1 <= options.batch_size <= 50_000:
         raise InvalidInput("must be an integer from 1 to 50000", field="batch_size")
     contacts.check_source(options.source)
+    if options.upload_name is not None and (not isinstance(options.upload_name, str) or len(options.upload_name) > 255):
+        raise InvalidInput("must be a file name of at most 255 characters", field="upload_name")
     if options.list is not None:
         contacts.check_list_name(options.list)
     if not isinstance(options.mapping, dict):
@@ -102,11 +104,20 @@ def check_options(path: Path, options: ImportOptions) -> ImportOptions:
         check_attribute_name(name, field="types")
         if kind not in TYPES:
             raise InvalidInput(f"{kind!r} is not one of {', '.join(TYPES)}", field=f"types.{name}")
+    _check_dialect(options)
+    return options
+
+
+def _check_dialect(options: ImportOptions) -> None:
+    """A CSV file's encoding and delimiter, when given."""
     if options.encoding is not None:
         try:
-            codecs.lookup(options.encoding)
+            # A codec such as zlib or rot13 is known to Python but does not decode bytes to text.
+            known = codecs.lookup(options.encoding)._is_text_encoding
         except LookupError:
-            raise InvalidInput(f"{options.encoding!r} is not a known text encoding", field="encoding") from None
+            known = False
+        if not known:
+            raise InvalidInput(f"{options.encoding!r} is not a known text encoding", field="encoding")
     if options.delimiter is not None:
         if options.delimiter == "\\t":
             options.delimiter = "\t"
@@ -114,7 +125,24 @@ def check_options(path: Path, options: ImportOptions) -> ImportOptions:
             raise InvalidInput(
                 "must be one character other than a quote, a letter, a digit or a line break", field="delimiter"
             )
-    return options
+
+
+def format_from_name(name: str) -> str | None:
+    """csv or jsonl, as a file's name tells it; None when it does not."""
+    suffix = Path(name).suffix.lower()
+    return "jsonl" if suffix in (".jsonl", ".ndjson") else "csv" if suffix in (".csv", ".tsv", ".txt") else None
+
+
+def parse_pairs(values: list[str], field: str) -> dict[str, str]:
+    """`KEY=VALUE` items (the CLI's --map and --type, the API's map and type) as a mapping;
+    InvalidInput naming `field` for an item that is not one."""
+    result = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise InvalidInput(f"{item!r} is not KEY=VALUE", field=field)
+        result[key] = value
+    return result
 
 
 def target(name: str, options: ImportOptions) -> str:

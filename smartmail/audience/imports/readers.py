@@ -77,17 +77,22 @@ def _open_csv(path: Path, options: ImportOptions) -> tuple[TextIO, list[str], An
     if encoding in ("utf-8", "utf8") and sample.startswith(codecs.BOM_UTF8):
         encoding = "utf-8-sig"  # a BOM is never part of the first column's name
     options.encoding = encoding
-    if options.delimiter is None:
-        text_sample = sample.decode(encoding, errors="replace")
-        head = "\n".join(text_sample.splitlines()[:50])
-        options.delimiter = _sniff_delimiter(head)
-    text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
-    reader = csv.reader(text, delimiter=options.delimiter, strict=False)
     try:
+        if options.delimiter is None:
+            text_sample = sample.decode(encoding, errors="replace")
+            head = "\n".join(text_sample.splitlines()[:50])
+            options.delimiter = _sniff_delimiter(head)
+        text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
+        reader = csv.reader(text, delimiter=options.delimiter, strict=False)
         header = next(reader)
     except StopIteration:
         text.close()
         raise InvalidInput("the file is empty: a header row is expected", field="path") from None
+    except UnicodeError as exc:
+        # Codecs that cannot keep undecodable bytes aside (UTF-16 and UTF-32 on a truncated or
+        # BOM-less file, idna, punycode): the header row itself cannot be read.
+        raw.close()
+        raise InvalidInput(f"the header row cannot be read as {encoding} ({exc})", field="encoding") from None
     header = [h.strip() for h in header]
     if _SURROGATE.search("".join(header)):
         text.close()

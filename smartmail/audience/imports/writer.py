@@ -94,17 +94,11 @@ def write_batch(
             result.updated += 1
         else:
             result.created += 1
-        # A bulk import never resubscribes an address that bounced, complained or unsubscribed:
-        # it can move a contact away from `subscribed`, never back.
+        # A bulk import never resubscribes an address that bounced, complained or unsubscribed.
         reason = suppressed.get(record.email)
-        if reason:
-            status = contacts.SUPPRESSION_TO_STATUS.get(reason, "blocked")
-        elif current in contacts.STATUS_TO_SUPPRESSION and record.status in (None, "subscribed"):
-            status = current
-        else:
-            status = record.status or current or "subscribed"
-            if status in contacts.STATUS_TO_SUPPRESSION and not (options.mode == "create" and exists):
-                new_suppressions.append((record.email, contacts.STATUS_TO_SUPPRESSION[status]))
+        status = contacts.bulk_status(record.status, current, reason)
+        if not reason and record.status in contacts.STATUS_TO_SUPPRESSION and not (options.mode == "create" and exists):
+            new_suppressions.append((record.email, contacts.STATUS_TO_SUPPRESSION[record.status]))
         rows.append((record.email, status, record.timezone, record.locale, _to_json(record.attributes)))
     if rows:
         store.upsert(

@@ -185,8 +185,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def _fingerprint(scope: Scope, body: bytes, streamed: bool) -> str:
     digest = hashlib.sha256(f"{scope['method']} {scope['path']}?{scope.get('query_string', b'').decode()}\n".encode())
-    if streamed:  # an upload is not held in memory: its size and type stand for it
-        digest.update(f"{_header(scope, b'content-length')} {_header(scope, b'content-type')}".encode())
+    if streamed:  # an upload is not held in memory: its size and media type stand for it
+        # Without the multipart boundary, which a client draws afresh for each attempt.
+        media_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        digest.update(f"{_header(scope, b'content-length')} {media_type}".encode())
     else:
         digest.update(body)
     return digest.hexdigest()

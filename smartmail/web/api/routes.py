@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from smartmail.web.api import messages
+from smartmail.web.api import (
+    campaigns,
+    contacts,
+    events,
+    imports,
+    keys,
+    lists,
+    messages,
+    segments,
+    suppressions,
+    templates,
+)
 
 router = APIRouter(prefix="/v1")
-for module in (messages,):
+for module in (messages, templates, contacts, lists, imports, segments, events, suppressions, campaigns, keys):
     router.include_router(module.router)

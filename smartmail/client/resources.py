@@ -1,0 +1,304 @@
+"""The API's resources as methods: each builds the request the v1 contract names and returns the decoded answer."""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from datetime import datetime
+from typing import IO, Any
+from urllib.parse import quote
+
+from smartmail.client.transport import Transport
+
+
+def _segment(value: str | int) -> str:
+    # A name or address is one path segment: `/`, `@`, `+`, `?` and `#` travel percent-encoded.
+    return quote(str(value), safe="")
+
+
+def _body(fields: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments as body keys: exactly those given (a None is sent: it clears a field),
+    with `from_` as `from`, which Python cannot take as a keyword."""
+    return {("from" if name == "from_" else name): value for name, value in fields.items()}
+
+
+def _form_value(value: Any) -> Any:
+    """A form field's value as httpx sends it; a mapping is the repeated `KEY=VALUE` fields the CLI takes."""
+    if isinstance(value, Mapping):
+        return [f"{key}={item}" for key, item in value.items()]
+    return list(value) if isinstance(value, tuple) else value
+
+
+class Resource:
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def _call(self, method: str, path: str, **options: Any) -> Any:
+        return self._transport.call(method, path, **options)
+
+    def _list(self, path: str, page_size: int | None, filters: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        return self._transport.paginate(path, {**filters, "limit": page_size})
+
+
+class Messages(Resource):
+    """/v1/messages (scopes messages:send, messages:read)."""
+
+    def send(self, to: str, *, idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Queue one email → `{id, state, reason, duplicate}`. Fields: template, subject, html, text,
+        context, from_, reply_to, headers, tags, send_at."""
+        body = {"to": to, **_body(fields)}
+        return self._call("POST", "/v1/messages", json_body=body, idempotency_key=idempotency_key)
+
+    def send_batch(self, messages: list[dict[str, Any]], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Queue up to 1,000 emails → `{accepted, rejected, results}`, a result per item in order."""
+        body = {"messages": messages}
+        return self._call("POST", "/v1/messages/batch", json_body=body, idempotency_key=idempotency_key)
+
+    def get(self, message_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/messages/{_segment(message_id)}")
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every message, newest first. Filters: state, tag, campaign, to."""
+        return self._list("/v1/messages", page_size, filters)
+
+
+class Contacts(Resource):
+    """/v1/contacts (scopes contacts:read, contacts:write)."""
+
+    def upsert(self, email: str, **fields: Any) -> tuple[dict[str, Any], bool]:
+        """Create the contact or update the one with this address → (contact, created).
+        Fields: attributes (merged; a None value removes one), status, timezone, locale, source."""
+        response = self._transport.request("POST", "/v1/contacts", json_body={"email": email, **fields})
+        return response.json(), response.status_code == 201
+
+    def get(self, email: str) -> dict[str, Any]:
+        """The contact with this address, or with this numeric id (given as a string), with its lists."""
+        return self._call("GET", f"/v1/contacts/{_segment(email)}")
+
+    def update(self, email: str, **fields: Any) -> dict[str, Any]:
+        """Change the fields given (attributes merge; `replace_attributes=True` replaces them)."""
+        return self._call("PATCH", f"/v1/contacts/{_segment(email)}", json_body=fields)
+
+    def delete(self, email: str) -> None:
+        """Erase the contact; a suppression of its address is kept."""
+        self._call("DELETE", f"/v1/contacts/{_segment(email)}")
+
+    def batch(self, contacts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Upsert up to 10,000 → `{created, updated, rejected, results}`, a result per row in order."""
+        return self._call("POST", "/v1/contacts/batch", json_body={"contacts": contacts})
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every contact. Filters: status, list."""
+        return self._list("/v1/contacts", page_size, filters)
+
+
+class Lists(Resource):
+    """/v1/lists (scopes contacts:read, contacts:write)."""
+
+    def create(self, name: str, description: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/v1/lists", json_body={"name": name, "description": description})
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/lists/{_segment(name)}")
+
+    def delete(self, name: str) -> None:
+        self._call("DELETE", f"/v1/lists/{_segment(name)}")
+
+    def list(self, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        return self._list("/v1/lists", page_size, {})
+
+    def members(self, name: str, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """The list's contacts."""
+        return self._list(f"/v1/lists/{_segment(name)}/members", page_size, {})
+
+    def add_members(self, name: str, emails: Sequence[str]) -> int:
+        """Subscribe these addresses to the list → how many were added."""
+        added = self._call("POST", f"/v1/lists/{_segment(name)}/members", json_body={"emails": list(emails)})
+        return int(added["added"])
+
+    def remove_member(self, name: str, email: str) -> None:
+        self._call("DELETE", f"/v1/lists/{_segment(name)}/members/{_segment(email)}")
+
+
+class Imports(Resource):
+    """/v1/imports (scopes contacts:write to start one, contacts:read to follow it)."""
+
+    def create(self, file: str | os.PathLike[str] | IO[bytes], **options: Any) -> dict[str, Any]:
+        """Upload a CSV or JSON Lines file (a path or an open binary file) → 202 the job. Options are the
+        `smartmail contacts import` ones: list, mode, format, delimiter, encoding, batch_size, and the
+        repeatable map (`{"E-Mail": "email"}`: column → target) and type (`{"age": "integer"}`)."""
+        with ExitStack() as stack:
+            if isinstance(file, str | os.PathLike):
+                name = os.path.basename(os.fspath(file))
+                stream: IO[bytes] = stack.enter_context(open(file, "rb"))
+            else:
+                name = os.path.basename(str(getattr(file, "name", "") or "upload"))
+                stream = file
+            kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            data = {key: _form_value(value) for key, value in options.items() if value is not None}
+            return self._call("POST", "/v1/imports", data=data, files={"file": (name, stream, kind)})
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/imports/{_segment(job_id)}")
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        return self._list("/v1/imports", page_size, filters)
+
+    def errors(self, job_id: str) -> str:
+        """The rows the import rejected so far, as CSV text."""
+        return self._transport.request("GET", f"/v1/imports/{_segment(job_id)}/errors").text
+
+
+class Templates(Resource):
+    """/v1/templates (scopes templates:read, templates:write)."""
+
+    def create(self, name: str, subject: str, html: str, text: str | None = None) -> dict[str, Any]:
+        """Store a new version of the template → `{name, version, subject, html, text, created_at}`."""
+        body: dict[str, Any] = {"name": name, "subject": subject, "html": html}
+        if text is not None:
+            body["text"] = text
+        return self._call("POST", "/v1/templates", json_body=body)
+
+    def get(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """The latest version, or the one asked for."""
+        path = f"/v1/templates/{_segment(name)}"
+        return self._call("GET", path if version is None else f"{path}/versions/{int(version)}")
+
+    def list(self, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """The latest version of each template."""
+        return self._list("/v1/templates", page_size, {})
+
+    def preview(
+        self, name: str, context: dict[str, Any] | None = None, *, version: int | None = None
+    ) -> dict[str, Any]:
+        """Render with this context → `{subject, html, text}`; nothing is sent."""
+        body: dict[str, Any] = {"context": context or {}}
+        if version is not None:
+            body["version"] = version
+        return self._call("POST", f"/v1/templates/{_segment(name)}/preview", json_body=body)
+
+    def delete(self, name: str) -> None:
+        self._call("DELETE", f"/v1/templates/{_segment(name)}")
+
+
+class Segments(Resource):
+    """/v1/segments (scopes segments:read, segments:write)."""
+
+    def save(self, name: str, rules: Any) -> dict[str, Any]:
+        """Create the segment or replace its rules."""
+        return self._call("PUT", f"/v1/segments/{_segment(name)}", json_body={"rules": rules})
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/segments/{_segment(name)}")
+
+    def list(self, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        return self._list("/v1/segments", page_size, {})
+
+    def delete(self, name: str) -> None:
+        self._call("DELETE", f"/v1/segments/{_segment(name)}")
+
+    def count(self, name: str) -> int:
+        return int(self._call("GET", f"/v1/segments/{_segment(name)}/count")["count"])
+
+    def preview(self, name: str, *, limit: int | None = None) -> Sequence[dict[str, Any]]:
+        """A sample of the segment's contacts."""
+        return self._call("GET", f"/v1/segments/{_segment(name)}/preview", params={"limit": limit})["data"]
+
+
+class Events(Resource):
+    """/v1/events (scope events:write)."""
+
+    def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Record up to 1,000 events `{email, type, properties?, occurred_at?, id?}` (an `id` makes a
+        resend a duplicate) → `{accepted, duplicates, rejected, results}`."""
+        return self._call("POST", "/v1/events", json_body={"events": events})
+
+
+class Suppressions(Resource):
+    """/v1/suppressions (scopes suppressions:read, suppressions:write)."""
+
+    def add(self, email: str, *, reason: str | None = None, detail: str | None = None) -> dict[str, Any]:
+        body = {"email": email, "reason": reason, "detail": detail}
+        return self._call("POST", "/v1/suppressions", json_body={k: v for k, v in body.items() if v is not None})
+
+    def get(self, email: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/suppressions/{_segment(email)}")
+
+    def delete(self, email: str) -> None:
+        self._call("DELETE", f"/v1/suppressions/{_segment(email)}")
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every suppressed address. Filters: reason."""
+        return self._list("/v1/suppressions", page_size, filters)
+
+
+class Campaigns(Resource):
+    """/v1/campaigns (scopes campaigns:read, campaigns:write)."""
+
+    def create(self, name: str, template: str, **settings: Any) -> dict[str, Any]:
+        """A draft campaign (scheduled when send_at is given). Settings: lists, segment, from_, reply_to,
+        send_at, window, window_timezone, rate_cap, tags, resend_unknown."""
+        return self._call("POST", "/v1/campaigns", json_body={"name": name, "template": template, **_body(settings)})
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/campaigns/{_segment(name)}")
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every campaign. Filters: state."""
+        return self._list("/v1/campaigns", page_size, filters)
+
+    def update(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change a draft or scheduled campaign (else Conflict)."""
+        return self._call("PATCH", f"/v1/campaigns/{_segment(name)}", json_body=_body(settings))
+
+    def schedule(self, name: str, send_at: datetime | str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/campaigns/{_segment(name)}/schedule", json_body={"send_at": send_at})
+
+    def launch(self, name: str) -> dict[str, Any]:
+        return self._act(name, "launch")
+
+    def pause(self, name: str) -> dict[str, Any]:
+        return self._act(name, "pause")
+
+    def resume(self, name: str) -> dict[str, Any]:
+        return self._act(name, "resume")
+
+    def cancel(self, name: str) -> dict[str, Any]:
+        return self._act(name, "cancel")
+
+    def progress(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/campaigns/{_segment(name)}/progress")
+
+    def _act(self, name: str, action: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/campaigns/{_segment(name)}/{action}")
+
+
+class Keys(Resource):
+    """/v1/keys (scope keys:manage)."""
+
+    def create(
+        self,
+        name: str,
+        scopes: list[str],
+        *,
+        expires_at: datetime | str | None = None,
+        rate_limit: float | None = None,
+        burst: int | None = None,
+    ) -> dict[str, Any]:
+        """A new API key (rate_limit in requests per second, burst back to back); its secret is in
+        `"key"` of this answer only."""
+        body = {"name": name, "scopes": scopes, "expires_at": expires_at, "rate_limit": rate_limit, "burst": burst}
+        return self._call("POST", "/v1/keys", json_body={k: v for k, v in body.items() if v is not None})
+
+    def get(self, key_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/keys/{_segment(key_id)}")
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every key. Filters: active (leave out revoked ones)."""
+        return self._list("/v1/keys", page_size, filters)
+
+    def revoke(self, key_id: str) -> dict[str, Any]:
+        """Revoke the key at once → its record."""
+        return self._call("DELETE", f"/v1/keys/{_segment(key_id)}")
