@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -135,6 +136,14 @@ async def _not_found(request: Request, exc: LookupError) -> Response:
     return problem(404, str(exc.args[0]) if exc.args else "Not found.")
 
 
+async def _unstorable(request: Request, exc: DataError) -> Response:
+    # The last line of defence: input the checks above the database let through (a NUL character,
+    # which PostgreSQL stores in no text column, a number out of a column's range) is the client's
+    # error, not ours. Only the error's class is logged: its message holds the value.
+    log.warning("web.unstorable_input", path=request.url.path, error=type(exc.orig).__name__)
+    return problem(422, "The request holds a value the database cannot store (a NUL character, a number out of range).")
+
+
 async def _conflict(request: Request, exc: Conflict) -> Response:
     return problem(409, str(exc))
 
@@ -236,6 +245,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(TemplateNotFound, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(DataError, _unstorable)  # type: ignore[arg-type]
     app.add_exception_handler(Unauthenticated, _unauthenticated)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidToken, _invalid_token)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected_error)

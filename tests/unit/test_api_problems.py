@@ -1,5 +1,5 @@
-"""The foundation's parts without a server: problem responses declared in the OpenAPI document, NUL
-found by pointer, API keys redacted, authentication's database use."""
+"""The foundation's parts without a server: problem responses and links in the OpenAPI document, API
+keys redacted, authentication's database use."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from smartmail import runtime
 from smartmail.access import keys
 from smartmail.access.keys import redact
 from smartmail.store import migrate
-from smartmail.web.api.idempotency import nul_pointer
 from smartmail.web.app import app
 
 
@@ -36,24 +35,6 @@ def test_every_v1_operation_declares_its_problem_responses():
             assert content == {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     assert "HTTPValidationError" not in json.dumps(document)
     assert document["components"]["schemas"]["Problem"]["required"] == ["type", "title", "status", "detail"]
-
-
-@pytest.mark.parametrize(
-    ("body", "pointer"),
-    [
-        (b'{"a": "x"}', None),
-        (b'{"a": "x\\\\u0000"}', None),  # an escaped backslash, then "u0000": no NUL
-        (b'{"a": "x\\u0000"}', "/a"),
-        (b'{"a": [1, {"b/c": ["ok", "\\u0000"]}]}', "/a/1/b~1c/1"),
-        (b'{"a": {"k\\u0000": 1}}', "/a/k\x00"),
-        (b'"\\u0000"', ""),
-        (b'{"a": "\\u0000", "b": "\\u0000"}', "/a"),  # the first in document order
-        (b'{"a": "\\u0000"', None),  # not JSON: the app says so
-        (b"[" * 100_000 + b'"\\u0000"' + b"]" * 100_000, None),  # deeper than the parser goes
-    ],
-)
-def test_nul_pointer(body, pointer):
-    assert nul_pointer(body) == pointer
 
 
 def test_redact_keeps_the_key_id_only():

@@ -1,4 +1,4 @@
-"""ASGI middleware for /v1: no NUL in a URL or JSON (404/422); for writes body-size limit (413), `Idempotency-Key`.
+"""ASGI middleware for /v1: no NUL in a query (422); for writes the body-size limit (413) and `Idempotency-Key`.
 
 The first response to a key is stored in Redis per API key, with a fingerprint of the request, and
 replayed for a retry (`Idempotent-Replayed: true`); the same key with another request → 422; a retry
@@ -25,7 +25,7 @@ from smartmail.access.rate_limits import async_redis
 from smartmail.config import get_settings
 from smartmail.errors import Unauthenticated
 from smartmail.web.api.auth import authenticate
-from smartmail.web.problems import json_pointer, problem
+from smartmail.web.problems import problem
 
 log = structlog.get_logger("smartmail.web")
 
@@ -64,8 +64,7 @@ async def _authenticated_key_id(scope: Scope) -> str | None:
 
 
 class ApiWrites:
-    """No NUL in any /v1 request's path, query or JSON body; then, for writes, the size limit and
-    `Idempotency-Key`."""
+    """No NUL in any /v1 request's query; then, for writes, the size limit and `Idempotency-Key`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -91,11 +90,6 @@ class ApiWrites:
                 )
                 return
             body = read
-            if (where := nul_pointer(body)) is not None:
-                await problem(422, f"{where or 'the body'}: {_NUL}", errors=[{"pointer": where, "detail": _NUL}])(
-                    scope, receive, send
-                )
-                return
             receive = _replay(body, receive)
         idempotency_key = _header(scope, b"idempotency-key")
         key_id = (
@@ -112,10 +106,8 @@ class ApiWrites:
 
 
 def _nul_in_url(scope: Scope) -> JSONResponse | None:
-    """A 404 for a NUL in the path (no resource has one in its name), a 422 naming the query
-    parameter that holds one; None when there is none."""
-    if "\x00" in scope["path"]:
-        return problem(404, "There is nothing at this URL.")
+    """A 422 naming the query parameter that holds a NUL, which PostgreSQL stores in no text column;
+    None when there is none. (Path parameters are the routers' to check: they name the field.)"""
     query = scope.get("query_string", b"")
     if b"%00" not in query and b"\x00" not in query:
         return None
@@ -123,30 +115,6 @@ def _nul_in_url(scope: Scope) -> JSONResponse | None:
         if "\x00" in name or "\x00" in value:
             error = {"parameter": name.replace("\x00", ""), "in": "query", "detail": _NUL}
             return problem(422, f"{error['parameter']}: {_NUL}", errors=[error])
-    return None
-
-
-def nul_pointer(body: bytes) -> str | None:
-    """The JSON pointer of the first string (a key or a value) holding a NUL character, which
-    PostgreSQL can store in neither text nor jsonb; None when there is none or the body is not JSON
-    (the app answers that). JSON escapes a NUL in a string as \\u0000 (RFC 8259 section 7)."""
-    if b"\\u0000" not in body:
-        return None
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    pending: list[tuple[str, object]] = [("", document)]
-    while pending:  # a loop, not recursion: the document may be nested as deep as the parser allows
-        where, value = pending.pop()
-        if isinstance(value, str) and "\x00" in value:
-            return where
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        for key, item in reversed(list(items)):
-            child = where + json_pointer([key])
-            if isinstance(key, str) and "\x00" in key:
-                return child
-            pending.append((child, item))
     return None
 
 
