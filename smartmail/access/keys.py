@@ -181,6 +181,11 @@ def key_id_of(token: str) -> str | None:
     return match.group(1) if match else None
 
 
+def redact(text: str) -> str:
+    """`text` with the secret of every API key in it replaced, for what is logged or echoed."""
+    return _TOKEN.sub(r"sm_\1_[redacted]", text)
+
+
 def _load(key_id: str) -> _Cached | None:
     with reader() as connection:
         row = connection.execute(select(ApiKey.__table__).where(ApiKey.id == key_id)).first()
@@ -215,6 +220,20 @@ def authenticate(token: str | None) -> Principal:
         raise Unauthenticated("expired")
     _touch(key_id, settings.api_key_touch_seconds)
     return cached.principal
+
+
+def needs_database(token: str | None) -> bool:
+    """Whether authenticate(token) would read or write the database now (its key's row not cached or
+    stale, `last_used_at` due): an event loop then calls it in a worker thread."""
+    match = _TOKEN.fullmatch(token or "")
+    if match is None:
+        return False
+    key_id, now, settings = match.group(1), time.monotonic(), get_settings()
+    cached = _cache.get(key_id)
+    if cached is None or now - cached.read_at >= settings.api_key_cache_seconds:
+        return True
+    last = _touched.get(key_id)
+    return last is None or now - last >= settings.api_key_touch_seconds
 
 
 def forget(key_id: str) -> None:

@@ -10,6 +10,8 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from smartmail.access import keys
+
 log = structlog.get_logger("smartmail.web")
 
 # A caller's own id is kept when it is short and plain (it ends up in log lines and headers).
@@ -22,7 +24,7 @@ def request_id_of(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             text = value.decode("latin-1")
-            if _REQUEST_ID.fullmatch(text):
+            if _REQUEST_ID.fullmatch(text) and keys.redact(text) == text:  # a key sent as an id is no id
                 return text
     return uuid.uuid4().hex
 
@@ -40,6 +42,7 @@ class RequestContext:
             return
         request_id = request_id_of(scope)
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id  # for the 500 handler, which Starlette runs outside this middleware
         started = time.perf_counter()
         status = 500
 
@@ -60,7 +63,8 @@ class RequestContext:
                 log.info(
                     "web.request",
                     method=scope["method"],
-                    path=scope["path"],  # never the query string: it may carry a cursor or an address
+                    # Never the query string (it may carry a cursor or an address), nor a key pasted in the path.
+                    path=keys.redact(scope["path"]),
                     status=status,
                     ms=round((time.perf_counter() - started) * 1000, 2),
                     key_id=state.get("key_id"),

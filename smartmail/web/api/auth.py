@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
+from starlette.concurrency import run_in_threadpool
 
 from smartmail.access import keys, rate_limits
 from smartmail.access.keys import Principal
@@ -18,6 +19,14 @@ bearer = HTTPBearer(
 )
 
 
+async def authenticate(token: str | None) -> Principal:
+    """keys.authenticate, in a worker thread when it has to go to the database: a slow database
+    (SQLite's writer lock) must not stall every request of the process's event loop."""
+    if keys.needs_database(token):
+        return await run_in_threadpool(keys.authenticate, token)
+    return keys.authenticate(token)
+
+
 async def authorize(
     request: Request,
     security_scopes: SecurityScopes,
@@ -25,7 +34,7 @@ async def authorize(
 ) -> Principal:
     """401 without a usable key, 429 past the key's rate (counted before the scope check: every
     authenticated request costs), 403 naming the scope the key lacks."""
-    principal = keys.authenticate(credentials.credentials if credentials else None)
+    principal = await authenticate(credentials.credentials if credentials else None)
     state = request.scope.setdefault("state", {})
     state["key_id"] = principal.key_id
     decision = await rate_limits.take(principal)

@@ -1,4 +1,4 @@
-"""ASGI middleware for /v1 writes: the body-size limit (413) and `Idempotency-Key` (IETF httpapi draft).
+"""ASGI middleware for /v1: no NUL in a query (422); for writes the body-size limit (413) and `Idempotency-Key`.
 
 The first response to a key is stored in Redis per API key, with a fingerprint of the request, and
 replayed for a retry (`Idempotent-Replayed: true`); the same key with another request → 422; a retry
@@ -14,15 +14,17 @@ import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
 
 import redis
 import structlog
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from smartmail.access import keys
 from smartmail.access.rate_limits import async_redis
 from smartmail.config import get_settings
 from smartmail.errors import Unauthenticated
+from smartmail.web.api.auth import authenticate
 from smartmail.web.problems import problem
 
 log = structlog.get_logger("smartmail.web")
@@ -32,6 +34,8 @@ _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes that stream their own body (to disk) and check its size themselves.
 STREAMED_PATHS = frozenset({"/v1/imports"})
 IN_FLIGHT_MS = 10 * 60 * 1000  # a first request still unanswered after this is taken as dead
+_NUL = "must not contain NUL characters"
+IN_FLIGHT_RETRY_SECONDS = 1  # what a 409 for a request still in flight tells the client to wait
 # Responses that say nothing about the request itself: a retry must run it again.
 _NOT_STORED = frozenset({401, 403, 408, 429})
 # Headers a replay repeats; per-request ones (request id, rate limits) are the retry's own.
@@ -45,14 +49,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _authenticated_key_id(scope: Scope) -> str | None:
+async def _authenticated_key_id(scope: Scope) -> str | None:
     """The id of the request's key once its secret checks out: records are per key, and a replay must
     never answer someone who only knows a key's id."""
     value = _header(scope, b"authorization")
     if not value or value[:7].lower() != "bearer ":
         return None
     try:
-        key_id = keys.authenticate(value[7:].strip()).key_id
+        key_id = (await authenticate(value[7:].strip())).key_id
     except Unauthenticated:
         return None
     scope.setdefault("state", {})["key_id"] = key_id
@@ -60,11 +64,19 @@ def _authenticated_key_id(scope: Scope) -> str | None:
 
 
 class ApiWrites:
+    """No NUL in any /v1 request's query; then, for writes, the size limit and `Idempotency-Key`."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _WRITES or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if (refusal := _nul_in_url(scope)) is not None:
+            await refusal(scope, receive, send)
+            return
+        if scope["method"] not in _WRITES:
             await self.app(scope, receive, send)
             return
         streamed = scope["path"] in STREAMED_PATHS
@@ -80,7 +92,9 @@ class ApiWrites:
             body = read
             receive = _replay(body, receive)
         idempotency_key = _header(scope, b"idempotency-key")
-        key_id = _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
+        key_id = (
+            await _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
+        )
         if idempotency_key is None or key_id is None:
             await self.app(scope, receive, send)  # without a valid key the app answers 401
             return
@@ -89,6 +103,19 @@ class ApiWrites:
             return
         fingerprint = _fingerprint(scope, body, streamed)
         await _idempotent(self.app, scope, receive, send, key_id, idempotency_key, fingerprint)
+
+
+def _nul_in_url(scope: Scope) -> JSONResponse | None:
+    """A 422 naming the query parameter that holds a NUL, which PostgreSQL stores in no text column;
+    None when there is none. (Path parameters are the routers' to check: they name the field.)"""
+    query = scope.get("query_string", b"")
+    if b"%00" not in query and b"\x00" not in query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            error = {"parameter": name.replace("\x00", ""), "in": "query", "detail": _NUL}
+            return problem(422, f"{error['parameter']}: {_NUL}", errors=[error])
+    return None
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
@@ -195,19 +222,26 @@ async def _store(client, record_key: str, fingerprint: str, status: int, headers
         log.warning("api.idempotency_not_stored", error=str(exc))
 
 
+def _in_flight() -> JSONResponse:
+    # A machine-readable code and a Retry-After, so a client's retry loop needs no string matching.
+    return problem(
+        409,
+        "A request with this Idempotency-Key is still being processed; retry later.",
+        headers={"Retry-After": str(IN_FLIGHT_RETRY_SECONDS)},
+        code="idempotency_in_flight",
+    )
+
+
 async def _answer_retry(
     scope: Scope, receive: Receive, send: Send, stored: bytes | str | None, fingerprint: str
 ) -> None:
-    if stored is None:  # expired between the two calls: as good as in flight
-        await problem(409, "A request with this Idempotency-Key is still being processed; retry later.")(
-            scope, receive, send
+    record = json.loads(stored) if stored is not None else None  # None: expired between the two calls
+    if record is not None and record["fingerprint"] != fingerprint:
+        response = problem(
+            422, "Idempotency-Key: was already used for a different request.", code="idempotency_key_reused"
         )
-        return
-    record = json.loads(stored)
-    if record["fingerprint"] != fingerprint:
-        response = problem(422, "Idempotency-Key: was already used for a different request.")
-    elif "status" not in record:
-        response = problem(409, "A request with this Idempotency-Key is still being processed; retry later.")
+    elif record is None or "status" not in record:
+        response = _in_flight()
     else:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in record["headers"]]
         headers.append((b"idempotent-replayed", b"true"))
