@@ -42,8 +42,7 @@ def _in_flight(response: httpx.Response) -> bool:
         return False
     if not isinstance(problem, dict):
         return False
-    # SmartMail's server says so in the detail; a `code` extension, where a server adds one, is surer.
-    return problem.get("code") == "idempotency_in_flight" or "still being processed" in str(problem.get("detail"))
+    return problem.get("code") == "idempotency_in_flight"
 
 
 class Transport:
