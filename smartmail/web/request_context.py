@@ -16,6 +16,7 @@ log = structlog.get_logger("smartmail.web")
 
 # A caller's own id is kept when it is short and plain (it ends up in log lines and headers).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ADDRESS_LOCAL_PART = re.compile(r"[^/@]+@")
 # scope["state"] key under which dependencies leave headers for the response, whatever it is (an error too).
 RESPONSE_HEADERS = "response_headers"
 
@@ -63,8 +64,9 @@ class RequestContext:
                 log.info(
                     "web.request",
                     method=scope["method"],
-                    # Never the query string (it may carry a cursor or an address), nor a key pasted in the path.
-                    path=keys.redact(scope["path"]),
+                    # Never the query string (it may carry a cursor or an address), a key pasted in the
+                    # path, nor whose address a path names (`/v1/contacts/*@example.org`).
+                    path=_ADDRESS_LOCAL_PART.sub("*@", keys.redact(scope["path"])),
                     status=status,
                     ms=round((time.perf_counter() - started) * 1000, 2),
                     key_id=state.get("key_id"),

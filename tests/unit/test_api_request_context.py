@@ -45,3 +45,10 @@ def test_a_request_id_is_made_when_absent_or_unfit():
     token = "sm_0123456789abcdef_" + "A" * 43
     assert client.get("/v1/fine", headers={"X-Request-Id": token}).headers["x-request-id"] != token
     assert client.get("/v1/fine", headers={"X-Request-Id": "a.b_c:d-1"}).headers["x-request-id"] == "a.b_c:d-1"
+
+
+def test_the_logged_path_names_no_address():
+    client = TestClient(_app())
+    with capture_logs() as logs:
+        client.get("/v1/contacts/ann.lee%2Btag@example.org")
+    assert [entry["path"] for entry in logs if entry["event"] == "web.request"] == ["/v1/contacts/*@example.org"]
