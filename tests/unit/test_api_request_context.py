@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+import structlog
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
-from smartmail.web import problems
+from smartmail.web import problems, request_context
 from smartmail.web.request_context import RequestContext
+
+
+@pytest.fixture(autouse=True)
+def _info_lines_captured(monkeypatch):
+    # An earlier test may have configured a higher level, and loggers it used under
+    # cache_logger_on_first_use keep their processors, which capture_logs then cannot replace.
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    for module in (problems, request_context):
+        monkeypatch.setattr(module, "log", structlog.get_logger("smartmail.web"))
+    yield
+    structlog.configure(**saved)
 
 
 def _app() -> FastAPI:
