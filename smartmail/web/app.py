@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from html import escape
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qs
 
 import anyio.to_thread
@@ -31,7 +30,7 @@ from smartmail.content.unsubscribe_links import read_token
 from smartmail.errors import InvalidToken, SettingsError
 from smartmail.store.engine import reader, serve_threads
 from smartmail.store.models import Contact, ContactStatus
-from smartmail.web import docs, problems
+from smartmail.web import docs, openapi, problems
 from smartmail.web.api import routes as api_routes
 from smartmail.web.api.idempotency import ApiWrites
 from smartmail.web.problems import COMMON_HEADERS
@@ -191,52 +190,6 @@ def _cors_origins() -> list[str]:
         return []
 
 
-def _document(app: FastAPI) -> None:
-    """The OpenAPI document declares each operation's problem responses (problems.declare_responses)
-    and links each create to the operations on what it made (_link_creates)."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = build()  # cached in app.openapi_schema, completed here in place
-            problems.declare_responses(document)
-            _link_creates(document)
-        return app.openapi_schema or build()
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _link_creates(document: dict[str, Any]) -> None:
-    """OpenAPI links (3.1 section 4.8.20) from each create (POST on a collection, PUT on an item) to
-    the operations on one item of it, its key taken from the created body: clients and a fuzzer's
-    stateful phase follow them (create a contact, then fetch it)."""
-    paths, components = document["paths"], document.get("components", {}).get("schemas", {})
-    for path, operations in paths.items():
-        for method, operation in operations.items():
-            created = next((r for s, r in operation.get("responses", {}).items() if s.startswith("2")), None)
-            if not path.startswith("/v1/") or method not in ("post", "put") or created is None:
-                continue
-            reference = created.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
-            fields = components.get(reference.rsplit("/", 1)[-1], {}).get("properties", {})
-            collection = path if method == "post" else path.rsplit("/", 1)[0]
-            if "{" in collection:
-                continue
-            for target, target_operations in paths.items():
-                item = re.fullmatch(re.escape(collection) + r"/\{(\w+)\}(/\w+)?", target)
-                if item is None:
-                    continue
-                name = item.group(1)
-                field = name if name in fields else "id" if "id" in fields and name.endswith(("id", "key")) else None
-                for target_method, target_operation in target_operations.items():
-                    if field is None or target_operation is operation:
-                        continue
-                    link = re.sub(r"\W+", "_", f"{target_method} {target}").strip("_")
-                    created.setdefault("links", {})[link] = {
-                        "operationId": target_operation["operationId"],
-                        "parameters": {name: f"$response.body#/{field}"},
-                    }
-
-
 @asynccontextmanager
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     # Sync routes run on anyio's thread pool (40 threads by default), each holding a database
@@ -258,7 +211,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    _document(app)
+    openapi.complete(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
     # Outermost last: the request id wraps everything, the security headers every response.
