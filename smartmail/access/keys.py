@@ -30,6 +30,8 @@ PREFIX = "sm_"
 _TOKEN = re.compile(r"sm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 
+MAX_RATE = 1_000_000  # requests per second a key may be given (the limiter's arithmetic stays finite)
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -92,8 +94,8 @@ def create_key(
             raise InvalidInput("is out of range", field="expires_at") from None
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidInput("must be in the future", field="expires_at")
-    if rate_limit is not None and not rate_limit > 0:
-        raise InvalidInput("must be a positive number of requests per second", field="rate_limit")
+    if rate_limit is not None and not 0 < rate_limit <= MAX_RATE:
+        raise InvalidInput(f"must be a number of requests per second above 0, at most {MAX_RATE:,}", field="rate_limit")
     if burst is not None and burst < 1:
         raise InvalidInput("must be at least 1", field="burst")
     key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)

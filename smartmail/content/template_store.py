@@ -40,7 +40,7 @@ class TemplateRef:
 def parse_reference(reference: str) -> tuple[str, int | None]:
     """`welcome` (latest) or `welcome@3` (that version)."""
     name, _, version = reference.partition("@")
-    if not _NAME.fullmatch(name) or (version and not version.isdigit()):
+    if not _NAME.fullmatch(name) or (version and not (version.isascii() and version.isdigit())):
         raise ValueError(f"{reference!r} is not a template name (letters, digits, _ . -, optional @VERSION)")
     return name, int(version) if version else None
 

@@ -67,9 +67,14 @@ def list_messages(
             query = query.where(messages_sql.for_bind(connection).has_tag(Message.tags, tag))
         if campaign is not None:
             by_name = select(Campaign.id).where(Campaign.name == campaign).scalar_subquery()
-            query = query.where(Message.campaign_id == (int(campaign) if campaign.isdigit() else by_name))
+            query = query.where(Message.campaign_id == (int(campaign) if _is_id(campaign) else by_name))
         if to is not None:
             # Recipients are stored as given ('Ann <ann@example.org>'): compare their address part.
             address = json_attributes.for_bind(connection).recipient_address(Message.recipient)
             query = query.where(address == normalize_address(to))
         return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def _is_id(value: str) -> bool:
+    # ASCII digits only ("²".isdigit() is true) and within a BIGINT.
+    return value.isascii() and value.isdigit() and len(value) < 19

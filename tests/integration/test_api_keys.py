@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta
 
+import pytest
+import redis
 from sqlalchemy import func, select
 
+from smartmail.access import keys
+from smartmail.errors import InvalidInput
 from smartmail.store.engine import session_scope
 from smartmail.store.models import ApiKey
 
@@ -131,3 +135,32 @@ def test_bad_input_names_the_key_and_stores_nothing(api):
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(ApiKey)) == 1  # the admin's own
     assert api.client_for(None).get("/v1/keys").status_code == 401
+
+
+def test_a_key_grants_no_later_expiry_and_no_higher_rate_than_its_own(api):
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    admin = api.client("keys:manage", "messages:send", expires_at=expires, rate_limit=20)
+    later = admin.post(
+        "/v1/keys",
+        json={"name": "x", "scopes": ["messages:send"], "expires_at": (expires + timedelta(days=1)).isoformat()},
+    )
+    faster = admin.post("/v1/keys", json={"name": "x", "scopes": ["messages:send"], "rate_limit": 21})
+    assert later.status_code == faster.status_code == 403, (later.text, faster.text)
+    inherited = admin.post("/v1/keys", json={"name": "x", "scopes": ["messages:send"]})
+    assert inherited.status_code == 201, inherited.text
+    row = stored_keys()[inherited.json()["id"]]
+    assert row.expires_at == expires.replace(tzinfo=None, microsecond=row.expires_at.microsecond)
+    assert row.rate_limit == 20
+    with pytest.raises(InvalidInput, match="at most"):  # the CLI's way in: a rate the limiter can compute
+        keys.create_key("x", ["messages:send"], rate_limit=1.7e308)
+
+
+def test_a_new_key_is_never_kept_for_idempotent_replay(api, redis_url):
+    admin = api.client()
+    first, again = (
+        admin.post("/v1/keys", json={"name": "x", "scopes": ["messages:send"]}, headers={"Idempotency-Key": "k"})
+        for _ in range(2)
+    )
+    assert first.status_code == again.status_code == 201 and first.json()["key"] != again.json()["key"]
+    client = redis.Redis.from_url(redis_url)
+    assert not [name for name in client.scan_iter("*idempotency*") if b"sm_" in (client.get(name) or b"")]

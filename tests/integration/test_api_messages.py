@@ -62,3 +62,12 @@ def test_idempotent_retry_replays_and_a_changed_body_is_refused(api):
     )
     assert changed.status_code == 422 and changed.headers["content-type"] == "application/problem+json"
     assert stored() == 1
+
+
+def test_a_batch_items_key_is_not_a_single_sends_key(api):
+    client = api.client("messages:send")
+    item = {"to": "a@example.org", "subject": "s", "text": "t"}
+    batch = client.post("/v1/messages/batch", json={"messages": [item]}, headers={"Idempotency-Key": "abc"}).json()
+    single = client.post("/v1/messages", json=item, headers={"Idempotency-Key": "abc:0"}).json()
+    assert not single["duplicate"] and single["id"] != batch["results"][0]["id"]
+    assert stored() == 2

@@ -36,8 +36,11 @@ STREAMED_PATHS = frozenset({"/v1/imports"})
 IN_FLIGHT_MS = 10 * 60 * 1000  # a first request still unanswered after this is taken as dead
 _NUL = "must not contain NUL characters"
 IN_FLIGHT_RETRY_SECONDS = 1  # what a 409 for a request still in flight tells the client to wait
-# Responses that say nothing about the request itself: a retry must run it again.
-_NOT_STORED = frozenset({401, 403, 408, 429})
+# Responses that say nothing about the request itself, or changed nothing (a malformed body, a
+# client gone mid-upload): a retry runs it again.
+_NOT_STORED = frozenset({400, 401, 403, 408, 429})
+# Answers holding a secret (a new API key) are never stored, not even in Redis for a day.
+SECRET_PATHS = frozenset({"/v1/keys"})
 # Headers a replay repeats; per-request ones (request id, rate limits) are the retry's own.
 _REPLAYED = frozenset({b"content-type", b"location"})
 
@@ -82,7 +85,10 @@ class ApiWrites:
         streamed = scope["path"] in STREAMED_PATHS
         body = b""
         if not streamed:
-            read = await _read_body(scope, receive, get_settings().api_max_body_bytes)
+            try:
+                read = await _read_body(scope, receive, get_settings().api_max_body_bytes)
+            except _ClientGone:
+                return
             if read is None:
                 limit = get_settings().api_max_body_bytes
                 await problem(413, f"The request body is larger than {limit} bytes.", max_bytes=limit)(
@@ -95,7 +101,7 @@ class ApiWrites:
         key_id = (
             await _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
         )
-        if idempotency_key is None or key_id is None:
+        if idempotency_key is None or key_id is None or scope["path"] in SECRET_PATHS:
             await self.app(scope, receive, send)  # without a valid key the app answers 401
             return
         if not _KEY.fullmatch(idempotency_key):
@@ -118,16 +124,21 @@ def _nul_in_url(scope: Scope) -> JSONResponse | None:
     return None
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its body ended: there is no one to answer."""
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it passes `limit` bytes (Content-Length or counted)."""
+    """The whole body, or None as soon as it passes `limit` bytes (Content-Length or counted);
+    _ClientGone when the client leaves midway (a truncated body must not be run, nor recorded)."""
     length = _header(scope, b"content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         return None
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

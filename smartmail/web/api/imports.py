@@ -340,7 +340,7 @@ async def create_import(
     settings = get_settings()
     max_bytes = settings.api_max_upload_bytes
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    if length.isascii() and length.isdigit() and int(length) > max_bytes:
         return problem(413, f"The upload is larger than {max_bytes} bytes.", max_bytes=max_bytes)
     try:
         upload = await receive_upload(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, Security
@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from smartmail.access import keys
 from smartmail.access.keys import Principal
 from smartmail.access.scopes import SCOPES
+from smartmail.config import get_settings
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
@@ -52,16 +53,36 @@ class CreatedKeyOut(KeyOut):
 
 @router.post("", status_code=201, response_model=CreatedKeyOut)
 def create_key(body: KeyIn, response: Response, principal: Manager) -> dict[str, Any]:
-    """Create a key and return it with its secret, which is never shown again. A key grants only
-    scopes it holds itself (least privilege: a leaked `keys:manage` key cannot mint more power)."""
+    """Create a key and return it with its secret, which is never shown again. A key grants no more
+    than it holds (least privilege: a leaked `keys:manage` key cannot mint more power): only its
+    own scopes, a rate no higher than its own, and an expiry no later than its own (its own when
+    none is given). Not kept for `Idempotency-Key` replays: the answer holds the secret."""
     lacking = [scope for scope in body.scopes if scope in SCOPES and scope not in principal.scopes]
     if lacking:
         raise HTTPException(403, f"This API key lacks the scope {lacking[0]}, so it cannot grant it.")
+    own_rate = principal.rate_limit or get_settings().api_rate_limit
+    if body.rate_limit is not None and body.rate_limit > own_rate:
+        raise HTTPException(403, f"This API key's own rate is {own_rate:g}/s: it cannot grant more.")
+    expires_at = body.expires_at
+    own_expiry = keys.get_key(principal.key_id)["expires_at"]  # naive UTC, as stored
+    if own_expiry is not None:
+        if expires_at is None:
+            expires_at = own_expiry
+        elif _naive_utc(expires_at) > own_expiry:
+            raise HTTPException(403, f"This API key expires at {own_expiry:%Y-%m-%d %H:%M} UTC: it cannot grant later.")
     record, token = keys.create_key(
-        body.name, body.scopes, expires_at=body.expires_at, rate_limit=body.rate_limit, burst=body.burst
+        body.name,
+        body.scopes,
+        expires_at=expires_at,
+        rate_limit=body.rate_limit if body.rate_limit is not None else principal.rate_limit,
+        burst=body.burst,
     )
     response.headers["Location"] = f"/v1/keys/{record['id']}"
     return {**record, "key": token}
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
 @router.get("", response_model=Page[KeyOut])

@@ -154,7 +154,8 @@ def send_batch(
             results[i] = BatchResult(index=i, errors=errors)
             continue
         if idempotency_key:
-            spec["idempotency_key"] = _message_key(principal, f"{idempotency_key}:{i}")
+            # A space joins them: a header key holds none, so no single send can take an item's key.
+            spec["idempotency_key"] = _message_key(principal, f"{idempotency_key} {i}")
         specs.append((i, spec))
     outcomes = sending.send_each([spec for _, spec in specs])
     for (i, _), outcome in zip(specs, outcomes):

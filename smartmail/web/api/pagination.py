@@ -28,6 +28,13 @@ def encode_cursor(position: list[Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(position, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
+def _storable(value: Any) -> bool:
+    # What the database can compare: a BIGINT, a string without NUL or lone surrogates.
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, str) and "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+
+
 def decode_cursor(cursor: str | None, types: tuple[type, ...]) -> list[Any] | None:
     """The position a cursor holds, each value of the type given; 422 naming `cursor` otherwise."""
     if cursor is None:
@@ -37,7 +44,7 @@ def decode_cursor(cursor: str | None, types: tuple[type, ...]) -> list[Any] | No
         if not isinstance(position, list) or len(position) != len(types):
             raise ValueError
         for value, kind in zip(position, types):
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or isinstance(value, bool) or not _storable(value):
                 raise ValueError
     except ValueError:
         raise HTTPException(422, "cursor: is not a cursor this API returned") from None
