@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 from inscriptis import get_text
 from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
 
 from smartmail import runtime
 from smartmail.addresses import reject_line_breaks
@@ -100,14 +100,31 @@ def _autoescape(name: str | None) -> bool:
 
 
 _MAX_SEQUENCE = 100_000  # longest string or list a template may build with * (cf. the sandbox's MAX_RANGE)
+# Numbers all of one render's range() calls may produce: the sandbox caps each call at 100,000, not
+# nested loops (range(100000) inside range(100000) would hold a web or worker thread for minutes).
+_RANGE_PER_RENDER = 1_000_000
+_range_left: contextvars.ContextVar[int] = contextvars.ContextVar("range_left", default=_RANGE_PER_RENDER)
+
+
+def _budgeted_range(*args: int) -> range:
+    numbers = safe_range(*args)
+    left = _range_left.get() - len(numbers)
+    if left < 0:
+        raise SecurityError(f"range() may produce at most {_RANGE_PER_RENDER:,} numbers in one render")
+    _range_left.set(left)
+    return numbers
 
 
 class MailSandbox(ImmutableSandboxedEnvironment):
     """The sandbox, plus two limits for user-authored email: a template stands alone (no include,
     import or extends: template names are SmartMail's, and a cached template could otherwise be
-    pulled in by name), and `*` / `**` cannot build huge values in the producer."""
+    pulled in by name), and `*`, `**` and range() cannot build huge values or loops in the producer."""
 
     intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.globals["range"] = _budgeted_range
 
     def _parse(self, source, name, filename):
         tree = super()._parse(source, name, filename)
@@ -190,6 +207,7 @@ def _display(jinja_name: str) -> str:
 
 
 def _run(template: jinja2.Template, context: dict[str, Any]) -> str:
+    _range_left.set(_RANGE_PER_RENDER)
     try:
         return template.render(context)
     except (

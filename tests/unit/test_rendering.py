@@ -499,6 +499,15 @@ def test_sandbox_refuses_huge_ranges(session):
         render(session, context={}, subject="S", text="{% for i in range(10**7) %}{% endfor %}")
 
 
+def test_sandbox_bounds_nested_loops_over_ranges_per_render(session):
+    nested = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(TemplateError, match="at most 1,000,000 numbers in one render"):
+        render(session, context={}, subject="S", text=nested)
+    loops = "{% for a in range(100000) %}{% endfor %}" * 10
+    for _ in range(2):  # each render has its own budget
+        assert render(session, context={}, subject="S", text=loops + "ok").text == "ok"
+
+
 def test_sandbox_leaves_the_context_unchanged(session):
     items = [1, 2, 3]
     with pytest.raises(TemplateError):
