@@ -26,6 +26,7 @@ from smartmail.errors import (
     TemplateNotFound,
     Unauthenticated,
 )
+from smartmail.web.request_context import loggable_path
 
 log = structlog.get_logger("smartmail.web")
 
@@ -140,7 +141,7 @@ async def _unstorable(request: Request, exc: DataError) -> Response:
     # The last line of defence: input the checks above the database let through (a NUL character,
     # which PostgreSQL stores in no text column, a number out of a column's range) is the client's
     # error, not ours. Only the error's class is logged: its message holds the value.
-    log.warning("web.unstorable_input", path=request.url.path, error=type(exc.orig).__name__)
+    log.warning("web.unstorable_input", path=loggable_path(request.url.path), error=type(exc.orig).__name__)
     return problem(422, "The request holds a value the database cannot store (a NUL character, a number out of range).")
 
 
@@ -169,7 +170,8 @@ def log_unexpected(request: Request) -> str | None:
     """Log the exception being handled with the request's id, and return that id: Starlette runs
     the 500 handler in its outermost middleware, outside RequestContext's log context and headers."""
     request_id = getattr(request.state, "request_id", None)
-    log.exception("web.unexpected_error", path=request.url.path, method=request.method, request_id=request_id)
+    path = loggable_path(request.url.path)
+    log.exception("web.unexpected_error", path=path, method=request.method, request_id=request_id)
     return request_id
 
 

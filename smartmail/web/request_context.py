@@ -64,13 +64,17 @@ class RequestContext:
                 log.info(
                     "web.request",
                     method=scope["method"],
-                    # Never the query string (it may carry a cursor or an address), a key pasted in the
-                    # path, nor whose address a path names (`/v1/contacts/*@example.org`).
-                    path=_ADDRESS_LOCAL_PART.sub("*@", keys.redact(scope["path"])),
+                    path=loggable_path(scope["path"]),
                     status=status,
                     ms=round((time.perf_counter() - started) * 1000, 2),
                     key_id=state.get("key_id"),
                 )
+
+
+def loggable_path(path: str) -> str:
+    """A request path fit for a log line: never a key pasted in it, nor whose address it names
+    (`/v1/contacts/*@example.org`). The query string is never logged (a cursor, an address)."""
+    return _ADDRESS_LOCAL_PART.sub("*@", keys.redact(path))
 
 
 def add_response_headers(scope_state: dict, headers: dict[str, str]) -> None:
