@@ -15,7 +15,7 @@ from smartmail.store.models import ContactStatus
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
-from smartmail.web.problems import pointer
+from smartmail.web.problems import json_pointer, pointer
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
 
@@ -108,11 +108,6 @@ def location(email: str) -> str:
     return f"/v1/contacts/{quote(email, safe='@')}"
 
 
-def loc_pointer(loc: tuple[int | str, ...]) -> str:
-    # RFC 6901: `~` and `/` in a key are escaped.
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in loc)
-
-
 @router.post(
     "", status_code=201, response_model=ContactOut, responses={200: {"model": ContactOut, "description": "Updated."}}
 )
@@ -145,7 +140,7 @@ def upsert_batch(
         try:
             item = _contact.validate_python(row)
         except ValidationError as exc:
-            errors = [RowError(pointer=f"/contacts/{i}" + loc_pointer(e["loc"]), detail=e["msg"]) for e in exc.errors()]
+            errors = [RowError(pointer=json_pointer(["contacts", i, *e["loc"]]), detail=e["msg"]) for e in exc.errors()]
             results[i] = BatchResult(index=i, errors=errors)
             rows.append(None)
         else:

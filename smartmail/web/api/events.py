@@ -12,8 +12,8 @@ from smartmail.access.keys import Principal
 from smartmail.audience import events
 from smartmail.errors import InvalidInput
 from smartmail.web.api.auth import authorize
-from smartmail.web.api.contacts import RowError, loc_pointer
-from smartmail.web.problems import pointer
+from smartmail.web.api.contacts import RowError
+from smartmail.web.problems import json_pointer, pointer
 
 router = APIRouter(prefix="/events", tags=["events"])
 
@@ -72,7 +72,7 @@ def ingest_events(
         try:
             checked.append((i, _event.validate_python(item).model_dump()))
         except ValidationError as exc:
-            errors = [RowError(pointer=f"/events/{i}" + loc_pointer(e["loc"]), detail=e["msg"]) for e in exc.errors()]
+            errors = [RowError(pointer=json_pointer(["events", i, *e["loc"]]), detail=e["msg"]) for e in exc.errors()]
             results[i] = EventResult(index=i, errors=errors)
     outcomes = events.ingest([item for _, item in checked])
     for (i, _), outcome in zip(checked, outcomes):

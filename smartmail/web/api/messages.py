@@ -15,7 +15,7 @@ from smartmail.store.models import MessageState
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
-from smartmail.web.problems import pointer
+from smartmail.web.problems import json_pointer, pointer
 
 router = APIRouter(prefix="/messages", tags=["messages"])
 
@@ -148,8 +148,7 @@ def send_batch(
             spec = _message.validate_python(item).spec()
         except ValidationError as exc:
             errors = [
-                ItemError(pointer=f"/messages/{i}/" + "/".join(str(p) for p in e["loc"]), detail=e["msg"])
-                for e in exc.errors()
+                ItemError(pointer=json_pointer(["messages", i, *e["loc"]]), detail=e["msg"]) for e in exc.errors()
             ]
             results[i] = BatchResult(index=i, errors=errors)
             continue

@@ -9,6 +9,9 @@ from typing import Annotated, Any, Generic, TypeVar
 from fastapi import HTTPException, Query
 from pydantic import BaseModel
 
+from smartmail.audience.contacts import check_storable
+from smartmail.errors import InvalidInput
+
 T = TypeVar("T")
 
 MAX_LIMIT = 1000
@@ -29,10 +32,14 @@ def encode_cursor(position: list[Any]) -> str:
 
 
 def _storable(value: Any) -> bool:
-    # What the database can compare: a BIGINT, a string without NUL or lone surrogates.
+    # What the database can compare: a BIGINT, a string it can store.
     if isinstance(value, int):
         return -(2**63) <= value < 2**63
-    return isinstance(value, str) and "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+    try:
+        check_storable(value, "cursor")
+    except InvalidInput:
+        return False
+    return True
 
 
 def decode_cursor(cursor: str | None, types: tuple[type, ...]) -> list[Any] | None:
