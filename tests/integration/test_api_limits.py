@@ -68,17 +68,16 @@ def test_a_key_limit_holds_across_two_processes(two_workers):
     api, server = two_workers
     token = api.key("messages:read", rate_limit=float(RATE), burst=BURST)
     clients = connections_to_both_workers(api, server, token)
-    responses: list[tuple[float, httpx.Response]] = []
+    responses: list[httpx.Response] = []
     lock = threading.Lock()
     start = time.monotonic()
 
     def hammer(mine: list[httpx.Client]) -> None:
         while time.monotonic() - start < SECONDS:
             for client in mine:  # each connection in turn: every one, so both processes, keeps serving
-                sent = time.monotonic() - start
                 response = client.get("/v1/messages", params={"limit": 1})
                 with lock:
-                    responses.append((sent, response))
+                    responses.append(response)
 
     threads = [threading.Thread(target=hammer, args=(clients[i::THREADS],)) for i in range(THREADS)]
     for thread in threads:
@@ -86,16 +85,17 @@ def test_a_key_limit_holds_across_two_processes(two_workers):
     for thread in threads:
         thread.join()
 
-    statuses = Counter(response.status_code for _, response in responses)
+    elapsed = time.monotonic() - start  # every admission happened within these seconds
+    statuses = Counter(response.status_code for response in responses)
     assert set(statuses) == {200, 429}, statuses
-    per_second = Counter(int(at) for at, response in responses if response.status_code == 200)
-    # GCRA: the burst at once, then one every 1/RATE s; a second's count may straddle one more.
-    assert per_second[0] <= BURST + RATE + 1, per_second
-    for second in range(1, int(SECONDS)):
-        assert RATE - 2 <= per_second[second] <= RATE + 1, per_second
-    assert statuses[200] <= BURST + RATE * SECONDS + 2, statuses
+    # GCRA admits the burst, then one every 1/RATE s: bounded by the whole run's length, whatever
+    # queueing delayed single requests (a per-second count is not: a stalled second shifts its
+    # admissions into the next). Two processes each with their own limit would admit twice this.
+    assert statuses[200] <= BURST + RATE * elapsed + 1, (statuses, elapsed)
+    # Nor stricter than the limit: eight threads keep requests arriving in every refill interval.
+    assert statuses[200] >= BURST + RATE * SECONDS / 2, (statuses, elapsed)
 
-    for _, response in responses:
+    for response in responses:
         assert re.fullmatch(rf'"default";q={BURST};w=1', response.headers["ratelimit-policy"]), response.headers
         assert re.fullmatch(r'"default";r=\d+;t=\d+', response.headers["ratelimit"]), response.headers
         if response.status_code == 429:
