@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from smartmail.errors import ConflictingInput, InvalidInput, NotFound
 from smartmail.store import dialect
 from smartmail.store.engine import session_scope, utcnow
-from smartmail.store.models import Contact, ContactList, ContactStatus, Event, ListMembership, Suppression
+from smartmail.store.models import Contact, ContactList, ContactStatus, Event, EventType, ListMembership, Suppression
 
 log = structlog.get_logger("smartmail.contacts")
 
@@ -37,7 +37,9 @@ STATUS_TO_SUPPRESSION = {
 }
 SUPPRESSION_TO_STATUS = {"unsubscribed": "unsubscribed", "hard_bounce": "bounced", "complaint": "complained"}
 # Event types the tracking and delivery code record; `track` is for the application's own names.
-RESERVED_EVENTS = frozenset({"open", "click", "sent", "bounce", "complaint", "unsubscribe", "delivered"})
+RESERVED_EVENTS = frozenset(
+    {*(t.value for t in EventType), "open", "click", "bounce", "complaint", "unsubscribe", "delivered"}
+)
 
 _EVENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8}){0,3}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, not_, or_, select
+from sqlalchemy import and_, exists, false, func, not_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
@@ -17,12 +17,12 @@ from sqlalchemy.sql.selectable import Select
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
 from smartmail.errors import InvalidSegment, NotFound
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
-from smartmail.store.models import Contact, ContactList, Event, ListMembership, Message, Segment
+from smartmail.store.models import Contact, ContactList, Event, EventType, ListMembership, Message, Segment
 from smartmail.store.sql import json_attributes
 from smartmail.store.sql.json_attributes import JsonAttributes, guard
 
 OPERATORS = ("eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists")
-ENGAGEMENT = {"opened_within": "open", "clicked_within": "click"}
+ENGAGEMENT = {"opened_within": EventType.OPENED.value, "clicked_within": EventType.CLICKED.value}
 _MAX_DEPTH = 16
 _MAX_RULES = 500
 _MAX_DAYS = 36500
@@ -257,7 +257,9 @@ def _of_contact(column, after: int | None) -> list[ColumnElement]:
 
 
 def _events_since(type_: str, since: datetime | None):
-    conditions = [events_t.c.type == type_, events_t.c.contact_id.is_not(None)]
+    # Human events only: privacy-proxy opens and scanner clicks say nothing of the contact. (Custom
+    # events are never machine ones; the test keeps the whole index prefix in use for them too.)
+    conditions = [events_t.c.type == type_, events_t.c.machine.is_(false()), events_t.c.contact_id.is_not(None)]
     if since is not None:
         conditions.append(events_t.c.occurred_at >= since)
     return conditions

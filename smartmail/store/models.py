@@ -20,8 +20,11 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     literal_column,
+    true,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import FunctionElement
 
 from smartmail.store.engine import utcnow
 
@@ -58,6 +61,7 @@ class Template(Base):
     subject: Mapped[str] = mapped_column(Text)
     html: Mapped[str] = mapped_column(Text)
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    preheader: Mapped[str | None] = mapped_column(Text, nullable=True)  # hidden preview text
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -205,23 +209,64 @@ class ListMembership(Base):
     source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # api | cli | import:<job id> | …
 
 
+class EventType(str, enum.Enum):
+    """The event types SmartMail itself records (docs/events.md); custom events carry the application's names."""
+
+    SENT = "sent"  # the relay accepted the message
+    DEFERRED = "deferred"  # the relay answered 4xx (or no answer): retried later
+    FAILED = "failed"  # 5xx, or too old to retry
+    OPENED = "opened"  # the open pixel was fetched
+    CLICKED = "clicked"  # a tracked link was followed
+    UNSUBSCRIBED = "unsubscribed"  # by link, one-click POST, API or CLI
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class current_transaction(FunctionElement):
+    """The id of the transaction writing a row (0 on SQLite). Stream readers take events in
+    (xact, id) order, only from transactions older than every running one: ids are handed out
+    before commit, so reading by id alone skips a row whose transaction commits after a later id's."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(current_transaction, "postgresql")
+def _current_transaction_postgresql(element, compiler, **kw) -> str:
+    return "(pg_current_xact_id()::text::bigint)"
+
+
+@compiles(current_transaction)
+def _current_transaction_other(element, compiler, **kw) -> str:
+    return "0"  # SQLite has one writer at a time: ids are in commit order
+
+
 class Event(Base):
     __tablename__ = "events"
     __table_args__ = (
-        # Segments ask "which contacts had an event of type T since S": an index-only range scan.
-        Index("ix_events_type_occurred_at_contact_id", "type", "occurred_at", "contact_id"),
+        # Segments ask "which contacts had a (human) event of type T since S": an index-only range scan.
+        Index("ix_events_type_machine_occurred_at_contact_id", "type", "machine", "occurred_at", "contact_id"),
         # A contact's own history, and the cascade when a contact is erased.
         Index("ix_events_contact_id_type_occurred_at", "contact_id", "type", "occurred_at"),
+        Index("ix_events_message_id", "message_id"),
+        Index("ix_events_xact_id", "xact", "id"),  # the stream's order
     )
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
-    type: Mapped[str] = mapped_column(String(64))  # open | click | … | a custom name such as order_placed
+    type: Mapped[str] = mapped_column(String(64))  # an EventType, or a custom name such as order_placed
     contact_id: Mapped[int | None] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"), nullable=True)
     message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
+    campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     properties: Mapped[dict] = mapped_column(_Json, default=dict)
     occurred_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # The sender's own id for a custom event (a CRM's or shop's): ingesting it twice stores it once.
     client_event_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # An open by a privacy proxy, a click by a link scanner: kept, and left out of KPIs and segments.
+    machine: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    xact: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=current_transaction())
 
 
 _HAS_CLIENT_ID = Event.client_event_id.isnot(None)
@@ -232,6 +277,18 @@ Index(
     postgresql_where=_HAS_CLIENT_ID,
     sqlite_where=_HAS_CLIENT_ID,
 )
+
+
+class EngagementFirst(Base):
+    """The first open of a message and the first click of each of its links, human and machine
+    apart: the row that makes an `opened` or `clicked` event the unique one."""
+
+    __tablename__ = "engagement_firsts"
+
+    message_id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    link: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: the open; n: the message's link n
+    machine: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Segment(Base):
@@ -318,6 +375,10 @@ class Campaign(Base):
     rate_cap: Mapped[float | None] = mapped_column(Float, nullable=True)  # messages per second, campaign-wide
     # At-least-once: messages a crash left `unknown` are sent again (a duplicate is possible).
     resend_unknown: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    # Open and click tracking (on unless turned off), and the UTM parameters added to tracked links.
+    tracking: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
+    utm: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    preheader: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Fan-out checkpoint: every audience contact up to this id has its message row.
     cursor: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), default=0)
     fanned_out: Mapped[bool] = mapped_column(default=False)

@@ -88,13 +88,13 @@ def world(env):
             for _ in range(rng.randrange(0, 6)):
                 events.append(
                     {
-                        "type": rng.choice(["open", "open", "click", "order_placed", "signup"]),
+                        "type": rng.choice(["opened", "opened", "clicked", "order_placed", "signup"]),
                         "contact_id": p["id"],
                         "properties": {},
                         "occurred_at": now - timedelta(days=rng.randrange(0, 60), hours=12),
                     }
                 )
-        events.append({"type": "open", "contact_id": None, "properties": {}, "occurred_at": now})  # anonymous
+        events.append({"type": "opened", "contact_id": None, "properties": {}, "occurred_at": now})  # anonymous
         conn.execute(insert(Event), events)
         messages = []
         for n, p in enumerate(rng.sample(people, 200)):
@@ -185,7 +185,7 @@ def matches(rule, person, world) -> bool:
         return (person["id"], rule["list"]) in world["membership"]
     if "created_within" in rule:
         return person["created_at"] >= now - timedelta(days=rule["created_within"])
-    engagement = {"opened_within": "open", "clicked_within": "click"}
+    engagement = {"opened_within": "opened", "clicked_within": "clicked"}
     for key, type_ in engagement.items():
         if key in rule:
             since = now - timedelta(days=rule[key])
@@ -259,7 +259,7 @@ CASES = [
     {"sent_within": 14},
     {"event": "order_placed"},
     {"event": "order_placed", "within": 20},
-    {"event": "open", "within": 45, "min_count": 2},
+    {"event": "opened", "within": 45, "min_count": 2},
     {"event": "signup", "min_count": 3},
     {"not": {"list": "customers"}},
     {"not": {"opened_within": 30}},
