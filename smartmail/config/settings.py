@@ -119,9 +119,21 @@ class Settings(BaseSettings):
     policy_check_interval: float = Field(1.0, ge=0)
     smtp_idle_timeout: float = Field(5.0, gt=0)  # an idle pooled connection is closed after this
 
-    # Links in messages (unsubscribe, and tracking later) point at the web app here.
+    # Links in messages (unsubscribe, click and open tracking) point at the web app here.
     public_url: str = "http://127.0.0.1:8000"
     unsubscribe_mailto: str | None = None  # default: unsubscribe@<the default sender's domain>
+
+    # Open and click tracking, and the event stream (docs/events.md).
+    track_transactional: bool = False  # transactional sends are tracked only when asked, by default
+    track_honeypot: bool = False  # add a hidden link only machines follow: flags a scanner's clicks
+    scanner_click_seconds: float = Field(10.0, ge=0)  # a click this soon after delivery is a scanner's
+    scanner_burst_links: int = Field(3, ge=2)  # this many links of one message clicked within
+    scanner_burst_seconds: float = Field(2.0, ge=0)  # … this many seconds: a scanner's
+    tracking_ip_prefix_v4: int = Field(24, ge=0, le=32)  # IP addresses are stored truncated to these
+    tracking_ip_prefix_v6: int = Field(48, ge=0, le=128)  # prefixes (32 / 128: whole addresses)
+    tracking_buffer_max: int = Field(100_000, ge=100)  # events a web process holds while Redis is down
+    tracking_stream_max: int = Field(1_000_000, ge=1000)  # events waiting in Redis for the events worker
+    event_retention_days: int = Field(365, ge=1)  # events older than this are deleted by beat
 
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
