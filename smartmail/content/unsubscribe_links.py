@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import hmac
 import re
 from urllib.parse import quote
 
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.config import get_settings
+from smartmail.content.signing import matches, signature
 from smartmail.errors import InvalidToken
 
 # Tokens are `<contact id>.<campaign id or empty>.<signature>`, e.g. `42.7.3q2-…` (~50 characters,
@@ -31,22 +29,6 @@ _MAX_ID = 2**63 - 1
 _BAD_IN_URI = re.compile(r"[\x00-\x20\x7f<>,]")
 
 
-def _key(purpose: str) -> bytes:
-    return _derived_key(get_settings().secret_key, purpose)
-
-
-@functools.lru_cache(maxsize=8)
-def _derived_key(secret: str, purpose: str) -> bytes:
-    # Cached: a campaign signs a token per message. Keyed by the secret, so a new key is derived
-    # when SMARTMAIL_SECRET_KEY changes (settings reloaded).
-    return hmac.new(secret.encode(), b"smartmail.token:" + purpose.encode(), hashlib.sha256).digest()
-
-
-def _signature(payload: str, purpose: str = PURPOSE) -> str:
-    digest = hmac.digest(_key(purpose), payload.encode(), "sha256")  # one-shot, in C
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
 def _check_id(value: object, name: str, *, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -59,7 +41,7 @@ def make_token(contact_id: int, campaign_id: int | None) -> str:
     _check_id(contact_id, "contact_id")
     _check_id(campaign_id, "campaign_id", optional=True)
     payload = f"{contact_id}.{'' if campaign_id is None else campaign_id}"
-    return f"{payload}.{_signature(payload)}"
+    return f"{payload}.{signature(payload, PURPOSE)}"
 
 
 def read_token(token: object) -> tuple[int, int | None]:
@@ -69,10 +51,8 @@ def read_token(token: object) -> tuple[int, int | None]:
     match = _TOKEN.fullmatch(token)
     if match is None:
         raise InvalidToken("the unsubscribe token is malformed or truncated")
-    contact, campaign, signature = match.groups()
-    # Compare the encoded signatures: the last base64 character carries 2 unused bits, so comparing
-    # decoded bytes would accept 4 spellings of one signature. compare_digest: constant time.
-    if not hmac.compare_digest(signature, _signature(f"{contact}.{campaign or ''}")):
+    contact, campaign, signed = match.groups()
+    if not matches(signed, f"{contact}.{campaign or ''}", PURPOSE):
         raise InvalidToken("the unsubscribe token's signature does not match")
     return int(contact), (int(campaign) if campaign else None)
 

@@ -1,1 +1,1 @@
-"""What comes back from recipients: opens and clicks (later bounces and complaints), machine detection, event retention."""
+"""What comes back from recipients: opens and clicks (later bounces, complaints), machine detection, retention."""

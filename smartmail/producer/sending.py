@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, select
 
 from smartmail.addresses import AddressError, check_headers, normalize_address, parse_mailbox
 from smartmail.config import get_settings
-from smartmail.content import rendering
+from smartmail.content import rendering, tracking_links
 from smartmail.errors import InvalidMessage
 from smartmail.producer.handoff import hand_off, hand_off_now
 from smartmail.store.engine import get_engine, statement_connection, utcnow
@@ -50,6 +50,7 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
         "tags",
         "idempotency_key",
         "send_at",
+        "track",
     }
     unknown = set(spec) - allowed
     if unknown:
@@ -73,6 +74,11 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
             raise InvalidMessage("must be a datetime", field=f"{prefix}send_at")
         if send_at.tzinfo is not None:  # naive datetimes are taken as UTC
             send_at = send_at.astimezone(UTC).replace(tzinfo=None)
+    track = spec.get("track")
+    if track is None:
+        track = settings.track_transactional
+    elif not isinstance(track, bool):
+        raise InvalidMessage("must be true or false", field=f"{prefix}track")
     context = spec.get("context") or {}
     if not isinstance(context, Mapping):
         raise InvalidMessage("must be a mapping", field=f"{prefix}context")
@@ -89,6 +95,7 @@ def _prepare(spec: Mapping[str, Any], prefix: str, settings) -> dict[str, Any]:
         "subject": spec.get("subject"),
         "html": spec.get("html"),
         "text": spec.get("text"),
+        "track": track,
         "prefix": prefix,
     }
 
@@ -119,6 +126,9 @@ def _render(connection, prepared: dict[str, Any], settings) -> rendering.Rendere
 def _row(
     message_id: str, item: dict[str, Any], rendered: rendering.Rendered, settings, now: datetime
 ) -> dict[str, Any]:
+    html, text = rendered.html, rendered.text
+    if item["track"]:
+        html, text = tracking_links.track(html, text, message_id=message_id, honeypot=settings.track_honeypot)
     return {
         "id": message_id,
         "idempotency_key": item["idempotency_key"],
@@ -126,8 +136,8 @@ def _row(
         "recipient": str(item["to"]),
         "reply_to": str(item["reply_to"]) if item["reply_to"] else None,
         "subject": rendered.subject,
-        "html": rendered.html,
-        "text": rendered.text,
+        "html": html,
+        "text": text,
         "headers": item["headers"],
         "tags": item["tags"],
         "message_id_header": f"<{message_id}@{settings.sender_domain}>",
@@ -289,8 +299,11 @@ def send(
     tags: Iterable[str] | None = None,
     idempotency_key: str | None = None,
     send_at: datetime | None = None,
+    track: bool | None = None,
 ) -> SendResult:
-    """Queue one transactional email and return at once; see send_many for the guarantees."""
+    """Queue one transactional email and return at once; see send_many for the guarantees.
+    `track`: rewrite links for click tracking and add the open pixel (default:
+    SMARTMAIL_TRACK_TRANSACTIONAL, off)."""
     spec = {
         "to": to,
         "template": template,
@@ -304,5 +317,6 @@ def send(
         "tags": list(tags or []),
         "idempotency_key": idempotency_key,
         "send_at": send_at,
+        "track": track,
     }
     return send_many([spec])[0]

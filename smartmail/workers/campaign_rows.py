@@ -13,7 +13,9 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
 
 from smartmail import runtime
-from smartmail.content import rendering
+from smartmail.config import get_settings
+from smartmail.content import rendering, tracking_links
+from smartmail.content.tracking_links import TRACKING_OPT_OUT
 from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.store.engine import reader
 from smartmail.store.models import Campaign, ContactStatus
@@ -33,6 +35,8 @@ _campaign = select(
     Campaign.window_start,
     Campaign.window_end,
     Campaign.window_timezone,
+    Campaign.tracking,
+    Campaign.utm,
 ).where(Campaign.id.in_(bindparam("ids", expanding=True)))
 
 # Frozen at launch, so a process may keep them: campaign id -> its row.
@@ -184,6 +188,10 @@ def _render(row, campaign) -> Rendered:
         html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
     if "unsubscribe_url" not in (campaign.text or "") and url not in text:
         text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
+    if campaign.tracking and not (row.contact_attributes or {}).get(TRACKING_OPT_OUT):
+        html, text = tracking_links.track(
+            html, text, message_id=row.id, skip=(url,), utm=campaign.utm, honeypot=get_settings().track_honeypot
+        )
     headers = {
         **list_unsubscribe_headers(row.contact_id, campaign.id, token=token),
         "X-SmartMail-Campaign": str(campaign.id),
