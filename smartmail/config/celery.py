@@ -40,6 +40,7 @@ def celery_config(settings: Settings) -> dict:
             "smartmail.campaign.*": {"queue": "bulk"},
             "smartmail.maintenance.*": {"queue": "default"},
             "smartmail.imports.*": {"queue": "imports"},
+            "smartmail.tracking.*": {"queue": "events"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").
@@ -60,6 +61,8 @@ def celery_config(settings: Settings) -> dict:
             },
             "reconcile": {"task": "smartmail.maintenance.reconcile", "schedule": settings.reconcile_interval},
             "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
+            # The web processes ask for a drain when they write hits; this catches a request lost.
+            "tracking": {"task": "smartmail.tracking.drain", "schedule": 30.0},
         },
     }
 

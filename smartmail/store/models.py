@@ -291,6 +291,18 @@ class EngagementFirst(Base):
     occurred_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class StreamCheckpoint(Base):
+    """How far a reader of a stream got: written in the transaction that stores what it read, so a
+    crash never loses or repeats a read (the tracking drain's Redis stream id; later consumers'
+    event stream positions)."""
+
+    __tablename__ = "stream_checkpoints"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    position: Mapped[str] = mapped_column(String(100))
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Segment(Base):
     __tablename__ = "segments"
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: the HTTP API (/v1, /docs), unsubscribe page and RFC 8058 one-click endpoint, health check."""
+"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe page and one-click endpoint, health check."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from smartmail.content.unsubscribe_links import read_token
 from smartmail.errors import InvalidToken, SettingsError
 from smartmail.store.engine import reader, serve_threads
 from smartmail.store.models import Contact, ContactStatus
-from smartmail.web import docs, openapi, problems
+from smartmail.web import docs, openapi, problems, tracking
 from smartmail.web.api import routes as api_routes
 from smartmail.web.api.idempotency import ApiWrites
 from smartmail.web.problems import COMMON_HEADERS
@@ -198,6 +198,7 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = threads
     serve_threads(threads)
     yield
+    await tracking.flush_on_shutdown()
 
 
 def create_app() -> FastAPI:
@@ -227,6 +228,7 @@ def create_app() -> FastAPI:
         )
     app.add_middleware(RequestContext)
     app.include_router(api_routes.router)
+    app.include_router(tracking.router)
     docs.install(app)
 
     @app.get("/healthz")

@@ -71,9 +71,14 @@ class RequestContext:
                 )
 
 
+_TRACKING = ("/t/c/", "/t/o/")
+
+
 def loggable_path(path: str) -> str:
     """A request path fit for a log line: never a key pasted in it, nor whose address it names
     (`/v1/contacts/*@example.org`). The query string is never logged (a cursor, an address)."""
+    if path.startswith(_TRACKING):  # a tracking token holds the URL clicked, which may name someone
+        return path[: len(_TRACKING[0]) if path.startswith(_TRACKING[0]) else len(_TRACKING[1])] + "*"
     return _ADDRESS_LOCAL_PART.sub("*@", keys.redact(path))
 
 

@@ -16,6 +16,7 @@ app = Celery(
         "smartmail.tasks.maintenance",
         "smartmail.tasks.imports",
         "smartmail.tasks.campaigns",
+        "smartmail.tasks.tracking",
         "smartmail.tasks.process_hooks",
     ],
 )

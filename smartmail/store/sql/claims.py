@@ -6,13 +6,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import DateTime, String, bindparam, insert, or_, select, update
 
 from smartmail.store import dialect
 from smartmail.store.models import (
     Campaign,
     CampaignState,
     Contact,
+    Event,
     Message,
     MessageState,
     Suppression,
@@ -69,6 +70,11 @@ _contact_columns = (
 )
 # The outcome columns record_and_claim takes, each a list with one entry per message.
 OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason", "unattempted")
+# Each recorded outcome is also an event (sent, failed, and deferred when the relay was tried: a
+# message held by traffic shaping is no news), written by the same statement or transaction: the
+# stream holds an outcome if and only if it committed. EVENT_REPLY_CHARS of the reply go in it.
+EVENT_REPLY_CHARS = 200
+_EVENT_STATES = (MessageState.SENT.value, MessageState.FAILED.value, MessageState.DEFERRED.value)
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
 # rate cap, or a 4xx) are cancelled too, else they would wait forever for a campaign that will
 # never send again. Run in the recording transaction, after the cancel or before it: in the second
@@ -152,6 +158,43 @@ _record = (
     )
 )
 _RECORD_KEYS = tuple("b_" + c for c in OUTCOME_COLUMNS)
+_recordable = select(_table.c.id).where(
+    _table.c.id.in_(bindparam("ids", expanding=True)),
+    _table.c.state.in_([MessageState.SENDING.value, MessageState.UNKNOWN.value]),
+    _table.c.claimed_by == bindparam("owner"),
+)
+# The event of one outcome; the contact only if it still exists (an erased contact's id names nothing).
+_events = Event.__table__
+_log_event = insert(_events).from_select(
+    ["type", "contact_id", "message_id", "campaign_id", "properties", "occurred_at"],
+    select(
+        bindparam("e_type", type_=String()),
+        _contacts.c.id,
+        _table.c.id,
+        _table.c.campaign_id,
+        bindparam("e_properties", type_=_events.c.properties.type),
+        bindparam("e_now", type_=DateTime()),
+    )
+    .select_from(_table.outerjoin(_contacts, _contacts.c.id == _table.c.contact_id))
+    .where(_table.c.id == bindparam("e_id")),
+)
+
+
+def _is_news(row: dict) -> bool:
+    held = row["b_state"] == MessageState.DEFERRED.value and row["b_unattempted"]  # by shaping, not the relay
+    return row["b_state"] in _EVENT_STATES and not held
+
+
+def _event_of(row: dict, now: datetime) -> dict:
+    properties = {"smtp_code": row["b_code"], "reply": (row["b_reply"] or "")[:EVENT_REPLY_CHARS] or None}
+    if row["b_next"] is not None:
+        properties["next_attempt_at"] = row["b_next"].isoformat()
+    return {
+        "e_type": row["b_state"],
+        "e_id": row["b_id"],
+        "e_now": now,
+        "e_properties": {k: v for k, v in properties.items() if v is not None},
+    }
 
 
 class SqliteClaims(Claims):
@@ -162,8 +205,13 @@ class SqliteClaims(Claims):
         self, connection, outcomes: dict[str, list], ids: Sequence[str], now: datetime, owner: str
     ) -> list:
         if outcomes["id"]:
+            # The rows the conditional UPDATE will change, read in its transaction: their events.
+            mine = set(connection.execute(_recordable, {"ids": outcomes["id"], "owner": owner}).scalars())
             rows = [{**dict(zip(_RECORD_KEYS, row)), "b_owner": owner} for row in zip(*outcomes.values())]
             connection.execute(_record, rows)
+            events = [_event_of(row, now) for row in rows if row["b_id"] in mine and _is_news(row)]
+            if events:
+                connection.execute(_log_event, events)
         claim = {"ids": list(ids), "now": now, "owner": owner}
         taken = connection.execute(_claim, claim).scalars().all() if ids else []
         return connection.execute(_claimed_rows, {"ids": taken}).all() if taken else []
@@ -186,7 +234,15 @@ _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
               %(code)b::int[], %(reply)b::text[], %(reason)b::text[], %(unattempted)b::int[])
        AS v(id, state, next, finished, code, reply, reason, unattempted)
   WHERE m.id = ANY(%(id)b::text[]) AND m.id = v.id AND m.state IN ('sending', 'unknown')
-      AND m.claimed_by = %(owner)s),
+      AND m.claimed_by = %(owner)s
+  RETURNING m.id, m.contact_id, m.campaign_id, v.state, v.next, v.code, v.reply, v.unattempted),
+logged AS (
+  INSERT INTO events (type, contact_id, message_id, campaign_id, properties, occurred_at)
+  SELECT r.state, contacts.id, r.id, r.campaign_id,
+      jsonb_strip_nulls(jsonb_build_object('smtp_code', r.code, 'reply', left(r.reply, {EVENT_REPLY_CHARS}),
+                                           'next_attempt_at', r.next)), %(now)s
+  FROM recorded r LEFT JOIN contacts ON contacts.id = r.contact_id
+  WHERE r.state IN ('sent', 'failed') OR (r.state = 'deferred' AND r.unattempted = 0)),
 claimed AS (
   UPDATE messages SET state = 'sending', claimed_at = %(now)s, claimed_by = %(owner)s, attempts = attempts + 1
   WHERE id = ANY(%(ids)b::text[]) AND id IN (SELECT id FROM messages WHERE id = ANY(%(ids)b::text[])

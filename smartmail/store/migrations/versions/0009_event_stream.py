@@ -1,5 +1,5 @@
 """One stream of events: campaign, machine flag and stream position on events; first opens and
-clicks; tracking, UTM and preheader settings on campaigns and templates
+clicks; stream checkpoints; tracking, UTM and preheader settings on campaigns and templates
 
 Revision ID: 0009
 Revises: 0008
@@ -37,6 +37,12 @@ def upgrade() -> None:
         sa.Column("machine", sa.Boolean(), primary_key=True),
         sa.Column("occurred_at", sa.DateTime(), nullable=False),
     )
+    op.create_table(
+        "stream_checkpoints",
+        sa.Column("name", sa.String(100), primary_key=True),
+        sa.Column("position", sa.String(100), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+    )
     with op.batch_alter_table("campaigns") as batch:
         batch.add_column(sa.Column("tracking", sa.Boolean(), nullable=False, server_default=sa.true()))
         batch.add_column(sa.Column("utm", sa.JSON(), nullable=True))
@@ -52,6 +58,7 @@ def downgrade() -> None:
         batch.drop_column("preheader")
         batch.drop_column("utm")
         batch.drop_column("tracking")
+    op.drop_table("stream_checkpoints")
     op.drop_table("engagement_firsts")
     op.execute("UPDATE events SET type = 'open' WHERE type = 'opened'")
     op.execute("UPDATE events SET type = 'click' WHERE type = 'clicked'")
