@@ -278,6 +278,10 @@ def _merge_attributes(current: Mapping[str, Any] | None, given: Mapping[str, Any
 
 
 def _apply(session: Session, contact: Contact, fields: dict[str, Any], *, merge: bool) -> None:
+    if fields.get("status") == ContactStatus.UNSUBSCRIBED.value and contact.status == ContactStatus.SUBSCRIBED.value:
+        session.add(  # the same event as an unsubscribe by link, in the same transaction
+            Event(type=EventType.UNSUBSCRIBED.value, contact_id=contact.id, properties={"source": "update"})
+        )
     for name, value in fields.items():
         if name == "attributes":
             contact.attributes = _merge_attributes(contact.attributes if merge else None, value)

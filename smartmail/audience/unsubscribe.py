@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from smartmail.audience.contacts import sync_suppression
 from smartmail.store.engine import session_scope, utcnow
-from smartmail.store.models import Contact, ContactStatus, Event, Suppression
+from smartmail.store.models import Contact, ContactStatus, Event, EventType, Suppression
 
 log = structlog.get_logger("smartmail.unsubscribe")
 
@@ -15,7 +15,7 @@ log = structlog.get_logger("smartmail.unsubscribe")
 def unsubscribe(contact_id: int, campaign_id: int | None, *, source: str) -> bool:
     """Unsubscribe the contact, in one transaction: a `subscribed` contact becomes `unsubscribed`
     (bounced, complained and blocked stay as they are), the address is on the suppression list
-    (an existing entry keeps its reason), and an `unsubscribe` event records {campaign_id, source}.
+    (an existing entry keeps its reason), and an `unsubscribed` event records {campaign_id, source}.
 
     True if this call changed anything. Idempotent: a repeat (or a concurrent duplicate, such as a
     provider's one-click POST racing the recipient's own click) changes nothing and returns False,
@@ -37,8 +37,9 @@ def unsubscribe(contact_id: int, campaign_id: int | None, *, source: str) -> boo
         if changed:
             session.add(
                 Event(
-                    type="unsubscribe",
+                    type=EventType.UNSUBSCRIBED.value,
                     contact_id=contact.id,
+                    campaign_id=campaign_id,
                     occurred_at=utcnow(),
                     properties={"campaign_id": campaign_id, "source": source},
                 )

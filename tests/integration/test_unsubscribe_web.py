@@ -73,7 +73,7 @@ def test_one_click_post_unsubscribes_once(client):
     assert after == {
         "contacts": {"ann@example.org": "unsubscribed"},
         "suppressions": {"ann@example.org": "unsubscribed"},
-        "events": [("unsubscribe", ann["id"], {"campaign_id": 7, "source": "one-click"})],
+        "events": [("unsubscribed", ann["id"], {"campaign_id": 7, "source": "one-click"})],
     }
     again = client.post(path(token), data=ONE_CLICK)
     assert again.status_code == 200 and "You are unsubscribed" in again.text
@@ -86,7 +86,7 @@ def test_the_confirm_form_posts_an_empty_body(client):
     ann = contacts.create_contact("ann@example.org")
     response = client.post(path(make_token(ann["id"], None)))
     assert response.status_code == 200
-    assert state()["events"] == [("unsubscribe", ann["id"], {"campaign_id": None, "source": "page"})]
+    assert state()["events"] == [("unsubscribed", ann["id"], {"campaign_id": None, "source": "page"})]
     assert contacts.get_contact("ann@example.org")["status"] == "unsubscribed"
 
 
@@ -94,7 +94,7 @@ def test_one_click_as_multipart_form_data(client):
     ann = contacts.create_contact("ann@example.org")
     response = client.post(path(make_token(ann["id"], 3)), files={"List-Unsubscribe": (None, "One-Click")})
     assert response.status_code == 200
-    assert state()["events"] == [("unsubscribe", ann["id"], {"campaign_id": 3, "source": "one-click"})]
+    assert state()["events"] == [("unsubscribed", ann["id"], {"campaign_id": 3, "source": "one-click"})]
 
 
 def test_the_link_in_the_headers_is_the_one_click_endpoint(client):
@@ -143,7 +143,7 @@ def test_bounced_contact_missing_from_the_suppression_list_gets_on_it(client):
     assert state() == {
         "contacts": {"bob@example.org": "bounced"},
         "suppressions": {"bob@example.org": "unsubscribed"},
-        "events": [("unsubscribe", bob["id"], {"campaign_id": 7, "source": "test"})],
+        "events": [("unsubscribed", bob["id"], {"campaign_id": 7, "source": "test"})],
     }
     assert unsubscribe(bob["id"], 7, source="test") is False
 

@@ -30,6 +30,7 @@ def upgrade() -> None:
     op.create_index("ix_events_xact_id", "events", ["xact", "id"])
     op.execute("UPDATE events SET type = 'opened' WHERE type = 'open'")
     op.execute("UPDATE events SET type = 'clicked' WHERE type = 'click'")
+    op.execute("UPDATE events SET type = 'unsubscribed' WHERE type = 'unsubscribe'")
     op.create_table(
         "engagement_firsts",
         sa.Column("message_id", sa.String(26), primary_key=True),
@@ -62,6 +63,7 @@ def downgrade() -> None:
     op.drop_table("engagement_firsts")
     op.execute("UPDATE events SET type = 'open' WHERE type = 'opened'")
     op.execute("UPDATE events SET type = 'click' WHERE type = 'clicked'")
+    op.execute("UPDATE events SET type = 'unsubscribe' WHERE type = 'unsubscribed'")
     op.drop_index("ix_events_xact_id", table_name="events")
     op.drop_index("ix_events_message_id", table_name="events")
     op.drop_index("ix_events_type_machine_occurred_at_contact_id", table_name="events")
