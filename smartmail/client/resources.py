@@ -47,7 +47,7 @@ class Messages(Resource):
 
     def send(self, to: str, *, idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
         """Queue one email → `{id, state, reason, duplicate}`. Fields: template, subject, html, text,
-        context, from_, reply_to, headers, tags, send_at."""
+        context, from_, reply_to, headers, tags, send_at, track."""
         body = {"to": to, **_body(fields)}
         return self._call("POST", "/v1/messages", json_body=body, idempotency_key=idempotency_key)
 

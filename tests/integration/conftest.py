@@ -138,6 +138,8 @@ def _clear_tables(url: str) -> None:
             "import_errors",
             "import_jobs",
             "events",
+            "engagement_firsts",
+            "stream_checkpoints",
             "list_memberships",
             "segments",
             "lists",
