@@ -103,6 +103,9 @@ def send(
     tag: Annotated[list[str], typer.Option(help="Tag (repeatable).")] = [],
     idempotency_key: Annotated[str | None, typer.Option()] = None,
     send_at: Annotated[datetime | None, typer.Option(help="ISO time; naive times are UTC.")] = None,
+    track: Annotated[
+        bool | None, typer.Option("--track/--no-track", help="Track opens and clicks; default SMARTMAIL_TRACK_TRANSACTIONAL.")
+    ] = None,
     file: Annotated[
         Path | None,
         typer.Option(help="JSON file: one message object or a list (send_many).", exists=True, dir_okay=False),
@@ -148,6 +151,7 @@ def send(
                 "tags": tag,
                 "idempotency_key": idempotency_key,
                 "send_at": send_at,
+                "track": track,
             }
         ]
     try:

@@ -40,7 +40,7 @@ class MessageIn(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=20)
     send_at: datetime | None = Field(None, description="Send later (ISO 8601; without an offset, UTC).")
     track: bool | None = Field(
-        None, description="Rewrite links for click tracking and add the open pixel. Default: SMARTMAIL_TRACK_TRANSACTIONAL."
+        None, description="Track opens and clicks (links rewritten, a pixel). Default: SMARTMAIL_TRACK_TRANSACTIONAL."
     )
 
     def spec(self) -> dict[str, Any]:
