@@ -104,7 +104,7 @@ def send(
     idempotency_key: Annotated[str | None, typer.Option()] = None,
     send_at: Annotated[datetime | None, typer.Option(help="ISO time; naive times are UTC.")] = None,
     track: Annotated[
-        bool | None, typer.Option("--track/--no-track", help="Track opens and clicks; default SMARTMAIL_TRACK_TRANSACTIONAL.")
+        bool | None, typer.Option("--track/--no-track", help="Track opens and clicks (default: the setting).")
     ] = None,
     file: Annotated[
         Path | None,
