@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from smartmail import runtime
 from smartmail.config import get_settings
+from smartmail.content import tracking_links
 from smartmail.feedback import machine
 from smartmail.store import dialect
 from smartmail.store.engine import get_engine, utcnow
@@ -201,57 +202,50 @@ def store(connection: Connection, hits: Iterable[Hit]) -> int:
 
 def _machine_reasons(connection: Connection, hits: list[Hit], messages: dict, settings) -> list[str | None]:
     """Why each hit is a machine's (None: a person's): the proxy and scanner signatures of
-    feedback.machine, the honeypot link, a click too soon after delivery, or one of a burst of
-    several links of one message clicked within seconds."""
+    feedback.machine, the honeypot link, a click too soon after delivery, or a click in a burst of
+    several links of one message followed within seconds."""
     reasons: list[str | None] = []
-    clicks_of: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for hit in hits:
+    clicks_of: dict[str, list[int]] = defaultdict(list)  # message id -> positions of its clicks in `hits`
+    for position, hit in enumerate(hits):
         if hit.kind == OPEN:
             reasons.append(machine.open_machine_reason(hit.user_agent, hit.ip))
             continue
         sent = messages[hit.message_id].finished_at
         after = None if sent is None else hit.at - sent.replace(tzinfo=UTC).timestamp()
-        reason = "honeypot" if hit.link == 0 else None
+        method = "HEAD" if hit.head else "GET"
         reasons.append(
-            reason
-            or machine.click_machine_reason(
-                hit.user_agent, hit.ip, "HEAD" if hit.head else "GET", after, settings.scanner_click_seconds
-            )
+            "honeypot"
+            if hit.link == tracking_links.HONEYPOT
+            else machine.click_machine_reason(hit.user_agent, hit.ip, method, after, settings.scanner_click_seconds)
         )
-        clicks_of[hit.message_id].append((hit.at, hit.link))
-    bursts = _bursts(connection, clicks_of, settings)
-    return [
-        reason or ("link_burst" if hit.kind == CLICK and hit.message_id in bursts else None)
-        for hit, reason in zip(hits, reasons)
-    ]
+        clicks_of[hit.message_id].append(position)
+    for position in _in_bursts(connection, hits, clicks_of, settings):
+        reasons[position] = reasons[position] or "link_burst"
+    return reasons
 
 
-def _bursts(connection: Connection, clicks_of: dict[str, list[tuple[float, int]]], settings) -> set[str]:
-    """Messages with a burst of clicks on distinct links (this batch's, and the first clicks stored
-    before it within the burst window)."""
+def _in_bursts(connection: Connection, hits: list[Hit], clicks_of: dict[str, list[int]], settings) -> list[int]:
+    """The positions of the clicks in `hits` that are part of a burst, counting with this batch's
+    clicks the first clicks stored before it within the burst window."""
     if not clicks_of:
-        return set()
-    earliest = min(at for clicks in clicks_of.values() for at, _ in clicks) - settings.scanner_burst_seconds
-    since = datetime.fromtimestamp(earliest, UTC).replace(tzinfo=None)
-    stored = connection.execute(
-        select(EngagementFirst.message_id, EngagementFirst.link, EngagementFirst.occurred_at).where(
-            EngagementFirst.message_id.in_(list(clicks_of)),
-            EngagementFirst.link > 0,
-            EngagementFirst.occurred_at >= since,
+        return []
+    earliest = min(hits[p].at for positions in clicks_of.values() for p in positions) - settings.scanner_burst_seconds
+    first = EngagementFirst
+    earlier: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for message_id, link, at in connection.execute(
+        select(first.message_id, first.link, first.occurred_at).where(
+            first.message_id.in_(list(clicks_of)),
+            first.link > 0,
+            first.occurred_at >= datetime.fromtimestamp(earliest, UTC).replace(tzinfo=None),
         )
-    )
-    for message_id, link, at in stored:
-        clicks_of[message_id].append((at.replace(tzinfo=UTC).timestamp(), link))
-    return {
-        message_id
-        for message_id, clicks in clicks_of.items()
-        if machine.burst_is_machine(
-            [at for at, _ in clicks],
-            [link for _, link in clicks],
-            settings.scanner_burst_links,
-            settings.scanner_burst_seconds,
-        )
-    }
+    ):
+        earlier[message_id].append((at.replace(tzinfo=UTC).timestamp(), link))
+    found = []
+    for message_id, positions in clicks_of.items():
+        clicks = [(hits[p].at, hits[p].link) for p in positions] + earlier[message_id]
+        flags = machine.burst_clicks(clicks, settings.scanner_burst_links, settings.scanner_burst_seconds)
+        found += [p for p, flagged in zip(positions, flags) if flagged]
+    return found
 
 
 def _new_firsts(connection: Connection, hits: list[Hit], reasons: list[str | None]) -> dict[tuple, datetime]:
