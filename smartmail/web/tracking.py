@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import time
 
 import redis
@@ -27,6 +28,7 @@ PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c0
 # Never cached: a cached pixel or redirect would hide the next open or click.
 _NO_STORE = {"Cache-Control": "no-store, max-age=0", "Pragma": "no-cache"}
 _FLUSH_SECONDS = 0.05  # how long a hit waits in the process before it is written to Redis
+_MAX_FLUSH = 10_000  # hits written in one round trip
 _RETRY_SECONDS = 1.0  # while Redis does not answer
 _WARN_SECONDS = 10.0  # at most one line per this while Redis is down
 
@@ -42,7 +44,6 @@ class Recorder:
 
     def __init__(self) -> None:
         self.pending: collections.deque[Hit] = collections.deque()
-        self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.dropped = 0
         self.warned = 0.0
@@ -69,7 +70,7 @@ class Recorder:
 
     async def flush(self) -> None:
         """Write the buffered hits to the stream (one round trip), then ask for a drain."""
-        batch = list(self.pending)
+        batch = list(itertools.islice(self.pending, _MAX_FLUSH))
         if not batch:
             return
         settings = get_settings()
