@@ -60,6 +60,8 @@ def celery_config(settings: Settings) -> dict:
             },
             "reconcile": {"task": "smartmail.maintenance.reconcile", "schedule": settings.reconcile_interval},
             "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
+            # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
+            "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},
         },
     }
 
