@@ -119,6 +119,7 @@ def test_a_person_s_browser_clicks_as_a_person(agent):
         ("", NO_USER_AGENT),
         (None, NO_USER_AGENT),
         (YAHOO_PROXY, "yahoo-mail-proxy"),
+        ("Mozilla/5.0", "bare-user-agent"),
     ],
 )
 def test_scanners_and_libraries_click_as_machines(agent, reason):
