@@ -17,6 +17,7 @@ from smartmail.feedback.machine import (
     NO_USER_AGENT,
     SOURCES_FILE,
     TOO_SOON,
+    _address,
     burst_clicks,
     burst_is_machine,
     click_machine_reason,
@@ -252,3 +253,21 @@ def test_nested_networks_match_the_outer_block():
     assert rules.network_reason("192.0.2.255") == "outer"
     assert rules.network_reason("192.0.3.0") is None
     assert rules.network_reason("9.255.255.255") is None
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_addresses_are_read_as_ipaddress_reads_them(address):
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        expected = (4, int(address.ipv4_mapped))
+    else:
+        expected = (address.version, int(address))
+    assert _address(str(address)) == expected
+    assert _address(address.exploded) == expected
+
+
+@given(st.text(max_size=45))
+def test_text_that_is_no_address_matches_no_network(text):
+    try:
+        ipaddress.ip_address(text.strip())
+    except ValueError:
+        assert _address(text) is None
