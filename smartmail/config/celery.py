@@ -63,6 +63,8 @@ def celery_config(settings: Settings) -> dict:
             "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
             # The web processes ask for a drain when they write hits; this catches a request lost.
             "tracking": {"task": "smartmail.tracking.drain", "schedule": 30.0},
+            # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
+            "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},
         },
     }
 

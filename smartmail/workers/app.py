@@ -18,6 +18,7 @@ app = Celery(
         "smartmail.tasks.campaigns",
         "smartmail.tasks.tracking",
         "smartmail.tasks.process_hooks",
+        "smartmail.tasks.retention",
     ],
 )
 
