@@ -29,6 +29,7 @@ STREAM = "smartmail:tracking"  # under SMARTMAIL_REDIS_KEY_PREFIX
 CHECKPOINT = "tracking"  # the stream_checkpoints row holding the last stream id stored
 DRAIN_TASK = "smartmail.tracking.drain"
 OPEN, CLICK = "o", "c"
+HONEYPOT = "honeypot-link"  # the machine reason of a click on the hidden link
 _MAX_AGENT = 400  # characters of a user agent kept
 
 
@@ -214,13 +215,13 @@ def _machine_reasons(connection: Connection, hits: list[Hit], messages: dict, se
         after = None if sent is None else hit.at - sent.replace(tzinfo=UTC).timestamp()
         method = "HEAD" if hit.head else "GET"
         reasons.append(
-            "honeypot"
+            HONEYPOT
             if hit.link == tracking_links.HONEYPOT
             else machine.click_machine_reason(hit.user_agent, hit.ip, method, after, settings.scanner_click_seconds)
         )
         clicks_of[hit.message_id].append(position)
     for position in _in_bursts(connection, hits, clicks_of, settings):
-        reasons[position] = reasons[position] or "link_burst"
+        reasons[position] = reasons[position] or machine.BURST
     return reasons
 
 
