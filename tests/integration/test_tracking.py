@@ -20,7 +20,7 @@ from smartmail.content import tracking_links
 from smartmail.content.template_store import save_template
 from smartmail.content.unsubscribe_links import make_token
 from smartmail.devtools import localredis
-from smartmail.feedback import engagement
+from smartmail.feedback import engagement, stats
 from smartmail.store.engine import get_engine, session_scope, utcnow
 from smartmail.store.models import Contact, Event, Message, MessageState
 from smartmail.workers import claims
@@ -247,3 +247,68 @@ def test_an_outcome_event_is_written_if_and_only_if_its_state_change_commits(rel
     assert [(e.type, e.message_id, e.properties) for e in sent] == [
         ("sent", "01JD0000000000000000000001", {"smtp_code": 250, "reply": "2.0.0 ok"})
     ]
+
+
+def test_proxy_opens_and_scanner_clicks_are_kept_flagged_and_left_out_of_the_rates(relay, api):
+    with get_engine().begin() as connection:
+        for n in range(1, 5):
+            connection.execute(
+                text(
+                    "INSERT INTO messages (id, state, sender, recipient, subject, text, headers, tags,"
+                    " message_id_header, attempts, created_at, finished_at, campaign_id)"
+                    f" VALUES ('01JD000000000000000000000{n}', 'sent', 's@x', 'r{n}@y', 's', 't', '{{}}', '[]',"
+                    f" '<m{n}@x>', 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 9)"
+                )
+            )
+    client = httpx.Client(base_url=api.url, follow_redirects=False)
+    api.clients.append(client)
+
+    def path(url: str) -> str:
+        return url.split("https://mail.example.com", 1)[1]
+
+    def click(n: int, link: int, **kwargs) -> httpx.Response:
+        url = tracking_links.click_url(f"01JD000000000000000000000{n}", link, f"https://shop.example/{link}")
+        return client.request(kwargs.pop("method", "GET"), path(url), **kwargs)
+
+    opened = {n: path(tracking_links.open_url(f"01JD000000000000000000000{n}")) for n in range(1, 5)}
+    assert client.get(opened[1], headers={"User-Agent": "Mozilla/5.0"}).status_code == 200  # Apple's proxy
+    assert (
+        client.get(opened[2], headers={"User-Agent": "Mozilla/5.0 (via ggpht.com GoogleImageProxy)"}).status_code == 200
+    )
+    assert client.get(opened[3], headers={"User-Agent": HUMAN}).status_code == 200  # a person
+    assert click(1, 1, method="HEAD", headers={"User-Agent": HUMAN}).status_code == 302  # a link check
+    assert click(2, 1, headers={"User-Agent": "Mozilla/5.0 BingPreview/1.0b"}).status_code == 302
+    for link in (1, 2, 3):  # every link of message 4 within a second: a scanner behind a browser's agent
+        assert click(4, link, headers={"User-Agent": HUMAN}).status_code == 302
+    assert click(3, 2, headers={"User-Agent": HUMAN}).status_code == 302  # a person
+
+    wait_for(lambda: engagement.drain() and len(events("opened")) + len(events("clicked")) == 9, 20, message="stored")
+    reasons = {
+        (e.type, e.message_id[-1], e.properties.get("link")): e.properties.get("machine_reason")
+        for e in events("opened") + events("clicked")
+    }
+    assert reasons == {
+        ("opened", "1", None): "apple-mail-privacy-protection",
+        ("opened", "2", None): "google-image-proxy",
+        ("opened", "3", None): None,
+        ("clicked", "1", 1): "head-request",
+        ("clicked", "2", 1): "microsoft-link-check",
+        ("clicked", "4", 1): "many-links-at-once",
+        ("clicked", "4", 2): "many-links-at-once",
+        ("clicked", "4", 3): "many-links-at-once",
+        ("clicked", "3", 2): None,
+    }
+    assert all(
+        e.machine == (reasons[(e.type, e.message_id[-1], e.properties.get("link"))] is not None)
+        for e in events("opened") + events("clicked")
+    )
+
+    human = stats.campaign_engagement(9)
+    assert (
+        human["sent"] == 4
+        and human["opens"] == {"unique": 1, "total": 1}
+        and human["clicks"] == {"unique": 1, "total": 1}
+    )
+    assert human["open_rate"] == 0.25 and human["click_rate"] == 0.25 and human["machine"] == {"opens": 2, "clicks": 5}
+    everything = stats.campaign_engagement(9, include_machine=True)
+    assert everything["opens"]["total"] == 3 and everything["clicks"]["total"] == 6
