@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, insert, select
+from sqlalchemy import create_engine, event, insert, select
 from typer.testing import CliRunner
 
 from smartmail.audience import event_stream
@@ -273,6 +273,43 @@ def test_a_rolled_back_event_leaves_no_gap_that_holds_the_stream(env, database_u
         engine.dispose()
     _events([{"type": "opened", "contact_id": contact}])
     assert [event["type"] for event in event_stream.read(None).events] == ["opened"]
+
+
+def test_a_typed_read_walks_the_stream_index_a_window_at_a_time(env, database_url):
+    """The window is read from ix_events_xact_id alone, and neither statement reads the whole table,
+    for a frequent type as for a rare one."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("plans: SQLite has no planner statistics to go wrong with")
+    contact = _contacts("ann@example.org")["ann@example.org"]
+    for _ in range(40):  # 40 transactions: positions spread over many xacts, as writers make them
+        types = ["opened" if i % 997 == 0 else "clicked" if i % 5 == 0 else "sent" for i in range(2000)]
+        _events([{"type": kind, "contact_id": contact} for kind in types])
+    engine = get_engine()
+    with engine.connect() as connection:
+        connection.exec_driver_sql("ANALYZE events")
+        connection.commit()
+    middle = event_stream.read(None, limit=1000)
+    seen: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        seen.append((statement, parameters))
+
+    for types in (["clicked"], ["opened"], None):
+        seen.clear()
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            page = event_stream.read(middle.next, types=types, limit=100)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        assert page.more
+        with engine.connect() as connection:
+            plans = [
+                "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN " + statement, parameters))
+                for statement, parameters in seen
+            ]
+        window, rows = plans
+        assert "Index Only Scan using ix_events_xact_id" in window, window
+        assert "Seq Scan" not in window + rows, (types, window, rows)
 
 
 # --- smartmail events tail ---------------------------------------------------------------------
