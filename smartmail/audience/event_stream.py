@@ -22,7 +22,7 @@ MAX_LIMIT = 1000
 SCAN_WINDOW = 10_000
 
 _BIGINT = 2**63
-_POSITION = re.compile(r"(\d{1,19})-(\d{1,19})")
+_POSITION = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")
 _TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,63}")
 
 
