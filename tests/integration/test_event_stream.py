@@ -21,7 +21,7 @@ from smartmail.cli.main import app as cli
 from smartmail.errors import InvalidInput, NotFound
 from smartmail.store.engine import get_engine, session_scope, utcnow
 from smartmail.store.models import Campaign, Contact, Event, Message
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 
 def _contacts(*emails: str) -> dict[str, int]:
@@ -54,6 +54,16 @@ def _events(rows: list[dict]) -> None:
     ]
     with get_engine().begin() as connection:
         connection.execute(insert(Event), values)
+    settle()
+
+
+def settle() -> None:
+    """Wait until every stored event is readable. The stream stops below the oldest transaction
+    running anywhere on the PostgreSQL server, and other test runs may share the server."""
+    with get_engine().connect() as connection:
+        last = connection.execute(select(Event.xact, Event.id).order_by(Event.xact.desc(), Event.id.desc())).first()
+    if last is not None:
+        wait_for(lambda: event_stream.end() == Position(*last), timeout=30, message="the stream to reach its end")
 
 
 def _stored() -> list[dict]:
@@ -254,6 +264,7 @@ def test_a_reader_never_passes_an_event_whose_transaction_is_still_open(env, dat
             assert filtered.events == [] and filtered.next == start
 
             slow.commit()
+        settle()
         page = event_stream.read(start)
         assert [event["id"] for event in page.events] == [low, high]
         assert event_stream.end() == page.next
