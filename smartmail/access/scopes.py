@@ -11,6 +11,7 @@ SCOPES: dict[str, str] = {
     "contacts:write": "create, change and erase contacts; lists, memberships and imports",
     "segments:read": "read, count and preview segments",
     "segments:write": "save and delete segments",
+    "events:read": "read the event stream (GET /v1/events, /v1/messages/{id}/events)",
     "events:write": "ingest custom events (POST /v1/events)",
     "campaigns:read": "read campaigns and their progress",
     "campaigns:write": "create, change, schedule, launch, pause, resume and cancel campaigns",

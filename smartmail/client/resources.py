@@ -208,12 +208,26 @@ class Segments(Resource):
 
 
 class Events(Resource):
-    """/v1/events (scope events:write)."""
+    """/v1/events (scopes events:read, events:write)."""
 
     def send(self, events: list[dict[str, Any]]) -> dict[str, Any]:
         """Record up to 1,000 events `{email, type, properties?, occurred_at?, id?}` (an `id` makes a
         resend a duplicate) → `{accepted, duplicates, rejected, results}`."""
         return self._call("POST", "/v1/events", json_body={"events": events})
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every event in the stream now, oldest first. Filters: after (a position), type (a name or a
+        list of names), message, contact (an address), campaign (a name or id), include_machine."""
+        return self._list("/v1/events", page_size, filters)
+
+    def page(self, after: str | None = None, *, limit: int | None = None, **filters: Any) -> dict[str, Any]:
+        """One page of the stream after a position → `{data, next_cursor, position}`: keep `position`
+        as your checkpoint and pass it as `after` on the next call. Filters as for `list`."""
+        return self._call("GET", "/v1/events", params={**filters, "after": after, "limit": limit})
+
+    def of_message(self, message_id: str) -> Sequence[dict[str, Any]]:
+        """One message's events, in the order they happened."""
+        return self._call("GET", f"/v1/messages/{_segment(message_id)}/events")["data"]
 
 
 class Suppressions(Resource):

@@ -193,6 +193,19 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
         "/v1/events",
         {"events": [{"email": "a@example.org", "type": "signup", "id": "e1"}]},
     ),
+    (
+        lambda c: list(c.events.list(type=["opened", "clicked"], include_machine=False)),
+        "GET",
+        "/v1/events?type=opened&type=clicked&include_machine=false",
+        None,
+    ),
+    (
+        lambda c: c.events.page("0-12", limit=10, campaign="spring"),
+        "GET",
+        "/v1/events?campaign=spring&after=0-12&limit=10",
+        None,
+    ),
+    (lambda c: c.events.of_message("01ABC"), "GET", "/v1/messages/01ABC/events", None),
     (lambda c: list(c.suppressions.list(reason="manual")), "GET", "/v1/suppressions?reason=manual", None),
     (
         lambda c: c.suppressions.add("a@example.org", reason="manual"),

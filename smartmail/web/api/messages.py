@@ -1,4 +1,4 @@
-"""/v1/messages: send one or a batch of transactional emails, read one, list them."""
+"""/v1/messages: send one or a batch of transactional emails, read one and its events, list them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, Sec
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from smartmail.access.keys import Principal
+from smartmail.audience import event_stream
 from smartmail.errors import InvalidMessage
 from smartmail.producer import sending, status
 from smartmail.store.models import MessageState
 from smartmail.web.api.auth import authorize
+from smartmail.web.api.events import StreamEvent
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
 from smartmail.web.problems import json_pointer, pointer
@@ -185,6 +187,19 @@ def get_message(
     if found is None:
         raise HTTPException(404, f"No message {message_id!r}.")
     return found
+
+
+class MessageEvents(BaseModel):
+    data: list[StreamEvent]
+
+
+@router.get("/{message_id}/events", response_model=MessageEvents)
+def get_message_events(
+    message_id: Annotated[str, Path(max_length=26)],
+    principal: Annotated[Principal, Security(authorize, scopes=["events:read"])],
+) -> MessageEvents:
+    """One message's events (sent, deferred, opened, clicked, …), in the order they happened."""
+    return MessageEvents(data=[StreamEvent(**event) for event in event_stream.for_message(message_id)])
 
 
 @router.get("", response_model=Page[MessageOut])
