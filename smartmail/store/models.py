@@ -253,6 +253,9 @@ class Event(Base):
         Index("ix_events_contact_id_type_occurred_at", "contact_id", "type", "occurred_at"),
         Index("ix_events_message_id", "message_id"),
         Index("ix_events_xact_id", "xact", "id"),  # the stream's order
+        # Ids never handed out twice (SQLite would reuse the highest after a delete): a reader's
+        # position must never name a new row it already passed.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)

@@ -18,7 +18,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("events") as batch:
+    # On SQLite the table is rebuilt with AUTOINCREMENT: ids are never handed out twice.
+    with op.batch_alter_table("events", recreate="always", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.add_column(sa.Column("campaign_id", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("machine", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch.add_column(sa.Column("xact", sa.BigInteger(), nullable=False, server_default=current_transaction()))
