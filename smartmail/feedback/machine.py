@@ -101,11 +101,11 @@ def _address(ip: str | None) -> tuple[int, int] | None:
     ip = ip.strip()
     try:
         return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         pass
     try:
         packed = socket.inet_pton(socket.AF_INET6, ip)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         return None  # not an address (or one with a zone index, which no public client has)
     if packed[:12] == _MAPPED:
         return 4, int.from_bytes(packed[12:], "big")

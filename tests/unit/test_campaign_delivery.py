@@ -20,6 +20,8 @@ CAMPAIGN = SimpleNamespace(
     window_start=None,
     window_end=None,
     window_timezone=None,
+    tracking=True,
+    utm=None,
 )
 
 
@@ -89,3 +91,12 @@ def test_a_full_cache_of_campaigns_is_emptied_before_it_is_read(monkeypatch):
 
     monkeypatch.setattr(campaign_delivery, "reader", Reader)
     assert set(campaign_delivery._campaign_rows({5, 5000})) == {5, 5000}
+
+
+def test_campaign_messages_are_tracked_unless_the_contact_opted_out():
+    opted_out = row(8)
+    opted_out.contact_attributes = {"first_name": "F8", "tracking_opt_out": True}
+    tracked, untracked = campaign_delivery.prepare([row(1), opted_out], datetime(2026, 1, 1)).ready
+    assert "/t/o/m1." in tracked.html
+    assert "/t/" not in untracked.html and "/t/" not in untracked.text
+    assert "/unsubscribe/" in untracked.html  # the way out, untracked either way
