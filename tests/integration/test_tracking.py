@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from smartmail.audience import segments
+from smartmail.audience import contacts, segments
 from smartmail.audience.contacts import add_members, create_contact, create_list
 from smartmail.campaigns import lifecycle as campaigns
 from smartmail.content import tracking_links
@@ -126,6 +126,14 @@ def test_opens_and_clicks_land_once_per_unique_hit_and_fill_the_engagement_segme
     assert segments.count({"opened_within": 1}) == 2
     assert segments.count({"clicked_within": 1}) == 2
     assert segments.count({"not": {"opened_within": 1}}) == 1
+
+    # Erasing a contact erases its events, tracking and delivery ones alike.
+    ann_id = contacts.get_contact("ann@a.example")["id"]
+    assert contacts.delete_contact("ann@a.example")
+    with session_scope() as session:
+        left = session.scalars(select(Event.type).where(Event.contact_id == ann_id)).all()
+        types = set(session.scalars(select(Event.type)))
+    assert left == [] and types == {"sent", "opened", "clicked"}  # Bob's and Cy's remain
 
 
 def test_a_token_not_made_here_gets_404_and_no_redirect(env, api):
