@@ -287,7 +287,13 @@ def test_compiled_db_template_is_cached(session, save, templates_dir, monkeypatc
 
     monkeypatch.setattr(template_store, "load_part", counting)
     first = render(session, context={"n": 1}, template="cached", templates_dir=templates_dir)
-    assert sorted(calls) == [("cached", 1, "html"), ("cached", 1, "subject"), ("cached", 1, "text")]
+    # The HTML part brings its preheader (added as it compiles).
+    assert sorted(calls) == [
+        ("cached", 1, "html"),
+        ("cached", 1, "preheader"),
+        ("cached", 1, "subject"),
+        ("cached", 1, "text"),
+    ]
     calls.clear()
     second = render(session, context={"n": 2}, template="cached", templates_dir=templates_dir)
     third = render(session, context={"n": 3}, template="cached@1", templates_dir=templates_dir)
@@ -298,7 +304,13 @@ def test_compiled_db_template_is_cached(session, save, templates_dir, monkeypatc
     save("cached", subject="v2 {{ n }}", html="<p>v2</p>")
     for n in (4, 5):
         assert render(session, context={"n": n}, template="cached", templates_dir=templates_dir).subject == f"v2 {n}"
-    assert sorted(calls) == [("cached", 2, "html"), ("cached", 2, "html"), ("cached", 2, "subject")]
+    assert sorted(calls) == [
+        ("cached", 2, "html"),
+        ("cached", 2, "html"),
+        ("cached", 2, "preheader"),
+        ("cached", 2, "preheader"),
+        ("cached", 2, "subject"),
+    ]
 
 
 def test_rendering_a_db_template_inside_a_make_engine_session(db_url, save, templates_dir, monkeypatch):
@@ -542,3 +554,47 @@ def test_html_whose_jinja_tags_hold_markup_is_converted_per_message(session, tem
     html = "<p>{{ note | default('<b>none</b>') }}</p>"
     assert text_source_from_html(html) is None
     assert render(None, context={}, subject="s", html=html).text == "<b>none</b>\n"
+
+
+# --- email-client-ready HTML: CSS inlined and the preheader added as a version compiles --------
+
+STYLED = "<html><head><style>p { color: #333; }</style></head><body><p>Hi {{ name }}</p></body></html>"
+HIDDEN = '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">'
+
+
+def test_a_db_template_is_sent_with_css_inlined_and_its_preheader_but_stored_as_written(engine, session, templates_dir):
+    with Session(engine) as writing:
+        template_store.save_template(writing, "styled", subject="S", html=STYLED, preheader="For {{ name }} & co")
+        writing.commit()
+    result = render(session, context={"name": "Ann"}, template="styled", templates_dir=templates_dir)
+    assert result.html is not None
+    assert f'<body>{HIDDEN}For Ann &amp; co</div><p style="color: #333;">Hi Ann</p>' in result.html
+    assert "<style>" not in result.html
+    assert result.text == "Hi Ann\n"  # the hidden preview text is not in the text part
+    assert template_store.get_template("styled") | {"created_at": None} == {
+        "name": "styled",
+        "version": 1,
+        "subject": "S",
+        "html": STYLED,
+        "text": None,
+        "preheader": "For {{ name }} & co",
+        "created_at": None,
+    }
+
+
+def test_an_inline_html_part_gets_its_css_inlined(session):
+    result = render(session, context={"name": "Bo"}, subject="S", html=STYLED)
+    assert result.html == '<html><head></head><body><p style="color: #333;">Hi Bo</p></body></html>'
+
+
+def test_a_file_template_takes_its_preheader_from_preheader_txt(session, templates_dir, monkeypatch):
+    directory = write_file_template(templates_dir, "pre", subject="S", html=STYLED)
+    (directory / template_store.FILE_PREHEADER).write_text("Hello {{ name }}\n", encoding="utf-8")
+    result = render(session, context={"name": "Ann"}, template="pre", templates_dir=templates_dir)
+    assert f"<body>{HIDDEN}Hello Ann</div><p" in (result.html or "")
+    # An edit of preheader.txt alone shows after the recheck interval, as one of body.html does.
+    (directory / template_store.FILE_PREHEADER).unlink()
+    monkeypatch.setattr(rendering, "FILE_RECHECK_SECONDS", 0.0)
+    assert HIDDEN not in (
+        render(session, context={"name": "A"}, template="pre", templates_dir=templates_dir).html or ""
+    )
