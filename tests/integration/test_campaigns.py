@@ -577,3 +577,24 @@ def test_campaign_and_template_cli_set_tracking_utm_and_preheaders(relay, tmp_pa
         assert result.exit_code == 2 and f"{field}:" in result.output, (utm, result.output)
     result = runner.invoke(cli, [*create[:2], "c3", *create[3:], "--preheader", "{{ unclosed"])
     assert result.exit_code == 2 and "preheader:" in result.output
+
+
+def test_a_launch_freezes_a_file_templates_preheader_unless_the_campaign_has_its_own(relay, tmp_path, monkeypatch):
+    directory = tmp_path / "digest"
+    directory.mkdir()
+    (directory / "subject.txt").write_text("Digest")
+    (directory / "body.html").write_text("<html><body class='d'><p>{{ first_name }}</p></body></html>")
+    (directory / "preheader.txt").write_text("This week for {{ first_name }}\n")
+    monkeypatch.setenv("SMARTMAIL_TEMPLATES_DIR", str(tmp_path))
+    reset_caches()
+    make_audience(2)
+    hidden = '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">'
+    campaigns.create_campaign("from-file", template="digest", lists=["news"])
+    campaigns.create_campaign("own", template="digest", lists=["news"], preheader="Ours & only ours")
+    for name in ("from-file", "own"):
+        campaigns.launch_campaign(name)
+    with session_scope() as session:
+        frozen = {name: html for name, html in session.execute(select(Campaign.name, Campaign.html))}
+    body = "<p>{{ first_name }}</p></body></html>"
+    assert frozen["from-file"] == f"<html><body class='d'>{hidden}This week for {{{{ first_name }}}}</div>{body}"
+    assert frozen["own"] == f"<html><body class='d'>{hidden}Ours &amp; only ours</div>{body}"
