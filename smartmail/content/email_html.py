@@ -39,27 +39,34 @@ def prepare_html(source: str, preheader: str | None) -> str:
     and `preheader` (plain text, may hold Jinja) as hidden preview text first in the body. Jinja
     tags come through unchanged; when the inliner would move or lose one, or the HTML parser
     would move text (foster parenting out of a table), the source is kept as written (logged)."""
-    tokens: list[str] = []
     if _OPEN in source or _CLOSE in source:
-        return _restore(_with_preheader(source, preheader), tokens, preheader)
+        if _HAS_STYLE.search(source):
+            log.warning("email_html.not_inlined", reason="the source holds the characters Jinja tags are masked with")
+        return add_preheader(source, preheader)
+    tokens: list[str] = []
     marked = _JINJA_TAG.sub(lambda m: _token(tokens, m.group()), source)
+    as_written = _restore(_with_preheader(marked, preheader), tokens, preheader)
     if not _HAS_STYLE.search(marked):  # nothing to inline: no need to parse
-        return _restore(_with_preheader(marked, preheader), tokens, preheader)
+        return as_written
     inlined, why = _inline_css(marked, len(tokens))
-    if inlined is None:
-        log.warning("email_html.not_inlined", reason=why)
-        return _restore(_with_preheader(marked, preheader), tokens, preheader)
-    result = _restore(_with_preheader(inlined, preheader), tokens, preheader)
+    if inlined is not None:
+        result = _restore(_with_preheader(inlined, preheader), tokens, preheader)
+        if _parses(result):
+            return result
+        if not _parses(source):  # the author's error: the caller reports it, on the source
+            return as_written
+        why = "the inlined template does not parse as the source does"
+    log.warning("email_html.not_inlined", reason=why)
+    return as_written
+
+
+def _parses(template: str) -> bool:
+    # The sandbox's syntax is Jinja's default one, so a plain environment parses as it does.
     try:
-        jinja2.Environment().parse(result)
+        jinja2.Environment().parse(template)
     except jinja2.TemplateSyntaxError:
-        try:
-            jinja2.Environment().parse(source)
-        except jinja2.TemplateSyntaxError:  # the author's error: the caller reports it on the source
-            return _restore(_with_preheader(marked, preheader), tokens, preheader)
-        log.warning("email_html.not_inlined", reason="the inlined template does not parse as the source does")
-        return _restore(_with_preheader(marked, preheader), tokens, preheader)
-    return result
+        return False
+    return True
 
 
 def add_preheader(source: str, preheader: str | None) -> str:

@@ -9,6 +9,7 @@ import jinja2
 import pytest
 from structlog.testing import capture_logs
 
+from smartmail.content import email_html
 from smartmail.content.email_html import PREHEADER_STYLE, add_preheader, check_preheader, prepare_html
 from smartmail.content.rendering import html_to_text
 from smartmail.errors import InvalidInput
@@ -115,6 +116,33 @@ def test_what_the_inliner_would_move_or_break_keeps_the_source(source, reason):
     assert prepared == f"{HIDDEN}Pre</div>{source}"
     assert [entry["event"] for entry in logs] == ["email_html.not_inlined"]
     assert reason in logs[0]["reason"]
+
+
+def test_a_block_split_over_attributes_the_inliner_reorders_keeps_the_source(monkeypatch):
+    # The inliner may write a tag's attributes in another order; a block opened in one attribute
+    # and closed in another would then close before it opens.
+    source = '<style>p{color:red}</style><p title="{% if a %}x" class="y{% endif %}">z</p>'
+
+    class Reordering:
+        def inline(self, html: str) -> str:
+            match = re.search(r'title="([^"]*)" class="([^"]*)"', html)
+            assert match is not None
+            title, klass = match.groups()
+            return (
+                f'<html><head></head><body><p class="{klass}" title="{title}" style="color: red;">z</p></body></html>'
+            )
+
+    monkeypatch.setattr(email_html, "_INLINER", Reordering())
+    with capture_logs() as logs:
+        assert prepare_html(source, None) == source
+    assert [entry["reason"] for entry in logs] == ["the inlined template does not parse as the source does"]
+
+
+def test_a_source_holding_the_masking_characters_is_not_inlined():
+    source = "<style>p{color:red}</style><p>\ue000{{ a }}</p>"
+    with capture_logs() as logs:
+        assert prepare_html(source, "P") == f"{HIDDEN}P</div>{source}"
+    assert "masked" in logs[0]["reason"]
 
 
 def test_a_source_with_a_jinja_syntax_error_is_left_for_the_caller_to_report():
