@@ -58,14 +58,15 @@ class _StoreLoader(jinja2.BaseLoader):
         if kind == "db":
             ref, _, part = rest.partition("/")[2].rpartition("/")
             name, _, version = ref.partition("@")
-            source = template_store.load_part(self.session_factory, name, int(version), part, session=_session.get())
+            if part == "html":  # CSS inlined and the preheader added once, as this version compiles
+                found = template_store.load_html(self.session_factory, name, int(version), session=_session.get())
+                source = None if found is None else prepare_html(*found)
+            else:
+                source = template_store.load_part(
+                    self.session_factory, name, int(version), part, session=_session.get()
+                )
             if source is None:
                 raise jinja2.TemplateNotFound(template)
-            if part == "html":  # CSS inlined and the preheader added once, as this version compiles
-                preheader = template_store.load_part(
-                    self.session_factory, name, int(version), "preheader", session=_session.get()
-                )
-                source = prepare_html(source, preheader)
             return source, template, lambda: True
         if kind == "file":
             path = Path(rest)

@@ -107,6 +107,19 @@ def load_part(session_factory, name: str, version: int, part: str, *, session: S
     return {"subject": row.subject, "html": row.html, "text": row.text, "preheader": row.preheader}[part]
 
 
+def load_html(
+    session_factory, name: str, version: int, *, session: Session | None = None
+) -> tuple[str, str | None] | None:
+    """A database template version's HTML source and its preheader, in one query (see load_part)."""
+    query = select(Template.html, Template.preheader).where(Template.name == name, Template.version == version)
+    if session is not None:
+        row = session.execute(query).one_or_none()
+    else:
+        with session_factory() as own:
+            row = own.execute(query).one_or_none()
+    return None if row is None else (row.html, row.preheader)
+
+
 def check_name(name: Any, *, field: str = "name") -> str:
     """A template name: it is also a directory name and a URL path segment, so only letters,
     digits, `_`, `.` and `-` (no `/`, `@`, spaces or `%`), starting with a letter or digit."""
