@@ -22,7 +22,7 @@ from smartmail.campaigns.fan_out import (
     take_lost_fan_outs,
 )
 from smartmail.config import get_settings
-from smartmail.content import rendering, template_store
+from smartmail.content import email_html, rendering, template_store
 from smartmail.errors import ConflictingInput
 from smartmail.store.engine import reader, session_scope, utcnow
 from smartmail.store.models import (
@@ -91,7 +91,11 @@ EDITABLE = (
     "rate_cap",
     "tags",
     "resend_unknown",
+    "tracking",
+    "utm",
+    "preheader",
 )
+UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 _CHANGEABLE = (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value)
 
 
@@ -131,6 +135,9 @@ def as_dict(campaign: Campaign) -> dict[str, Any]:
         "rate_cap": campaign.rate_cap,
         "tags": list(campaign.tags or ()),
         "resend_unknown": campaign.resend_unknown,
+        "tracking": campaign.tracking,
+        "utm": dict(campaign.utm) if campaign.utm else None,
+        "preheader": campaign.preheader,
         "fanned_out": campaign.fanned_out,
         "created_at": campaign.created_at,
         "launched_at": campaign.launched_at,
@@ -154,7 +161,7 @@ def _columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
     unknown = [key for key in settings if key not in EDITABLE]
     if unknown:
         raise InvalidInput("cannot be set on a campaign", field=unknown[0])
-    return {**_content_columns(session, settings), **_delivery_columns(settings)}
+    return {**_content_columns(session, settings), **_delivery_columns(settings), **_tracking_columns(settings)}
 
 
 def _content_columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +232,37 @@ def _delivery_columns(settings: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _tracking_columns(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Open and click tracking, the UTM parameters tracked links get, and the preheader (which
+    replaces the template's)."""
+    values: dict[str, Any] = {}
+    if "tracking" in settings:
+        if not isinstance(settings["tracking"], bool):
+            raise InvalidInput("must be true or false", field="tracking")
+        values["tracking"] = settings["tracking"]
+    if "utm" in settings:
+        values["utm"] = check_utm(settings["utm"])
+    if "preheader" in settings:
+        values["preheader"] = email_html.check_preheader(settings["preheader"])
+    return values
+
+
+def check_utm(utm: Any, *, field: str = "utm") -> dict[str, str] | None:
+    """UTM parameters as stored: None, or an object whose keys are among UTM_KEYS and whose values
+    are 1-200 printable characters (an empty object is None)."""
+    if utm is None:
+        return None
+    if not isinstance(utm, Mapping):
+        raise InvalidInput(f"must be an object with keys among {', '.join(UTM_KEYS)}, or null", field=field)
+    for key, value in utm.items():
+        if key not in UTM_KEYS:
+            expected = ", ".join(UTM_KEYS)
+            raise InvalidInput(f"is not a UTM parameter (expected one of {expected})", field=f"{field}.{key}")
+        if not isinstance(value, str) or not 0 < len(value) <= 200 or not value.isprintable():
+            raise InvalidInput("must be 1-200 printable characters", field=f"{field}.{key}")
+    return {key: utm[key] for key in UTM_KEYS if key in utm} or None
+
+
 def _check_audience(lists: list[str], segment: str | None) -> None:
     if not lists and not segment:
         raise InvalidInput("give lists, a segment, or both", field="audience")
@@ -244,12 +282,17 @@ def create_campaign(
     rate_cap: float | None = None,
     tags: Iterable[str] = (),
     resend_unknown: bool = False,
+    tracking: bool = True,
+    utm: Mapping[str, str] | None = None,
+    preheader: str | None = None,
 ) -> dict[str, Any]:
     """A draft campaign (scheduled with `send_at`): `template` to the members of `lists` and/or
     the saved `segment`, minus suppressed and non-subscribed contacts. Errors name the field;
     nothing is stored then. `resend_unknown`: at-least-once, messages a worker crash left
     `unknown` (their content may have reached the relay) are sent again; a recipient may then get
-    a duplicate. Returns the campaign (as_dict)."""
+    a duplicate. `tracking`: open and click tracking; `utm`: UTM parameters for its tracked links
+    (keys among UTM_KEYS); `preheader`: hidden preview text replacing the template's. Returns the
+    campaign (as_dict)."""
     if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable() or "/" in name:
         raise InvalidInput("a name of 1-200 printable characters other than / is required", field="name")
     lists = list(lists)
@@ -266,6 +309,9 @@ def create_campaign(
         "rate_cap": rate_cap,
         "tags": tags,
         "resend_unknown": resend_unknown,
+        "tracking": tracking,
+        "utm": utm,
+        "preheader": preheader,
     }
     with session_scope() as session:
         values = _columns(session, settings)
@@ -406,15 +452,20 @@ def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
     if ref.version is not None:
         parts = {
             part: template_store.load_part(None, ref.name, ref.version, part, session=session)
-            for part in ("subject", "html", "text")
+            for part in ("subject", "html", "text", "preheader")
         }
     else:
         assert ref.path is not None  # a reference without a version is a file template
+        files = {**template_store.FILE_PARTS, "preheader": template_store.FILE_PREHEADER}
         parts = {
             part: (ref.path / filename).read_text(encoding="utf-8") if (ref.path / filename).is_file() else None
-            for part, filename in template_store.FILE_PARTS.items()
+            for part, filename in files.items()
         }
-    campaign.subject, campaign.html, campaign.text = parts["subject"], parts["html"], parts["text"]
+        parts["preheader"] = (parts["preheader"] or "").strip() or None
+    # The preheader goes into the frozen HTML; its CSS is inlined as workers compile it (rendering).
+    preheader = campaign.preheader or parts["preheader"]
+    html = email_html.add_preheader(parts["html"], preheader) if parts["html"] else parts["html"]
+    campaign.subject, campaign.html, campaign.text = parts["subject"], html, parts["text"]
     if campaign.text is None and campaign.html:
         campaign.text = rendering.text_source_from_html(campaign.html)
     campaign.template_version = ref.version
@@ -495,12 +546,14 @@ def run_due(now: datetime | None = None) -> None:
 
 __all__ = [
     "EDITABLE",
+    "UTM_KEYS",
     "CampaignConflict",
     "CampaignStatus",
     "as_dict",
     "audience_query",
     "campaign_status",
     "cancel_campaign",
+    "check_utm",
     "create_campaign",
     "fan_out",
     "get_campaign",

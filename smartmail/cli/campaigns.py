@@ -55,6 +55,11 @@ def create(
     resend_unknown: Annotated[
         bool, typer.Option(help="At-least-once: re-send messages a worker crash left unknown (duplicates possible).")
     ] = False,
+    tracking: Annotated[bool, typer.Option(help="Open and click tracking.")] = True,
+    utm: Annotated[
+        list[str], typer.Option(help="UTM parameter for tracked links, KEY=VALUE, e.g. utm_source=news (repeatable).")
+    ] = [],  # noqa: B006
+    preheader: Annotated[str | None, typer.Option(help="Hidden preview text; replaces the template's.")] = None,
 ) -> None:
     """Create a campaign (a draft, or scheduled with --send-at)."""
     created = _run(
@@ -71,8 +76,22 @@ def create(
         rate_cap=rate_cap,
         tags=tag,
         resend_unknown=resend_unknown,
+        tracking=tracking,
+        utm=_run(_parse_utm, utm),
+        preheader=preheader,
     )
     out.print(f"campaign {escape(name)} created ({created['state']})")
+
+
+def _parse_utm(values: list[str]) -> dict[str, str] | None:
+    """`--utm KEY=VALUE` options as an object (checked by the campaign)."""
+    utm: dict[str, str] = {}
+    for value in values:
+        key, sep, content = value.partition("=")
+        if not sep:
+            raise InvalidInput(f"{value!r} is not KEY=VALUE", field="utm")
+        utm[key.strip()] = content
+    return utm or None
 
 
 @campaign_app.command("schedule")

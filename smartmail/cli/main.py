@@ -65,6 +65,7 @@ def templates_save(
     subject: Annotated[str, typer.Option(help="Subject template.")],
     html_file: Annotated[Path, typer.Option("--html-file", exists=True, dir_okay=False, help="HTML body template.")],
     text_file: Annotated[Path | None, typer.Option("--text-file", exists=True, dir_okay=False)] = None,
+    preheader: Annotated[str | None, typer.Option(help="Hidden preview text after the subject (Jinja ok).")] = None,
 ) -> None:
     """Store a new version of a template (checked for syntax errors first)."""
     from smartmail.content import rendering, template_store
@@ -75,7 +76,9 @@ def templates_save(
     try:
         rendering.check_template_source(subject, html, text)
         with session_scope() as session:
-            row = template_store.save_template(session, name, subject=subject, html=html, text=text)
+            row = template_store.save_template(
+                session, name, subject=subject, html=html, text=text, preheader=preheader
+            )
     except (rendering.TemplateError, ValueError) as exc:
         fail(str(exc))
     out.print(f"saved {row.name}@{row.version}")

@@ -154,11 +154,16 @@ class Imports(Resource):
 class Templates(Resource):
     """/v1/templates (scopes templates:read, templates:write)."""
 
-    def create(self, name: str, subject: str, html: str, text: str | None = None) -> dict[str, Any]:
-        """Store a new version of the template → `{name, version, subject, html, text, created_at}`."""
+    def create(
+        self, name: str, subject: str, html: str, text: str | None = None, *, preheader: str | None = None
+    ) -> dict[str, Any]:
+        """Store a new version of the template → `{name, version, subject, html, text, preheader,
+        created_at}`. `preheader`: hidden preview text (Jinja allowed)."""
         body: dict[str, Any] = {"name": name, "subject": subject, "html": html}
         if text is not None:
             body["text"] = text
+        if preheader is not None:
+            body["preheader"] = preheader
         return self._call("POST", "/v1/templates", json_body=body)
 
     def get(self, name: str, version: int | None = None) -> dict[str, Any]:
@@ -253,7 +258,8 @@ class Campaigns(Resource):
 
     def create(self, name: str, template: str, **settings: Any) -> dict[str, Any]:
         """A draft campaign (scheduled when send_at is given). Settings: lists, segment, from_, reply_to,
-        send_at, window, window_timezone, rate_cap, tags, resend_unknown."""
+        send_at, window, window_timezone, rate_cap, tags, resend_unknown, tracking (default True),
+        utm (`{"utm_source": …}`), preheader (replaces the template's)."""
         return self._call("POST", "/v1/campaigns", json_body={"name": name, "template": template, **_body(settings)})
 
     def get(self, name: str) -> dict[str, Any]:

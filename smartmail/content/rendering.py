@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_ra
 from smartmail import runtime
 from smartmail.addresses import reject_line_breaks
 from smartmail.content import template_store
+from smartmail.content.email_html import prepare_html
 from smartmail.errors import NotFound, TemplateError
 from smartmail.store.engine import session_factory
 
@@ -57,7 +58,13 @@ class _StoreLoader(jinja2.BaseLoader):
         if kind == "db":
             ref, _, part = rest.partition("/")[2].rpartition("/")
             name, _, version = ref.partition("@")
-            source = template_store.load_part(self.session_factory, name, int(version), part, session=_session.get())
+            if part == "html":  # CSS inlined and the preheader added once, as this version compiles
+                found = template_store.load_html(self.session_factory, name, int(version), session=_session.get())
+                source = None if found is None else prepare_html(*found)
+            else:
+                source = template_store.load_part(
+                    self.session_factory, name, int(version), part, session=_session.get()
+                )
             if source is None:
                 raise jinja2.TemplateNotFound(template)
             return source, template, lambda: True
@@ -68,6 +75,12 @@ class _StoreLoader(jinja2.BaseLoader):
                 mtime = path.stat().st_mtime
             except FileNotFoundError:
                 raise jinja2.TemplateNotFound(template) from None
+            if path.name == template_store.FILE_PARTS["html"]:
+                extra = path.with_name(template_store.FILE_PREHEADER)
+                preheader = extra.read_text(encoding="utf-8").strip() if extra.is_file() else None
+                source = prepare_html(source, preheader)
+                unchanged, extra_unchanged = _Unchanged(path, mtime), _Unchanged(extra, _mtime(extra))
+                return source, template, lambda: unchanged() and extra_unchanged()
             return source, template, _Unchanged(path, mtime)
         raise jinja2.TemplateNotFound(template)
 
@@ -80,17 +93,21 @@ class _Unchanged:
     """Jinja's auto_reload check of a file template: asked at every render, so the file is looked
     at no more than every FILE_RECHECK_SECONDS (stat calls per part at every send() add up)."""
 
-    def __init__(self, path: Path, mtime: float) -> None:
+    def __init__(self, path: Path, mtime: float | None) -> None:  # None: the file is absent
         self.path, self.mtime, self.checked = path, mtime, time.monotonic()
 
     def __call__(self) -> bool:
         if time.monotonic() - self.checked < FILE_RECHECK_SECONDS:
             return True
         self.checked = time.monotonic()
-        try:
-            return self.path.stat().st_mtime == self.mtime
-        except OSError:
-            return False
+        return _mtime(self.path) == self.mtime
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=4096)  # asked at every render
@@ -167,6 +184,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
 @functools.lru_cache(maxsize=512)
 def _inline(source: str, part: str) -> jinja2.Template:
     env = _environment()
+    if part == "html":  # CSS inlined once per source (a campaign's, frozen at launch, or a send's)
+        source = prepare_html(source, None)
     try:
         code = env.compile(source, name=f"<inline {part}>", filename=f"<inline {part}>")
     except jinja2.TemplateSyntaxError as exc:

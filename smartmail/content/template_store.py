@@ -15,12 +15,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from smartmail import runtime
+from smartmail.content.email_html import check_preheader
 from smartmail.errors import Conflict, InvalidInput, NotFound, TemplateNotFound
 from smartmail.store.engine import reader, session_scope
 from smartmail.store.models import Campaign, CampaignState, Template
 
-# A file template is a directory: subject.txt, body.html and (optional) body.txt.
+# A file template is a directory: subject.txt, body.html and (optional) body.txt, and an optional
+# preheader.txt (the HTML part's hidden preview text, Jinja allowed).
 FILE_PARTS = {"subject": "subject.txt", "html": "body.html", "text": "body.txt"}
+FILE_PREHEADER = "preheader.txt"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
@@ -91,7 +94,7 @@ def load_part(session_factory, name: str, version: int, part: str, *, session: S
     Pass the caller's `session` when there is one: on SQLite a second connection would wait for
     the write lock the caller's transaction holds (BEGIN IMMEDIATE).
     """
-    query = select(Template.subject, Template.html, Template.text).where(
+    query = select(Template.subject, Template.html, Template.text, Template.preheader).where(
         Template.name == name, Template.version == version
     )
     if session is not None:
@@ -101,7 +104,20 @@ def load_part(session_factory, name: str, version: int, part: str, *, session: S
             row = own.execute(query).one_or_none()
     if row is None:
         return None
-    return {"subject": row.subject, "html": row.html, "text": row.text}[part]
+    return {"subject": row.subject, "html": row.html, "text": row.text, "preheader": row.preheader}[part]
+
+
+def load_html(
+    session_factory, name: str, version: int, *, session: Session | None = None
+) -> tuple[str, str | None] | None:
+    """A database template version's HTML source and its preheader, in one query (see load_part)."""
+    query = select(Template.html, Template.preheader).where(Template.name == name, Template.version == version)
+    if session is not None:
+        row = session.execute(query).one_or_none()
+    else:
+        with session_factory() as own:
+            row = own.execute(query).one_or_none()
+    return None if row is None else (row.html, row.preheader)
 
 
 def check_name(name: Any, *, field: str = "name") -> str:
@@ -115,13 +131,17 @@ def check_name(name: Any, *, field: str = "name") -> str:
     return name
 
 
-def save_template(session: Session, name: str, *, subject: str, html: str, text: str | None = None) -> Template:
+def save_template(
+    session: Session, name: str, *, subject: str, html: str, text: str | None = None, preheader: str | None = None
+) -> Template:
     """Store a new version; earlier versions stay, so sent messages keep pointing at what they used.
+    `preheader`: the HTML part's hidden preview text (plain text, Jinja allowed; empty means none).
     This process resolves the name afresh at once; other processes within SMARTMAIL_TEMPLATE_CACHE_SECONDS."""
     check_name(name)
+    preheader = check_preheader(preheader)
     forget_resolved(True)
     latest = session.scalar(select(func.max(Template.version)).where(Template.name == name)) or 0
-    row = Template(name=name, version=latest + 1, subject=subject, html=html, text=text)
+    row = Template(name=name, version=latest + 1, subject=subject, html=html, text=text, preheader=preheader)
     session.add(row)
     session.flush()
     return row
@@ -144,6 +164,7 @@ def as_dict(row: Template) -> dict[str, Any]:
         "subject": row.subject,
         "html": row.html,
         "text": row.text,
+        "preheader": row.preheader,
         "created_at": row.created_at,
     }
 
@@ -182,16 +203,19 @@ def list_templates(*, limit: int, after: str | None = None) -> list[dict[str, An
         return [as_dict(row) for row in session.scalars(query.order_by(Template.name).limit(limit))]
 
 
-def create_version(name: str, *, subject: str, html: str, text: str | None = None) -> dict[str, Any]:
+def create_version(
+    name: str, *, subject: str, html: str, text: str | None = None, preheader: str | None = None
+) -> dict[str, Any]:
     """Store the next version of `name` (compile it first: rendering.check_template_source).
     Two writers racing for the same next number: the loser takes the one after."""
+    preheader = check_preheader(preheader)
     for part, source in (("subject", subject), ("html", html), ("text", text)):
         if source is not None and "\x00" in source:  # no database text type holds NUL
             raise InvalidInput("must not contain NUL characters", field=part)
     for attempt in range(3):
         try:
             with session_scope() as session:
-                return as_dict(save_template(session, name, subject=subject, html=html, text=text))
+                return as_dict(save_template(session, name, subject=subject, html=html, text=text, preheader=preheader))
         except IntegrityError:
             if attempt == 2:
                 raise Conflict(f"template {name!r} is being changed by others; try again") from None

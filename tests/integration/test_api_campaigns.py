@@ -152,6 +152,58 @@ def test_bad_input_points_at_the_key_and_stores_nothing(api, audience):
     assert reader.get("/v1/campaigns", params={"cursor": "bm9wZQ"}).status_code == 422
 
 
+def test_tracking_utm_and_preheader_are_set_read_and_changed(api, audience):
+    client = api.client("campaigns:read", "campaigns:write")
+    plain = client.post("/v1/campaigns", json={"name": "plain", "template": "newsletter", "lists": ["news"]}).json()
+    assert (plain["tracking"], plain["utm"], plain["preheader"]) == (True, None, None)
+    body = {
+        "name": "tracked",
+        "template": "newsletter",
+        "lists": ["news"],
+        "tracking": False,
+        "utm": {"utm_source": "newsletter", "utm_campaign": "spring sale"},
+        "preheader": "Hi {{ first_name }}: 20% off",
+    }
+    created = client.post("/v1/campaigns", json=body)
+    assert created.status_code == 201, created.text
+    assert {k: created.json()[k] for k in ("tracking", "utm", "preheader")} == {
+        "tracking": False,
+        "utm": {"utm_source": "newsletter", "utm_campaign": "spring sale"},
+        "preheader": "Hi {{ first_name }}: 20% off",
+    }
+    row = stored("tracked")
+    assert (row.tracking, row.utm, row.preheader) == (False, body["utm"], body["preheader"])
+    assert client.get("/v1/campaigns/tracked").json() == created.json()
+
+    changed = client.patch("/v1/campaigns/tracked", json={"tracking": True, "utm": {"utm_medium": "email"}})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["tracking"], changed.json()["utm"]) == (True, {"utm_medium": "email"})
+    assert changed.json()["preheader"] == body["preheader"]  # left out: kept
+    cleared = client.patch("/v1/campaigns/tracked", json={"utm": None, "preheader": None}).json()
+    assert (cleared["tracking"], cleared["utm"], cleared["preheader"]) == (True, None, None)
+
+    base = {"name": "bad", "template": "newsletter", "lists": ["news"]}
+    cases = [
+        ({**base, "utm": {"utm_colour": "red"}}, "/utm/utm_colour"),
+        ({**base, "utm": {"utm_source": ""}}, "/utm/utm_source"),
+        ({**base, "utm": {"utm_source": "x" * 201}}, "/utm/utm_source"),
+        ({**base, "utm": {"utm_term": "a\nb"}}, "/utm/utm_term"),
+        ({**base, "utm": {"utm_source": 3}}, "/utm/utm_source"),
+        ({**base, "utm": "utm_source=x"}, "/utm"),
+        ({**base, "tracking": "maybe"}, "/tracking"),
+        ({**base, "preheader": "{{ unclosed"}, "/preheader"),
+        ({**base, "preheader": "x" * 1001}, "/preheader"),
+    ]
+    for body, where in cases:
+        response = client.post("/v1/campaigns", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["errors"][0]["pointer"] == where, (body, response.json())
+    refused = client.patch("/v1/campaigns/tracked", json={"utm": {"utm_id": "1"}})
+    assert refused.status_code == 422 and refused.json()["errors"][0]["pointer"] == "/utm/utm_id"
+    assert client.patch("/v1/campaigns/tracked", json={"tracking": None}).status_code == 422
+    assert campaigns_stored() == 2
+
+
 def test_patch_schedule_launch_pause_resume_cancel(api, audience):
     client = api.client("campaigns:read", "campaigns:write")
     assert client.post("/v1/campaigns", json={"name": "c", "template": "newsletter", "lists": ["news"]}).is_success
@@ -252,3 +304,31 @@ def test_a_launch_reaches_the_list_and_progress_counts_it(api, audience, smtp_se
     received = sorted((m.rcpt_tos[0], m.parsed()["Subject"]) for m in smtp_server.messages)
     assert received == [(f"{n}@example.org", f"News for {n.upper()}") for n in "abc"]
     assert progress()["total"] == 3 and progress()["fanned_out"] is True
+
+
+def test_a_launch_freezes_the_preheader_and_sends_css_inlined(api, audience, smtp_server, shared_worker, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_SMTP_URL", f"smtp://127.0.0.1:{smtp_server.port}?tls=none")
+    shared_worker(queues="bulk,default")
+    html = "<html><head><style>p { color: #333; }</style></head><body><p>Hi {{ first_name }}</p></body></html>"
+    with session_scope() as session:
+        save_template(session, "styled", subject="S", html=html, preheader="From the template")
+    client = api.client("campaigns:read", "campaigns:write")
+    body = {"name": "pre", "template": "styled", "lists": ["news"], "preheader": "Only for {{ first_name }}"}
+    assert client.post("/v1/campaigns", json=body).is_success
+    assert client.post("/v1/campaigns/pre/launch").is_success
+    frozen = stored("pre")
+    assert frozen.html is not None and "Only for {{ first_name }}</div><p>" in frozen.html
+    assert "From the template" not in frozen.html and "<style>" in frozen.html  # inlined as workers compile it
+    wait_for(
+        lambda: len(smtp_server.messages) == 3, 60, message=lambda: client.get("/v1/campaigns/pre/progress").json()
+    )
+    for message in smtp_server.messages:
+        part = message.parsed().get_body(("html",))
+        assert part is not None
+        content = part.get_content()
+        name = message.rcpt_tos[0][0].upper()
+        hidden = f'<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">Only for {name}</div>'
+        assert f'<body>{hidden}<p style="color: #333;">Hi {name}</p>' in content, content
+        assert "<style>" not in content
+        text = message.parsed().get_body(("plain",))
+        assert text is not None and "Only for" not in text.get_content()

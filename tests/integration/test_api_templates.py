@@ -72,8 +72,27 @@ def test_versions_are_created_listed_and_read(api):
         ({"html": "a\x00b"}, "/html"),
         ({"subject": ""}, "/subject"),
         ({"colour": "red"}, "/colour"),
+        ({"preheader": "{% if %}"}, "/preheader"),
+        ({"preheader": "x" * 1001}, "/preheader"),
+        ({"preheader": "a\x00b"}, "/preheader"),
     ],
-    ids=["slash", "space", "dots", "at", "percent", "html", "subject", "text", "include", "nul", "empty", "extra"],
+    ids=[
+        "slash",
+        "space",
+        "dots",
+        "at",
+        "percent",
+        "html",
+        "subject",
+        "text",
+        "include",
+        "nul",
+        "empty",
+        "extra",
+        "preheader-syntax",
+        "preheader-long",
+        "preheader-nul",
+    ],
 )
 def test_bad_input_is_a_422_naming_the_field_and_stores_nothing(api, body, pointer):
     client = api.client("templates:write")
@@ -118,6 +137,29 @@ def test_preview_renders_with_the_context_and_escapes_html(api):
         "html": "<p>&lt;B&gt;ANN&lt;/B&gt; &amp; CO</p>",
         "text": "Text <b>Ann</b> & co",
     }
+
+
+def test_a_preheader_and_style_block_are_stored_as_written_and_previewed_email_ready(api):
+    client = api.client("templates:read", "templates:write")
+    html = (
+        "<html><head><style>p { color: #333; } @media (max-width: 600px) { p { color: #000; } }</style></head>"
+        "<body><table><tr>{% for i in items %}<td><p>{{ i }}</p></td>{% endfor %}</tr></table></body></html>"
+    )
+    # With a text part: the one derived from this HTML would move the loop away from `{{ i }}`
+    # (inscriptis lays the table out), which is text_source_from_html's matter, not the preheader's.
+    text = "{% for i in items %}{{ i }} {% endfor %}"
+    created = create(client, "digest", html=html, text=text, preheader="Your {{ items | length }} picks & more").json()
+    assert (created["html"], created["preheader"]) == (html, "Your {{ items | length }} picks & more")
+    assert client.get("/v1/templates/digest").json()["preheader"] == "Your {{ items | length }} picks & more"
+    assert create(client, "digest", html=html).json()["preheader"] is None  # a version's own setting
+    preview = client.post("/v1/templates/digest/preview", json={"context": {"items": ["a", "b"]}, "version": 1})
+    assert preview.status_code == 200, preview.text
+    rendered = preview.json()["html"]
+    hidden = '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">Your 2 picks &amp; more</div>'
+    assert f"<body>{hidden}<table>" in rendered
+    assert '<td><p style="color: #333;">a</p></td><td><p style="color: #333;">b</p></td>' in rendered
+    assert "<style>@media (max-width: 600px)" in rendered
+    assert preview.json()["text"] == "a b "
 
 
 @pytest.mark.parametrize(

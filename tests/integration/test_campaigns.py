@@ -26,6 +26,7 @@ from smartmail.store.models import (
     Message,
     MessageState,
     Suppression,
+    Template,
 )
 from smartmail.store.sql import fan_out as fan_out_sql
 from smartmail.workers import claims, delivery, maintenance
@@ -528,3 +529,72 @@ def test_campaign_cli_reports_bad_input_and_shows_status(relay):
     result = runner.invoke(cli, ["campaign", "status", "c1", "--json"])
     assert result.exit_code == 0 and '"state": "draft"' in result.output
     assert runner.invoke(cli, ["campaign", "pause", "c1"]).exit_code == 2  # a draft cannot pause
+
+
+def test_campaign_and_template_cli_set_tracking_utm_and_preheaders(relay, tmp_path):
+    from typer.testing import CliRunner
+
+    from smartmail.cli.main import app as cli
+
+    make_audience(2)
+    runner = CliRunner()
+    html = tmp_path / "body.html"
+    html.write_text("<style>p { color: red; }</style><p>Hi {{ first_name }}</p>", encoding="utf-8")
+    saved = runner.invoke(
+        cli, ["templates", "save", "promo", "--subject", "S", "--html-file", str(html), "--preheader", "Hey {{ x }}"]
+    )
+    assert saved.exit_code == 0, saved.output
+    bad = runner.invoke(
+        cli, ["templates", "save", "promo", "--subject", "S", "--html-file", str(html), "--preheader", "{% if %}"]
+    )
+    assert bad.exit_code != 0 and "preheader" in bad.output
+    with session_scope() as session:
+        rows = session.execute(
+            select(Template.version, Template.html, Template.preheader).where(Template.name == "promo")
+        )
+        assert [tuple(row) for row in rows] == [(1, html.read_text(encoding="utf-8"), "Hey {{ x }}")]
+
+    create = ["campaign", "create", "c1", "--template", "promo", "--list", "news"]
+    result = runner.invoke(
+        cli,
+        [*create, "--no-tracking", "--utm", "utm_source=news", "--utm", "utm_medium=email", "--preheader", "P!"],
+    )
+    assert result.exit_code == 0, result.output
+    assert {k: campaigns.get_campaign("c1")[k] for k in ("tracking", "utm", "preheader")} == {
+        "tracking": False,
+        "utm": {"utm_source": "news", "utm_medium": "email"},
+        "preheader": "P!",
+    }
+    result = runner.invoke(cli, [*create[:2], "c2", *create[3:]])
+    assert result.exit_code == 0, result.output
+    assert {k: campaigns.get_campaign("c2")[k] for k in ("tracking", "utm", "preheader")} == {
+        "tracking": True,
+        "utm": None,
+        "preheader": None,
+    }
+    for utm, field in (("utm_source", "utm"), ("utm_colour=red", "utm.utm_colour"), ("utm_term=", "utm.utm_term")):
+        result = runner.invoke(cli, [*create[:2], "c3", *create[3:], "--utm", utm])
+        assert result.exit_code == 2 and f"{field}:" in result.output, (utm, result.output)
+    result = runner.invoke(cli, [*create[:2], "c3", *create[3:], "--preheader", "{{ unclosed"])
+    assert result.exit_code == 2 and "preheader:" in result.output
+
+
+def test_a_launch_freezes_a_file_templates_preheader_unless_the_campaign_has_its_own(relay, tmp_path, monkeypatch):
+    directory = tmp_path / "digest"
+    directory.mkdir()
+    (directory / "subject.txt").write_text("Digest")
+    (directory / "body.html").write_text("<html><body class='d'><p>{{ first_name }}</p></body></html>")
+    (directory / "preheader.txt").write_text("This week for {{ first_name }}\n")
+    monkeypatch.setenv("SMARTMAIL_TEMPLATES_DIR", str(tmp_path))
+    reset_caches()
+    make_audience(2)
+    hidden = '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">'
+    campaigns.create_campaign("from-file", template="digest", lists=["news"])
+    campaigns.create_campaign("own", template="digest", lists=["news"], preheader="Ours & only ours")
+    for name in ("from-file", "own"):
+        campaigns.launch_campaign(name)
+    with session_scope() as session:
+        frozen = {name: html for name, html in session.execute(select(Campaign.name, Campaign.html))}
+    body = "<p>{{ first_name }}</p></body></html>"
+    assert frozen["from-file"] == f"<html><body class='d'>{hidden}This week for {{{{ first_name }}}}</div>{body}"
+    assert frozen["own"] == f"<html><body class='d'>{hidden}Ours &amp; only ours</div>{body}"

@@ -274,6 +274,8 @@ def test_load_part(db_url, save):
     assert template_store.load_part(factory, "p", 1, "html") == "H"
     assert template_store.load_part(factory, "p", 1, "text") is None
     assert template_store.load_part(factory, "p", 2, "html") is None
+    assert template_store.load_html(factory, "p", 1) == ("H", None)
+    assert template_store.load_html(factory, "p", 2) is None
 
 
 def test_compiled_db_template_is_cached(session, save, templates_dir, monkeypatch):
@@ -285,7 +287,14 @@ def test_compiled_db_template_is_cached(session, save, templates_dir, monkeypatc
         calls.append(args[1:])
         return real(*args, **kwargs)
 
+    real_html = template_store.load_html
+
+    def counting_html(*args, **kwargs):  # the HTML part, with its preheader
+        calls.append((*args[1:], "html"))
+        return real_html(*args, **kwargs)
+
     monkeypatch.setattr(template_store, "load_part", counting)
+    monkeypatch.setattr(template_store, "load_html", counting_html)
     first = render(session, context={"n": 1}, template="cached", templates_dir=templates_dir)
     assert sorted(calls) == [("cached", 1, "html"), ("cached", 1, "subject"), ("cached", 1, "text")]
     calls.clear()
@@ -542,3 +551,47 @@ def test_html_whose_jinja_tags_hold_markup_is_converted_per_message(session, tem
     html = "<p>{{ note | default('<b>none</b>') }}</p>"
     assert text_source_from_html(html) is None
     assert render(None, context={}, subject="s", html=html).text == "<b>none</b>\n"
+
+
+# --- email-client-ready HTML: CSS inlined and the preheader added as a version compiles --------
+
+STYLED = "<html><head><style>p { color: #333; }</style></head><body><p>Hi {{ name }}</p></body></html>"
+HIDDEN = '<div style="display:none;max-height:0;overflow:hidden;mso-hide:all">'
+
+
+def test_a_db_template_is_sent_with_css_inlined_and_its_preheader_but_stored_as_written(engine, session, templates_dir):
+    with Session(engine) as writing:
+        template_store.save_template(writing, "styled", subject="S", html=STYLED, preheader="For {{ name }} & co")
+        writing.commit()
+    result = render(session, context={"name": "Ann"}, template="styled", templates_dir=templates_dir)
+    assert result.html is not None
+    assert f'<body>{HIDDEN}For Ann &amp; co</div><p style="color: #333;">Hi Ann</p>' in result.html
+    assert "<style>" not in result.html
+    assert result.text == "Hi Ann\n"  # the hidden preview text is not in the text part
+    assert template_store.get_template("styled") | {"created_at": None} == {
+        "name": "styled",
+        "version": 1,
+        "subject": "S",
+        "html": STYLED,
+        "text": None,
+        "preheader": "For {{ name }} & co",
+        "created_at": None,
+    }
+
+
+def test_an_inline_html_part_gets_its_css_inlined(session):
+    result = render(session, context={"name": "Bo"}, subject="S", html=STYLED)
+    assert result.html == '<html><head></head><body><p style="color: #333;">Hi Bo</p></body></html>'
+
+
+def test_a_file_template_takes_its_preheader_from_preheader_txt(session, templates_dir, monkeypatch):
+    directory = write_file_template(templates_dir, "pre", subject="S", html=STYLED)
+    (directory / template_store.FILE_PREHEADER).write_text("Hello {{ name }}\n", encoding="utf-8")
+    result = render(session, context={"name": "Ann"}, template="pre", templates_dir=templates_dir)
+    assert f"<body>{HIDDEN}Hello Ann</div><p" in (result.html or "")
+    # An edit of preheader.txt alone shows after the recheck interval, as one of body.html does.
+    (directory / template_store.FILE_PREHEADER).unlink()
+    monkeypatch.setattr(rendering, "FILE_RECHECK_SECONDS", 0.0)
+    assert HIDDEN not in (
+        render(session, context={"name": "A"}, template="pre", templates_dir=templates_dir).html or ""
+    )

@@ -49,6 +49,17 @@ class _Settings(BaseModel):
     resend_unknown: bool | None = Field(
         None, description="At-least-once: re-send messages a worker crash left `unknown` (duplicates possible)."
     )
+    tracking: bool | None = Field(None, description="Open and click tracking (default true).")
+    utm: dict[str, str] | None = Field(
+        None,
+        max_length=len(lifecycle.UTM_KEYS),
+        description="UTM parameters added to tracked links: keys among "
+        + ", ".join(f"`{key}`" for key in lifecycle.UTM_KEYS)
+        + "; values of 1-200 printable characters.",
+    )
+    preheader: str | None = Field(
+        None, max_length=1000, description="Hidden preview text (Jinja allowed); replaces the template's."
+    )
 
     def settings(self) -> dict[str, Any]:
         """The keys the client sent, named as lifecycle.EDITABLE names them."""
@@ -91,6 +102,9 @@ class CampaignOut(BaseModel):
     rate_cap: float | None
     tags: list[str]
     resend_unknown: bool
+    tracking: bool
+    utm: dict[str, str] | None
+    preheader: str | None
     fanned_out: bool = Field(description="Every audience contact has its message.")
     created_at: UtcDateTime
     launched_at: UtcDateTime | None

@@ -32,6 +32,9 @@ class TemplateIn(BaseModel):
     subject: str = Field(min_length=1, max_length=998)
     html: str = Field(min_length=1, max_length=1_000_000)
     text: str | None = Field(None, max_length=1_000_000)
+    preheader: str | None = Field(
+        None, max_length=1000, description="Hidden preview text shown after the subject in inboxes (Jinja allowed)."
+    )
 
 
 class TemplateOut(BaseModel):
@@ -40,6 +43,7 @@ class TemplateOut(BaseModel):
     subject: str
     html: str
     text: str | None
+    preheader: str | None
     created_at: UtcDateTime
 
 
@@ -59,11 +63,14 @@ class PreviewOut(BaseModel):
 @router.post("", status_code=201, response_model=TemplateOut)
 def create_template(body: TemplateIn, response: Response, principal: Write) -> dict[str, Any]:
     """Store a new version (1 for a new name); each part is compiled first, so a syntax error is a
-    422 naming the part and nothing is stored. Sends through this process use it at once; other
+    422 naming the part and nothing is stored. CSS in `<style>` is inlined as the version is
+    compiled for sending (the stored HTML stays as written). Sends through this process use it at once; other
     processes within SMARTMAIL_TEMPLATE_CACHE_SECONDS."""
     template_store.check_name(body.name)
     rendering.check_template_source(body.subject, body.html, body.text)
-    created = template_store.create_version(body.name, subject=body.subject, html=body.html, text=body.text)
+    created = template_store.create_version(
+        body.name, subject=body.subject, html=body.html, text=body.text, preheader=body.preheader
+    )
     response.headers["Location"] = f"/v1/templates/{created['name']}/versions/{created['version']}"
     return created
 
