@@ -291,6 +291,11 @@ class Campaigns(Resource):
     def progress(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/campaigns/{_segment(name)}/progress")
 
+    def engagement(self, name: str, *, include_machine: bool = False) -> dict[str, Any]:
+        """Opens, clicks and rates (human hits only unless include_machine)."""
+        path = f"/v1/campaigns/{_segment(name)}/engagement"
+        return self._call("GET", path, params={"include_machine": True if include_machine else None})
+
     def _act(self, name: str, action: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/campaigns/{_segment(name)}/{action}")
 

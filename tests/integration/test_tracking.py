@@ -127,6 +127,10 @@ def test_opens_and_clicks_land_once_per_unique_hit_and_fill_the_engagement_segme
     assert segments.count({"clicked_within": 1}) == 2
     assert segments.count({"not": {"opened_within": 1}}) == 1
 
+    rates = api.client("campaigns:read").get("/v1/campaigns/spring/engagement").json()
+    assert (rates["sent"], rates["opens"], rates["clicks"]) == (3, {"unique": 2, "total": 3}, {"unique": 2, "total": 3})
+    assert rates["open_rate"] == rates["click_rate"] == round(2 / 3, 4) and rates["click_to_open_rate"] == 1.0
+
     # Erasing a contact erases its events, tracking and delivery ones alike.
     ann_id = contacts.get_contact("ann@a.example")["id"]
     assert contacts.delete_contact("ann@a.example")

@@ -240,6 +240,7 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
     (lambda c: c.campaigns.resume("spring"), "POST", "/v1/campaigns/spring/resume", None),
     (lambda c: c.campaigns.cancel("spring"), "POST", "/v1/campaigns/spring/cancel", None),
     (lambda c: c.campaigns.progress("spring"), "GET", "/v1/campaigns/spring/progress", None),
+    (lambda c: c.campaigns.engagement("spring"), "GET", "/v1/campaigns/spring/engagement", None),
     (
         lambda c: c.keys.create("app", ["messages:send"], rate_limit=5),
         "POST",

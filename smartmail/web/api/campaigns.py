@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from smartmail.access.keys import Principal
 from smartmail.campaigns import lifecycle
 from smartmail.errors import InvalidInput
+from smartmail.feedback import stats
 from smartmail.store.models import CampaignState
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
@@ -121,6 +122,23 @@ class ProgressOut(BaseModel):
     fanned_out: bool
 
 
+class Counted(BaseModel):
+    unique: int = Field(description="Messages with at least one.")
+    total: int
+
+
+class EngagementOut(BaseModel):
+    denominator: str = Field(description="What the rates divide by.")
+    sent: int
+    opens: Counted
+    clicks: Counted
+    open_rate: float | None
+    click_rate: float | None
+    click_to_open_rate: float | None
+    machine: dict[str, int] = Field(description="Opens and clicks by privacy proxies and link scanners.")
+    include_machine: bool
+
+
 @contextmanager
 def _pointing_at_the_body() -> Iterator[None]:
     """Domain errors name settings as Python does; re-raised naming the body's key."""
@@ -158,6 +176,17 @@ def list_campaigns(
         limit=limit + 1, before=position[0] if position else None, state=state.value if state else None
     )
     return page(rows, limit, lambda row: [row["id"]])
+
+
+@router.get("/{name}/engagement", response_model=EngagementOut)
+def campaign_engagement(
+    name: Name,
+    principal: Reader,
+    include_machine: Annotated[bool, Query(description="Count privacy-proxy opens and scanner clicks too.")] = False,
+) -> dict[str, Any]:
+    """Unique and total opens and clicks, and the rates over the messages sent; human hits only
+    unless `include_machine`."""
+    return stats.campaign_engagement(lifecycle.get_campaign(name)["id"], include_machine=include_machine)
 
 
 @router.get("/{name}/progress", response_model=ProgressOut)
