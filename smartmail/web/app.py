@@ -215,7 +215,8 @@ def create_app() -> FastAPI:
     openapi.complete(app)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
-    # Outermost last: the request id wraps everything, the security headers every response.
+    # Outermost last: the request id wraps everything, the security headers every response; the
+    # tracking links are answered before all of it.
     app.add_middleware(ApiWrites)
     app.add_middleware(SecurityHeaders)
     if origins := _cors_origins():  # off by default: API keys belong on servers, not in browsers
@@ -227,8 +228,8 @@ def create_app() -> FastAPI:
             expose_headers=["RateLimit", "RateLimit-Policy", "Retry-After", "X-Request-Id", "Location"],
         )
     app.add_middleware(RequestContext)
+    app.add_middleware(tracking.TrackingFront)
     app.include_router(api_routes.router)
-    app.include_router(tracking.router)
     docs.install(app)
 
     @app.get("/healthz")

@@ -7,11 +7,11 @@ import collections
 import contextlib
 import itertools
 import time
+from urllib.parse import quote
 
 import redis
 import structlog
-from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from smartmail.access.rate_limits import async_redis
 from smartmail.config import get_settings
@@ -25,14 +25,10 @@ log = structlog.get_logger("smartmail.tracking")
 
 # The smallest transparent GIF: 1x1, one-colour palette, transparent (43 bytes).
 PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
-# Never cached: a cached pixel or redirect would hide the next open or click.
-_NO_STORE = {"Cache-Control": "no-store, max-age=0", "Pragma": "no-cache"}
 _FLUSH_SECONDS = 0.05  # how long a hit waits in the process before it is written to Redis
 _MAX_FLUSH = 10_000  # hits written in one round trip
 _RETRY_SECONDS = 1.0  # while Redis does not answer
 _WARN_SECONDS = 10.0  # at most one line per this while Redis is down
-
-router = APIRouter(include_in_schema=False)
 
 
 class Recorder:
@@ -126,44 +122,77 @@ async def flush_on_shutdown() -> None:
         log.warning("tracking.events_lost", count=len(rec.pending), why="shutdown while Redis did not answer")
 
 
-def _hit(request: Request, kind: str, message_id: str, link: int = 0, url: str | None = None) -> Hit:
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _hit(scope: Scope, kind: str, message_id: str, link: int = 0, url: str | None = None) -> Hit:
     settings = get_settings()
-    ip = request.client.host if request.client else None
+    client = scope.get("client")
+    ip = privacy.truncate_ip(
+        client[0] if client else None, settings.tracking_ip_prefix_v4, settings.tracking_ip_prefix_v6
+    )
     return Hit(
         kind=kind,
         message_id=message_id,
         at=time.time(),
         link=link,
         url=url,
-        ip=privacy.truncate_ip(ip, settings.tracking_ip_prefix_v4, settings.tracking_ip_prefix_v6),
-        user_agent=request.headers.get("user-agent"),
-        head=request.method == "HEAD",
+        ip=ip,
+        user_agent=_header(scope, b"user-agent"),
+        head=scope["method"] == "HEAD",
     )
 
 
-def _not_found() -> Response:
-    return Response("This link is not valid.\n", status_code=404, media_type="text/plain", headers=_NO_STORE)
+# Every answer: never cached (a cached pixel or redirect would hide the next open or click), never
+# sniffed, and no referrer passed on to the link's site.
+_HEADERS = [
+    (b"cache-control", b"no-store, max-age=0"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_NOT_FOUND = b"This link is not valid.\n"
 
 
-@router.api_route("/t/c/{token}", methods=["GET", "HEAD"])
-async def click(token: str, request: Request) -> Response:
-    """302 to the URL signed into the token; 404, and no redirect, for any token not ours."""
+def _answer(scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The answer to a tracking request; its hit handed to the recorder."""
+    kind, token = scope["path"][3], scope["path"][5:]
     try:
+        if kind == "o":
+            message_id = tracking_links.read_open(token)
+            recorder().add(_hit(scope, engagement.OPEN, message_id))
+            return 200, [*_HEADERS, (b"content-type", b"image/gif"), (b"content-length", b"43")], PIXEL
         found = tracking_links.read_click(token)
     except InvalidToken:
-        return _not_found()
-    recorder().add(_hit(request, engagement.CLICK, found.message_id, found.link, found.url))
+        return 404, [*_HEADERS, (b"content-type", b"text/plain; charset=utf-8")], _NOT_FOUND
+    recorder().add(_hit(scope, engagement.CLICK, found.message_id, found.link, found.url))
     if found.url is None:  # the hidden honeypot link: nowhere to go
-        return Response(status_code=204, headers=_NO_STORE)
-    return RedirectResponse(found.url, status_code=302, headers={**_NO_STORE, "Referrer-Policy": "no-referrer"})
+        return 204, _HEADERS, b""
+    # Non-ASCII characters percent-encoded, reserved ones kept (as Starlette's RedirectResponse does).
+    location = quote(found.url, safe=":/%#?=@[]!$&'()*+,;~").encode()
+    return 302, [*_HEADERS, (b"location", location), (b"content-length", b"0")], b""
 
 
-@router.api_route("/t/o/{token}", methods=["GET", "HEAD"])
-async def open_pixel(token: str, request: Request) -> Response:
-    """The pixel, at once; 404 for any token not ours."""
-    try:
-        message_id = tracking_links.read_open(token)
-    except InvalidToken:
-        return _not_found()
-    recorder().add(_hit(request, engagement.OPEN, message_id))
-    return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
+class TrackingFront:
+    """ASGI middleware, outermost: answers GET and HEAD of /t/c/<token> and /t/o/<token> itself,
+    before routing and the API's middleware (request ids, idempotency, access log), which would
+    cost more than the answer; everything else goes to the app. A click's record is its event, not
+    an access-log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not (path.startswith(_PATHS) and scope["method"] in ("GET", "HEAD") and "/" not in path[5:]):
+            await self.app(scope, receive, send)
+            return
+        status, headers, body = _answer(scope)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+_PATHS = ("/t/c/", "/t/o/")
