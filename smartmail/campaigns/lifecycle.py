@@ -23,6 +23,7 @@ from smartmail.campaigns.fan_out import (
 )
 from smartmail.config import get_settings
 from smartmail.content import email_html, rendering, template_store
+from smartmail.content.tracking_links import UTM_KEYS
 from smartmail.errors import ConflictingInput
 from smartmail.store.engine import reader, session_scope, utcnow
 from smartmail.store.models import (
@@ -95,7 +96,6 @@ EDITABLE = (
     "utm",
     "preheader",
 )
-UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 _CHANGEABLE = (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value)
 
 

@@ -30,7 +30,7 @@ MAX_TOKEN = 8192  # longer than any URL a mail client keeps
 # A contact whose attributes set this to true is not tracked (their messages carry no pixel and
 # no rewritten links).
 TRACKING_OPT_OUT = "tracking_opt_out"
-_UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
+UTM_KEYS = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 
 # An <a> start tag, its href and a data-track="off" in it. Rendered HTML is scanned with
 # expressions, not parsed: a parser costs more than the rest of a campaign message's render.
@@ -110,7 +110,7 @@ def with_utm(url: str, utm: Mapping[str, str] | None) -> str:
         return url
     parts = urlsplit(url)
     present = {key for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
-    added = [(key, value) for key, value in utm.items() if key in _UTM_KEYS and key not in present]
+    added = [(key, value) for key, value in utm.items() if key in UTM_KEYS and key not in present]
     if not added:
         return url
     query = f"{parts.query}&{urlencode(added)}" if parts.query else urlencode(added)
