@@ -1,11 +1,11 @@
-"""Event-row SQL that differs by dialect: loading a batch (COPY on PostgreSQL), and the stream's visible end."""
+"""Event-row SQL that differs by dialect: loading a batch of events (COPY on PostgreSQL)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from sqlalchemy import insert, literal, text
+from sqlalchemy import insert
 
 from smartmail.store import dialect
 from smartmail.store.models import Event
@@ -21,10 +21,6 @@ class Events:
         """Insert `rows` (dicts of COLUMNS) in the connection's transaction."""
         raise NotImplementedError
 
-    def visible_below(self):
-        """The SQL expression under which every `xact` belongs to a finished transaction."""
-        raise NotImplementedError
-
 
 class SqliteEvents(Events):
     """See `Events`."""
@@ -32,9 +28,6 @@ class SqliteEvents(Events):
     def load(self, connection, rows: list[dict[str, Any]]) -> None:
         if rows:
             connection.execute(insert(Event), rows)
-
-    def visible_below(self):
-        return literal(1)  # one writer at a time: every row read is committed, and xact is 0
 
 
 class PostgresEvents(Events):
@@ -47,9 +40,6 @@ class PostgresEvents(Events):
         with driver.cursor() as cursor, cursor.copy(f"COPY events ({', '.join(COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row([json.dumps(row[c]) if c == "properties" else row[c] for c in COLUMNS])
-
-    def visible_below(self):
-        return text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
 
 
 _BY_DIALECT: dict[str, Events] = {dialect.POSTGRESQL: PostgresEvents(), dialect.SQLITE: SqliteEvents()}
