@@ -27,6 +27,7 @@ log = structlog.get_logger("smartmail.tracking")
 PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 _FLUSH_SECONDS = 0.05  # how long a hit waits in the process before it is written to Redis
 _MAX_FLUSH = 10_000  # hits written in one round trip
+_ASK_EVERY_MS = 1000  # drain requests, from all web processes together
 _RETRY_SECONDS = 1.0  # while Redis does not answer
 _WARN_SECONDS = 10.0  # at most one line per this while Redis is down
 
@@ -43,6 +44,7 @@ class Recorder:
         self.task: asyncio.Task | None = None
         self.dropped = 0
         self.warned = 0.0
+        self.unasked = 0.0  # when hits written have not been followed by a drain request: ask again then
 
     def add(self, hit: Hit) -> None:
         settings = get_settings()
@@ -56,10 +58,11 @@ class Recorder:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(_FLUSH_SECONDS)
-            if not self.pending:
-                continue
             try:
-                await self.flush()
+                if self.pending:
+                    await self.flush()
+                elif self.unasked and time.monotonic() >= self.unasked:
+                    await self._ask()
             except (redis.RedisError, OSError) as exc:
                 self._warn(exc)
                 await asyncio.sleep(_RETRY_SECONDS)
@@ -74,15 +77,24 @@ class Recorder:
         async with client.pipeline(transaction=False) as pipe:
             for hit in batch:
                 pipe.xadd(engagement.stream_key(), hit.fields(), maxlen=settings.tracking_stream_max, approximate=True)
-            pipe.set(f"{settings.redis_key_prefix}{engagement.STREAM}:drain-asked", "1", nx=True, px=1000)
-            *_, asked = await pipe.execute()
+            await pipe.execute()
         for _ in batch:
             self.pending.popleft()
         if self.warned or self.dropped:
             log.warning("tracking.redis_back", dropped=self.dropped)
             self.warned, self.dropped = 0.0, 0
-        if asked:  # at most one request a second from all processes: the drain empties the stream
+        await self._ask()
+
+    async def _ask(self) -> None:
+        """Ask the events worker for a drain: at most once a second from all web processes (the
+        drain empties the stream). When another process asked within the second, ask again once
+        it is over, or the last hits of a burst would wait for beat's periodic drain."""
+        key = f"{get_settings().redis_key_prefix}{engagement.STREAM}:drain-asked"
+        if await async_redis().set(key, "1", nx=True, px=_ASK_EVERY_MS):
+            self.unasked = 0.0
             await asyncio.to_thread(_ask_for_drain)
+        else:
+            self.unasked = time.monotonic() + _ASK_EVERY_MS / 1000
 
     def _warn(self, exc: BaseException) -> None:
         if time.monotonic() - self.warned > _WARN_SECONDS:
