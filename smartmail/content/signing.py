@@ -6,6 +6,7 @@ import base64
 import functools
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from smartmail.config import get_settings
 
@@ -18,11 +19,22 @@ def _derived_key(secret: str, purpose: str) -> bytes:
     return hmac.new(secret.encode(), b"smartmail.token:" + purpose.encode(), hashlib.sha256).digest()
 
 
+def signer(purpose: str, *, length: int = 43) -> Callable[[str], str]:
+    """A function giving the unpadded base64url HMAC-SHA256 (RFC 2104) of a payload, its first
+    `length` characters (43: all 32 bytes; 22: 128 bits, still far beyond guessing), keyed for
+    `purpose`: one key look-up for the many links of a message."""
+    key = _derived_key(get_settings().secret_key, purpose)
+
+    def sign(payload: str) -> str:
+        digest = hmac.digest(key, payload.encode(), "sha256")  # one-shot, in C
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()[:length]
+
+    return sign
+
+
 def signature(payload: str, purpose: str, *, length: int = 43) -> str:
-    """The unpadded base64url HMAC-SHA256 (RFC 2104) of `payload`, its first `length` characters
-    (43: all 32 bytes; 22: 128 bits, still far beyond guessing)."""
-    digest = hmac.digest(_derived_key(get_settings().secret_key, purpose), payload.encode(), "sha256")  # in C
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()[:length]
+    """The signature of one payload (see `signer`)."""
+    return signer(purpose, length=length)(payload)
 
 
 def matches(given: str, payload: str, purpose: str, *, length: int = 43) -> bool:

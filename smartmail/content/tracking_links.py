@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import html as html_lib
 import re
 from collections.abc import Collection, Mapping
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from smartmail.config import get_settings
-from smartmail.content.signing import matches, signature
+from smartmail.content.signing import matches, signature, signer
 from smartmail.errors import InvalidToken
 
 # A click token is `<message id>.<link>.<url, base64url>.<signature>` and an open token
@@ -55,6 +56,13 @@ class Click:
 
 def _b64(url: str) -> str:
     return base64.urlsafe_b64encode(url.encode()).rstrip(b"=").decode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _target(url: str, utm: tuple[tuple[str, str], ...]) -> str | None:
+    """A link's destination as its token carries it (UTM added, base64url), or None when the link is
+    not tracked. Cached: a campaign's messages mostly share their links."""
+    return _b64(with_utm(url, dict(utm))) if _is_web_url(url) else None
 
 
 def click_url(message_id: str, link: int, url: str) -> str:
@@ -121,17 +129,23 @@ class _Links:
     """A message's tracked links: one number per distinct URL, in order of first appearance."""
 
     def __init__(self, message_id: str, skip: Collection[str], utm: Mapping[str, str] | None) -> None:
-        self.message_id, self.skip, self.utm = message_id, skip, utm
-        self.numbers: dict[str, str] = {}  # URL as written -> its tracked URL
+        self.message_id, self.skip, self.utm = message_id, skip, tuple((utm or {}).items())
+        self.prefix = f"{get_settings().public_url}/t/c/"
+        self.sign = signer(CLICK, length=_SIGNATURE_LENGTH)
+        self.numbers: dict[str, str | None] = {}  # URL as written -> its tracked URL (None: left as it is)
+        self.count = 0
 
     def tracked(self, url: str) -> str | None:
         """The tracked URL for `url`, or None when it stays as it is (not http(s), or excluded)."""
         if url in self.numbers:
             return self.numbers[url]
-        if url in self.skip or not _is_web_url(url):
+        target = None if url in self.skip else _target(url, self.utm)
+        if target is None:
+            self.numbers[url] = None
             return None
-        tracked = click_url(self.message_id, len(self.numbers) + 1, with_utm(url, self.utm))
-        self.numbers[url] = tracked
+        self.count += 1
+        payload = f"{self.message_id}.{self.count}.{target}"
+        tracked = self.numbers[url] = f"{self.prefix}{payload}.{self.sign(payload)}"
         return tracked
 
 
