@@ -73,6 +73,8 @@ OUTCOME_COLUMNS = ("id", "state", "next", "finished", "code", "reply", "reason",
 # Each recorded outcome is also an event (sent, failed, and deferred when the relay was tried: a
 # message held by traffic shaping is no news), written by the same statement or transaction: the
 # stream holds an outcome if and only if it committed. EVENT_REPLY_CHARS of the reply go in it.
+# The contact only if it still exists (an erased contact's id names nothing), looked up by key per
+# row: a join let the one generic plan of the statement scan all of `contacts` for every window.
 EVENT_REPLY_CHARS = 200
 _EVENT_STATES = (MessageState.SENT.value, MessageState.FAILED.value, MessageState.DEFERRED.value)
 # A campaign cancelled while a window was in flight: the window's deferred messages (held by the
@@ -238,10 +240,10 @@ _RECORD_AND_CLAIM_PG = f"""WITH recorded AS (
   RETURNING m.id, m.contact_id, m.campaign_id, v.state, v.next, v.code, v.reply, v.unattempted),
 logged AS (
   INSERT INTO events (type, contact_id, message_id, campaign_id, properties, occurred_at)
-  SELECT r.state, contacts.id, r.id, r.campaign_id,
+  SELECT r.state, (SELECT c.id FROM contacts c WHERE c.id = r.contact_id), r.id, r.campaign_id,
       jsonb_strip_nulls(jsonb_build_object('smtp_code', r.code, 'reply', left(r.reply, {EVENT_REPLY_CHARS}),
                                            'next_attempt_at', r.next)), %(now)s
-  FROM recorded r LEFT JOIN contacts ON contacts.id = r.contact_id
+  FROM recorded r
   WHERE r.state IN ('sent', 'failed') OR (r.state = 'deferred' AND r.unattempted = 0)),
 claimed AS (
   UPDATE messages SET state = 'sending', claimed_at = %(now)s, claimed_by = %(owner)s, attempts = attempts + 1
