@@ -29,7 +29,6 @@ STREAM = "smartmail:tracking"  # under SMARTMAIL_REDIS_KEY_PREFIX
 CHECKPOINT = "tracking"  # the stream_checkpoints row holding the last stream id stored
 DRAIN_TASK = "smartmail.tracking.drain"
 OPEN, CLICK = "o", "c"
-HONEYPOT = "honeypot-link"  # the machine reason of a click on the hidden link
 _MAX_AGENT = 400  # characters of a user agent kept
 
 
@@ -45,6 +44,15 @@ class Hit:
     ip: str | None = None
     user_agent: str | None = None
     head: bool = False  # a HEAD request: a scanner looking, not a person clicking
+
+    @property
+    def occurred_at(self) -> datetime:
+        """`at` as the database keeps times: naive UTC."""
+        return datetime.fromtimestamp(self.at, UTC).replace(tzinfo=None)
+
+    def first_key(self, machine: bool) -> tuple[str, int, bool]:
+        """The first-hit mark it may be: (message, link (0: the open), machine)."""
+        return self.message_id, self.link if self.kind == CLICK else 0, machine
 
     def fields(self) -> dict[Any, Any]:  # redis-py's own parameter type
         """The hit as a Redis stream entry's fields."""
@@ -137,18 +145,18 @@ _messages = (
     .outerjoin(Contact, Contact.id == Message.contact_id)  # an erased contact's events keep no contact
     .where(Message.id.in_(bindparam("ids", expanding=True)))
 )
-_last_open = (
-    update(Contact)
-    .where(Contact.id == bindparam("b_id"))
-    .where((Contact.last_open_at.is_(None)) | (Contact.last_open_at < bindparam("b_at")))
-    .values(last_open_at=bindparam("b_at"))
-)
-_last_click = (
-    update(Contact)
-    .where(Contact.id == bindparam("b_id"))
-    .where((Contact.last_click_at.is_(None)) | (Contact.last_click_at < bindparam("b_at")))
-    .values(last_click_at=bindparam("b_at"))
-)
+
+
+def _moved_forward(column):
+    """An UPDATE (executemany) of a contact's `column` to `b_at`, unless it is later already."""
+    return (
+        update(Contact)
+        .where(Contact.id == bindparam("b_id"), column.is_(None) | (column < bindparam("b_at")))
+        .values({column: bindparam("b_at")})
+    )
+
+
+_last_open, _last_click = _moved_forward(Contact.last_open_at), _moved_forward(Contact.last_click_at)
 
 
 def store(connection: Connection, hits: Iterable[Hit]) -> int:
@@ -166,15 +174,16 @@ def store(connection: Connection, hits: Iterable[Hit]) -> int:
     if len(known) < len(hits):
         log.info("tracking.unknown_messages", count=len(hits) - len(known))
     reasons = _machine_reasons(connection, known, messages, settings)
-    firsts = _new_firsts(connection, known, reasons)
+    keys = [hit.first_key(reason is not None) for hit, reason in zip(known, reasons)]
+    times = [hit.occurred_at for hit in known]
+    firsts = _new_firsts(connection, keys, times)
     rows: list[dict] = []
     last_open: dict[int, datetime] = {}
     last_click: dict[int, datetime] = {}
-    for hit, reason in zip(known, reasons):
+    for hit, reason, key, at in zip(known, reasons, keys, times):
         message = messages[hit.message_id]
-        at = datetime.fromtimestamp(hit.at, UTC).replace(tzinfo=None)
-        key = (hit.message_id, hit.link if hit.kind == CLICK else 0, reason is not None)
-        properties: dict = {"unique": firsts.pop(key, None) is not None}
+        properties: dict = {"unique": key in firsts}
+        firsts.discard(key)  # the batch's first hit of a new mark is the unique one
         if hit.kind == CLICK:
             properties.update(link=hit.link, url=hit.url)
         if reason:
@@ -215,7 +224,7 @@ def _machine_reasons(connection: Connection, hits: list[Hit], messages: dict, se
         after = None if sent is None else hit.at - sent.replace(tzinfo=UTC).timestamp()
         method = "HEAD" if hit.head else "GET"
         reasons.append(
-            HONEYPOT
+            machine.HONEYPOT
             if hit.link == tracking_links.HONEYPOT
             else machine.click_machine_reason(hit.user_agent, hit.ip, method, after, settings.scanner_click_seconds)
         )
@@ -249,16 +258,14 @@ def _in_bursts(connection: Connection, hits: list[Hit], clicks_of: dict[str, lis
     return found
 
 
-def _new_firsts(connection: Connection, hits: list[Hit], reasons: list[str | None]) -> dict[tuple, datetime]:
-    """Record the first open / click per (message, link, machine) not seen before; the new ones."""
+def _new_firsts(connection: Connection, keys: list[tuple], times: list[datetime]) -> set[tuple]:
+    """Record the first-hit marks (Hit.first_key) not seen before, each at its earliest time; the new ones."""
     candidates: dict[tuple, datetime] = {}
-    for hit, reason in zip(hits, reasons):
-        key = (hit.message_id, hit.link if hit.kind == CLICK else 0, reason is not None)
-        at = datetime.fromtimestamp(hit.at, UTC).replace(tzinfo=None)
+    for key, at in zip(keys, times):
         if key not in candidates or at < candidates[key]:
             candidates[key] = at
     if not candidates:
-        return {}
+        return set()
     statement = (
         dialect.insert(connection)(EngagementFirst)
         .on_conflict_do_nothing(index_elements=["message_id", "link", "machine"])
@@ -268,5 +275,4 @@ def _new_firsts(connection: Connection, hits: list[Hit], reasons: list[str | Non
         {"message_id": m, "link": link, "machine": is_machine, "occurred_at": at}
         for (m, link, is_machine), at in sorted(candidates.items())
     ]
-    new = {tuple(row) for row in connection.execute(statement, rows)}
-    return {key: at for key, at in candidates.items() if key in new}
+    return {tuple(row) for row in connection.execute(statement, rows)}

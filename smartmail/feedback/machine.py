@@ -28,6 +28,7 @@ NO_USER_AGENT = "no-user-agent"
 HEAD_REQUEST = "head-request"
 TOO_SOON = "clicked-right-after-delivery"
 BURST = "many-links-at-once"
+HONEYPOT = "honeypot-link"  # a click on the hidden link no person sees
 
 
 class _Networks:

@@ -22,11 +22,10 @@ from sqlalchemy import (
     literal_column,
     true,
 )
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.sql.expression import FunctionElement
 
 from smartmail.store.engine import utcnow
+from smartmail.store.sql.event_stream import current_transaction
 
 
 class Base(DeclarativeBase):
@@ -223,25 +222,6 @@ class EventType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-class current_transaction(FunctionElement):
-    """The id of the transaction writing a row (0 on SQLite). Stream readers take events in
-    (xact, id) order, only from transactions older than every running one: ids are handed out
-    before commit, so reading by id alone skips a row whose transaction commits after a later id's."""
-
-    type = BigInteger()
-    inherit_cache = True
-
-
-@compiles(current_transaction, "postgresql")
-def _current_transaction_postgresql(element, compiler, **kw) -> str:
-    return "(pg_current_xact_id()::text::bigint)"
-
-
-@compiles(current_transaction)
-def _current_transaction_other(element, compiler, **kw) -> str:
-    return "0"  # SQLite has one writer at a time: ids are in commit order
 
 
 class Event(Base):

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import redis
 import structlog
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from smartmail.access.rate_limits import async_redis
@@ -134,13 +135,6 @@ async def flush_on_shutdown() -> None:
         log.warning("tracking.events_lost", count=len(rec.pending), why="shutdown while Redis did not answer")
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _hit(scope: Scope, kind: str, message_id: str, link: int = 0, url: str | None = None) -> Hit:
     settings = get_settings()
     client = scope.get("client")
@@ -154,7 +148,7 @@ def _hit(scope: Scope, kind: str, message_id: str, link: int = 0, url: str | Non
         link=link,
         url=url,
         ip=ip,
-        user_agent=_header(scope, b"user-agent"),
+        user_agent=Headers(scope=scope).get("user-agent"),
         head=scope["method"] == "HEAD",
     )
 

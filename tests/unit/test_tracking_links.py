@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
 
 import pytest
@@ -14,22 +13,10 @@ from smartmail.config.settings import get_settings
 from smartmail.content import tracking_links
 from smartmail.content.tracking_links import Click, read_click, read_open, track, with_utm
 from smartmail.errors import InvalidToken
+from tests.unit.test_unsubscribe_tokens import env  # noqa: F401 - autouse: the required settings only
 
 MESSAGE = "01JD4S3Y7Q8W9E0R1T2Y3U4I5O"[:20] + "ABCDEF"  # 26 Crockford base32 characters
 _CLICK = re.compile(r"https://mail\.example\.com/t/c/([A-Za-z0-9._-]*[A-Za-z0-9_-])")  # a token ends with its signature
-
-
-@pytest.fixture(autouse=True)
-def env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "unit-test-secret-0123456789")
-    monkeypatch.setenv("SMARTMAIL_PUBLIC_URL", "https://mail.example.com")
-    get_settings.forget()
-    yield monkeypatch
-    get_settings.forget()
 
 
 def tokens(part: str) -> list[Click]:
@@ -100,7 +87,7 @@ def test_utm_parameters_are_added_but_never_override_the_link_s_own():
     assert tokens(tracked)[0].url == "https://a.example/p?utm_source=newsletter&utm_medium=email"
 
 
-def test_tokens_are_refused_when_altered_truncated_or_of_another_purpose():
+def test_tokens_are_refused_when_altered_truncated_or_of_another_purpose(monkeypatch):
     tracked, _ = track('<a href="https://a.example/">a</a>', "", message_id=MESSAGE)
     token = _CLICK.findall(tracked)[0]
     open_token = re.search(r"/t/o/([^\"]+)", tracked).group(1)  # type: ignore[union-attr]
@@ -122,7 +109,7 @@ def test_tokens_are_refused_when_altered_truncated_or_of_another_purpose():
     with pytest.raises(InvalidToken):
         read_open(f"{MESSAGE}.{signature}")  # a click signature is not an open signature
     get_settings.forget()
-    os.environ["SMARTMAIL_SECRET_KEY"] = "another-secret-key-0123456789"
+    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "another-secret-key-0123456789")
     with pytest.raises(InvalidToken):
         read_click(token)  # rotating the secret invalidates links already sent
 

@@ -1,4 +1,4 @@
-"""The event stream's horizon: below it every writing transaction has ended (PostgreSQL: the snapshot's xmin)."""
+"""The event stream's order: the writing transaction of a row, and the horizon below which every writer has ended."""
 
 from __future__ import annotations
 
@@ -25,3 +25,22 @@ def _stream_horizon_postgresql(element, compiler, **kw) -> str:
 def _stream_horizon_other(element, compiler, **kw) -> str:
     # SQLite writes xact 0 and has one writer at a time: ids are in commit order, nothing is ahead.
     return "9223372036854775807"
+
+
+class current_transaction(FunctionElement):
+    """The id of the transaction writing a row (0 on SQLite). Stream readers take events in
+    (xact, id) order, only from transactions older than every running one: ids are handed out
+    before commit, so reading by id alone skips a row whose transaction commits after a later id's."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(current_transaction, "postgresql")
+def _current_transaction_postgresql(element, compiler, **kw) -> str:
+    return "(pg_current_xact_id()::text::bigint)"
+
+
+@compiles(current_transaction)
+def _current_transaction_other(element, compiler, **kw) -> str:
+    return "0"  # SQLite has one writer at a time: ids are in commit order

@@ -9,7 +9,7 @@ Create Date: 2026-12-04 12:30:00
 import sqlalchemy as sa
 from alembic import op
 
-from smartmail.store.models import current_transaction
+from smartmail.store.sql.event_stream import current_transaction
 
 revision = "0009"
 down_revision = "0008"
