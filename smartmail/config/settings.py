@@ -135,6 +135,29 @@ class Settings(BaseSettings):
     tracking_stream_max: int = Field(1_000_000, ge=1000)  # events waiting in Redis for the events worker
     event_retention_days: int = Field(365, ge=1)  # events older than this are deleted by beat
 
+    # Deliverability feedback (docs/deliverability.md): VERP return paths, the inbound SMTP server,
+    # bounce and complaint effects, Amazon SES notifications, DKIM.
+    bounce_domain: str | None = None  # envelope senders become <bounce_localpart>+<token>@this; off when unset
+    bounce_localpart: str = Field("bounce", min_length=1, max_length=20, pattern=r"^[A-Za-z0-9._-]+$")
+    inbound_host: str = "127.0.0.1"  # where `smartmail inbound` listens (0.0.0.0 on a public MX)
+    inbound_port: int = Field(2525, ge=1, le=65535)
+    inbound_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # larger mail is refused (552) before it is stored
+    inbound_max_connections_per_ip: int = Field(20, ge=1)  # concurrent sessions from one client address
+    inbound_rate_per_ip: float = Field(50.0, gt=0)  # messages/s one client address may deliver (burst: 2 s worth)
+    inbound_tls_cert: Path | None = None  # STARTTLS is offered when a certificate and key are set
+    inbound_tls_key: Path | None = None
+    inbound_retention_days: int = Field(30, ge=1)  # processed inbound mail is deleted after this
+    soft_bounce_limit: int = Field(3, ge=1)  # this many soft bounces of one contact …
+    soft_bounce_days: float = Field(7.0, gt=0)  # … within this many days suppress the address
+    auto_pause_min_delivered: int = Field(1000, ge=1)  # a campaign's rates are judged after this many delivered
+    auto_pause_complaint_rate: float = Field(0.003, gt=0, le=1)  # complaints / delivered above this pauses it
+    auto_pause_bounce_rate: float = Field(0.05, gt=0, le=1)  # hard bounces / delivered above this pauses it
+    ses_topic_arns: list[str] = []  # SNS topics whose notifications /hooks/ses accepts; none: the hook is off
+    sns_max_age_seconds: float = Field(3600.0, gt=0)  # older SNS messages are refused (replays)
+    # Tests only: a certificate URL prefix accepted besides https://sns.<region>.amazonaws.com/.
+    sns_test_certificate_prefix: str | None = None
+    dkim_keys: Path | None = None  # a directory of DKIM private keys: <domain>/<selector>.pem (docs/deliverability.md)
+
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
     # Threads per web process running the sync routes, each holding a database connection at most;

@@ -12,7 +12,7 @@ from smartmail.config import get_settings
 
 
 @functools.lru_cache(maxsize=8)
-def _derived_key(secret: str, purpose: str) -> bytes:
+def derived_key(secret: str, purpose: str) -> bytes:
     # Cached: a campaign signs tokens for every message. Keyed by the secret, so a new key is
     # derived when SMARTMAIL_SECRET_KEY changes (settings reloaded). One key per purpose: a token
     # signed for one (click tracking, say) never verifies as another (unsubscribe).
@@ -23,7 +23,7 @@ def signer(purpose: str, *, length: int = 43) -> Callable[[str], str]:
     """A function giving the unpadded base64url HMAC-SHA256 (RFC 2104) of a payload, its first
     `length` characters (43: all 32 bytes; 22: 128 bits, still far beyond guessing), keyed for
     `purpose`: one key look-up for the many links of a message."""
-    key = _derived_key(get_settings().secret_key, purpose)
+    key = derived_key(get_settings().secret_key, purpose)
 
     def sign(payload: str) -> str:
         digest = hmac.digest(key, payload.encode(), "sha256")  # one-shot, in C
@@ -34,7 +34,7 @@ def signer(purpose: str, *, length: int = 43) -> Callable[[str], str]:
 
 def signature(payload: str, purpose: str, *, length: int = 43) -> str:
     """The signature of one payload (see `signer`)."""
-    digest = hmac.digest(_derived_key(get_settings().secret_key, purpose), payload.encode(), "sha256")
+    digest = hmac.digest(derived_key(get_settings().secret_key, purpose), payload.encode(), "sha256")
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()[:length]
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Table,
     Text,
@@ -45,6 +46,7 @@ class MessageState(str, enum.Enum):
     SUPPRESSED = "suppressed"  # recipient on the suppression list; never sent
     UNKNOWN = "unknown"  # worker died while sending; not re-sent automatically
     CANCELLED = "cancelled"  # its campaign was cancelled before it was sent
+    BOUNCED = "bounced"  # sent, then a hard bounce came back (a DSN or a provider notification)
 
     def __str__(self) -> str:
         return self.value
@@ -217,8 +219,9 @@ class EventType(str, enum.Enum):
     OPENED = "opened"  # the open pixel was fetched
     CLICKED = "clicked"  # a tracked link was followed
     UNSUBSCRIBED = "unsubscribed"  # by link, one-click POST, API or CLI
-    BOUNCED = "bounced"
-    COMPLAINED = "complained"
+    BOUNCED = "bounced"  # a DSN or provider notification: {kind: hard|soft, status, diagnostic, source}
+    COMPLAINED = "complained"  # an ARF report or provider notification: the recipient marked it as spam
+    CAMPAIGN_PAUSED = "campaign_paused"  # paused by its complaint or bounce rate: {reason, rate, threshold}
 
     def __str__(self) -> str:
         return self.value
@@ -272,6 +275,53 @@ class EngagementFirst(Base):
     link: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: the open; n: the message's link n
     machine: Mapped[bool] = mapped_column(Boolean, primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class FeedbackMark(Base):
+    """One mark per effect applied (`<message id>:<event type>`, or the provider's report id and
+    the address when no message is known): a duplicate or replayed report finds its mark and
+    changes nothing."""
+
+    __tablename__ = "feedback_marks"
+
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class InboundState(str, enum.Enum):
+    PENDING = "pending"  # stored and acknowledged; the events worker has not processed it yet
+    PROCESSED = "processed"
+    FAILED = "failed"  # processing raised on every attempt; kept for an operator to look at
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class InboundMessage(Base):
+    """Mail `smartmail inbound` accepted (DSNs, ARF reports, mailto unsubscribes): stored before the
+    SMTP reply, processed afterwards by the events worker, so a crash loses nothing."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=InboundState.PENDING.value)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    peer: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the client's address
+    mail_from: Mapped[str] = mapped_column(String(320))
+    recipients: Mapped[list] = mapped_column(JSON, default=list)  # the envelope's RCPT TO addresses
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    outcome: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # what processing found and did
+
+
+_INBOUND_PENDING = InboundMessage.state == literal_column("'pending'")
+Index(
+    "ix_inbound_messages_pending_received_at",
+    InboundMessage.received_at,
+    postgresql_where=_INBOUND_PENDING,
+    sqlite_where=_INBOUND_PENDING,
+)
 
 
 class StreamCheckpoint(Base):
@@ -374,6 +424,11 @@ class Campaign(Base):
     tracking: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
     utm: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     preheader: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Deliverability feedback counted as it arrives (each report once), and why it paused itself.
+    hard_bounces: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    soft_bounces: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    complaints: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    paused_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Fan-out checkpoint: every audience contact up to this id has its message row.
     cursor: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), default=0)
     fanned_out: Mapped[bool] = mapped_column(default=False)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from smartmail.addresses import bare_address
 from smartmail.config import get_settings
+from smartmail.content import return_path
 from smartmail.content.mime import build_mime
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import MessageState
@@ -370,8 +371,10 @@ def _send_window(transport: Transport, jobs: list[tuple], marker: Marker | None 
         except (ValueError, UnicodeError) as exc:  # content that cannot be encoded will never send
             replies[i] = Reply(554, f"5.6.0 message could not be built: {exc}", "build")
             continue
-        # Stored addresses were validated by the producer; only the bare address goes in the envelope.
-        outgoing.append(Outgoing(bare_address(row.sender), bare_address(row.recipient), data, site, ready, row.id))
+        # Stored addresses were validated by the producer; only the bare address goes in the envelope,
+        # and the return path is the message's VERP address when a bounce domain is set.
+        envelope_sender = return_path.bounce_address(row.id) or bare_address(row.sender)
+        outgoing.append(Outgoing(envelope_sender, bare_address(row.recipient), data, site, ready, row.id))
         positions.append(i)
     try:
         sent = transport.send_window(outgoing, get_settings().smtp_parallelism, marker)
