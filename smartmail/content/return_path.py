@@ -55,4 +55,3 @@ def message_of(address: str) -> str | None:
         return None
     message_id, given = match.group(1).upper(), match.group(2).lower()
     return message_id if hmac.compare_digest(given, _signature(key, message_id)) else None
-

@@ -1,4 +1,4 @@
-"""What a bounce, complaint or unsubscribe report says about one recipient, whatever its source (DSN, ARF, SES, mailto)."""
+"""What a bounce, complaint or unsubscribe report says about one recipient, whatever its source."""
 
 from __future__ import annotations
 
