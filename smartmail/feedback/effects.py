@@ -258,7 +258,7 @@ def _over_soft_limit(session: Session, effects: list[_Effect], now: datetime) ->
     over = {contact_id for contact_id, count in soft.items() if count >= settings.soft_bounce_limit}
     chosen: dict[int, _Effect] = {}
     for effect in effects:
-        if effect.contact_id in over:
+        if effect.contact_id is not None and effect.contact_id in over:
             chosen.setdefault(effect.contact_id, effect)
     return list(chosen.values())
 
