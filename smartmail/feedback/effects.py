@@ -144,22 +144,21 @@ def _resolve(session: Session, findings: Sequence[Finding], origins: Sequence[st
         message = messages.get(finding.message_id) if finding.message_id else None
         if message is not None:
             # The message we sent is the truth: a forwarded address may be the DSN's Final-Recipient.
-            address = bare_address(message.recipient).lower()
             effects.append(
                 _Effect(
                     finding,
                     f"{message.id}:{finding.kind.value}",
-                    address,
+                    bare_address(message.recipient).lower(),
                     message.id,
                     message.campaign_id,
                     message.contact_id,
                 )
             )
         else:
-            address = finding.recipient.lower() if finding.recipient else None
+            recipient = finding.recipient.lower() if finding.recipient else None
             anchor = finding.reference or origin
             token = finding.unsubscribe_token or ""
-            effects.append(_Effect(finding, f"{anchor}:{address or token}:{finding.kind.value}"[:400], address))
+            effects.append(_Effect(finding, f"{anchor}:{recipient or token}:{finding.kind.value}"[:400], recipient))
     unknown = {e.address for e in effects if e.contact_id is None and e.address}
     if unknown:
         contacts = dict(session.execute(select(Contact.email, Contact.id).where(Contact.email.in_(sorted(unknown)))))
