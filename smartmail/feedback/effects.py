@@ -161,7 +161,10 @@ def _resolve(session: Session, findings: Sequence[Finding], origins: Sequence[st
             effects.append(_Effect(finding, f"{anchor}:{recipient or token}:{finding.kind.value}"[:400], recipient))
     unknown = {e.address for e in effects if e.contact_id is None and e.address}
     if unknown:
-        contacts = dict(session.execute(select(Contact.email, Contact.id).where(Contact.email.in_(sorted(unknown)))))
+        contacts = {
+            row.email: row.id
+            for row in session.execute(select(Contact.email, Contact.id).where(Contact.email.in_(sorted(unknown))))
+        }
         for effect in effects:
             if effect.contact_id is None and effect.address:
                 effect.contact_id = contacts.get(effect.address)
