@@ -35,7 +35,12 @@ STATUS_TO_SUPPRESSION = {
     "complained": "complaint",
     "blocked": "manual",
 }
-SUPPRESSION_TO_STATUS = {"unsubscribed": "unsubscribed", "hard_bounce": "bounced", "complaint": "complained"}
+SUPPRESSION_TO_STATUS = {
+    "unsubscribed": "unsubscribed",
+    "hard_bounce": "bounced",
+    "soft_bounce": "bounced",
+    "complaint": "complained",
+}
 # Event types the tracking and delivery code record; `track` is for the application's own names.
 RESERVED_EVENTS = frozenset(
     {*(t.value for t in EventType), "open", "click", "bounce", "complaint", "unsubscribe", "delivered"}

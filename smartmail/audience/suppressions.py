@@ -15,9 +15,10 @@ from smartmail.store.models import Contact, ContactStatus, Suppression
 
 log = structlog.get_logger("smartmail.suppressions")
 
-# Why an address is suppressed: `erased` is written by erasing a contact, the others by delivery
-# (hard_bounce), complaints, unsubscribes and people (manual).
-Reason = Literal["hard_bounce", "complaint", "unsubscribed", "manual", "erased"]
+# Why an address is suppressed: `erased` is written by erasing a contact, `soft_bounce` by repeated
+# soft bounces (SMARTMAIL_SOFT_BOUNCE_LIMIT), the others by delivery and bounces (hard_bounce),
+# complaints, unsubscribes and people (manual).
+Reason = Literal["hard_bounce", "soft_bounce", "complaint", "unsubscribed", "manual", "erased"]
 AddReason = Literal["manual", "hard_bounce", "complaint", "unsubscribed"]
 REASONS: tuple[str, ...] = get_args(Reason)
 ADD_REASONS: tuple[str, ...] = get_args(AddReason)

@@ -41,6 +41,7 @@ def celery_config(settings: Settings) -> dict:
             "smartmail.maintenance.*": {"queue": "default"},
             "smartmail.imports.*": {"queue": "imports"},
             "smartmail.tracking.*": {"queue": "events"},
+            "smartmail.inbound.*": {"queue": "events"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").
@@ -63,8 +64,11 @@ def celery_config(settings: Settings) -> dict:
             "campaigns": {"task": "smartmail.maintenance.campaigns", "schedule": settings.scheduler_interval},
             # The web processes ask for a drain when they write hits; this catches a request lost.
             "tracking": {"task": "smartmail.tracking.drain", "schedule": 30.0},
+            # `smartmail inbound` asks after storing mail; this catches a request lost, and retries.
+            "inbound": {"task": "smartmail.inbound.process", "schedule": 30.0},
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},
+            "delete-old-inbound": {"task": "smartmail.maintenance.delete_old_inbound", "schedule": 3600.0},
         },
     }
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import structlog
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.orm import Session
 
+from smartmail.feedback.classify import classify
+from smartmail.feedback.effects import Applied, apply_in
+from smartmail.feedback.findings import Finding
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.ids import new_id
 from smartmail.store.models import InboundMessage, InboundState
@@ -13,6 +21,7 @@ from smartmail.store.models import InboundMessage, InboundState
 log = structlog.get_logger("smartmail.inbound")
 
 PROCESS_TASK = "smartmail.inbound.process"
+MAX_ATTEMPTS = 5
 
 
 def spool(mail_from: str, recipients: Sequence[str], raw: bytes, peer: str | None = None) -> str:
@@ -32,3 +41,125 @@ def spool(mail_from: str, recipients: Sequence[str], raw: bytes, peer: str | Non
             )
         )
     return inbound_id
+
+
+@dataclass
+class Processed:
+    """What one run of `process_pending` did."""
+
+    mails: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    applied: Applied = field(default_factory=Applied)
+    failed: int = 0  # mails set aside after MAX_ATTEMPTS
+    more: bool = False  # time ran out with mail still pending
+
+
+def process_pending(*, batch: int = 200, seconds: float = 10.0) -> Processed:
+    """Classify and apply pending inbound mail, `batch` mails per transaction, for up to `seconds`.
+
+    A mail is `processed` in the transaction that applies its effects, so a crash anywhere leaves
+    it `pending` and the next run does it all again, once (the effects' marks see to that).
+    Several workers share the spool (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serializes
+    writers). A batch that raises is retried a mail at a time, so one bad mail holds up no other;
+    a mail that raises MAX_ATTEMPTS times is set aside as `failed`."""
+    result = Processed()
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with session_scope() as session:
+                rows = _claim(session, batch)
+                if rows:
+                    _process(session, rows, result)
+                claimed = len(rows)
+        except Exception:  # noqa: BLE001 - isolated below; each mail's error is logged there
+            log.warning("inbound.batch_failed", exc_info=True)
+            claimed = _process_one_by_one(batch, result)
+        if claimed < batch:
+            return result
+        if time.monotonic() >= deadline:
+            result.more = True
+            return result
+
+
+def _claim(session: Session, limit: int) -> list[InboundMessage]:
+    return list(
+        session.scalars(
+            select(InboundMessage)
+            .where(InboundMessage.state == InboundState.PENDING.value)
+            .order_by(InboundMessage.received_at, InboundMessage.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def _process(session: Session, rows: Sequence[InboundMessage], result: Processed) -> None:
+    now = utcnow()
+    findings: list[Finding] = []
+    origins: list[str] = []
+    outcomes = []
+    for row in rows:
+        classification = classify(row.raw, row.recipients)
+        # A delay notice is not a failure: the relay is still trying.
+        counted = () if classification.verdict == "delayed" else classification.findings
+        findings.extend(counted)
+        origins.extend([row.id] * len(counted))
+        outcomes.append(
+            {
+                "id": row.id,
+                "outcome": {
+                    "verdict": classification.verdict,
+                    "findings": len(classification.findings),
+                    "detail": classification.detail,
+                },
+            }
+        )
+        result.verdicts[classification.verdict] += 1
+    applied = apply_in(session, findings, origins=origins, received_at=now)
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == bindparam("row_id"))
+        .values(
+            state=InboundState.PROCESSED.value,
+            processed_at=now,
+            attempts=InboundMessage.attempts + 1,
+            outcome=bindparam("outcome"),
+        ),
+        [{"row_id": o["id"], "outcome": o["outcome"]} for o in outcomes],
+        execution_options={"synchronize_session": False},
+    )
+    result.mails += len(rows)
+    result.applied.merge(applied)
+
+
+def _process_one_by_one(limit: int, result: Processed) -> int:
+    """The batch again, each mail in its own transaction; a failing one counts an attempt. How many."""
+    with session_scope() as session:
+        ids = [row.id for row in _claim(session, limit)]
+    for inbound_id in ids:
+        try:
+            with session_scope() as session:
+                row = session.scalar(
+                    select(InboundMessage)
+                    .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING.value)
+                    .with_for_update(skip_locked=True)
+                )
+                if row is not None:
+                    _process(session, [row], result)
+        except Exception as exc:  # noqa: BLE001 - recorded on the row; the others go on
+            log.exception("inbound.mail_failed", inbound_id=inbound_id)
+            with session_scope() as session:
+                attempts = session.scalar(
+                    update(InboundMessage)
+                    .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING.value)
+                    .values(attempts=InboundMessage.attempts + 1, outcome={"error": repr(exc)[:500]})
+                    .returning(InboundMessage.attempts)
+                )
+                if attempts is not None and attempts >= MAX_ATTEMPTS:
+                    session.execute(
+                        update(InboundMessage)
+                        .where(InboundMessage.id == inbound_id)
+                        .values(state=InboundState.FAILED.value, processed_at=utcnow())
+                    )
+                    result.failed += 1
+    return len(ids)

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, tuple_
 
 from smartmail.config import get_settings
 from smartmail.store.engine import get_engine, reader, utcnow
-from smartmail.store.models import EngagementFirst, Event
+from smartmail.store.models import EngagementFirst, Event, InboundMessage, InboundState
 
 log = structlog.get_logger("smartmail.retention")
 
@@ -122,3 +122,26 @@ def id_time_prefix(naive_utc: datetime) -> str:
     bits a character, as store/ids.py spells them. Every id made before that millisecond sorts below."""
     millis = (naive_utc - datetime(1970, 1, 1)) // timedelta(milliseconds=1)
     return "".join(_CROCKFORD[(millis >> shift) & 31] for shift in range(45, -1, -5))
+
+
+def delete_old_inbound(*, now: datetime | None = None, batch: int = 1000) -> int:
+    """Delete processed (and failed) inbound mail received more than inbound_retention_days before
+    `now`, `batch` rows per transaction (their ids are time-ordered: a primary-key range); pending
+    mail is kept whatever its age. The number of rows deleted."""
+    cutoff = (now or utcnow()) - timedelta(days=get_settings().inbound_retention_days)
+    below = id_time_prefix(cutoff)
+    deleted = 0
+    while True:
+        page = (
+            select(InboundMessage.id)
+            .where(InboundMessage.id < below, InboundMessage.state != InboundState.PENDING.value)
+            .order_by(InboundMessage.id)
+            .limit(batch)
+        )
+        with get_engine().begin() as connection:
+            count = connection.execute(delete(InboundMessage).where(InboundMessage.id.in_(page))).rowcount
+        deleted += count
+        if count < batch:
+            if deleted:
+                log.info("retention.deleted", inbound_messages=deleted, before=cutoff.isoformat())
+            return deleted

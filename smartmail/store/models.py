@@ -141,7 +141,7 @@ class Suppression(Base):
     __tablename__ = "suppressions"
 
     email: Mapped[str] = mapped_column(String(320), primary_key=True)  # normalized (lower-case)
-    reason: Mapped[str] = mapped_column(String(32))  # hard_bounce | unsubscribed | complaint | manual
+    reason: Mapped[str] = mapped_column(String(32))  # see audience.suppressions.Reason
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     source_message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -17,6 +17,7 @@ app = Celery(
         "smartmail.tasks.imports",
         "smartmail.tasks.campaigns",
         "smartmail.tasks.tracking",
+        "smartmail.tasks.inbound",
         "smartmail.tasks.process_hooks",
         "smartmail.tasks.retention",
     ],

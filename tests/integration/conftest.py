@@ -149,6 +149,8 @@ def _clear_tables(url: str) -> None:
             "suppressions",
             "templates",
             "api_keys",
+            "inbound_messages",
+            "feedback_marks",
         ):
             conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()

@@ -107,6 +107,12 @@ class CampaignOut(BaseModel):
     utm: dict[str, str] | None
     preheader: str | None
     fanned_out: bool = Field(description="Every audience contact has its message.")
+    hard_bounces: int = Field(description="Hard bounces reported after delivery (DSNs, provider notifications).")
+    soft_bounces: int
+    complaints: int = Field(description="Spam complaints (ARF reports, provider feedback loops).")
+    paused_reason: str | None = Field(
+        description="Why the campaign paused itself (complaint or bounce rate), if it did."
+    )
     created_at: UtcDateTime
     launched_at: UtcDateTime | None
     finished_at: UtcDateTime | None

@@ -1,0 +1,295 @@
+"""What bounces, complaints and mailto unsubscribes change: message state, suppressions, contacts, events, counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from smartmail.addresses import bare_address
+from smartmail.audience.unsubscribe import unsubscribe_in
+from smartmail.config import get_settings
+from smartmail.content import unsubscribe_links
+from smartmail.errors import InvalidToken
+from smartmail.feedback.findings import Finding, Kind
+from smartmail.store import dialect
+from smartmail.store.engine import session_scope, utcnow
+from smartmail.store.models import (
+    Campaign,
+    Contact,
+    ContactStatus,
+    Event,
+    EventType,
+    FeedbackMark,
+    Message,
+    MessageState,
+    Suppression,
+)
+
+log = structlog.get_logger("smartmail.feedback")
+
+# A hard bounce proves the message left: `unknown` (the worker died after DATA) becomes `bounced` too.
+_BOUNCEABLE = (MessageState.SENT.value, MessageState.UNKNOWN.value)
+# A complaint outranks an unsubscribe (the address was reported as spam); neither undoes a bounce or block.
+_STATUS_FROM = {
+    Kind.HARD_BOUNCE: (ContactStatus.SUBSCRIBED.value,),
+    Kind.SOFT_BOUNCE: (ContactStatus.SUBSCRIBED.value,),
+    Kind.COMPLAINT: (ContactStatus.SUBSCRIBED.value, ContactStatus.UNSUBSCRIBED.value),
+}
+_STATUS_TO = {
+    Kind.HARD_BOUNCE: ContactStatus.BOUNCED.value,
+    Kind.SOFT_BOUNCE: ContactStatus.BOUNCED.value,
+    Kind.COMPLAINT: ContactStatus.COMPLAINED.value,
+}
+_SUPPRESSION_REASON = {Kind.HARD_BOUNCE: "hard_bounce", Kind.SOFT_BOUNCE: "soft_bounce", Kind.COMPLAINT: "complaint"}
+_EVENT_TYPE = {
+    Kind.HARD_BOUNCE: EventType.BOUNCED.value,
+    Kind.SOFT_BOUNCE: EventType.BOUNCED.value,
+    Kind.COMPLAINT: EventType.COMPLAINED.value,
+}
+_COUNTER = {Kind.HARD_BOUNCE: "hard_bounces", Kind.SOFT_BOUNCE: "soft_bounces", Kind.COMPLAINT: "complaints"}
+_DETAIL_MAX = 1000
+
+
+@dataclass
+class Applied:
+    """What a batch of findings changed. `counts` by outcome: the kind applied, `duplicate` (its
+    mark existed: a replay), `no_recipient` (neither a known message nor an address), `bad_token`."""
+
+    campaign_ids: set[int] = field(default_factory=set)  # campaigns with a new hard bounce or complaint
+    counts: Counter[str] = field(default_factory=Counter)
+    suppressed: list[str] = field(default_factory=list)  # addresses newly suppressed
+
+    def merge(self, other: Applied) -> None:
+        self.campaign_ids |= other.campaign_ids
+        self.counts.update(other.counts)
+        self.suppressed.extend(other.suppressed)
+
+
+@dataclass
+class _Effect:
+    finding: Finding
+    key: str
+    address: str | None
+    message_id: str | None = None
+    campaign_id: int | None = None
+    contact_id: int | None = None
+
+
+def apply(findings: Sequence[Finding], *, origin: str, received_at: datetime | None = None) -> Applied:
+    """Apply the findings of one report in one transaction (see `apply_in`)."""
+    with session_scope() as session:
+        return apply_in(session, findings, origins=[origin] * len(findings), received_at=received_at)
+
+
+def apply_in(
+    session: Session, findings: Sequence[Finding], *, origins: Sequence[str], received_at: datetime | None = None
+) -> Applied:
+    """Apply findings in the caller's transaction, each at most once: a finding about a known
+    message is marked `<message id>:<kind>`; one without, `<reference or origin>:<address>:<kind>`
+    (`origins[i]`: finding i's report's own id, such as the inbound mail's or the SNS message's).
+    A mark that exists means a duplicate or a replay, which changes nothing.
+
+    A hard bounce: the message `bounced` (from `sent` or `unknown`), the address suppressed
+    (`hard_bounce`), a subscribed contact `bounced`. A soft bounce is counted; the contact's
+    SMARTMAIL_SOFT_BOUNCE_LIMIT-th within SMARTMAIL_SOFT_BOUNCE_DAYS suppresses (`soft_bounce`).
+    A complaint: suppression `complaint`, contact `complained`. Each writes a `bounced` or
+    `complained` event and counts on its campaign. An unsubscribe is the one-click POST's."""
+    now = received_at or utcnow()
+    applied = Applied()
+    effects = _resolve(session, findings, origins)
+    new_keys = _mark(session, [e.key for e in effects], now)
+    fresh: list[_Effect] = []
+    for effect in effects:
+        if effect.key not in new_keys:
+            applied.counts["duplicate"] += 1
+        elif effect.address is None and effect.finding.kind is not Kind.UNSUBSCRIBE:
+            applied.counts["no_recipient"] += 1
+        else:
+            new_keys.discard(effect.key)  # a repeat within the batch is a duplicate too
+            fresh.append(effect)
+    for effect in fresh:
+        kind = effect.finding.kind
+        if kind is Kind.UNSUBSCRIBE:
+            _unsubscribe(session, effect, applied)
+        elif kind is Kind.DELIVERED:
+            applied.counts[kind.value] += 1
+    bounces = [e for e in fresh if e.finding.kind in _EVENT_TYPE]
+    if bounces:
+        _record(session, bounces, now, applied)
+    return applied
+
+
+def _resolve(session: Session, findings: Sequence[Finding], origins: Sequence[str]) -> list[_Effect]:
+    """Each finding with its message (when it names one we sent), address, contact and mark key."""
+    ids = {f.message_id for f in findings if f.message_id}
+    messages = {}
+    if ids:
+        messages = {
+            row.id: row
+            for row in session.execute(
+                select(Message.id, Message.recipient, Message.campaign_id, Message.contact_id).where(
+                    Message.id.in_(sorted(ids))
+                )
+            )
+        }
+    effects = []
+    for finding, origin in zip(findings, origins, strict=True):
+        message = messages.get(finding.message_id) if finding.message_id else None
+        if message is not None:
+            # The message we sent is the truth: a forwarded address may be the DSN's Final-Recipient.
+            effects.append(
+                _Effect(
+                    finding,
+                    f"{message.id}:{finding.kind.value}",
+                    bare_address(message.recipient).lower(),
+                    message.id,
+                    message.campaign_id,
+                    message.contact_id,
+                )
+            )
+        else:
+            recipient = finding.recipient.lower() if finding.recipient else None
+            anchor = finding.reference or origin
+            token = finding.unsubscribe_token or ""
+            effects.append(_Effect(finding, f"{anchor}:{recipient or token}:{finding.kind.value}"[:400], recipient))
+    unknown = {e.address for e in effects if e.contact_id is None and e.address}
+    if unknown:
+        contacts = {
+            row.email: row.id
+            for row in session.execute(select(Contact.email, Contact.id).where(Contact.email.in_(sorted(unknown))))
+        }
+        for effect in effects:
+            if effect.contact_id is None and effect.address:
+                effect.contact_id = contacts.get(effect.address)
+    return effects
+
+
+def _mark(session: Session, keys: Sequence[str], now: datetime) -> set[str]:
+    """Insert the marks not there yet; the keys inserted."""
+    unique = sorted(set(keys))
+    if not unique:
+        return set()
+    statement = (
+        dialect.insert(session)(FeedbackMark)
+        .values([{"key": key, "created_at": now} for key in unique])
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(FeedbackMark.key)
+    )
+    return set(session.scalars(statement))
+
+
+def _unsubscribe(session: Session, effect: _Effect, applied: Applied) -> None:
+    try:
+        contact_id, campaign_id = unsubscribe_links.read_token(effect.finding.unsubscribe_token)
+    except InvalidToken:
+        applied.counts["bad_token"] += 1
+        return
+    unsubscribe_in(session, contact_id, campaign_id, source="mailto")
+    applied.counts[Kind.UNSUBSCRIBE.value] += 1
+
+
+def _record(session: Session, effects: list[_Effect], now: datetime, applied: Applied) -> None:
+    """Events, message states, campaign counters and suppressions of the new bounces and complaints."""
+    session.execute(insert(Event), [_event(e, now) for e in effects])
+    hard = sorted({e.message_id for e in effects if e.finding.kind is Kind.HARD_BOUNCE and e.message_id})
+    if hard:
+        session.execute(
+            update(Message)
+            .where(Message.id.in_(hard), Message.state.in_(_BOUNCEABLE))
+            .values(state=MessageState.BOUNCED.value, reason="hard bounce"),
+            execution_options={"synchronize_session": False},
+        )
+    per_campaign: Counter[tuple[int, str]] = Counter(
+        (e.campaign_id, _COUNTER[e.finding.kind]) for e in effects if e.campaign_id is not None
+    )
+    for (campaign_id, column), count in sorted(per_campaign.items()):
+        session.execute(
+            update(Campaign).where(Campaign.id == campaign_id).values({column: getattr(Campaign, column) + count})
+        )
+        if column != "soft_bounces":
+            applied.campaign_ids.add(campaign_id)
+    suppress = [e for e in effects if e.finding.kind is not Kind.SOFT_BOUNCE]
+    suppress += _over_soft_limit(session, [e for e in effects if e.finding.kind is Kind.SOFT_BOUNCE], now)
+    for effect in suppress:
+        _suppress(session, effect, now, applied)
+    for effect in effects:
+        applied.counts[effect.finding.kind.value] += 1
+    log.info("feedback.applied", **{k: v for k, v in applied.counts.items()})
+
+
+def _event(effect: _Effect, now: datetime) -> dict[str, Any]:
+    finding = effect.finding
+    properties: dict[str, Any] = {"source": finding.source, "recipient": effect.address}
+    if finding.kind is not Kind.COMPLAINT:
+        properties["kind"] = "hard" if finding.kind is Kind.HARD_BOUNCE else "soft"
+    for name in ("status", "diagnostic", "feedback_type", "reference"):
+        value = getattr(finding, name)
+        if value:
+            properties[name] = value[:_DETAIL_MAX]
+    return {
+        "type": _EVENT_TYPE[finding.kind],
+        "contact_id": effect.contact_id,
+        "message_id": effect.message_id,
+        "campaign_id": effect.campaign_id,
+        "properties": properties,
+        "occurred_at": now,
+    }
+
+
+def _over_soft_limit(session: Session, effects: list[_Effect], now: datetime) -> list[_Effect]:
+    """The soft bounces that bring their contact to the limit within the window (this batch's
+    events are already in the table)."""
+    contact_ids = sorted({e.contact_id for e in effects if e.contact_id is not None})
+    if not contact_ids:
+        return []
+    settings = get_settings()
+    since = now - timedelta(days=settings.soft_bounce_days)
+    rows = session.execute(
+        select(Event.contact_id, Event.properties).where(
+            Event.contact_id.in_(contact_ids), Event.type == EventType.BOUNCED.value, Event.occurred_at >= since
+        )
+    )
+    soft = Counter(contact_id for contact_id, properties in rows if (properties or {}).get("kind") == "soft")
+    over = {contact_id for contact_id, count in soft.items() if count >= settings.soft_bounce_limit}
+    chosen: dict[int, _Effect] = {}
+    for effect in effects:
+        if effect.contact_id is not None and effect.contact_id in over:
+            chosen.setdefault(effect.contact_id, effect)
+    return list(chosen.values())
+
+
+def _suppress(session: Session, effect: _Effect, now: datetime, applied: Applied) -> None:
+    """The address on the suppression list (an existing entry keeps its reason) and the contact's status."""
+    kind, address = effect.finding.kind, effect.address
+    assert address is not None  # findings without an address were counted as no_recipient
+    detail = effect.finding.diagnostic or effect.finding.status or effect.finding.feedback_type or effect.finding.source
+    if kind is Kind.SOFT_BOUNCE:
+        settings = get_settings()
+        detail = f"{settings.soft_bounce_limit} soft bounces within {settings.soft_bounce_days:g} days: {detail}"
+    created = session.execute(
+        dialect.insert(session)(Suppression)
+        .values(
+            email=address,
+            reason=_SUPPRESSION_REASON[kind],
+            detail=detail[:_DETAIL_MAX],
+            source_message_id=effect.message_id,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["email"])
+        .returning(Suppression.email)
+    ).first()
+    if created:
+        applied.suppressed.append(address)
+    session.execute(
+        update(Contact)
+        .where(Contact.email == address, Contact.status.in_(_STATUS_FROM[kind]))
+        .values(status=_STATUS_TO[kind], updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
