@@ -55,7 +55,7 @@ def _address(value: Any) -> str | None:
 def message_id(mail: Mapping[str, Any]) -> str | None:
     """SmartMail's id of the original message: from a VERP return path (signed, so trusted first),
     else from the Message-ID SmartMail set (SES keeps it in mail.headers and mail.commonHeaders)."""
-    headers = {}
+    headers: dict[str, str] = {}
     for header in _list(mail.get("headers")):
         name, value = _text(header.get("name")), _text(header.get("value"))
         if name and value:

@@ -51,16 +51,12 @@ def _handle(message: dict[str, Any]) -> dict[str, Any]:
     if not notification.findings:
         log.info("ses.ignored", type=notification.type or "not an SES notification", sns_id=message["MessageId"])
         return {"status": "ignored", "type": notification.type}
-    applied = effects.apply(notification.findings)
+    # Keyed by message and kind (or by SES's feedbackId): SNS redelivers, and a replay changes nothing.
+    applied = effects.apply(notification.findings, origin=f"sns:{message['MessageId']}")
     paused = pause_if_unhealthy(applied.campaign_ids)
-    log.info(
-        "ses.applied",
-        type=notification.type,
-        findings=len(notification.findings),
-        sns_id=message["MessageId"],
-        ses_id=notification.ses_message_id,
-    )
-    return {"status": "applied", "type": notification.type, "findings": len(notification.findings), "paused": paused}
+    counts = dict(applied.counts)
+    log.info("ses.applied", type=notification.type, sns_id=message["MessageId"], **counts)
+    return {"status": "applied", "type": notification.type, "counts": counts, "paused_campaigns": paused}
 
 
 @router.post("/ses")

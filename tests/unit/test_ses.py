@@ -1,4 +1,4 @@
-"""SES notifications to findings: bounce, complaint and delivery, as SNS feedback notifications and as published events."""
+"""SES notifications to findings: bounce, complaint and delivery, as feedback notifications and as published events."""
 
 from __future__ import annotations
 

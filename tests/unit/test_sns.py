@@ -346,7 +346,8 @@ def test_a_redirect_is_not_followed(key, fake_sns):
 
 def test_an_oversized_or_garbled_certificate_is_refused(key, fake_sns):
     fake_sns.pages[CERT_URL] = httpx.Response(200, content=b"-" * (sns.MAX_CERTIFICATE_BYTES + 1))
-    assert refused(sign(notification(), key), None) == f"SigningCertURL is larger than {sns.MAX_CERTIFICATE_BYTES} bytes"
+    reason = refused(sign(notification(), key), None)
+    assert reason == f"SigningCertURL is larger than {sns.MAX_CERTIFICATE_BYTES} bytes"
     fake_sns.pages[CERT_URL] = httpx.Response(200, content=b"not a certificate")
     assert refused(sign(notification(), key), None) == "SigningCertURL does not hold a PEM certificate"
 
