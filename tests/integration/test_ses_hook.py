@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.ids import new_id
-from smartmail.store.models import Contact, Event, FeedbackMark, Message, Suppression
+from smartmail.store.models import Campaign, Contact, Event, FeedbackMark, Message, Suppression
 from tests.conftest import reset_caches
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:smartmail-ses"
@@ -112,13 +112,16 @@ def hook(env, monkeypatch, _module_web, sns_host):
     The settings are the same for every test of the module (per database): the process is reused."""
     monkeypatch.setenv("SMARTMAIL_SES_TOPIC_ARNS", json.dumps([TOPIC]))
     monkeypatch.setenv("SMARTMAIL_SNS_TEST_CERTIFICATE_PREFIX", sns_host.prefix)
+    # Low enough for a three-message campaign to trip the complaint-rate pause.
+    monkeypatch.setenv("SMARTMAIL_AUTO_PAUSE_MIN_DELIVERED", "3")
+    monkeypatch.setenv("SMARTMAIL_AUTO_PAUSE_COMPLAINT_RATE", "0.3")
     reset_caches()
     sns_host.requests.clear()
     with httpx.Client(base_url=_module_web.start(), timeout=30) as client:
         yield client
 
 
-def sent_message(email: str = "gone@example.org") -> str:
+def sent_message(email: str = "gone@example.org", campaign_id: int | None = None) -> str:
     """A message to `email` (a subscribed contact) as delivery leaves it: `sent`."""
     message_id = new_id()
     with session_scope() as session:
@@ -137,6 +140,7 @@ def sent_message(email: str = "gone@example.org") -> str:
                 tags=[],
                 message_id_header=f"<{message_id}@example.com>",
                 contact_id=contact.id,
+                campaign_id=campaign_id,
                 finished_at=utcnow(),
             )
         )
@@ -247,6 +251,21 @@ def test_a_signed_complaint_is_applied(hook, sns_host):
     assert after["messages"][message_id] == "sent"
     assert after["suppressions"]["angry@example.org"] == ("complaint", message_id)
     assert after["contacts"]["angry@example.org"] == "complained"
+
+
+def test_complaints_through_ses_pause_their_campaign(hook, sns_host):
+    with session_scope() as session:
+        campaign = Campaign(name="december", state="sending", template_name="news", sender="news@example.com", lists=[])
+        session.add(campaign)
+        session.flush()
+        campaign_id = campaign.id
+    message_ids = [sent_message(f"reader{n}@example.org", campaign_id) for n in range(3)]
+    response = post(hook, sns_host.notification(ses_complaint(message_ids[0], "reader0@example.org")))
+    assert response.status_code == 200 and response.json()["paused_campaigns"] == ["december"]
+    with session_scope() as session:
+        campaign = session.get(Campaign, campaign_id)
+        assert (campaign.state, campaign.complaints) == ("paused", 1)
+        assert campaign.paused_reason.startswith("complaint rate 33.33% (1 of 3 delivered)")
 
 
 def test_a_delivery_or_an_unknown_notification_changes_nothing(hook, sns_host):
