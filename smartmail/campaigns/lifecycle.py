@@ -77,6 +77,8 @@ class CampaignStatus:
     rate: float  # messages sent per second over the last minute
     eta_seconds: float | None
     fanned_out: bool
+    feedback: dict[str, int]  # hard_bounces, soft_bounces, complaints reported after delivery
+    paused_reason: str | None  # why it paused itself, if it did
 
 
 # What a draft or scheduled campaign may change; create_campaign takes these too.
@@ -488,7 +490,16 @@ def campaign_status(name: str) -> CampaignStatus:
     with reader() as connection:
         for condition in _identifying(name):
             campaign = connection.execute(
-                select(Campaign.id, Campaign.name, Campaign.state, Campaign.fanned_out).where(condition)
+                select(
+                    Campaign.id,
+                    Campaign.name,
+                    Campaign.state,
+                    Campaign.fanned_out,
+                    Campaign.hard_bounces,
+                    Campaign.soft_bounces,
+                    Campaign.complaints,
+                    Campaign.paused_reason,
+                ).where(condition)
             ).first()
             if campaign is not None:
                 break
@@ -517,6 +528,12 @@ def campaign_status(name: str) -> CampaignStatus:
         rate,
         remaining / rate if rate > 0 else None,
         bool(campaign.fanned_out),
+        {
+            "hard_bounces": campaign.hard_bounces,
+            "soft_bounces": campaign.soft_bounces,
+            "complaints": campaign.complaints,
+        },
+        campaign.paused_reason,
     )
 
 

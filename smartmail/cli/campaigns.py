@@ -129,6 +129,18 @@ def cancel(name: str) -> None:
     out.print(f"campaign {escape(name)} cancelled; {count} unsent message(s) cancelled")
 
 
+def _print_status(status: campaigns.CampaignStatus) -> None:
+    out.print(_table(status))
+    feedback = status.feedback
+    if any(feedback.values()):
+        out.print(
+            f"after delivery: {feedback['hard_bounces']} hard bounce(s), {feedback['soft_bounces']} soft bounce(s), "
+            f"{feedback['complaints']} complaint(s)"
+        )
+    if status.paused_reason:
+        out.print(f"paused itself: {escape(status.paused_reason)}")
+
+
 def _table(status: campaigns.CampaignStatus) -> Table:
     table = Table("campaign", "state", "messages", *sorted(status.counts), "rate", "eta")
     eta = f"{status.eta_seconds:.0f}s" if status.eta_seconds is not None else "-"
@@ -162,14 +174,16 @@ def status(
                     "rate": current.rate,
                     "eta_seconds": current.eta_seconds,
                     "fanned_out": current.fanned_out,
+                    "feedback": current.feedback,
+                    "paused_reason": current.paused_reason,
                 }
             )
         )
         return
     if not watch:
-        out.print(_table(current))
+        _print_status(current)
         return
-    final = ("sent", "failed", "suppressed", "unknown", "cancelled")
+    final = ("sent", "bounced", "failed", "suppressed", "unknown", "cancelled")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -192,4 +206,4 @@ def status(
                 break
             time.sleep(1)
             current = campaigns.campaign_status(name)
-    out.print(_table(current))
+    _print_status(current)

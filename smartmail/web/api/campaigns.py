@@ -126,6 +126,8 @@ class ProgressOut(BaseModel):
     rate: float = Field(description="Messages sent per second over the last minute.")
     eta_seconds: float | None = Field(description="Time left at that rate; null while nothing is being sent.")
     fanned_out: bool
+    feedback: dict[str, int] = Field(description="hard_bounces, soft_bounces and complaints reported after delivery.")
+    paused_reason: str | None = Field(description="Why it paused itself (its complaint or bounce rate), if it did.")
 
 
 class Counted(BaseModel):
@@ -207,6 +209,8 @@ def campaign_progress(name: Name, principal: Reader) -> dict[str, Any]:
         "rate": status.rate,
         "eta_seconds": status.eta_seconds,
         "fanned_out": status.fanned_out,
+        "feedback": status.feedback,
+        "paused_reason": status.paused_reason,
     }
 
 
