@@ -103,7 +103,13 @@ def apply_in(
     `complained` event and counts on its campaign. An unsubscribe is the one-click POST's."""
     now = received_at or utcnow()
     applied = Applied()
-    effects = _resolve(session, findings, origins)
+    # A delivery notification changes nothing: counted, not marked (a mark per delivered message
+    # would grow a table for no effect).
+    delivered = sum(1 for f in findings if f.kind is Kind.DELIVERED)
+    if delivered:
+        applied.counts[Kind.DELIVERED.value] = delivered
+    kept = [(f, o) for f, o in zip(findings, origins, strict=True) if f.kind is not Kind.DELIVERED]
+    effects = _resolve(session, [f for f, _ in kept], [o for _, o in kept])
     new_keys = _mark(session, [e.key for e in effects], now)
     fresh: list[_Effect] = []
     for effect in effects:
@@ -115,11 +121,8 @@ def apply_in(
             new_keys.discard(effect.key)  # a repeat within the batch is a duplicate too
             fresh.append(effect)
     for effect in fresh:
-        kind = effect.finding.kind
-        if kind is Kind.UNSUBSCRIBE:
+        if effect.finding.kind is Kind.UNSUBSCRIBE:
             _unsubscribe(session, effect, applied)
-        elif kind is Kind.DELIVERED:
-            applied.counts[kind.value] += 1
     bounces = [e for e in fresh if e.finding.kind in _EVENT_TYPE]
     if bounces:
         _record(session, bounces, now, applied)

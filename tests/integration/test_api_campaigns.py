@@ -110,6 +110,8 @@ def test_create_read_list_and_progress(api, audience):
         "rate": 0.0,
         "eta_seconds": None,
         "fanned_out": False,
+        "feedback": {"hard_bounces": 0, "soft_bounces": 0, "complaints": 0},
+        "paused_reason": None,
     }
 
 
