@@ -30,6 +30,7 @@ from smartmail.cli.audience import contacts_app, lists_app, segments_app  # noqa
 from smartmail.cli.campaigns import campaign_app  # noqa: E402
 from smartmail.cli.events import events_app  # noqa: E402
 from smartmail.cli.keys import keys_app  # noqa: E402
+from smartmail.cli.suppressions import suppressions_app  # noqa: E402
 
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
@@ -37,6 +38,7 @@ app.add_typer(segments_app, name="segments")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(events_app, name="events")
 app.add_typer(keys_app, name="keys")
+app.add_typer(suppressions_app, name="suppressions")
 
 
 @db_app.command("upgrade")
