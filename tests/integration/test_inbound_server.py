@@ -181,6 +181,22 @@ def test_relaying_is_refused_and_nothing_stored(start_inbound):
     assert inbound.stored() == []
 
 
+def test_a_mail_that_cannot_be_stored_is_not_acknowledged(start_inbound, env, tmp_path):
+    url = env["SMARTMAIL_DATABASE_URL"]
+    broken = f"sqlite:///{tmp_path}/missing/smartmail.db" if url.startswith("sqlite") else url + "_missing"
+    inbound = start_inbound(SMARTMAIL_DATABASE_URL=broken)
+    client = inbound.connect()
+    client.ehlo("mx.example.net")
+    client.mail("<>")
+    client.rcpt("bounce+x@bounces.example.com")
+    code, reply = client.data(DSN)
+    assert (code, reply[:5]) == (451, b"4.3.0")  # the sender keeps it and tries again later
+    client.quit()
+    log = inbound.process.output()
+    assert "outage.started" in log and "inbound.database" in log
+    assert "Empf" not in log and "Undelivered" not in log  # the reason is logged, never the mail
+
+
 def test_oversize_mail_is_refused_and_nothing_stored(start_inbound):
     inbound = start_inbound(SMARTMAIL_INBOUND_MAX_BYTES="4096")
     client = inbound.connect()
