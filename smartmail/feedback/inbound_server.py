@@ -241,6 +241,11 @@ class InboundHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
+    def _stored(self, stored: asyncio.Future[str]) -> None:
+        self.storing.discard(stored)
+        if not stored.cancelled():
+            stored.exception()  # retrieved: a session that hung up mid-commit never awaits it
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         # aiosmtpd keeps the null reverse-path of a DSN (RFC 5321 section 4.5.5) as "<>"; it is stored empty.
@@ -251,7 +256,7 @@ class InboundHandler:
         # mid-commit does not leave shutdown without the write to wait for.
         stored = asyncio.ensure_future(asyncio.to_thread(self.store, mail_from, recipients, raw, peer))
         self.storing.add(stored)
-        stored.add_done_callback(self.storing.discard)
+        stored.add_done_callback(self._stored)
         try:
             inbound_id = await asyncio.shield(stored)
         except Exception as exc:  # noqa: BLE001 - any failure to store means "not accepted": the sender retries
