@@ -62,6 +62,13 @@ def unsubscribe_url(token: str) -> str:
     return f"{get_settings().public_url}/unsubscribe/{token}"
 
 
+def mailto_address() -> str:
+    """The address of the List-Unsubscribe mailto: SMARTMAIL_UNSUBSCRIBE_MAILTO's address, else
+    `unsubscribe@<sender domain>`. ValueError when the setting is not an address."""
+    settings = get_settings()
+    return _mailto_address(settings.unsubscribe_mailto, settings.sender_domain)
+
+
 def _mailto_address(unsubscribe_mailto: str | None, sender_domain: str) -> str:
     if not unsubscribe_mailto:
         return f"unsubscribe@{sender_domain}"
