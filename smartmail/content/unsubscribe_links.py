@@ -78,12 +78,6 @@ def _mailto_address(unsubscribe_mailto: str | None, sender_domain: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-def mailto_address() -> str:
-    """The List-Unsubscribe mailto address: SMARTMAIL_UNSUBSCRIBE_MAILTO's, else unsubscribe@<the sender domain>."""
-    settings = get_settings()
-    return _mailto_address(settings.unsubscribe_mailto, settings.sender_domain)
-
-
 @functools.lru_cache(maxsize=8)
 def _uri_prefixes(public_url: str, unsubscribe_mailto: str | None, sender_domain: str) -> tuple[str, str]:
     """What precedes the token in the https and mailto URIs, checked once per settings: a campaign
