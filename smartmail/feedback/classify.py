@@ -2,9 +2,10 @@
 
 The order of the checks matters and is documented in docs/deliverability.md: machine-readable
 reports first (RFC 3464 DSN, RFC 5965 ARF), then the unsubscribe mailto, then non-standard bounces
-(flufl.bounce's detectors, only for mail that looks like a bounce), then auto-replies. A DSN often
-carries `Auto-Submitted: auto-replied` (RFC 3834 section 5 asks MTAs to set it), so that header is
-looked at only once the mail is known not to be a report.
+(flufl.bounce's detectors, only for mail that looks like a bounce), then auto-replies and
+challenge-response mail, and last flufl.bounce again for anything else sent to a VERP address.
+Bounces often carry `Auto-Submitted: auto-replied` (RFC 3834 section 5 asks MTAs to set it), so
+that header is looked at only once the mail is known not to be a bounce.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message
-from email.utils import getaddresses
+from email.utils import collapse_rfc2231_value, getaddresses
 
 from flufl.bounce import all_failures
 
@@ -130,7 +131,7 @@ class _Classifier:
         return self._text
 
     def run(self) -> Classification:
-        report_type = str(self.message.get_param("report-type", "") or "").lower()
+        report_type = collapse_rfc2231_value(self.message.get_param("report-type", "") or "").lower()
         checks = (self._feedback_report, self._delivery_report)
         if report_type != "feedback-report":
             checks = (self._delivery_report, self._feedback_report)
@@ -140,21 +141,21 @@ class _Classifier:
                 return found
         if self.to_mailto:
             return self._unsubscribe()
-        challenge = self._challenge()
-        if challenge:
-            return Classification(AUTO_REPLY, (), challenge)
         signal = self._bounce_signal()
-        if signal or self.verp_id:
-            bounce = self._heuristic_bounce(signal)
-            if bounce is not None:
-                return bounce
-        auto = self._auto_reply()
+        if signal:
+            # Checked before auto-replies: MTAs set Auto-Submitted on their bounces (RFC 3834 section 5).
+            return self._heuristic_bounce(signal) or Classification(
+                UNRECOGNISED, (), f"looks like a bounce ({signal}) but names no failed recipient"
+            )
+        auto = self._challenge() or self._auto_reply()
         if auto:
             return Classification(AUTO_REPLY, (), auto)
-        if signal:
-            return Classification(UNRECOGNISED, (), f"looks like a bounce ({signal}) but names no failed recipient")
         if self.verp_id:
-            return Classification(UNRECOGNISED, (), "mail to a return path that is neither a bounce nor an auto-reply")
+            # Mail to a return path that is no report, no auto-reply and no bounce by its looks: some
+            # relays bounce from an ordinary address with an ordinary subject.
+            return self._heuristic_bounce(None) or Classification(
+                UNRECOGNISED, (), "mail to a return path that is neither a bounce nor an auto-reply"
+            )
         return Classification(UNRECOGNISED, (), "not a report, bounce, unsubscribe or auto-reply")
 
     # --- Reports --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class RecipientStatus:
     """One per-recipient block (RFC 3464 section 2.3): what happened to one recipient."""
 
     action: str  # failed | delayed | delivered | relayed | expanded (lower-case; "" when missing)
-    recipient: str | None  # Final-Recipient, else Original-Recipient: the address, lower-case
+    recipient: str | None  # Original-Recipient, else Final-Recipient: the address, lower-case
     status: str | None  # the Status field as given, e.g. "5.1.1"
     diagnostic: str | None  # the Diagnostic-Code text after its type ("smtp;"), unfolded and capped
 
@@ -44,8 +44,10 @@ def recipient_statuses(part: Message) -> list[RecipientStatus]:
         action = mime_text.header(block, "Action").strip().lower()
         if not action:
             continue
-        recipient = _address(mime_text.header(block, "Final-Recipient")) or _address(
-            mime_text.header(block, "Original-Recipient")
+        # Original-Recipient first: it is the address as the sender gave it (RFC 3464 section 2.3.1),
+        # our contact's; Final-Recipient is the one the reporting MTA tried, after any forwarding.
+        recipient = _address(mime_text.header(block, "Original-Recipient")) or _address(
+            mime_text.header(block, "Final-Recipient")
         )
         diagnostic = _typed_value(mime_text.header(block, "Diagnostic-Code"))
         statuses.append(
@@ -91,5 +93,5 @@ def _typed_value(value: str) -> str:
 
 
 def _address(value: str) -> str | None:
-    address = _typed_value(value).strip().strip("<>").strip()
-    return address.lower() or None if "@" in address else None
+    address = _typed_value(value).strip().strip("<>").strip().lower()
+    return address if "@" in address else None

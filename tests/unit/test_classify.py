@@ -228,10 +228,15 @@ def test_only_delivered_or_relayed_is_not_a_bounce():
     assert "delivered" in (result.detail or "")
 
 
-def test_original_recipient_when_there_is_no_final_recipient():
-    block = "Original-Recipient: rfc822;<Someone@Example.org>\nAction: failed\nStatus: 5.1.1"
-    (finding,) = classify(_dsn([block]), [PLAIN]).findings
+def test_the_recipient_is_the_address_we_sent_to():
+    # RFC 3464 section 2.3.1: Original-Recipient is the sender's address; Final-Recipient may be a forward.
+    block = "Original-Recipient: rfc822;<Someone@Example.org>\nFinal-Recipient: rfc822; fwd@elsewhere.example\n"
+    (finding,) = classify(_dsn([block + "Action: failed\nStatus: 5.1.1"]), [PLAIN]).findings
     assert finding.recipient == "someone@example.org"
+    (finding,) = classify(
+        _dsn(["Final-Recipient: rfc822;A@Example.org\nAction: failed\nStatus: 5.1.1"]), [PLAIN]
+    ).findings
+    assert finding.recipient == "a@example.org"
 
 
 def test_status_from_the_diagnostic_when_the_field_is_missing():
@@ -296,6 +301,15 @@ def test_auto_submitted_no_is_a_person():
 
 def test_a_dsn_that_says_auto_replied_is_still_a_bounce():
     assert classify(raw("postfix_user_unknown.eml"), [PLAIN]).verdict == "bounce"
+
+
+def test_a_bounce_is_not_taken_for_a_challenge_because_of_our_subject():
+    # A double opt-in message bounced by a relay that copies the subject: the bounce wins.
+    body = "Delivery has failed to these recipients:\n\nann@example.org\n\n550 5.1.1 User unknown\n"
+    message = _mail(subject="Undeliverable: Please confirm your email", body=body, sender="postmaster@example.org")
+    result = classify(message, [verp("01JEB9G6MA1TT468MYWTDCMNNV")])
+    assert result.verdict == "bounce", result.detail
+    assert result.findings[0].status == "5.1.1"
 
 
 def test_a_bounce_without_a_failed_address_but_with_verp_uses_the_smtp_reply():
