@@ -11,7 +11,7 @@ import structlog
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from smartmail.feedback.classify import classify
+from smartmail.feedback.classify import DELAYED, classify
 from smartmail.feedback.effects import Applied, apply_in
 from smartmail.feedback.findings import Finding
 from smartmail.store.engine import session_scope, utcnow
@@ -101,7 +101,7 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
     for row in rows:
         classification = classify(row.raw, row.recipients)
         # A delay notice is not a failure: the relay is still trying.
-        counted = () if classification.verdict == "delayed" else classification.findings
+        counted = () if classification.verdict == DELAYED else classification.findings
         findings.extend(counted)
         origins.extend([row.id] * len(counted))
         outcomes.append(
@@ -116,17 +116,17 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
         )
         result.verdicts[classification.verdict] += 1
     applied = apply_in(session, findings, origins=origins, received_at=now)
+    table = InboundMessage.__table__  # a Core statement: one executemany, not the ORM's bulk-by-key
     session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == bindparam("row_id"))
+        update(table)
+        .where(table.c.id == bindparam("row_id"))
         .values(
             state=InboundState.PROCESSED.value,
             processed_at=now,
-            attempts=InboundMessage.attempts + 1,
+            attempts=table.c.attempts + 1,
             outcome=bindparam("outcome"),
         ),
         [{"row_id": o["id"], "outcome": o["outcome"]} for o in outcomes],
-        execution_options={"synchronize_session": False},
     )
     result.mails += len(rows)
     result.applied.merge(applied)

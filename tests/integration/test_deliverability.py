@@ -170,7 +170,7 @@ def test_dsns_and_a_complaint_by_smtp_bounce_suppress_and_spare_the_next_campaig
     by_recipient = {m.rcpt_tos[0]: m for m in relay.messages}
     # Every message went out with its own signed return path, naming it.
     with session_scope() as session:
-        ids = dict(session.execute(select(Message.recipient, Message.id)).tuples())
+        ids = {row.recipient: row.id for row in session.execute(select(Message.recipient, Message.id))}
     for email, received in by_recipient.items():
         assert received.mail_from == return_path.bounce_address(ids[email])
         assert return_path.message_of(received.mail_from) == ids[email]
@@ -192,9 +192,9 @@ def test_dsns_and_a_complaint_by_smtp_bounce_suppress_and_spare_the_next_campaig
 
     wait_for(processed, 60, message="the inbound mail processed")
     with session_scope() as session:
-        states = dict(session.execute(select(Message.recipient, Message.state)).tuples())
-        suppressions = dict(session.execute(select(Suppression.email, Suppression.reason)).tuples())
-        statuses = dict(session.execute(select(Contact.email, Contact.status)).tuples())
+        states = {row.recipient: row.state for row in session.execute(select(Message.recipient, Message.state))}
+        suppressions = {row.email: row.reason for row in session.execute(select(Suppression.email, Suppression.reason))}
+        statuses = {row.email: row.status for row in session.execute(select(Contact.email, Contact.status))}
         bounced_events = session.scalar(select(func.count()).where(Event.type == "bounced"))
         first = session.scalar(select(Campaign).where(Campaign.name == "first"))
         counters = (first.hard_bounces, first.soft_bounces, first.complaints)
