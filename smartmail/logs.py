@@ -42,6 +42,8 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
         logger_factory=lambda *_args: _StderrLogger(),
         cache_logger_on_first_use=True,
     )
+    # flufl.bounce logs a line per detector it tries on each bounce: noise at INFO.
+    logging.getLogger("flufl.bounce").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
 def configure_for_library(level: str = "INFO", fmt: str = "console") -> None:
