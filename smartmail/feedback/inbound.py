@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from smartmail.feedback.classify import DELAYED, classify
@@ -26,21 +28,77 @@ MAX_ATTEMPTS = 5
 
 def spool(mail_from: str, recipients: Sequence[str], raw: bytes, peer: str | None = None) -> str:
     """Store one accepted mail (committed when this returns, before the SMTP reply); its id."""
-    inbound_id = new_id()
+    return spool_many([(mail_from, recipients, raw, peer)])[0]
+
+
+def spool_many(mails: Sequence[tuple[str, Sequence[str], bytes, str | None]]) -> list[str]:
+    """Store (mail_from, recipients, raw, peer) mails in one transaction; their ids."""
+    ids = [new_id() for _ in mails]
+    now = utcnow()
     with session_scope() as session:
-        session.add(
-            InboundMessage(
-                id=inbound_id,
-                state=InboundState.PENDING.value,
-                received_at=utcnow(),
-                peer=peer,
-                mail_from=mail_from[:320],
-                recipients=list(recipients),
-                raw=raw,
-                attempts=0,
-            )
+        session.execute(
+            insert(InboundMessage),
+            [
+                {
+                    "id": inbound_id,
+                    "state": InboundState.PENDING.value,
+                    "received_at": now,
+                    "peer": peer,
+                    "mail_from": mail_from[:320],
+                    "recipients": list(recipients),
+                    "raw": raw,
+                    "attempts": 0,
+                }
+                for inbound_id, (mail_from, recipients, raw, peer) in zip(ids, mails, strict=True)
+            ],
         )
-    return inbound_id
+    return ids
+
+
+class GroupSpool:
+    """`spool` for many SMTP sessions at once: the mails that arrive while a commit runs are stored
+    together by the next one (group commit), so each session still has its mail committed before
+    its 250, at one commit per group instead of one per mail. Called from threads; blocks until the
+    caller's mail is committed, raising what the commit raised."""
+
+    def __init__(self, max_group: int = 200) -> None:
+        self.max_group = max_group
+        self.waiting: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="inbound-spool", daemon=True)
+        self.thread.start()
+
+    def __call__(self, mail_from: str, recipients: Sequence[str], raw: bytes, peer: str | None = None) -> str:
+        waiting = _Waiting((mail_from, recipients, raw, peer))
+        self.waiting.put(waiting)
+        waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.inbound_id
+
+    def _run(self) -> None:
+        while True:
+            group = [self.waiting.get()]
+            while len(group) < self.max_group:
+                try:
+                    group.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                for waiting, inbound_id in zip(group, spool_many([w.mail for w in group]), strict=True):
+                    waiting.inbound_id = inbound_id
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the group: none is acknowledged
+                for waiting in group:
+                    waiting.error = exc
+            for waiting in group:
+                waiting.done.set()
+
+
+@dataclass
+class _Waiting:
+    mail: tuple[str, Sequence[str], bytes, str | None]
+    done: threading.Event = field(default_factory=threading.Event)
+    inbound_id: str = ""
+    error: Exception | None = None
 
 
 @dataclass

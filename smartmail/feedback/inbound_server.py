@@ -9,6 +9,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -18,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from smartmail.config import Settings
 from smartmail.content.unsubscribe_links import mailto_address
 from smartmail.errors import SettingsError
-from smartmail.feedback.inbound import PROCESS_TASK, spool
+from smartmail.feedback.inbound import PROCESS_TASK, GroupSpool, spool
 from smartmail.outage import Outage, is_connection_error
 from smartmail.workers import dispatch
 
@@ -30,6 +31,7 @@ MAX_ADDRESS = 254
 MAX_RECIPIENTS = 100
 # RFC 5321 section 4.5.3.2.7: a server waits at least 5 minutes for the next command.
 SESSION_TIMEOUT = 300.0
+STORING_THREADS = 64  # sessions whose mail can wait for the same group commit
 
 RELAYING_DENIED = "550 5.7.1 Relaying denied"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
@@ -354,6 +356,7 @@ class InboundServer:
             rate=RateLimiter(rate, burst=2 * rate),
             connections=ConnectionCounter(settings.inbound_max_connections_per_ip),
             requests=ProcessRequests(publish),
+            store=GroupSpool(),
         )
         self._server: asyncio.Server | None = None
 
@@ -374,6 +377,9 @@ class InboundServer:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        # A thread per session waiting for its group commit (GroupSpool): the loop's default pool
+        # (CPUs + 4 threads) would cap a group at that many sessions.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=STORING_THREADS, thread_name_prefix="inbound"))
         self._server = await loop.create_server(self._session, host=host, port=port)
         log.info(
             "inbound.listening",
