@@ -46,6 +46,7 @@ SIGNED = (
 # up, so a second From, To or Subject added in transit, which a mail client may show in place of
 # the signed one, meets the extra entry (signed as absent) and breaks the signature.
 OVERSIGNED = frozenset({"from", "to", "subject"})
+_SIGNED_KEYS = tuple((name, name.lower().encode("ascii"), name.lower() in OVERSIGNED) for name in SIGNED)
 _FOLD_AT = 78
 # A selector is one or more DNS labels (RFC 6376 section 3.1).
 _SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
@@ -189,8 +190,11 @@ def signatures(message: bytes, keys: tuple[DomainKey, ...], *, now: float | None
     fields = []
     for key in keys:
         field = _unsigned_field(key, names, body_hash, timestamp)
-        # The field itself is hashed last, with an empty b= and no final CRLF (RFC 6376 section 3.7).
-        value = key.sign(signed + relaxed_header(field.encode("ascii"))[:-2])
+        # The field itself is hashed last, with an empty b= and no final CRLF (RFC 6376 section 3.7),
+        # in relaxed form: built with single spaces and folded before a space or after a colon, it
+        # only needs its line breaks removed.
+        canonical = "dkim-signature:" + field[15:].replace("\r\n", "").strip()
+        value = key.sign(signed + canonical.encode("ascii"))
         fields.append(field + _fold_b64(base64.b64encode(value).decode("ascii")) + "\r\n")
     return "".join(fields).encode("ascii")
 
@@ -198,55 +202,50 @@ def signatures(message: bytes, keys: tuple[DomainKey, ...], *, now: float | None
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 section 3.4.4: no WSP at line ends, WSP runs as one SP, no empty lines at the end,
     and a non-empty body ends in CRLF."""
-    # Quoted-printable and base64 bodies have neither trailing whitespace (RFC 2045 section 6.7
-    # rule 3) nor tabs nor runs of spaces: the scan alone decides, and the regexes run only for
-    # the text bodies that need them.
+    # base64 has no whitespace and quoted-printable none at a line end (RFC 2045 section 6.7 rule 3):
+    # these scans usually find nothing, and the regexes run only for text with tabs or runs of spaces.
     if b"\t" in body or b"  " in body or b" \r\n" in body or body.endswith(b" "):
         body = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"", body))
     body = body.rstrip(b"\r\n")
     return body + b"\r\n" if body else b""
 
 
-def relaxed_header(field: bytes) -> bytes:
-    """RFC 6376 section 3.4.2: name in lower case, unfolded, WSP runs as one SP, none around the colon
-    or at the end; CRLF-terminated."""
-    name, _, value = field.partition(b":")
-    value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" \t")
-    return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
+def relaxed_fields(head: bytes) -> dict[bytes, list[bytes]]:
+    """The header block's fields in relaxed form (RFC 6376 section 3.4.2), CRLF-terminated, by lower-cased name.
+
+    The whole block at once rather than field by field: unfolded (a CRLF before WSP removed, RFC 5322
+    section 2.2.3), WSP runs made one SP; then each line is one field, its name lower-cased and the
+    spaces around its colon and at its end dropped.
+    """
+    unfolded = head.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t")
+    if b"\t" in unfolded or b"  " in unfolded:
+        unfolded = _WSP_RUN.sub(b" ", unfolded)
+    fields: dict[bytes, list[bytes]] = {}
+    for line in unfolded.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if colon:
+            name = name.rstrip(b" ").lower()
+            fields.setdefault(name, []).append(name + b":" + value.strip(b" ") + b"\r\n")
+    return fields
 
 
 def _signed_headers(head: bytes) -> tuple[list[str], bytes]:
     """The h= names and the relaxed form of the fields they select, in h= order."""
-    fields: dict[bytes, list[bytes]] = {}
-    current: list[bytes] = []
-    for line in head[:-2].split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and current:
-            current.append(line)  # a continuation line (RFC 5322 section 2.2.3)
-            continue
-        if current:
-            _add_field(fields, current)
-        current = [line]
-    if current:
-        _add_field(fields, current)
+    fields = relaxed_fields(head)
     names: list[str] = []
     signed: list[bytes] = []
-    for name in SIGNED:
-        instances = fields.get(name.lower().encode("ascii"))
-        if not instances and name != "From":
+    for name, key, oversign in _SIGNED_KEYS:
+        instances = fields.get(key)
+        if instances:
+            # RFC 6376 section 5.4.2: repeated names select instances from the bottom up.
+            for instance in reversed(instances):
+                names.append(name)
+                signed.append(instance)
+        elif name != "From":
             continue
-        # RFC 6376 section 5.4.2: repeated names select instances from the bottom up.
-        for instance in reversed(instances or []):
-            names.append(name)
-            signed.append(relaxed_header(instance))
-        if name.lower() in OVERSIGNED:
+        if oversign:
             names.append(name)  # matches no instance, so adds nothing to the hash
     return names, b"".join(signed)
-
-
-def _add_field(fields: dict[bytes, list[bytes]], lines: list[bytes]) -> None:
-    field = b"\r\n".join(lines)
-    name = field.partition(b":")[0].rstrip(b" \t").lower()
-    fields.setdefault(name, []).append(field)
 
 
 def _unsigned_field(key: DomainKey, names: list[str], body_hash: str, timestamp: int) -> str:

@@ -289,12 +289,28 @@ def test_two_keys_of_one_algorithm_for_a_domain_are_refused(keys_dir):
 
 
 def test_relaxed_header_examples():
-    assert dkim.relaxed_header(b"A: X\r\n") == b"a:X\r\n"
-    assert dkim.relaxed_header(b"B : Y\t\r\n\tZ  \r\n"[:-2]) == b"b:Y Z\r\n"
-    assert dkim.relaxed_header(b"Subject:  two   spaces\t\tand tabs   ") == b"subject:two spaces and tabs\r\n"
-    assert dkim.relaxed_header(b"Content-Type: multipart/alternative;\r\n boundary=x") == (
-        b"content-type:multipart/alternative; boundary=x\r\n"
-    )
+    head = b"A: X\r\nB : Y\t\r\n\tZ  \r\nSubject:  two   spaces\t\tand tabs   \r\n"
+    head += b"Content-Type: multipart/alternative;\r\n boundary=x\r\nSubject: again\r\n"
+    assert dkim.relaxed_fields(head) == {
+        b"a": [b"a:X\r\n"],  # section 3.4.5
+        b"b": [b"b:Y Z\r\n"],
+        b"subject": [b"subject:two spaces and tabs\r\n", b"subject:again\r\n"],
+        b"content-type": [b"content-type:multipart/alternative; boundary=x\r\n"],
+    }
+
+
+def test_wsp_runs_and_tabs_in_headers_verify(keys_dir):
+    message = multipart(html=None).replace(b"Subject: Weekly news", b"Subject:\tWeekly   news \t")
+    message = message.replace(b"To: Bob <bob@example.org>", b"To: Bob\r\n\t <bob@example.org>")
+    signed = dkim.sign(message, "news@example.com")
+    assert verify_all(signed, keys_dir) == [True, True]
+
+
+def test_repeated_signed_headers_are_signed_bottom_up(keys_dir):
+    message = multipart(html=None).replace(b"Date:", b"Reply-To: a@example.com\r\nReply-To: b@example.com\r\nDate:")
+    signed = dkim.sign(message, "news@example.com")
+    assert verify_all(signed, keys_dir) == [True, True]
+    assert verify_all(signed.replace(b"Reply-To: b@", b"Reply-To: c@"), keys_dir) == [False, False]
 
 
 @pytest.mark.parametrize(
@@ -326,8 +342,10 @@ def test_dkimpy_agrees_on_canonical_forms():
 
     body = b"a  b \t\r\n\t c\r\n \r\n\r\n"
     assert dkim.relaxed_body(body) == Relaxed.canonicalize_body(body)
-    name, value = b"X-Long ", b"  one\r\n two\t three  "
-    assert dkim.relaxed_header(name + b":" + value) == b"%s:%s" % Relaxed.canonicalize_headers([(name, value)])[0]
+    name, value = b"X-Long ", b"  one\r\n two\t three  \r\n"
+    assert dkim.relaxed_fields(name + b":" + value) == {
+        b"x-long": [b"%s:%s" % Relaxed.canonicalize_headers([(name, value)])[0]]
+    }
 
 
 # The command line.
