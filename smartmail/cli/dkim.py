@@ -115,13 +115,23 @@ def _algorithm_of(path: Path) -> str | None:
         return None
 
 
-def lookup_txt(name: str) -> list[str]:
-    """The TXT records at `name`, each one's strings joined; DnsProblem when there are none or DNS fails."""
+def lookup_txt(name: str, nameserver: str | None = None) -> list[str]:
+    """The TXT records at `name`, each one's strings joined; DnsProblem when there are none or DNS fails.
+    `nameserver` (`host` or `host:port`) asks that server instead of the system's resolvers."""
     import dns.exception
     import dns.resolver
 
+    resolver = dns.resolver.Resolver(configure=nameserver is None)
+    if nameserver is not None:
+        host, _, port = nameserver.rpartition(":") if nameserver.count(":") == 1 else (nameserver, "", "")
+        try:
+            resolver.nameservers = [host]
+            resolver.port = int(port or 53)
+        except ValueError:
+            message = f"--nameserver: {nameserver!r} is not an IP address with an optional :PORT"
+            raise DnsProblem(message, missing=False) from None
     try:
-        answer = dns.resolver.resolve(name, "TXT", lifetime=10)
+        answer = resolver.resolve(name, "TXT", lifetime=10)
     except dns.resolver.NXDOMAIN:
         raise DnsProblem("missing: no such name in DNS (NXDOMAIN)", missing=True) from None
     except dns.resolver.NoAnswer:
@@ -161,6 +171,10 @@ def compare(record_values: list[str], key: dkim.DomainKey) -> str | None:
 def check(
     domain: str,
     selector: Annotated[str | None, typer.Option(help="Check this selector only; default: every local key.")] = None,
+    nameserver: Annotated[
+        str | None,
+        typer.Option(help="Ask this DNS server (HOST or HOST:PORT), e.g. the domain's authoritative one."),
+    ] = None,
 ) -> None:
     """Look up each local key's DNS TXT record and say whether it publishes that key (exit 1 if not)."""
     directory = _keys_directory()
@@ -180,7 +194,7 @@ def check(
     for key in keys:
         name = f"{key.selector}._domainkey.{domain}"
         try:
-            wrong = compare(lookup_txt(name), key)
+            wrong = compare(lookup_txt(name, nameserver), key)
         except DnsProblem as exc:
             if not exc.missing:
                 fail(str(exc))  # no verdict possible: a non-zero exit, not a "mismatch"

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import collections
+import os
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import dkim as dkimpy
+import dns.message
+import dns.rcode
+import dns.rrset
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -170,3 +178,83 @@ def test_a_bad_key_file_defers_until_it_is_fixed(env, smtp_server, monkeypatch, 
     write_key(directory, "example.com", "s1", rsa.generate_private_key(public_exponent=65537, key_size=2048))
     wait_for(lambda: smtp_server.count >= 1, 60, interval=0.2, message="the message sent once the key is fixed")
     assert verdicts(smtp_server.messages[0].data, directory) == [("rsa-sha256", True)]
+
+
+class TxtServer:
+    """A DNS server on UDP answering TXT queries from `records` (name → character-strings), NXDOMAIN otherwise."""
+
+    def __init__(self, records: dict[str, list[str]]) -> None:
+        self.records = records
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            strings = self.records.get(question.name.to_text().rstrip("."))
+            if strings == ["SERVFAIL"]:
+                response.set_rcode(dns.rcode.SERVFAIL)
+            elif strings is None:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            else:
+                text = " ".join(f'"{part}"' for part in strings)
+                response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "TXT", text))
+            self.sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def dns_server():
+    server = TxtServer({})
+    yield server
+    server.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smartmail.cli", "dkim", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_generate_then_check_against_a_dns_server(monkeypatch, tmp_path, dns_server):
+    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "news@news.example")
+    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "integration-test-secret-0123")
+    monkeypatch.setenv("SMARTMAIL_DKIM_KEYS", str(tmp_path / "keys"))
+    made = cli("generate", "news.example", "--selector", "2026a")
+    assert made.returncode == 0, made.stderr
+    name, record = made.stdout.splitlines()[-2:]
+    assert name == "2026a._domainkey.news.example. IN TXT"
+    strings = record.split('"')[1::2]  # as a zone file would take them: quoted strings of <= 255 octets
+    assert len(strings) == 2 and all(len(s) <= 255 for s in strings)
+    nameserver = f"127.0.0.1:{dns_server.port}"
+
+    missing = cli("check", "news.example", "--nameserver", nameserver)
+    assert missing.returncode == 1 and "2026a._domainkey.news.example: missing" in missing.stderr
+
+    dns_server.records["2026a._domainkey.news.example"] = strings
+    ok = cli("check", "news.example", "--nameserver", nameserver)
+    assert ok.returncode == 0 and "ok: 2026a._domainkey.news.example publishes the key" in ok.stdout
+
+    other = cli("generate", "other.example", "--selector", "2026a")
+    dns_server.records["2026a._domainkey.news.example"] = other.stdout.splitlines()[-1].split('"')[1::2]
+    mismatch = cli("check", "news.example", "--nameserver", nameserver)
+    assert mismatch.returncode == 1 and "mismatch: the published public key differs" in mismatch.stderr
+
+    dns_server.records["2026a._domainkey.news.example"] = ["SERVFAIL"]
+    failing = cli("check", "news.example", "--nameserver", nameserver)
+    assert failing.returncode not in (0, 1) and "DNS unreachable looking up 2026a._domainkey" in failing.stderr

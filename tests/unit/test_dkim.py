@@ -402,7 +402,7 @@ def published(monkeypatch):
     """A fake DNS: name → TXT record strings, or a DnsProblem to raise."""
     records: dict[str, object] = {}
 
-    def lookup(name: str) -> list[str]:
+    def lookup(name: str, nameserver: str | None = None) -> list[str]:
         answer = records.get(name, dkim_cli.DnsProblem("missing: no such name in DNS (NXDOMAIN)", missing=True))
         if isinstance(answer, Exception):
             raise answer
