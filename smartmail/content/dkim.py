@@ -97,6 +97,7 @@ def domain_key(domain: str) -> str:
 
 
 def valid_selector(selector: str) -> bool:
+    """Whether `selector` is one or more DNS labels of letters, digits and hyphens."""
     return _SELECTOR.fullmatch(selector) is not None
 
 
@@ -131,7 +132,10 @@ def load_keys(directory: Path) -> dict[str, tuple[DomainKey, ...]]:
     for folder in sorted(directory.iterdir()):
         if not folder.is_dir() or folder.name.startswith("."):
             continue
-        domain = domain_key(folder.name)
+        try:
+            domain = domain_key(folder.name)
+        except UnicodeError:
+            raise KeyFileError(f"SMARTMAIL_DKIM_KEYS: {folder}: the folder name is not a domain name") from None
         found: dict[str, DomainKey] = {}
         for path in sorted(folder.glob("*.pem")):
             key = load_key(path, domain)
