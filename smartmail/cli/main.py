@@ -28,6 +28,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(templates_app, name="templates")
 from smartmail.cli.audience import contacts_app, lists_app, segments_app  # noqa: E402
 from smartmail.cli.campaigns import campaign_app  # noqa: E402
+from smartmail.cli.dkim import dkim_app  # noqa: E402
 from smartmail.cli.events import events_app  # noqa: E402
 from smartmail.cli.inbound import inbound  # noqa: E402
 from smartmail.cli.keys import keys_app  # noqa: E402
@@ -40,6 +41,7 @@ app.add_typer(campaign_app, name="campaign")
 app.add_typer(events_app, name="events")
 app.add_typer(keys_app, name="keys")
 app.add_typer(suppressions_app, name="suppressions")
+app.add_typer(dkim_app, name="dkim")
 app.command()(inbound)
 
 

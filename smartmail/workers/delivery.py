@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from smartmail.addresses import bare_address
 from smartmail.config import get_settings
-from smartmail.content import return_path
+from smartmail.content import dkim, return_path
 from smartmail.content.mime import build_mime
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import MessageState
@@ -370,6 +370,11 @@ def _send_window(transport: Transport, jobs: list[tuple], marker: Marker | None 
             )
         except (ValueError, UnicodeError) as exc:  # content that cannot be encoded will never send
             replies[i] = Reply(554, f"5.6.0 message could not be built: {exc}", "build")
+            continue
+        try:
+            data = dkim.sign(data, row.sender)
+        except dkim.KeyFileError as exc:  # a configuration fault: the message waits for a fixed key (RFC 3463 4.3.5)
+            replies[i] = Reply(451, f"4.3.5 message not signed: {exc}", "build")
             continue
         # Stored addresses were validated by the producer; only the bare address goes in the envelope,
         # and the return path is the message's VERP address when a bounce domain is set.
