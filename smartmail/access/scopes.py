@@ -17,6 +17,8 @@ SCOPES: dict[str, str] = {
     "campaigns:write": "create, change, schedule, launch, pause, resume and cancel campaigns",
     "suppressions:read": "read the suppression list",
     "suppressions:write": "add to and remove from the suppression list",
+    "inbound:read": "read the mail smartmail inbound received (bounces, complaints), its verdict and bytes",
+    "inbound:write": "process failed inbound mail again",
     "keys:manage": "create, list and revoke API keys",
 }
 

@@ -30,7 +30,7 @@ from smartmail.cli.audience import contacts_app, lists_app, segments_app  # noqa
 from smartmail.cli.campaigns import campaign_app  # noqa: E402
 from smartmail.cli.dkim import dkim_app  # noqa: E402
 from smartmail.cli.events import events_app  # noqa: E402
-from smartmail.cli.inbound import inbound  # noqa: E402
+from smartmail.cli.inbound import inbound, inbound_mail_app  # noqa: E402
 from smartmail.cli.keys import keys_app  # noqa: E402
 from smartmail.cli.suppressions import suppressions_app  # noqa: E402
 
@@ -43,6 +43,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(suppressions_app, name="suppressions")
 app.add_typer(dkim_app, name="dkim")
 app.command()(inbound)
+app.add_typer(inbound_mail_app, name="inbound-mail")
 
 
 @db_app.command("upgrade")

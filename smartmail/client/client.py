@@ -58,6 +58,7 @@ class Client:
         self.segments = resources.Segments(http)
         self.events = resources.Events(http)
         self.suppressions = resources.Suppressions(http)
+        self.inbound = resources.Inbound(http)
         self.campaigns = resources.Campaigns(http)
         self.keys = resources.Keys(http)
 

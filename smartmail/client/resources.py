@@ -253,6 +253,25 @@ class Suppressions(Resource):
         return self._list("/v1/suppressions", page_size, filters)
 
 
+class Inbound(Resource):
+    """/v1/inbound (scopes inbound:read, inbound:write): mail `smartmail inbound` received."""
+
+    def list(self, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Inbound mail, newest first. Filters: state, verdict."""
+        return self._list("/v1/inbound", page_size, filters)
+
+    def get(self, inbound_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/inbound/{_segment(inbound_id)}")
+
+    def raw(self, inbound_id: str) -> bytes:
+        """The mail's bytes as received."""
+        return self._transport.request("GET", f"/v1/inbound/{_segment(inbound_id)}/raw").content
+
+    def retry(self, inbound_id: str) -> dict[str, Any]:
+        """Process a failed mail again."""
+        return self._call("POST", f"/v1/inbound/{_segment(inbound_id)}/retry")
+
+
 class Campaigns(Resource):
     """/v1/campaigns (scopes campaigns:read, campaigns:write)."""
 

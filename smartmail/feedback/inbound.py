@@ -8,17 +8,20 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from smartmail.feedback.classify import DELAYED, classify
+from smartmail.errors import ConflictingInput, InvalidInput, NotFound
+from smartmail.feedback.classify import AUTO_REPLY, BOUNCE, COMPLAINT, DELAYED, UNRECOGNISED, UNSUBSCRIBE, classify
 from smartmail.feedback.effects import Applied, apply_in
 from smartmail.feedback.findings import Finding
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.ids import new_id
 from smartmail.store.models import InboundMessage, InboundState
+from smartmail.workers import dispatch
 
 log = structlog.get_logger("smartmail.inbound")
 
@@ -164,12 +167,9 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
         origins.extend([row.id] * len(counted))
         outcomes.append(
             {
-                "id": row.id,
-                "outcome": {
-                    "verdict": classification.verdict,
-                    "findings": len(classification.findings),
-                    "detail": classification.detail,
-                },
+                "row_id": row.id,
+                "verdict": classification.verdict,
+                "outcome": {"findings": len(classification.findings), "detail": classification.detail},
             }
         )
         result.verdicts[classification.verdict] += 1
@@ -182,9 +182,10 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
             state=InboundState.PROCESSED.value,
             processed_at=now,
             attempts=table.c.attempts + 1,
+            verdict=bindparam("verdict"),
             outcome=bindparam("outcome"),
         ),
-        [{"row_id": o["id"], "outcome": o["outcome"]} for o in outcomes],
+        outcomes,
     )
     result.mails += len(rows)
     result.applied.merge(applied)
@@ -221,3 +222,75 @@ def _process_one_by_one(limit: int, result: Processed) -> int:
                     )
                     result.failed += 1
     return len(ids)
+
+
+STATES = tuple(s.value for s in InboundState)
+VERDICTS = (BOUNCE, DELAYED, COMPLAINT, UNSUBSCRIBE, AUTO_REPLY, UNRECOGNISED)
+
+
+def as_dict(row: InboundMessage) -> dict[str, Any]:
+    """An inbound mail as the API and CLI show it (its bytes: `raw_of`)."""
+    return {
+        "id": row.id,
+        "state": row.state,
+        "verdict": row.verdict,
+        "received_at": row.received_at,
+        "processed_at": row.processed_at,
+        "peer": row.peer,
+        "mail_from": row.mail_from,
+        "recipients": list(row.recipients or ()),
+        "size": len(row.raw),
+        "attempts": row.attempts,
+        "outcome": row.outcome,
+    }
+
+
+def _one_of(value: str | None, allowed: tuple[str, ...], field: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise InvalidInput(f"{value!r} is not one of {', '.join(allowed)}", field=field)
+    return value
+
+
+def list_inbound(
+    *, limit: int, before: str | None = None, state: str | None = None, verdict: str | None = None
+) -> list[dict[str, Any]]:
+    """Inbound mail, newest first (ids are time-ordered), from the one before `before`."""
+    query = select(InboundMessage).order_by(InboundMessage.id.desc()).limit(limit)
+    if before is not None:
+        query = query.where(InboundMessage.id < before)
+    if _one_of(state, STATES, "state"):
+        query = query.where(InboundMessage.state == state)
+    if _one_of(verdict, VERDICTS, "verdict"):
+        query = query.where(InboundMessage.verdict == verdict)
+    with session_scope() as session:
+        return [as_dict(row) for row in session.scalars(query)]
+
+
+def _get(session: Session, inbound_id: str) -> InboundMessage:
+    row = session.get(InboundMessage, inbound_id) if isinstance(inbound_id, str) and len(inbound_id) == 26 else None
+    if row is None:
+        raise NotFound(f"no inbound mail {inbound_id!r}")
+    return row
+
+
+def get_inbound(inbound_id: str) -> dict[str, Any]:
+    with session_scope() as session:
+        return as_dict(_get(session, inbound_id))
+
+
+def raw_of(inbound_id: str) -> bytes:
+    """The mail's bytes as they were received."""
+    with session_scope() as session:
+        return _get(session, inbound_id).raw
+
+
+def retry(inbound_id: str) -> None:
+    """A `failed` mail back to `pending` with its attempts reset (once the cause is fixed), and processing asked for."""
+    with session_scope() as session:
+        row = _get(session, inbound_id)
+        if row.state != InboundState.FAILED.value:
+            raise ConflictingInput(
+                f"inbound mail {inbound_id} is {row.state}; only a failed one is retried", field="state"
+            )
+        row.state, row.attempts, row.processed_at = InboundState.PENDING.value, 0, None
+    dispatch.publish(PROCESS_TASK)

@@ -312,6 +312,7 @@ class InboundMessage(Base):
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)  # bounce, complaint, … (feedback.classify)
     outcome: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # what processing found and did
 
 

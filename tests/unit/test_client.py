@@ -34,6 +34,7 @@ from smartmail.client import (
 )
 
 KEY = "sm_0123456789abcdef_" + "s" * 43
+INBOUND_ID = "01JABCDEFGHJKMNPQRSTVWXYZ0"
 JOB = "01J9ZQ3V7X8K2M4N6P8R0T2V4W"  # an import job's id
 Answer = httpx.Response | Exception
 
@@ -222,6 +223,10 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
         {"name": "spring", "template": "promo", "lists": ["news"], "from": "me@example.org", "rate_cap": 5},
     ),
     (lambda c: list(c.campaigns.list(state="draft")), "GET", "/v1/campaigns?state=draft", None),
+    (lambda c: list(c.inbound.list(verdict="bounce")), "GET", "/v1/inbound?verdict=bounce", None),
+    (lambda c: c.inbound.get(INBOUND_ID), "GET", f"/v1/inbound/{INBOUND_ID}", None),
+    (lambda c: c.inbound.raw(INBOUND_ID), "GET", f"/v1/inbound/{INBOUND_ID}/raw", None),
+    (lambda c: c.inbound.retry(INBOUND_ID), "POST", f"/v1/inbound/{INBOUND_ID}/retry", None),
     (lambda c: c.campaigns.get("spring/2026"), "GET", "/v1/campaigns/spring%2F2026", None),
     (
         lambda c: c.campaigns.update("spring", window="08:00-20:00"),

@@ -9,6 +9,7 @@ from smartmail.web.api import (
     contacts,
     events,
     imports,
+    inbound,
     keys,
     lists,
     messages,
@@ -18,5 +19,17 @@ from smartmail.web.api import (
 )
 
 router = APIRouter(prefix="/v1")
-for module in (messages, templates, contacts, lists, imports, segments, events, suppressions, campaigns, keys):
+for module in (
+    messages,
+    templates,
+    contacts,
+    lists,
+    imports,
+    segments,
+    events,
+    suppressions,
+    campaigns,
+    inbound,
+    keys,
+):
     router.include_router(module.router)

@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("raw", sa.LargeBinary(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("processed_at", sa.DateTime(), nullable=True),
+        sa.Column("verdict", sa.String(16), nullable=True),
         sa.Column("outcome", sa.JSON(), nullable=True),
     )
     op.create_index(
