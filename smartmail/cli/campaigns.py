@@ -138,7 +138,8 @@ def _print_status(status: campaigns.CampaignStatus) -> None:
             f"{feedback['complaints']} complaint(s)"
         )
     if status.paused_reason:
-        out.print(f"paused itself: {escape(status.paused_reason)}")
+        when = "" if status.state == "paused" else f" (earlier; it is {status.state} now)"
+        out.print(f"paused itself{when}: {escape(status.paused_reason)}")
 
 
 def _table(status: campaigns.CampaignStatus) -> Table:

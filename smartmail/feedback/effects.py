@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,10 +14,12 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from smartmail.addresses import bare_address
+from smartmail.audience.contacts import SUPPRESSION_TO_STATUS, email_problem
 from smartmail.audience.unsubscribe import unsubscribe_in
 from smartmail.config import get_settings
 from smartmail.content import unsubscribe_links
 from smartmail.errors import InvalidToken
+from smartmail.feedback.dsn import DIAGNOSTIC_MAX
 from smartmail.feedback.findings import Finding, Kind
 from smartmail.store import dialect
 from smartmail.store.engine import session_scope, utcnow
@@ -42,11 +45,6 @@ _STATUS_FROM = {
     Kind.SOFT_BOUNCE: (ContactStatus.SUBSCRIBED.value,),
     Kind.COMPLAINT: (ContactStatus.SUBSCRIBED.value, ContactStatus.UNSUBSCRIBED.value),
 }
-_STATUS_TO = {
-    Kind.HARD_BOUNCE: ContactStatus.BOUNCED.value,
-    Kind.SOFT_BOUNCE: ContactStatus.BOUNCED.value,
-    Kind.COMPLAINT: ContactStatus.COMPLAINED.value,
-}
 _SUPPRESSION_REASON = {Kind.HARD_BOUNCE: "hard_bounce", Kind.SOFT_BOUNCE: "soft_bounce", Kind.COMPLAINT: "complaint"}
 _EVENT_TYPE = {
     Kind.HARD_BOUNCE: EventType.BOUNCED.value,
@@ -54,26 +52,43 @@ _EVENT_TYPE = {
     Kind.COMPLAINT: EventType.COMPLAINED.value,
 }
 _COUNTER = {Kind.HARD_BOUNCE: "hard_bounces", Kind.SOFT_BOUNCE: "soft_bounces", Kind.COMPLAINT: "complaints"}
-_DETAIL_MAX = 1000
+
+
+# RFC 3463 section 3: the second number of a status code says what the failure is about.
+_SUBJECTS = {
+    "1": "address",
+    "2": "mailbox",
+    "3": "system",
+    "4": "network",
+    "5": "protocol",
+    "6": "content",
+    "7": "policy",
+}
+# Soft bounces that say something about the address (a full or disabled mailbox, a destination not
+# answering for days) count toward SMARTMAIL_SOFT_BOUNCE_LIMIT; a policy block, a content or a system
+# fault is about the sender or the moment, and never suppresses an address (DESIGN: 5.7.x pauses the site).
+_COUNTED_SUBJECTS = frozenset({"mailbox", "network"})
+_KEY_MAX = 200  # longer mark keys are stored as their SHA-256
 
 
 @dataclass
 class Applied:
     """What a batch of findings changed. `counts` by outcome: the kind applied, `duplicate` (its
-    mark existed: a replay), `no_recipient` (neither a known message nor an address), `bad_token`."""
+    mark existed: a replay), `no_recipient` (neither a known message nor a valid address),
+    `unverified` (an address-only finding not trusted: see apply_in), `bad_token`."""
 
     campaign_ids: set[int] = field(default_factory=set)  # campaigns with a new hard bounce or complaint
     counts: Counter[str] = field(default_factory=Counter)
-    suppressed: list[str] = field(default_factory=list)  # addresses newly suppressed
 
     def merge(self, other: Applied) -> None:
         self.campaign_ids |= other.campaign_ids
         self.counts.update(other.counts)
-        self.suppressed.extend(other.suppressed)
 
 
 @dataclass
 class _Effect:
+    """A finding resolved: the address it acts on, its message, campaign and contact when known, its mark."""
+
     finding: Finding
     key: str
     address: str | None
@@ -82,26 +97,32 @@ class _Effect:
     contact_id: int | None = None
 
 
-def apply(findings: Sequence[Finding], *, origin: str, received_at: datetime | None = None) -> Applied:
+def apply(findings: Sequence[Finding], *, origin: str, now: datetime | None = None) -> Applied:
     """Apply the findings of one report in one transaction (see `apply_in`)."""
     with session_scope() as session:
-        return apply_in(session, findings, origins=[origin] * len(findings), received_at=received_at)
+        return apply_in(session, findings, origins=[origin] * len(findings), now=now)
 
 
 def apply_in(
-    session: Session, findings: Sequence[Finding], *, origins: Sequence[str], received_at: datetime | None = None
+    session: Session, findings: Sequence[Finding], *, origins: Sequence[str], now: datetime | None = None
 ) -> Applied:
     """Apply findings in the caller's transaction, each at most once: a finding about a known
     message is marked `<message id>:<kind>`; one without, `<reference or origin>:<address>:<kind>`
     (`origins[i]`: finding i's report's own id, such as the inbound mail's or the SNS message's).
     A mark that exists means a duplicate or a replay, which changes nothing.
 
+    A finding that names no message we sent acts on its address only when its report names that
+    address alone and the address is a contact's: SmartMail sends one recipient per message, so a
+    genuine report about its mail names one address, and a forged one naming many strangers
+    changes nothing (`unverified`).
+
     A hard bounce: the message `bounced` (from `sent` or `unknown`), the address suppressed
-    (`hard_bounce`), a subscribed contact `bounced`. A soft bounce is counted; the contact's
-    SMARTMAIL_SOFT_BOUNCE_LIMIT-th within SMARTMAIL_SOFT_BOUNCE_DAYS suppresses (`soft_bounce`).
-    A complaint: suppression `complaint`, contact `complained`. Each writes a `bounced` or
-    `complained` event and counts on its campaign. An unsubscribe is the one-click POST's."""
-    now = received_at or utcnow()
+    (`hard_bounce`), a subscribed contact `bounced`. A soft bounce about the mailbox or the
+    network is counted; the contact's SMARTMAIL_SOFT_BOUNCE_LIMIT-th within
+    SMARTMAIL_SOFT_BOUNCE_DAYS suppresses (`soft_bounce`). A complaint: suppression `complaint`,
+    contact `complained`. Each writes a `bounced` or `complained` event and counts on its
+    campaign (unless `counts_for_campaign` is false). An unsubscribe is the one-click POST's."""
+    now = now or utcnow()
     applied = Applied()
     # A delivery notification changes nothing: counted, not marked (a mark per delivered message
     # would grow a table for no effect).
@@ -109,11 +130,14 @@ def apply_in(
     if delivered:
         applied.counts[Kind.DELIVERED.value] = delivered
     kept = [(f, o) for f, o in zip(findings, origins, strict=True) if f.kind is not Kind.DELIVERED]
-    effects = _resolve(session, [f for f, _ in kept], [o for _, o in kept])
-    new_keys = _mark(session, [e.key for e in effects], now)
-    fresh: list[_Effect] = []
+    effects = _resolve(session, kept)
+    unverified = _unverified(effects)
+    new_keys = _mark(session, [e.key for e in effects if id(e) not in unverified], now)
+    fresh: list[_Effect] = []  # the effects applied by this call
     for effect in effects:
-        if effect.key not in new_keys:
+        if id(effect) in unverified:
+            applied.counts["unverified"] += 1
+        elif effect.key not in new_keys:
             applied.counts["duplicate"] += 1
         elif effect.address is None and effect.finding.kind is not Kind.UNSUBSCRIBE:
             applied.counts["no_recipient"] += 1
@@ -129,21 +153,15 @@ def apply_in(
     return applied
 
 
-def _resolve(session: Session, findings: Sequence[Finding], origins: Sequence[str]) -> list[_Effect]:
+def _resolve(session: Session, findings: Sequence[tuple[Finding, str]]) -> list[_Effect]:
     """Each finding with its message (when it names one we sent), address, contact and mark key."""
-    ids = {f.message_id for f in findings if f.message_id}
+    ids = sorted({f.message_id for f, _ in findings if f.message_id})
     messages = {}
     if ids:
-        messages = {
-            row.id: row
-            for row in session.execute(
-                select(Message.id, Message.recipient, Message.campaign_id, Message.contact_id).where(
-                    Message.id.in_(sorted(ids))
-                )
-            )
-        }
+        columns = (Message.id, Message.recipient, Message.campaign_id, Message.contact_id)
+        messages = {row.id: row for row in session.execute(select(*columns).where(Message.id.in_(ids)))}
     effects = []
-    for finding, origin in zip(findings, origins, strict=True):
+    for finding, origin in findings:
         message = messages.get(finding.message_id) if finding.message_id else None
         if message is not None:
             # The message we sent is the truth: a forwarded address may be the DSN's Final-Recipient.
@@ -157,21 +175,29 @@ def _resolve(session: Session, findings: Sequence[Finding], origins: Sequence[st
                     message.contact_id,
                 )
             )
-        else:
-            recipient = finding.recipient.lower() if finding.recipient else None
-            anchor = finding.reference or origin
-            token = finding.unsubscribe_token or ""
-            effects.append(_Effect(finding, f"{anchor}:{recipient or token}:{finding.kind.value}"[:400], recipient))
-    unknown = {e.address for e in effects if e.contact_id is None and e.address}
+            continue
+        address = email_problem(finding.recipient)[0] if finding.recipient else None
+        anchor = finding.reference or origin
+        key = f"{anchor}:{address or finding.unsubscribe_token or ''}:{finding.kind.value}"
+        if len(key) > _KEY_MAX:
+            key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+        effects.append(_Effect(finding, key, address))
+    unknown = sorted({e.address for e in effects if e.contact_id is None and e.address})
     if unknown:
-        contacts = {
-            row.email: row.id
-            for row in session.execute(select(Contact.email, Contact.id).where(Contact.email.in_(sorted(unknown))))
-        }
+        query = select(Contact.email, Contact.id).where(Contact.email.in_(unknown))
+        contacts = {row.email: row.id for row in session.execute(query)}
         for effect in effects:
             if effect.contact_id is None and effect.address:
                 effect.contact_id = contacts.get(effect.address)
     return effects
+
+
+def _unverified(effects: list[_Effect]) -> set[int]:
+    """The address-only effects not to trust: of a report naming several addresses, or of an
+    address that is no contact's (ids of the _Effect objects)."""
+    address_only = [e for e in effects if e.message_id is None and e.finding.kind in _EVENT_TYPE and e.address]
+    per_report = Counter(e.key.split(":", 1)[0] for e in address_only)
+    return {id(e) for e in address_only if e.contact_id is None or per_report[e.key.split(":", 1)[0]] > 1}
 
 
 def _mark(session: Session, keys: Sequence[str], now: datetime) -> set[str]:
@@ -210,7 +236,9 @@ def _record(session: Session, effects: list[_Effect], now: datetime, applied: Ap
             execution_options={"synchronize_session": False},
         )
     per_campaign: Counter[tuple[int, str]] = Counter(
-        (e.campaign_id, _COUNTER[e.finding.kind]) for e in effects if e.campaign_id is not None
+        (e.campaign_id, _COUNTER[e.finding.kind])
+        for e in effects
+        if e.campaign_id is not None and e.finding.counts_for_campaign
     )
     for (campaign_id, column), count in sorted(per_campaign.items()):
         session.execute(
@@ -220,11 +248,16 @@ def _record(session: Session, effects: list[_Effect], now: datetime, applied: Ap
             applied.campaign_ids.add(campaign_id)
     suppress = [e for e in effects if e.finding.kind is not Kind.SOFT_BOUNCE]
     suppress += _over_soft_limit(session, [e for e in effects if e.finding.kind is Kind.SOFT_BOUNCE], now)
-    for effect in suppress:
-        _suppress(session, effect, now, applied)
+    _suppress(session, suppress, now)
     for effect in effects:
         applied.counts[effect.finding.kind.value] += 1
-    log.info("feedback.applied", **{k: v for k, v in applied.counts.items()})
+    log.info("feedback.applied", **applied.counts)
+
+
+def _subject(status: str | None) -> str | None:
+    """What an RFC 3463 status code is about (`5.2.2` → mailbox)."""
+    parts = (status or "").split(".")
+    return _SUBJECTS.get(parts[1]) if len(parts) == 3 else None
 
 
 def _event(effect: _Effect, now: datetime) -> dict[str, Any]:
@@ -232,10 +265,11 @@ def _event(effect: _Effect, now: datetime) -> dict[str, Any]:
     properties: dict[str, Any] = {"source": finding.source, "recipient": effect.address}
     if finding.kind is not Kind.COMPLAINT:
         properties["kind"] = "hard" if finding.kind is Kind.HARD_BOUNCE else "soft"
+        properties["about"] = _subject(finding.status)
     for name in ("status", "diagnostic", "feedback_type", "reference"):
         value = getattr(finding, name)
         if value:
-            properties[name] = value[:_DETAIL_MAX]
+            properties[name] = value[:DIAGNOSTIC_MAX]
     return {
         "type": _EVENT_TYPE[finding.kind],
         "contact_id": effect.contact_id,
@@ -248,51 +282,65 @@ def _event(effect: _Effect, now: datetime) -> dict[str, Any]:
 
 def _over_soft_limit(session: Session, effects: list[_Effect], now: datetime) -> list[_Effect]:
     """The soft bounces that bring their contact to the limit within the window (this batch's
-    events are already in the table)."""
-    contact_ids = sorted({e.contact_id for e in effects if e.contact_id is not None})
+    events are already in the table). The contacts are locked first, in one order, so two
+    batches counting one contact's bounces take turns."""
+    counted = [e for e in effects if e.contact_id is not None and _subject(e.finding.status) in _COUNTED_SUBJECTS]
+    contact_ids = sorted({e.contact_id for e in counted if e.contact_id is not None})
     if not contact_ids:
         return []
+    session.execute(select(Contact.id).where(Contact.id.in_(contact_ids)).order_by(Contact.id).with_for_update())
     settings = get_settings()
-    since = now - timedelta(days=settings.soft_bounce_days)
     rows = session.execute(
         select(Event.contact_id, Event.properties).where(
-            Event.contact_id.in_(contact_ids), Event.type == EventType.BOUNCED.value, Event.occurred_at >= since
+            Event.contact_id.in_(contact_ids),
+            Event.type == EventType.BOUNCED.value,
+            Event.occurred_at >= now - timedelta(days=settings.soft_bounce_days),
         )
     )
-    soft = Counter(contact_id for contact_id, properties in rows if (properties or {}).get("kind") == "soft")
-    over = {contact_id for contact_id, count in soft.items() if count >= settings.soft_bounce_limit}
+    soft = Counter(
+        contact_id
+        for contact_id, properties in rows
+        if (properties or {}).get("kind") == "soft" and (properties or {}).get("about") in _COUNTED_SUBJECTS
+    )
     chosen: dict[int, _Effect] = {}
-    for effect in effects:
-        if effect.contact_id is not None and effect.contact_id in over:
+    for effect in counted:
+        if effect.contact_id is not None and soft[effect.contact_id] >= settings.soft_bounce_limit:
             chosen.setdefault(effect.contact_id, effect)
     return list(chosen.values())
 
 
-def _suppress(session: Session, effect: _Effect, now: datetime, applied: Applied) -> None:
-    """The address on the suppression list (an existing entry keeps its reason) and the contact's status."""
-    kind, address = effect.finding.kind, effect.address
-    assert address is not None  # findings without an address were counted as no_recipient
-    detail = effect.finding.diagnostic or effect.finding.status or effect.finding.feedback_type or effect.finding.source
-    if kind is Kind.SOFT_BOUNCE:
-        settings = get_settings()
-        detail = f"{settings.soft_bounce_limit} soft bounces within {settings.soft_bounce_days:g} days: {detail}"
-    created = session.execute(
-        dialect.insert(session)(Suppression)
-        .values(
-            email=address,
-            reason=_SUPPRESSION_REASON[kind],
-            detail=detail[:_DETAIL_MAX],
-            source_message_id=effect.message_id,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["email"])
-        .returning(Suppression.email)
-    ).first()
-    if created:
-        applied.suppressed.append(address)
+def _suppress(session: Session, effects: list[_Effect], now: datetime) -> None:
+    """The addresses on the suppression list (an existing entry keeps its reason) and their contacts'
+    status: one INSERT, and one UPDATE per kind, in address order (row locks taken in one order)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for effect in sorted(effects, key=lambda e: e.address or ""):
+        finding, address = effect.finding, effect.address
+        if address is None or address in rows:
+            continue
+        detail = finding.diagnostic or finding.status or finding.feedback_type or finding.source
+        if finding.kind is Kind.SOFT_BOUNCE:
+            settings = get_settings()
+            detail = f"{settings.soft_bounce_limit} soft bounces within {settings.soft_bounce_days:g} days: {detail}"
+        rows[address] = {
+            "email": address,
+            "reason": _SUPPRESSION_REASON[finding.kind],
+            "detail": detail[:DIAGNOSTIC_MAX],
+            "source_message_id": effect.message_id,
+            "created_at": now,
+        }
+    if not rows:
+        return
     session.execute(
-        update(Contact)
-        .where(Contact.email == address, Contact.status.in_(_STATUS_FROM[kind]))
-        .values(status=_STATUS_TO[kind], updated_at=now)
-        .execution_options(synchronize_session=False)
+        dialect.insert(session)(Suppression)
+        .values(list(rows.values()))
+        .on_conflict_do_nothing(index_elements=["email"])
     )
+    for kind in (Kind.HARD_BOUNCE, Kind.SOFT_BOUNCE, Kind.COMPLAINT):
+        emails = sorted(email for email, row in rows.items() if row["reason"] == _SUPPRESSION_REASON[kind])
+        if emails:
+            session.execute(
+                update(Contact)
+                .where(Contact.email.in_(emails), Contact.status.in_(_STATUS_FROM[kind]))
+                .values(status=SUPPRESSION_TO_STATUS[_SUPPRESSION_REASON[kind]], updated_at=now)
+                .execution_options(synchronize_session=False)
+            )

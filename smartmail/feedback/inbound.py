@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
+import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session, defer
 
 from smartmail.errors import ConflictingInput, InvalidInput, NotFound
 from smartmail.feedback.classify import AUTO_REPLY, BOUNCE, COMPLAINT, DELAYED, UNRECOGNISED, UNSUBSCRIBE, classify
@@ -27,6 +29,8 @@ log = structlog.get_logger("smartmail.inbound")
 
 PROCESS_TASK = "smartmail.inbound.process"
 MAX_ATTEMPTS = 5
+BATCH_BYTES = 32 * 1024 * 1024  # mail held in memory per batch: a few large mails make a batch alone
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]{1,250}>)", re.IGNORECASE | re.MULTILINE)
 
 
 def spool(mail_from: str, recipients: Sequence[str], raw: bytes, peer: str | None = None) -> str:
@@ -89,9 +93,15 @@ class GroupSpool:
             try:
                 for waiting, inbound_id in zip(group, spool_many([w.mail for w in group]), strict=True):
                     waiting.inbound_id = inbound_id
-            except Exception as exc:  # noqa: BLE001 - handed to every caller of the group: none is acknowledged
-                for waiting in group:
-                    waiting.error = exc
+            except Exception as exc:  # noqa: BLE001 - handed to the callers: none is acknowledged
+                if len(group) == 1:
+                    group[0].error = exc
+                else:  # one bad mail must not fail the others: each alone
+                    for waiting in group:
+                        try:
+                            waiting.inbound_id = spool_many([waiting.mail])[0]
+                        except Exception as alone:  # noqa: BLE001 - this mail's own failure
+                            waiting.error = alone
             for waiting in group:
                 waiting.done.set()
 
@@ -116,42 +126,93 @@ class Processed:
 
 
 def process_pending(*, batch: int = 200, seconds: float = 10.0) -> Processed:
-    """Classify and apply pending inbound mail, `batch` mails per transaction, for up to `seconds`.
+    """Classify and apply pending inbound mail, up to `batch` mails (and BATCH_BYTES of them) per
+    transaction, for up to `seconds`.
 
     A mail is `processed` in the transaction that applies its effects, so a crash anywhere leaves
     it `pending` and the next run does it all again, once (the effects' marks see to that).
     Several workers share the spool (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serializes
-    writers). A batch that raises is retried a mail at a time, so one bad mail holds up no other;
-    a mail that raises MAX_ATTEMPTS times is set aside as `failed`."""
+    writers). Each run counts an attempt on its mails before it starts on them, so a mail that
+    raises, or kills its worker, MAX_ATTEMPTS times is set aside as `failed`; a batch that raises
+    is retried a mail at a time, so one bad mail holds up no other."""
     result = Processed()
     deadline = time.monotonic() + seconds
     while True:
+        ids = _start(batch, result)
+        if not ids:
+            break
         try:
             with session_scope() as session:
-                rows = _claim(session, batch)
+                rows = _lock(session, ids)
                 if rows:
                     _process(session, rows, result)
-                claimed = len(rows)
         except Exception:  # noqa: BLE001 - isolated below; each mail's error is logged there
             log.warning("inbound.batch_failed", exc_info=True)
-            claimed = _process_one_by_one(batch, result)
-        if claimed < batch:
-            return result
+            _process_one_by_one(ids, result)
         if time.monotonic() >= deadline:
             result.more = True
-            return result
+            break
+    if result.mails or result.failed:
+        log.info("inbound.processed", mails=result.mails, failed=result.failed, **result.verdicts)
+    return result
 
 
-def _claim(session: Session, limit: int) -> list[InboundMessage]:
-    return list(
-        session.scalars(
-            select(InboundMessage)
+def _start(limit: int, result: Processed) -> list[str]:
+    """The next pending mails (oldest first, up to `limit` and BATCH_BYTES, at least one), each with
+    one more attempt counted and committed; mails out of attempts become `failed` instead."""
+    with session_scope() as session:
+        rows = session.execute(
+            select(InboundMessage.id, InboundMessage.attempts, func.length(InboundMessage.raw))
             .where(InboundMessage.state == InboundState.PENDING.value)
             .order_by(InboundMessage.received_at, InboundMessage.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
+        ).all()
+        ids: list[str] = []
+        exhausted: list[str] = []
+        spent = 0
+        for inbound_id, attempts, size in rows:
+            if attempts >= MAX_ATTEMPTS:
+                exhausted.append(inbound_id)
+                continue
+            if ids and spent + size > BATCH_BYTES:
+                break
+            ids.append(inbound_id)
+            spent += size
+        if exhausted:
+            session.execute(
+                update(InboundMessage)
+                .where(InboundMessage.id.in_(exhausted))
+                .values(state=InboundState.FAILED.value, processed_at=utcnow())
+            )
+            log.error("inbound.failed", inbound_ids=exhausted, attempts=MAX_ATTEMPTS)
+            result.failed += len(exhausted)
+        if ids:
+            session.execute(
+                update(InboundMessage).where(InboundMessage.id.in_(ids)).values(attempts=InboundMessage.attempts + 1)
+            )
+    return ids
+
+
+def _lock(session: Session, ids: Sequence[str]) -> list[InboundMessage]:
+    """The mails among `ids` still pending, locked (another worker's run may have taken them since)."""
+    return list(
+        session.scalars(
+            select(InboundMessage)
+            .where(InboundMessage.id.in_(ids), InboundMessage.state == InboundState.PENDING.value)
+            .order_by(InboundMessage.received_at, InboundMessage.id)
+            .with_for_update(skip_locked=True)
         )
     )
+
+
+def _report_id(raw: bytes) -> str:
+    """The report's own Message-ID, else a digest of its bytes: the same report relayed twice is one."""
+    end = raw.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(raw if end < 0 else raw[:end])
+    if match:
+        return match.group(1).decode("ascii", "replace")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def _process(session: Session, rows: Sequence[InboundMessage], result: Processed) -> None:
@@ -162,7 +223,10 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
     for row in rows:
         classification = classify(row.raw, row.recipients)
         # A delay notice is not a failure: the relay is still trying.
-        counted = () if classification.verdict == DELAYED else classification.findings
+        counted = [] if classification.verdict == DELAYED else list(classification.findings)
+        if any(f.message_id is None and f.reference is None for f in counted):
+            reference = _report_id(row.raw)
+            counted = [f if f.message_id or f.reference else replace(f, reference=reference) for f in counted]
         findings.extend(counted)
         origins.extend([row.id] * len(counted))
         outcomes.append(
@@ -173,7 +237,7 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
             }
         )
         result.verdicts[classification.verdict] += 1
-    applied = apply_in(session, findings, origins=origins, received_at=now)
+    applied = apply_in(session, findings, origins=origins, now=now)
     table = InboundMessage.__table__  # a Core statement: one executemany, not the ORM's bulk-by-key
     session.execute(
         update(table)
@@ -181,7 +245,6 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
         .values(
             state=InboundState.PROCESSED.value,
             processed_at=now,
-            attempts=table.c.attempts + 1,
             verdict=bindparam("verdict"),
             outcome=bindparam("outcome"),
         ),
@@ -191,27 +254,22 @@ def _process(session: Session, rows: Sequence[InboundMessage], result: Processed
     result.applied.merge(applied)
 
 
-def _process_one_by_one(limit: int, result: Processed) -> int:
-    """The batch again, each mail in its own transaction; a failing one counts an attempt. How many."""
-    with session_scope() as session:
-        ids = [row.id for row in _claim(session, limit)]
+def _process_one_by_one(ids: Sequence[str], result: Processed) -> None:
+    """The batch again, each mail in its own transaction; a failing one keeps its error, and is
+    set aside when it is out of attempts."""
     for inbound_id in ids:
         try:
             with session_scope() as session:
-                row = session.scalar(
-                    select(InboundMessage)
-                    .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING.value)
-                    .with_for_update(skip_locked=True)
-                )
-                if row is not None:
-                    _process(session, [row], result)
+                rows = _lock(session, [inbound_id])
+                if rows:
+                    _process(session, rows, result)
         except Exception as exc:  # noqa: BLE001 - recorded on the row; the others go on
             log.exception("inbound.mail_failed", inbound_id=inbound_id)
             with session_scope() as session:
                 attempts = session.scalar(
                     update(InboundMessage)
                     .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING.value)
-                    .values(attempts=InboundMessage.attempts + 1, outcome={"error": repr(exc)[:500]})
+                    .values(outcome={"error": repr(exc)[:500]})
                     .returning(InboundMessage.attempts)
                 )
                 if attempts is not None and attempts >= MAX_ATTEMPTS:
@@ -221,14 +279,13 @@ def _process_one_by_one(limit: int, result: Processed) -> int:
                         .values(state=InboundState.FAILED.value, processed_at=utcnow())
                     )
                     result.failed += 1
-    return len(ids)
 
 
 STATES = tuple(s.value for s in InboundState)
 VERDICTS = (BOUNCE, DELAYED, COMPLAINT, UNSUBSCRIBE, AUTO_REPLY, UNRECOGNISED)
 
 
-def as_dict(row: InboundMessage) -> dict[str, Any]:
+def as_dict(row: InboundMessage, size: int) -> dict[str, Any]:
     """An inbound mail as the API and CLI show it (its bytes: `raw_of`)."""
     return {
         "id": row.id,
@@ -239,10 +296,14 @@ def as_dict(row: InboundMessage) -> dict[str, Any]:
         "peer": row.peer,
         "mail_from": row.mail_from,
         "recipients": list(row.recipients or ()),
-        "size": len(row.raw),
+        "size": size,
         "attempts": row.attempts,
         "outcome": row.outcome,
     }
+
+
+# Rows without their bytes (up to SMARTMAIL_INBOUND_MAX_BYTES each), with the bytes' length.
+_WITHOUT_RAW = select(InboundMessage, func.length(InboundMessage.raw)).options(defer(InboundMessage.raw))
 
 
 def _one_of(value: str | None, allowed: tuple[str, ...], field: str) -> str | None:
@@ -255,7 +316,7 @@ def list_inbound(
     *, limit: int, before: str | None = None, state: str | None = None, verdict: str | None = None
 ) -> list[dict[str, Any]]:
     """Inbound mail, newest first (ids are time-ordered), from the one before `before`."""
-    query = select(InboundMessage).order_by(InboundMessage.id.desc()).limit(limit)
+    query = _WITHOUT_RAW.order_by(InboundMessage.id.desc()).limit(limit)
     if before is not None:
         query = query.where(InboundMessage.id < before)
     if _one_of(state, STATES, "state"):
@@ -263,7 +324,7 @@ def list_inbound(
     if _one_of(verdict, VERDICTS, "verdict"):
         query = query.where(InboundMessage.verdict == verdict)
     with session_scope() as session:
-        return [as_dict(row) for row in session.scalars(query)]
+        return [as_dict(row, size) for row, size in session.execute(query)]
 
 
 def _get(session: Session, inbound_id: str) -> InboundMessage:
@@ -275,7 +336,10 @@ def _get(session: Session, inbound_id: str) -> InboundMessage:
 
 def get_inbound(inbound_id: str) -> dict[str, Any]:
     with session_scope() as session:
-        return as_dict(_get(session, inbound_id))
+        found = session.execute(_WITHOUT_RAW.where(InboundMessage.id == inbound_id)).first()
+        if found is None:
+            raise NotFound(f"no inbound mail {inbound_id!r}")
+        return as_dict(*found)
 
 
 def raw_of(inbound_id: str) -> bytes:

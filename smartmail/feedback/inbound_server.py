@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import re
 import socket
 import ssl
 import time
@@ -39,6 +40,11 @@ TOO_FAST = "451 4.7.1 Too many messages from your address, try again later"
 NOT_STORED = "451 4.3.0 Temporary failure storing the message, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"  # RFC 5321 section 3.8
 
+# NUL and other controls have no place in an address (RFC 5321 section 4.1.2), and the databases
+# refuse NUL in text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+
 # aiosmtpd's size replies carry no enhanced status code; RFC 3463 X.3.4 is "message too big for system".
 _ENHANCED = {
     "552 Error: Too much mail data": "552 5.3.4 Message too big for system",
@@ -49,7 +55,7 @@ _ENHANCED = {
 def recipient_allowed(address: str, bounce_domain: str | None, unsubscribe_address: str) -> bool:
     """Whether RCPT TO `address` (an addr-spec as aiosmtpd parsed it, source route dropped) is ours:
     any local part at the bounce domain, or the unsubscribe mailto address. Nothing is ever relayed."""
-    if not address or len(address) > MAX_ADDRESS:
+    if not address or len(address) > MAX_ADDRESS or _CONTROL.search(address):
         return False
     # The domain follows the last `@`: in `"a@bounce.example.com"@evil.com` the first is quoted.
     local, at, domain = address.rpartition("@")
@@ -226,6 +232,8 @@ class InboundHandler:
             if server.transport is not None:
                 asyncio.get_running_loop().call_soon(server.transport.close)
             return SHUTTING_DOWN
+        if address and _CONTROL.search(address):
+            return BAD_SENDER
         if not self.rate.allow(client_ip(session.peer)):
             return TOO_FAST
         envelope.mail_from = address

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, tuple_
 
 from smartmail.config import get_settings
 from smartmail.store.engine import get_engine, reader, utcnow
-from smartmail.store.models import EngagementFirst, Event, InboundMessage, InboundState
+from smartmail.store.models import EngagementFirst, Event, FeedbackMark, InboundMessage, InboundState
 
 log = structlog.get_logger("smartmail.retention")
 
@@ -126,8 +126,8 @@ def id_time_prefix(naive_utc: datetime) -> str:
 
 def delete_old_inbound(*, now: datetime | None = None, batch: int = 1000) -> int:
     """Delete processed (and failed) inbound mail received more than inbound_retention_days before
-    `now`, `batch` rows per transaction (their ids are time-ordered: a primary-key range); pending
-    mail is kept whatever its age. The number of rows deleted."""
+    `now`, and feedback marks as old, `batch` rows per transaction (inbound ids are time-ordered: a
+    primary-key range); pending mail is kept whatever its age. The number of rows deleted."""
     cutoff = (now or utcnow()) - timedelta(days=get_settings().inbound_retention_days)
     below = id_time_prefix(cutoff)
     deleted = 0
@@ -142,6 +142,16 @@ def delete_old_inbound(*, now: datetime | None = None, batch: int = 1000) -> int
             count = connection.execute(delete(InboundMessage).where(InboundMessage.id.in_(page))).rowcount
         deleted += count
         if count < batch:
-            if deleted:
-                log.info("retention.deleted", inbound_messages=deleted, before=cutoff.isoformat())
-            return deleted
+            break
+    # The marks that make a replayed report change nothing: relays and SNS retry within days.
+    marks = 0
+    while True:
+        page = select(FeedbackMark.key).where(FeedbackMark.created_at < cutoff).limit(batch)
+        with get_engine().begin() as connection:
+            count = connection.execute(delete(FeedbackMark).where(FeedbackMark.key.in_(page))).rowcount
+        marks += count
+        if count < batch:
+            break
+    if deleted or marks:
+        log.info("retention.deleted", inbound_messages=deleted, feedback_marks=marks, before=cutoff.isoformat())
+    return deleted + marks

@@ -283,6 +283,7 @@ class FeedbackMark(Base):
     changes nothing."""
 
     __tablename__ = "feedback_marks"
+    __table_args__ = (Index("ix_feedback_marks_created_at", "created_at"),)  # retention
 
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

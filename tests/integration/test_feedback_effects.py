@@ -236,3 +236,53 @@ def test_the_bounce_rate_pauses_only_after_enough_deliveries(env, monkeypatch):
     assert feedback_guard.pause_if_unhealthy(applied.campaign_ids) == []  # 25%, but only 20 delivered
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Suppression)) == 5
+
+
+def test_a_report_naming_several_strangers_or_unknown_addresses_changes_nothing(env):
+    _message("known@example.org")
+    _message("also-known@example.org")
+    forged = [Finding(Kind.HARD_BOUNCE, "dsn", recipient=e) for e in ("known@example.org", "also-known@example.org")]
+    assert effects.apply(forged, origin="forged-1").counts == {"unverified": 2}
+    stranger = effects.apply([Finding(Kind.COMPLAINT, "arf", recipient="nobody@example.net")], origin="arf-1")
+    assert stranger.counts == {"unverified": 1}
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Suppression)) == 0
+    assert _contact("known@example.org") == "subscribed"
+
+
+def test_the_same_report_relayed_twice_counts_once_without_a_message(env):
+    _message("twice@example.org")
+    finding = Finding(Kind.SOFT_BOUNCE, "heuristic", recipient="twice@example.org", reference="<dsn-1@mx.example>")
+    assert effects.apply([finding], origin="inbound-a").counts == {"soft_bounce": 1}
+    assert effects.apply([finding], origin="inbound-b").counts == {"duplicate": 1}
+
+
+def test_policy_soft_bounces_never_suppress_and_mailbox_ones_do(env, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_SOFT_BOUNCE_LIMIT", "2")
+    reset_caches()
+    blocked = [_message("blocked@example.org") for _ in range(3)]
+    for message_id in blocked:
+        effects.apply([Finding(Kind.SOFT_BOUNCE, "dsn", message_id=message_id, status="5.7.1")], origin="x")
+    assert _suppression("blocked@example.org") is None
+    assert [e.properties["about"] for e in _events(EventType.BOUNCED.value)] == ["policy"] * 3
+    full = [_message("full@example.org") for _ in range(2)]
+    for message_id in full:
+        effects.apply([Finding(Kind.SOFT_BOUNCE, "dsn", message_id=message_id, status="4.2.2")], origin="y")
+    assert _suppression("full@example.org") == ("soft_bounce", full[1])
+
+
+def test_a_providers_report_of_an_earlier_event_suppresses_without_counting_on_the_campaign(env):
+    campaign_id = _campaign()
+    message_id = _message("listed@example.org", campaign_id=campaign_id)
+    earlier = Finding(Kind.COMPLAINT, "ses", message_id=message_id, counts_for_campaign=False)
+    assert effects.apply([earlier], origin="sns-1").campaign_ids == set()
+    assert _counters(campaign_id) == (0, 0, 0)
+    assert _suppression("listed@example.org") == ("complaint", message_id)
+
+
+@pytest.mark.parametrize("address", ["x" * 300 + "@example.org", "a\x00b@example.org", "not an address"])
+def test_an_address_that_is_no_address_is_skipped_not_stored(env, address):
+    applied = effects.apply([Finding(Kind.HARD_BOUNCE, "heuristic", recipient=address)], origin="odd")
+    assert applied.counts == {"no_recipient": 1}
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Suppression)) == 0

@@ -43,3 +43,26 @@ def test_a_failed_commit_fails_every_mail_of_its_group_and_the_next_group_goes_o
     with pytest.raises(OSError, match="database gone"):
         spool("", ["bounce@b.example"], b"x", None)
     assert spool("", ["bounce@b.example"], b"y", None) == "ok"
+
+
+def test_one_bad_mail_does_not_fail_the_others_of_its_group(monkeypatch):
+    gate = threading.Event()
+
+    def commit(mails):
+        gate.wait(5)
+        if any(mail[2] == b"bad" for mail in mails):
+            raise ValueError("NUL in text")
+        return [f"id-{mail[2].decode()}" for mail in mails]
+
+    monkeypatch.setattr(inbound, "spool_many", commit)
+    spool = inbound.GroupSpool()
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(spool, "", ["b@b.example"], body, None) for body in (b"1", b"2", b"bad", b"3", b"4")]
+        gate.set()
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result(10))
+            except ValueError:
+                outcomes.append("refused")
+    assert outcomes == ["id-1", "id-2", "refused", "id-3", "id-4"]

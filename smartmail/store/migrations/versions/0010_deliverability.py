@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("key", sa.String(400), primary_key=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
     )
+    op.create_index("ix_feedback_marks_created_at", "feedback_marks", ["created_at"])
     with op.batch_alter_table("campaigns") as batch:
         batch.add_column(sa.Column("hard_bounces", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("soft_bounces", sa.Integer(), nullable=False, server_default="0"))
@@ -56,6 +57,7 @@ def downgrade() -> None:
         batch.drop_column("complaints")
         batch.drop_column("soft_bounces")
         batch.drop_column("hard_bounces")
+    op.drop_index("ix_feedback_marks_created_at", table_name="feedback_marks")
     op.drop_table("feedback_marks")
     op.drop_index("ix_inbound_messages_pending_received_at", table_name="inbound_messages")
     op.drop_table("inbound_messages")
