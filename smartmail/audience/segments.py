@@ -300,7 +300,7 @@ def _clause(node: Any, sql: JsonAttributes, now: datetime, after: int | None) ->
         return exists().where(*_of_contact(events_t.c.contact_id, after), *_events_since(ENGAGEMENT[kind], since))
     if kind == "sent_within":
         sent = select(sql.recipient_address(messages_t.c.recipient)).where(
-            messages_t.c.state == "sent", messages_t.c.finished_at >= since
+            messages_t.c.state.in_(("sent", "bounced")), messages_t.c.finished_at >= since
         )
         return contacts_t.c.email.in_(sent)
     raise AssertionError(kind)

@@ -29,10 +29,7 @@ class FeedbackReport:
 
 def report_part(message: Message) -> Message | None:
     """The feedback-report part, wherever it is in the tree."""
-    for part in mime_text.parts(message):
-        if part.get_content_type() == REPORT_TYPE:
-            return part
-    return None
+    return mime_text.first_part(message, (REPORT_TYPE,))
 
 
 def read(part: Message) -> FeedbackReport:

@@ -28,12 +28,8 @@ class RecipientStatus:
 
 
 def report_part(message: Message) -> Message | None:
-    """The delivery-status part, wherever it is: a multipart/report (RFC 6522) is often wrapped in
-    another multipart by forwarding relays, so every part is looked at, not only the second."""
-    for part in mime_text.parts(message):
-        if part.get_content_type() in REPORT_TYPES:
-            return part
-    return None
+    """The delivery-status part, wherever it is."""
+    return mime_text.first_part(message, REPORT_TYPES)
 
 
 def recipient_statuses(part: Message) -> list[RecipientStatus]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import email.header
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from email.message import Message
 from email.parser import HeaderParser
 
@@ -22,6 +22,15 @@ def parts(message: Message) -> Iterator[Message]:
         if count >= MAX_PARTS:
             return
         yield part
+
+
+def first_part(message: Message, types: Collection[str]) -> Message | None:
+    """The first part of one of these content types, wherever it is: a multipart/report (RFC 6522)
+    is often wrapped in another multipart by forwarding relays, so every part is looked at."""
+    for part in parts(message):
+        if part.get_content_type() in types:
+            return part
+    return None
 
 
 def header(message: Message, name: str) -> str:

@@ -12,8 +12,9 @@ from smartmail.store.models import Event, EventType, Message, MessageState
 
 def campaign_engagement(campaign_id: int, *, include_machine: bool = False) -> dict[str, Any]:
     """Unique and total opens and clicks of a campaign's messages, and the rates over the messages
-    sent (`denominator`). Machine hits (privacy proxies, link scanners) are left out unless
-    `include_machine`, and always counted apart in `machine`. Read from raw rows: fine for one
+    sent and not bounced since (`denominator`: delivered, as mailbox providers count it). Machine
+    hits (privacy proxies, link scanners) are left out unless `include_machine`, and always counted
+    apart in `machine`. Read from raw rows: fine for one
     campaign; reports over many use roll-ups."""
     kinds = (EventType.OPENED.value, EventType.CLICKED.value)
     counts = (
@@ -39,7 +40,7 @@ def campaign_engagement(campaign_id: int, *, include_machine: bool = False) -> d
         return round(part / whole, 4) if whole else None
 
     return {
-        "denominator": "messages sent",
+        "denominator": "messages sent and not bounced",
         "sent": delivered,
         "opens": {"unique": opens[1], "total": opens[0]},
         "clicks": {"unique": clicks[1], "total": clicks[0]},

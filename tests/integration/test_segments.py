@@ -196,7 +196,7 @@ def matches(rule, person, world) -> bool:
     if "sent_within" in rule:
         since = now - timedelta(days=rule["sent_within"])
         return any(
-            m["state"] == "sent"
+            m["state"] in ("sent", "bounced")
             and m["finished_at"] >= since
             and m["recipient"].rpartition("<")[2].rstrip(">").lower() == person["email"]
             for m in world["messages"]
