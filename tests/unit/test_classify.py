@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
+from smartmail import runtime
 from smartmail.config.settings import get_settings
 from smartmail.content.return_path import bounce_address
 from smartmail.content.unsubscribe_links import read_token
@@ -16,7 +16,6 @@ from smartmail.feedback.classify import Classification, classify
 from smartmail.feedback.findings import Kind
 
 CORPUS = Path(__file__).resolve().parent.parent / "fixtures" / "inbound"
-SECRET = "unit-test-secret-0123456789"  # the fixtures' VERP addresses and unsubscribe token are signed with it
 PLAIN = "bounce@bounces.example.com"  # an address at the bounce domain that names no message
 FBL = "fbl@bounces.example.com"
 HARD, SOFT = Kind.HARD_BOUNCE, Kind.SOFT_BOUNCE
@@ -24,17 +23,11 @@ TOKEN = "42.7.E78WGON7tyF1KXhwJGzo2MFqlQR2Z7fZrNg4MnVfVYA"
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch):
+def env(settings_env):
     """The fixtures' settings: sender domain example.com, bounce domain bounces.example.com."""
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", SECRET)
-    monkeypatch.setenv("SMARTMAIL_BOUNCE_DOMAIN", "bounces.example.com")
-    get_settings.forget()
-    yield monkeypatch
-    get_settings.forget()
+    settings_env.setenv("SMARTMAIL_BOUNCE_DOMAIN", "bounces.example.com")
+    runtime.reset()
+    return settings_env
 
 
 def verp(message_id: str) -> str:

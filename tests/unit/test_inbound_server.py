@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
@@ -35,15 +34,8 @@ UNSUBSCRIBE = "unsubscribe@example.com"
 
 
 @pytest.fixture
-def env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "unit-test-secret-0123456789")
-    get_settings.forget()
-    yield monkeypatch
-    get_settings.forget()
+def env(settings_env):
+    return settings_env
 
 
 # --- Who may receive -----------------------------------------------------------------------------
