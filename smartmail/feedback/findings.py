@@ -32,3 +32,6 @@ class Finding:
     feedback_type: str | None = None  # ARF Feedback-Type (abuse, fraud, …) or the provider's subtype
     reference: str | None = None  # the provider's own report id, for de-duplication without a message id
     unsubscribe_token: str | None = None  # the token of a mailto unsubscribe's subject
+    # False for a provider's report of an earlier event (its own suppression list): it suppresses,
+    # it is not this campaign's bounce or complaint.
+    counts_for_campaign: bool = True
