@@ -209,7 +209,7 @@ def preflight(bench: Bench, keys: Path) -> dict:
         return {"messages": signed, "verified": None}
     records = {
         f"{key.selector}._domainkey.{domain}.".encode(): key.dns_value().encode()
-        for domain, domain_keys in dkim.load_keys(keys).items()
+        for domain, domain_keys in dkim.load_keys(keys).keys.items()
         for key in domain_keys
     }
     verified = sum(1 for m in recorder.messages if dkimpy.verify(m, dnsfunc=lambda name, timeout=5: records.get(name)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +22,6 @@ dkim_app = typer.Typer(
 
 # RFC 1035 section 3.3.14: a TXT record is a sequence of character-strings of at most 255 octets.
 _TXT_STRING = 255
-_DOMAIN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
 
 
 class Algorithm(str, Enum):
@@ -51,7 +49,7 @@ def _domain(value: str) -> str:
         domain = dkim.domain_key(value)
     except UnicodeError:
         fail(f"DOMAIN: {value!r} is not a valid domain name")
-    if not _DOMAIN.fullmatch(domain):
+    if not dkim.valid_domain(domain):
         fail(f"DOMAIN: {value!r} is not a valid domain name")
     return domain
 

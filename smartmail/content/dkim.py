@@ -6,8 +6,10 @@ import base64
 import functools
 import hashlib
 import re
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -51,6 +53,8 @@ _SIGNED_KEYS = tuple((name, name.lower().encode("ascii"), name.lower() in OVERSI
 _FOLD_AT = 78
 # A selector is one or more DNS labels (RFC 6376 section 3.1).
 _SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+# A host name of two or more labels (RFC 1035 section 2.3.1, RFC 1123 section 2.1), in A-label form: what d= may hold.
+DOMAIN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
 _WSP_RUN = re.compile(rb"[ \t]+")
 _TRAILING_WSP = re.compile(rb"[ \t]+(?=\r\n|\Z)")
 
@@ -96,6 +100,11 @@ def domain_key(domain: str) -> str:
     return domain if domain.isascii() else domain.encode("idna").decode("ascii")
 
 
+def valid_domain(domain: str) -> bool:
+    """Whether `domain` (already lower case, A-labels) is a host name of two or more labels."""
+    return DOMAIN.fullmatch(domain) is not None
+
+
 def valid_selector(selector: str) -> bool:
     """Whether `selector` is one or more DNS labels of letters, digits and hyphens."""
     return _SELECTOR.fullmatch(selector) is not None
@@ -124,59 +133,141 @@ def load_key(path: Path, domain: str) -> DomainKey:
     raise KeyFileError(f"SMARTMAIL_DKIM_KEYS: {path}: neither an RSA nor an Ed25519 key")
 
 
-def load_keys(directory: Path) -> dict[str, tuple[DomainKey, ...]]:
-    """Every `<domain>/<selector>.pem` under `directory`, per domain: the RSA key, then the Ed25519 key."""
+def _folder_key(name: str) -> str:
+    """The domain a folder is meant for, even when its name is refused: a sender of that domain then
+    waits for the folder to be fixed rather than going out unsigned."""
+    try:
+        return domain_key(name)
+    except UnicodeError:
+        return name.strip().lower()
+
+
+def _folders(directory: Path) -> dict[str, list[Path]]:
+    """The domain folders under `directory` (hidden ones skipped), by the domain each is meant for."""
     if not directory.is_dir():
         raise KeyFileError(f"SMARTMAIL_DKIM_KEYS: {directory} is not a directory")
-    keys: dict[str, tuple[DomainKey, ...]] = {}
-    for folder in sorted(directory.iterdir()):
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
+    by_domain: dict[str, list[Path]] = {}
+    try:
+        for folder in sorted(directory.iterdir()):
+            if folder.is_dir() and not folder.name.startswith("."):
+                by_domain.setdefault(_folder_key(folder.name), []).append(folder)
+    except OSError as exc:
+        raise KeyFileError(f"SMARTMAIL_DKIM_KEYS: {directory}: cannot read ({exc.strerror})") from None
+    return by_domain
+
+
+def folder_domain(folder: Path) -> str:
+    """The d= domain a key folder's name gives; KeyFileError naming the folder when the name is not a
+    host name as it stands (no spaces, `;`, trailing dot or other characters that d= cannot hold)."""
+    name = folder.name.lower()
+    try:
+        domain = name if name.isascii() else name.encode("idna").decode("ascii")
+    except UnicodeError:
+        domain = ""
+    if not valid_domain(domain):
+        raise KeyFileError(
+            f"SMARTMAIL_DKIM_KEYS: {folder}: the folder name is not a domain name (it becomes d=; "
+            "letters, digits, hyphens and dots only)"
+        )
+    return domain
+
+
+def load_domain(folders: list[Path]) -> tuple[DomainKey, ...]:
+    """The keys of one domain's folder: the RSA key, then the Ed25519 key; KeyFileError naming the
+    folder or file that cannot be used (then none of the domain's keys are)."""
+    if len(folders) > 1:
+        raise KeyFileError(f"SMARTMAIL_DKIM_KEYS: {folders[0]} and {folders[1]}: two folders for one domain; keep one")
+    domain = folder_domain(folders[0])
+    found: dict[str, DomainKey] = {}
+    for path in sorted(folders[0].glob("*.pem")):
+        key = load_key(path, domain)
+        if key.algorithm in found:
+            # Which of two keys DNS publishes cannot be known here; signing with the wrong one fails everywhere.
+            raise KeyFileError(
+                f"SMARTMAIL_DKIM_KEYS: {found[key.algorithm].path} and {path}: two {key.algorithm} keys for "
+                f"{domain}; keep one (rename the other away from *.pem)"
+            )
+        found[key.algorithm] = key
+    # RSA first: verifiers that do not know Ed25519 (RFC 8463 is newer) meet the signature they can check.
+    return tuple(found[algorithm] for algorithm in (RSA, ED25519) if algorithm in found)
+
+
+@dataclass
+class Keyring:
+    """The keys under one SMARTMAIL_DKIM_KEYS directory by domain, and by domain why its folder could
+    not be used: each domain stands alone, so one bad file holds back only its own domain's mail."""
+
+    directory: Path
+    keys: dict[str, tuple[DomainKey, ...]] = field(default_factory=dict)
+    errors: dict[str, KeyFileError] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def for_domain(self, domain: str) -> tuple[DomainKey, ...]:
+        """`domain`'s keys (none when it has no folder); KeyFileError when its folder could not be used
+        and still cannot: a failed domain is read again on each use, so a fixed file is taken at once."""
+        if domain not in self.errors:
+            return self.keys.get(domain, ())
+        with self.lock:
+            try:
+                folders = _folders(self.directory).get(domain)
+                keys = load_domain(folders) if folders else ()
+            except KeyFileError as exc:
+                self.errors = {**self.errors, domain: exc}
+                raise
+            # Replaced, not changed in place: other threads read these without the lock.
+            self.keys = {**self.keys, domain: keys}
+            self.errors = {name: error for name, error in self.errors.items() if name != domain}
+        log.info("dkim.keys_loaded", directory=str(self.directory), keys=_names(keys))
+        return keys
+
+
+def load_keys(directory: Path) -> Keyring:
+    """Every `<domain>/<selector>.pem` under `directory`, per domain; a domain whose folder cannot be
+    used gets its error instead (logged here, raised when its mail is signed)."""
+    keyring = Keyring(directory)
+    for domain, folders in _folders(directory).items():
         try:
-            domain = domain_key(folder.name)
-        except UnicodeError:
-            raise KeyFileError(f"SMARTMAIL_DKIM_KEYS: {folder}: the folder name is not a domain name") from None
-        found: dict[str, DomainKey] = {}
-        for path in sorted(folder.glob("*.pem")):
-            key = load_key(path, domain)
-            if key.algorithm in found:
-                # Which of two keys DNS publishes cannot be known here; signing with the wrong one fails everywhere.
-                raise KeyFileError(
-                    f"SMARTMAIL_DKIM_KEYS: {found[key.algorithm].path} and {path}: two {key.algorithm} keys for "
-                    f"{domain}; keep one (rename the other away from *.pem)"
-                )
-            found[key.algorithm] = key
-        # RSA first: verifiers that do not know Ed25519 (RFC 8463 is newer) meet the signature they can check.
-        chosen = tuple(found[algorithm] for algorithm in (RSA, ED25519) if algorithm in found)
-        if chosen:
-            keys[domain] = chosen
-    log.info(
-        "dkim.keys_loaded",
-        directory=str(directory),
-        keys=[f"{key.selector}._domainkey.{key.domain} ({key.algorithm})" for ks in keys.values() for key in ks],
-    )
-    return keys
+            keys = load_domain(folders)
+        except KeyFileError as exc:
+            keyring.errors[domain] = exc
+            log.error("dkim.keys_refused", domain=domain, error=str(exc))
+            continue
+        if keys:
+            keyring.keys[domain] = keys
+    log.info("dkim.keys_loaded", directory=str(directory), keys=_names(k for ks in keyring.keys.values() for k in ks))
+    return keyring
+
+
+def _names(keys: Iterable[DomainKey]) -> list[str]:
+    return [f"{key.selector}._domainkey.{key.domain} ({key.algorithm})" for key in keys]
 
 
 @runtime.per_process()
-def _keyring(directory: Path | None) -> dict[str, tuple[DomainKey, ...]]:
-    # Keyed by the directory: new settings (runtime.reset()) or another directory load afresh.
-    return load_keys(directory) if directory is not None else {}
+def _keyring(directory: Path | None) -> Keyring | None:
+    # Keyed by the directory: new settings (runtime.reset()) or another directory load afresh. An
+    # unreadable directory raises and is not kept, so the next message tries again.
+    return load_keys(directory) if directory is not None else None
 
 
 def keys_for(domain: str) -> tuple[DomainKey, ...]:
-    """The signing keys configured for `domain` (none when SMARTMAIL_DKIM_KEYS is unset or has none)."""
-    return _keyring(get_settings().dkim_keys).get(domain_key(domain), ())
+    """The signing keys configured for `domain` (none when SMARTMAIL_DKIM_KEYS is unset or has none);
+    KeyFileError when that domain's folder or one of its files cannot be used."""
+    keyring = _keyring(get_settings().dkim_keys)
+    return keyring.for_domain(domain_key(domain)) if keyring is not None else ()
 
 
 def sign(message: bytes, sender: str, *, now: float | None = None) -> bytes:
     """`message` (RFC 5322 bytes, CRLF line ends) with DKIM-Signature headers prepended for the
-    domain of `sender` (`addr@domain` or `Name <addr@domain>`), or unchanged when it has no key."""
+    domain of `sender` (`addr@domain` or `Name <addr@domain>`), or unchanged when it has no key.
+    KeyFileError when that domain's keys cannot be used (other domains are not affected)."""
     keyring = _keyring(get_settings().dkim_keys)
-    if not keyring:
+    if keyring is None or not (keyring.keys or keyring.errors):
         return message
-    domain = domain_key(bare_address(sender).rpartition("@")[2])
-    keys = keyring.get(domain)
+    try:
+        domain = domain_key(bare_address(sender).rpartition("@")[2])
+    except UnicodeError:
+        return message  # no folder can be named after it
+    keys = keyring.for_domain(domain)
     if not keys:
         return message
     return signatures(message, keys, now=now) + message

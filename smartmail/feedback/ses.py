@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from typing import Any
 
 from smartmail.content.return_path import message_of
+from smartmail.feedback.dsn import DIAGNOSTIC_MAX
 from smartmail.feedback.findings import Finding, Kind
+from smartmail.feedback.mime_text import our_message_id
 
 SOURCE = "ses"
-MAX_DIAGNOSTIC = 1000  # characters of the remote server's words kept
-# SmartMail's Message-ID: `<message id@sender domain>`, the id a ULID (smartmail.producer.sending).
-_MESSAGE_ID = re.compile(r"<([0-9a-hjkmnp-tv-z]{26})@[^<>@\s]+>", re.IGNORECASE)
 # bounce.bounceType (SES developer guide, "Amazon SES notification contents"): Permanent means
 # the address will not take mail; Transient and Undetermined may yet succeed.
 _BOUNCE_KINDS = {"Permanent": Kind.HARD_BOUNCE, "Transient": Kind.SOFT_BOUNCE, "Undetermined": Kind.SOFT_BOUNCE}
+# SES did not send because the address is on a suppression list, the account's (OnAccountSuppressionList)
+# or SES's global one (Suppressed), for an earlier bounce or complaint (same guide, bounce and complaint
+# subtypes): still an address to suppress, but no bounce or complaint caused by this campaign.
+_SUPPRESSED_BOUNCES = frozenset({"OnAccountSuppressionList", "Suppressed"})
+_SUPPRESSED_COMPLAINTS = frozenset({"OnAccountSuppressionList"})
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,19 @@ def message_id(mail: Mapping[str, Any]) -> str | None:
             return found
     common = _dict(mail.get("commonHeaders"))
     for candidate in (headers.get("message-id"), _text(common.get("messageId"))):
-        if candidate and (match := _MESSAGE_ID.search(candidate)):
-            return match.group(1).upper()
+        if candidate and (found := our_message_id(candidate)):
+            return found
     return None
 
 
 def _diagnostic(value: Any) -> str | None:
     text = _text(value)
-    return text[:MAX_DIAGNOSTIC] if text else None
+    return text[:DIAGNOSTIC_MAX] if text else None
 
 
 def _bounce(bounce: Mapping[str, Any], message: str | None) -> list[Finding]:
     kind = _BOUNCE_KINDS.get(bounce.get("bounceType"), Kind.SOFT_BOUNCE)  # type: ignore[arg-type]
+    sub_type = _text(bounce.get("bounceSubType"))
     return [
         Finding(
             kind=kind,
@@ -85,8 +89,9 @@ def _bounce(bounce: Mapping[str, Any], message: str | None) -> list[Finding]:
             message_id=message,
             status=_text(recipient.get("status")),
             diagnostic=_diagnostic(recipient.get("diagnosticCode")),
-            feedback_type=_text(bounce.get("bounceSubType")),
+            feedback_type=sub_type,
             reference=_text(bounce.get("feedbackId")),
+            counts_for_campaign=sub_type not in _SUPPRESSED_BOUNCES,
         )
         for recipient in _list(bounce.get("bouncedRecipients"))
         if _address(recipient.get("emailAddress"))
@@ -105,6 +110,7 @@ def _complaint(complaint: Mapping[str, Any], message: str | None) -> list[Findin
             message_id=message,
             feedback_type=feedback_type,
             reference=_text(complaint.get("feedbackId")),
+            counts_for_campaign=_text(complaint.get("complaintSubType")) not in _SUPPRESSED_COMPLAINTS,
         )
         for recipient in _list(complaint.get("complainedRecipients"))
         if _address(recipient.get("emailAddress"))

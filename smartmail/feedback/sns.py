@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import structlog
@@ -34,8 +34,13 @@ SIGNED_FIELDS = {
 OPTIONAL_FIELDS = frozenset({"Subject"})
 # SignatureVersion 1: RSA PKCS#1 v1.5 over SHA1; version 2 (the topic's SignatureVersion attribute): SHA256.
 HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"1": hashes.SHA1, "2": hashes.SHA256}
-# Where SNS publishes its signing certificates (the developer guide's check, as the AWS SDKs do it).
-SNS_HOST = re.compile(r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$")
+# SNS's regional endpoints, `sns.<region>.amazonaws.com` (`.com.cn` in China; AWS General Reference,
+# "Amazon SNS endpoints"): a region, not any label, so no S3 bucket, website or API Gateway host
+# (`sns.s3.amazonaws.com`, `sns.execute-api.…`) that anyone can publish files on passes.
+SNS_HOST = re.compile(r"sns\.[a-z]{2}(?:-gov)?-[a-z]+-\d\.amazonaws\.com(?:\.cn)?")
+# The signing certificates' paths there: `/SimpleNotificationService-<hash>.pem` (the developer guide's
+# "Verifying the signatures of Amazon SNS messages", as the AWS SDKs' message validators check them).
+CERTIFICATE_PATH = re.compile(r"/SimpleNotificationService-[^/]*\.pem")
 MAX_FUTURE = timedelta(minutes=5)  # clock skew tolerated for a Timestamp ahead of ours
 MAX_CERTIFICATE_BYTES = 16 * 1024  # an SNS certificate is under 2 KB
 MAX_CERTIFICATES = 16  # cached per process; SNS rotates its certificate a few times a year
@@ -55,27 +60,44 @@ class Unavailable(Exception):
 
 
 def allowed_url(url: object, *, what: str, pem: bool = False) -> str:
-    """`url` when it is on an SNS host over https (and, for a certificate, a .pem path), or starts
-    with SMARTMAIL_SNS_TEST_CERTIFICATE_PREFIX (tests only); else Refused. The only URLs we fetch
-    from a message, so a forged one cannot point us anywhere else (SSRF)."""
+    """`url` when it is on an SNS regional host over https (and, for a certificate, SNS's certificate
+    path), or within SMARTMAIL_SNS_TEST_CERTIFICATE_PREFIX (tests only); else Refused. The only URLs
+    we fetch from a message, so a forged one cannot point us anywhere else (SSRF)."""
     if not isinstance(url, str) or not url.isprintable() or " " in url:
         raise Refused(f"{what} is not a URL")
-    prefix = get_settings().sns_test_certificate_prefix
-    if prefix and url.startswith(prefix):
-        return url
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
+        host, port = parts.hostname or "", parts.port
     except ValueError:
         raise Refused(f"{what} is not a URL") from None
+    prefix = get_settings().sns_test_certificate_prefix
+    if prefix and _within(parts, port, urlsplit(prefix)):
+        return url
     if parts.scheme != "https":
         raise Refused(f"{what} is not https")
     # netloc == host: no user-info, no port, nothing a parser could read another way.
-    if parts.netloc.lower() != host or not SNS_HOST.match(host):
+    if parts.netloc.lower() != host or not SNS_HOST.fullmatch(host):
         raise Refused(f"{what} is not on an Amazon SNS host")
-    if pem and not parts.path.endswith(".pem"):
-        raise Refused(f"{what} is not a .pem file")
+    if pem and (parts.query or parts.fragment or not CERTIFICATE_PATH.fullmatch(parts.path)):
+        raise Refused(f"{what} is not an SNS signing certificate (/SimpleNotificationService-….pem)")
     return url
+
+
+def _within(parts: SplitResult, port: int | None, prefix: SplitResult) -> bool:
+    """Whether a URL is under the test prefix: the same scheme, host and port, compared parsed (a
+    string prefix `http://127.0.0.1:8000` would also take `http://127.0.0.1:8000.evil/`), no user-info,
+    and a path that starts with the prefix's."""
+    try:
+        prefix_port = prefix.port
+    except ValueError:
+        return False
+    return (
+        parts.scheme == prefix.scheme
+        and parts.username is None
+        and (parts.hostname or "") == (prefix.hostname or "")
+        and port == prefix_port
+        and parts.path.startswith(prefix.path)
+    )
 
 
 def string_to_sign(message: Mapping[str, Any]) -> bytes:

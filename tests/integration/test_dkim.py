@@ -63,7 +63,7 @@ def dns_for(directory: Path):
     """dkimpy's DNS look-up, answering with the record `smartmail dkim generate` prints for each key."""
     records = {
         f"{key.selector}._domainkey.{domain}.".encode(): key.dns_value().encode()
-        for domain, keys in dkim.load_keys(directory).items()
+        for domain, keys in dkim.load_keys(directory).keys.items()
         for key in keys
     }
     return lambda name, timeout=5: records.get(name)
@@ -159,25 +159,32 @@ def test_every_campaign_message_verifies(relay, shared_worker, keys_dir):
         assert b"List-Unsubscribe:List-Unsubscribe-Post:" in b"".join(signature.split())  # RFC 8058 section 4
 
 
-def test_a_bad_key_file_defers_until_it_is_fixed(env, smtp_server, monkeypatch, start_worker, tmp_path):
+def test_a_bad_key_file_defers_its_domain_until_it_is_fixed(env, smtp_server, monkeypatch, start_worker, tmp_path):
     directory = tmp_path / "keys"
     (directory / "example.com").mkdir(parents=True)
     broken = directory / "example.com" / "s1.pem"
     broken.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    write_key(directory, "ed.example", "ed2", ed25519.Ed25519PrivateKey.generate())
+    write_key(directory, "bad;d=evil.example", "s1", ed25519.Ed25519PrivateKey.generate())
     monkeypatch.setenv("SMARTMAIL_SMTP_URL", f"smtp://127.0.0.1:{smtp_server.port}?tls=none")
     monkeypatch.setenv("SMARTMAIL_DKIM_KEYS", str(directory))
     reset_caches()
     worker = start_worker(concurrency=1)
     sent = smartmail.send("ann@example.org", subject="Waits for its key", text="x")
+    # Another domain's mail is signed and sent meanwhile; the refused folder signs nothing.
+    smartmail.send("bob@example.org", subject="From ed", text="x", from_="Ed <news@ed.example>")
     wait_for(lambda: states().get("deferred"), 60, interval=0.2, message="the message deferred")
+    wait_for(lambda: smtp_server.count >= 1, 60, interval=0.2, message="the other domain's message sent")
     with session_scope() as session:
         code, reply = session.execute(select(Message.smtp_code, Message.smtp_reply).where(Message.id == sent.id)).one()
     assert code == 451 and reply.startswith("4.3.5 message not signed") and str(broken) in reply
     assert "bm90IGEga2V5" not in reply
-    assert smtp_server.count == 0 and "bm90IGEga2V5" not in worker.output()
+    assert [m.rcpt_tos[0] for m in smtp_server.messages] == ["bob@example.org"]
+    assert verdicts(smtp_server.messages[0].data, directory) == [("ed25519-sha256", True)]
+    assert "bm90IGEga2V5" not in worker.output() and "bad;d=evil.example" in worker.output()
     write_key(directory, "example.com", "s1", rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    wait_for(lambda: smtp_server.count >= 1, 60, interval=0.2, message="the message sent once the key is fixed")
-    assert verdicts(smtp_server.messages[0].data, directory) == [("rsa-sha256", True)]
+    wait_for(lambda: smtp_server.count >= 2, 60, interval=0.2, message="the message sent once the key is fixed")
+    assert verdicts(smtp_server.messages[1].data, directory) == [("rsa-sha256", True)]
 
 
 class TxtServer:

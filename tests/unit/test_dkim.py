@@ -58,7 +58,7 @@ def keys_dir(tmp_path, monkeypatch, rsa_key, ed_key):
 def dns_for(directory: Path):
     """A dnsfunc for dkimpy serving the TXT record of every key under `directory`."""
     records = {}
-    for domain, keys in dkim.load_keys(directory).items():
+    for domain, keys in dkim.load_keys(directory).keys.items():
         for key in keys:
             records[f"{key.selector}._domainkey.{domain}.".encode()] = key.dns_value().encode()
 
@@ -241,6 +241,47 @@ def test_a_bad_key_file_is_named_and_its_content_is_not_shown(keys_dir, name, co
     assert "c2VjcmV0" not in str(caught.value) and "SMARTMAIL_DKIM_KEYS" in str(caught.value)
 
 
+def test_a_bad_key_file_holds_back_only_its_own_domain(keys_dir, rsa_key):
+    write_key(keys_dir, "other.example", "o1", rsa_key)
+    path = bad_file(keys_dir, "s9.pem", b"not a key")
+    with pytest.raises(dkim.KeyFileError, match="not a PEM private key"):
+        dkim.sign(multipart(), "news@example.com")
+    signed = dkim.sign(multipart(sender="news@other.example"), "news@other.example")
+    assert b"d=other.example;" in signed and verify_all(signed, keys_dir) == [True]
+    unsigned = multipart(sender="news@unsigned.example")
+    assert dkim.sign(unsigned, "news@unsigned.example") is unsigned
+    # Not kept as failed: the next message after the fix is signed, with no restart.
+    path.unlink()
+    assert verify_all(dkim.sign(multipart(), "news@example.com"), keys_dir) == [True, True]
+
+
+@pytest.mark.parametrize("name", ["bad;name.example", "ex ample.example", "example.org;s=x", "under_score.example"])
+def test_a_folder_name_that_is_no_domain_is_refused_and_named(keys_dir, rsa_key, name):
+    write_key(keys_dir, name, "s1", rsa_key)
+    keyring = dkim.load_keys(keys_dir)
+    assert list(keyring.keys) == ["example.com"]
+    [error] = keyring.errors.values()
+    assert str(keys_dir / name) in str(error) and "not a domain name" in str(error)
+    runtime.reset()
+    assert verify_all(dkim.sign(multipart(), "news@example.com"), keys_dir) == [True, True]
+
+
+def test_a_folder_name_with_a_trailing_space_holds_back_that_domain(keys_dir, rsa_key):
+    write_key(keys_dir, "news.example ", "s1", rsa_key)
+    runtime.reset()
+    with pytest.raises(dkim.KeyFileError, match="not a domain name") as caught:
+        dkim.sign(multipart(sender="a@news.example"), "a@news.example")
+    assert str(keys_dir / "news.example ") in str(caught.value)
+    assert dkim.sign(multipart(), "news@example.com").startswith(b"DKIM-Signature:")
+
+
+def test_two_folders_for_one_domain_are_refused(keys_dir, rsa_key):
+    write_key(keys_dir, "Example.com", "s2", rsa_key)
+    runtime.reset()
+    with pytest.raises(dkim.KeyFileError, match="two folders for one domain"):
+        dkim.keys_for("example.com")
+
+
 def test_other_key_types_and_small_rsa_keys_are_refused(keys_dir):
     (keys_dir / "example.com" / "e1.pem").unlink()
     (keys_dir / "example.com" / "s1.pem").unlink()
@@ -413,7 +454,7 @@ def published(monkeypatch):
 
 
 def test_check_matching_records(keys_dir, published):
-    for key in dkim.load_keys(keys_dir)["example.com"]:
+    for key in dkim.load_keys(keys_dir).keys["example.com"]:
         # As DNS serves it: 255-octet strings joined, folded whitespace kept, other TXT records beside it.
         published[f"{key.selector}._domainkey.example.com"] = ["google-site-verification=x", key.dns_value()]
     result = run("dkim", "check", "example.com")

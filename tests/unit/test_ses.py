@@ -9,7 +9,7 @@ import pytest
 
 from smartmail import runtime
 from smartmail.content.return_path import bounce_address
-from smartmail.feedback import ses
+from smartmail.feedback import dsn, ses
 from smartmail.feedback.findings import Finding, Kind
 
 MESSAGE_ID = "01JF3Z8M2T6QK4V7W9XBCDEFGH"
@@ -144,9 +144,33 @@ def test_other_bounces_are_soft(bounce_type, sub_type):
     assert [f.kind for f in findings] == [Kind.SOFT_BOUNCE, Kind.SOFT_BOUNCE]
 
 
-def test_a_suppressed_address_is_a_hard_bounce():
-    (first, _) = ses.read(bounce("Permanent", "OnAccountSuppressionList")).findings
-    assert (first.kind, first.feedback_type) == (Kind.HARD_BOUNCE, "OnAccountSuppressionList")
+@pytest.mark.parametrize("sub_type", ["OnAccountSuppressionList", "Suppressed"])
+def test_a_suppressed_address_is_a_hard_bounce_that_does_not_count_for_the_campaign(sub_type):
+    findings = ses.read(bounce("Permanent", sub_type)).findings
+    assert [(f.kind, f.feedback_type, f.counts_for_campaign) for f in findings] == [
+        (Kind.HARD_BOUNCE, sub_type, False),
+        (Kind.HARD_BOUNCE, sub_type, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bounce_type", "sub_type"), [("Permanent", "General"), ("Permanent", "NoEmail"), ("Transient", "General")]
+)
+def test_a_bounce_caused_by_this_message_counts_for_the_campaign(bounce_type, sub_type):
+    assert all(f.counts_for_campaign for f in ses.read(bounce(bounce_type, sub_type)).findings)
+
+
+def test_a_complaint_from_the_suppression_list_does_not_count_for_the_campaign():
+    notification = complaint(feedback_type=None)
+    notification["complaint"]["complaintSubType"] = "OnAccountSuppressionList"
+    (finding,) = ses.read(notification).findings
+    assert (finding.kind, finding.feedback_type, finding.counts_for_campaign) == (
+        Kind.COMPLAINT,
+        "OnAccountSuppressionList",
+        False,
+    )
+    (finding,) = ses.read(complaint()).findings
+    assert finding.counts_for_campaign is True
 
 
 @pytest.mark.parametrize("key", ["notificationType", "eventType"])
@@ -195,6 +219,16 @@ def test_a_lower_case_message_id_is_read_upper_case():
     assert first.message_id == MESSAGE_ID
 
 
+@pytest.mark.parametrize(
+    "value", ["<91JF3Z8M2T6QK4V7W9XBCDEFGH@example.com>", "<01JF3Z8M2T6QK4V7W9XBCDEFG@example.com>"]
+)
+def test_a_message_id_not_of_the_ulid_form_names_no_message(value):
+    notification = bounce(message_id=None)
+    notification["mail"]["commonHeaders"]["messageId"] = value
+    (first, _) = ses.read(notification).findings
+    assert first.message_id is None
+
+
 def test_a_message_id_not_ours_names_no_message():
     notification = bounce(message_id=None)
     notification["mail"]["commonHeaders"]["messageId"] = "<CAF=abc123@mail.gmail.com>"
@@ -227,7 +261,7 @@ def test_a_long_diagnostic_is_capped():
     notification = bounce()
     notification["bounce"]["bouncedRecipients"][0]["diagnosticCode"] = "x" * 5000
     (first, _) = ses.read(notification).findings
-    assert first.diagnostic == "x" * ses.MAX_DIAGNOSTIC
+    assert first.diagnostic == "x" * dsn.DIAGNOSTIC_MAX
 
 
 def test_recipients_without_an_address_are_skipped():

@@ -136,8 +136,15 @@ def test_signed_subscription_messages_are_accepted(key, certificates, kind):
     sns.verify(sign(confirmation(Type=kind), key, "2"), now=NOW, certificate=certificates)
 
 
-def test_china_regions_are_sns_hosts(key, certificates):
-    url = "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-abc.pem"
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-abc.pem",
+        "https://sns.us-gov-west-1.amazonaws.com/SimpleNotificationService-abc.pem",
+        "https://sns.ap-southeast-2.amazonaws.com/SimpleNotificationService-9c6465fa7f48f5cacd23014631ec1136.pem",
+    ],
+)
+def test_china_and_govcloud_regions_are_sns_hosts(key, certificates, url):
     sns.verify(sign(notification(SigningCertURL=url), key), now=NOW, certificate=certificates)
 
 
@@ -205,7 +212,40 @@ def test_unknown_signature_versions_are_refused(key, certificates, version):
         ("https://evil.com#@sns.us-east-1.amazonaws.com/cert.pem", "SigningCertURL is not on an Amazon SNS host"),
         ("https://sns.us-east-1.amazonaws.com:8443/cert.pem", "SigningCertURL is not on an Amazon SNS host"),
         ("https://s3.us-east-1.amazonaws.com/cert.pem", "SigningCertURL is not on an Amazon SNS host"),
-        ("https://sns.us-east-1.amazonaws.com/cert.txt", "SigningCertURL is not a .pem file"),
+        (
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.txt",
+            "SigningCertURL is not an SNS signing certificate (/SimpleNotificationService-….pem)",
+        ),
+        # Hosts where anyone can publish a file: S3 buckets and websites, API Gateway, not a region.
+        (
+            "https://sns.s3.amazonaws.com/SimpleNotificationService-abc.pem",
+            "SigningCertURL is not on an Amazon SNS host",
+        ),
+        (
+            "https://sns.s3-website-us-east-1.amazonaws.com/SimpleNotificationService-abc.pem",
+            "SigningCertURL is not on an Amazon SNS host",
+        ),
+        (
+            "https://sns.execute-api.amazonaws.com/SimpleNotificationService-abc.pem",
+            "SigningCertURL is not on an Amazon SNS host",
+        ),
+        ("https://sns.s3.us-east-1.amazonaws.com/x.pem", "SigningCertURL is not on an Amazon SNS host"),
+        (
+            "https://sns.us-east-1.amazonaws.com/cert.pem",
+            "SigningCertURL is not an SNS signing certificate (/SimpleNotificationService-….pem)",
+        ),
+        (
+            "https://sns.us-east-1.amazonaws.com/bucket/SimpleNotificationService-abc.pem",
+            "SigningCertURL is not an SNS signing certificate (/SimpleNotificationService-….pem)",
+        ),
+        (
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-a/b.pem",
+            "SigningCertURL is not an SNS signing certificate (/SimpleNotificationService-….pem)",
+        ),
+        (
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem?x=.pem",
+            "SigningCertURL is not an SNS signing certificate (/SimpleNotificationService-….pem)",
+        ),
         ("https://sns.us-east-1.amazonaws.com/a.pem\n", "SigningCertURL is not a URL"),
         ("file:///etc/ssl/cert.pem", "SigningCertURL is not https"),
     ],
@@ -286,6 +326,27 @@ def test_the_test_prefix_allows_a_local_certificate_only_when_set(key, certifica
     assert certificates.asked == [url]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8123.evil.example/cert.pem",
+        "http://127.0.0.1:81234/cert.pem",
+        "http://127.0.0.1:8123@evil.example/cert.pem",
+        "http://user@127.0.0.1:8123/cert.pem",
+        "https://127.0.0.1:8123/certs/cert.pem",
+        "http://127.0.0.2:8123/certs/cert.pem",
+        "http://127.0.0.1:8124/certs/cert.pem",
+        "http://127.0.0.1:8123/other/cert.pem",
+        "http://127.0.0.1/certs/cert.pem",
+    ],
+)
+def test_the_test_prefix_is_compared_as_a_url_not_as_a_string(key, certificates, env, url):
+    env.setenv("SMARTMAIL_SNS_TEST_CERTIFICATE_PREFIX", "http://127.0.0.1:8123/certs/")
+    get_settings.forget()
+    assert refused(sign(notification(SigningCertURL=url), key), certificates) is not None
+    assert certificates.asked == []
+
+
 # --- Fetching and caching the certificate --------------------------------------------------------
 
 
@@ -360,7 +421,14 @@ def test_a_subscription_is_confirmed_by_visiting_its_url(fake_sns):
 
 
 @pytest.mark.parametrize(
-    "url", ["http://169.254.169.254/latest/meta-data/", "https://sns.us-east-1.amazonaws.com.evil.com/?Action=x"]
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "https://sns.us-east-1.amazonaws.com.evil.com/?Action=x",
+        "https://sns.s3.amazonaws.com/?Action=ConfirmSubscription&Token=2336",
+        "https://sns.s3-website-us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=2336",
+        "https://sns.execute-api.amazonaws.com/?Action=ConfirmSubscription&Token=2336",
+    ],
 )
 def test_a_subscribe_url_off_the_sns_hosts_is_never_visited(fake_sns, url):
     with pytest.raises(sns.Refused, match="SubscribeURL is not"):
