@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
@@ -39,20 +38,14 @@ def write_key(directory: Path, domain: str, selector: str, key) -> Path:
 
 
 @pytest.fixture
-def keys_dir(tmp_path, monkeypatch, rsa_key, ed_key):
+def keys_dir(tmp_path, settings_env, rsa_key, ed_key):
     """SMARTMAIL_DKIM_KEYS with an RSA-2048 key (s1) and an Ed25519 key (e1) for example.com."""
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "unit-test-secret-0123456789")
     directory = tmp_path / "dkim"
     write_key(directory, "example.com", "s1", rsa_key)
     write_key(directory, "example.com", "e1", ed_key)
-    monkeypatch.setenv("SMARTMAIL_DKIM_KEYS", str(directory))
+    settings_env.setenv("SMARTMAIL_DKIM_KEYS", str(directory))
     runtime.reset()
-    yield directory
-    runtime.reset()
+    return directory
 
 
 def dns_for(directory: Path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -16,15 +15,8 @@ MESSAGE_ID = "01JF3Z8M2T6QK4V7W9XBCDEFGH"
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "unit-test-secret-0123456789")
-    runtime.reset()
-    yield monkeypatch
-    runtime.reset()
+def env(settings_env):
+    return settings_env
 
 
 def mail(message_id: str | None = MESSAGE_ID, *, source: str = "news@example.com", headers: bool = True) -> dict:

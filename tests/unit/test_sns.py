@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import os
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -48,16 +47,10 @@ def certificate(key) -> x509.Certificate:
 
 
 @pytest.fixture(autouse=True)
-def env(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("SMARTMAIL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("SMARTMAIL_DEFAULT_SENDER", "News <news@example.com>")
-    monkeypatch.setenv("SMARTMAIL_SECRET_KEY", "unit-test-secret-0123456789")
-    monkeypatch.setenv("SMARTMAIL_SES_TOPIC_ARNS", f'["{TOPIC}"]')
+def env(settings_env):
+    settings_env.setenv("SMARTMAIL_SES_TOPIC_ARNS", f'["{TOPIC}"]')
     runtime.reset()
-    yield monkeypatch
-    runtime.reset()
+    return settings_env
 
 
 class Certificates:
