@@ -24,9 +24,10 @@ app = Celery(
 )
 
 
-@app.on_configure.connect
-def _configure(sender: Celery, **_kwargs) -> None:
-    sender.conf.update(celery_config(get_settings()))
+# Read when the configuration is first needed (Celery's lazy defaults): a `conf.update()` in an
+# on_configure handler notifies amqp's conf observer, which reads the still-pending conf and
+# re-enters the configuration: a RecursionError that Celery's signal dispatch logs and swallows.
+app.add_defaults(lambda: celery_config(get_settings()))
 
 
 @celeryd_init.connect
