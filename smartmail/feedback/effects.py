@@ -95,6 +95,8 @@ class _Effect:
     message_id: str | None = None
     campaign_id: int | None = None
     contact_id: int | None = None
+    report: str | None = None  # without a message: the report it came from (reference or origin)
+    unverified: bool = False  # without a message, and not to be trusted (see apply_in)
 
 
 def apply(findings: Sequence[Finding], *, origin: str, now: datetime | None = None) -> Applied:
@@ -131,11 +133,11 @@ def apply_in(
         applied.counts[Kind.DELIVERED.value] = delivered
     kept = [(f, o) for f, o in zip(findings, origins, strict=True) if f.kind is not Kind.DELIVERED]
     effects = _resolve(session, kept)
-    unverified = _unverified(effects)
-    new_keys = _mark(session, [e.key for e in effects if id(e) not in unverified], now)
+    _distrust(effects)
+    new_keys = _mark(session, [e.key for e in effects if not e.unverified], now)
     fresh: list[_Effect] = []  # the effects applied by this call
     for effect in effects:
-        if id(effect) in unverified:
+        if effect.unverified:
             applied.counts["unverified"] += 1
         elif effect.key not in new_keys:
             applied.counts["duplicate"] += 1
@@ -181,7 +183,7 @@ def _resolve(session: Session, findings: Sequence[tuple[Finding, str]]) -> list[
         key = f"{anchor}:{address or finding.unsubscribe_token or ''}:{finding.kind.value}"
         if len(key) > _KEY_MAX:
             key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-        effects.append(_Effect(finding, key, address))
+        effects.append(_Effect(finding, key, address, report=anchor))
     unknown = sorted({e.address for e in effects if e.contact_id is None and e.address})
     if unknown:
         query = select(Contact.email, Contact.id).where(Contact.email.in_(unknown))
@@ -192,12 +194,13 @@ def _resolve(session: Session, findings: Sequence[tuple[Finding, str]]) -> list[
     return effects
 
 
-def _unverified(effects: list[_Effect]) -> set[int]:
-    """The address-only effects not to trust: of a report naming several addresses, or of an
-    address that is no contact's (ids of the _Effect objects)."""
+def _distrust(effects: list[_Effect]) -> None:
+    """Mark the address-only effects not to trust: of a report naming several addresses, or of an
+    address that is no contact's."""
     address_only = [e for e in effects if e.message_id is None and e.finding.kind in _EVENT_TYPE and e.address]
-    per_report = Counter(e.key.split(":", 1)[0] for e in address_only)
-    return {id(e) for e in address_only if e.contact_id is None or per_report[e.key.split(":", 1)[0]] > 1}
+    per_report = Counter(e.report for e in address_only)
+    for effect in address_only:
+        effect.unverified = effect.contact_id is None or per_report[effect.report] > 1
 
 
 def _mark(session: Session, keys: Sequence[str], now: datetime) -> set[str]:
