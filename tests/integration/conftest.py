@@ -602,3 +602,41 @@ def api(env, monkeypatch, _module_web):
     yield handle
     for client in handle.clients:
         client.close()
+
+
+# --- Rows as delivery leaves them ----------------------------------------------------------------
+
+
+def sent_message(email: str, *, state: str = "sent", campaign_id: int | None = None) -> str:
+    """A message to `email` in `state` (its contact created when new; a campaign's message names
+    its contact, as fan-out does); its id. For tests of what happens after delivery."""
+    from sqlalchemy import select
+
+    from smartmail.store.engine import session_scope, utcnow
+    from smartmail.store.ids import new_id
+    from smartmail.store.models import Contact, Message
+
+    message_id = new_id()
+    with session_scope() as session:
+        contact = session.scalar(select(Contact).where(Contact.email == email))
+        if contact is None:
+            contact = Contact(email=email, status="subscribed", attributes={})
+            session.add(contact)
+            session.flush()
+        session.add(
+            Message(
+                id=message_id,
+                state=state,
+                sender="news@example.com",
+                recipient=email,
+                subject="News",
+                text="Hi",
+                headers={},
+                tags=[],
+                message_id_header=f"<{message_id}@example.com>",
+                campaign_id=campaign_id,
+                contact_id=contact.id if campaign_id else None,
+                finished_at=utcnow(),
+            )
+        )
+    return message_id

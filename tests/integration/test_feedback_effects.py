@@ -11,8 +11,7 @@ from smartmail.campaigns import lifecycle as campaigns
 from smartmail.content.unsubscribe_links import make_token
 from smartmail.feedback import effects
 from smartmail.feedback.findings import Finding, Kind
-from smartmail.store.engine import session_scope, utcnow
-from smartmail.store.ids import new_id
+from smartmail.store.engine import session_scope
 from smartmail.store.models import (
     Campaign,
     CampaignState,
@@ -24,6 +23,7 @@ from smartmail.store.models import (
     Suppression,
 )
 from tests.conftest import reset_caches
+from tests.integration.conftest import sent_message
 
 pytestmark = pytest.mark.integration
 
@@ -37,31 +37,7 @@ def _campaign(name: str = "spring", state: str = CampaignState.SENDING.value) ->
 
 
 def _message(email: str, state: MessageState = MessageState.SENT, campaign_id: int | None = None) -> str:
-    """A message to `email` (and its contact), as delivery leaves it."""
-    message_id = new_id()
-    with session_scope() as session:
-        contact = session.scalar(select(Contact).where(Contact.email == email))
-        if contact is None:
-            contact = Contact(email=email, status="subscribed", attributes={})
-            session.add(contact)
-            session.flush()
-        session.add(
-            Message(
-                id=message_id,
-                state=state.value,
-                sender="news@example.com",
-                recipient=email,
-                subject="Hi",
-                text="Hi",
-                headers={},
-                tags=[],
-                message_id_header=f"<{message_id}@example.com>",
-                campaign_id=campaign_id,
-                contact_id=contact.id if campaign_id else None,
-                finished_at=utcnow(),
-            )
-        )
-    return message_id
+    return sent_message(email, state=state.value, campaign_id=campaign_id)
 
 
 def _state(message_id: str) -> str:

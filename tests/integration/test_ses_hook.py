@@ -18,10 +18,11 @@ from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from smartmail.store.engine import session_scope, utcnow
+from smartmail.store.engine import session_scope
 from smartmail.store.ids import new_id
 from smartmail.store.models import Campaign, Contact, Event, FeedbackMark, Message, Suppression
 from tests.conftest import reset_caches
+from tests.integration.conftest import sent_message
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:smartmail-ses"
 SNS_HEADERS = {"Content-Type": "text/plain; charset=UTF-8"}
@@ -121,32 +122,6 @@ def hook(env, monkeypatch, _module_web, sns_host):
         yield client
 
 
-def sent_message(email: str = "gone@example.org", campaign_id: int | None = None) -> str:
-    """A message to `email` (a subscribed contact) as delivery leaves it: `sent`."""
-    message_id = new_id()
-    with session_scope() as session:
-        contact = Contact(email=email, status="subscribed", attributes={})
-        session.add(contact)
-        session.flush()
-        session.add(
-            Message(
-                id=message_id,
-                state="sent",
-                sender="news@example.com",
-                recipient=email,
-                subject="December news",
-                text="Hi",
-                headers={},
-                tags=[],
-                message_id_header=f"<{message_id}@example.com>",
-                contact_id=contact.id,
-                campaign_id=campaign_id,
-                finished_at=utcnow(),
-            )
-        )
-    return message_id
-
-
 def ses_bounce(message_id: str, email: str = "gone@example.org", bounce_type: str = "Permanent") -> dict:
     """An SES bounce notification as the SES developer guide shows one."""
     return {
@@ -221,7 +196,7 @@ def state() -> dict:
 
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_a_signed_hard_bounce_is_applied_once(hook, sns_host, version):
-    message_id = sent_message()
+    message_id = sent_message("gone@example.org")
     notification = sns_host.notification(ses_bounce(message_id), version=version)
 
     response = post(hook, notification)
@@ -259,7 +234,7 @@ def test_complaints_through_ses_pause_their_campaign(hook, sns_host):
         session.add(campaign)
         session.flush()
         campaign_id = campaign.id
-    message_ids = [sent_message(f"reader{n}@example.org", campaign_id) for n in range(3)]
+    message_ids = [sent_message(f"reader{n}@example.org", campaign_id=campaign_id) for n in range(3)]
     response = post(hook, sns_host.notification(ses_complaint(message_ids[0], "reader0@example.org")))
     assert response.status_code == 200 and response.json()["paused_campaigns"] == ["december"]
     with session_scope() as session:
@@ -269,7 +244,7 @@ def test_complaints_through_ses_pause_their_campaign(hook, sns_host):
 
 
 def test_a_delivery_or_an_unknown_notification_changes_nothing(hook, sns_host):
-    message_id = sent_message()
+    message_id = sent_message("gone@example.org")
     delivery = ses_bounce(message_id)
     del delivery["bounce"]
     delivery.update(
@@ -331,7 +306,7 @@ def _other_topic(host: FakeSnsHost, notification: dict) -> dict:
     ],
 )
 def test_forged_or_stale_notifications_are_refused_and_change_nothing(hook, sns_host, forge, reason):
-    message_id = sent_message()
+    message_id = sent_message("gone@example.org")
     before = state()
     response = post(hook, forge(sns_host, sns_host.notification(ses_bounce(message_id))))
     assert response.status_code == 403
