@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 
 from smartmail.config import get_settings
 from smartmail.store.engine import session_scope, utcnow
@@ -28,8 +28,15 @@ def pause_if_unhealthy(campaign_ids: Iterable[int]) -> list[str]:
     paused = []
     for campaign_id in sorted(set(campaign_ids)):
         with session_scope() as session:
-            campaign = session.get(Campaign, campaign_id)
+            campaign = session.execute(
+                select(
+                    Campaign.name, Campaign.state, Campaign.paused_reason, Campaign.complaints, Campaign.hard_bounces
+                ).where(Campaign.id == campaign_id)
+            ).first()
             if campaign is None or campaign.state != CampaignState.SENDING.value or campaign.paused_reason:
+                continue
+            # The rates are at most count / minimum: below the thresholds, counting the delivered is moot.
+            if _breach(campaign, settings.auto_pause_min_delivered) is None:
                 continue
             name = campaign.name
             delivered = session.scalar(
@@ -62,7 +69,7 @@ def pause_if_unhealthy(campaign_ids: Iterable[int]) -> list[str]:
     return paused
 
 
-def _breach(campaign: Campaign, delivered: int) -> tuple[str, int, float, float] | None:
+def _breach(campaign: Row, delivered: int) -> tuple[str, int, float, float] | None:
     """(measure, count, rate, threshold) of the first rate over its threshold, if one is."""
     settings = get_settings()
     for measure, count, threshold in (
