@@ -19,6 +19,7 @@ SCOPES: dict[str, str] = {
     "suppressions:write": "add to and remove from the suppression list",
     "inbound:read": "read the mail smartmail inbound received (bounces, complaints), its verdict and bytes",
     "inbound:write": "process failed inbound mail again",
+    "webhooks:manage": "add, change, test and remove webhook endpoints; read and replay their deliveries",
     "keys:manage": "create, list and revoke API keys",
 }
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, func, select, tuple_
+from sqlalchemy.engine import Connection
 
 from smartmail.audience.contacts import normalize_email
 from smartmail.errors import InvalidInput, NotFound
@@ -105,6 +107,15 @@ def _as_dict(row: Any) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _connected(connection: Connection | None) -> Iterator[Connection]:
+    if connection is not None:
+        yield connection
+        return
+    with get_engine().connect() as connection:
+        yield connection
+
+
 def _after(position: Position) -> ColumnElement[bool]:
     return tuple_(Event.xact, Event.id) > tuple_(position.xact, position.id)
 
@@ -118,13 +129,15 @@ def read(
     campaign_id: int | None = None,
     include_machine: bool = True,
     limit: int = 100,
+    connection: Connection | None = None,
 ) -> Page:
     """Up to `limit` events after `after` (None: from the start), oldest first, that match the filters.
 
     Only events of transactions that have all ended are read (see `stream_horizon`), so a consumer
     that keeps `next` as its checkpoint never skips an event committed later than a newer one.
     With filters, one call looks at up to SCAN_WINDOW rows of the stream: a page may then hold
-    fewer events than `limit`, or none, with `more` set and `next` past the rows looked at."""
+    fewer events than `limit`, or none, with `more` set and `next` past the rows looked at. A reader
+    that writes what it read passes its own `connection` (SQLite has one writer, even to read)."""
     limit = check_limit(limit)
     kinds = check_types(types)
     position = after or START
@@ -140,7 +153,7 @@ def read(
     if not include_machine:
         filters.append(Event.machine.is_(False))
     window = SCAN_WINDOW if filters else limit + 1
-    with get_engine().connect() as connection:
+    with _connected(connection) as connection:
         # The window's last row, from the stream index alone: everything up to it is final (its
         # transaction and every earlier one have ended), so the second statement, with a later
         # snapshot, reads exactly the same rows.
@@ -191,9 +204,9 @@ def filter_ids(*, contact: str | None = None, campaign: str | None = None) -> di
     return ids
 
 
-def end() -> Position:
+def end(connection: Connection | None = None) -> Position:
     """The stream's current end: reading after it returns only events not readable yet."""
-    with get_engine().connect() as connection:
+    with _connected(connection) as connection:
         last = connection.execute(
             select(Event.xact, Event.id)
             .where(Event.xact < stream_horizon())

@@ -42,6 +42,10 @@ def celery_config(settings: Settings) -> dict:
             "smartmail.imports.*": {"queue": "imports"},
             "smartmail.tracking.*": {"queue": "events"},
             "smartmail.inbound.*": {"queue": "events"},
+            # Sending waits on subscribers' servers: its own queue and worker (threads). Reading the
+            # stream for new deliveries is beat's cheap, frequent job on `default`.
+            "smartmail.webhooks.send": {"queue": "webhooks"},
+            "smartmail.webhooks.*": {"queue": "default"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").
@@ -66,9 +70,14 @@ def celery_config(settings: Settings) -> dict:
             "tracking": {"task": "smartmail.tracking.drain", "schedule": 30.0},
             # `smartmail inbound` asks after storing mail; this catches a request lost, and retries.
             "inbound": {"task": "smartmail.inbound.process", "schedule": 30.0},
+            "webhooks": {"task": "smartmail.webhooks.tick", "schedule": settings.webhook_poll_interval},
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},
             "delete-old-inbound": {"task": "smartmail.maintenance.delete_old_inbound", "schedule": 3600.0},
+            "delete-old-webhook-deliveries": {
+                "task": "smartmail.maintenance.delete_old_webhook_deliveries",
+                "schedule": 3600.0,
+            },
         },
     }
 

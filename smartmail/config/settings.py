@@ -158,6 +158,23 @@ class Settings(BaseSettings):
     sns_test_certificate_prefix: str | None = None
     dkim_keys: Path | None = None  # a directory of DKIM private keys: <domain>/<selector>.pem (docs/deliverability.md)
 
+    # Outbound webhooks (docs/webhooks.md).
+    webhook_allow_http: bool = False  # http:// endpoint URLs, for development; https only otherwise
+    webhook_allow_networks: list[str] = []  # private networks endpoints may resolve to (CIDRs); none by default
+    webhook_nameservers: list[str] = []  # resolve endpoint hosts with these ("ip" or "ip:port"); default: the system's
+    # Seconds to wait before each attempt: the first at once, then backoff (Svix's schedule); after
+    # the last a delivery is `failed` (replayable).
+    webhook_retry_schedule: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+    webhook_retry_jitter: float = Field(0.2, ge=0, le=1)
+    webhook_connect_timeout: float = Field(5.0, gt=0)
+    webhook_timeout: float = Field(15.0, gt=0)  # a whole request: connect, send, answer
+    webhook_max_response_bytes: int = Field(64 * 1024, ge=0)  # an answer's body is read up to this, then dropped
+    webhook_disable_after_days: float = Field(5.0, gt=0)  # an endpoint failing everything this long is disabled
+    webhook_circuit_failures: int = Field(5, ge=1)  # consecutive failed requests that open an endpoint's circuit
+    webhook_circuit_seconds: float = Field(30.0, gt=0)  # the first pause; doubled while it keeps failing, up to 10 min
+    webhook_retention_days: int = Field(30, ge=1)  # finished deliveries and attempts are deleted after this
+    webhook_poll_interval: float = Field(1.0, gt=0)  # beat's look at the event stream for new deliveries
+
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
     # Threads per web process running the sync routes, each holding a database connection at most;
@@ -199,6 +216,13 @@ class Settings(BaseSettings):
             value = "postgresql+psycopg://" + value.split("://", 1)[1]
         if not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _check_retry_schedule(cls, value: list[float]) -> list[float]:
+        if not value or any(wait < 0 for wait in value):
+            raise ValueError("must list at least one wait, none negative (seconds before each attempt)")
         return value
 
     @field_validator("public_url")

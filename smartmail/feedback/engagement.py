@@ -18,9 +18,9 @@ from smartmail import runtime
 from smartmail.config import get_settings
 from smartmail.content import tracking_links
 from smartmail.feedback import machine
-from smartmail.store import dialect
-from smartmail.store.engine import get_engine, utcnow
-from smartmail.store.models import Contact, EngagementFirst, EventType, Message, StreamCheckpoint
+from smartmail.store import checkpoints, dialect
+from smartmail.store.engine import get_engine
+from smartmail.store.models import Contact, EngagementFirst, EventType, Message
 from smartmail.store.sql import events as events_sql
 
 log = structlog.get_logger("smartmail.tracking")
@@ -110,34 +110,18 @@ def _drain_batch(batch: int) -> int:
     client, key = _redis(), stream_key()
     engine = get_engine()
     with engine.begin() as connection:
-        after = _lock_checkpoint(connection)
+        after = checkpoints.lock(connection, CHECKPOINT) or None
         entries: list[Any] = cast(list, client.xrange(key, min=f"({after}" if after else "-", count=batch))
         if not entries:
             return 0
         store(connection, [Hit.from_fields(fields) for _, fields in entries])
         last = entries[-1][0].decode()
-        connection.execute(
-            update(StreamCheckpoint)
-            .where(StreamCheckpoint.name == CHECKPOINT)
-            .values(position=last, updated_at=utcnow())
-        )
+        checkpoints.move(connection, CHECKPOINT, last)
     try:
         client.xtrim(key, minid=last, approximate=True)  # entries up to `last` are stored; the rest wait
     except redis.RedisError as exc:  # the checkpoint already skips them; the next drain trims
         log.warning("tracking.trim_failed", error=str(exc))
     return len(entries)
-
-
-def _lock_checkpoint(connection: Connection) -> str | None:
-    """The stream id stored last, with the checkpoint row locked until commit: drains take turns
-    (an UPDATE first: on SQLite it takes the write lock before the read, on PostgreSQL the row)."""
-    insert = dialect.insert(connection)(StreamCheckpoint)
-    connection.execute(
-        insert.values(name=CHECKPOINT, position="", updated_at=utcnow()).on_conflict_do_nothing(index_elements=["name"])
-    )
-    connection.execute(update(StreamCheckpoint).where(StreamCheckpoint.name == CHECKPOINT).values(updated_at=utcnow()))
-    position = connection.execute(select(StreamCheckpoint.position).where(StreamCheckpoint.name == CHECKPOINT)).scalar()
-    return position or None
 
 
 _messages = (

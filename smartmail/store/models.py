@@ -222,6 +222,7 @@ class EventType(str, enum.Enum):
     BOUNCED = "bounced"  # a DSN or provider notification: {kind: hard|soft, status, diagnostic, source}
     COMPLAINED = "complained"  # an ARF report or provider notification: the recipient marked it as spam
     CAMPAIGN_PAUSED = "campaign_paused"  # paused by its complaint or bounce rate: {reason, rate, threshold}
+    WEBHOOK_ENDPOINT_DISABLED = "webhook_endpoint_disabled"  # 410 Gone, or failing too long: {endpoint_id, reason}
 
     def __str__(self) -> str:
         return self.value
@@ -459,3 +460,105 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class WebhookEndpoint(Base):
+    """A subscriber's URL and what it receives; its deliveries wait in `webhook_deliveries`."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    event_types: Mapped[list | None] = mapped_column(JSON, nullable=True)  # None: every type
+    campaign_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)  # None: any campaign or none
+    tags: Mapped[list | None] = mapped_column(JSON, nullable=True)  # None: any; else a message tag in common
+    # `whsec_…` secrets, encrypted with a key derived from SMARTMAIL_SECRET_KEY: a database dump
+    # alone cannot forge deliveries. During a rotation the previous one signs too, until it expires.
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rate_limit: Mapped[float | None] = mapped_column(Float, nullable=True)  # requests/s; None: unlimited
+    max_in_flight: Mapped[int] = mapped_column(Integer, nullable=False, default=10)  # concurrent requests
+    batch_size: Mapped[int] = mapped_column(Integer, nullable=False, default=1)  # events per request
+    # The stream position when the endpoint was created: it receives only later events.
+    start_position: Mapped[str] = mapped_column(String(41), nullable=False, default="0-0")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # first failure since a success
+    consecutive_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    circuit_open_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # no requests until then
+    # The sending lease: one drain per endpoint at a time, renewed every round; a lapsed one died.
+    drain_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    drain_owner: Mapped[str | None] = mapped_column(String(26), nullable=True)
+
+
+class WebhookDeliveryState(str, enum.Enum):
+    PENDING = "pending"  # waiting for its next attempt (next_attempt_at)
+    SUCCEEDED = "succeeded"  # the endpoint answered 2xx
+    FAILED = "failed"  # every attempt of the retry schedule failed (or the endpoint is gone); replayable
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: exactly one row per (endpoint, event), its retry state in the row."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
+        Index("ix_webhook_deliveries_endpoint_id_created_at", "endpoint_id", "created_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # None: a test delivery
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # the event as sent: {"type", "timestamp", "data"}
+    # The `webhook-id` header, stable across retries: the receiver's dedupe key. Batched endpoints
+    # get one per request, given at its first attempt and kept by every event in it.
+    webhook_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default=WebhookDeliveryState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)  # since created or replayed
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+_DELIVERY_PENDING = WebhookDelivery.state == literal_column("'pending'")
+Index(
+    "ix_webhook_deliveries_pending",
+    WebhookDelivery.endpoint_id,
+    WebhookDelivery.next_attempt_at,
+    WebhookDelivery.id,
+    postgresql_where=_DELIVERY_PENDING,
+    sqlite_where=_DELIVERY_PENDING,
+)
+
+
+class WebhookAttempt(Base):
+    """One HTTP request of a delivery: when, the answer (or the error), how long, and the answer's start."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (
+        Index("ix_webhook_attempts_delivery_id", "delivery_id"),
+        Index("ix_webhook_attempts_attempted_at", "attempted_at"),  # retention
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(BigInteger)
+    endpoint_id: Mapped[int] = mapped_column(Integer)
+    webhook_id: Mapped[str] = mapped_column(String(40))
+    attempted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: no HTTP answer (see error)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    response: Mapped[str | None] = mapped_column(Text, nullable=True)  # the body's first bytes, as text

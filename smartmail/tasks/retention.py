@@ -1,6 +1,7 @@
-"""Beat task: delete events older than the retention period."""
+"""Beat tasks: delete events, inbound mail and webhook deliveries older than their retention periods."""
 
 from smartmail.feedback import retention
+from smartmail.webhooks import deliveries
 from smartmail.workers.app import app
 
 
@@ -14,3 +15,9 @@ def delete_old_events() -> None:
 @app.task(name="smartmail.maintenance.delete_old_inbound")
 def delete_old_inbound() -> None:
     retention.delete_old_inbound()
+
+
+# Hourly, on the default queue: finished webhook deliveries and attempts past SMARTMAIL_WEBHOOK_RETENTION_DAYS.
+@app.task(name="smartmail.maintenance.delete_old_webhook_deliveries")
+def delete_old_webhook_deliveries() -> None:
+    deliveries.delete_old()

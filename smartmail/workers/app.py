@@ -20,6 +20,7 @@ app = Celery(
         "smartmail.tasks.inbound",
         "smartmail.tasks.process_hooks",
         "smartmail.tasks.retention",
+        "smartmail.tasks.webhooks",
     ],
 )
 

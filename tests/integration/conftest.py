@@ -151,6 +151,9 @@ def _clear_tables(url: str) -> None:
             "api_keys",
             "inbound_messages",
             "feedback_marks",
+            "webhook_attempts",
+            "webhook_deliveries",
+            "webhook_endpoints",
         ):
             conn.execute(text(f"DELETE FROM {table}"))
     engine.dispose()
