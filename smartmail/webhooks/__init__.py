@@ -1,0 +1,2 @@
+"""Outbound webhooks: events POSTed to subscribers' endpoints, signed per the Standard Webhooks spec,
+retried, SSRF-guarded."""
