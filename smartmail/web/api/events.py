@@ -139,13 +139,15 @@ def read_events(
     start = event_stream.Position.parse(after, field="after") if after is not None else None
     if cursor is not None:
         start = event_stream.Position.parse(cursor, field="cursor")
+    ids = event_stream.filter_ids(contact=contact, campaign=campaign)
     found = event_stream.read(
         start,
         types=event_stream.check_types(type, field="type"),
         message_id=message,
         include_machine=include_machine,
         limit=limit,
-        **event_stream.filter_ids(contact=contact, campaign=campaign),
+        contact_id=ids["contact_id"],
+        campaign_id=ids["campaign_id"],
     )
     return StreamPage(
         data=[StreamEvent(**event) for event in found.events],
