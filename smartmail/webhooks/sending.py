@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -42,10 +45,11 @@ def client(settings: Settings, allowed: Sequence, max_connections: int) -> httpx
     """A client whose every connection is checked by the SSRF guard when it is made; no redirects
     followed (a 3xx is a failed attempt), no proxies from the environment (they would bypass the guard)."""
     transport = network_guard.guarded_transport(
-        resolver=network_guard.Resolver(settings.webhook_nameservers),
+        resolver=network_guard.Resolver(settings.webhook_nameservers, field="SMARTMAIL_WEBHOOK_NAMESERVERS"),
         allowed=allowed,
         http2=True,
         max_connections=max_connections,
+        verify=_tls_context(settings.webhook_ca_file),
     )
     return httpx.AsyncClient(
         transport=transport,
@@ -54,6 +58,12 @@ def client(settings: Settings, allowed: Sequence, max_connections: int) -> httpx
         trust_env=False,
         headers={"user-agent": f"SmartMail-Webhooks/{__version__}", "accept-encoding": "identity"},
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    # Loading the default CA bundle costs milliseconds: once per process, not per drain.
+    return ssl.create_default_context(cafile=str(ca_file)) if ca_file else httpx.create_ssl_context(trust_env=False)
 
 
 class Pacer:
