@@ -27,6 +27,7 @@ log = structlog.get_logger("smartmail.webhooks")
 
 MAX_DESCRIPTION = 500
 MAX_IN_FLIGHT = 100
+DEFAULT_IN_FLIGHT = 10  # concurrent requests to one endpoint, unless it says otherwise
 MAX_BATCH = 1000
 MAX_FILTER_ITEMS = 100
 DEFAULT_ROTATION_OVERLAP = 24 * 3600.0  # seconds the previous secret keeps signing after a rotation
@@ -164,11 +165,9 @@ def create_endpoint(url: str, **fields: Any) -> tuple[dict[str, Any], str]:
         connection = session.connection()
         fan_out.lock_checkpoint(connection)
         row = WebhookEndpoint(
-            **values,
+            **{"max_in_flight": DEFAULT_IN_FLIGHT, "batch_size": 1, **values},
             secret=encrypt(secret),
             enabled=True,
-            max_in_flight=values.get("max_in_flight") or 10,
-            batch_size=values.get("batch_size") or 1,
             consecutive_failures=0,
             start_position=str(event_stream.end(connection)),
         )

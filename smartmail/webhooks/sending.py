@@ -97,7 +97,7 @@ async def send_all(
 ) -> list[Outcome | None]:
     """POST the requests, at most `max_in_flight` at once: an outcome per request, in order, or None
     for one not sent because `give_up_after` requests in a row had failed (a dead endpoint's round
-    ends after a wave of timeouts instead of timing out every request in turn)."""
+    ends after a wave of timeouts instead of timing out every request in turn) or one answered 410."""
     slots = asyncio.Semaphore(max_in_flight)
     failures_in_a_row = 0
 
@@ -109,6 +109,8 @@ async def send_all(
             await pacer.wait()
             outcome = await post(http, url, request, secrets, total_timeout, max_response_bytes)
             failures_in_a_row = 0 if outcome.ok else failures_in_a_row + 1
+            if outcome.status == 410:  # Gone: the endpoint is disabled, nothing more goes to it
+                failures_in_a_row = give_up_after
             return outcome
 
     return list(await asyncio.gather(*(one(request) for request in requests)))

@@ -1,0 +1,249 @@
+"""Webhook rules in-process, on both databases and a real local HTTP receiver: filters, exactly one delivery
+per (endpoint, event), the circuit breaker, disabling, batches retried whole, replays, rate limits, retention."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import func, select, update
+
+import smartmail
+from smartmail.errors import InvalidInput
+from smartmail.store.engine import get_engine, session_scope, utcnow
+from smartmail.store.models import Event, Message, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from smartmail.webhooks import deliveries, endpoints, fan_out, verify
+from tests.conftest import reset_caches
+from tests.integration.conftest import sent_message
+
+
+class Receiver:
+    """An HTTP/1.1 keep-alive server on loopback recording each request; `status(n)` answers the nth (from 1)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        self.status = lambda n: 200
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.monotonic()))
+                answer = b"x" * 5000
+                self.send_response(receiver.status(len(receiver.requests)))
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bodies(self) -> list[dict]:
+        return [json.loads(body) for _, body, _ in self.requests]
+
+
+@pytest.fixture
+def receiver(env, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_WEBHOOK_ALLOW_HTTP", "true")
+    monkeypatch.setenv("SMARTMAIL_WEBHOOK_ALLOW_NETWORKS", '["127.0.0.0/8"]')
+    monkeypatch.setenv("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[0, 0, 0, 0]")
+    monkeypatch.setenv("SMARTMAIL_WEBHOOK_CIRCUIT_FAILURES", "3")
+    reset_caches()
+    found = Receiver()
+    yield found
+    found.server.shutdown()
+
+
+def _deliveries(endpoint_id: int) -> list:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id).order_by(WebhookDelivery.id)
+            )
+        )
+
+
+def _event(type_: str, *, message_id: str | None = None, campaign_id: int | None = None) -> None:
+    with session_scope() as session:
+        session.add(Event(type=type_, message_id=message_id, campaign_id=campaign_id, properties={}))
+
+
+def test_each_endpoint_gets_the_events_its_filters_match_and_only_those_written_after_it(receiver):
+    smartmail.track("before@example.com", "signup")  # before every endpoint: nobody's
+    every, _ = endpoints.create_endpoint(receiver.url)
+    signups, _ = endpoints.create_endpoint(receiver.url, event_types=["signup"])
+    campaign, _ = endpoints.create_endpoint(receiver.url, campaign_ids=[7])
+    tagged, _ = endpoints.create_endpoint(receiver.url, tags=["welcome"])
+    smartmail.track("a@example.com", "signup")
+    smartmail.track("a@example.com", "order_placed")
+    message = sent_message("b@example.com", campaign_id=7)
+    with session_scope() as session:
+        session.execute(update(Message).where(Message.id == message).values(tags=["welcome", "news"]))
+    _event("sent", message_id=message, campaign_id=7)
+    late, _ = endpoints.create_endpoint(receiver.url)
+    smartmail.track("c@example.com", "signup")
+
+    fanned = fan_out.fan_out()
+
+    assert [d.event_type for d in _deliveries(every["id"])] == ["signup", "order_placed", "sent", "signup"]
+    assert [d.event_type for d in _deliveries(signups["id"])] == ["signup", "signup"]
+    assert [d.event_type for d in _deliveries(campaign["id"])] == ["sent"]
+    assert [d.event_type for d in _deliveries(tagged["id"])] == ["sent"]
+    assert [d.event_type for d in _deliveries(late["id"])] == ["signup"]
+    assert fanned.deliveries == 9 and fanned.endpoint_ids == {e["id"] for e in (every, signups, campaign, tagged, late)}
+
+
+def test_fan_outs_running_at_once_write_each_delivery_once(receiver):
+    endpoint, _ = endpoints.create_endpoint(receiver.url)
+    for i in range(300):
+        smartmail.track(f"c{i}@example.com", "signup")
+    threads = [threading.Thread(target=fan_out.fan_out) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    fan_out.fan_out()
+    rows = _deliveries(endpoint["id"])
+    assert len(rows) == 300 == len({row.event_id for row in rows}) == len({row.webhook_id for row in rows})
+
+
+def test_deliveries_are_signed_sent_once_and_recorded_with_capped_answers(receiver, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_WEBHOOK_MAX_RESPONSE_BYTES", "1500")
+    reset_caches()
+    endpoint, secret = endpoints.create_endpoint(receiver.url)
+    smartmail.track("a@example.com", "signup", {"plan": "pro"})
+    fan_out.fan_out()
+    assert deliveries.drain(endpoint["id"]) is False
+    ((headers, body, _),) = receiver.requests
+    payload = verify(body, headers, secret)
+    assert payload["type"] == "signup" and payload["data"]["properties"] == {"plan": "pro"}
+    (row,) = _deliveries(endpoint["id"])
+    assert (row.state, row.attempts, row.last_status, row.webhook_id) == ("succeeded", 1, 200, headers["webhook-id"])
+    shown = deliveries.get_delivery(row.id)
+    (attempt,) = shown["attempt_log"]
+    assert attempt["status"] == 200 and len(attempt["response"]) == 1024  # the excerpt kept of 1,500 bytes read
+    assert deliveries.drain(endpoint["id"]) is False and len(receiver.requests) == 1
+
+
+def test_a_failing_endpoint_opens_its_circuit_then_lets_one_request_through(receiver):
+    receiver.status = lambda n: 500
+    endpoint, _ = endpoints.create_endpoint(receiver.url, max_in_flight=1)
+    for i in range(10):
+        smartmail.track(f"f{i}@example.com", "signup")
+    fan_out.fan_out()
+    deliveries.drain(endpoint["id"])
+    assert len(receiver.requests) == 3  # SMARTMAIL_WEBHOOK_CIRCUIT_FAILURES in a row: the round stops
+    shown = endpoints.get_endpoint(endpoint["id"])
+    assert shown["circuit_open_until"] > utcnow() and shown["failing_since"] is not None
+    assert deliveries.due_endpoints() == []
+    deliveries.drain(endpoint["id"])
+    assert len(receiver.requests) == 3  # open: nothing sent
+    with get_engine().begin() as connection:
+        connection.execute(update(WebhookEndpoint).values(circuit_open_until=utcnow() - timedelta(seconds=1)))
+    assert deliveries.due_endpoints() == [endpoint["id"]]
+    receiver.status = lambda n: 200
+    deliveries.drain(endpoint["id"])
+    shown = endpoints.get_endpoint(endpoint["id"])
+    assert shown["circuit_open_until"] is None and shown["failing_since"] is None
+    assert all(row.state == "succeeded" for row in _deliveries(endpoint["id"]))
+    assert len(receiver.requests) == 3 + 10
+
+
+def test_an_endpoint_failing_for_longer_than_the_setting_is_disabled_with_an_event(receiver):
+    receiver.status = lambda n: 503
+    endpoint, _ = endpoints.create_endpoint(receiver.url)
+    smartmail.track("a@example.com", "signup")
+    fan_out.fan_out()
+    with get_engine().begin() as connection:
+        connection.execute(update(WebhookEndpoint).values(failing_since=utcnow() - timedelta(days=6)))
+    deliveries.drain(endpoint["id"])
+    shown = endpoints.get_endpoint(endpoint["id"])
+    assert shown["enabled"] is False and "every attempt failed since" in shown["disabled_reason"]
+    with session_scope() as session:
+        event = session.scalars(select(Event).where(Event.type == "webhook_endpoint_disabled")).one()
+        assert event.properties["endpoint_id"] == endpoint["id"]
+    smartmail.track("b@example.com", "signup")
+    assert fan_out.fan_out().deliveries == 0  # a disabled endpoint is not given new events
+
+
+def test_a_batch_is_retried_whole_under_its_webhook_id(receiver):
+    receiver.status = lambda n: 503 if n <= 2 else 200
+    endpoint, secret = endpoints.create_endpoint(receiver.url, batch_size=3)
+    for i in range(5):
+        smartmail.track(f"b{i}@example.com", "signup")
+    fan_out.fan_out()
+    deliveries.drain(endpoint["id"])
+    deliveries.drain(endpoint["id"])  # the retry schedule here is all zeroes
+    first, second, *retries = receiver.requests
+    assert len(retries) == 2
+    for headers, body, _ in receiver.requests:
+        assert verify(body, headers, secret)["type"] == "batch"
+    events_in = lambda request: [event["data"]["id"] for event in json.loads(request[1])["data"]]  # noqa: E731
+    by_id = {first[0]["webhook-id"]: events_in(first), second[0]["webhook-id"]: events_in(second)}
+    assert sorted(len(ids) for ids in by_id.values()) == [2, 3]
+    assert {r[0]["webhook-id"]: events_in(r) for r in retries} == by_id
+    assert all(row.state == "succeeded" and row.attempts == 2 for row in _deliveries(endpoint["id"]))
+
+
+def test_410_disables_the_endpoint_and_replays_send_deliveries_again(receiver):
+    receiver.status = lambda n: 410
+    endpoint, _ = endpoints.create_endpoint(receiver.url, max_in_flight=1)
+    smartmail.track("a@example.com", "signup")
+    smartmail.track("b@example.com", "signup")
+    fan_out.fan_out()
+    deliveries.drain(endpoint["id"])
+    assert len(receiver.requests) == 1
+    assert endpoints.get_endpoint(endpoint["id"])["disabled_reason"] == "the endpoint answered 410 Gone"
+    receiver.status = lambda n: 200
+    endpoints.set_enabled(endpoint["id"], True)
+    deliveries.drain(endpoint["id"])
+    rows = _deliveries(endpoint["id"])
+    assert [row.state for row in rows] == ["succeeded", "succeeded"]
+    replayed = deliveries.replay(rows[0].id)
+    assert (replayed["state"], replayed["attempts"]) == ("pending", 0)
+    assert deliveries.replay_range(endpoint["id"], utcnow() - timedelta(hours=1), state=None) == 1  # the other one
+    deliveries.drain(endpoint["id"])
+    ids = [headers["webhook-id"] for headers, _, _ in receiver.requests]
+    assert sorted(ids[-2:]) == sorted(row.webhook_id for row in rows)  # a replay keeps the delivery's webhook-id
+    with pytest.raises(InvalidInput) as error:
+        deliveries.replay_range(endpoint["id"], utcnow(), utcnow() - timedelta(hours=1))
+    assert error.value.field == "until"
+
+
+def test_a_rate_limited_endpoint_gets_requests_spaced_out(receiver):
+    endpoint, _ = endpoints.create_endpoint(receiver.url, rate_limit=20)
+    for i in range(11):
+        smartmail.track(f"r{i}@example.com", "signup")
+    fan_out.fan_out()
+    deliveries.drain(endpoint["id"])
+    arrivals = [at for _, _, at in receiver.requests]
+    assert len(arrivals) == 11 and arrivals[-1] - arrivals[0] >= 0.45  # 10 intervals of 50 ms
+
+
+def test_retention_deletes_finished_deliveries_and_attempts_but_keeps_pending_ones(receiver, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[0, 3600]")
+    reset_caches()
+    receiver.status = lambda n: 200 if n == 1 else 500
+    endpoint, _ = endpoints.create_endpoint(receiver.url, max_in_flight=1)
+    smartmail.track("a@example.com", "signup")
+    smartmail.track("b@example.com", "signup")
+    fan_out.fan_out()
+    deliveries.drain(endpoint["id"])
+    old = utcnow() - timedelta(days=31)
+    with get_engine().begin() as connection:
+        connection.execute(update(WebhookDelivery).values(created_at=old))
+        connection.execute(update(WebhookAttempt).values(attempted_at=old))
+    assert deliveries.delete_old() == 2 + 1  # both attempts, the succeeded delivery
+    assert [row.state for row in _deliveries(endpoint["id"])] == ["pending"]
+    with get_engine().connect() as connection:
+        assert connection.execute(select(func.count()).select_from(WebhookAttempt)).scalar() == 0
