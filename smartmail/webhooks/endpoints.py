@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -279,7 +280,8 @@ def target(endpoint_id: int) -> Target | None:
             return None
         secrets = [decrypt(row.secret)]
         if row.previous_secret and row.previous_secret_until and row.previous_secret_until > utcnow():
-            secrets.append(decrypt(row.previous_secret))
+            with contextlib.suppress(SecretUnreadable):  # rotated because it was unreadable
+                secrets.append(decrypt(row.previous_secret))
         return Target(
             id=row.id,
             url=row.url,
