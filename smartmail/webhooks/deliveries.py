@@ -37,7 +37,7 @@ SEND_TASK = "smartmail.webhooks.send"
 TICK_TASK = "smartmail.webhooks.tick"
 ROUND_REQUESTS = 500  # requests per round at most: one claim, one send, one record
 PACED_ROUND_SECONDS = 5  # a rate-limited endpoint's round holds this many seconds' worth of requests
-MAX_CIRCUIT = timedelta(minutes=10)
+MAX_CIRCUIT_SECONDS = 600.0
 PENDING, SUCCEEDED, FAILED = (state.value for state in WebhookDeliveryState)
 _PENDING_ROWS = WebhookDelivery.state == PENDING
 
@@ -283,7 +283,12 @@ def record(
         if attempts:
             connection.execute(insert(WebhookAttempt), attempts)
         endpoint = connection.execute(
-            select(WebhookEndpoint.drain_owner, WebhookEndpoint.consecutive_failures, WebhookEndpoint.failing_since)
+            select(
+                WebhookEndpoint.drain_owner,
+                WebhookEndpoint.consecutive_failures,
+                WebhookEndpoint.failing_since,
+                WebhookEndpoint.circuit_pause,
+            )
             .where(WebhookEndpoint.id == target.id)
             .with_for_update()
         ).first()
@@ -295,14 +300,21 @@ def record(
                 return False  # the lease lapsed and another drain took the endpoint: it goes on
             changes["drain_until"] = now + lease()
         if successes:
-            changes.update(last_success_at=now, failing_since=None, consecutive_failures=0, circuit_open_until=None)
+            changes.update(
+                last_success_at=now,
+                failing_since=None,
+                consecutive_failures=0,
+                circuit_open_until=None,
+                circuit_pause=None,
+            )
         elif sent:
             streak = endpoint.consecutive_failures + len(sent)
             changes.update(consecutive_failures=streak, failing_since=endpoint.failing_since or now)
             if streak >= settings.webhook_circuit_failures:
-                opened = streak // settings.webhook_circuit_failures - 1
-                pause = min(timedelta(seconds=settings.webhook_circuit_seconds * 2 ** min(opened, 20)), MAX_CIRCUIT)
-                changes["circuit_open_until"] = now + pause
+                # Open (again): the first pause, then twice the last while the probes keep failing.
+                last = endpoint.circuit_pause
+                pause = min(2 * last if last else settings.webhook_circuit_seconds, MAX_CIRCUIT_SECONDS)
+                changes.update(circuit_open_until=now + timedelta(seconds=pause), circuit_pause=pause)
         failing_since = changes.get("failing_since", endpoint.failing_since)
         reason = None
         if gone:

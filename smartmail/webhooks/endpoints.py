@@ -225,7 +225,13 @@ def set_enabled(endpoint_id: int, enabled: bool, *, reason: str | None = None) -
     disable (nothing is sent; new events are not queued for it)."""
     changes: dict[str, Any] = {"enabled": enabled, "updated_at": utcnow()}
     if enabled:
-        changes.update(disabled_reason=None, failing_since=None, consecutive_failures=0, circuit_open_until=None)
+        changes.update(
+            disabled_reason=None,
+            failing_since=None,
+            consecutive_failures=0,
+            circuit_open_until=None,
+            circuit_pause=None,
+        )
     else:
         changes["disabled_reason"] = reason or "disabled by an operator"
     with session_scope() as session:

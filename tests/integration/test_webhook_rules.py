@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import func, select, update
 
 import smartmail
+from smartmail.audience import event_stream
 from smartmail.errors import InvalidInput
 from smartmail.store.engine import get_engine, session_scope, utcnow
 from smartmail.store.models import Event, Message, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from smartmail.webhooks import deliveries, endpoints, fan_out, verify
-from tests.conftest import reset_caches
+from tests.conftest import reset_caches, wait_for
 from tests.integration.conftest import sent_message
 
 
@@ -78,6 +79,23 @@ def _event(type_: str, *, message_id: str | None = None, campaign_id: int | None
         session.add(Event(type=type_, message_id=message_id, campaign_id=campaign_id, properties={}))
 
 
+def _fan_out(expected: int) -> set[int]:
+    """Fan out until `expected` deliveries were written: on PostgreSQL an event is read once every
+    transaction older than its own has ended, anywhere on the server; the endpoints given any."""
+    written, endpoint_ids = 0, set()
+
+    def done() -> bool:
+        nonlocal written
+        fanned = fan_out.fan_out()
+        written += fanned.deliveries
+        endpoint_ids.update(fanned.endpoint_ids)
+        return written >= expected
+
+    wait_for(done, 10, message=f"{expected} deliveries")
+    assert written == expected
+    return endpoint_ids
+
+
 def test_each_endpoint_gets_the_events_its_filters_match_and_only_those_written_after_it(receiver):
     smartmail.track("before@example.com", "signup")  # before every endpoint: nobody's
     every, _ = endpoints.create_endpoint(receiver.url)
@@ -90,17 +108,19 @@ def test_each_endpoint_gets_the_events_its_filters_match_and_only_those_written_
     with session_scope() as session:
         session.execute(update(Message).where(Message.id == message).values(tags=["welcome", "news"]))
     _event("sent", message_id=message, campaign_id=7)
+    # An endpoint starts at the stream's readable end: wait until the events above are readable.
+    wait_for(lambda: len(event_stream.read(None).events) == 4, 10, message="4 readable events")
     late, _ = endpoints.create_endpoint(receiver.url)
     smartmail.track("c@example.com", "signup")
 
-    fanned = fan_out.fan_out()
+    endpoint_ids = _fan_out(9)
 
     assert [d.event_type for d in _deliveries(every["id"])] == ["signup", "order_placed", "sent", "signup"]
     assert [d.event_type for d in _deliveries(signups["id"])] == ["signup", "signup"]
     assert [d.event_type for d in _deliveries(campaign["id"])] == ["sent"]
     assert [d.event_type for d in _deliveries(tagged["id"])] == ["sent"]
     assert [d.event_type for d in _deliveries(late["id"])] == ["signup"]
-    assert fanned.deliveries == 9 and fanned.endpoint_ids == {e["id"] for e in (every, signups, campaign, tagged, late)}
+    assert endpoint_ids == {e["id"] for e in (every, signups, campaign, tagged, late)}
 
 
 def test_fan_outs_running_at_once_write_each_delivery_once(receiver):
@@ -112,7 +132,7 @@ def test_fan_outs_running_at_once_write_each_delivery_once(receiver):
         thread.start()
     for thread in threads:
         thread.join()
-    fan_out.fan_out()
+    wait_for(lambda: fan_out.fan_out() and len(_deliveries(endpoint["id"])) >= 300, 10, message="300 deliveries")
     rows = _deliveries(endpoint["id"])
     assert len(rows) == 300 == len({row.event_id for row in rows}) == len({row.webhook_id for row in rows})
 
@@ -122,7 +142,7 @@ def test_deliveries_are_signed_sent_once_and_recorded_with_capped_answers(receiv
     reset_caches()
     endpoint, secret = endpoints.create_endpoint(receiver.url)
     smartmail.track("a@example.com", "signup", {"plan": "pro"})
-    fan_out.fan_out()
+    _fan_out(1)
     assert deliveries.drain(endpoint["id"]) is False
     ((headers, body, _),) = receiver.requests
     payload = verify(body, headers, secret)
@@ -140,7 +160,7 @@ def test_a_failing_endpoint_opens_its_circuit_then_lets_one_request_through(rece
     endpoint, _ = endpoints.create_endpoint(receiver.url, max_in_flight=1)
     for i in range(10):
         smartmail.track(f"f{i}@example.com", "signup")
-    fan_out.fan_out()
+    _fan_out(10)
     deliveries.drain(endpoint["id"])
     assert len(receiver.requests) == 3  # SMARTMAIL_WEBHOOK_CIRCUIT_FAILURES in a row: the round stops
     shown = endpoints.get_endpoint(endpoint["id"])
@@ -148,22 +168,28 @@ def test_a_failing_endpoint_opens_its_circuit_then_lets_one_request_through(rece
     assert deliveries.due_endpoints() == []
     deliveries.drain(endpoint["id"])
     assert len(receiver.requests) == 3  # open: nothing sent
+    expire = update(WebhookEndpoint).values(circuit_open_until=utcnow() - timedelta(seconds=1))
     with get_engine().begin() as connection:
-        connection.execute(update(WebhookEndpoint).values(circuit_open_until=utcnow() - timedelta(seconds=1)))
+        connection.execute(expire)
     assert deliveries.due_endpoints() == [endpoint["id"]]
+    deliveries.drain(endpoint["id"])  # half-open: one probe, which fails: the pause doubles
+    assert len(receiver.requests) == 4
+    with session_scope() as session:
+        assert session.get(WebhookEndpoint, endpoint["id"]).circuit_pause == 60
+        session.execute(expire)
     receiver.status = lambda n: 200
     deliveries.drain(endpoint["id"])
     shown = endpoints.get_endpoint(endpoint["id"])
     assert shown["circuit_open_until"] is None and shown["failing_since"] is None
     assert all(row.state == "succeeded" for row in _deliveries(endpoint["id"]))
-    assert len(receiver.requests) == 3 + 10
+    assert len(receiver.requests) == 4 + 10
 
 
 def test_an_endpoint_failing_for_longer_than_the_setting_is_disabled_with_an_event(receiver):
     receiver.status = lambda n: 503
     endpoint, _ = endpoints.create_endpoint(receiver.url)
     smartmail.track("a@example.com", "signup")
-    fan_out.fan_out()
+    _fan_out(1)
     with get_engine().begin() as connection:
         connection.execute(update(WebhookEndpoint).values(failing_since=utcnow() - timedelta(days=6)))
     deliveries.drain(endpoint["id"])
@@ -181,7 +207,7 @@ def test_a_batch_is_retried_whole_under_its_webhook_id(receiver):
     endpoint, secret = endpoints.create_endpoint(receiver.url, batch_size=3)
     for i in range(5):
         smartmail.track(f"b{i}@example.com", "signup")
-    fan_out.fan_out()
+    _fan_out(5)
     deliveries.drain(endpoint["id"])
     deliveries.drain(endpoint["id"])  # the retry schedule here is all zeroes
     first, second, *retries = receiver.requests
@@ -200,7 +226,7 @@ def test_410_disables_the_endpoint_and_replays_send_deliveries_again(receiver):
     endpoint, _ = endpoints.create_endpoint(receiver.url, max_in_flight=1)
     smartmail.track("a@example.com", "signup")
     smartmail.track("b@example.com", "signup")
-    fan_out.fan_out()
+    _fan_out(2)
     deliveries.drain(endpoint["id"])
     assert len(receiver.requests) == 1
     assert endpoints.get_endpoint(endpoint["id"])["disabled_reason"] == "the endpoint answered 410 Gone"
@@ -224,7 +250,7 @@ def test_a_rate_limited_endpoint_gets_requests_spaced_out(receiver):
     endpoint, _ = endpoints.create_endpoint(receiver.url, rate_limit=20)
     for i in range(11):
         smartmail.track(f"r{i}@example.com", "signup")
-    fan_out.fan_out()
+    _fan_out(11)
     deliveries.drain(endpoint["id"])
     arrivals = [at for _, _, at in receiver.requests]
     assert len(arrivals) == 11 and arrivals[-1] - arrivals[0] >= 0.45  # 10 intervals of 50 ms
@@ -237,7 +263,7 @@ def test_retention_deletes_finished_deliveries_and_attempts_but_keeps_pending_on
     endpoint, _ = endpoints.create_endpoint(receiver.url, max_in_flight=1)
     smartmail.track("a@example.com", "signup")
     smartmail.track("b@example.com", "signup")
-    fan_out.fan_out()
+    _fan_out(2)
     deliveries.drain(endpoint["id"])
     old = utcnow() - timedelta(days=31)
     with get_engine().begin() as connection:

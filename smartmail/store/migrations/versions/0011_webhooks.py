@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("failing_since", sa.DateTime(), nullable=True),
         sa.Column("consecutive_failures", sa.Integer(), nullable=False),
         sa.Column("circuit_open_until", sa.DateTime(), nullable=True),
+        sa.Column("circuit_pause", sa.Float(), nullable=True),
         sa.Column("drain_until", sa.DateTime(), nullable=True),
         sa.Column("drain_owner", sa.String(26), nullable=True),
     )
