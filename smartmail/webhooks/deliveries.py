@@ -300,13 +300,7 @@ def record(
                 return False  # the lease lapsed and another drain took the endpoint: it goes on
             changes["drain_until"] = now + lease()
         if successes:
-            changes.update(
-                last_success_at=now,
-                failing_since=None,
-                consecutive_failures=0,
-                circuit_open_until=None,
-                circuit_pause=None,
-            )
+            changes.update(last_success_at=now, **endpoints.HEALTHY)
         elif sent:
             streak = endpoint.consecutive_failures + len(sent)
             changes.update(consecutive_failures=streak, failing_since=endpoint.failing_since or now)

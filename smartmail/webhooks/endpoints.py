@@ -34,6 +34,15 @@ MAX_FILTER_ITEMS = 100
 DEFAULT_ROTATION_OVERLAP = 24 * 3600.0  # seconds the previous secret keeps signing after a rotation
 
 
+# An endpoint's health columns once it answers (or an operator enables it): no failure streak, circuit closed.
+HEALTHY: dict[str, Any] = {
+    "failing_since": None,
+    "consecutive_failures": 0,
+    "circuit_open_until": None,
+    "circuit_pause": None,
+}
+
+
 class SecretUnreadable(RuntimeError):
     """An endpoint secret that the current SMARTMAIL_SECRET_KEY cannot decrypt (the key was changed)."""
 
@@ -225,13 +234,7 @@ def set_enabled(endpoint_id: int, enabled: bool, *, reason: str | None = None) -
     disable (nothing is sent; new events are not queued for it)."""
     changes: dict[str, Any] = {"enabled": enabled, "updated_at": utcnow()}
     if enabled:
-        changes.update(
-            disabled_reason=None,
-            failing_since=None,
-            consecutive_failures=0,
-            circuit_open_until=None,
-            circuit_pause=None,
-        )
+        changes.update(disabled_reason=None, **HEALTHY)
     else:
         changes["disabled_reason"] = reason or "disabled by an operator"
     with session_scope() as session:
