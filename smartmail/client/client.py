@@ -61,6 +61,7 @@ class Client:
         self.inbound = resources.Inbound(http)
         self.campaigns = resources.Campaigns(http)
         self.keys = resources.Keys(http)
+        self.webhooks = resources.Webhooks(http)
 
     def close(self) -> None:
         self._http.close()

@@ -346,3 +346,69 @@ class Keys(Resource):
     def revoke(self, key_id: str) -> dict[str, Any]:
         """Revoke the key at once → its record."""
         return self._call("DELETE", f"/v1/keys/{_segment(key_id)}")
+
+
+class Webhooks(Resource):
+    """/v1/webhooks (scope webhooks:manage): endpoints, their secrets, test sends, deliveries, replays."""
+
+    def create(self, url: str, **fields: Any) -> dict[str, Any]:
+        """Add an endpoint → it with its signing secret (`"secret"`, `whsec_…`). Fields: description,
+        event_types, campaign_ids, tags, rate_limit, max_in_flight, batch_size."""
+        return self._call("POST", "/v1/webhooks", json_body={"url": url, **fields})
+
+    def get(self, endpoint_id: int) -> dict[str, Any]:
+        """The endpoint with its deliveries per state (`"deliveries"`)."""
+        return self._call("GET", f"/v1/webhooks/{int(endpoint_id)}")
+
+    def list(self, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every endpoint, by id (never their secrets)."""
+        return self._list("/v1/webhooks", page_size, {})
+
+    def update(self, endpoint_id: int, **fields: Any) -> dict[str, Any]:
+        """Change the fields given (as for create, and url); `enabled=False` (with `disabled_reason`)
+        disables it, `enabled=True` enables it."""
+        return self._call("PATCH", f"/v1/webhooks/{int(endpoint_id)}", json_body=fields)
+
+    def delete(self, endpoint_id: int) -> None:
+        """Remove the endpoint with its deliveries."""
+        self._call("DELETE", f"/v1/webhooks/{int(endpoint_id)}")
+
+    def secret(self, endpoint_id: int) -> str:
+        """The endpoint's current signing secret."""
+        return str(self._call("GET", f"/v1/webhooks/{int(endpoint_id)}/secret")["secret"])
+
+    def rotate_secret(self, endpoint_id: int, overlap_seconds: float | None = None) -> dict[str, Any]:
+        """A new signing secret → `{endpoint, secret}`; the current one also signs for `overlap_seconds`
+        (default a day)."""
+        body = None if overlap_seconds is None else {"overlap_seconds": overlap_seconds}
+        return self._call("POST", f"/v1/webhooks/{int(endpoint_id)}/rotate-secret", json_body=body)
+
+    def test(self, endpoint_id: int) -> dict[str, Any]:
+        """Send a `webhook.test` event now → the delivery with its attempt (`attempt_log`)."""
+        return self._call("POST", f"/v1/webhooks/{int(endpoint_id)}/test")
+
+    def deliveries(self, endpoint_id: int, *, page_size: int | None = None, **filters: Any) -> Iterator[dict[str, Any]]:
+        """The endpoint's deliveries, newest first. Filters: state (pending, succeeded, failed)."""
+        return self._list(f"/v1/webhooks/{int(endpoint_id)}/deliveries", page_size, filters)
+
+    def delivery(self, endpoint_id: int, delivery_id: int) -> dict[str, Any]:
+        """One delivery with its payload and every attempt (`attempt_log`)."""
+        return self._call("GET", f"/v1/webhooks/{int(endpoint_id)}/deliveries/{int(delivery_id)}")
+
+    def replay(self, endpoint_id: int, delivery_id: int) -> dict[str, Any]:
+        """Send one delivery again (whatever its state) → the delivery."""
+        return self._call("POST", f"/v1/webhooks/{int(endpoint_id)}/deliveries/{int(delivery_id)}/replay")
+
+    def replay_range(
+        self,
+        endpoint_id: int,
+        since: datetime | str,
+        until: datetime | str | None = None,
+        state: str | None = None,
+    ) -> int:
+        """Send again the deliveries created in [since, until) in `state` (failed by default; `"any"`:
+        every one not pending) → how many."""
+        body = {"since": since, "until": until, "state": state}
+        path = f"/v1/webhooks/{int(endpoint_id)}/replay"
+        replayed = self._call("POST", path, json_body={k: v for k, v in body.items() if v is not None})
+        return int(replayed["replayed"])

@@ -255,13 +255,52 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
     (lambda c: list(c.keys.list(active=True)), "GET", "/v1/keys?active=true", None),
     (lambda c: c.keys.get("0123456789abcdef"), "GET", "/v1/keys/0123456789abcdef", None),
     (lambda c: c.keys.revoke("0123456789abcdef"), "DELETE", "/v1/keys/0123456789abcdef", None),
+    (
+        lambda c: c.webhooks.create("https://hooks.example.org/in", event_types=["bounced"], batch_size=10),
+        "POST",
+        "/v1/webhooks",
+        {"url": "https://hooks.example.org/in", "event_types": ["bounced"], "batch_size": 10},
+    ),
+    (lambda c: list(c.webhooks.list(page_size=20)), "GET", "/v1/webhooks?limit=20", None),
+    (lambda c: c.webhooks.get(7), "GET", "/v1/webhooks/7", None),
+    (
+        lambda c: c.webhooks.update(7, enabled=False, disabled_reason="maintenance"),
+        "PATCH",
+        "/v1/webhooks/7",
+        {"enabled": False, "disabled_reason": "maintenance"},
+    ),
+    (lambda c: c.webhooks.delete(7), "DELETE", "/v1/webhooks/7", None),
+    (lambda c: c.webhooks.secret(7), "GET", "/v1/webhooks/7/secret", None),
+    (lambda c: c.webhooks.rotate_secret(7), "POST", "/v1/webhooks/7/rotate-secret", None),
+    (
+        lambda c: c.webhooks.rotate_secret(7, overlap_seconds=3600),
+        "POST",
+        "/v1/webhooks/7/rotate-secret",
+        {"overlap_seconds": 3600},
+    ),
+    (lambda c: c.webhooks.test(7), "POST", "/v1/webhooks/7/test", None),
+    (
+        lambda c: list(c.webhooks.deliveries(7, state="failed", page_size=5)),
+        "GET",
+        "/v1/webhooks/7/deliveries?state=failed&limit=5",
+        None,
+    ),
+    (lambda c: c.webhooks.delivery(7, 42), "GET", "/v1/webhooks/7/deliveries/42", None),
+    (lambda c: c.webhooks.replay(7, 42), "POST", "/v1/webhooks/7/deliveries/42/replay", None),
+    (
+        lambda c: c.webhooks.replay_range(7, datetime(2030, 1, 2, 3, 4, tzinfo=UTC), state="any"),
+        "POST",
+        "/v1/webhooks/7/replay",
+        {"since": "2030-01-02T03:04:00+00:00", "state": "any"},
+    ),
 ]
 
 
 @pytest.mark.parametrize(("call", "method", "path", "body"), MAPPING, ids=[m[1] + " " + m[2] for m in MAPPING])
 def test_each_method_sends_its_request(call, method, path, body):
-    # One answer that every method can read: a page, a count, an `added`.
-    server = Server(httpx.Response(200, json={"data": [], "next_cursor": None, "count": 0, "added": 0}))
+    # One answer that every method can read: a page, a count, an `added`, a secret, a `replayed`.
+    answer = {"data": [], "next_cursor": None, "count": 0, "added": 0, "secret": "", "replayed": 0}
+    server = Server(httpx.Response(200, json=answer))
     with make_client(server) as client:
         call(client)
     [request] = server.requests

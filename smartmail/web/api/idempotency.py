@@ -39,8 +39,9 @@ IN_FLIGHT_RETRY_SECONDS = 1  # what a 409 for a request still in flight tells th
 # Responses that say nothing about the request itself, or changed nothing (a malformed body, a
 # client gone mid-upload): a retry runs it again.
 _NOT_STORED = frozenset({400, 401, 403, 408, 429})
-# Answers holding a secret (a new API key) are never stored, not even in Redis for a day.
-SECRET_PATHS = frozenset({"/v1/keys"})
+# Answers holding a secret (a new API key, a webhook endpoint's signing secret) are never stored,
+# not even in Redis for a day.
+SECRET_PATHS = re.compile(r"/v1/keys|/v1/webhooks(/\d+/rotate-secret)?")
 # Headers a replay repeats; per-request ones (request id, rate limits) are the retry's own.
 _REPLAYED = frozenset({b"content-type", b"location"})
 
@@ -101,7 +102,7 @@ class ApiWrites:
         key_id = (
             await _authenticated_key_id(scope) if idempotency_key is not None and scope["method"] == "POST" else None
         )
-        if idempotency_key is None or key_id is None or scope["path"] in SECRET_PATHS:
+        if idempotency_key is None or key_id is None or SECRET_PATHS.fullmatch(scope["path"]):
             await self.app(scope, receive, send)  # without a valid key the app answers 401
             return
         if not _KEY.fullmatch(idempotency_key):

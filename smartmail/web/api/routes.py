@@ -16,6 +16,7 @@ from smartmail.web.api import (
     segments,
     suppressions,
     templates,
+    webhooks,
 )
 
 router = APIRouter(prefix="/v1")
@@ -31,5 +32,6 @@ for module in (
     campaigns,
     inbound,
     keys,
+    webhooks,
 ):
     router.include_router(module.router)
