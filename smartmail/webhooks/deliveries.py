@@ -52,7 +52,7 @@ def drain(endpoint_id: int, *, max_seconds: float = 20.0) -> bool:
     try:
         return asyncio.run(_Drain(endpoint_id, owner).run(max_seconds))
     except endpoints.SecretUnreadable as exc:
-        endpoints.set_enabled(endpoint_id, False, reason=f"{exc}: rotate its secret, then enable it")
+        endpoints.set_enabled(endpoint_id, False, reason=f"{exc}, then enable it")
         return False
     finally:
         _release_lease(endpoint_id, owner)

@@ -18,7 +18,7 @@ from smartmail import runtime
 from smartmail.audience import event_stream
 from smartmail.config import get_settings
 from smartmail.content.signing import derived_key
-from smartmail.errors import InvalidInput, NotFound
+from smartmail.errors import Conflict, InvalidInput, NotFound
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import WebhookEndpoint
 from smartmail.webhooks import fan_out, network_guard
@@ -43,8 +43,9 @@ HEALTHY: dict[str, Any] = {
 }
 
 
-class SecretUnreadable(RuntimeError):
-    """An endpoint secret that the current SMARTMAIL_SECRET_KEY cannot decrypt (the key was changed)."""
+class SecretUnreadable(Conflict):
+    """An endpoint secret that the current SMARTMAIL_SECRET_KEY cannot decrypt (the key was changed):
+    a 409 over HTTP until the secret is rotated."""
 
 
 @runtime.per_process()
@@ -61,7 +62,9 @@ def decrypt(token: str) -> str:
     try:
         return _cipher(get_settings().secret_key).decrypt(token.encode()).decode()
     except InvalidToken:
-        raise SecretUnreadable("the endpoint's secret was encrypted with another SMARTMAIL_SECRET_KEY") from None
+        raise SecretUnreadable(
+            "the endpoint's secret was encrypted with another SMARTMAIL_SECRET_KEY (rotate it)"
+        ) from None
 
 
 def allowed_networks() -> list:

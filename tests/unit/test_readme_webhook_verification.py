@@ -1,4 +1,4 @@
-"""The README's webhook verification snippets (Python and JavaScript, standard libraries only) accept what SmartMail signs."""
+"""The README's webhook verification snippets (Python, JavaScript: standard libraries) accept what SmartMail signs."""
 
 from __future__ import annotations
 
