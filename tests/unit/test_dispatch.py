@@ -14,7 +14,7 @@ from smartmail.workers.dispatch import Outbox
 
 
 @pytest.fixture
-def outbox():
+def outbox(settings_env):  # the drain task reads settings (the Celery app's configuration)
     return Outbox(fakeredis.FakeRedis(), prefix="t:", max_drains=3, batch_size=4)
 
 

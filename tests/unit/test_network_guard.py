@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -412,11 +413,12 @@ def test_transport_connects_to_the_resolved_address_and_keeps_the_name_in_the_ho
     assert http_server.requests == [(f"hook.test:{port}", b"{}")]
 
 
-def test_a_refused_connection_is_an_httpx_connect_error(http_server):
-    port = http_server.server_address[1]
-    http_server.server_close()  # nothing listens on the port any more
-    with pytest.raises(httpx.ConnectError):
-        post(guarded_transport(resolver=Resolver(), allowed=LOOPBACK), f"http://127.0.0.1:{port}/", b"{}")
+def test_a_refused_connection_is_an_httpx_connect_error():
+    with socket.socket() as bound:  # bound, never listening: refused, and no other process can take the port
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        with pytest.raises(httpx.ConnectError):
+            post(guarded_transport(resolver=Resolver(), allowed=LOOPBACK), f"http://127.0.0.1:{port}/", b"{}")
 
 
 @pytest.fixture(scope="module")
