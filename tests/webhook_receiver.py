@@ -174,9 +174,10 @@ def write_authority(authority: trustme.CA, directory: Path) -> Path:
 
 
 def events_of(requests: Iterator[ReceivedRequest] | list[ReceivedRequest]) -> list[dict[str, Any]]:
-    """The events the requests carried: `data` of each, the list of a batch's."""
+    """The events the requests carried: `data` of each, and of each item of a batch (an item is the
+    body a single delivery would have had)."""
     found: list[dict[str, Any]] = []
     for request in requests:
         body = request.json()
-        found.extend(body["data"] if body["type"] == "batch" else [body["data"]])
+        found.extend(item["data"] for item in (body["data"] if body["type"] == "batch" else [body]))
     return found
