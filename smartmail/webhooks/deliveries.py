@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +35,8 @@ log = structlog.get_logger("smartmail.webhooks")
 
 SEND_TASK = "smartmail.webhooks.send"
 TICK_TASK = "smartmail.webhooks.tick"
-ROUND_REQUESTS = 500  # requests per round at most: one claim, one send, one record
+ROUND_REQUESTS = 500  # requests claimed per round at most
+RECORD_EVERY = 100  # outcomes recorded per transaction, as they complete
 PACED_ROUND_SECONDS = 5  # a rate-limited endpoint's round holds this many seconds' worth of requests
 MAX_CIRCUIT_SECONDS = 600.0
 PENDING, SUCCEEDED, FAILED = (state.value for state in WebhookDeliveryState)
@@ -119,10 +120,9 @@ class _Drain:
                 claimed = claim(target, limit)
                 if not claimed.requests:
                     return False
-                outcomes = await sending.send_all(
+                sender = sending.Round(
                     http,
                     target.url,
-                    claimed.requests,
                     target.secrets,
                     max_in_flight=target.max_in_flight,
                     pacer=pacer,
@@ -130,10 +130,27 @@ class _Drain:
                     max_response_bytes=settings.webhook_max_response_bytes,
                     give_up_after=settings.webhook_circuit_failures,
                 )
-                if not record(target, claimed, outcomes, lease_owner=self.owner):
+                if not await self._send_round(target, claimed, sender):
                     return False
                 if time.monotonic() - started >= max_seconds:
                     return True
+
+    async def _send_round(self, target: Target, claimed: _Claimed, sender: sending.Round) -> bool:
+        """Send a round, recording outcomes RECORD_EVERY at a time as they complete, in a thread while
+        the next requests go on: a crash repeats only what was not recorded yet. False when the drain
+        must stop (the endpoint disabled, its circuit opened, the lease lost)."""
+        keep_going, completed = True, []
+        async for request, outcome in sender.completed(claimed.requests):
+            completed.append((request, outcome))
+            if len(completed) >= RECORD_EVERY:
+                recorded = await asyncio.to_thread(record, target, completed, claimed.attempts, lease_owner=self.owner)
+                keep_going, completed = keep_going and recorded, []
+                if not keep_going:
+                    sender.stop()
+        if completed:
+            recorded = await asyncio.to_thread(record, target, completed, claimed.attempts, lease_owner=self.owner)
+            keep_going = keep_going and recorded
+        return keep_going
 
 
 def round_size(target: Target) -> int:
@@ -237,15 +254,19 @@ _failed = (
 
 
 def record(
-    target: Target, claimed: _Claimed, outcomes: list[sending.Outcome | None], *, lease_owner: str | None
+    target: Target,
+    sent: Sequence[tuple[sending.Request, sending.Outcome]],
+    attempts_made: Mapping[int, int],
+    *,
+    lease_owner: str | None,
 ) -> bool:
-    """Store a round's outcomes in one transaction: the deliveries' new states, an attempt row per
-    delivery, the endpoint's health (its circuit, a 410, a failure streak past the limit) and lease.
-    False when the drain must stop (the endpoint was disabled, its circuit opened, or the lease lost)."""
+    """Store outcomes in one transaction: the deliveries' new states (`attempts_made`: each one's
+    attempts before these), an attempt row per delivery, the endpoint's health (its circuit, a 410,
+    a failure streak past the limit) and lease. False when the drain must stop (the endpoint was
+    disabled, its circuit opened, or the lease lost)."""
     settings = get_settings()
     now = utcnow()
     done, failed, attempts = [], [], []
-    sent = [(request, outcome) for request, outcome in zip(claimed.requests, outcomes) if outcome is not None]
     for request, outcome in sent:
         for delivery_id in request.delivery_ids:
             attempts.append(
@@ -263,7 +284,7 @@ def record(
             if outcome.ok:
                 done.append({"b_id": delivery_id, "b_at": now, "b_status": outcome.status})
                 continue
-            wait = next_wait(claimed.attempts[delivery_id] + 1)
+            wait = next_wait(attempts_made[delivery_id] + 1)
             failed.append(
                 {
                     "b_id": delivery_id,
@@ -288,6 +309,8 @@ def record(
                 WebhookEndpoint.consecutive_failures,
                 WebhookEndpoint.failing_since,
                 WebhookEndpoint.circuit_pause,
+                WebhookEndpoint.circuit_open_until,
+                WebhookEndpoint.enabled,
             )
             .where(WebhookEndpoint.id == target.id)
             .with_for_update()
@@ -304,7 +327,8 @@ def record(
         elif sent:
             streak = endpoint.consecutive_failures + len(sent)
             changes.update(consecutive_failures=streak, failing_since=endpoint.failing_since or now)
-            if streak >= settings.webhook_circuit_failures:
+            already_open = endpoint.circuit_open_until is not None and endpoint.circuit_open_until > now
+            if streak >= settings.webhook_circuit_failures and not already_open:
                 # Open (again): the first pause, then twice the last while the probes keep failing.
                 last = endpoint.circuit_pause
                 pause = min(2 * last if last else settings.webhook_circuit_seconds, MAX_CIRCUIT_SECONDS)
@@ -319,6 +343,8 @@ def record(
             and now - failing_since >= timedelta(days=settings.webhook_disable_after_days)
         ):
             reason = f"every attempt failed since {failing_since:%Y-%m-%d %H:%M} UTC"
+        if reason and not endpoint.enabled:
+            reason = None  # disabled already (by an earlier batch of this round, or an operator)
         if reason:
             changes.update(enabled=False, disabled_reason=reason, updated_at=now)
             _disabled_event(connection, target.id, reason, now)
@@ -502,7 +528,7 @@ def send_test(endpoint_id: int) -> dict[str, Any]:
         ).scalar_one()
     request = sending.Request(webhook_id, (delivery_id,), payload.encode())
     outcome = asyncio.run(_send_once(target, request))
-    record(target, _Claimed([request], {delivery_id: 0}), [outcome], lease_owner=None)
+    record(target, [(request, outcome)], {delivery_id: 0}, lease_owner=None)
     return get_delivery(delivery_id)
 
 

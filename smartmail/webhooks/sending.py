@@ -6,7 +6,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,37 +83,60 @@ class Pacer:
             await asyncio.sleep(start - now)
 
 
-async def send_all(
-    http: httpx.AsyncClient,
-    url: str,
-    requests: Sequence[Request],
-    secrets: Sequence[str],
-    *,
-    max_in_flight: int,
-    pacer: Pacer,
-    total_timeout: float,
-    max_response_bytes: int,
-    give_up_after: int,
-) -> list[Outcome | None]:
-    """POST the requests, at most `max_in_flight` at once: an outcome per request, in order, or None
-    for one not sent because `give_up_after` requests in a row had failed (a dead endpoint's round
-    ends after a wave of timeouts instead of timing out every request in turn) or one answered 410."""
-    slots = asyncio.Semaphore(max_in_flight)
-    failures_in_a_row = 0
+class Round:
+    """A round's requests sent at most `max_in_flight` at once; `completed()` yields each sent one with
+    its outcome as it completes. Requests not started yet are left unsent (and not yielded) after
+    `stop()`, after `give_up_after` failures in a row (a dead endpoint's round ends after a wave of
+    timeouts instead of timing out every request in turn), or after a 410."""
 
-    async def one(request: Request) -> Outcome | None:
-        nonlocal failures_in_a_row
-        async with slots:
-            if failures_in_a_row >= give_up_after:
-                return None
-            await pacer.wait()
-            outcome = await post(http, url, request, secrets, total_timeout, max_response_bytes)
-            failures_in_a_row = 0 if outcome.ok else failures_in_a_row + 1
-            if outcome.status == 410:  # Gone: the endpoint is disabled, nothing more goes to it
-                failures_in_a_row = give_up_after
-            return outcome
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        secrets: Sequence[str],
+        *,
+        max_in_flight: int,
+        pacer: Pacer,
+        total_timeout: float,
+        max_response_bytes: int,
+        give_up_after: int,
+    ) -> None:
+        self.http, self.url, self.secrets = http, url, secrets
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.pacer = pacer
+        self.total_timeout, self.max_response_bytes = total_timeout, max_response_bytes
+        self.give_up_after = give_up_after
+        self.failures_in_a_row = 0
+        self.stopped = False
 
-    return list(await asyncio.gather(*(one(request) for request in requests)))
+    def stop(self) -> None:
+        self.stopped = True
+
+    async def completed(self, requests: Sequence[Request]) -> AsyncIterator[tuple[Request, Outcome]]:
+        done: asyncio.Queue[tuple[Request, Outcome | None]] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._send(request, done)) for request in requests]
+        try:
+            for _ in tasks:
+                request, outcome = await done.get()
+                if outcome is not None:
+                    yield request, outcome
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _send(self, request: Request, done: asyncio.Queue[tuple[Request, Outcome | None]]) -> None:
+        async with self.slots:
+            if self.stopped:
+                done.put_nowait((request, None))
+                return
+            await self.pacer.wait()
+            outcome = await post(
+                self.http, self.url, request, self.secrets, self.total_timeout, self.max_response_bytes
+            )
+            self.failures_in_a_row = 0 if outcome.ok else self.failures_in_a_row + 1
+            if self.failures_in_a_row >= self.give_up_after or outcome.status == 410:
+                self.stopped = True
+            done.put_nowait((request, outcome))
 
 
 async def post(
