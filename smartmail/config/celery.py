@@ -70,7 +70,12 @@ def celery_config(settings: Settings) -> dict:
             "tracking": {"task": "smartmail.tracking.drain", "schedule": 30.0},
             # `smartmail inbound` asks after storing mail; this catches a request lost, and retries.
             "inbound": {"task": "smartmail.inbound.process", "schedule": 30.0},
-            "webhooks": {"task": "smartmail.webhooks.tick", "schedule": settings.webhook_poll_interval},
+            # A tick not started before the next is due is dropped (the next one does its work).
+            "webhooks": {
+                "task": "smartmail.webhooks.tick",
+                "schedule": settings.webhook_poll_interval,
+                "options": {"expires": settings.webhook_poll_interval},
+            },
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},
             "delete-old-inbound": {"task": "smartmail.maintenance.delete_old_inbound", "schedule": 3600.0},

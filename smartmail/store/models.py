@@ -500,7 +500,7 @@ class WebhookEndpoint(Base):
 class WebhookDeliveryState(str, enum.Enum):
     PENDING = "pending"  # waiting for its next attempt (next_attempt_at)
     SUCCEEDED = "succeeded"  # the endpoint answered 2xx
-    FAILED = "failed"  # every attempt of the retry schedule failed (or the endpoint is gone); replayable
+    FAILED = "failed"  # every attempt of the retry schedule failed; replayable
 
     def __str__(self) -> str:
         return self.value
@@ -512,7 +512,8 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
-        Index("ix_webhook_deliveries_endpoint_id_created_at", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_endpoint_id_created_at", "endpoint_id", "created_at"),  # replays
+        Index("ix_webhook_deliveries_created_at", "created_at"),  # retention
         {"sqlite_autoincrement": True},
     )
 

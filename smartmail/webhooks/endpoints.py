@@ -6,7 +6,7 @@ import base64
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -277,7 +277,7 @@ class Target:
     id: int
     url: str
     enabled: bool
-    secrets: tuple[str, ...]  # the current one first; the previous one while its rotation lasts
+    secrets: tuple[str, ...] = field(repr=False)  # the current one first; the previous one while its rotation lasts
     rate_limit: float | None
     max_in_flight: int
     batch_size: int

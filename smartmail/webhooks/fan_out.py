@@ -124,6 +124,7 @@ def _deliveries(
     message_tags = _message_tags(connection, events) if any(s.tags for s in subscriptions) else {}
     now = utcnow()
     rows: list[dict[str, Any]] = []
+    unbatched: list[dict[str, Any]] = []
     for event in events:
         position = Position.parse(event["position"])
         wanted = [s for s in subscriptions if s.wants(event, position, message_tags)]
@@ -131,21 +132,21 @@ def _deliveries(
             continue
         payload = payload_of(event)
         for subscription in wanted:
-            rows.append(
-                {
-                    "endpoint_id": subscription.endpoint_id,
-                    "event_id": event["id"],
-                    "event_type": event["type"],
-                    "payload": payload,
-                    "webhook_id": None if subscription.batched else "",  # given below
-                    "state": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                }
-            )
+            row = {
+                "endpoint_id": subscription.endpoint_id,
+                "event_id": event["id"],
+                "event_type": event["type"],
+                "payload": payload,
+                "webhook_id": None,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            rows.append(row)
+            if not subscription.batched:
+                unbatched.append(row)
     # Each unbatched delivery's webhook-id now; a batched one's when its request is formed.
-    unbatched = [row for row in rows if row["webhook_id"] == ""]
     for row, id_ in zip(unbatched, new_ids(len(unbatched))):
         row["webhook_id"] = f"msg_{id_}"
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -100,8 +101,10 @@ class Round:
         total_timeout: float,
         max_response_bytes: int,
         give_up_after: int,
+        deadline: float = math.inf,
     ) -> None:
         self.http, self.url, self.secrets = http, url, secrets
+        self.deadline = deadline  # time.monotonic(): no request starts after it
         self.slots = asyncio.Semaphore(max_in_flight)
         self.pacer = pacer
         self.total_timeout, self.max_response_bytes = total_timeout, max_response_bytes
@@ -125,18 +128,20 @@ class Round:
                 task.cancel()
 
     async def _send(self, request: Request, done: asyncio.Queue[tuple[Request, Outcome | None]]) -> None:
-        async with self.slots:
-            if self.stopped:
-                done.put_nowait((request, None))
-                return
-            await self.pacer.wait()
-            outcome = await post(
-                self.http, self.url, request, self.secrets, self.total_timeout, self.max_response_bytes
-            )
+        outcome: Outcome | None = None
+        try:
+            async with self.slots:
+                if self.stopped or time.monotonic() >= self.deadline:
+                    return
+                await self.pacer.wait()
+                outcome = await post(
+                    self.http, self.url, request, self.secrets, self.total_timeout, self.max_response_bytes
+                )
             self.failures_in_a_row = 0 if outcome.ok else self.failures_in_a_row + 1
             if self.failures_in_a_row >= self.give_up_after or outcome.status == 410:
                 self.stopped = True
-            done.put_nowait((request, outcome))
+        finally:
+            done.put_nowait((request, outcome))  # always: completed() waits for one item per request
 
 
 async def post(
@@ -163,12 +168,17 @@ async def post(
                     if len(body) >= max_response_bytes:
                         break
     except TimeoutError:
-        error = f"no answer within {total_timeout:g} s"
+        error = f"no answer within {total_timeout:g} s" if status is None else f"answer cut at {total_timeout:g} s"
     except network_guard.BlockedAddress as exc:
         error = f"refused by the SSRF guard: {exc}"
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # noqa: BLE001 - one request's failure is its attempt's error, not the drain's
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     latency = round((time.perf_counter() - started) * 1000)
-    excerpt = bytes(body[:EXCERPT_BYTES]).decode("utf-8", "replace") if body else None
+    excerpt = _text(bytes(body[:EXCERPT_BYTES])) if body else None
     # A 2xx status line is a delivery even if reading the rest of the answer then failed.
-    return Outcome(status, error, latency, excerpt)
+    return Outcome(status, _text(error.encode()) if error else None, latency, excerpt)
+
+
+def _text(data: bytes) -> str:
+    """Bytes from the endpoint as storable text: PostgreSQL keeps no NUL character in a text column."""
+    return data.decode("utf-8", "replace").replace("\x00", "\ufffd")

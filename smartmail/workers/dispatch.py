@@ -248,10 +248,11 @@ def enqueue_later(due: Sequence[tuple[str, float]], stream: str = TRANSACTIONAL)
         _start_drains(leases, stream)
 
 
-def publish(task_name: str, *args: Any, countdown: float | None = None) -> None:
+def publish(task_name: str, *args: Any, countdown: float | None = None, expires: float | None = None) -> None:
     """Ask the workers to run a task, by its registered name: the one way code below `tasks/`
-    starts work, so that no feature imports a task module. Routing comes from the Celery config."""
-    app.send_task(task_name, args=args, countdown=countdown)
+    starts work, so that no feature imports a task module. Routing comes from the Celery config;
+    a task not started within `expires` seconds is dropped."""
+    app.send_task(task_name, args=args, countdown=countdown, expires=expires)
 
 
 def _start_drains(leases: Sequence[str], stream: str) -> None:

@@ -17,7 +17,7 @@ from smartmail.audience import event_stream
 from smartmail.errors import InvalidInput
 from smartmail.store.engine import get_engine, session_scope, utcnow
 from smartmail.store.models import Event, Message, WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from smartmail.webhooks import deliveries, endpoints, fan_out, verify
+from smartmail.webhooks import deliveries, drain, endpoints, fan_out, verify
 from tests.conftest import reset_caches, wait_for
 from tests.integration.conftest import sent_message
 
@@ -143,7 +143,7 @@ def test_deliveries_are_signed_sent_once_and_recorded_with_capped_answers(receiv
     endpoint, secret = endpoints.create_endpoint(receiver.url)
     smartmail.track("a@example.com", "signup", {"plan": "pro"})
     _fan_out(1)
-    assert deliveries.drain(endpoint["id"]) is False
+    assert drain.drain(endpoint["id"]) is False
     ((headers, body, _),) = receiver.requests
     payload = verify(body, headers, secret)
     assert payload["type"] == "signup" and payload["data"]["properties"] == {"plan": "pro"}
@@ -152,7 +152,7 @@ def test_deliveries_are_signed_sent_once_and_recorded_with_capped_answers(receiv
     shown = deliveries.get_delivery(row.id)
     (attempt,) = shown["attempt_log"]
     assert attempt["status"] == 200 and len(attempt["response"]) == 1024  # the excerpt kept of 1,500 bytes read
-    assert deliveries.drain(endpoint["id"]) is False and len(receiver.requests) == 1
+    assert drain.drain(endpoint["id"]) is False and len(receiver.requests) == 1
 
 
 def test_a_failing_endpoint_opens_its_circuit_then_lets_one_request_through(receiver):
@@ -161,24 +161,24 @@ def test_a_failing_endpoint_opens_its_circuit_then_lets_one_request_through(rece
     for i in range(10):
         smartmail.track(f"f{i}@example.com", "signup")
     _fan_out(10)
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     assert len(receiver.requests) == 3  # SMARTMAIL_WEBHOOK_CIRCUIT_FAILURES in a row: the round stops
     shown = endpoints.get_endpoint(endpoint["id"])
     assert shown["circuit_open_until"] > utcnow() and shown["failing_since"] is not None
-    assert deliveries.due_endpoints() == []
-    deliveries.drain(endpoint["id"])
+    assert drain.due_endpoints() == []
+    drain.drain(endpoint["id"])
     assert len(receiver.requests) == 3  # open: nothing sent
     expire = update(WebhookEndpoint).values(circuit_open_until=utcnow() - timedelta(seconds=1))
     with get_engine().begin() as connection:
         connection.execute(expire)
-    assert deliveries.due_endpoints() == [endpoint["id"]]
-    deliveries.drain(endpoint["id"])  # half-open: one probe, which fails: the pause doubles
+    assert drain.due_endpoints() == [endpoint["id"]]
+    drain.drain(endpoint["id"])  # half-open: one probe, which fails: the pause doubles
     assert len(receiver.requests) == 4
     with session_scope() as session:
         assert session.get(WebhookEndpoint, endpoint["id"]).circuit_pause == 60
         session.execute(expire)
     receiver.status = lambda n: 200
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     shown = endpoints.get_endpoint(endpoint["id"])
     assert shown["circuit_open_until"] is None and shown["failing_since"] is None
     assert all(row.state == "succeeded" for row in _deliveries(endpoint["id"]))
@@ -192,7 +192,7 @@ def test_an_endpoint_failing_for_longer_than_the_setting_is_disabled_with_an_eve
     _fan_out(1)
     with get_engine().begin() as connection:
         connection.execute(update(WebhookEndpoint).values(failing_since=utcnow() - timedelta(days=6)))
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     shown = endpoints.get_endpoint(endpoint["id"])
     assert shown["enabled"] is False and "every attempt failed since" in shown["disabled_reason"]
     with session_scope() as session:
@@ -208,8 +208,8 @@ def test_a_batch_is_retried_whole_under_its_webhook_id(receiver):
     for i in range(5):
         smartmail.track(f"b{i}@example.com", "signup")
     _fan_out(5)
-    deliveries.drain(endpoint["id"])
-    deliveries.drain(endpoint["id"])  # the retry schedule here is all zeroes
+    drain.drain(endpoint["id"])
+    drain.drain(endpoint["id"])  # the retry schedule here is all zeroes
     first, second, *retries = receiver.requests
     assert len(retries) == 2
     for headers, body, _ in receiver.requests:
@@ -227,18 +227,18 @@ def test_410_disables_the_endpoint_and_replays_send_deliveries_again(receiver):
     smartmail.track("a@example.com", "signup")
     smartmail.track("b@example.com", "signup")
     _fan_out(2)
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     assert len(receiver.requests) == 1
     assert endpoints.get_endpoint(endpoint["id"])["disabled_reason"] == "the endpoint answered 410 Gone"
     receiver.status = lambda n: 200
     endpoints.set_enabled(endpoint["id"], True)
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     rows = _deliveries(endpoint["id"])
     assert [row.state for row in rows] == ["succeeded", "succeeded"]
     replayed = deliveries.replay(rows[0].id)
     assert (replayed["state"], replayed["attempts"]) == ("pending", 0)
     assert deliveries.replay_range(endpoint["id"], utcnow() - timedelta(hours=1), state=None) == 1  # the other one
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     ids = [headers["webhook-id"] for headers, _, _ in receiver.requests]
     assert sorted(ids[-2:]) == sorted(row.webhook_id for row in rows)  # a replay keeps the delivery's webhook-id
     with pytest.raises(InvalidInput) as error:
@@ -251,7 +251,7 @@ def test_a_rate_limited_endpoint_gets_requests_spaced_out(receiver):
     for i in range(11):
         smartmail.track(f"r{i}@example.com", "signup")
     _fan_out(11)
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     arrivals = [at for _, _, at in receiver.requests]
     assert len(arrivals) == 11 and arrivals[-1] - arrivals[0] >= 0.45  # 10 intervals of 50 ms
 
@@ -264,7 +264,7 @@ def test_retention_deletes_finished_deliveries_and_attempts_but_keeps_pending_on
     smartmail.track("a@example.com", "signup")
     smartmail.track("b@example.com", "signup")
     _fan_out(2)
-    deliveries.drain(endpoint["id"])
+    drain.drain(endpoint["id"])
     old = utcnow() - timedelta(days=31)
     with get_engine().begin() as connection:
         connection.execute(update(WebhookDelivery).values(created_at=old))

@@ -19,7 +19,7 @@ from smartmail.campaigns import lifecycle as campaigns
 from smartmail.content.template_store import save_template
 from smartmail.store.engine import get_engine, session_scope, utcnow
 from smartmail.store.models import Event, WebhookAttempt, WebhookDelivery
-from smartmail.webhooks import deliveries, endpoints
+from smartmail.webhooks import deliveries, drain, endpoints
 from tests.conftest import reset_caches, wait_for
 from tests.webhook_receiver import HANG, ReceivedRequest, WebhookReceiver, events_of, write_authority
 
@@ -299,7 +299,7 @@ def test_kill_9_of_the_webhooks_worker_mid_round_loses_nothing_and_repeats_only_
     # besides the requests in flight.
     assert duplicates.isdisjoint(recorded)
     assert all(first_receipt[webhook_id] <= killed_at for webhook_id in duplicates)
-    assert len(duplicates) <= 2 * deliveries.RECORD_EVERY + endpoints.DEFAULT_IN_FLIGHT
+    assert len(duplicates) <= 2 * drain.RECORD_EVERY + endpoints.DEFAULT_IN_FLIGHT
     assert max(received.values()) <= 2
 
 

@@ -12,7 +12,7 @@ from smartmail.audience.contacts import track
 from smartmail.errors import InvalidInput
 from smartmail.store.engine import get_engine
 from smartmail.store.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from smartmail.webhooks import deliveries, endpoints, fan_out
+from smartmail.webhooks import drain, endpoints, fan_out
 from tests.conftest import reset_caches, wait_for
 from tests.dns_server import DnsServer
 from tests.webhook_receiver import WebhookReceiver, write_authority
@@ -70,7 +70,7 @@ def test_a_name_rebound_to_a_forbidden_address_is_refused_at_send_time_and_nothi
     # What the beat tick and the webhooks task do, in this process (the tick polls: on PostgreSQL an
     # event is readable once every transaction older than it has ended).
     assert wait_for(lambda: fan_out.fan_out().deliveries, 10, message="the event fanned out") == 1
-    assert deliveries.drain(endpoint["id"]) is False
+    assert drain.drain(endpoint["id"]) is False
 
     with get_engine().connect() as connection:
         attempts = connection.execute(select(WebhookAttempt.status, WebhookAttempt.error)).all()

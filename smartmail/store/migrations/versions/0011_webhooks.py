@@ -68,6 +68,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_webhook_deliveries_endpoint_id_created_at", "webhook_deliveries", ["endpoint_id", "created_at"]
     )
+    op.create_index("ix_webhook_deliveries_created_at", "webhook_deliveries", ["created_at"])
     op.create_index(
         "ix_webhook_deliveries_pending",
         "webhook_deliveries",
