@@ -435,7 +435,7 @@ class StampSink:
 class Database:
     """A throw-away PostgreSQL database (created here, dropped at the end) or a SQLite file."""
 
-    def __init__(self, kind: str, admin_url: str, workdir: Path) -> None:
+    def __init__(self, kind: str, admin_url: str, workdir: Path, name: str = "smartmail_bench") -> None:
         from sqlalchemy import create_engine, text
 
         self.kind = kind
@@ -446,7 +446,7 @@ class Database:
 
             self.version = f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=NORMAL)"
         else:
-            self.name = "smartmail_bench"
+            self.name = name
             self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
             try:
                 with self.admin.connect() as conn:
@@ -628,7 +628,8 @@ class Bench:
         self.redis_url, self.redis_process = localredis.ensure(self.args.redis_url, self.workdir / "redis")
         self.redis = redis.Redis.from_url(self.redis_url)
         self.redis.flushdb()
-        self.database = Database(self.args.database, self.args.postgres_admin_url, self.workdir)
+        name = getattr(self.args, "database_name", "smartmail_bench")
+        self.database = Database(self.args.database, self.args.postgres_admin_url, self.workdir, name)
         # The producer (this process) and the workers read the same SMARTMAIL_* settings.
         os.environ.update(
             {
