@@ -3,13 +3,16 @@ per (endpoint, event), the circuit breaker, disabling, batches retried whole, re
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import trustme
 from sqlalchemy import func, select, update
 
 import smartmail
@@ -19,7 +22,7 @@ from smartmail.store.engine import get_engine, session_scope, utcnow
 from smartmail.store.models import Event, Message, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from smartmail.webhooks import deliveries, drain, endpoints, fan_out, verify
 from tests.conftest import reset_caches, wait_for
-from tests.integration.conftest import sent_message
+from tests.integration.conftest import free_port, sent_message
 
 
 class Receiver:
@@ -273,3 +276,68 @@ def test_retention_deletes_finished_deliveries_and_attempts_but_keeps_pending_on
     assert [row.state for row in _deliveries(endpoint["id"])] == ["pending"]
     with get_engine().connect() as connection:
         assert connection.execute(select(func.count()).select_from(WebhookAttempt)).scalar() == 0
+
+
+class Http2Receiver:
+    """hypercorn over TLS (a trustme CA) on loopback, offering HTTP/2 by ALPN; records each request's
+    HTTP version and client port (one port: one connection)."""
+
+    def __init__(self, tmp_path) -> None:
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        authority = trustme.CA()
+        self.ca_file = tmp_path / "ca.pem"
+        authority.cert_pem.write_to_path(str(self.ca_file))
+        authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+        self.port = free_port()
+        config = Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        config.certfile = config.keyfile = str(tmp_path / "server.pem")
+        config.alpn_protocols = ["h2", "http/1.1"]
+        self.seen: list[tuple[str, int]] = []
+
+        async def app(scope, receive, send) -> None:
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            while (await receive()).get("more_body"):
+                pass
+            self.seen.append((scope["http_version"], scope["client"][1]))
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        self.loop = asyncio.new_event_loop()
+        self.stopping = asyncio.Event()
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(serve(app, config, shutdown_trigger=self.stopping.wait),)
+        )
+        self.thread.start()
+        wait_for(self._listening, 10, message="hypercorn listening")
+
+    def _listening(self) -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(10)
+
+
+def test_an_endpoint_offering_http2_gets_its_deliveries_over_one_http2_connection(receiver, monkeypatch, tmp_path):
+    server = Http2Receiver(tmp_path)
+    try:
+        monkeypatch.setenv("SMARTMAIL_WEBHOOK_CA_FILE", str(server.ca_file))
+        reset_caches()
+        endpoint, _ = endpoints.create_endpoint(f"https://127.0.0.1:{server.port}/hook")
+        for i in range(20):
+            smartmail.track(f"h{i}@example.com", "signup")
+        _fan_out(20)
+        drain.drain(endpoint["id"])
+        assert deliveries.counts(endpoint["id"])["succeeded"] == 20
+        assert {version for version, _ in server.seen} == {"2"} and len(server.seen) == 20
+        assert len({port for _, port in server.seen}) == 1  # multiplexed: ten in flight on one connection
+    finally:
+        server.stop()
