@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,12 +46,22 @@ def drain(endpoint_id: int, *, max_seconds: float = 20.0) -> bool:
     if not _take_lease(endpoint_id, owner):
         return False
     try:
-        return asyncio.run(_Drain(endpoint_id, owner, time.monotonic() + max_seconds).run())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_Drain(endpoint_id, owner, time.monotonic() + max_seconds).run())
     except endpoints.SecretUnreadable as exc:
         _disable(endpoint_id, f"{exc}, then enable it")
         return False
     finally:
         _release_lease(endpoint_id, owner)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (uvicorn[standard] brings it): less CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def lease() -> timedelta:
