@@ -1,4 +1,4 @@
-"""A real HTTPS webhook receiver for tests: records every request and answers as the test's script says."""
+"""Real webhook receivers for tests: HTTPS with a scripted answer per request, and a plain HTTP one on loopback."""
 
 from __future__ import annotations
 
@@ -181,3 +181,38 @@ def events_of(requests: Iterator[ReceivedRequest] | list[ReceivedRequest]) -> li
         body = request.json()
         found.extend(item["data"] for item in (body["data"] if body["type"] == "batch" else [body]))
     return found
+
+
+class PlainReceiver:
+    """An HTTP/1.1 keep-alive server on 127.0.0.1 recording (headers, body, time.monotonic()) per
+    request; `status` is the answer's status, or a function of the request's number (from 1); a 2xx
+    answer carries `answer`, any other "receiver is down"."""
+
+    def __init__(self, answer: bytes = b'{"ok": true}') -> None:
+        self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        self.status: int | Callable[[int], int] = 200
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.monotonic()))
+                status = receiver.status(len(receiver.requests)) if callable(receiver.status) else receiver.status
+                reply = answer if status < 300 else b"receiver is down"
+                self.send_response(status)
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -4,9 +4,7 @@ a test delivery to a real receiver, deliveries and replays."""
 from __future__ import annotations
 
 import json
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlalchemy import update
@@ -18,6 +16,7 @@ from smartmail.store.engine import get_engine
 from smartmail.store.models import WebhookDelivery
 from smartmail.webhooks import WebhookVerificationError, fan_out, verify
 from tests.conftest import reset_caches
+from tests.webhook_receiver import PlainReceiver
 
 URL = "https://hooks.example.org/smartmail"
 
@@ -26,36 +25,6 @@ def errors(response) -> list[str]:
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
     return [e.get("pointer", e.get("parameter")) for e in response.json()["errors"]]
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1: records each request and answers with `status`."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                answer = b'{"ok": true}' if receiver.status < 300 else b"receiver is down"
-                self.send_response(receiver.status)
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -68,7 +37,7 @@ def local_receivers(env, monkeypatch):
 
 @pytest.fixture
 def receiver(local_receivers):
-    server = Receiver()
+    server = PlainReceiver()
     yield server
     server.close()
 
@@ -331,7 +300,7 @@ def test_a_test_delivery_reaches_the_receiver_signed(receiver, api):
     [attempt] = delivery["attempt_log"]
     assert attempt["status"] == 200 and attempt["response"] == '{"ok": true}' and attempt["latency_ms"] >= 0
 
-    [(headers, body)] = receiver.requests
+    [(headers, body, _)] = receiver.requests
     assert headers["webhook-id"] == delivery["webhook_id"]
     event = verify(body, headers, endpoint["secret"])
     assert event["type"] == "webhook.test" and event["data"]["endpoint_id"] == endpoint["id"]
@@ -340,7 +309,7 @@ def test_a_test_delivery_reaches_the_receiver_signed(receiver, api):
     # During a rotation each request is signed by both secrets, so either verifies it.
     new = client.post(f"/v1/webhooks/{endpoint['id']}/rotate-secret").json()["secret"]
     assert client.post(f"/v1/webhooks/{endpoint['id']}/test").json()["state"] == "succeeded"
-    headers, body = receiver.requests[-1]
+    headers, body, _ = receiver.requests[-1]
     assert len(headers["webhook-signature"].split()) == 2
     assert verify(body, headers, endpoint["secret"]) == verify(body, headers, new)
     with pytest.raises(WebhookVerificationError):

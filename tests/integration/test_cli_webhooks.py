@@ -15,7 +15,7 @@ from smartmail.store.engine import get_engine
 from smartmail.store.models import WebhookDelivery
 from smartmail.webhooks import endpoints, fan_out, verify
 from tests.conftest import reset_caches
-from tests.integration.test_api_webhooks import Receiver
+from tests.webhook_receiver import PlainReceiver
 
 SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]{40,}")
 
@@ -31,7 +31,7 @@ def runner(env, monkeypatch):
 
 @pytest.fixture
 def receiver(runner):
-    server = Receiver()
+    server = PlainReceiver()
     yield server
     server.close()
 
@@ -100,7 +100,7 @@ def test_test_sends_now_and_fails_with_the_answer(runner, receiver):
     secret = SECRET.search(output).group(0)
     sent = run(runner, "test", endpoint_id)
     assert re.search(r"HTTP 200 in \d+ ms: \{\"ok\": true\}", sent), sent
-    headers, body = receiver.requests[0]
+    headers, body, _ = receiver.requests[0]
     assert verify(body, headers, secret)["type"] == "webhook.test"
 
     receiver.status = 500

@@ -7,9 +7,7 @@ import asyncio
 import json
 import socket
 import threading
-import time
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trustme
@@ -23,37 +21,7 @@ from smartmail.store.models import Event, Message, WebhookAttempt, WebhookDelive
 from smartmail.webhooks import deliveries, drain, endpoints, fan_out, verify
 from tests.conftest import reset_caches, wait_for
 from tests.integration.conftest import free_port, sent_message
-
-
-class Receiver:
-    """An HTTP/1.1 keep-alive server on loopback recording each request; `status(n)` answers the nth (from 1)."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], bytes, float]] = []
-        self.status = lambda n: 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.monotonic()))
-                answer = b"x" * 5000
-                self.send_response(receiver.status(len(receiver.requests)))
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def bodies(self) -> list[dict]:
-        return [json.loads(body) for _, body, _ in self.requests]
+from tests.webhook_receiver import PlainReceiver
 
 
 @pytest.fixture
@@ -63,9 +31,9 @@ def receiver(env, monkeypatch):
     monkeypatch.setenv("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[0, 0, 0, 0]")
     monkeypatch.setenv("SMARTMAIL_WEBHOOK_CIRCUIT_FAILURES", "3")
     reset_caches()
-    found = Receiver()
+    found = PlainReceiver(answer=b"x" * 5000)
     yield found
-    found.server.shutdown()
+    found.close()
 
 
 def _deliveries(endpoint_id: int) -> list:
