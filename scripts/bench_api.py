@@ -706,6 +706,40 @@ _FRAME = re.compile(r"^(.+) \(([^()]+):\d+\)$")
 _WAITING = ("Condition.wait", "Queue.get", "Event.wait", "select", "poll", "_run_once")
 
 
+def start_py_spy(args: argparse.Namespace, name: str, pid: int, seconds: float) -> tuple[subprocess.Popen, Path]:
+    """py-spy on pid and its children for `seconds`, written to <--profile>/<name>.txt (py-spy from
+    PATH or --py-spy)."""
+    spy = shutil.which("py-spy") or getattr(args, "py_spy", None)
+    if not spy or not Path(spy).exists():
+        raise BenchError("--profile needs py-spy (pip install py-spy; or --py-spy PATH)")
+    path = Path(args.profile) / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "200"]
+    argv += ["--format", "raw", "--duration", f"{max(seconds, 1):.0f}", "--output", str(path)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the load starts
+    return process, path
+
+
+def finish_py_spy(spy: tuple[subprocess.Popen, Path] | None, results: dict[str, Any]) -> None:
+    """Wait for start_py_spy's profile and put its summary in results["profiles"]."""
+    if spy is None:
+        return
+    process, path = spy
+    try:
+        process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    if not path.exists():
+        log(f"    (no profile written to {path})")
+        return
+    lines = summarize_profile(path, top=30)
+    results.setdefault("profiles", {})[path.stem] = lines
+    log(f"    profile: {path}")
+    for line in lines:
+        log(f"      {line}")
+
+
 def summarize_profile(path: Path, top: int = 20) -> list[str]:
     """Where the serving threads' samples were, from py-spy's raw output (`frames... count` per
     line): the functions most often innermost (self), then the project's and its libraries' frames

@@ -54,6 +54,7 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(SCRIPTS))
 
+from bench_api import finish_py_spy, start_py_spy  # noqa: E402
 from bench_send import (  # noqa: E402
     WORKER_FLAGS,
     Bench,
@@ -231,37 +232,10 @@ class Run:
 
     def start_profile(self, name: str, pid: int, seconds: float) -> tuple[subprocess.Popen, Path] | None:
         """py-spy on pid and its children for `seconds`, when --profile names a folder."""
-        if not self.args.profile:
-            return None
-        spy = shutil.which("py-spy") or self.args.py_spy
-        if not spy or not Path(spy).exists():
-            raise BenchError("--profile needs py-spy (pip install py-spy; or --py-spy PATH)")
-        path = Path(self.args.profile) / f"{name}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "200"]
-        argv += ["--format", "raw", "--duration", f"{max(seconds, 1):.0f}", "--output", str(path)]
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # attached before the load starts
-        return process, path
+        return start_py_spy(self.args, name, pid, seconds) if self.args.profile else None
 
     def finish_profile(self, spy: tuple[subprocess.Popen, Path] | None) -> None:
-        if spy is None:
-            return
-        from bench_api import summarize_profile
-
-        process, path = spy
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if not path.exists():
-            log(f"    (no profile written to {path})")
-            return
-        lines = summarize_profile(path, top=30)
-        self.results.setdefault("profiles", {})[path.stem] = lines
-        log(f"    profile: {path}")
-        for line in lines:
-            log(f"      {line}")
+        finish_py_spy(spy, self.results)
 
     # --- 1. click redirects -----------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +50,7 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(SCRIPTS))
 
+from bench_api import finish_py_spy, start_py_spy  # noqa: E402
 from bench_send import Bench, BenchError, CpuMeter, Worker, free_port, log, wait_for, wait_port  # noqa: E402
 from bench_tracking import TreeWorker  # noqa: E402
 
@@ -287,35 +287,11 @@ class Run:
 
     def start_profile(self, name: str, pid: int) -> tuple[subprocess.Popen, Path]:
         """py-spy on the webhooks worker for --profile-seconds (it slows the run: its figures are marked)."""
-        spy = shutil.which("py-spy") or self.args.py_spy
-        if not spy or not Path(spy).exists():
-            raise BenchError("--profile needs py-spy (pip install py-spy; or --py-spy PATH)")
-        path = Path(self.args.profile) / f"webhooks-worker-{name.split()[0]}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "200"]
-        argv += ["--format", "raw", "--duration", f"{self.args.profile_seconds:.0f}", "--output", str(path)]
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # attached before the events arrive
-        return process, path
+        spy = start_py_spy(self.args, f"webhooks-worker-{name.split()[0]}", pid, self.args.profile_seconds)
+        return spy
 
     def finish_profile(self, spy: tuple[subprocess.Popen, Path] | None) -> None:
-        if spy is None:
-            return
-        from bench_api import summarize_profile
-
-        process, path = spy
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        if not path.exists():
-            log(f"    (no profile written to {path})")
-            return
-        lines = summarize_profile(path, top=30)
-        self.results.setdefault("profiles", {})[path.stem] = lines
-        log(f"    profile: {path}")
-        for line in lines:
-            log(f"      {line}")
+        finish_py_spy(spy, self.results)
 
     def smartmail(self, name: str, batch_size: int, other: str | None, profile: bool = False) -> dict[str, Any]:
         """One run: endpoint A (and B, `other`: up | hang | refused) and --events events (--down-events with B)."""
