@@ -185,6 +185,9 @@ def test_all_problems_are_reported_at_once(env):
         ("SMARTMAIL_RETRY_JITTER", "1.5", "less than or equal to 1"),
         ("SMARTMAIL_SMTP_MAX_MESSAGES_PER_CONNECTION", "0", "greater than or equal to 1"),
         ("SMARTMAIL_LOG_FORMAT", "xml", "'console' or 'json'"),
+        ("SMARTMAIL_WEBHOOK_ALLOW_NETWORKS", '["10.0.0.0/8", "intranet"]', "'intranet' is not an IP network"),
+        ("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[0, -5]", "none negative"),
+        ("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[]", "at least one wait"),
     ],
 )
 def test_malformed_variable_is_named(env, variable, value, reason):
