@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
 from sqlalchemy import bindparam, exists, insert, or_, select, update
 from sqlalchemy.engine import Connection, Row
 
+from smartmail import runtime
 from smartmail.config import get_settings
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.ids import new_id
@@ -35,6 +37,7 @@ RECORD_SECONDS = 5.0  # … or after this long, which also renews the lease whil
 PACED_ROUND_SECONDS = 5  # a rate-limited endpoint's round holds this many seconds' worth of requests
 MAX_CIRCUIT_SECONDS = 600.0
 _PENDING_ROWS = WebhookDelivery.state == PENDING
+T = TypeVar("T")
 
 
 def drain(endpoint_id: int, *, max_seconds: float = 20.0) -> bool:
@@ -46,8 +49,7 @@ def drain(endpoint_id: int, *, max_seconds: float = 20.0) -> bool:
     if not _take_lease(endpoint_id, owner):
         return False
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_Drain(endpoint_id, owner, time.monotonic() + max_seconds).run())
+        return _shared_loop().run(_Drain(endpoint_id, owner, time.monotonic() + max_seconds).run())
     except endpoints.SecretUnreadable as exc:
         _disable(endpoint_id, f"{exc}, then enable it")
         return False
@@ -55,13 +57,32 @@ def drain(endpoint_id: int, *, max_seconds: float = 20.0) -> bool:
         _release_lease(endpoint_id, owner)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (uvicorn[standard] brings it): less CPU per request."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+class _LoopThread:
+    """The process's one event loop for every drain, in a thread of its own: the drains of several
+    endpoints (one Celery thread each, waiting) share it, rather than each running a loop of its own
+    and contending for the GIL. uvloop where installed (uvicorn[standard] brings it)."""
+
+    def __init__(self) -> None:
+        try:
+            import uvloop
+
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="smartmail-webhooks", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self, close: bool) -> None:
+        if close:  # (after a fork the thread is gone with the parent's loop)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@runtime.per_process(close=lambda loop_thread, close: loop_thread.stop(close))
+def _shared_loop() -> _LoopThread:
+    return _LoopThread()
 
 
 def lease() -> timedelta:
@@ -113,17 +134,20 @@ class _Drain:
         async with sending.client(settings, endpoints.allowed_networks(), endpoints.MAX_IN_FLIGHT) as http:
             pacer: sending.Pacer | None = None
             while True:
-                target = endpoints.target(self.endpoint_id)
+                # Database calls run in threads: the loop serves every endpoint's requests meanwhile.
+                target = await asyncio.to_thread(endpoints.target, self.endpoint_id)
                 if target is None or not target.enabled:
                     return False
                 if target.circuit_open_until is not None and target.circuit_open_until > utcnow():
                     return False
                 if target.url.startswith("http://") and not settings.webhook_allow_http:
-                    _disable(target.id, "http:// URLs are no longer allowed (SMARTMAIL_WEBHOOK_ALLOW_HTTP)")
+                    reason = "http:// URLs are no longer allowed (SMARTMAIL_WEBHOOK_ALLOW_HTTP)"
+                    await asyncio.to_thread(_disable, target.id, reason)
                     return False
                 pacer = pacer or sending.Pacer(target.rate_limit)
                 # A circuit that was open lets one request through (half-open): its answer decides.
-                claimed = claim(target, 1 if target.circuit_open_until is not None else round_size(target))
+                size = 1 if target.circuit_open_until is not None else round_size(target)
+                claimed = await asyncio.to_thread(claim, target, size)
                 if not claimed.requests:
                     return False
                 sender = sending.Round(
