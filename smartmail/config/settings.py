@@ -59,6 +59,24 @@ class SmtpUrl:
         )
 
 
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """`1.2.3.4`, `127.0.0.1:5353`, `::1` or `[::1]:53` as (address, port); ValueError otherwise."""
+    text = value.strip()
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") if rest else port
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"{value!r} is not a nameserver (an IP address, optionally with a port: 127.0.0.1:5353)")
+    return str(address), int(port)
+
+
 class Settings(BaseSettings):
     """Every setting, with its SMARTMAIL_* variable; see the README's configuration reference."""
 
@@ -228,6 +246,13 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(network.strip(), strict=False)
             except ValueError:
                 raise ValueError(f"{network!r} is not an IP network (a CIDR such as 10.0.0.0/8)") from None
+        return value
+
+    @field_validator("webhook_nameservers")
+    @classmethod
+    def _check_nameservers(cls, value: list[str]) -> list[str]:
+        for nameserver in value:
+            parse_nameserver(nameserver)
         return value
 
     @field_validator("webhook_retry_schedule")

@@ -20,6 +20,7 @@ import dns.resolver
 import httpcore
 import httpx
 
+from smartmail.config.settings import parse_nameserver
 from smartmail.errors import InvalidInput
 
 IPAddress = IPv4Address | IPv6Address
@@ -264,24 +265,11 @@ class Resolver:
 
 
 def _nameserver(value: str, *, field: str) -> dns.nameserver.Do53Nameserver:
-    text = value.strip()
-    host, port = text, "53"
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            port = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
     try:
-        address = ipaddress.ip_address(host)
-        if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
-            raise ValueError(port)
-    except ValueError:
-        raise InvalidInput(
-            f"{value!r} is not a nameserver (an IP address, optionally with a port: 1.2.3.4, 127.0.0.1:5353, [::1]:53)",
-            field=field,
-        ) from None
-    return dns.nameserver.Do53Nameserver(str(address), int(port))
+        address, port = parse_nameserver(value)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field=field) from None
+    return dns.nameserver.Do53Nameserver(address, port)
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):

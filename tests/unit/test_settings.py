@@ -186,6 +186,8 @@ def test_all_problems_are_reported_at_once(env):
         ("SMARTMAIL_SMTP_MAX_MESSAGES_PER_CONNECTION", "0", "greater than or equal to 1"),
         ("SMARTMAIL_LOG_FORMAT", "xml", "'console' or 'json'"),
         ("SMARTMAIL_WEBHOOK_ALLOW_NETWORKS", '["10.0.0.0/8", "intranet"]', "'intranet' is not an IP network"),
+        ("SMARTMAIL_WEBHOOK_NAMESERVERS", '["127.0.0.1:5353", "dns.example.com"]', "is not a nameserver"),
+        ("SMARTMAIL_WEBHOOK_NAMESERVERS", '["127.0.0.1:70000"]', "is not a nameserver"),
         ("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[0, -5]", "none negative"),
         ("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[]", "at least one wait"),
     ],
