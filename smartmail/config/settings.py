@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     # Outbound webhooks (docs/webhooks.md).
     webhook_allow_http: bool = False  # http:// endpoint URLs, for development; https only otherwise
     webhook_allow_networks: list[str] = []  # private networks endpoints may resolve to (CIDRs); none by default
+    # Off by default: httpcore leaves a timed-out HTTP/2 stream open (encode/httpcore#1022), so one
+    # hanging request degrades the connection the endpoint's other requests share.
+    webhook_http2: bool = False
     webhook_ca_file: Path | None = None  # trust endpoint certificates signed by these CAs (PEM) instead of the default
     webhook_nameservers: list[str] = []  # resolve endpoint hosts with these ("ip" or "ip:port"); default: the system's
     # Seconds to wait before each attempt: the first at once, then backoff (Svix's schedule); after

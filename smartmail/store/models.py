@@ -492,6 +492,7 @@ class WebhookEndpoint(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     circuit_open_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # no requests until then
     circuit_pause: Mapped[float | None] = mapped_column(Float, nullable=True)  # its last pause, in seconds
+    paced_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # rate limit: the next request
     # The sending lease: one drain per endpoint at a time, renewed every round; a lapsed one died.
     drain_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     drain_owner: Mapped[str | None] = mapped_column(String(26), nullable=True)

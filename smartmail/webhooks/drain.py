@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -48,13 +49,14 @@ def drain(endpoint_id: int, *, max_seconds: float = 20.0) -> bool:
     owner = new_id()
     if not _take_lease(endpoint_id, owner):
         return False
+    sender = _Drain(endpoint_id, owner, time.monotonic() + max_seconds)
     try:
-        return _shared_loop().run(_Drain(endpoint_id, owner, time.monotonic() + max_seconds).run())
+        return _shared_loop().run(sender.run(), timeout=max_seconds + 2 * lease().total_seconds())
     except endpoints.SecretUnreadable as exc:
         _disable(endpoint_id, f"{exc}, then enable it")
         return False
     finally:
-        _release_lease(endpoint_id, owner)
+        _release_lease(endpoint_id, owner, sender.paced_until)
 
 
 class _LoopThread:
@@ -72,12 +74,37 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name="smartmail-webhooks", daemon=True)
         self.thread.start()
 
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+    def run(self, coroutine: Coroutine[Any, Any, T], *, timeout: float) -> T:
+        if not self.thread.is_alive() or self.loop.is_closed():
+            coroutine.close()
+            raise RuntimeError("the webhooks event loop has stopped")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # (cannot happen while leases and deadlines hold: a safety net)
+            raise
 
     def stop(self, close: bool) -> None:
-        if close:  # (after a fork the thread is gone with the parent's loop)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        """Cancel what runs on the loop (a waiting run() raises CancelledError), then close it; after
+        a fork (close=False) the thread is gone with the parent's loop."""
+        if not close or not self.thread.is_alive():
+            return
+
+        async def cancel_everything() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_asyncgens()
+            await self.loop.shutdown_default_executor()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_everything(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 @runtime.per_process(close=lambda loop_thread, close: loop_thread.stop(close))
@@ -105,12 +132,13 @@ def _take_lease(endpoint_id: int, owner: str) -> bool:
     return taken == 1
 
 
-def _release_lease(endpoint_id: int, owner: str) -> None:
+def _release_lease(endpoint_id: int, owner: str, paced_until: datetime | None) -> None:
+    """End the drain's lease, keeping when a rate-limited endpoint may be sent to next."""
     with get_engine().begin() as connection:
         connection.execute(
             update(WebhookEndpoint)
             .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.drain_owner == owner)
-            .values(drain_until=None, drain_owner=None)
+            .values(drain_until=None, drain_owner=None, paced_until=paced_until)
         )
 
 
@@ -128,11 +156,24 @@ class _Drain:
     def __init__(self, endpoint_id: int, owner: str, deadline: float) -> None:
         self.endpoint_id, self.owner, self.deadline = endpoint_id, owner, deadline
         self.settings = get_settings()
+        self.pacer: sending.Pacer | None = None
+
+    @property
+    def paced_until(self) -> datetime | None:
+        """When a rate-limited endpoint may get its next request (the pacer's next start)."""
+        if self.pacer is None or not self.pacer.interval:
+            return None
+        return utcnow() + timedelta(seconds=max(0.0, self.pacer.next_start - time.monotonic()))
+
+    def _pacer_for(self, target: Target) -> sending.Pacer:
+        if self.pacer is None:
+            wait = (target.paced_until - utcnow()).total_seconds() if target.paced_until else 0.0
+            self.pacer = sending.Pacer(target.rate_limit, time.monotonic() + max(0.0, wait))
+        return self.pacer
 
     async def run(self) -> bool:
         settings = self.settings
         async with sending.client(settings, endpoints.allowed_networks(), endpoints.MAX_IN_FLIGHT) as http:
-            pacer: sending.Pacer | None = None
             while True:
                 # Database calls run in threads: the loop serves every endpoint's requests meanwhile.
                 target = await asyncio.to_thread(endpoints.target, self.endpoint_id)
@@ -144,7 +185,9 @@ class _Drain:
                     reason = "http:// URLs are no longer allowed (SMARTMAIL_WEBHOOK_ALLOW_HTTP)"
                     await asyncio.to_thread(_disable, target.id, reason)
                     return False
-                pacer = pacer or sending.Pacer(target.rate_limit)
+                pacer = self._pacer_for(target)
+                if pacer.next_start > self.deadline:
+                    return False  # beat asks again once `paced_until` has passed
                 # A circuit that was open lets one request through (half-open): its answer decides.
                 size = 1 if target.circuit_open_until is not None else round_size(target)
                 claimed = await asyncio.to_thread(claim, target, size)
@@ -180,10 +223,11 @@ class _Drain:
             if not keep_going:
                 sender.stop()
 
-        async for request, outcome in sender.completed(claimed.requests):
-            completed.append((request, outcome))
-            if len(completed) >= RECORD_EVERY or time.monotonic() - last_recorded >= RECORD_SECONDS:
-                await flush()
+        async with contextlib.aclosing(sender.completed(claimed.requests)) as outcomes:
+            async for request, outcome in outcomes:
+                completed.append((request, outcome))
+                if len(completed) >= RECORD_EVERY or time.monotonic() - last_recorded >= RECORD_SECONDS:
+                    await flush()
         if completed:
             await flush()
         return keep_going
@@ -238,12 +282,17 @@ def _claim_batches(connection: Connection, target: Target, rows: Sequence[Row], 
     for start in range(0, len(fresh), target.batch_size):
         chunk = fresh[start : start + target.batch_size]
         webhook_id = f"msg_{new_id()}"
-        connection.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_([row.id for row in chunk]), WebhookDelivery.webhook_id.is_(None))
-            .values(webhook_id=webhook_id)
+        # Only the rows this claim named: another drain (after a lapsed lease) may have batched some.
+        named = set(
+            connection.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_([row.id for row in chunk]), WebhookDelivery.webhook_id.is_(None))
+                .values(webhook_id=webhook_id)
+                .returning(WebhookDelivery.id)
+            ).scalars()
         )
-        groups[webhook_id] = chunk
+        if named:
+            groups[webhook_id] = [row for row in chunk if row.id in named]
     requests = []
     for webhook_id, group in list(groups.items())[:limit]:
         group.sort(key=lambda row: row.id)
@@ -434,6 +483,7 @@ def due_endpoints() -> list[int]:
                     WebhookEndpoint.enabled.is_(True),
                     or_(WebhookEndpoint.drain_until.is_(None), WebhookEndpoint.drain_until < now),
                     or_(WebhookEndpoint.circuit_open_until.is_(None), WebhookEndpoint.circuit_open_until <= now),
+                    or_(WebhookEndpoint.paced_until.is_(None), WebhookEndpoint.paced_until <= now),
                     due,
                 )
             ).scalars()

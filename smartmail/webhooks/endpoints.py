@@ -282,6 +282,7 @@ class Target:
     max_in_flight: int
     batch_size: int
     circuit_open_until: datetime | None
+    paced_until: datetime | None
 
 
 def target(endpoint_id: int) -> Target | None:
@@ -303,4 +304,5 @@ def target(endpoint_id: int) -> Target | None:
             max_in_flight=row.max_in_flight,
             batch_size=row.batch_size,
             circuit_open_until=row.circuit_open_until,
+            paced_until=row.paced_until,
         )

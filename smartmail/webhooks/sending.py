@@ -7,7 +7,7 @@ import functools
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ def client(settings: Settings, allowed: Sequence, max_connections: int) -> httpx
     transport = network_guard.guarded_transport(
         resolver=network_guard.Resolver(settings.webhook_nameservers, field="SMARTMAIL_WEBHOOK_NAMESERVERS"),
         allowed=allowed,
-        http2=True,
+        http2=settings.webhook_http2,
         max_connections=max_connections,
         verify=_tls_context(settings.webhook_ca_file),
     )
@@ -68,20 +68,25 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
 
 
 class Pacer:
-    """At most `rate` request starts a second (None: no limit), for one endpoint's drain."""
+    """At most `rate` request starts a second (None: no limit) for one endpoint, its next start kept
+    across drains (the endpoint's `paced_until`)."""
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float | None, next_start: float | None = None) -> None:
         self.interval = 1 / rate if rate else 0.0
-        self.next_start = time.monotonic()
+        self.next_start = next_start if next_start is not None else time.monotonic()  # time.monotonic()
 
-    async def wait(self) -> None:
+    async def wait(self, deadline: float = math.inf) -> bool:
+        """Wait for the next start; False, without waiting, when it would come after `deadline`."""
         if not self.interval:
-            return
+            return True
         now = time.monotonic()
         start = max(now, self.next_start)
+        if start > deadline:
+            return False
         self.next_start = start + self.interval
         if start > now:
             await asyncio.sleep(start - now)
+        return True
 
 
 class Round:
@@ -115,7 +120,8 @@ class Round:
     def stop(self) -> None:
         self.stopped = True
 
-    async def completed(self, requests: Sequence[Request]) -> AsyncIterator[tuple[Request, Outcome]]:
+    async def completed(self, requests: Sequence[Request]) -> AsyncGenerator[tuple[Request, Outcome], None]:
+        """Use in `contextlib.aclosing`: requests still running are cancelled if the caller stops early."""
         done: asyncio.Queue[tuple[Request, Outcome | None]] = asyncio.Queue()
         tasks = [asyncio.create_task(self._send(request, done)) for request in requests]
         try:
@@ -133,7 +139,8 @@ class Round:
             async with self.slots:
                 if self.stopped or time.monotonic() >= self.deadline:
                     return
-                await self.pacer.wait()
+                if not await self.pacer.wait(self.deadline) or self.stopped:
+                    return
                 outcome = await post(
                     self.http, self.url, request, self.secrets, self.total_timeout, self.max_response_bytes
                 )
@@ -154,12 +161,12 @@ async def post(
 ) -> Outcome:
     """One signed POST, cut at `total_timeout` whatever it is doing; the answer's body is read up to
     `max_response_bytes` and the rest dropped with the connection."""
-    headers = headers_for(request.webhook_id, request.body, secrets)
     started = time.perf_counter()
     status: int | None = None
     error: str | None = None
     body = bytearray()
     try:
+        headers = headers_for(request.webhook_id, request.body, secrets)
         async with asyncio.timeout(total_timeout):
             async with http.stream("POST", url, content=request.body, headers=headers) as response:
                 status = response.status_code

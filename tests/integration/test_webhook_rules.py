@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -229,6 +230,47 @@ def test_a_rate_limited_endpoint_gets_requests_spaced_out(receiver):
     assert len(arrivals) == 11 and arrivals[-1] - arrivals[0] >= 0.45  # 10 intervals of 50 ms
 
 
+def test_a_slow_rate_limit_holds_across_drains_and_ends_each_at_its_deadline(receiver):
+    endpoint, _ = endpoints.create_endpoint(receiver.url, rate_limit=0.5)  # one request every 2 s
+    smartmail.track("a@example.com", "signup")
+    smartmail.track("b@example.com", "signup")
+    _fan_out(2)
+    started = time.monotonic()
+    assert drain.drain(endpoint["id"], max_seconds=1) is False  # the second start is past the deadline
+    assert time.monotonic() - started < 1.5 and len(receiver.requests) == 1
+    assert drain.due_endpoints() == []  # paced until the next request's time
+    wait_for(lambda: drain.due_endpoints() == [endpoint["id"]], 5, message="the next request's time")
+    drain.drain(endpoint["id"], max_seconds=1)
+    (_, _, first), (_, _, second) = receiver.requests
+    assert second - first >= 1.9
+
+
+def test_a_reset_cancels_a_running_drain_instead_of_hanging_it(receiver):
+    receiver.status = lambda n: time.sleep(20) or 200  # never answers within the test
+    endpoint, _ = endpoints.create_endpoint(receiver.url)
+    smartmail.track("a@example.com", "signup")
+    _fan_out(1)
+    outcome: list = []
+    draining = threading.Thread(target=lambda: outcome.append(_drain_catching(endpoint["id"])))
+    draining.start()
+    wait_for(lambda: receiver.requests, 10, message="the request sent")
+    reset_caches()
+    draining.join(10)
+    assert not draining.is_alive() and outcome == ["CancelledError"]
+    (row,) = _deliveries(endpoint["id"])
+    assert row.state == "pending"  # sent again by the next drain: its answer was never recorded
+    with session_scope() as session:
+        assert session.get(WebhookEndpoint, endpoint["id"]).drain_owner is None  # the lease released
+
+
+def _drain_catching(endpoint_id: int) -> str:
+    try:
+        drain.drain(endpoint_id)
+    except BaseException as exc:  # noqa: BLE001 - the test asserts which
+        return type(exc).__name__
+    return "returned"
+
+
 def test_retention_deletes_finished_deliveries_and_attempts_but_keeps_pending_ones(receiver, monkeypatch):
     monkeypatch.setenv("SMARTMAIL_WEBHOOK_RETRY_SCHEDULE", "[0, 3600]")
     reset_caches()
@@ -300,6 +342,7 @@ def test_an_endpoint_offering_http2_gets_its_deliveries_over_one_http2_connectio
     server = Http2Receiver(tmp_path)
     try:
         monkeypatch.setenv("SMARTMAIL_WEBHOOK_CA_FILE", str(server.ca_file))
+        monkeypatch.setenv("SMARTMAIL_WEBHOOK_HTTP2", "true")
         reset_caches()
         endpoint, _ = endpoints.create_endpoint(f"https://127.0.0.1:{server.port}/hook")
         for i in range(20):

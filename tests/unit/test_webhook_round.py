@@ -135,3 +135,16 @@ def test_410_or_failing_for_days_disables_an_enabled_endpoint_once(settings):
     assert reason.startswith("every attempt failed since") and changes["enabled"] is False
     assert health_changes(_endpoint(failing_since=NOW - timedelta(days=4)), _outcomes(500), NOW)[1] == ""
     assert health_changes(_endpoint(enabled=False), _outcomes(410), NOW)[1] == ""  # disabled already
+
+
+def test_a_pacer_spaces_starts_and_never_waits_past_a_deadline():
+    async def go():
+        pacer = sending.Pacer(20.0)  # 50 ms apart
+        started = time.monotonic()
+        assert await pacer.wait() and await pacer.wait()
+        waited = time.monotonic() - started
+        assert not await pacer.wait(deadline=time.monotonic())  # the next start is 50 ms away
+        return waited, pacer.next_start - time.monotonic()
+
+    waited, ahead = asyncio.run(go())
+    assert 0.04 <= waited < 0.2 and 0 < ahead <= 0.05  # the refused start is still the next one

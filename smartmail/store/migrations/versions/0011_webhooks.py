@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("consecutive_failures", sa.Integer(), nullable=False),
         sa.Column("circuit_open_until", sa.DateTime(), nullable=True),
         sa.Column("circuit_pause", sa.Float(), nullable=True),
+        sa.Column("paced_until", sa.DateTime(), nullable=True),
         sa.Column("drain_until", sa.DateTime(), nullable=True),
         sa.Column("drain_owner", sa.String(26), nullable=True),
     )
