@@ -32,7 +32,9 @@ def _expiry(value: str | None) -> datetime | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         fail(f"--expires: {value!r} is neither a duration (30d, 12h, 90m) nor an ISO time")
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+    from smartmail.store.engine import as_stored
+
+    return as_stored(moment)
 
 
 @keys_app.command("create")

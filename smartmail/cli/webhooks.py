@@ -40,7 +40,9 @@ def _moment(value: str, option: str) -> datetime:
         moment = datetime.fromisoformat(value)
     except ValueError:
         fail(f"{option}: {value!r} is neither a duration ago (30m, 2h, 7d) nor an ISO time")
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+    from smartmail.store.engine import as_stored
+
+    return as_stored(moment)
 
 
 def _when(value: datetime | None, never: str = "") -> str:
@@ -220,9 +222,7 @@ def list_deliveries(
 
     try:
         if show is not None:
-            delivery = deliveries.get_delivery(show)
-            if delivery["endpoint_id"] != endpoint_id:
-                raise NotFound(f"No webhook delivery {show} for endpoint {endpoint_id}.")
+            delivery = deliveries.get_delivery(show, endpoint_id=endpoint_id)
             out.print_json(json.dumps(delivery, default=str))
             return
         rows = deliveries.list_deliveries(endpoint_id, limit=limit, state=state)
@@ -264,9 +264,7 @@ def replay(
         fail("give a DELIVERY_ID or --since (not both)")
     try:
         if delivery_id is not None:
-            if deliveries.get_delivery(delivery_id)["endpoint_id"] != endpoint_id:
-                raise NotFound(f"No webhook delivery {delivery_id} for endpoint {endpoint_id}.")
-            deliveries.replay(delivery_id)
+            deliveries.replay(delivery_id, endpoint_id=endpoint_id)
             out.print(f"delivery {delivery_id} will be sent again")
             return
         assert since is not None

@@ -24,6 +24,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def as_stored(moment: datetime) -> datetime:
+    """A moment as times are stored: naive UTC (an aware one converted, a naive one taken as UTC)."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
 def _configure_sqlite(dbapi_connection, _record) -> None:
     # WAL lets the producer write while workers read; busy_timeout makes concurrent writers wait
     # instead of failing; synchronous=NORMAL is durable across process crashes in WAL mode

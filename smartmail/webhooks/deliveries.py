@@ -11,9 +11,9 @@ from sqlalchemy import delete, func, insert, select, update
 
 from smartmail.config import get_settings
 from smartmail.errors import InvalidInput, NotFound
-from smartmail.store.engine import get_engine, session_scope, utcnow
+from smartmail.store.engine import as_stored, get_engine, session_scope, utcnow
 from smartmail.store.ids import new_id
-from smartmail.store.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from smartmail.store.models import WebhookAttempt, WebhookDelivery
 from smartmail.webhooks import endpoints, sending
 from smartmail.webhooks.drain import FAILED, PENDING, SUCCEEDED, record
 from smartmail.webhooks.endpoints import Target
@@ -71,12 +71,15 @@ def list_deliveries(
         return [_delivery_dict(row) for row in rows]
 
 
-def get_delivery(delivery_id: int) -> dict[str, Any]:
-    """A delivery with its payload and every attempt, oldest first."""
+def get_delivery(delivery_id: int, *, endpoint_id: int | None = None) -> dict[str, Any]:
+    """A delivery with its payload and every attempt, oldest first; NotFound also when it is not
+    `endpoint_id`'s."""
     with session_scope() as session:
         row = session.get(WebhookDelivery, delivery_id)
-        if row is None:
-            raise NotFound(f"No webhook delivery {delivery_id}.")
+        if row is None or endpoint_id is not None and row.endpoint_id != endpoint_id:
+            raise NotFound(
+                f"No webhook delivery {delivery_id}" + (f" for endpoint {endpoint_id}." if endpoint_id else ".")
+            )
         found = _delivery_dict(row)
         found["payload"] = orjson.loads(row.payload)
         attempts = session.scalars(
@@ -94,27 +97,23 @@ def _replayed(where: list, *, batched: bool) -> int:
         return connection.execute(update(WebhookDelivery).where(*where).values(**values)).rowcount
 
 
-def replay(delivery_id: int) -> dict[str, Any]:
+def replay(delivery_id: int, *, endpoint_id: int | None = None) -> dict[str, Any]:
     """Send a delivery again, whatever its state, with a fresh retry schedule. It keeps its
-    webhook-id (a receiver that processed it sees a duplicate), unless its endpoint takes batches."""
-    with get_engine().connect() as connection:
-        batch_size = connection.execute(
-            select(WebhookEndpoint.batch_size)
-            .join(WebhookDelivery, WebhookDelivery.endpoint_id == WebhookEndpoint.id)
-            .where(WebhookDelivery.id == delivery_id)
-        ).scalar()
-    if batch_size is None:
-        raise NotFound(f"No webhook delivery {delivery_id}.")
-    _replayed([WebhookDelivery.id == delivery_id], batched=batch_size > 1)
+    webhook-id (a receiver that processed it sees a duplicate), unless its endpoint takes batches.
+    NotFound also when it is not `endpoint_id`'s."""
+    delivery = get_delivery(delivery_id, endpoint_id=endpoint_id)
+    batched = endpoints.get_endpoint(delivery["endpoint_id"])["batch_size"] > 1
+    _replayed([WebhookDelivery.id == delivery_id], batched=batched)
     return get_delivery(delivery_id)
 
 
 def replay_range(
     endpoint_id: int, since: datetime, until: datetime | None = None, *, state: str | None = FAILED
 ) -> int:
-    """Send again every delivery of an endpoint created in [since, until) (until: now) in `state`
-    (None: any state but pending); returns how many."""
+    """Send again every delivery of an endpoint created in [since, until) (until: now; naive times
+    are UTC) in `state` (None: any state but pending); returns how many."""
     endpoint = endpoints.get_endpoint(endpoint_id)
+    since, until = as_stored(since), as_stored(until) if until is not None else None
     if until is not None and until <= since:
         raise InvalidInput("must be after since", field="until")
     where = [

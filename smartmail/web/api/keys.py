@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, Security
@@ -12,6 +12,7 @@ from smartmail.access import keys
 from smartmail.access.keys import Principal
 from smartmail.access.scopes import SCOPES
 from smartmail.config import get_settings
+from smartmail.store.engine import as_stored
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
@@ -68,7 +69,7 @@ def create_key(body: KeyIn, response: Response, principal: Manager) -> dict[str,
     if own_expiry is not None:
         if expires_at is None:
             expires_at = own_expiry
-        elif _naive_utc(expires_at) > own_expiry:
+        elif as_stored(expires_at) > own_expiry:
             raise HTTPException(403, f"This API key expires at {own_expiry:%Y-%m-%d %H:%M} UTC: it cannot grant later.")
     record, token = keys.create_key(
         body.name,
@@ -79,10 +80,6 @@ def create_key(body: KeyIn, response: Response, principal: Manager) -> dict[str,
     )
     response.headers["Location"] = f"/v1/keys/{record['id']}"
     return {**record, "key": token}
-
-
-def _naive_utc(value: datetime) -> datetime:
-    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
 @router.get("", response_model=Page[KeyOut])

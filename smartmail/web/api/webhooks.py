@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartmail.access.keys import Principal
-from smartmail.errors import InvalidInput, NotFound
+from smartmail.errors import InvalidInput
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
 from smartmail.web.api.pagination import Cursor, Limit, Page, decode_cursor, page
@@ -184,17 +184,6 @@ class ReplayedOut(BaseModel):
     replayed: int = Field(description="How many deliveries will be sent again.")
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _delivery_of(endpoint_id: int, delivery_id: int) -> dict[str, Any]:
-    found = deliveries.get_delivery(delivery_id)
-    if found["endpoint_id"] != endpoint_id:
-        raise NotFound(f"No webhook delivery {delivery_id} for endpoint {endpoint_id}.")
-    return found
-
-
 @router.post("", status_code=201, response_model=CreatedEndpointOut)
 def create_endpoint(body: EndpointIn, response: Response, principal: Manager) -> dict[str, Any]:
     """Add an endpoint and return it with its signing secret. It receives the events written from now
@@ -281,15 +270,14 @@ def list_deliveries(
 @router.get("/{endpoint_id}/deliveries/{delivery_id}", response_model=DeliveryDetailOut)
 def get_delivery(endpoint_id: EndpointId, delivery_id: DeliveryId, principal: Manager) -> dict[str, Any]:
     """One delivery with the body sent and every attempt."""
-    return _delivery_of(endpoint_id, delivery_id)
+    return deliveries.get_delivery(delivery_id, endpoint_id=endpoint_id)
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/replay", status_code=202, response_model=DeliveryDetailOut)
 def replay_delivery(endpoint_id: EndpointId, delivery_id: DeliveryId, principal: Manager) -> dict[str, Any]:
     """Send a delivery again, whatever its state, with a fresh retry schedule and its own webhook-id
     (a receiver that processed it already sees a duplicate)."""
-    _delivery_of(endpoint_id, delivery_id)
-    return deliveries.replay(delivery_id)
+    return deliveries.replay(delivery_id, endpoint_id=endpoint_id)
 
 
 @router.post("/{endpoint_id}/replay", status_code=202, response_model=ReplayedOut)
@@ -298,8 +286,8 @@ def replay_range(endpoint_id: EndpointId, body: ReplayRangeIn, principal: Manage
     default), e.g. after the receiver was down for longer than the retry schedule."""
     replayed = deliveries.replay_range(
         endpoint_id,
-        _naive_utc(body.since),
-        _naive_utc(body.until) if body.until is not None else None,
+        body.since,
+        body.until,
         state=None if body.state == "any" else body.state,
     )
     return {"replayed": replayed}
