@@ -940,6 +940,34 @@ class Bench:
             self.sinks.remove(sink)
 
 
+def run_guarded(bench: Bench, body: Callable[[], None], teardown: Callable[[], None]) -> int:
+    """Run a benchmark's `body`: signals become KeyboardInterrupt, children are always stopped by
+    `teardown`; 0 done, 130 interrupted, 1 a BenchError (logged)."""
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, interrupt)
+    try:
+        body()
+        return 0
+    except KeyboardInterrupt as exc:
+        bench.failed = True
+        log(f"interrupted ({exc}); stopping children")
+        return 130
+    except BenchError as exc:
+        bench.failed = True
+        log(f"benchmark failed: {exc}")
+        return 1
+    except BaseException:
+        bench.failed = True
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if asked again
+        teardown()
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:

@@ -37,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from bench_send import (  # noqa: E402
     free_port,
     log,
     process_cpu,
+    run_guarded,
     wait_for,
     wait_port,
 )
@@ -784,13 +784,9 @@ def main() -> int:
     if args.skip_campaigns:
         args.skip_before = True
 
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, interrupt)
     run = Run(args)
-    try:
+
+    def body() -> None:
         run.setup()
         run.bench.environment()
         if not args.skip_clicks:
@@ -798,21 +794,8 @@ def main() -> int:
         if not args.skip_campaigns:
             run.campaigns()
         bench_results.save("bench_tracking", args, run.results)
-        return 0
-    except KeyboardInterrupt as exc:
-        run.bench.failed = True
-        log(f"interrupted ({exc}); stopping children")
-        return 130
-    except BenchError as exc:
-        run.bench.failed = True
-        log(f"benchmark failed: {exc}")
-        return 1
-    except BaseException:
-        run.bench.failed = True
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        run.teardown()
+
+    return run_guarded(run.bench, body, run.teardown)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -51,7 +50,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_api import finish_py_spy, start_py_spy  # noqa: E402
-from bench_send import Bench, BenchError, CpuMeter, Worker, free_port, log, wait_for, wait_port  # noqa: E402
+from bench_send import (  # noqa: E402
+    Bench,
+    CpuMeter,
+    Worker,
+    free_port,
+    log,
+    run_guarded,
+    wait_for,
+    wait_port,
+)
 from bench_tracking import TreeWorker  # noqa: E402
 
 KEY_PREFIX = "bench-webhooks:"
@@ -466,32 +474,15 @@ def main() -> int:
     args.database = "postgresql"
     args.database_name = "smartmail_bench_webhooks"
 
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, interrupt)
     run = Run(args)
-    try:
+
+    def body() -> None:
         run.setup()
         run.environment()
         run.run()
         bench_results.save("bench_webhooks", args, run.results)
-        return 0
-    except KeyboardInterrupt as exc:
-        run.bench.failed = True
-        log(f"interrupted ({exc}); stopping children")
-        return 130
-    except BenchError as exc:
-        run.bench.failed = True
-        log(f"benchmark failed: {exc}")
-        return 1
-    except BaseException:
-        run.bench.failed = True
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        run.bench.teardown()
+
+    return run_guarded(run.bench, body, run.bench.teardown)
 
 
 if __name__ == "__main__":
