@@ -166,6 +166,11 @@ def _zone_ok(name: str) -> bool:
     return True
 
 
+def known_zone(name: str | None, fallback: str) -> str:
+    """`name` if it is a time zone this machine knows, else `fallback`."""
+    return name if name and _zone_ok(name) else fallback
+
+
 def check_timezone(value: Any, *, field: str = "timezone") -> str | None:
     if value is None or value == "":
         return None

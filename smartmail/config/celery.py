@@ -46,6 +46,7 @@ def celery_config(settings: Settings) -> dict:
             # stream for new deliveries is beat's cheap, frequent job on `default`.
             "smartmail.webhooks.send": {"queue": "webhooks"},
             "smartmail.webhooks.*": {"queue": "default"},
+            "smartmail.automations.*": {"queue": "default"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").
@@ -75,6 +76,17 @@ def celery_config(settings: Settings) -> dict:
                 "task": "smartmail.webhooks.tick",
                 "schedule": settings.webhook_poll_interval,
                 "options": {"expires": settings.webhook_poll_interval},
+            },
+            # New trigger, goal and awaited events, then due enrolments; a late tick is dropped as above.
+            "automations": {
+                "task": "smartmail.automations.tick",
+                "schedule": settings.automation_interval,
+                "options": {"expires": settings.automation_interval},
+            },
+            "automation-triggers": {
+                "task": "smartmail.automations.scan",
+                "schedule": settings.automation_scan_interval,
+                "options": {"expires": settings.automation_scan_interval},
             },
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},

@@ -198,6 +198,18 @@ class Settings(BaseSettings):
     webhook_retention_days: int = Field(30, ge=1)  # finished deliveries and attempts are deleted after this
     webhook_poll_interval: float = Field(1.0, gt=0)  # beat's look at the event stream for new deliveries
 
+    # Automations (docs/automations.md).
+    automation_interval: float = Field(1.0, gt=0)  # beat's look for due enrolments and new trigger events
+    automation_scan_interval: float = Field(60.0, gt=0)  # list joins, segment entries, dates, no-opens
+    automation_batch_size: int = Field(500, ge=1, le=10000)  # enrolments advanced per transaction
+    # Marketing emails (campaigns and workflows; transactional mail exempt) per contact; 0: no cap.
+    # A workflow step over the cap waits until the contact is under it again.
+    frequency_cap_day: int = Field(0, ge=0)
+    frequency_cap_week: int = Field(0, ge=0)
+    # `adjustable`: the scheduler's clock can be moved forward (smartmail.automations.clock.advance),
+    # for tests and rehearsals; `system` in production.
+    scheduler_clock: Literal["system", "adjustable"] = "system"
+
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
     # Threads per web process running the sync routes, each holding a database connection at most;

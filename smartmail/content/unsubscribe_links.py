@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html as html_lib
 import re
 from urllib.parse import quote
 
@@ -112,3 +113,14 @@ def list_unsubscribe_headers(contact_id: int, campaign_id: int | None, *, token:
         "List-Unsubscribe": f"<{url}{token}>, <{mailto}{token}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
+
+
+def with_unsubscribe_link(html: str | None, text: str, url: str) -> tuple[str | None, str]:
+    """The parts with a visible unsubscribe link added where the template did not place `url`:
+    every marketing message shows a way out."""
+    if html is not None and url not in html:
+        footer = f'<p style="font-size:12px;color:#666"><a href="{html_lib.escape(url)}">Unsubscribe</a></p>'
+        html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
+    if url not in text:
+        text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
+    return html, text

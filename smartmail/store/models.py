@@ -210,6 +210,10 @@ class ListMembership(Base):
     source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # api | cli | import:<job id> | …
 
 
+# A workflow triggered by joining a list finds who joined since its last look.
+Index("ix_list_memberships_list_id_joined_at", ListMembership.list_id, ListMembership.joined_at)
+
+
 class EventType(str, enum.Enum):
     """The event types SmartMail itself records (docs/events.md); custom events carry the application's names."""
 
@@ -565,3 +569,135 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     latency_ms: Mapped[int] = mapped_column(Integer)
     response: Mapped[str | None] = mapped_column(Text, nullable=True)  # the body's first bytes, as text
+
+
+# --- Automations (issue 22) ----------------------------------------------------------------------
+
+
+class WorkflowState(str, enum.Enum):
+    ACTIVE = "active"  # enrols contacts and advances its enrolments
+    PAUSED = "paused"  # enrols nobody; its enrolments are held where they are
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Workflow(Base):
+    """An automation: its name, state and current version; each saved definition is a WorkflowVersion."""
+
+    __tablename__ = "workflows"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=WorkflowState.ACTIVE.value)
+    version: Mapped[int] = mapped_column(Integer, default=1)  # the version new enrolments get
+    # Beat's triggers (list join, segment entry, a date, no open) look at what changed since here.
+    scanned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WorkflowVersion(Base):
+    """A workflow's definition as saved: never changed, so running enrolments finish on theirs."""
+
+    __tablename__ = "workflow_versions"
+    __table_args__ = (UniqueConstraint("workflow_id", "version", name="uq_workflow_versions_workflow_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    definition: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class EnrolmentState(str, enum.Enum):
+    ACTIVE = "active"  # its current step runs at due_at (a wait's end, or at once)
+    HELD = "held"  # its workflow is paused: it stays at its step until resumed
+    ENDED = "ended"  # finished; ended_reason says how
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Enrolment(Base):
+    """One contact's way through one workflow version: where it is, when its step is due, how it ended."""
+
+    __tablename__ = "enrolments"
+    __table_args__ = (
+        # The entry rule's key (`once`, an event id, a date…): a contact enters once per key.
+        UniqueConstraint("workflow_id", "contact_id", "entry_key", name="uq_enrolments_workflow_contact_entry"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    contact_id: Mapped[int] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"))
+    entry_key: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(16), default=EnrolmentState.ACTIVE.value)
+    step: Mapped[str] = mapped_column(String(100))  # the step that runs next
+    due_at: Mapped[datetime] = mapped_column(DateTime)
+    # Steps run so far: each run's row in workflow_step_runs is keyed by it, so no step runs twice.
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    # A wait for an event: its type, and when one came (the event reader sets it and makes the step due).
+    awaiting: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    wait_started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # earlier events do not count
+    awaited_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)  # the previous email
+    context: Mapped[dict] = mapped_column(JSON, default=dict)  # the trigger event's properties
+    entered_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # completed | converted (the goal) | exited (an exit step) | unsubscribed | suppressed | removed
+    ended_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+# Only due-able rows are in the due index: a million enrolments waiting cost a tick nothing but
+# the index range that is due.
+_ENROLMENT_ACTIVE = Enrolment.state == literal_column("'active'")
+Index(
+    "ix_enrolments_active_due_at",
+    Enrolment.due_at,
+    Enrolment.id,
+    postgresql_where=_ENROLMENT_ACTIVE,
+    sqlite_where=_ENROLMENT_ACTIVE,
+)
+# Goals, awaited events and unsubscribes find a contact's running enrolments.
+_ENROLMENT_RUNNING = Enrolment.state != literal_column("'ended'")
+Index(
+    "ix_enrolments_running_contact_id",
+    Enrolment.contact_id,
+    postgresql_where=_ENROLMENT_RUNNING,
+    sqlite_where=_ENROLMENT_RUNNING,
+)
+Index("ix_enrolments_workflow_id_state_step", Enrolment.workflow_id, Enrolment.state, Enrolment.step)
+
+
+class StepRun(Base):
+    """One step run for one enrolment: what it did (the message it sent, the branch it took)."""
+
+    __tablename__ = "workflow_step_runs"
+    __table_args__ = (
+        Index("ix_workflow_step_runs_contact_id_ran_at", "contact_id", "ran_at"),  # the frequency cap
+        Index("ix_workflow_step_runs_message_id", "message_id"),  # "opened the email of step S"
+    )
+
+    enrolment_id: Mapped[int] = mapped_column(_BigId, ForeignKey("enrolments.id", ondelete="CASCADE"), primary_key=True)
+    run: Mapped[int] = mapped_column(Integer, primary_key=True)  # the enrolment's `runs` when it ran
+    workflow_id: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(16))  # the step's type
+    contact_id: Mapped[int] = mapped_column(_BigId)
+    ran_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    message_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(200), nullable=True)  # a branch's way, a hold's reason
+
+
+class SegmentPresence(Base):
+    """Contacts found in a workflow's trigger segment at its last evaluation: entering is being
+    found without a row here."""
+
+    __tablename__ = "workflow_segment_presence"
+
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)

@@ -21,6 +21,7 @@ app = Celery(
         "smartmail.tasks.process_hooks",
         "smartmail.tasks.retention",
         "smartmail.tasks.webhooks",
+        "smartmail.tasks.automations",
     ],
 )
 

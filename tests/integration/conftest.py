@@ -135,6 +135,11 @@ def _clear_tables(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         for table in (
+            "workflow_step_runs",
+            "workflow_segment_presence",
+            "enrolments",
+            "workflow_versions",
+            "workflows",
             "import_errors",
             "import_jobs",
             "events",
