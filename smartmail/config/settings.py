@@ -198,6 +198,13 @@ class Settings(BaseSettings):
     webhook_retention_days: int = Field(30, ge=1)  # finished deliveries and attempts are deleted after this
     webhook_poll_interval: float = Field(1.0, gt=0)  # beat's look at the event stream for new deliveries
 
+    # The engagement score (audience/engagement_score.py): human opens and clicks, decaying.
+    engagement_open_points: float = Field(1.0, ge=0, le=1e6)  # a human open adds this
+    engagement_click_points: float = Field(3.0, ge=0, le=1e6)  # a human click adds this
+    # The score halves in this many days. Changing it re-reads nothing by itself: see rebuild().
+    engagement_half_life_days: float = Field(14.0, ge=0.01, le=36500)
+    engagement_interval: float = Field(10.0, gt=0)  # beat's look at the event stream for new opens and clicks
+
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes
     # Threads per web process running the sync routes, each holding a database connection at most;
