@@ -226,6 +226,16 @@ def _check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 # --- Contacts ---------------------------------------------------------------------------------------
 
 
+def _engagement_score(contact: Contact) -> float:
+    """The contact's engagement score as of now, to 2 places (0 with no human open or click)."""
+    if contact.engagement_scored_at is None:
+        return 0.0
+    # Imported here: engagement_score reads the event stream, whose module imports this one.
+    from smartmail.audience.engagement_score import Decay
+
+    return round(Decay.from_settings().decayed(contact.engagement_score, contact.engagement_scored_at, utcnow()), 2)
+
+
 def as_dict(contact: Contact, lists: list[str] | None = None) -> dict[str, Any]:
     data = {
         "id": contact.id,
@@ -239,6 +249,7 @@ def as_dict(contact: Contact, lists: list[str] | None = None) -> dict[str, Any]:
         "updated_at": contact.updated_at,
         "last_open_at": contact.last_open_at,
         "last_click_at": contact.last_click_at,
+        "engagement_score": _engagement_score(contact),
     }
     if lists is not None:
         data["lists"] = lists

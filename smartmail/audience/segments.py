@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, false, func, not_, or_, select
+from sqlalchemy import and_, exists, false, func, not_, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
+from smartmail.audience.engagement_score import Decay
 from smartmail.errors import InvalidSegment, NotFound
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, Event, EventType, ListMembership, Message, Segment
@@ -68,6 +69,13 @@ class EventRule:
     name: str
     within: int | None
     min_count: int
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """`{"engagement_score": {"gte": 5, "lt": 20}}`: the contact's current score against each bound."""
+
+    bounds: tuple[tuple[str, float], ...]  # (gt | gte | lt | lte, value ≥ 0)
 
 
 def _is_number(value: Any) -> bool:
@@ -162,21 +170,50 @@ def _parse(rule: Any, path: str, depth: int, counter: list[int]) -> Any:
             _only(rule, {kind}, path)
             return Simple(kind, _days(rule[kind], f"{path}.{kind}"))
     if "event" in rule:
-        _only(rule, {"event", "within", "min_count"}, path)
-        name = rule["event"]
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise InvalidSegment("must be an event name", field=f"{path}.event")
-        within = _days(rule["within"], f"{path}.within") if rule.get("within") is not None else None
-        min_count = rule.get("min_count", 1)
-        if not isinstance(min_count, int) or isinstance(min_count, bool) or not 1 <= min_count <= 1_000_000:
-            raise InvalidSegment(f"must be a whole number from 1, not {min_count!r}", field=f"{path}.min_count")
-        return EventRule(name, within, min_count)
+        return _parse_event(rule, path)
+    if "engagement_score" in rule:
+        _only(rule, {"engagement_score"}, path)
+        return _parse_score(rule["engagement_score"], f"{path}.engagement_score")
     keys = ", ".join(repr(k) for k in rule) or "nothing"
     raise InvalidSegment(
         f"unknown rule ({keys}); expected one of all, any, not, attr, status, list, "
-        "created_within, opened_within, clicked_within, sent_within, event",
+        "created_within, opened_within, clicked_within, sent_within, event, engagement_score",
         field=path,
     )
+
+
+def _parse_event(rule: Mapping, path: str) -> EventRule:
+    _only(rule, {"event", "within", "min_count"}, path)
+    name = rule["event"]
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise InvalidSegment("must be an event name", field=f"{path}.event")
+    within = _days(rule["within"], f"{path}.within") if rule.get("within") is not None else None
+    min_count = rule.get("min_count", 1)
+    if not isinstance(min_count, int) or isinstance(min_count, bool) or not 1 <= min_count <= 1_000_000:
+        raise InvalidSegment(f"must be a whole number from 1, not {min_count!r}", field=f"{path}.min_count")
+    return EventRule(name, within, min_count)
+
+
+_SCORE_OPERATORS = ("gt", "gte", "lt", "lte")
+
+
+def _parse_score(bounds: Any, path: str) -> ScoreRule:
+    if not isinstance(bounds, Mapping) or not bounds:
+        raise InvalidSegment(
+            'must be an object of one or more of gt, gte, lt, lte and a number, e.g. {"gte": 5}', field=path
+        )
+    checked = []
+    for op, value in bounds.items():
+        if op not in _SCORE_OPERATORS:
+            raise InvalidSegment(
+                f"unknown operator {op!r}; expected one of {', '.join(_SCORE_OPERATORS)}", field=f"{path}.{op}"
+            )
+        if not _is_number(value) or value < 0:
+            raise InvalidSegment(
+                f"must be a number from 0 (scores are never negative), not {value!r}", field=f"{path}.{op}"
+            )
+        checked.append((op, float(value)))
+    return ScoreRule(tuple(checked))
 
 
 def _only(rule: Mapping, allowed: set[str], path: str) -> None:
@@ -265,6 +302,17 @@ def _events_since(type_: str, since: datetime | None):
     return conditions
 
 
+def _score_clause(op: str, value: float, now: datetime) -> ColumnElement:
+    """One bound on the current score as a comparison of the stored key (engagement_score.Decay):
+    score ≥ X ⇔ key ≥ key(X, now). A contact without a key has the score 0; the NULL tests keep the
+    clause true or false, never NULL, so that `not` selects exactly the others."""
+    key = contacts_t.c.engagement_key
+    if value == 0:
+        return {"gte": true(), "gt": key.is_not(None), "lte": key.is_(None), "lt": false()}[op]
+    compared = getattr(key, _COMPARE[op])(Decay.from_settings().key(value, now))
+    return and_(key.is_not(None), compared) if op in ("gt", "gte") else or_(key.is_(None), compared)
+
+
 def _clause(node: Any, sql: JsonAttributes, now: datetime, after: int | None) -> ColumnElement:
     if isinstance(node, Group):
         parts = [_clause(r, sql, now, after) for r in node.rules]
@@ -273,6 +321,8 @@ def _clause(node: Any, sql: JsonAttributes, now: datetime, after: int | None) ->
         return not_(_clause(node.rule, sql, now, after))
     if isinstance(node, Attr):
         return _attr_clause(node, sql)
+    if isinstance(node, ScoreRule):
+        return and_(*[_score_clause(op, value, now) for op, value in node.bounds])
     if isinstance(node, EventRule):
         since = now - timedelta(days=node.within) if node.within else None
         if node.min_count == 1:

@@ -47,6 +47,7 @@ def celery_config(settings: Settings) -> dict:
             "smartmail.webhooks.send": {"queue": "webhooks"},
             "smartmail.webhooks.*": {"queue": "default"},
             "smartmail.automations.*": {"queue": "default"},
+            "smartmail.engagement.*": {"queue": "default"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").
@@ -87,6 +88,13 @@ def celery_config(settings: Settings) -> dict:
                 "task": "smartmail.automations.scan",
                 "schedule": settings.automation_scan_interval,
                 "options": {"expires": settings.automation_scan_interval},
+            },
+            # Human opens and clicks into the contacts' engagement scores; a tick not started before
+            # the next is due is dropped, as the webhooks' (each run reads for up to the interval).
+            "engagement-score": {
+                "task": "smartmail.engagement.score",
+                "schedule": settings.engagement_interval,
+                "options": {"expires": settings.engagement_interval},
             },
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},

@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     # `adjustable`: the scheduler's clock can be moved forward (smartmail.automations.clock.advance),
     # for tests and rehearsals; `system` in production.
     scheduler_clock: Literal["system", "adjustable"] = "system"
+    # The engagement score (audience/engagement_score.py): human opens and clicks, decaying.
+    engagement_open_points: float = Field(1.0, ge=0, le=1e6)  # a human open adds this
+    engagement_click_points: float = Field(3.0, ge=0, le=1e6)  # a human click adds this
+    # The score halves in this many days. Changing it re-reads nothing by itself: see rebuild().
+    engagement_half_life_days: float = Field(14.0, ge=0.01, le=36500)
+    engagement_interval: float = Field(10.0, gt=0)  # beat's look at the event stream for new opens and clicks
 
     # The HTTP API (smartmail web).
     web_workers: int = Field(2, ge=1, le=64)  # uvicorn worker processes

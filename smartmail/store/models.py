@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Double,
     Float,
     Index,
     Integer,
@@ -188,6 +189,11 @@ class Contact(Base):
     # The import job that last wrote this row: how a job tells an address repeated later in its
     # file from one it has not seen, without holding every address of the file in memory.
     last_import_id: Mapped[str | None] = mapped_column(String(26), nullable=True)
+    # The engagement score (issue 22; audience/engagement_score.py): the decayed sum of human opens
+    # and clicks as of the latest one read, and its log-space key, which segments compare against.
+    engagement_score: Mapped[float | None] = mapped_column(Double, nullable=True)
+    engagement_scored_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    engagement_key: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class ContactList(Base):
@@ -701,3 +707,9 @@ class SegmentPresence(Base):
 
     workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id", ondelete="CASCADE"), primary_key=True)
     contact_id: Mapped[int] = mapped_column(_BigId, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+
+
+# --- Engagement score (issue 22) ---
+
+# `{"engagement_score": {"gte": X}}` is one range scan of this index (segments.py).
+Index("ix_contacts_engagement_key", Contact.engagement_key)

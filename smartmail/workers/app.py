@@ -22,6 +22,7 @@ app = Celery(
         "smartmail.tasks.retention",
         "smartmail.tasks.webhooks",
         "smartmail.tasks.automations",
+        "smartmail.tasks.engagement",
     ],
 )
 

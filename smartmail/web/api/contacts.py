@@ -69,6 +69,9 @@ class ContactOut(BaseModel):
     updated_at: UtcDateTime
     last_open_at: UtcDateTime | None = None
     last_click_at: UtcDateTime | None = None
+    engagement_score: float = Field(
+        0.0, description="Human opens and clicks, decaying (halved every SMARTMAIL_ENGAGEMENT_HALF_LIFE_DAYS)."
+    )
     lists: list[str] | None = Field(
         None, description="The lists the contact is subscribed to; in answers about one contact only."
     )
