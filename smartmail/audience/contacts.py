@@ -6,6 +6,8 @@ import functools
 import json
 import math
 import re
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +25,7 @@ from smartmail.errors import ConflictingInput, InvalidInput, NotFound
 from smartmail.store import dialect
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, ContactStatus, Event, EventType, ListMembership, Suppression
+from smartmail.workers.dispatch import publish
 
 log = structlog.get_logger("smartmail.contacts")
 
@@ -828,6 +831,27 @@ def check_occurred_at(value: Any, *, field: str = "occurred_at") -> datetime:
     return value
 
 
+# The automations' tick reads new events (automations/enrolment.py): asked for when custom events
+# are stored, so a triggered workflow starts at once rather than at beat's next tick; at most once
+# a second per process, since one tick reads every event stored before it.
+AUTOMATIONS_TICK = "smartmail.automations.tick"
+_ASK_EVERY = 1.0
+_asked = {"at": -_ASK_EVERY}
+_asking = threading.Lock()
+
+
+def ask_for_automations() -> None:
+    """Ask the workers to read the custom events just stored (never raises: beat's tick reads them anyway)."""
+    with _asking:
+        if time.monotonic() - _asked["at"] < _ASK_EVERY:
+            return
+        _asked["at"] = time.monotonic()
+    try:
+        publish(AUTOMATIONS_TICK, expires=5.0)
+    except Exception as exc:  # noqa: BLE001 - a broker outage must not fail the event's recording
+        log.warning("events.automations_not_asked", error=str(exc))
+
+
 def track(
     email: str, event: str, properties: Mapping[str, Any] | None = None, *, occurred_at: datetime | None = None
 ) -> int:
@@ -842,7 +866,9 @@ def track(
         row = Event(type=event, contact_id=contact.id, properties=checked_properties, occurred_at=occurred_at)
         session.add(row)
         session.flush()
-        return row.id
+        event_id = row.id
+    ask_for_automations()
+    return event_id
 
 
 # --- For modules that change a contact inside their own transaction (unsubscribe, …) ----------------

@@ -100,6 +100,8 @@ def ingest(items: Sequence[Any]) -> list[Ingested | InvalidInput]:
                     .returning(Event.client_event_id)
                 )
                 stored = set(connection.execute(statement, keyed).scalars())
+    if checked:
+        contacts.ask_for_automations()
     for index, values in checked:
         client_id = values["client_event_id"]
         results[index] = Ingested(client_id, duplicate=client_id is not None and client_id not in stored)
