@@ -136,7 +136,8 @@ def _claim(connection: Connection, now: datetime, limit: int) -> Sequence[Any]:
 
 def _contacts(connection: Connection, contact_ids: Sequence[int]) -> dict[int, Any]:
     """The contacts, locked for this transaction (update and score steps rewrite their attributes),
-    in id order so that two advances wait for each other instead of deadlocking."""
+    in id order so that two advances wait for each other instead of deadlocking. FOR NO KEY UPDATE:
+    inserting an enrolment (a foreign key's KEY SHARE lock) is not kept waiting."""
     rows = connection.execute(
         select(
             Contact.id,
@@ -149,7 +150,7 @@ def _contacts(connection: Connection, contact_ids: Sequence[int]) -> dict[int, A
         .outerjoin(Suppression, Suppression.email == Contact.email)
         .where(Contact.id.in_(sorted(set(contact_ids))))
         .order_by(Contact.id)
-        .with_for_update(of=Contact)
+        .with_for_update(of=Contact, key_share=True)
     ).all()
     return {row.id: _MutableContact(row) for row in rows}
 
@@ -285,12 +286,15 @@ class _Stepper:
     # --- the steps: each takes the runs at that step ---------------------------------------------
 
     def _send(self, step: Step, group: list[Run]) -> None:
-        allowed = self._under_frequency_cap(group)
+        sent_before = self._marketing_sent(group)
         ids = new_ids(len(group))
         for run, message_id in zip(group, ids):
-            until = allowed.get(run.contact_id)
+            until = self._capped_until(sent_before.get(run.contact_id, []), self.sent_here[run.contact_id])
             if until is not None:
                 run.due_at, run.going = until, False
+                log.info(
+                    "workflow.step_held", workflow=run.workflow, step=step.id, enrolment=run.enrolment_id, until=until
+                )
                 continue
             try:
                 row = step_messages.message_row(
@@ -316,40 +320,47 @@ class _Stepper:
             run.last_message_id = message_id
             run.move(step.next)
 
-    def _under_frequency_cap(self, group: list[Run]) -> dict[int, datetime]:
-        """{contact id: when to try again} for contacts at the cap of marketing emails a day or a
-        week (workflow sends and campaign emails sent; transactional mail does not count)."""
-        held: dict[int, datetime] = {}
-        for cap, days in ((self.settings.frequency_cap_day, 1), (self.settings.frequency_cap_week, 7)):
-            if not cap:
-                continue
-            window = timedelta(days=days)
-            counts: dict[int, list[datetime]] = defaultdict(list)
-            contact_ids = sorted({run.contact_id for run in group})
-            for contact_id, at in self.connection.execute(
-                select(StepRun.contact_id, StepRun.ran_at).where(
-                    StepRun.contact_id.in_(contact_ids), StepRun.kind == "send", StepRun.ran_at > self.now - window
-                )
-            ):
-                counts[contact_id].append(at)
-            for event_contact, at in self.connection.execute(
-                select(Event.contact_id, Event.occurred_at).where(
-                    Event.contact_id.in_(contact_ids),
-                    Event.type == EventType.SENT.value,
-                    Event.occurred_at > utcnow() - window,
-                    Event.campaign_id.is_not(None),
-                )
-            ):
-                counts[event_contact or 0].append(at)
-            for contact_id in contact_ids:
-                times = sorted(counts[contact_id])
-                if len(times) + self.sent_here[contact_id] >= cap:
-                    # Free again once the oldest counted email leaves the window (checked again then).
-                    oldest = times[0] if times else self.now
-                    held[contact_id] = max(
-                        held.get(contact_id, self.now), max(oldest + window, self.now + timedelta(minutes=1))
-                    )
-        return held
+    def _caps(self) -> list[tuple[int, timedelta]]:
+        settings = self.settings
+        caps = ((settings.frequency_cap_day, timedelta(days=1)), (settings.frequency_cap_week, timedelta(days=7)))
+        return [(cap, window) for cap, window in caps if cap]
+
+    def _marketing_sent(self, group: list[Run]) -> dict[int, list[datetime]]:
+        """When each contact was sent marketing email within the longest cap's window: workflow
+        sends and campaign emails sent (transactional mail does not count). Empty with no cap."""
+        caps = self._caps()
+        if not caps:
+            return {}
+        window = max(window for _, window in caps)
+        contact_ids = sorted({run.contact_id for run in group})
+        sent: dict[int, list[datetime]] = defaultdict(list)
+        for contact_id, at in self.connection.execute(
+            select(StepRun.contact_id, StepRun.ran_at).where(
+                StepRun.contact_id.in_(contact_ids), StepRun.kind == "send", StepRun.ran_at > self.now - window
+            )
+        ):
+            sent[contact_id].append(at)
+        for event_contact, at in self.connection.execute(
+            select(Event.contact_id, Event.occurred_at).where(
+                Event.contact_id.in_(contact_ids),
+                Event.type == EventType.SENT.value,
+                Event.occurred_at > utcnow() - window,
+                Event.campaign_id.is_not(None),
+            )
+        ):
+            sent[event_contact or 0].append(at)
+        return sent
+
+    def _capped_until(self, sent: list[datetime], sent_here: int) -> datetime | None:
+        """None when one more email keeps the contact within every cap; else when to try again: once
+        the oldest email counted in the window leaves it (checked again then)."""
+        until = None
+        for cap, window in self._caps():
+            recent = sorted(at for at in sent if at > self.now - window)
+            if len(recent) + sent_here >= cap:
+                free = max(recent[0] + window if recent else self.now, self.now + timedelta(minutes=1))
+                until = max(until or free, free)
+        return until
 
     def _wait(self, step: Step, group: list[Run]) -> None:
         for run in group:
