@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from smartmail.audience.engagement_decay import Decay
 from smartmail.errors import ConflictingInput, InvalidInput, NotFound
 from smartmail.store import dialect
 from smartmail.store.engine import session_scope, utcnow
@@ -233,9 +234,6 @@ def _engagement_score(contact: Contact) -> float:
     """The contact's engagement score as of now, to 2 places (0 with no human open or click)."""
     if contact.engagement_scored_at is None:
         return 0.0
-    # Imported here: engagement_score reads the event stream, whose module imports this one.
-    from smartmail.audience.engagement_score import Decay
-
     return round(Decay.from_settings().decayed(contact.engagement_score, contact.engagement_scored_at, utcnow()), 2)
 
 

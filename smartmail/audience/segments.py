@@ -15,7 +15,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from smartmail.audience.contacts import STATUSES, InvalidInput, as_dict, check_attribute_name
-from smartmail.audience.engagement_score import Decay
+from smartmail.audience.engagement_decay import Decay
 from smartmail.errors import InvalidSegment, NotFound
 from smartmail.store.engine import get_engine, reader, session_scope, utcnow
 from smartmail.store.models import Contact, ContactList, Event, EventType, ListMembership, Message, Segment

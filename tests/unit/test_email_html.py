@@ -226,6 +226,8 @@ SHIPPED_CONTEXT = {
     "email": "ann@example.org",
     "reset_url": "https://example.com/reset?t=1&u=2",
     "plan": "Pro",
+    "unsubscribe_url": "https://example.com/unsubscribe/t",
+    "event": {"item_count": 2, "total": "59.00", "cart_url": "https://shop.example/cart/81"},  # workflow emails'
 }
 
 
