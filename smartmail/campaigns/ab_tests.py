@@ -163,7 +163,7 @@ def check(session, value: Any) -> dict[str, Any] | None:
         )
     if "duration" not in value:
         raise InvalidInput('how long the test runs is required (seconds, or "4h")', field="ab_test.duration")
-    metric = value.get("metric", "opens")
+    metric = "opens" if value.get("metric") is None else value["metric"]
     if metric not in METRICS:
         raise InvalidInput(f"must be one of {', '.join(METRICS)}", field="ab_test.metric")
     conversion_event = value.get("conversion_event")
@@ -173,10 +173,10 @@ def check(session, value: Any) -> dict[str, Any] | None:
         raise InvalidInput(
             "the conversions metric needs the event that counts (e.g. order_placed)", field="ab_test.conversion_event"
         )
-    hours = value.get("conversion_hours", _CONVERSION_HOURS)
+    hours = _CONVERSION_HOURS if value.get("conversion_hours") is None else value["conversion_hours"]
     if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not 0 < hours <= 24 * 90:
         raise InvalidInput("must be a number of hours above 0, at most 2160", field="ab_test.conversion_hours")
-    auto_winner = value.get("auto_winner", True)
+    auto_winner = True if value.get("auto_winner") is None else value["auto_winner"]
     if not isinstance(auto_winner, bool):
         raise InvalidInput("must be true or false", field="ab_test.auto_winner")
     seed = value.get("seed")
