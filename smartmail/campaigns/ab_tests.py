@@ -79,8 +79,13 @@ def _send_at(value: Any, field: str) -> str | None:
             raise InvalidInput("must be an ISO 8601 time (without an offset, UTC)", field=field) from None
     if not isinstance(value, datetime):
         raise InvalidInput("must be an ISO 8601 time (without an offset, UTC)", field=field)
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
+    # Before the year 9999 by a margin: the test's duration is added to it at launch.
+    try:
+        value = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+    except OverflowError:  # past either end of the calendar in UTC
+        raise InvalidInput("is out of range", field=field) from None
+    if value.year >= 9999:
+        raise InvalidInput("must be before the year 9999", field=field)
     return value.isoformat()
 
 
