@@ -612,8 +612,7 @@ def _decide_ab_tests(now: datetime) -> list[tuple[int, str]]:
         for campaign in due:
             if not campaign.ab_test or not campaign.ab_test.get("auto_winner", True):
                 continue
-            with reader() as connection:
-                found = ab_tests.report(connection, campaign)
+            found = ab_tests.report(session.connection(), campaign)
             ab_tests.declare_winner(campaign, found["leader"], now)
             decided.append((campaign.id, hand_fan_out(campaign, now)))
             log.info(

@@ -194,11 +194,10 @@ class Rendered:
 def _content(row, campaign):
     """What the row is sent with: its campaign's frozen content, or for an A/B campaign the
     variant its headers name (the row carries it: no query per message)."""
-    if campaign.ab_frozen is None:
+    variants = _variants.get(campaign.id)
+    if variants is None:
         return campaign
-    variants = _variants[campaign.id]
-    name = (row.headers or {}).get(VARIANT_HEADER)
-    return variants.get(name) or next(iter(variants.values()))
+    return variants.get((row.headers or {}).get(VARIANT_HEADER)) or next(iter(variants.values()))
 
 
 def _render(row, campaign) -> Rendered:

@@ -332,6 +332,16 @@ def test_fan_out_records_the_split_holds_the_rest_and_the_operator_picks_the_win
     )
     assert campaigns.fan_out(copy_id) == 0  # fanned out: a relaunch adds nothing
 
+    # Beat picks a winner once the test is over when auto_winner is on; no conversion anywhere: a
+    # tie, which goes to the earliest variant.
+    with session_scope() as session:
+        other = session.scalar(select(Campaign).where(Campaign.name == "insert"))
+        other.ab_test = {**other.ab_test, "auto_winner": True}
+    campaigns.run_due(now=later + timedelta(minutes=59))
+    assert campaigns.get_campaign("insert")["ab_winner"] is None  # the test runs an hour after `later`
+    campaigns.run_due(now=later + timedelta(minutes=61))
+    assert campaigns.get_campaign("insert")["ab_winner"] == "plain"
+
 
 def test_bad_ab_tests_name_the_field_over_every_entry_point(relay, api):
     make_audience(3)
