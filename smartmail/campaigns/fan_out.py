@@ -11,6 +11,7 @@ import structlog
 from sqlalchemy import and_, exists, or_, select
 
 from smartmail.audience import segments
+from smartmail.campaigns import ab_tests
 from smartmail.config import get_settings
 from smartmail.errors import NotFound
 from smartmail.store.engine import reader, refresh_statistics, session_scope, utcnow
@@ -101,9 +102,12 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
                 return created
             campaign.fan_out_until = _lease_end()
             contacts = Contact.__table__
-            page = session.execute(
-                audience_query(session, campaign, after=campaign.cursor).order_by(contacts.c.id).limit(PAGE)
-            ).all()
+            query = audience_query(session, campaign, after=campaign.cursor)
+            if campaign.ab_winner is not None:  # the rest of an A/B campaign's audience: those without a message
+                query = query.where(
+                    ~exists().where(Message.campaign_id == campaign.id, Message.contact_id == contacts.c.id)
+                )
+            page = session.execute(query.order_by(contacts.c.id).limit(PAGE)).all()
             if not page:
                 campaign.fanned_out = True
                 log.info("campaign.fanned_out", campaign=campaign.name, messages=created)
@@ -124,6 +128,8 @@ def _owns(campaign_id: int, owner: str | None) -> bool:
 def _insert_page(session, campaign: Campaign, page: Sequence, now: datetime, domain: str) -> list[tuple[str, str]]:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
     rows = _message_rows(campaign, page, now)
+    if not rows:  # an A/B test's page with no contact in the test share
+        return []
     return fan_out_sql.for_bind(session).insert_page(session, campaign, rows, now, domain)
 
 
@@ -132,12 +138,41 @@ def _message_rows(campaign: Campaign, page: Sequence, now: datetime) -> list[Mes
     window = None
     if campaign.window_start and campaign.window_end:  # set together, or neither
         window = (campaign.window_start, campaign.window_end, campaign.window_timezone or "UTC")
+    if campaign.ab_test is not None:
+        return _ab_rows(campaign, page, now, window)
     queued, scheduled = MessageState.QUEUED.value, MessageState.SCHEDULED.value
     rows = []
     for message_id, (contact_id, email, zone) in zip(new_ids(len(page)), page):
         opens = window_opens(now, known_zone(zone, window[2]), window[0], window[1]) if window else None
         rows.append(
             MessageRow(message_id, scheduled if opens else queued, email, contact_id, opens, None if opens else now)
+        )
+    return rows
+
+
+def _ab_rows(campaign: Campaign, page: Sequence, now: datetime, window: tuple | None) -> list[MessageRow]:
+    """An A/B campaign's rows: before the winner, only the test share's contacts, each with its
+    variant (and that variant's sender and send time); after, the winner to everyone left."""
+    split = ab_tests.Split(campaign)
+    queued, scheduled = MessageState.QUEUED.value, MessageState.SCHEDULED.value
+    rows = []
+    placed = [(contact, split.place(contact[0], now)) for contact in page]
+    kept = [(contact, where) for contact, where in placed if where is not None]
+    for message_id, ((contact_id, email, zone), where) in zip(new_ids(len(kept)), kept):
+        opens = window_opens(now, known_zone(zone, window[2]), window[0], window[1]) if window else None
+        due = max(d for d in (opens, where.send_at) if d) if opens or where.send_at else None
+        rows.append(
+            MessageRow(
+                message_id,
+                scheduled if due else queued,
+                email,
+                contact_id,
+                due,
+                None if due else now,
+                sender=where.sender,
+                variant=where.variant,
+                renders=where.renders,
+            )
         )
     return rows
 

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from smartmail.addresses import AddressError, parse_mailbox
 from smartmail.audience.contacts import InvalidInput, NotFound, check_list_name
+from smartmail.campaigns import ab_tests
 from smartmail.campaigns.fan_out import (
     audience_query,
     fan_out,
@@ -97,6 +98,7 @@ EDITABLE = (
     "tracking",
     "utm",
     "preheader",
+    "ab_test",
 )
 _CHANGEABLE = (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value)
 
@@ -145,6 +147,10 @@ def as_dict(campaign: Campaign) -> dict[str, Any]:
         "soft_bounces": campaign.soft_bounces,
         "complaints": campaign.complaints,
         "paused_reason": campaign.paused_reason,
+        "ab_test": dict(campaign.ab_test) if campaign.ab_test else None,
+        "ab_decide_at": campaign.ab_decide_at,
+        "ab_winner": campaign.ab_winner,
+        "ab_decided_at": campaign.ab_decided_at,
         "created_at": campaign.created_at,
         "launched_at": campaign.launched_at,
         "finished_at": campaign.finished_at,
@@ -197,6 +203,8 @@ def _content_columns(session, settings: Mapping[str, Any]) -> dict[str, Any]:
             or session.scalar(select(Segment.id).where(Segment.name == segment)) is None
         ):
             raise InvalidInput(f"no saved segment named {values['segment']!r}", field="segment")
+    if "ab_test" in settings:
+        values["ab_test"] = ab_tests.check(session, settings["ab_test"])
     return values
 
 
@@ -291,14 +299,15 @@ def create_campaign(
     tracking: bool = True,
     utm: Mapping[str, str] | None = None,
     preheader: str | None = None,
+    ab_test: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A draft campaign (scheduled with `send_at`): `template` to the members of `lists` and/or
     the saved `segment`, minus suppressed and non-subscribed contacts. Errors name the field;
     nothing is stored then. `resend_unknown`: at-least-once, messages a worker crash left
     `unknown` (their content may have reached the relay) are sent again; a recipient may then get
     a duplicate. `tracking`: open and click tracking; `utm`: UTM parameters for its tracked links
-    (keys among UTM_KEYS); `preheader`: hidden preview text replacing the template's. Returns the
-    campaign (as_dict)."""
+    (keys among UTM_KEYS); `preheader`: hidden preview text replacing the template's; `ab_test`:
+    an A/B test (docs/ab-tests.md; checked by ab_tests.check). Returns the campaign (as_dict)."""
     if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable() or "/" in name:
         raise InvalidInput("a name of 1-200 printable characters other than / is required", field="name")
     lists = list(lists)
@@ -318,6 +327,7 @@ def create_campaign(
         "tracking": tracking,
         "utm": utm,
         "preheader": preheader,
+        "ab_test": ab_test,
     }
     with session_scope() as session:
         values = _columns(session, settings)
@@ -453,8 +463,23 @@ def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
     """draft/scheduled → sending, with the template frozen; False if it was not startable."""
     if campaign.state not in (CampaignState.DRAFT.value, CampaignState.SCHEDULED.value):
         return False
+    subject, html, text, version = _frozen_template(session, campaign.template_name, campaign.preheader)
+    campaign.subject, campaign.html, campaign.text, campaign.template_version = subject, html, text, version
+    campaign.state = CampaignState.SENDING.value
+    campaign.launched_at = now or utcnow()
+    if campaign.ab_test is not None:
+        ab_tests.freeze(campaign, lambda template: _frozen_template(session, template, campaign.preheader))
+    hand_fan_out(campaign, campaign.launched_at)
+    return True
+
+
+def _frozen_template(
+    session, template_name: str, own_preheader: str | None
+) -> tuple[str | None, str | None, str | None, int | None]:
+    """A template's subject, HTML (with the preheader: the campaign's own, else the template's)
+    and text as a launch freezes them, and its version (None for a file template)."""
     settings = get_settings()
-    ref = template_store.resolve(session, campaign.template_name, settings.templates_dir)
+    ref = template_store.resolve(session, template_name, settings.templates_dir)
     if ref.version is not None:
         parts = {
             part: template_store.load_part(None, ref.name, ref.version, part, session=session)
@@ -469,16 +494,12 @@ def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
         }
         parts["preheader"] = (parts["preheader"] or "").strip() or None
     # The preheader goes into the frozen HTML; its CSS is inlined as workers compile it (rendering).
-    preheader = campaign.preheader or parts["preheader"]
+    preheader = own_preheader or parts["preheader"]
     html = email_html.add_preheader(parts["html"], preheader) if parts["html"] else parts["html"]
-    campaign.subject, campaign.html, campaign.text = parts["subject"], html, parts["text"]
-    if campaign.text is None and campaign.html:
-        campaign.text = rendering.text_source_from_html(campaign.html)
-    campaign.template_version = ref.version
-    campaign.state = CampaignState.SENDING.value
-    campaign.launched_at = now or utcnow()
-    hand_fan_out(campaign, campaign.launched_at)
-    return True
+    text = parts["text"]
+    if text is None and html:
+        text = rendering.text_source_from_html(html)
+    return parts["subject"], html, text, ref.version
 
 
 def _publish_fan_out(campaign_id: int, owner: str | None) -> None:
@@ -555,17 +576,100 @@ def run_due(now: datetime | None = None) -> None:
     for campaign_id, name, owner in take_lost_fan_outs(now):
         log.warning("campaign.fan_out_restarted", campaign=name)
         _publish_fan_out(campaign_id, owner)
+    for campaign_id, owner in _decide_ab_tests(now):
+        _publish_fan_out(campaign_id, owner)
     open_messages = exists().where(Message.campaign_id == Campaign.id, Message.state.in_(_OPEN))
+    # An A/B campaign whose test has sent everything waits for its winner and the rest of its audience.
+    no_test_waiting = Campaign.ab_test.is_(None) | Campaign.ab_winner.isnot(None)
     with session_scope() as session:
         session.execute(
             update(Campaign)
-            .where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out, ~open_messages)
+            .where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out, no_test_waiting, ~open_messages)
             .values(state=CampaignState.SENT.value, finished_at=now),
             execution_options={"synchronize_session": False},
         )
 
 
+# --- A/B tests ---------------------------------------------------------------------------------
+
+
+def _decide_ab_tests(now: datetime) -> list[tuple[int, str]]:
+    """Sending A/B campaigns whose test is over (duration passed, its fan-out done) and whose
+    winner is picked automatically: the winner picked, and the fan-out handed on to the rest of
+    the audience. (campaign id, fan-out owner) of each, to publish after the commit."""
+    decided = []
+    with session_scope() as session:
+        due = session.scalars(
+            select(Campaign)
+            .where(
+                Campaign.state == CampaignState.SENDING.value,
+                Campaign.ab_winner.is_(None),
+                Campaign.ab_decide_at <= now,
+                Campaign.fanned_out,
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for campaign in due:
+            if not campaign.ab_test or not campaign.ab_test.get("auto_winner", True):
+                continue
+            found = ab_tests.report(session.connection(), campaign)
+            ab_tests.declare_winner(campaign, found["leader"], now)
+            decided.append((campaign.id, hand_fan_out(campaign, now)))
+            log.info(
+                "campaign.ab_winner", campaign=campaign.name, winner=found["leader"], conclusion=found["conclusion"]
+            )
+    return decided
+
+
+def ab_report(name: str) -> dict[str, Any]:
+    """An A/B campaign's report (ab_tests.report): each variant's numbers and its z-test against
+    the leader. NotFound for an unknown campaign; InvalidInput naming `ab_test` for one without a test."""
+    with session_scope() as session:
+        for condition in _identifying(name):
+            campaign = session.scalar(select(Campaign).where(condition))
+            if campaign is not None:
+                break
+        else:
+            raise NotFound(f"no campaign named {name!r}")
+        if campaign.ab_test is None:
+            raise InvalidInput(f"campaign {campaign.name!r} has no A/B test", field="ab_test")
+        return ab_tests.report(session.connection(), campaign)
+
+
+def pick_ab_winner(name: str, variant: str | None = None) -> dict[str, Any]:
+    """Pick the winner of a launched A/B campaign's test now: `variant`, or the leader by the
+    test's metric; the rest of the audience gets it (when the campaign is paused, once resumed).
+    The report as it was when picked."""
+    with session_scope() as session:
+        campaign = _get(session, name)
+        if campaign.ab_test is None:
+            raise InvalidInput(f"campaign {campaign.name!r} has no A/B test", field="ab_test")
+        if campaign.ab_winner is not None:
+            raise CampaignConflict(
+                f"campaign {campaign.name!r} has its winner already: {campaign.ab_winner}", field="ab_winner"
+            )
+        if campaign.state not in (CampaignState.SENDING.value, CampaignState.PAUSED.value):
+            raise CampaignConflict(
+                f"campaign {campaign.name!r} is {campaign.state}; a winner is picked once it has launched",
+                field="state",
+            )
+        names = [v["name"] for v in campaign.ab_test["variants"]]
+        if variant is not None and variant not in names:
+            raise InvalidInput(f"no variant named {variant!r} (the variants: {', '.join(names)})", field="variant")
+        found = ab_tests.report(session.connection(), campaign)
+        now = utcnow()
+        ab_tests.declare_winner(campaign, variant or found["leader"], now)
+        owner = hand_fan_out(campaign, now) if campaign.state == CampaignState.SENDING.value else None
+        campaign_id = campaign.id
+        found.update(winner=campaign.ab_winner, decided_at=now)
+    if owner is not None:
+        _publish_fan_out(campaign_id, owner)
+    return found
+
+
 __all__ = [
+    "ab_report",
+    "pick_ab_winner",
     "EDITABLE",
     "UTM_KEYS",
     "CampaignConflict",

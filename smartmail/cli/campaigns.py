@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -60,6 +61,10 @@ def create(
         list[str], typer.Option(help="UTM parameter for tracked links, KEY=VALUE, e.g. utm_source=news (repeatable).")
     ] = [],  # noqa: B006
     preheader: Annotated[str | None, typer.Option(help="Hidden preview text; replaces the template's.")] = None,
+    ab_test: Annotated[
+        str | None,
+        typer.Option(help="An A/B test as JSON, or @FILE holding it: {variants: [...], test_share, duration, …}."),
+    ] = None,
 ) -> None:
     """Create a campaign (a draft, or scheduled with --send-at)."""
     created = _run(
@@ -79,8 +84,111 @@ def create(
         tracking=tracking,
         utm=_run(_parse_utm, utm),
         preheader=preheader,
+        ab_test=_run(_parse_ab_test, ab_test),
     )
     out.print(f"campaign {escape(name)} created ({created['state']})")
+
+
+def _parse_ab_test(value: str | None) -> Any:
+    """`--ab-test` as an object: JSON, or `@FILE` naming a JSON file (checked by the campaign)."""
+    if value is None:
+        return None
+    try:
+        source = Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+        return json.loads(source)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {value[1:]!r}: {exc.strerror}", field="ab_test") from None
+    except ValueError as exc:
+        raise InvalidInput(f"is not JSON: {exc}", field="ab_test") from None
+
+
+@campaign_app.command("ab-test")
+def ab_test(
+    name: str,
+    test: Annotated[str, typer.Argument(help="The A/B test as JSON, @FILE holding it, or null to remove it.")],
+) -> None:
+    """Set (or with null remove) a draft or scheduled campaign's A/B test."""
+    changed = _run(campaigns.update_campaign, name, ab_test=_run(_parse_ab_test, test))
+    if changed["ab_test"] is None:
+        out.print(f"campaign {escape(name)}: no A/B test")
+        return
+    variants = ", ".join(v["name"] for v in changed["ab_test"]["variants"])
+    out.print(f"campaign {escape(name)}: A/B test of {escape(variants)} (seed {changed['ab_test']['seed']})")
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1%}"
+
+
+@campaign_app.command("ab-report")
+def ab_report(
+    name: str,
+    format_: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Each variant's sent, unique human opens and clicks, conversions and rates, with a z-test
+    against the leader; says when a difference is not significant."""
+    if format_ not in ("table", "json"):
+        _run(_fail, InvalidInput("must be table or json", field="format"))
+    found = _run(campaigns.ab_report, name)
+    if format_ == "json":
+        out.print_json(json.dumps(found, default=str))
+        return
+    _print_ab_report(found)
+
+
+def _fail(error: Exception) -> None:
+    raise error
+
+
+def _print_ab_report(found: dict[str, Any]) -> None:
+    metric = found["metric"]
+    table = Table(
+        "variant",
+        "subject",
+        "sent",
+        "opens",
+        "clicks",
+        "conversions",
+        "open rate",
+        "click rate",
+        "conv. rate",
+        "z",
+        "p",
+        "vs leader",
+        title=f"A/B test of {found['campaign']} ({metric})",
+    )
+    for row in found["variants"]:
+        table.add_row(
+            escape(row["name"]),
+            escape(row["subject"] or ""),
+            str(row["sent"]),
+            str(row["opens"]),
+            str(row["clicks"]),
+            "-" if row["conversions"] is None else str(row["conversions"]),
+            _percent(row["open_rate"]),
+            _percent(row["click_rate"]),
+            _percent(row["conversion_rate"]),
+            "-" if row["z"] is None else f"{row['z']:.2f}",
+            "-" if row["p_value"] is None else f"{row['p_value']:.4f}",
+            escape(row["verdict"]),
+        )
+    out.print(table)
+    out.print(escape(found["conclusion"]))
+    if found["winner"]:
+        out.print(f"winner: {escape(found['winner'])} (picked {found['decided_at']})")
+    elif found["decide_at"]:
+        how = "picked automatically" if found["auto_winner"] else "to pick: smartmail campaign ab-winner"
+        out.print(f"test over at {found['decide_at']} UTC; winner {how}")
+
+
+@campaign_app.command("ab-winner")
+def ab_winner(
+    name: str,
+    variant: Annotated[str | None, typer.Option(help="The winner; default: the leader by the test's metric.")] = None,
+) -> None:
+    """Pick the A/B test's winner now; the rest of the audience gets it."""
+    found = _run(campaigns.pick_ab_winner, name, variant)
+    out.print(f"campaign {escape(name)}: winner {escape(found['winner'])}; the rest of the audience gets it")
 
 
 def _parse_utm(values: list[str]) -> dict[str, str] | None:

@@ -278,7 +278,8 @@ class Campaigns(Resource):
     def create(self, name: str, template: str, **settings: Any) -> dict[str, Any]:
         """A draft campaign (scheduled when send_at is given). Settings: lists, segment, from_, reply_to,
         send_at, window, window_timezone, rate_cap, tags, resend_unknown, tracking (default True),
-        utm (`{"utm_source": …}`), preheader (replaces the template's)."""
+        utm (`{"utm_source": …}`), preheader (replaces the template's), ab_test (`{"variants": [{"subject":
+        …}, …], "test_share": 0.2, "metric": "opens", "duration": "4h", "auto_winner": True}`, docs/ab-tests.md)."""
         return self._call("POST", "/v1/campaigns", json_body={"name": name, "template": template, **_body(settings)})
 
     def get(self, name: str) -> dict[str, Any]:
@@ -314,6 +315,15 @@ class Campaigns(Resource):
         """Opens, clicks and rates (human hits only unless include_machine)."""
         path = f"/v1/campaigns/{_segment(name)}/engagement"
         return self._call("GET", path, params={"include_machine": True if include_machine else None})
+
+    def ab_report(self, name: str) -> dict[str, Any]:
+        """An A/B campaign's test: each variant's numbers and its z-test against the leader."""
+        return self._call("GET", f"/v1/campaigns/{_segment(name)}/ab-report")
+
+    def ab_winner(self, name: str, variant: str | None = None) -> dict[str, Any]:
+        """Pick the A/B test's winner now (`variant`, or the leader); the report as picked."""
+        body = {"variant": variant} if variant is not None else {}
+        return self._call("POST", f"/v1/campaigns/{_segment(name)}/ab-winner", json_body=body)
 
     def _act(self, name: str, action: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/campaigns/{_segment(name)}/{action}")

@@ -99,6 +99,14 @@ class Message(Base):
     # nothing); their content is rendered when sent, from the campaign's frozen template.
     campaign_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     contact_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), nullable=True)
+    # A/B tests (campaigns/ab_tests.py): the variant of the campaign's test this message belongs to;
+    # None for every other message, the rest of an A/B campaign's audience included.
+    variant: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+# An A/B campaign's message names in its headers the variant whose content it is sent with (the
+# winner, for the rest of the audience): what the claimed row tells delivery, and the recipient's copy.
+VARIANT_HEADER = "X-SmartMail-Variant"
 
 
 def in_state(*states: MessageState):
@@ -453,6 +461,13 @@ class Campaign(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     launched_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # An A/B test (campaigns/ab_tests.py): its settings and seed (SQL NULL: none), each variant's
+    # content frozen at launch, when the winner is due, and the winner once picked.
+    ab_test: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    ab_frozen: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    ab_decide_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    ab_winner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ab_decided_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class ApiKey(Base):

@@ -18,7 +18,7 @@ from smartmail.content import rendering, tracking_links
 from smartmail.content.tracking_links import TRACKING_OPT_OUT
 from smartmail.content.unsubscribe_links import list_unsubscribe_headers, make_token, unsubscribe_url
 from smartmail.store.engine import reader
-from smartmail.store.models import Campaign, ContactStatus
+from smartmail.store.models import VARIANT_HEADER, Campaign, ContactStatus
 from smartmail.workers.limiter import get_throttle
 from smartmail.workers.outcomes import RetrySchedule
 from smartmail.workers.policy import Site
@@ -37,11 +37,25 @@ _campaign = select(
     Campaign.window_timezone,
     Campaign.tracking,
     Campaign.utm,
+    Campaign.ab_frozen,
 ).where(Campaign.id.in_(bindparam("ids", expanding=True)))
 
-# Frozen at launch, so a process may keep them: campaign id -> its row.
+# Frozen at launch, so a process may keep them: campaign id -> its row; an A/B campaign's variants
+# (frozen at launch too) by name.
 _frozen: dict[int, Any] = {}
+_variants: dict[int, dict[str, Variant]] = {}
 runtime.on_reset(lambda _close: _frozen.clear())
+runtime.on_reset(lambda _close: _variants.clear())
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An A/B campaign's variant's frozen content (campaigns/ab_tests.freeze)."""
+
+    name: str
+    subject: str | None
+    html: str | None
+    text: str | None
 
 
 @dataclass
@@ -56,10 +70,16 @@ def _campaign_rows(ids: set[int]) -> dict[int, Any]:
     """The campaigns' frozen rows (_campaign), read once per process."""
     if len(_frozen) > 1000:
         _frozen.clear()
+        _variants.clear()
     missing = ids - _frozen.keys()
     if missing:
         with reader() as connection:
             _frozen.update({c.id: c for c in connection.execute(_campaign, {"ids": list(missing)})})
+        for campaign_id in missing:
+            if frozen := _frozen[campaign_id].ab_frozen:
+                _variants[campaign_id] = {
+                    v["name"]: Variant(v["name"], v["subject"], v["html"], v["text"]) for v in frozen
+                }
     return {i: _frozen[i] for i in ids}
 
 
@@ -171,7 +191,17 @@ class Rendered:
         self.subject, self.html, self.text, self.headers = subject, html, text, headers
 
 
+def _content(row, campaign):
+    """What the row is sent with: its campaign's frozen content, or for an A/B campaign the
+    variant its headers name (the row carries it: no query per message)."""
+    variants = _variants.get(campaign.id)
+    if variants is None:
+        return campaign
+    return variants.get((row.headers or {}).get(VARIANT_HEADER)) or next(iter(variants.values()))
+
+
 def _render(row, campaign) -> Rendered:
+    content = _content(row, campaign)
     token = make_token(row.contact_id, campaign.id)
     url = unsubscribe_url(token)
     context = {
@@ -180,13 +210,13 @@ def _render(row, campaign) -> Rendered:
         "unsubscribe_url": url,
         "campaign": campaign.name,
     }
-    rendered = rendering.render(None, context=context, subject=campaign.subject, html=campaign.html, text=campaign.text)
+    rendered = rendering.render(None, context=context, subject=content.subject, html=content.html, text=content.text)
     html, text = rendered.html, rendered.text
     # Every marketing message shows a way out, whether or not the template placed the link.
-    if "unsubscribe_url" not in (campaign.html or "") and html is not None:
+    if "unsubscribe_url" not in (content.html or "") and html is not None:
         footer = f'<p style="font-size:12px;color:#666"><a href="{html_lib.escape(url)}">Unsubscribe</a></p>'
         html = html.replace("</body>", footer + "</body>") if "</body>" in html else html + footer
-    if "unsubscribe_url" not in (campaign.text or "") and url not in text:
+    if "unsubscribe_url" not in (content.text or "") and url not in text:
         text = f"{text.rstrip()}\n\nUnsubscribe: {url}\n"
     if campaign.tracking and not (row.contact_attributes or {}).get(TRACKING_OPT_OUT):
         html, text = tracking_links.track(
@@ -197,4 +227,6 @@ def _render(row, campaign) -> Rendered:
         "X-SmartMail-Campaign": str(campaign.id),
         "X-SmartMail-Contact": str(row.contact_id),
     }
+    if content is not campaign:
+        headers[VARIANT_HEADER] = content.name
     return Rendered(row, rendered.subject, html, text, headers)

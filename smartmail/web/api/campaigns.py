@@ -31,6 +31,33 @@ Name = Annotated[str, Path(min_length=1, max_length=200, description="The campai
 _BODY_KEYS = {"from_": "from", "audience": "lists"}
 
 
+class VariantIn(BaseModel):
+    """One variant of an A/B test; a setting left out is the campaign's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=32, description="Default: A, B, C… by position.")
+    subject: str | None = Field(None, max_length=998, description="The subject (Jinja allowed).")
+    template: str | None = Field(None, max_length=200, description="Another template, frozen at launch.")
+    from_name: str | None = Field(None, max_length=200, description="The sender's display name; the address stays.")
+    send_at: datetime | None = Field(None, description="When this variant's messages go (ISO 8601; naive: UTC).")
+
+
+class AbTestIn(BaseModel):
+    """An A/B test: see docs/ab-tests.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variants: list[VariantIn] = Field(description="2-5 variants.")
+    test_share: float | str = Field(description='The share of the audience in the test: 0.2 or "20%".')
+    metric: str | None = Field(None, description="opens (default), clicks or conversions: unique human ones.")
+    conversion_event: str | None = Field(None, max_length=64, description="The custom event that is a conversion.")
+    conversion_hours: float | None = Field(None, description="Within how many hours of a click (default 24).")
+    duration: int | str = Field(description='How long the test runs: seconds or "4h", "90m", "1d".')
+    auto_winner: bool | None = Field(None, description="Beat picks the winner when the test is over (default true).")
+    seed: int | None = Field(None, description="The split's seed (default: random, kept on the campaign).")
+
+
 class _Settings(BaseModel):
     """A campaign's settings but its template; in a PATCH, the keys given replace their values."""
 
@@ -61,10 +88,14 @@ class _Settings(BaseModel):
     preheader: str | None = Field(
         None, max_length=1000, description="Hidden preview text (Jinja allowed); replaces the template's."
     )
+    ab_test: AbTestIn | None = Field(None, description="An A/B test of 2-5 variants (docs/ab-tests.md); null: none.")
 
     def settings(self) -> dict[str, Any]:
         """The keys the client sent, named as lifecycle.EDITABLE names them."""
-        return self.model_dump(exclude_unset=True)
+        settings = self.model_dump(exclude_unset=True)
+        if self.ab_test is not None:  # the test's own keys as sent: its defaults are the domain's
+            settings["ab_test"] = self.ab_test.model_dump(exclude_unset=True)
+        return settings
 
 
 _TEMPLATE = "A template name, `NAME` or `NAME@VERSION`."
@@ -113,6 +144,10 @@ class CampaignOut(BaseModel):
     paused_reason: str | None = Field(
         description="Why the campaign paused itself (complaint or bounce rate), if it did."
     )
+    ab_test: dict[str, Any] | None = Field(description="Its A/B test's settings (with the split's seed), if any.")
+    ab_decide_at: UtcDateTime | None = Field(description="When the test is over and its winner due.")
+    ab_winner: str | None = Field(description="The winning variant, once picked.")
+    ab_decided_at: UtcDateTime | None
     created_at: UtcDateTime
     launched_at: UtcDateTime | None
     finished_at: UtcDateTime | None
@@ -145,6 +180,54 @@ class EngagementOut(BaseModel):
     click_to_open_rate: float | None
     machine: dict[str, int] = Field(description="Opens and clicks by privacy proxies and link scanners.")
     include_machine: bool
+
+
+class VariantReport(BaseModel):
+    name: str
+    subject: str | None
+    template: str | None
+    from_name: str | None
+    send_at: str | None
+    sent: int = Field(description="Its test messages sent (delivered; not bounced).")
+    opens: int = Field(description="Of those, opened by a person (unique).")
+    clicks: int = Field(description="Of those, clicked by a person (unique).")
+    conversions: int | None = Field(
+        description="Of those, converted: the conversion event within the hours after a click."
+    )
+    open_rate: float | None
+    click_rate: float | None
+    conversion_rate: float | None
+    successes: int = Field(description="Its count of the test's metric.")
+    rate: float | None = Field(description="Its rate of the test's metric.")
+    z: float | None = Field(description="Two-proportion z against the leader (pooled).")
+    p_value: float | None = Field(description="Two-sided.")
+    significant: bool | None = Field(description="p < 0.05 against the leader; null for the leader.")
+    verdict: str
+
+
+class AbReportOut(BaseModel):
+    campaign: str
+    state: CampaignState
+    metric: str
+    conversion_event: str | None
+    conversion_hours: float | None
+    test_share: float
+    duration: int = Field(description="Seconds.")
+    auto_winner: bool
+    seed: int
+    decide_at: UtcDateTime | None
+    winner: str | None
+    decided_at: UtcDateTime | None
+    leader: str = Field(description="The best rate of the metric; on a tie, the earliest variant.")
+    significant: bool = Field(description="The leader is significantly ahead of every other variant.")
+    conclusion: str
+    variants: list[VariantReport]
+
+
+class WinnerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str | None = Field(None, max_length=32, description="The winner; default: the leader by the metric.")
 
 
 @contextmanager
@@ -212,6 +295,21 @@ def campaign_progress(name: Name, principal: Reader) -> dict[str, Any]:
         "feedback": status.feedback,
         "paused_reason": status.paused_reason,
     }
+
+
+@router.get("/{name}/ab-report", response_model=AbReportOut)
+def campaign_ab_report(name: Name, principal: Reader) -> dict[str, Any]:
+    """An A/B campaign's test: each variant's sent, unique human opens and clicks, conversions and
+    rates, and a two-proportion z-test of each against the leader, saying when a difference is not
+    significant (p >= 0.05). 422 for a campaign without a test."""
+    return lifecycle.ab_report(name)
+
+
+@router.post("/{name}/ab-winner", response_model=AbReportOut)
+def campaign_ab_winner(name: Name, principal: Writer, body: WinnerIn | None = None) -> dict[str, Any]:
+    """Pick the winner now (`variant`, or the leader by the test's metric): the rest of the
+    audience gets it. 409 if it has one already or has not launched; 422 for an unknown variant."""
+    return lifecycle.pick_ab_winner(name, body.variant if body else None)
 
 
 @router.post("/{name}/schedule", response_model=CampaignOut)
