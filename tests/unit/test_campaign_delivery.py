@@ -87,7 +87,7 @@ def test_a_full_cache_of_campaigns_is_emptied_before_it_is_read(monkeypatch):
             return False
 
         def execute(self, _statement, parameters):
-            return [SimpleNamespace(id=i) for i in parameters["ids"]]
+            return [SimpleNamespace(id=i, ab_frozen=None) for i in parameters["ids"]]
 
     monkeypatch.setattr(campaign_delivery, "reader", Reader)
     assert set(campaign_delivery._campaign_rows({5, 5000})) == {5, 5000}

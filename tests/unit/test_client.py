@@ -246,6 +246,8 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
     (lambda c: c.campaigns.cancel("spring"), "POST", "/v1/campaigns/spring/cancel", None),
     (lambda c: c.campaigns.progress("spring"), "GET", "/v1/campaigns/spring/progress", None),
     (lambda c: c.campaigns.engagement("spring"), "GET", "/v1/campaigns/spring/engagement", None),
+    (lambda c: c.campaigns.ab_report("spring"), "GET", "/v1/campaigns/spring/ab-report", None),
+    (lambda c: c.campaigns.ab_winner("spring", "B"), "POST", "/v1/campaigns/spring/ab-winner", {"variant": "B"}),
     (
         lambda c: c.keys.create("app", ["messages:send"], rate_limit=5),
         "POST",
@@ -328,6 +330,9 @@ def openapi() -> dict[str, Any]:
 
 
 def resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    options = [option for option in schema.get("anyOf", []) if option.get("type") != "null"]
+    if len(options) == 1:  # an optional body: `X | None`
+        schema = options[0]
     ref = schema.get("$ref")
     return openapi()["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else schema
 
