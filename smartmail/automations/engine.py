@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from smartmail.audience import frequency_cap
 from smartmail.audience.contacts import known_zone
 from smartmail.automations import clock, conditions, definitions
 from smartmail.automations import messages as step_messages
@@ -29,8 +30,6 @@ from smartmail.store.models import (
     ContactStatus,
     Enrolment,
     EnrolmentState,
-    Event,
-    EventType,
     ListMembership,
     StepRun,
     Suppression,
@@ -286,10 +285,12 @@ class _Stepper:
     # --- the steps: each takes the runs at that step ---------------------------------------------
 
     def _send(self, step: Step, group: list[Run]) -> None:
-        sent_before = self._marketing_sent(group)
+        sent_before = frequency_cap.recent_sends(self.connection, [run.contact_id for run in group], self.now)
         ids = new_ids(len(group))
         for run, message_id in zip(group, ids):
-            until = self._capped_until(sent_before.get(run.contact_id, []), self.sent_here[run.contact_id])
+            until = frequency_cap.held_until(
+                sent_before.get(run.contact_id, []), self.sent_here[run.contact_id], self.now
+            )
             if until is not None:
                 run.due_at, run.going = until, False
                 log.info(
@@ -319,48 +320,6 @@ class _Stepper:
             self._record(run, step, message_id=message_id)
             run.last_message_id = message_id
             run.move(step.next)
-
-    def _caps(self) -> list[tuple[int, timedelta]]:
-        settings = self.settings
-        caps = ((settings.frequency_cap_day, timedelta(days=1)), (settings.frequency_cap_week, timedelta(days=7)))
-        return [(cap, window) for cap, window in caps if cap]
-
-    def _marketing_sent(self, group: list[Run]) -> dict[int, list[datetime]]:
-        """When each contact was sent marketing email within the longest cap's window: workflow
-        sends and campaign emails sent (transactional mail does not count). Empty with no cap."""
-        caps = self._caps()
-        if not caps:
-            return {}
-        window = max(window for _, window in caps)
-        contact_ids = sorted({run.contact_id for run in group})
-        sent: dict[int, list[datetime]] = defaultdict(list)
-        for contact_id, at in self.connection.execute(
-            select(StepRun.contact_id, StepRun.ran_at).where(
-                StepRun.contact_id.in_(contact_ids), StepRun.kind == "send", StepRun.ran_at > self.now - window
-            )
-        ):
-            sent[contact_id].append(at)
-        for event_contact, at in self.connection.execute(
-            select(Event.contact_id, Event.occurred_at).where(
-                Event.contact_id.in_(contact_ids),
-                Event.type == EventType.SENT.value,
-                Event.occurred_at > utcnow() - window,
-                Event.campaign_id.is_not(None),
-            )
-        ):
-            sent[event_contact or 0].append(at)
-        return sent
-
-    def _capped_until(self, sent: list[datetime], sent_here: int) -> datetime | None:
-        """None when one more email keeps the contact within every cap; else when to try again: once
-        the oldest email counted in the window leaves it (checked again then)."""
-        until = None
-        for cap, window in self._caps():
-            recent = sorted(at for at in sent if at > self.now - window)
-            if len(recent) + sent_here >= cap:
-                free = max(recent[0] + window if recent else self.now, self.now + timedelta(minutes=1))
-                until = max(until or free, free)
-        return until
 
     def _wait(self, step: Step, group: list[Run]) -> None:
         for run in group:

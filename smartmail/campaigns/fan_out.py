@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import structlog
 from sqlalchemy import and_, exists, or_, select
 
-from smartmail.audience import segments
+from smartmail.audience import frequency_cap, segments
 from smartmail.campaigns import ab_tests
 from smartmail.config import get_settings
 from smartmail.errors import NotFound
@@ -127,7 +127,7 @@ def _owns(campaign_id: int, owner: str | None) -> bool:
 
 def _insert_page(session, campaign: Campaign, page: Sequence, now: datetime, domain: str) -> list[tuple[str, str]]:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
-    rows = _message_rows(campaign, page, now)
+    rows = _held_by_frequency_cap(session, _message_rows(campaign, page, now), now)
     if not rows:  # an A/B test's page with no contact in the test share
         return []
     return fan_out_sql.for_bind(session).insert_page(session, campaign, rows, now, domain)
@@ -148,6 +148,21 @@ def _message_rows(campaign: Campaign, page: Sequence, now: datetime) -> list[Mes
             MessageRow(message_id, scheduled if opens else queued, email, contact_id, opens, None if opens else now)
         )
     return rows
+
+
+def _held_by_frequency_cap(session, rows: list[MessageRow], now: datetime) -> list[MessageRow]:
+    """With SMARTMAIL_FREQUENCY_CAP_DAY/_WEEK set, a contact at the cap gets the email later
+    (scheduled for when the cap allows one more), not never. One query per page; none without a cap."""
+    if not rows or not frequency_cap.caps():
+        return rows
+    sent = frequency_cap.recent_sends(session.connection(), [row.contact_id for row in rows], now)
+    held = []
+    for row in rows:
+        until = frequency_cap.held_until(sent.get(row.contact_id, []), 0, now)
+        if until is not None and (row.send_at is None or row.send_at < until):
+            row = row._replace(state=MessageState.SCHEDULED.value, send_at=until, enqueued_at=None)
+        held.append(row)
+    return held
 
 
 def _ab_rows(campaign: Campaign, page: Sequence, now: datetime, window: tuple | None) -> list[MessageRow]:

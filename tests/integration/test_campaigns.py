@@ -22,6 +22,7 @@ from smartmail.store.models import (
     Campaign,
     Contact,
     ContactList,
+    Event,
     ListMembership,
     Message,
     MessageState,
@@ -429,6 +430,54 @@ def test_fan_out_keeps_the_send_window_and_writes_the_same_rows_by_copy_as_by_in
     assert first["state"] == "scheduled" and first["enqueued_at"] is None and first["tags"] == ["spring"]
     assert first["next_attempt_at"] == first["send_at"] and 3600 <= (first["send_at"] - now).total_seconds() <= 7200
     assert first["reply_to"] == "Help <help@example.com>" and first["headers"] == {} and first["attempts"] == 0
+
+
+def test_a_contact_at_the_frequency_cap_gets_the_campaign_later_not_never(relay, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_FREQUENCY_CAP_DAY", "1")
+    reset_caches()
+    make_audience(10)
+    now = utcnow()
+    with session_scope() as session:
+        capped = session.execute(select(Contact.id, Contact.email).order_by(Contact.id).limit(3)).all()
+        # An earlier campaign's email sent to the first contact 2 hours ago, one 25 hours ago to the
+        # second (outside the day), and a transactional email to the third (not counted).
+        session.execute(
+            insert(Event),
+            [
+                {
+                    "type": "sent",
+                    "contact_id": capped[0].id,
+                    "campaign_id": 999,
+                    "occurred_at": now - timedelta(hours=2),
+                },
+                {
+                    "type": "sent",
+                    "contact_id": capped[1].id,
+                    "campaign_id": 999,
+                    "occurred_at": now - timedelta(hours=25),
+                },
+                {
+                    "type": "sent",
+                    "contact_id": capped[2].id,
+                    "campaign_id": None,
+                    "occurred_at": now - timedelta(hours=1),
+                },
+            ],
+        )
+    campaigns.create_campaign("capped", template="newsletter", lists=["news"])
+    campaign_id = started("capped")
+    assert campaigns.fan_out(campaign_id) == 10
+    with session_scope() as session:
+        rows = {
+            r.recipient: r
+            for r in session.execute(
+                select(Message.recipient, Message.state, Message.send_at).where(Message.campaign_id == campaign_id)
+            )
+        }
+    held = rows[capped[0].email]
+    assert held.state == "scheduled"
+    assert abs((held.send_at - (now + timedelta(hours=22))).total_seconds()) < 60  # a day after the earlier one
+    assert {email for email, row in rows.items() if row.state == "queued"} == set(rows) - {capped[0].email}
 
 
 def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, monkeypatch):
