@@ -89,7 +89,9 @@ def show(
         f"of {found['current_version']}, updated {_when(found['updated_at'])} UTC",
         highlight=False,
     )
-    out.print(escape(yaml.safe_dump(found["definition"], sort_keys=False, allow_unicode=True)), highlight=False)
+    out.print(
+        escape(yaml.safe_dump(found["definition"], sort_keys=False, allow_unicode=True).rstrip("\n")), highlight=False
+    )
 
 
 def _trigger(definition: dict[str, Any]) -> str:

@@ -71,7 +71,10 @@ def test_scopes_are_enforced(api):
     [
         ([{"id": "hello", "type": "send", "template": "no-such-template"}], "/steps/hello/template"),
         (
-            [{"id": "b", "type": "branch", "if": {"previous_email": "opened"}, "then": "nowhere"}, {"id": "x", "type": "exit"}],
+            [
+                {"id": "b", "type": "branch", "if": {"previous_email": "opened"}, "then": "nowhere"},
+                {"id": "x", "type": "exit"},
+            ],
             "/steps/b/then",
         ),
         (
@@ -86,7 +89,15 @@ def test_scopes_are_enforced(api):
         ([{"id": "hello", "type": "send", "template": "welcome", "colour": "red"}], "/steps/hello/colour"),
         ([], "/steps"),
     ],
-    ids=["unknown-template", "branch-to-nowhere", "cycle-without-wait", "bad-duration", "unknown-type", "unknown-field", "no-steps"],
+    ids=[
+        "unknown-template",
+        "branch-to-nowhere",
+        "cycle-without-wait",
+        "bad-duration",
+        "unknown-type",
+        "unknown-field",
+        "no-steps",
+    ],
 )
 def test_a_bad_definition_is_a_422_naming_the_step_and_stores_nothing(api, steps, pointer):
     client = api.client("workflows:read", "workflows:write")
