@@ -15,6 +15,8 @@ SCOPES: dict[str, str] = {
     "events:write": "ingest custom events (POST /v1/events)",
     "campaigns:read": "read campaigns and their progress",
     "campaigns:write": "create, change, schedule, launch, pause, resume and cancel campaigns",
+    "workflows:read": "read workflows, their versions and status; simulate a contact's path",
+    "workflows:write": "save workflows (a new version), pause, resume and move their enrolments; enrol contacts",
     "suppressions:read": "read the suppression list",
     "suppressions:write": "add to and remove from the suppression list",
     "inbound:read": "read the mail smartmail inbound received (bounces, complaints), its verdict and bytes",

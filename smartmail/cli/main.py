@@ -34,6 +34,7 @@ from smartmail.cli.inbound import inbound, inbound_mail_app  # noqa: E402
 from smartmail.cli.keys import keys_app  # noqa: E402
 from smartmail.cli.suppressions import suppressions_app  # noqa: E402
 from smartmail.cli.webhooks import webhooks_app  # noqa: E402
+from smartmail.cli.workflows import workflows_app  # noqa: E402
 
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(lists_app, name="lists")
@@ -46,6 +47,7 @@ app.add_typer(dkim_app, name="dkim")
 app.command()(inbound)
 app.add_typer(inbound_mail_app, name="inbound-mail")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(workflows_app, name="workflows")
 
 
 @db_app.command("upgrade")

@@ -62,6 +62,7 @@ class Client:
         self.campaigns = resources.Campaigns(http)
         self.keys = resources.Keys(http)
         self.webhooks = resources.Webhooks(http)
+        self.workflows = resources.Workflows(http)
 
     def close(self) -> None:
         self._http.close()

@@ -422,3 +422,52 @@ class Webhooks(Resource):
         path = f"/v1/webhooks/{int(endpoint_id)}/replay"
         replayed = self._call("POST", path, json_body={k: v for k, v in body.items() if v is not None})
         return int(replayed["replayed"])
+
+
+class Workflows(Resource):
+    """/v1/workflows (scopes workflows:read, workflows:write): automations, versioned."""
+
+    def save(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        """Create the workflow or give it a new version when the definition differs → it with
+        `version` and `changed` (False: the same definition was saved already)."""
+        return self._call("PUT", f"/v1/workflows/{_segment(name)}", json_body=definition)
+
+    def get(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """The workflow with its current definition, or the given version's."""
+        return self._call("GET", f"/v1/workflows/{_segment(name)}", params={"version": version})
+
+    def list(self, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every workflow, by name."""
+        return self._list("/v1/workflows", page_size, {})
+
+    def pause(self, name: str) -> dict[str, Any]:
+        """Enrol nobody and hold its enrolments → `{name, state, version, enrolments}` (how many held)."""
+        return self._call("POST", f"/v1/workflows/{_segment(name)}/pause")
+
+    def resume(self, name: str) -> dict[str, Any]:
+        """Enrol again and let held enrolments go on → `{…, enrolments}` (how many)."""
+        return self._call("POST", f"/v1/workflows/{_segment(name)}/resume")
+
+    def move(self, name: str, from_version: int | None = None) -> dict[str, Any]:
+        """Move running enrolments of older versions (or of `from_version`) to the current one → `{…, enrolments}`."""
+        body = None if from_version is None else {"from_version": from_version}
+        return self._call("POST", f"/v1/workflows/{_segment(name)}/move", json_body=body)
+
+    def enrol(self, name: str, email: str, properties: dict[str, Any] | None = None) -> bool:
+        """Enrol a stored contact under the entry rule → whether it was enrolled."""
+        body = {"email": email, "properties": properties}
+        return bool(self._call("POST", f"/v1/workflows/{_segment(name)}/enrolments", json_body=body)["enrolled"])
+
+    def status(self, name: str) -> dict[str, Any]:
+        """`{enrolled, running: {step: {state: n}}, ended: {reason: n}, steps: {step: {runs, emails}},
+        conversions, conversion_rate}`."""
+        return self._call("GET", f"/v1/workflows/{_segment(name)}/status")
+
+    def simulate(
+        self, name: str, email: str, *, assume: Sequence[str] = (), start: datetime | str | None = None
+    ) -> Sequence[dict[str, Any]]:
+        """The path the contact would take, `[{at, step, type, does}]`; nothing is sent. `assume`:
+        `opened`, `clicked` or event types that happen on the way."""
+        body = {"email": email, "assume": list(assume), "start": start}
+        path = f"/v1/workflows/{_segment(name)}/simulate"
+        return self._call("POST", path, json_body={k: v for k, v in body.items() if v is not None})["data"]

@@ -295,13 +295,39 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
         "/v1/webhooks/7/replay",
         {"since": "2030-01-02T03:04:00+00:00", "state": "any"},
     ),
+    (
+        lambda c: c.workflows.save("welcome", {"trigger": {"event": "signup"}, "steps": []}),
+        "PUT",
+        "/v1/workflows/welcome",
+        {"trigger": {"event": "signup"}, "steps": []},
+    ),
+    (lambda c: c.workflows.get("welcome"), "GET", "/v1/workflows/welcome", None),
+    (lambda c: c.workflows.get("welcome", version=2), "GET", "/v1/workflows/welcome?version=2", None),
+    (lambda c: list(c.workflows.list(page_size=20)), "GET", "/v1/workflows?limit=20", None),
+    (lambda c: c.workflows.pause("welcome"), "POST", "/v1/workflows/welcome/pause", None),
+    (lambda c: c.workflows.resume("welcome"), "POST", "/v1/workflows/welcome/resume", None),
+    (lambda c: c.workflows.move("welcome"), "POST", "/v1/workflows/welcome/move", None),
+    (lambda c: c.workflows.move("welcome", from_version=1), "POST", "/v1/workflows/welcome/move", {"from_version": 1}),
+    (
+        lambda c: c.workflows.enrol("welcome", "ann@example.org", {"plan": "pro"}),
+        "POST",
+        "/v1/workflows/welcome/enrolments",
+        {"email": "ann@example.org", "properties": {"plan": "pro"}},
+    ),
+    (lambda c: c.workflows.status("welcome"), "GET", "/v1/workflows/welcome/status", None),
+    (
+        lambda c: c.workflows.simulate("welcome", "ann@example.org", assume=["opened"]),
+        "POST",
+        "/v1/workflows/welcome/simulate",
+        {"email": "ann@example.org", "assume": ["opened"]},
+    ),
 ]
 
 
 @pytest.mark.parametrize(("call", "method", "path", "body"), MAPPING, ids=[m[1] + " " + m[2] for m in MAPPING])
 def test_each_method_sends_its_request(call, method, path, body):
     # One answer that every method can read: a page, a count, an `added`, a secret, a `replayed`.
-    answer = {"data": [], "next_cursor": None, "count": 0, "added": 0, "secret": "", "replayed": 0}
+    answer = {"data": [], "next_cursor": None, "count": 0, "added": 0, "secret": "", "replayed": 0, "enrolled": False}
     server = Server(httpx.Response(200, json=answer))
     with make_client(server) as client:
         call(client)

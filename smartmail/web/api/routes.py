@@ -17,6 +17,7 @@ from smartmail.web.api import (
     suppressions,
     templates,
     webhooks,
+    workflows,
 )
 
 router = APIRouter(prefix="/v1")
@@ -33,5 +34,6 @@ for module in (
     inbound,
     keys,
     webhooks,
+    workflows,
 ):
     router.include_router(module.router)
