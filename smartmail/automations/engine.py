@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 
 from smartmail.audience import frequency_cap
 from smartmail.audience.contacts import known_zone
-from smartmail.automations import clock, conditions, definitions
+from smartmail.automations import clock, conditions, enrolment
 from smartmail.automations import messages as step_messages
 from smartmail.automations.definitions import Definition, Step
 from smartmail.config import get_settings
@@ -37,7 +37,6 @@ from smartmail.store.models import (
     WebhookEndpoint,
     Workflow,
     WorkflowState,
-    WorkflowVersion,
 )
 from smartmail.store.sql import messages as messages_sql
 from smartmail.workers.dispatch import BULK, enqueue
@@ -103,22 +102,6 @@ class _Writes:
     step_runs: list[dict[str, Any]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
-
-
-_definitions: dict[tuple[int, int], Definition] = {}  # versions never change: parsed once per process
-
-
-def _definitions_of(connection: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Definition]:
-    missing = [key for key in set(keys) if key not in _definitions]
-    if missing:
-        rows = connection.execute(
-            select(WorkflowVersion.workflow_id, WorkflowVersion.version, WorkflowVersion.definition).where(
-                WorkflowVersion.workflow_id.in_({workflow_id for workflow_id, _ in missing})
-            )
-        ).all()
-        for row in rows:
-            _definitions.setdefault((row.workflow_id, row.version), definitions.parse(row.definition))
-    return {key: _definitions[key] for key in keys}
 
 
 def _claim(connection: Connection, now: datetime, limit: int) -> Sequence[Any]:
@@ -193,7 +176,7 @@ def advance(*, limit: int | None = None, now: datetime | None = None) -> Advance
         rows = [row for row in rows if workflows[row.workflow_id].state == WorkflowState.ACTIVE.value]
         if held:  # paused between the claim's snapshot and now: held where they are
             connection.execute(update(Enrolment).where(Enrolment.id.in_(held)).values(state=HELD, updated_at=utcnow()))
-        found = _definitions_of(connection, {(row.workflow_id, row.version) for row in rows})
+        found = enrolment.parsed_versions(connection, {(row.workflow_id, row.version) for row in rows})
         contacts = _contacts(connection, [row.contact_id for row in rows])
         runs = []
         for row in rows:
@@ -340,7 +323,6 @@ class _Stepper:
             due = next_time_of_day(due, params["until"], zone)
         run.wait_started_at, run.due_at, run.going = utcnow(), due, False
         run.awaiting, run.awaited_at = params.get("event"), None
-        self._record(run, step, outcome=f"until {due.isoformat(timespec='seconds')}Z")
 
     def _branch(self, step: Step, group: list[Run]) -> None:
         subjects = [conditions.Subject(run.enrolment_id, run.contact_id, run.last_message_id) for run in group]

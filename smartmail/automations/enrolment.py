@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,6 +12,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
+from smartmail import runtime
 from smartmail.audience import event_stream
 from smartmail.audience.event_stream import Position
 from smartmail.automations import clock, definitions
@@ -26,6 +27,7 @@ from smartmail.store.models import (
     EnrolmentState,
     EventType,
     StepRun,
+    StreamCheckpoint,
     Suppression,
     Workflow,
     WorkflowState,
@@ -79,7 +81,12 @@ def live_workflows(connection: Connection, *, kinds: Sequence[str] | None = None
     return [live for live in found if kinds is None or live.definition.trigger.kind in kinds]
 
 
-_parsed_versions: dict[tuple[int, int], Definition] = {}
+_parsed_versions: dict[tuple[int, int], Definition] = {}  # versions never change: parsed once per process
+
+
+@runtime.on_reset
+def forget_versions(_close: bool = True) -> None:
+    _parsed_versions.clear()
 
 
 def _parsed(workflow_id: int, version: int, document: dict[str, Any]) -> Definition:
@@ -87,6 +94,21 @@ def _parsed(workflow_id: int, version: int, document: dict[str, Any]) -> Definit
     if key not in _parsed_versions:
         _parsed_versions[key] = definitions.parse(document)
     return _parsed_versions[key]
+
+
+def parsed_versions(connection: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Definition]:
+    """The definitions of these (workflow id, version) pairs; a version's document is read once per process."""
+    keys = set(keys)
+    missing = keys - set(_parsed_versions)
+    if missing:
+        rows = connection.execute(
+            select(WorkflowVersion.workflow_id, WorkflowVersion.version, WorkflowVersion.definition).where(
+                WorkflowVersion.workflow_id.in_({workflow_id for workflow_id, _ in missing})
+            )
+        )
+        for row in rows:
+            _parsed(row.workflow_id, row.version, row.definition)
+    return {key: _parsed_versions[key] for key in keys}
 
 
 def enrol(connection: Connection, workflow: Live, candidates: Sequence[Candidate], now: datetime) -> list[int]:
@@ -209,16 +231,18 @@ def read_events(*, max_seconds: float = 5.0) -> Read:
 def _read_page() -> Read:
     now = clock.now()
     with get_engine().begin() as connection:
-        exists = connection.scalar(select(Workflow.id).limit(1))
-        if exists is None:
+        if connection.scalar(select(Workflow.id).limit(1)) is None:
             return Read(0, 0, 0, 0, more=False)
-        position = Position.parse(
-            checkpoints.lock(connection, CHECKPOINT, initial=str(event_stream.end(connection))), field=CHECKPOINT
-        )
+        # Nothing written while nothing is new: an idle tick costs two index look-ups, no commit.
+        stored = connection.scalar(select(StreamCheckpoint.position).where(StreamCheckpoint.name == CHECKPOINT))
+        end = event_stream.end(connection)
+        if stored is not None and Position.parse(stored, field=CHECKPOINT) >= end:
+            return Read(0, 0, 0, 0, more=False)
+        position = Position.parse(checkpoints.lock(connection, CHECKPOINT, initial=str(end)), field=CHECKPOINT)
         workflows = live_workflows(connection)
         kinds = _types_of_interest(connection, workflows)
         if not kinds:  # nothing reacts to any event: skip what is there
-            checkpoints.move(connection, CHECKPOINT, str(event_stream.end(connection)))
+            checkpoints.move(connection, CHECKPOINT, str(end))
             return Read(0, 0, 0, 0, more=False)
         page = event_stream.read(position, types=kinds, limit=PAGE, connection=connection)
         converted, woken = _move_running(connection, page.events, now)
@@ -237,10 +261,9 @@ def _types_of_interest(connection: Connection, workflows: list[Live]) -> list[st
             kinds.add(trigger.event)
         elif trigger.kind == "engagement" and trigger.event in ENGAGEMENT_TYPES:
             kinds.add(trigger.event)
-    for row in connection.execute(
-        select(WorkflowVersion.workflow_id, WorkflowVersion.version, WorkflowVersion.definition)
-    ):
-        kinds.update(_parsed(row.workflow_id, row.version, row.definition).events())
+    versions = connection.execute(select(WorkflowVersion.workflow_id, WorkflowVersion.version)).all()
+    for definition in parsed_versions(connection, [(row.workflow_id, row.version) for row in versions]).values():
+        kinds.update(definition.events())
     return sorted(kinds)
 
 
@@ -259,14 +282,9 @@ def _move_running(connection: Connection, events: list[dict[str, Any]], now: dat
             Enrolment.awaiting,
             Enrolment.wait_started_at,
             Enrolment.awaited_at,
-            WorkflowVersion.definition,
-        )
-        .join(
-            WorkflowVersion,
-            (WorkflowVersion.workflow_id == Enrolment.workflow_id) & (WorkflowVersion.version == Enrolment.version),
-        )
-        .where(Enrolment.contact_id.in_(contact_ids), Enrolment.state != EnrolmentState.ENDED.value)
+        ).where(Enrolment.contact_id.in_(contact_ids), Enrolment.state != EnrolmentState.ENDED.value)
     ).all()
+    versions = parsed_versions(connection, {(row.workflow_id, row.version) for row in running})
     by_contact: dict[int, list[Any]] = defaultdict(list)
     for row in running:
         by_contact[row.contact_id].append(row)
@@ -277,8 +295,7 @@ def _move_running(connection: Connection, events: list[dict[str, Any]], now: dat
         for row in by_contact.get(event["contact_id"], []):
             if row.id in converted:
                 continue
-            definition = _parsed(row.workflow_id, row.version, row.definition)
-            if definition.goal == event["type"]:
+            if versions[(row.workflow_id, row.version)].goal == event["type"]:
                 converted.add(row.id)
             elif (
                 row.awaiting == event["type"]

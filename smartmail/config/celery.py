@@ -46,6 +46,10 @@ def celery_config(settings: Settings) -> dict:
             # stream for new deliveries is beat's cheap, frequent job on `default`.
             "smartmail.webhooks.send": {"queue": "webhooks"},
             "smartmail.webhooks.*": {"queue": "default"},
+            # Advancing enrolments renders and queues marketing email, and a scan may evaluate a large
+            # segment: bulk work, never in the way of the transactional drains that share `default`.
+            "smartmail.automations.advance": {"queue": "bulk"},
+            "smartmail.automations.scan": {"queue": "bulk"},
             "smartmail.automations.*": {"queue": "default"},
             "smartmail.engagement.*": {"queue": "default"},
         },

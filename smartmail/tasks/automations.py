@@ -1,4 +1,4 @@
-"""Automation tasks: beat's tick (new events, then due enrolments) and scan (list, segment, date, no-open triggers)."""
+"""Automation tasks: beat's tick (new events, then due enrolments; `default`), the advance and the scan (`bulk`)."""
 
 from smartmail.automations import engine, enrolment, triggers
 from smartmail.config import get_settings
@@ -8,21 +8,21 @@ from smartmail.workers.dispatch import publish
 TICK_TASK = "smartmail.automations.tick"
 ADVANCE_TASK = "smartmail.automations.advance"
 SCAN_TASK = "smartmail.automations.scan"
-# Advance tasks asked for at once when enrolments are due: each claims its own pages (SKIP LOCKED),
-# so the default workers' processes share a burst.
-PARALLEL_ADVANCES = 2
-ADVANCE_SECONDS = 10.0  # one advance task's turn; it asks for another when more is due
+# One advance task's turn; it asks for another when more is due. Short, so a bulk worker's processes
+# take turns between advancing and delivering.
+ADVANCE_SECONDS = 3.0
 
 
 @app.task(name=TICK_TASK)
 def tick() -> None:
     interval = get_settings().automation_interval
-    read = enrolment.read_events(max_seconds=interval * 5)
-    if read.more:
+    read = enrolment.read_events(max_seconds=interval)
+    if read.more:  # a burst: read on in a new task, so the transactional drains sharing `default` get turns
         publish(TICK_TASK, expires=interval * 5)
+    # One advance per tick: each claims its own pages (SKIP LOCKED), so bulk workers on several
+    # machines share a burst, while one worker keeps a process free for delivering.
     if read.enrolled or read.woken or engine.any_due():
-        for _ in range(PARALLEL_ADVANCES):
-            publish(ADVANCE_TASK, expires=interval * 5)
+        publish(ADVANCE_TASK, expires=interval)
 
 
 @app.task(name=ADVANCE_TASK)
