@@ -129,6 +129,8 @@ class SqlClock:
         self.engine = engine
         self.by_kind: dict[str, list[float]] = defaultdict(list)
         self.commits: list[float] = []
+        self.rows: dict[str, int] = defaultdict(int)  # parameter sets: an executemany's rows
+        self.samples: dict[str, str] = {}
         self._started: dict[int, float] = {}
         self._committing: dict[int, float] = {}
         self._event = event
@@ -145,7 +147,10 @@ class SqlClock:
     def _after(self, conn, cursor, statement, parameters, context, executemany) -> None:
         started = self._started.pop(id(cursor), None)
         if started is not None:
-            self.by_kind[statement_kind(statement)].append(time.perf_counter() - started)
+            kind = statement_kind(statement)
+            self.by_kind[kind].append(time.perf_counter() - started)
+            self.rows[kind] += len(parameters) if executemany else 1
+            self.samples.setdefault(kind, f"{'executemany: ' if executemany else ''}{statement[:300]}")
 
     def _commit(self, conn) -> None:
         self._committing[id(conn.connection.dbapi_connection)] = time.perf_counter()
@@ -161,6 +166,7 @@ class SqlClock:
     def recording(self) -> Iterator[SqlClock]:
         self.by_kind.clear()
         self.commits.clear()
+        self.rows.clear()
         for target, name, fn in self._hooks:
             self._event.listen(target, name, fn)
         try:
@@ -175,9 +181,9 @@ class SqlClock:
     def total(self) -> float:
         return self.statements() + sum(self.commits)
 
-    def breakdown(self) -> dict[str, dict[str, float]]:
+    def breakdown(self) -> dict[str, dict[str, Any]]:
         out = {
-            kind: {"count": len(times), "seconds": sum(times)}
+            kind: {"count": len(times), "rows": self.rows[kind], "seconds": sum(times), "sample": self.samples[kind]}
             for kind, times in sorted(self.by_kind.items(), key=lambda kv: -sum(kv[1]))
         }
         if self.commits:
@@ -220,6 +226,16 @@ def plan_summary(plan: list[str]) -> str:
     return f"{index.split('  (')[0]}; {buffers}; {total}"
 
 
+def all_alive(workers: dict[str, Worker]) -> Callable[[], None]:
+    """A check that raises BenchError when one of the workers has died."""
+
+    def check() -> None:
+        for worker in workers.values():
+            worker.check()
+
+    return check
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -232,6 +248,11 @@ class Run:
     @property
     def workdir(self) -> Path:
         return self.bench.workdir
+
+    @property
+    def database(self) -> bench_send.Database:
+        assert self.bench.database is not None, "set up first"
+        return self.bench.database
 
     def setup(self) -> None:
         self.bench.setup()
@@ -252,7 +273,7 @@ class Run:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "load_avg_at_start": os.getloadavg(),
-            "database": self.bench.database.version,
+            "database": self.database.version,
             "redis": f"{self.bench.redis.info('server').get('redis_version', '?')} at {self.bench.redis_url}",
             "celery": celery.__version__,
             "worker": "smartmail worker " + " ".join(WORKER),
@@ -271,9 +292,9 @@ class Run:
         """Run one statement (autocommit); its rows, if any."""
         from sqlalchemy import text
 
-        with self.bench.database.engine.connect() as conn:
+        with self.database.engine.connect() as conn:
             result = conn.execute(text(statement), params or {})
-            return result.all() if result.returns_rows else []
+            return list(result.all()) if result.returns_rows else []
 
     def clear(self) -> None:
         self.sql(f"TRUNCATE {TABLES} CASCADE")
@@ -306,7 +327,7 @@ class Run:
         roles = {"producer": {os.getpid()}}
         roles.update({label: set(worker.pids()) for label, worker in workers.items()})
         roles["beat"] = {beat.pid}
-        roles["postgres"] = self.bench.database.backend_pids()
+        roles["postgres"] = self.database.backend_pids()
         try:
             roles["redis"] = {int(self.bench.redis.info("server")["process_id"])}
         except Exception:  # noqa: BLE001 - a remote Redis: not ours to count
@@ -337,7 +358,7 @@ class Run:
         sink = SmtpSink(self.bench.children, self.workdir / f"smtp-sink-{label}.log")
         self.bench.sinks.append(sink)
         workers, beat = self.start_processes(sink.port, label)
-        alive = lambda: [w.check() for w in workers.values()]  # noqa: E731
+        alive = all_alive(workers)
         try:
             time.sleep(2.5)  # beat's first ticks: the default worker has run a task and imported everything
             self.bench.quiet()
@@ -396,6 +417,8 @@ class Run:
             f"enrolled after {rows['enrolled_s']:.1f} s; all step-1 emails queued after {rows['queued_s']:.1f} s; "
             f"first acceptance {result['first_acceptance_s']:.2f} s; 10-90% {result['steady_msg_s']:,.0f} msg/s "
             f"(to 10%, 10-90%, 90-100%: {', '.join(f'{t:.2f}' for t in result['phases_s'])} s)\n"
+            f"            enrolled each second: {rows['enrolled_per_second']}\n"
+            f"            step-1 emails queued each second: {rows['queued_per_second']}\n"
             f"            states {rows['states']}; enrolments {rows['enrolments']}\n"
             f"            {cpu}"
         )
@@ -414,12 +437,27 @@ class Run:
         queued = self.sql("SELECT max(created_at) FROM messages")[0][0]
         states = dict(self.sql("SELECT state, count(*) FROM messages GROUP BY state"))
         runs = dict(self.sql("SELECT step, count(*) FROM workflow_step_runs GROUP BY step"))
+
+        def per_second(table: str, column: str) -> list[int]:
+            """Rows by whole second since the first event: shows where the pipeline stalled."""
+            rows = self.sql(
+                f"SELECT floor(extract(epoch FROM {column}) - :wall0)::int AS second, count(*) FROM {table} "
+                "GROUP BY 1 ORDER BY 1",
+                {"wall0": wall0},
+            )
+            counts = [0] * (max((second for second, _ in rows), default=-1) + 1)
+            for second, count in rows:
+                counts[max(second, 0)] += count
+            return counts
+
         return {
             "enrolled_s": since(entered),
             "queued_s": since(queued),
             "enrolments": enrolments,
             "states": states,
             "step_runs": runs,
+            "enrolled_per_second": per_second("enrolments", "entered_at"),
+            "queued_per_second": per_second("messages", "created_at"),
         }
 
     def campaign(self) -> dict[str, Any]:
@@ -433,7 +471,7 @@ class Run:
         sink = SmtpSink(self.bench.children, self.workdir / "smtp-sink-campaign.log")
         self.bench.sinks.append(sink)
         workers, beat = self.start_processes(sink.port, "campaign")
-        alive = lambda: [w.check() for w in workers.values()]  # noqa: E731
+        alive = all_alive(workers)
         try:
             time.sleep(2.5)  # as for the burst: beat's first ticks before the clock starts
             self.bench.quiet()
@@ -580,6 +618,7 @@ class Run:
                 wall.append(time.perf_counter() - began)
                 sql.append(clock_.total())
                 advance_sql.append(sum(clock_.by_kind.get("claim", [])))
+                breakdown = clock_.breakdown()
             if advanced.enrolments:
                 raise BenchError(f"an idle advance found {advanced.enrolments} enrolments due")
         return {
@@ -587,6 +626,7 @@ class Run:
             "wall_ms": statistics.median(wall) * 1000,
             "claim_ms": statistics.median(advance_sql) * 1000,
             "repeats": len(sql),
+            "by_statement_last": breakdown,
         }
 
     def advance_all(self, clock_: SqlClock) -> dict[str, Any]:
@@ -653,6 +693,10 @@ class Run:
 
         idle_empty = self.idle_tick(clock_)
         plan_empty = explain_claim(self.settings.automation_batch_size)
+        idle_statements = ", ".join(
+            f"{kind} {figures['seconds'] * 1000:.2f}" for kind, figures in idle_empty["by_statement_last"].items()
+        )
+        log(f"  an idle tick's statements (ms): {idle_statements}")
         log(
             f"  no enrolment at all: idle tick {idle_empty['sql_ms']:.2f} ms of SQL ({idle_empty['wall_ms']:.2f} ms "
             f"wall), claim {idle_empty['claim_ms']:.2f} ms\n    claim plan: {plan_summary(plan_empty)}"
@@ -706,7 +750,7 @@ class Run:
                 log(f"  warning: {result['enrolments']} enrolments advanced for {due} due")
             ok = result["database_s"] < 1.0
             top = ", ".join(
-                f"{kind} {figures['seconds'] * 1000:.0f} ms/{figures['count']}"
+                f"{kind} {figures['seconds'] * 1000:.0f} ms ({figures['rows']:,} rows)"
                 for kind, figures in list(result["by_statement"].items())[:6]
             )
             log(
@@ -722,11 +766,9 @@ class Run:
             log(f"    then 0 due again: idle tick {after['sql_ms']:.2f} ms of SQL, claim {after['claim_ms']:.2f} ms")
             variants[first] = result
             # The next variant starts from the same table: this one's rows and effects removed.
-            self.sql(
-                "DELETE FROM workflow_step_runs WHERE enrolment_id IN (SELECT id FROM enrolments WHERE version = :v)",
-                {"v": versions[first]},
-            )
-            self.sql("DELETE FROM enrolments WHERE version = :v", {"v": versions[first]})
+            due_rows = "SELECT id FROM enrolments WHERE entry_key LIKE 'event:due:%'"
+            self.sql(f"DELETE FROM workflow_step_runs WHERE enrolment_id IN ({due_rows})")
+            self.sql(f"DELETE FROM enrolments WHERE id IN ({due_rows})")
             self.sql("DELETE FROM messages")
             self.sql("VACUUM ANALYZE enrolments, workflow_step_runs, messages, contacts")
         out["variants"] = variants
