@@ -21,16 +21,16 @@ Redis (database 11 by default, FLUSHED; one is started if none answers) and Post
    scripts/bench_campaign.py times campaigns. The ratio burst/campaign: target >= 70%.
    --rounds alternate the order; --profile DIR adds one py-spy'd burst (both workers; not timed).
 2. Idle tick (`tick`): --waiting enrolments generated in SQL (generate_series) on --tick-contacts
-   contacts, at a wait step due from an hour ahead over --spread-days, of which --due are due now (at the
-   workflow's first step). Measured in this process, the SQL time of every statement (SQLAlchemy
-   cursor events) and of the commits:
+   contacts: all but --due at a 30-day wait, due from an hour ahead over --spread-days; the --due
+   ones at the workflow's first step, due now. Measured in this process: the driver's time in
+   every statement (SQLAlchemy cursor events, by kind) and commit, and the PostgreSQL backends' CPU:
    - `engine.advance()` pages until none is full (what one tick's advance tasks do, here one
-     after the other), for each --tick-steps variant: `score` (the first step adds to a score:
-     the engine's own cost) and `send` (it renders and queues `welcome`; no worker delivers);
-     target < 1 s of database time;
-   - the claim's EXPLAIN (ANALYZE, BUFFERS) with the due rows and with none;
+     after the other), --tick-rounds times for each --tick-steps first step: `score` (adds to a
+     score: the engine's own cost) and `send` (renders and queues `welcome`; no worker
+     delivers); target < 1 s of database time for 10,000 due;
+   - the claim's EXPLAIN (ANALYZE, BUFFERS) with no enrolment, with the waiting ones, with the due;
    - an idle tick (read_events, any_due, advance with nothing due), median of --idle-repeats,
-     with no enrolment at all and with --waiting waiting: it must not grow with them.
+     with no enrolment at all and with the waiting ones: it must not grow with them.
 Results go to bench/results/bench_automations-<UTC time>.json. Reuses scripts/bench_send.py's
 database, sink, worker and CPU accounting, and scripts/bench_campaign.py's audience.
 """
@@ -818,10 +818,10 @@ class Run:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="burst,tick", help="burst, tick or both (default)")
-    parser.add_argument("--contacts", type=int, default=100_000, help="the burst's events and the campaign's size")
+    parser.add_argument("--contacts", type=int, default=100_000, help="burst events and campaign size (default 100000)")
     parser.add_argument("--batch", type=int, default=1000, help="events per ingest() call (default 1000)")
     parser.add_argument("--rounds", type=int, default=1, help="burst/campaign pairs, the order alternating")
-    parser.add_argument("--waiting", type=int, default=1_000_000, help="enrolments in all for the tick")
+    parser.add_argument("--waiting", type=int, default=1_000_000, help="the tick's enrolments in all (default 1000000)")
     parser.add_argument("--due", type=int, default=10_000, help="of which due now (default 10000)")
     parser.add_argument("--tick-contacts", type=int, default=100_000, help="contacts the tick's enrolments are on")
     parser.add_argument("--spread-days", type=float, default=30.0, help="waiting enrolments are due over these days")
