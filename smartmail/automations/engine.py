@@ -116,11 +116,12 @@ def _claim(connection: Connection, now: datetime, limit: int) -> Sequence[Any]:
     ).all()
 
 
-def _contacts(connection: Connection, contact_ids: Sequence[int]) -> dict[int, Any]:
-    """The contacts, locked for this transaction (update and score steps rewrite their attributes),
-    in id order so that two advances wait for each other instead of deadlocking. FOR NO KEY UPDATE:
-    inserting an enrolment (a foreign key's KEY SHARE lock) is not kept waiting."""
-    rows = connection.execute(
+def _contacts(connection: Connection, contact_ids: Sequence[int], *, lock: bool) -> dict[int, Any]:
+    """The contacts; with `lock` (the page's workflows have update or score steps, which rewrite
+    attributes) locked for this transaction, in id order so that two advances wait for each other
+    instead of deadlocking. FOR NO KEY UPDATE: an enrolment's insert (a foreign key's KEY SHARE
+    lock) is not kept waiting. Without, no lock: a lock is a write to every row."""
+    query = (
         select(
             Contact.id,
             Contact.email,
@@ -132,8 +133,8 @@ def _contacts(connection: Connection, contact_ids: Sequence[int]) -> dict[int, A
         .outerjoin(Suppression, Suppression.email == Contact.email)
         .where(Contact.id.in_(sorted(set(contact_ids))))
         .order_by(Contact.id)
-        .with_for_update(of=Contact, key_share=True)
-    ).all()
+    )
+    rows = connection.execute(query.with_for_update(of=Contact, key_share=True) if lock else query).all()
     return {row.id: _MutableContact(row) for row in rows}
 
 
@@ -177,7 +178,10 @@ def advance(*, limit: int | None = None, now: datetime | None = None) -> Advance
         if held:  # paused between the claim's snapshot and now: held where they are
             connection.execute(update(Enrolment).where(Enrolment.id.in_(held)).values(state=HELD, updated_at=utcnow()))
         found = enrolment.parsed_versions(connection, {(row.workflow_id, row.version) for row in rows})
-        contacts = _contacts(connection, [row.contact_id for row in rows])
+        writes_contacts = any(
+            step.type in ("update", "score") for definition in found.values() for step in definition.steps.values()
+        )
+        contacts = _contacts(connection, [row.contact_id for row in rows], lock=writes_contacts)
         runs = []
         for row in rows:
             run = Run(
