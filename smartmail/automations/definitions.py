@@ -25,6 +25,8 @@ from smartmail.store.models import EventType
 from smartmail.workers.policy import parse_duration
 
 MAX_STEPS = 200
+# Longer waits, periods and windows would put due dates past the calendar (datetime overflows).
+MAX_DURATION_DAYS = 3660
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,99}")
 _TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 _ENGAGEMENTS = ("opened", "clicked", "not_opened", "not_clicked")
@@ -124,10 +126,12 @@ def load_text(text: str, *, field: str = "definition") -> Any:
     """A definition's document from JSON or YAML text (YAML is a superset; JSON's errors are clearer)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return yaml.safe_load(text)
+    except (ValueError, RecursionError) as exc:  # YAML's own values (a date like 2024-02-30), deep nesting
+        raise InvalidInput(f"neither JSON nor YAML: {exc}", field=field) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -155,6 +159,8 @@ def _duration(value: Any, path: str, *, positive: bool = True) -> float:
         raise InvalidInput(f"{value!r} is not a duration (90s, 30m, 2h, 3d or seconds)", field=path) from None
     if positive and seconds <= 0:
         raise InvalidInput("must be longer than 0", field=path)
+    if not seconds <= MAX_DURATION_DAYS * 86400:
+        raise InvalidInput(f"at most {MAX_DURATION_DAYS} days", field=path)
     return seconds
 
 
@@ -386,7 +392,7 @@ def _steps(value: Any) -> dict[str, Step]:
         if any(step_id == seen for seen, _, _ in raw_steps):
             raise InvalidInput("two steps have this id", field=f"{path}.id")
         kind = raw.get("type")
-        if kind not in _STEP_FIELDS:
+        if not isinstance(kind, str) or kind not in _STEP_FIELDS:
             raise InvalidInput(f"{kind!r} is not a step type ({', '.join(_STEP_FIELDS)})", field=f"{path}.type")
         _only(
             raw,
