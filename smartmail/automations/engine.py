@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from smartmail import runtime
 from smartmail.audience.contacts import known_zone
 from smartmail.automations import clock, conditions, definitions
 from smartmail.automations import messages as step_messages
@@ -106,10 +107,15 @@ class _Writes:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
 
 
-_definitions: dict[tuple[int, int], Definition] = {}  # versions never change: parsed once per process
+@runtime.per_process()
+def _parsed() -> dict[tuple[int, int], Definition]:
+    """Versions never change: each parsed once per process (in the runtime registry, so that a
+    reset forgets them with the database they came from)."""
+    return {}
 
 
 def _definitions_of(connection: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Definition]:
+    _definitions = _parsed()
     missing = [key for key in set(keys) if key not in _definitions]
     if missing:
         rows = connection.execute(

@@ -12,6 +12,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
+from smartmail import runtime
 from smartmail.audience import event_stream
 from smartmail.audience.event_stream import Position
 from smartmail.automations import clock, definitions
@@ -79,11 +80,15 @@ def live_workflows(connection: Connection, *, kinds: Sequence[str] | None = None
     return [live for live in found if kinds is None or live.definition.trigger.kind in kinds]
 
 
-_parsed_versions: dict[tuple[int, int], Definition] = {}
+@runtime.per_process()
+def _versions() -> dict[tuple[int, int], Definition]:
+    """Parsed versions (they never change), in the runtime registry: a reset forgets them with their database."""
+    return {}
 
 
 def _parsed(workflow_id: int, version: int, document: dict[str, Any]) -> Definition:
     key = (workflow_id, version)
+    _parsed_versions = _versions()
     if key not in _parsed_versions:
         _parsed_versions[key] = definitions.parse(document)
     return _parsed_versions[key]
@@ -216,9 +221,11 @@ def _read_page() -> Read:
             checkpoints.lock(connection, CHECKPOINT, initial=str(event_stream.end(connection))), field=CHECKPOINT
         )
         workflows = live_workflows(connection)
-        page = event_stream.read(
-            position, types=_types_of_interest(connection, workflows), limit=PAGE, connection=connection
-        )
+        kinds = _types_of_interest(connection, workflows)
+        if not kinds:  # no workflow reacts to any event (all paused, or only beat-evaluated triggers): skip them
+            checkpoints.move(connection, CHECKPOINT, str(event_stream.end(connection)))
+            return Read(0, 0, 0, 0, more=False)
+        page = event_stream.read(position, types=kinds, limit=PAGE, connection=connection)
         converted, woken = _move_running(connection, page.events, now)
         enrolled = _enrol_triggered(connection, workflows, page.events, now)
         checkpoints.move(connection, CHECKPOINT, str(page.next))
@@ -239,7 +246,7 @@ def _types_of_interest(connection: Connection, workflows: list[Live]) -> list[st
         select(WorkflowVersion.workflow_id, WorkflowVersion.version, WorkflowVersion.definition)
     ):
         kinds.update(_parsed(row.workflow_id, row.version, row.definition).events())
-    return sorted(kinds) or ["-"]  # no type of interest: read nothing, still move on
+    return sorted(kinds)
 
 
 def _move_running(connection: Connection, events: list[dict[str, Any]], now: datetime) -> tuple[int, int]:

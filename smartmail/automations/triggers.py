@@ -7,7 +7,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import and_, delete, exists, literal, select, update
+from sqlalchemy import and_, delete, exists, func, literal, select, update
 from sqlalchemy.engine import Connection
 
 from smartmail.audience import segments
@@ -130,7 +130,7 @@ def _dates(connection: Connection, live: Live, now: datetime) -> Iterator[Candid
     days = [today + timedelta(days=shift) for shift in (-1, 0, 1)]
     wanted = {_attribute_value(day, trigger.offset_days, trigger.annual): day for day in days}
     part = attribute.string()
-    compared = part.substr(6, 5) if trigger.annual else part.substr(1, 10)
+    compared = func.substr(part, 6, 5) if trigger.annual else func.substr(part, 1, 10)  # MM-DD or the date
     rows = connection.execute(
         select(Contact.id, Contact.timezone, compared.label("value")).where(
             attribute.is_string(), compared.in_(sorted(wanted))
