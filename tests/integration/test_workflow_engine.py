@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timedelta
 from types import SimpleNamespace
@@ -933,3 +934,87 @@ def test_simulate_prints_the_path_with_dates_and_stores_nothing(wf):
         assert connection.scalar(select(func.count()).select_from(Message)) == 0
     with pytest.raises(NotFound):
         reports.simulate("sample", "nobody@example.com")
+
+
+def test_the_weekly_cap_holds_the_third_send_until_the_first_is_a_week_old(wf):
+    wf.setenv("SMARTMAIL_FREQUENCY_CAP_WEEK", "2")
+    reset_caches()
+    wait = {"type": "wait", "duration": "1d"}
+    _save(
+        "daily", _send("one", "1"), {"id": "w1", **wait}, _send("two", "2"), {"id": "w2", **wait}, _send("three", "3")
+    )
+    email = _person("a@example.com")
+    _track(email, "signup")
+    _read(1)
+    start = clock.now() + timedelta(seconds=1)
+    for day in range(3):
+        _advance(start + day * DAY)
+    assert _tags(email) == ["1", "2"]
+    held = _enrolment("daily", email).Enrolment
+    assert (held.state, held.step, held.due_at) == ("active", "three", start + 7 * DAY)
+    assert _advance(start + 6 * DAY).messages == 0
+    assert _advance(start + 7 * DAY + timedelta(seconds=1)).messages == 1
+    assert _tags(email) == ["1", "2", "3"]
+
+
+def test_a_workflow_saved_later_is_not_enrolled_by_events_before_it(wf):
+    _save("first", _send("hello"))
+    email = _person("a@example.com")
+    _track(email, "signup")
+    time.sleep(0.01)
+    _save("second", _send("hello"))
+    assert _read(1).enrolled == 1
+    assert [row.email for row in _enrolments("first")] == [email] and _enrolments("second") == []
+    with pytest.raises(NotFound):
+        reports.status("third")
+
+
+def test_advances_running_at_once_run_each_step_once(wf):
+    _save("welcome", _send("hello"), {"id": "w", "type": "wait", "duration": "1h"}, _send("bye"))
+    emails = [_person(f"c{i}@example.com") for i in range(40)]
+    for email in emails:
+        _track(email, "signup")
+    _read(40)
+    start = clock.now() + timedelta(seconds=1)
+    errors: list[BaseException] = []
+
+    def work(at: datetime) -> None:
+        try:
+            while engine.advance(limit=3, now=at).enrolments:
+                pass
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    for at in (start, start + timedelta(hours=1)):
+        threads = [threading.Thread(target=work, args=(at,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    with get_engine().connect() as connection:
+        per_enrolment = connection.execute(
+            select(StepRun.enrolment_id, func.count(), func.count(StepRun.message_id)).group_by(StepRun.enrolment_id)
+        ).all()
+    assert len(per_enrolment) == 40 and {(runs, sent) for _, runs, sent in per_enrolment} == {(3, 2)}
+    assert all(_tags(email) == ["-", "-"] for email in emails)
+    assert {row.Enrolment.ended_reason for row in _enrolments("welcome")} == {"completed"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="list joins are stamped with the system time but the scan's watermark is the scheduler's clock: "
+    "with the adjustable clock ahead, a contact who joins after a scan is never enrolled",
+)
+def test_a_list_join_after_the_scheduler_clock_moved_on_is_enrolled(wf):
+    wf.setenv("SMARTMAIL_SCHEDULER_CLOCK", "adjustable")
+    reset_caches()
+    try:
+        contacts.create_list("newsletter")
+        _save("news", _send("hello"), trigger={"list": "newsletter"})
+        clock.advance(3600)
+        assert triggers.scan() == 0
+        contacts.add_members("newsletter", [_person("a@example.com")])
+        assert triggers.scan() == 1
+    finally:
+        clock.reset()
