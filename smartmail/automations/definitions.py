@@ -17,6 +17,7 @@ from smartmail.audience.contacts import (
     check_attribute_name,
     check_attributes,
     check_event_name,
+    check_event_properties,
     check_list_name,
     check_timezone,
 )
@@ -186,7 +187,8 @@ def _trigger(value: Any) -> Trigger:
     path = f"trigger.{kind}"
     if kind == "event":
         _only(rule, {"event", "where"}, "trigger")
-        where = dict(_mapping(rule["where"], "trigger.where")) if rule.get("where") is not None else None
+        # Stored as JSON on both databases: no NaN, no NUL (PostgreSQL refuses them).
+        where = check_event_properties(rule["where"], field="trigger.where") if rule.get("where") is not None else None
         return Trigger(kind, event=check_event_name(rule["event"], field=path), where=where)
     _only(rule, {kind}, "trigger")
     if kind == "list":
@@ -353,7 +355,7 @@ def _webhook_params(raw: Mapping[str, Any], path: str) -> dict[str, Any]:
         raise InvalidInput("must be a webhook endpoint's id", field=f"{path}.endpoint")
     params["endpoint"] = endpoint
     if "data" in raw:
-        params["data"] = dict(_mapping(raw["data"], f"{path}.data"))
+        params["data"] = check_event_properties(raw["data"], field=f"{path}.data")
     return params
 
 

@@ -170,6 +170,8 @@ def test_a_target_that_is_no_step_is_refused_naming_the_step_and_key(steps, fiel
         ({"id": "h", "type": "webhook", "endpoint": 0}, "steps.h.endpoint"),
         ({"id": "h", "type": "webhook", "endpoint": True}, "steps.h.endpoint"),
         ({"id": "h", "type": "webhook", "endpoint": 1, "data": [1]}, "steps.h.data"),
+        ({"id": "h", "type": "webhook", "endpoint": 1, "data": {"n": float("nan")}}, "steps.h.data"),
+        ({"id": "h", "type": "webhook", "endpoint": 1, "data": {"s": "a\x00"}}, "steps.h.data.s"),
     ],
 )
 def test_a_bad_step_is_refused_naming_the_step_and_field(step, field):
@@ -415,6 +417,10 @@ def test_a_date_trigger_starts_at_nine_by_default():
         ({"event": "sign up"}, "trigger.event"),
         ({"event": None}, "trigger.event"),
         ({"event": "signup", "where": ["plan"]}, "trigger.where"),
+        # Stored as JSON: PostgreSQL refuses NaN (and NUL in jsonb), SQLite would store invalid JSON.
+        ({"event": "signup", "where": {"n": float("nan")}}, "trigger.where"),
+        ({"event": "signup", "where": {"plan": "a\x00"}}, "trigger.where.plan"),
+        ({"event": "signup", "where": {1: "a"}}, "trigger.where"),
         ({"event": "signup", "when": "now"}, "trigger.when"),
         ({"list": "newsletter", "where": {"a": 1}}, "trigger.where"),
         ({"list": "a/b"}, "trigger.list"),
@@ -606,6 +612,8 @@ def test_parse_raises_nothing_but_invalid_input(document):
         parse(document)
     except InvalidInput as error:
         assert error.field
+    else:  # what it accepts, save_workflow stores as JSON
+        json.dumps(document, allow_nan=False)
 
 
 @settings(max_examples=200, deadline=None)
