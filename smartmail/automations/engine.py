@@ -334,7 +334,10 @@ class _Stepper:
             contact_ids = sorted({run.contact_id for run in group})
             for contact_id, at in self.connection.execute(
                 select(StepRun.contact_id, StepRun.ran_at).where(
-                    StepRun.contact_id.in_(contact_ids), StepRun.kind == "send", StepRun.ran_at > self.now - window
+                    StepRun.contact_id.in_(contact_ids),
+                    StepRun.kind == "send",
+                    StepRun.message_id.is_not(None),  # a send that failed to render sent nothing
+                    StepRun.ran_at > self.now - window,
                 )
             ):
                 counts[contact_id].append(at)

@@ -1018,3 +1018,30 @@ def test_a_list_join_after_the_scheduler_clock_moved_on_is_enrolled(wf):
         assert triggers.scan() == 1
     finally:
         clock.reset()
+
+
+def test_the_cap_counts_emails_of_every_workflow_but_not_sends_that_failed(wf):
+    wf.setenv("SMARTMAIL_FREQUENCY_CAP_DAY", "1")
+    reset_caches()
+    _save("welcome", _send("hello", "welcome"))
+    _save("onboarding", _send("hello", "onboarding"))
+    reset = {"id": "reset", "type": "send", "template": "password-reset", "tags": ["reset"]}
+    _save("reset", reset, trigger={"event": "reset_requested"})
+    email = _person("a@example.com")
+    _track(email, "signup")
+    _read(1)
+    start = clock.now() + timedelta(seconds=1)
+    assert _advance(start).messages == 1  # one of the two workflows; the other held
+    assert {row.Enrolment.step for row in _enrolments("welcome") + _enrolments("onboarding")} == {"hello"}
+
+    nameless = "nameless@example.com"
+    # welcome cannot render without first_name: that send fails; password-reset can
+    contacts.create_contact(nameless, attributes={"reset_url": "https://example.com/reset"})
+    _track(nameless, "signup")
+    _read(1)
+    _advance(start + timedelta(minutes=1))
+    assert _sent(nameless) == [] and _enrolment("welcome", nameless).Enrolment.ended_reason == "failed"
+    _track(nameless, "reset_requested")
+    _read(1)
+    assert _advance(start + timedelta(minutes=2)).messages == 1
+    assert _tags(nameless) == ["reset"]
