@@ -1045,3 +1045,25 @@ def test_the_cap_counts_emails_of_every_workflow_but_not_sends_that_failed(wf):
     _read(1)
     assert _advance(start + timedelta(minutes=2)).messages == 1
     assert _tags(nameless) == ["reset"]
+
+
+def test_waits_pass_by_the_scheduler_clock_without_explicit_times(wf):
+    with pytest.raises(RuntimeError):
+        clock.advance(60)  # the system clock cannot be moved
+    wf.setenv("SMARTMAIL_SCHEDULER_CLOCK", "adjustable")
+    reset_caches()
+    try:
+        _save("drip", _send("hello", "1"), {"id": "w", "type": "wait", "duration": "2d"}, _send("bye", "2"))
+        email = _person("a@example.com")
+        _track(email, "signup")
+        _read(1)
+        assert engine.advance().messages == 1
+        assert not engine.any_due() and engine.due_count() == 0
+        moved = clock.advance(2 * 86400 + 1)
+        assert moved - utcnow() > timedelta(days=2)
+        assert engine.any_due() and engine.due_count() == 1
+        assert engine.advance_for(5) is False
+        assert _tags(email) == ["1", "2"]
+    finally:
+        clock.reset()
+    assert abs(clock.now() - utcnow()) < timedelta(seconds=5)
