@@ -1067,3 +1067,18 @@ def test_waits_pass_by_the_scheduler_clock_without_explicit_times(wf):
     finally:
         clock.reset()
     assert abs(clock.now() - utcnow()) < timedelta(seconds=5)
+
+
+def test_a_long_chain_of_instant_steps_goes_on_at_the_next_advance(wf):
+    chain = [{"id": f"s{i}", "type": "score", "points": 1} for i in range(engine.MAX_STEPS_PER_ADVANCE + 10)]
+    _save("long", *chain)
+    email = _person("a@example.com")
+    _track(email, "signup")
+    _read(1)
+    at = clock.now() + timedelta(seconds=1)
+    assert engine.advance(now=at).steps == engine.MAX_STEPS_PER_ADVANCE
+    row = _enrolment("long", email).Enrolment
+    assert (row.state, row.step, row.due_at) == ("active", f"s{engine.MAX_STEPS_PER_ADVANCE}", at)
+    assert engine.advance(now=at).steps == 10
+    assert contacts.get_contact(email)["attributes"]["lead_score"] == len(chain)
+    assert _enrolment("long", email).Enrolment.ended_reason == "completed"
