@@ -137,7 +137,7 @@ def _event_row(email: str, type_: str, *, message_id=None, campaign_id=None, mac
 
 
 def _advance(at: datetime) -> engine.Advanced:
-    """Advance until nothing more is due at `at`."""
+    """Advance page after page at `at` until a page is not full; the totals."""
     total = engine.Advanced(0, 0, 0, more=False)
     while True:
         page = engine.advance(now=at)
@@ -250,7 +250,7 @@ def test_entry_rules_within_one_read(wf, entry, expected):
     assert len(_enrolments("welcome")) == expected
 
 
-def test_once_per_lets_a_contact_in_again_after_the_period_once_ever_does_not(wf, redis_url):
+def test_once_per_lets_a_contact_in_again_after_the_period_once_ever_does_not(wf):
     wf.setenv("SMARTMAIL_SCHEDULER_CLOCK", "adjustable")
     reset_caches()
     try:
