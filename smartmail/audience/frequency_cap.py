@@ -36,7 +36,10 @@ def recent_sends(connection: Connection, contact_ids: Sequence[int], now: dateti
         chunk = ids[start : start + _CHUNK]
         for contact_id, at in connection.execute(
             select(StepRun.contact_id, StepRun.ran_at).where(
-                StepRun.contact_id.in_(chunk), StepRun.kind == "send", StepRun.ran_at > since
+                StepRun.contact_id.in_(chunk),
+                StepRun.kind == "send",
+                StepRun.message_id.is_not(None),  # a send that failed to render sent nothing
+                StepRun.ran_at > since,
             )
         ):
             sent[contact_id].append(at)
@@ -52,13 +55,13 @@ def recent_sends(connection: Connection, contact_ids: Sequence[int], now: dateti
     return sent
 
 
-def held_until(sent: Sequence[datetime], more: int, now: datetime) -> datetime | None:
-    """None when one more email (after `more` already decided) keeps the contact within every cap;
-    else when to try again: once the oldest email counted in the window leaves it."""
+def held_until(sent: Sequence[datetime], now: datetime) -> datetime | None:
+    """None when one more email keeps the contact within every cap, given when it was `sent` marketing
+    email; else when to try again: once the oldest email counted in the window leaves it."""
     until = None
     for cap, window in caps():
         recent = sorted(at for at in sent if at > now - window)
-        if len(recent) + more >= cap:
+        if len(recent) >= cap:
             free = max(recent[0] + window if recent else now, now + timedelta(minutes=1))
             until = max(until or free, free)
     return until

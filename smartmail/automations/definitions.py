@@ -17,6 +17,7 @@ from smartmail.audience.contacts import (
     check_attribute_name,
     check_attributes,
     check_event_name,
+    check_event_properties,
     check_list_name,
     check_timezone,
 )
@@ -25,6 +26,8 @@ from smartmail.store.models import EventType
 from smartmail.workers.policy import parse_duration
 
 MAX_STEPS = 200
+# Longer waits, periods and windows would put due dates past the calendar (datetime overflows).
+MAX_DURATION_DAYS = 3660
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,99}")
 _TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 _ENGAGEMENTS = ("opened", "clicked", "not_opened", "not_clicked")
@@ -124,10 +127,12 @@ def load_text(text: str, *, field: str = "definition") -> Any:
     """A definition's document from JSON or YAML text (YAML is a superset; JSON's errors are clearer)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return yaml.safe_load(text)
+    except (ValueError, RecursionError) as exc:  # YAML's own values (a date like 2024-02-30), deep nesting
+        raise InvalidInput(f"neither JSON nor YAML: {exc}", field=field) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -155,6 +160,8 @@ def _duration(value: Any, path: str, *, positive: bool = True) -> float:
         raise InvalidInput(f"{value!r} is not a duration (90s, 30m, 2h, 3d or seconds)", field=path) from None
     if positive and seconds <= 0:
         raise InvalidInput("must be longer than 0", field=path)
+    if not seconds <= MAX_DURATION_DAYS * 86400:
+        raise InvalidInput(f"at most {MAX_DURATION_DAYS} days", field=path)
     return seconds
 
 
@@ -180,7 +187,8 @@ def _trigger(value: Any) -> Trigger:
     path = f"trigger.{kind}"
     if kind == "event":
         _only(rule, {"event", "where"}, "trigger")
-        where = dict(_mapping(rule["where"], "trigger.where")) if rule.get("where") is not None else None
+        # Stored as JSON on both databases: no NaN, no NUL (PostgreSQL refuses them).
+        where = check_event_properties(rule["where"], field="trigger.where") if rule.get("where") is not None else None
         return Trigger(kind, event=check_event_name(rule["event"], field=path), where=where)
     _only(rule, {kind}, "trigger")
     if kind == "list":
@@ -347,7 +355,7 @@ def _webhook_params(raw: Mapping[str, Any], path: str) -> dict[str, Any]:
         raise InvalidInput("must be a webhook endpoint's id", field=f"{path}.endpoint")
     params["endpoint"] = endpoint
     if "data" in raw:
-        params["data"] = dict(_mapping(raw["data"], f"{path}.data"))
+        params["data"] = check_event_properties(raw["data"], field=f"{path}.data")
     return params
 
 
@@ -386,7 +394,7 @@ def _steps(value: Any) -> dict[str, Step]:
         if any(step_id == seen for seen, _, _ in raw_steps):
             raise InvalidInput("two steps have this id", field=f"{path}.id")
         kind = raw.get("type")
-        if kind not in _STEP_FIELDS:
+        if not isinstance(kind, str) or kind not in _STEP_FIELDS:
             raise InvalidInput(f"{kind!r} is not a step type ({', '.join(_STEP_FIELDS)})", field=f"{path}.type")
         _only(
             raw,

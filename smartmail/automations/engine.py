@@ -221,7 +221,7 @@ class _Stepper:
     def __init__(self, connection: Connection, now: datetime, writes: _Writes) -> None:
         self.connection, self.now, self.writes = connection, now, writes
         self.settings = get_settings()
-        self.sent_here: dict[int, int] = defaultdict(int)  # emails this page queued per contact
+        self.sent_here: dict[int, list[datetime]] = defaultdict(list)  # emails this page queued, per contact
 
     def run(self, runs: list[Run]) -> None:
         going = [run for run in runs if self._may_go_on(run)]
@@ -276,7 +276,7 @@ class _Stepper:
         ids = new_ids(len(group))
         for run, message_id in zip(group, ids):
             until = frequency_cap.held_until(
-                sent_before.get(run.contact_id, []), self.sent_here[run.contact_id], self.now
+                sent_before.get(run.contact_id, []) + self.sent_here[run.contact_id], self.now
             )
             if until is not None:
                 run.due_at, run.going = until, False
@@ -303,7 +303,7 @@ class _Stepper:
                 run.end("failed")
                 continue
             self.writes.messages.append(row)
-            self.sent_here[run.contact_id] += 1
+            self.sent_here[run.contact_id].append(self.now)
             self._record(run, step, message_id=message_id)
             run.last_message_id = message_id
             run.move(step.next)

@@ -81,25 +81,24 @@ def live_workflows(connection: Connection, *, kinds: Sequence[str] | None = None
     return [live for live in found if kinds is None or live.definition.trigger.kind in kinds]
 
 
-_parsed_versions: dict[tuple[int, int], Definition] = {}  # versions never change: parsed once per process
-
-
-@runtime.on_reset
-def forget_versions(_close: bool = True) -> None:
-    _parsed_versions.clear()
+@runtime.per_process()
+def _versions() -> dict[tuple[int, int], Definition]:
+    """Parsed versions (they never change), in the runtime registry: a reset forgets them with their database."""
+    return {}
 
 
 def _parsed(workflow_id: int, version: int, document: dict[str, Any]) -> Definition:
     key = (workflow_id, version)
-    if key not in _parsed_versions:
-        _parsed_versions[key] = definitions.parse(document)
-    return _parsed_versions[key]
+    parsed = _versions()
+    if key not in parsed:
+        parsed[key] = definitions.parse(document)
+    return parsed[key]
 
 
 def parsed_versions(connection: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Definition]:
     """The definitions of these (workflow id, version) pairs; a version's document is read once per process."""
     keys = set(keys)
-    missing = keys - set(_parsed_versions)
+    missing = keys - set(_versions())
     if missing:
         rows = connection.execute(
             select(WorkflowVersion.workflow_id, WorkflowVersion.version, WorkflowVersion.definition).where(
@@ -108,7 +107,8 @@ def parsed_versions(connection: Connection, keys: Iterable[tuple[int, int]]) -> 
         )
         for row in rows:
             _parsed(row.workflow_id, row.version, row.definition)
-    return {key: _parsed_versions[key] for key in keys}
+    parsed = _versions()
+    return {key: parsed[key] for key in keys}
 
 
 def enrol(connection: Connection, workflow: Live, candidates: Sequence[Candidate], now: datetime) -> list[int]:
@@ -346,10 +346,10 @@ def _enrol_triggered(connection: Connection, workflows: list[Live], events: list
 def _context_of(event: dict[str, Any]) -> dict[str, Any]:
     """What the enrolment's emails can use as `event`: the trigger's type, time and properties."""
     return {
+        **event["properties"],
         "type": event["type"],
         "occurred_at": event["occurred_at"],
         "message_id": event["message_id"],
-        **event["properties"],
     }
 
 

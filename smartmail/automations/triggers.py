@@ -7,7 +7,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import and_, delete, exists, literal, select, update
+from sqlalchemy import and_, delete, exists, func, literal, select, update
 from sqlalchemy.engine import Connection
 
 from smartmail.audience import segments
@@ -15,7 +15,7 @@ from smartmail.audience.contacts import known_zone
 from smartmail.automations import clock
 from smartmail.automations.enrolment import Candidate, Live, enrol, live_workflows
 from smartmail.store import dialect
-from smartmail.store.engine import get_engine
+from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import (
     Campaign,
     Contact,
@@ -50,36 +50,43 @@ def scan(now: datetime | None = None) -> int:
             continue  # opens and clicks come from the event stream
         with get_engine().begin() as connection:
             since = connection.scalar(select(Workflow.scanned_at).where(Workflow.id == live.id).with_for_update())
-            candidates = list(_candidates(connection, live, since, now))
+            # The watermark is the last stamp looked at, on the clock of the rows compared with it:
+            # list joins and sends are stamped with the system's time, whatever the scheduler's says.
+            candidates, watermark = _candidates(connection, live, since, now)
             enrolled += len(enrol(connection, live, candidates, now))
-            connection.execute(update(Workflow).where(Workflow.id == live.id).values(scanned_at=now))
+            connection.execute(update(Workflow).where(Workflow.id == live.id).values(scanned_at=watermark))
     return enrolled
 
 
-def _candidates(connection: Connection, live: Live, since: datetime | None, now: datetime) -> Iterator[Candidate]:
+def _candidates(
+    connection: Connection, live: Live, since: datetime | None, now: datetime
+) -> tuple[list[Candidate], datetime]:
+    """The trigger's candidates, and the new watermark."""
     kind = live.definition.trigger.kind
     if kind == "list":
-        yield from _list_joins(connection, live, since, now)
-    elif kind == "segment":
-        yield from _segment_entries(connection, live, now)
-    elif kind == "date":
-        yield from _dates(connection, live, now)
-    else:
-        yield from _not_engaged(connection, live, since, now)
+        upto = utcnow()
+        return list(_list_joins(connection, live, since or live.created_at, upto)), upto
+    if kind == "engagement":
+        # Emails sent `within` before the scheduler's now are due; the first scan also takes those
+        # whose time ran out after the workflow was created.
+        window = timedelta(seconds=live.definition.trigger.within)
+        upto = now - window
+        return list(_not_engaged(connection, live, since or live.created_at - window, upto)), upto
+    found = _segment_entries(connection, live, now) if kind == "segment" else _dates(connection, live, now)
+    return list(found), now
 
 
-def _list_joins(connection: Connection, live: Live, since: datetime | None, now: datetime) -> Iterator[Candidate]:
-    """Who joined the list since the last scan (since the workflow was created, the first time)."""
+def _list_joins(connection: Connection, live: Live, start: datetime, end: datetime) -> Iterator[Candidate]:
+    """Who joined the list after `start`, up to `end` (system times, as joins are stamped)."""
     list_id = connection.scalar(select(ContactList.id).where(ContactList.name == live.definition.trigger.list))
     if list_id is None:
         return
-    start = since or live.created_at
     rows = connection.execute(
         select(ListMembership.contact_id, ListMembership.joined_at).where(
             ListMembership.list_id == list_id,
             ListMembership.status == "subscribed",
             ListMembership.joined_at > start,
-            ListMembership.joined_at <= now,
+            ListMembership.joined_at <= end,
         )
     )
     for contact_id, joined_at in rows:
@@ -129,8 +136,12 @@ def _dates(connection: Connection, live: Live, now: datetime) -> Iterator[Candid
     # Every time zone's today is one of these three; the contact's own is checked below.
     days = [today + timedelta(days=shift) for shift in (-1, 0, 1)]
     wanted = {_attribute_value(day, trigger.offset_days, trigger.annual): day for day in days}
+    if trigger.annual:  # a 29 February date comes round on 28 February in other years
+        wanted.update(
+            {"02-29": day for day in days if _is_feb_28_of_common_year(day - timedelta(days=trigger.offset_days))}
+        )
     part = attribute.string()
-    compared = part.substr(6, 5) if trigger.annual else part.substr(1, 10)
+    compared = func.substr(part, 6, 5) if trigger.annual else func.substr(part, 1, 10)  # MM-DD or the date
     rows = connection.execute(
         select(Contact.id, Contact.timezone, compared.label("value")).where(
             attribute.is_string(), compared.in_(sorted(wanted))
@@ -150,18 +161,20 @@ def _dates(connection: Connection, live: Live, now: datetime) -> Iterator[Candid
         )
 
 
+def _is_feb_28_of_common_year(day: date) -> bool:
+    return day.month == 2 and day.day == 28 and (day + timedelta(days=1)).month == 3
+
+
 def _attribute_value(day: date, offset_days: int, annual: bool) -> str:
     """What the attribute holds when `day` is its date moved by `offset_days` (MM-DD when annual)."""
     source = day - timedelta(days=offset_days)
     return source.strftime("%m-%d") if annual else source.isoformat()
 
 
-def _not_engaged(connection: Connection, live: Live, since: datetime | None, now: datetime) -> Iterator[Candidate]:
-    """Emails of the trigger's campaign (or workflow step) sent `within` ago without a human open
-    (or click) since: each becomes eligible once, in the scan after its time is up."""
+def _not_engaged(connection: Connection, live: Live, start: datetime, end: datetime) -> Iterator[Candidate]:
+    """Emails of the trigger's campaign (or workflow step) sent after `start`, up to `end`, without a
+    human open (or click) since: each becomes eligible once, in the scan after its time is up."""
     trigger = live.definition.trigger
-    window = timedelta(seconds=trigger.within)
-    start, end = (since or live.created_at) - window, now - window
     engaged_type = "opened" if trigger.event == "not_opened" else "clicked"
     engaged = exists().where(Event.message_id == Message.id, Event.type == engaged_type, Event.machine.is_(False))
     query = select(Message.id, Message.contact_id).where(

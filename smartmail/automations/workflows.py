@@ -157,7 +157,7 @@ def resume_workflow(name: str) -> int:
 
 def _set_state(name: str, state: WorkflowState, source: EnrolmentState, target: EnrolmentState) -> int:
     with session_scope() as session:
-        workflow = _get(session, name, lock=True)  # the advance reads the state under this lock too
+        workflow = _get(session, name, lock=True)  # two pauses or resumes take turns
         workflow.state = state.value
         workflow.updated_at = utcnow()
         moved = (

@@ -158,7 +158,7 @@ def _held_by_frequency_cap(session, rows: list[MessageRow], now: datetime) -> li
     sent = frequency_cap.recent_sends(session.connection(), [row.contact_id for row in rows], now)
     held = []
     for row in rows:
-        until = frequency_cap.held_until(sent.get(row.contact_id, []), 0, now)
+        until = frequency_cap.held_until(sent.get(row.contact_id, []), now)
         if until is not None and (row.send_at is None or row.send_at < until):
             row = row._replace(state=MessageState.SCHEDULED.value, send_at=until, enqueued_at=None)
         held.append(row)
