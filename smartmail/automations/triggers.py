@@ -137,9 +137,9 @@ def _dates(connection: Connection, live: Live, now: datetime) -> Iterator[Candid
     days = [today + timedelta(days=shift) for shift in (-1, 0, 1)]
     wanted = {_attribute_value(day, trigger.offset_days, trigger.annual): day for day in days}
     if trigger.annual:  # a 29 February date comes round on 28 February in other years
-        wanted.update(
-            {"02-29": day for day in days if _is_feb_28_of_common_year(day - timedelta(days=trigger.offset_days))}
-        )
+        for day in days:
+            if _is_feb_28_of_common_year(day - timedelta(days=trigger.offset_days)):
+                wanted["02-29"] = day
     part = attribute.string()
     compared = func.substr(part, 6, 5) if trigger.annual else func.substr(part, 1, 10)  # MM-DD or the date
     rows = connection.execute(
