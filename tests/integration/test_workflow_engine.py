@@ -388,6 +388,17 @@ def test_a_date_trigger_enrols_on_the_day_in_the_contacts_time_zone_with_offset_
     assert {row.email for row in _enrolments("renewal")} == {"renews@example.com"}
 
 
+def test_a_29_february_birthday_comes_round_on_28_february_in_common_years(wf):
+    _save("birthday", _send("hello"), trigger={"date": {"attribute": "birthday", "annual": True}}, entry="every_time")
+    _person("leap@example.com", birthday="2000-02-29")
+    _person("march@example.com", birthday="2000-03-01")
+    assert triggers.scan(now=datetime(2027, 2, 28, 12, 0)) == 1  # 2027 has no 29 February
+    assert _enrolment("birthday", "leap@example.com").Enrolment.entry_key == "date:2027-02-28"
+    assert triggers.scan(now=datetime(2028, 2, 28, 12, 0)) == 0  # 2028 has one: that day, not this
+    assert triggers.scan(now=datetime(2028, 2, 29, 12, 0)) == 1
+    assert {row.Enrolment.entry_key for row in _enrolments("birthday")} == {"date:2027-02-28", "date:2028-02-29"}
+
+
 def _campaign(name: str = "spring") -> int:
     with session_scope() as session:
         campaign = Campaign(name=name, template_name="welcome", sender="news@example.com", lists=[], tags=[])
