@@ -70,7 +70,11 @@ def relay(env, smtp_server, monkeypatch):
     with session_scope() as session:
         for name, subject in TEMPLATES.items():
             save_template(
-                session, name, subject=subject, html=f"<p>{subject}, {{{{ first_name }}}}.</p>", text=f"{subject}."
+                session,
+                name,
+                subject=subject,
+                html=f"<p>{subject}, {{{{ first_name | default('friend') }}}}.</p>",
+                text=f"{subject}.",
             )
     yield smtp_server
     clock.reset()
@@ -223,7 +227,13 @@ def test_a_branch_on_the_previous_email_follows_opens_made_through_the_tracking_
             "steps": [
                 {"id": "hello", "type": "send", "template": "drip-welcome"},
                 {"id": "a-day", "type": "wait", "duration": "1d"},
-                {"id": "read-it", "type": "branch", "if": {"previous_email": "opened"}, "then": "keen"},
+                {
+                    "id": "read-it",
+                    "type": "branch",
+                    "if": {"previous_email": "opened"},
+                    "then": "keen",
+                    "else": "nudge",
+                },
                 {"id": "keen", "type": "send", "template": "keen", "next": "done"},
                 {"id": "nudge", "type": "send", "template": "nudge"},
                 {"id": "done", "type": "exit"},
