@@ -374,7 +374,8 @@ def test_kill_9_of_the_worker_advancing_enrolments_mid_page_sends_no_step_twice_
             select(func.count()).select_from(StepRun).where(StepRun.enrolment_id.in_(sorted(in_flight)))
         )
 
-    start_worker(concurrency=2, queues="default")
+    # Two new workers: the rolled-back page and the rest are shared out among them (SKIP LOCKED).
+    start_worker.many(2, concurrency=2, queues="default")
     wait_for(lambda: relay.count >= total, 120, interval=0.5, message=lambda: f"step 1 to all; {relay.count} received")
     clock.advance(DAY + 60)
     wait_for(
