@@ -87,9 +87,9 @@ def processes(start_worker, start_beat):
     emails go to the bulk outbox; tracking hits are stored from `events`), a worker on `default`
     (beat's tick, the advance tasks) and beat. Returns the `default` worker."""
 
-    def start(default_concurrency: int = 2):
+    def start():
         start_worker(concurrency=2, queues="bulk,events")
-        default = start_worker(concurrency=default_concurrency, queues="default")
+        default = start_worker(concurrency=2, queues="default")
         start_beat()
         return default
 
