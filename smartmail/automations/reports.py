@@ -50,14 +50,19 @@ def status(name: str) -> dict[str, Any]:
                 .group_by(Enrolment.ended_reason)
             ).all()
         )
-        runs = {
-            step: {"runs": count, "emails": emails}
-            for step, count, emails in connection.execute(
-                select(StepRun.step, func.count(), func.count(StepRun.message_id))
-                .where(StepRun.workflow_id == workflow.id)
-                .group_by(StepRun.step)
+        document = connection.scalar(
+            select(WorkflowVersion.definition).where(
+                WorkflowVersion.workflow_id == workflow.id, WorkflowVersion.version == workflow.version
             )
-        }
+        )
+        # Every step of the current version, in order (a wait leaves no run), then older versions' others.
+        runs = {step: {"runs": 0, "emails": 0} for step in definitions.parse(document).steps}
+        for step, count, emails in connection.execute(
+            select(StepRun.step, func.count(), func.count(StepRun.message_id))
+            .where(StepRun.workflow_id == workflow.id)
+            .group_by(StepRun.step)
+        ):
+            runs[step] = {"runs": count, "emails": emails}
     enrolled = sum(ended.values()) + sum(sum(states.values()) for states in running.values())
     converted = ended.get("converted", 0)
     return {

@@ -901,7 +901,7 @@ def test_status_numbers_equal_direct_counts(wf):
         counted = steps.setdefault(step, {"runs": 0, "emails": 0})
         counted["runs"] += 1
         counted["emails"] += message_id is not None
-    assert status["steps"] == steps
+    assert {step: counted for step, counted in status["steps"].items() if counted["runs"]} == steps
     assert sum(step["emails"] for step in steps.values()) == messages
     assert status["conversions"] == 1 and status["conversion_rate"] == pytest.approx(1 / 11)
     assert (status["name"], status["state"], status["version"]) == ("mixed", "active", 1)
