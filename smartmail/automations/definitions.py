@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import time
 from typing import Any
@@ -111,6 +111,24 @@ class Definition:
                 names.update(step.params.get("add_to_lists", []), step.params.get("remove_from_lists", []))
         return names
 
+    def branch_rules(self) -> Iterator[tuple[str, Any]]:
+        """(step id, segment rules) of every `rules` condition of its branches."""
+
+        def walk(condition: dict[str, Any]) -> Iterator[Any]:
+            ((kind, inner),) = condition.items()
+            if kind == "rules":
+                yield inner
+            elif kind in ("all", "any"):
+                for part in inner:
+                    yield from walk(part)
+            elif kind == "not":
+                yield from walk(inner)
+
+        for step in self.steps.values():
+            if step.type == "branch":
+                for rules in walk(step.params["if"]):
+                    yield step.id, rules
+
     def endpoints(self) -> set[int]:
         return {step.params["endpoint"] for step in self.steps.values() if step.type == "webhook"}
 
@@ -123,6 +141,23 @@ class Definition:
         return found
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as JSON sees it: `10:30` and `2024-01-01` stay strings (YAML 1.1 would make them the
+    number 630 and a date, which times of day and segment rules do not take)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in ("tag:yaml.org,2002:timestamp",)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+$")
+for _first in "+-0123456789":
+    _Loader.yaml_implicit_resolvers[_first] = [
+        ("tag:yaml.org,2002:str", _SEXAGESIMAL),
+        *_Loader.yaml_implicit_resolvers.get(_first, []),
+    ]
+
+
 def load_text(text: str, *, field: str = "definition") -> Any:
     """A definition's document from JSON or YAML text (YAML is a superset; JSON's errors are clearer)."""
     try:
@@ -130,7 +165,7 @@ def load_text(text: str, *, field: str = "definition") -> Any:
     except (ValueError, RecursionError):
         pass
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader
     except (ValueError, RecursionError) as exc:  # YAML's own values (a date like 2024-02-30), deep nesting
         raise InvalidInput(f"neither JSON nor YAML: {exc}", field=field) from None
     except yaml.YAMLError as exc:
@@ -244,7 +279,12 @@ def _condition(value: Any, path: str) -> dict[str, Any]:
             raise InvalidInput("must be opened or clicked", field=f"{path}.previous_email")
         return {key: inner}
     if key == "rules":
-        segments.parse(inner, f"{path}.rules")
+        try:
+            segments.parse(inner, f"{path}.rules")
+        except (TypeError, ValueError) as exc:  # InvalidInput is a ValueError too: kept as it is
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput(f"not segment rules: {exc}", field=f"{path}.rules") from None
         return {key: inner}
     if key in ("all", "any"):
         if not isinstance(inner, list) or not inner:
@@ -461,7 +501,8 @@ def parse(document: Any) -> Definition:
         raise InvalidInput("a workflow needs a trigger", field="trigger")
     trigger = _trigger(raw["trigger"])
     steps = _steps(raw.get("steps"))
-    entry, period = _entry(raw.get("entry", "once"))
+    # A date recurs: by default a contact enters once per date (every birthday), else once ever.
+    entry, period = _entry(raw.get("entry", "every_time" if trigger.kind == "date" else "once"))
     goal = None
     if raw.get("goal") is not None:
         goal_rule = _mapping(raw["goal"], "goal")

@@ -117,8 +117,8 @@ def _claim(connection: Connection, now: datetime, limit: int) -> Sequence[Any]:
 
 
 def _contacts(connection: Connection, contact_ids: Sequence[int], *, lock: bool) -> dict[int, Any]:
-    """The contacts; with `lock` (the page's workflows have update or score steps, which rewrite
-    attributes) locked for this transaction, in id order so that two advances wait for each other
+    """The contacts; with `lock` (update and score steps rewrite attributes; a frequency cap counts
+    sends) locked for this transaction, in id order so that two advances wait for each other
     instead of deadlocking. FOR NO KEY UPDATE: an enrolment's insert (a foreign key's KEY SHARE
     lock) is not kept waiting. Without, no lock: a lock is a write to every row."""
     query = (
@@ -181,7 +181,9 @@ def advance(*, limit: int | None = None, now: datetime | None = None) -> Advance
         writes_contacts = any(
             step.type in ("update", "score") for definition in found.values() for step in definition.steps.values()
         )
-        contacts = _contacts(connection, [row.contact_id for row in rows], lock=writes_contacts)
+        # Locked too under a frequency cap: two advances sending to one contact count each other's sends.
+        lock = writes_contacts or bool(frequency_cap.caps())
+        contacts = _contacts(connection, [row.contact_id for row in rows], lock=lock)
         runs = []
         for row in rows:
             run = Run(
@@ -414,6 +416,7 @@ class _Stepper:
                 "type": WEBHOOK_EVENT,
                 "timestamp": timestamp.isoformat() + "Z",
                 "data": {
+                    **step.params.get("data", {}),
                     "workflow": run.workflow,
                     "step": step.id,
                     "enrolment_id": run.enrolment_id,
@@ -421,7 +424,6 @@ class _Stepper:
                     "email": run.contact.email,
                     "attributes": run.contact.attributes,
                     "event": run.context,
-                    **step.params.get("data", {}),
                 },
             }
             self.writes.deliveries.append(

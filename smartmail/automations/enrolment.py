@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 
 from smartmail import runtime
@@ -245,8 +245,9 @@ def _read_page() -> Read:
             checkpoints.move(connection, CHECKPOINT, str(end))
             return Read(0, 0, 0, 0, more=False)
         page = event_stream.read(position, types=kinds, limit=PAGE, connection=connection)
-        converted, woken = _move_running(connection, page.events, now)
+        # Enrol first: an order placed after the cart was abandoned, in the same page, converts.
         enrolled = _enrol_triggered(connection, workflows, page.events, now)
+        converted, woken = _move_running(connection, page.events, now)
         checkpoints.move(connection, CHECKPOINT, str(page.next))
     return Read(len(page.events), enrolled, converted, woken, more=page.more)
 
@@ -282,18 +283,20 @@ def _move_running(connection: Connection, events: list[dict[str, Any]], now: dat
             Enrolment.awaiting,
             Enrolment.wait_started_at,
             Enrolment.awaited_at,
+            Enrolment.context,
         ).where(Enrolment.contact_id.in_(contact_ids), Enrolment.state != EnrolmentState.ENDED.value)
     ).all()
+    order = {event["id"]: index for index, event in enumerate(events)}
     versions = parsed_versions(connection, {(row.workflow_id, row.version) for row in running})
     by_contact: dict[int, list[Any]] = defaultdict(list)
     for row in running:
         by_contact[row.contact_id].append(row)
     converted: set[int] = set()
-    woken: set[int] = set()
-    for event in events:
-        occurred = datetime.fromisoformat(event["occurred_at"].replace("Z", "+00:00")).replace(tzinfo=None)
+    woken: dict[int, Any] = {}
+    for index, event in enumerate(events):
+        occurred = _occurred(event)
         for row in by_contact.get(event["contact_id"], []):
-            if row.id in converted:
+            if row.id in converted or not _after_trigger(row, event, index, order, occurred):
                 continue
             if versions[(row.workflow_id, row.version)].goal == event["type"]:
                 converted.add(row.id)
@@ -305,7 +308,7 @@ def _move_running(connection: Connection, events: list[dict[str, Any]], now: dat
                 and occurred >= row.wait_started_at
                 and not event["machine"]
             ):
-                woken.add(row.id)
+                woken[row.id] = row
     changed = utcnow()
     if converted:
         connection.execute(
@@ -313,14 +316,34 @@ def _move_running(connection: Connection, events: list[dict[str, Any]], now: dat
             .where(Enrolment.id.in_(sorted(converted)), Enrolment.state != EnrolmentState.ENDED.value)
             .values(state=EnrolmentState.ENDED.value, ended_reason="converted", ended_at=changed, updated_at=changed)
         )
-    woken -= converted
-    if woken:
+    waiting = [row for enrolment_id, row in sorted(woken.items()) if enrolment_id not in converted]
+    if waiting:
+        # Only the wait read above: an advance may have moved the enrolment on meanwhile (its wait
+        # timed out), and a later wait must not end because of this event.
         connection.execute(
             update(Enrolment)
-            .where(Enrolment.id.in_(sorted(woken)), Enrolment.awaited_at.is_(None))
-            .values(awaited_at=changed, due_at=now, updated_at=changed)
+            .where(
+                Enrolment.id == bindparam("enrolment"),
+                Enrolment.awaiting == bindparam("type"),
+                Enrolment.wait_started_at == bindparam("started"),
+                Enrolment.awaited_at.is_(None),
+            )
+            .values(awaited_at=changed, due_at=now, updated_at=changed),
+            [{"enrolment": row.id, "type": row.awaiting, "started": row.wait_started_at} for row in waiting],
         )
-    return len(converted), len(woken)
+    return len(converted), len(waiting)
+
+
+def _after_trigger(row: Any, event: dict[str, Any], index: int, order: dict[int, int], occurred: datetime) -> bool:
+    """Whether `event` came after the event that enrolled `row` (if an event did): later in the
+    stream, and not dated before it (a back-filled order from last year converts no cart)."""
+    context = row.context or {}
+    trigger_id = context.get("event_id")
+    if trigger_id is None:
+        return True
+    if trigger_id in order and order[trigger_id] >= index:
+        return False
+    return occurred >= _occurred(context)
 
 
 def _enrol_triggered(connection: Connection, workflows: list[Live], events: list[dict[str, Any]], now: datetime) -> int:
@@ -348,6 +371,7 @@ def _context_of(event: dict[str, Any]) -> dict[str, Any]:
     return {
         **event["properties"],
         "type": event["type"],
+        "event_id": event["id"],
         "occurred_at": event["occurred_at"],
         "message_id": event["message_id"],
     }

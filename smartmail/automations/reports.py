@@ -9,15 +9,15 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select
 
-from smartmail.audience.contacts import known_zone, normalize_email
+from smartmail.audience.contacts import check_event_properties, known_zone, normalize_email
 from smartmail.automations import clock, conditions, definitions
 from smartmail.automations.definitions import Definition
 from smartmail.automations.engine import next_time_of_day
 from smartmail.automations.enrolment import Candidate, Live, enrol
-from smartmail.errors import NotFound
+from smartmail.errors import InvalidInput, NotFound
 from smartmail.store.engine import get_engine
 from smartmail.store.ids import new_id
-from smartmail.store.models import Contact, Enrolment, EnrolmentState, StepRun, Workflow, WorkflowVersion
+from smartmail.store.models import Contact, ContactStatus, Enrolment, EnrolmentState, StepRun, Workflow, WorkflowVersion
 
 
 def _workflow(connection, name: str) -> Any:
@@ -94,7 +94,7 @@ def enrol_contact(name: str, email: str, properties: dict[str, Any] | None = Non
             )
         )
         live = Live(workflow.id, workflow.name, workflow.version, definitions.parse(document), workflow.created_at)
-        context = {"type": "manual", **(properties or {})}
+        context = {**check_event_properties(properties), "type": "manual"}
         return bool(enrol(connection, live, [Candidate(contact_id, f"manual:{new_id()}", context)], now))
 
 
@@ -116,6 +116,8 @@ def simulate(
     contact as it is now; `assume` names what the simulation takes as happening: `opened`,
     `clicked` (the previous email), or event types (an awaited event arrives at once; the goal ends it)."""
     email = normalize_email(email)
+    if start is not None and start.year > 9000:
+        raise InvalidInput("must be before the year 9000", field="start")
     with get_engine().connect() as connection:
         workflow = _workflow(connection, name)
         document = connection.scalar(
@@ -133,6 +135,8 @@ def simulate(
 
 def _walk(connection, definition: Definition, contact: Any, assume: frozenset[str], now: datetime) -> list[Stop]:
     path: list[Stop] = []
+    if contact.status != ContactStatus.SUBSCRIBED.value:  # the advance ends it before any step
+        return [Stop(now, definition.first, "-", f"the contact is {contact.status}: leaves at once, nothing sent")]
     zone = ZoneInfo(known_zone(contact.timezone, definition.timezone))
     step_id: str | None = definition.first
     sent_before = False

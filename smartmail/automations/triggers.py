@@ -34,6 +34,7 @@ from smartmail.store.sql import json_attributes
 log = structlog.get_logger("smartmail.automations")
 
 SCANNED = ("list", "segment", "date", "engagement")
+LATE_COMMITS = timedelta(minutes=10)
 _PAGE = 5000
 
 
@@ -64,8 +65,11 @@ def _candidates(
     """The trigger's candidates, and the new watermark."""
     kind = live.definition.trigger.kind
     if kind == "list":
+        # Joins are stamped before their transaction commits (an import's batch, say): each scan
+        # looks back a margin over the last one's end too; the entry key makes that a no-op.
         upto = utcnow()
-        return list(_list_joins(connection, live, since or live.created_at, upto)), upto
+        start = max(since - LATE_COMMITS, live.created_at) if since else live.created_at
+        return list(_list_joins(connection, live, start, upto)), upto
     if kind == "engagement":
         # Emails sent `within` before the scheduler's now are due; the first scan also takes those
         # whose time ran out after the workflow was created.

@@ -8,11 +8,12 @@ from typing import Any
 import structlog
 from sqlalchemy import func, select, update
 
+from smartmail.audience import segments
 from smartmail.automations import definitions, enrolment
 from smartmail.automations.definitions import Definition
 from smartmail.config import get_settings
 from smartmail.content import template_store
-from smartmail.errors import InvalidInput, NotFound, TemplateNotFound
+from smartmail.errors import InvalidInput, InvalidSegment, NotFound, TemplateNotFound
 from smartmail.store.engine import session_scope, utcnow
 from smartmail.store.models import (
     Campaign,
@@ -81,6 +82,11 @@ def save_workflow(name: str, document: Any) -> tuple[dict[str, Any], bool]:
     if isinstance(document, dict) and "name" in document and document["name"] != name:
         raise InvalidInput(f"the document names {document['name']!r}, not {name!r}", field="name")
     definition = definitions.parse(document)
+    for step_id, rules in definition.branch_rules():
+        try:
+            segments.check(rules)  # a list that does not exist: a mistake, not an empty condition
+        except InvalidSegment as exc:
+            raise InvalidInput(exc.reason, field=f"steps.{step_id}.if") from None
     stored = {key: value for key, value in document.items() if key != "name"}
     now = utcnow()
     with session_scope() as session:
@@ -188,5 +194,19 @@ def move_enrolments(name: str, *, from_version: int | None = None) -> int:
         if from_version is not None:
             query = query.where(Enrolment.version == from_version)
         moved = session.connection().execute(query.values(version=workflow.version, updated_at=utcnow())).rowcount
+        # A waiting enrolment now waits for its step's event in the current version (or for none).
+        for step in current.steps.values():
+            if step.type == "wait":
+                session.connection().execute(
+                    update(Enrolment)
+                    .where(
+                        Enrolment.workflow_id == workflow.id,
+                        Enrolment.version == workflow.version,
+                        Enrolment.state != EnrolmentState.ENDED.value,
+                        Enrolment.step == step.id,
+                        Enrolment.wait_started_at.is_not(None),
+                    )
+                    .values(awaiting=step.params.get("event"))
+                )
     log.info("workflow.enrolments_moved", workflow=name, version=workflow.version, enrolments=moved)
     return moved

@@ -127,7 +127,7 @@ def _owns(campaign_id: int, owner: str | None) -> bool:
 
 def _insert_page(session, campaign: Campaign, page: Sequence, now: datetime, domain: str) -> list[tuple[str, str]]:
     """Insert a page's message rows, skipping contacts that have one; (id, state) of those inserted."""
-    rows = _held_by_frequency_cap(session, _message_rows(campaign, page, now), now)
+    rows = _held_by_frequency_cap(session, campaign, page, _message_rows(campaign, page, now), now)
     if not rows:  # an A/B test's page with no contact in the test share
         return []
     return fan_out_sql.for_bind(session).insert_page(session, campaign, rows, now, domain)
@@ -150,15 +150,22 @@ def _message_rows(campaign: Campaign, page: Sequence, now: datetime) -> list[Mes
     return rows
 
 
-def _held_by_frequency_cap(session, rows: list[MessageRow], now: datetime) -> list[MessageRow]:
+def _held_by_frequency_cap(
+    session, campaign: Campaign, page: Sequence, rows: list[MessageRow], now: datetime
+) -> list[MessageRow]:
     """With SMARTMAIL_FREQUENCY_CAP_DAY/_WEEK set, a contact at the cap gets the email later
-    (scheduled for when the cap allows one more), not never. One query per page; none without a cap."""
+    (scheduled for when the cap allows one more, within the send window), not never. One query per
+    page; none without a cap."""
     if not rows or not frequency_cap.caps():
         return rows
     sent = frequency_cap.recent_sends(session.connection(), [row.contact_id for row in rows], now)
+    zones = {contact_id: zone for contact_id, _, zone in page}
     held = []
     for row in rows:
         until = frequency_cap.held_until(sent.get(row.contact_id, []), now)
+        if until is not None and campaign.window_start and campaign.window_end:
+            zone = known_zone(zones.get(row.contact_id), campaign.window_timezone or "UTC")
+            until = window_opens(until, zone, campaign.window_start, campaign.window_end) or until
         if until is not None and (row.send_at is None or row.send_at < until):
             row = row._replace(state=MessageState.SCHEDULED.value, send_at=until, enqueued_at=None)
         held.append(row)

@@ -612,6 +612,8 @@ def _decide_ab_tests(now: datetime) -> list[tuple[int, str]]:
         for campaign in due:
             if not campaign.ab_test or not campaign.ab_test.get("auto_winner", True):
                 continue
+            if not _test_sent_long_enough(session, campaign.id, campaign.ab_test["duration"], now):
+                continue
             found = ab_tests.report(session.connection(), campaign)
             ab_tests.declare_winner(campaign, found["leader"], now)
             decided.append((campaign.id, hand_fan_out(campaign, now)))
@@ -619,6 +621,17 @@ def _decide_ab_tests(now: datetime) -> list[tuple[int, str]]:
                 "campaign.ab_winner", campaign=campaign.name, winner=found["leader"], conclusion=found["conclusion"]
             )
     return decided
+
+
+def _test_sent_long_enough(session, campaign_id: int, duration: float, now: datetime) -> bool:
+    """Whether every test email has been sent (or has failed) and the test's duration has passed
+    since the last one went: a send window, a frequency cap or a throttled site can hold test
+    emails past the planned decision, and a winner picked from unsent variants means nothing."""
+    test = (Message.campaign_id == campaign_id, Message.variant.is_not(None))
+    if session.scalar(select(Message.id).where(*test, Message.state.in_(_OPEN)).limit(1)) is not None:
+        return False
+    last = session.scalar(select(func.max(Message.finished_at)).where(*test))
+    return last is None or last + timedelta(seconds=duration) <= now
 
 
 def ab_report(name: str) -> dict[str, Any]:

@@ -378,3 +378,24 @@ def test_bad_ab_tests_name_the_field_over_every_entry_point(relay, api):
     assert result.exit_code == 2 and "ab_test.test_share" in result.output
     result = runner.invoke(cli, ["campaign", "ab-test", "c1", "{not json"])
     assert result.exit_code == 2 and "ab_test" in result.output
+
+
+def test_the_automatic_winner_waits_until_the_test_emails_went_and_the_duration_passed(relay):
+    make_audience(60)
+    settings = {"variants": [{"subject": "One"}, {"subject": "Two"}], "test_share": 0.5, "duration": 3600}
+    campaigns.create_campaign("held", template="news", lists=["news"], ab_test=settings)
+    with session_scope() as session:
+        campaign = session.scalar(select(Campaign).where(Campaign.name == "held"))
+        assert campaigns._start(session, campaign)
+        campaign_id = campaign.id
+    assert campaigns.fan_out(campaign_id) > 0
+    # Two hours on, but the test emails are still queued (a closed window, a throttled site): no winner.
+    campaigns.run_due(now=utcnow() + timedelta(hours=2))
+    assert campaigns.get_campaign("held")["ab_winner"] is None
+    sent_at = utcnow() + timedelta(hours=2)
+    with session_scope() as session:
+        session.execute(update(Message).values(state="sent", finished_at=sent_at))
+    campaigns.run_due(now=sent_at + timedelta(minutes=30))  # sent, but the test ran only 30 minutes
+    assert campaigns.get_campaign("held")["ab_winner"] is None
+    campaigns.run_due(now=sent_at + timedelta(hours=1, minutes=1))
+    assert campaigns.get_campaign("held")["ab_winner"] == "A"  # no opens: a tie, the earliest variant

@@ -480,6 +480,35 @@ def test_a_contact_at_the_frequency_cap_gets_the_campaign_later_not_never(relay,
     assert {email for email, row in rows.items() if row.state == "queued"} == set(rows) - {capped[0].email}
 
 
+def test_a_capped_contacts_email_waits_for_the_cap_and_then_for_the_send_window(relay, monkeypatch):
+    monkeypatch.setenv("SMARTMAIL_FREQUENCY_CAP_DAY", "1")
+    reset_caches()
+    make_audience(5)
+    now = utcnow()
+    with session_scope() as session:
+        first = session.execute(select(Contact.id, Contact.email).order_by(Contact.id).limit(1)).one()
+        session.execute(
+            insert(Event),
+            [{"type": "sent", "contact_id": first.id, "campaign_id": 999, "occurred_at": now - timedelta(hours=2)}],
+        )
+    # A window that is open now and closes in an hour: the cap frees the contact in 22 hours, when
+    # the window is shut, so the email waits for the next opening after that.
+    opens, closes = now - timedelta(hours=1), now + timedelta(hours=1)
+    window = f"{opens:%H}:00-{closes:%H}:00"
+    campaigns.create_campaign("capped-window", template="newsletter", lists=["news"], window=window)
+    campaign_id = started("capped-window")
+    assert campaigns.fan_out(campaign_id) == 5
+    with session_scope() as session:
+        held = session.execute(
+            select(Message.state, Message.send_at).where(
+                Message.campaign_id == campaign_id, Message.contact_id == first.id
+            )
+        ).one()
+    free = now + timedelta(hours=22)
+    assert held.state == "scheduled" and held.send_at > free
+    assert held.send_at == campaign_fan_out.window_opens(free, "UTC", f"{opens:%H}:00", f"{closes:%H}:00")
+
+
 def test_kill_9_of_a_worker_mid_campaign_never_sends_twice(relay, start_worker, monkeypatch):
     eligible = make_audience(3000)
     concurrency, window = 2, 50  # SMARTMAIL_BULK_CLAIM_WINDOW

@@ -1088,3 +1088,60 @@ def test_a_long_chain_of_instant_steps_goes_on_at_the_next_advance(wf):
     assert engine.advance(now=at).steps == 10
     assert contacts.get_contact(email)["attributes"]["lead_score"] == len(chain)
     assert _enrolment("long", email).Enrolment.ended_reason == "completed"
+
+
+# --- What a review found -------------------------------------------------------------------------
+
+
+def test_a_goal_read_in_the_same_page_as_the_trigger_converts_and_a_back_dated_one_does_not(wf):
+    _save(
+        "cart", {"id": "an-hour", "type": "wait", "duration": "1h"}, _send("reminder"), goal={"event": "order_placed"}
+    )
+    bought, backfilled = _person("bought@example.com"), _person("backfilled@example.com")
+    for email in (bought, backfilled):
+        _track(email, "signup")
+    _track(bought, "order_placed")  # a second later, read in the same page as the signup
+    _track(backfilled, "order_placed", occurred_at=utcnow() - timedelta(days=300))  # last year's order, loaded now
+    _read(4)
+    assert (_enrolment("cart", bought).Enrolment.state, _enrolment("cart", bought).Enrolment.ended_reason) == (
+        "ended",
+        "converted",
+    )
+    assert _enrolment("cart", backfilled).Enrolment.state == "active"
+    start = clock.now() + timedelta(seconds=1)
+    assert _advance(start).enrolments == 1  # its wait starts
+    assert _advance(start + timedelta(hours=2)).messages == 1
+    assert [len(_sent(email)) for email in (bought, backfilled)] == [0, 1]
+
+
+def test_yaml_times_and_dates_stay_text_and_bad_rules_name_the_branch(wf):
+    document = """
+trigger: {event: signup}
+steps:
+  - {id: nine-thirty, type: wait, until: 09:30}
+  - {id: late, type: wait, until: 18:45}
+  - id: recent
+    type: branch
+    if: {rules: {attr: since, op: gt, value: 2024-01-01, type: date}}
+    then: hello
+  - {id: hello, type: send, template: welcome}
+"""
+    saved = workflows.save_workflow("yaml", document)[0]
+    assert saved["definition"]["steps"][1]["until"] == "18:45"
+    with pytest.raises(InvalidInput) as caught:
+        _save("lists", {"id": "b", "type": "branch", "if": {"rules": {"list": "nope"}}, "then": "s"}, _send("s"))
+    assert caught.value.field == "steps.b.if" and "nope" in caught.value.reason
+
+
+def test_a_date_trigger_enrols_on_every_date_by_default_and_bad_manual_input_is_refused(wf):
+    saved = _save("birthday", _send("hello"), trigger={"date": {"attribute": "birthday", "annual": True}})
+    assert "entry" not in saved["definition"]
+    _person("ann@example.com", birthday="1990-06-01")
+    assert triggers.scan(now=datetime(2027, 6, 1, 12, 0)) == 1
+    assert triggers.scan(now=datetime(2028, 6, 1, 12, 0)) == 1  # next year again
+    with pytest.raises(InvalidInput) as caught:
+        reports.enrol_contact("birthday", "ann@example.com", {"x": float("nan")})
+    assert caught.value.field.startswith("properties")
+    with pytest.raises(InvalidInput) as caught:
+        reports.simulate("birthday", "ann@example.com", start=datetime(9999, 12, 31))
+    assert caught.value.field == "start"

@@ -501,7 +501,7 @@ def test_a_yaml_syntax_error_says_where():
     "text",
     [
         # YAML's own value types raise plain ValueErrors from its constructor: still a bad definition.
-        "trigger: {event: signup}\nsteps: [{id: a, type: exit}]\ndescription: 2024-02-30\n",
+        "trigger: {event: signup}\nsteps: [{id: a, type: exit}]\ndescription: 1e1e1\nx: !!float abc\n",
         "[" * 5000 + "]" * 5000,
         "{" * 100000,
     ],
