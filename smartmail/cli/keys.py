@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from smartmail.cli.output import err, fail, out
+from smartmail.cli.output import err, fail, iso_time, out
 from smartmail.errors import InvalidInput, NotFound
 
 keys_app = typer.Typer(help="HTTP API keys: scoped, hashed, revocable.", no_args_is_help=True)
@@ -28,13 +28,7 @@ def _expiry(value: str | None) -> datetime | None:
         amount, unit = int(match.group(1)), match.group(2)
         delta = {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
         return datetime.now(UTC).replace(tzinfo=None) + delta
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--expires: {value!r} is neither a duration (30d, 12h, 90m) nor an ISO time")
-    from smartmail.store.engine import as_stored
-
-    return as_stored(moment)
+    return iso_time(value, "--expires", "a duration (30d, 12h, 90m) or an ISO time")
 
 
 @keys_app.command("create")

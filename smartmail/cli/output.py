@@ -1,7 +1,8 @@
-"""What every command prints with: the two consoles and `fail`, a message on stderr and a non-zero exit."""
+"""What every command prints with: the two consoles, `fail` (a message on stderr, a non-zero exit), ISO times."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import NoReturn
 
 import typer
@@ -16,3 +17,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
     # escape: a message quoting input such as '[x]' must not be read as rich markup
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def iso_time(value: str, option: str, expected: str = "an ISO time (2026-05-01T09:00, naive = UTC)") -> datetime:
+    """An option's ISO time as the database stores times (naive UTC); `fail` naming the option, else."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option}: {value!r} is not {expected}")
+    from smartmail.store.engine import as_stored
+
+    return as_stored(moment)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from smartmail.cli.output import err, fail, out
+from smartmail.cli.output import err, fail, iso_time, out
 from smartmail.errors import InvalidInput, NotFound
 
 webhooks_app = typer.Typer(
@@ -36,13 +36,7 @@ def _moment(value: str, option: str) -> datetime:
         return datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=parse_duration(value))
     except ValueError:
         pass
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"{option}: {value!r} is neither a duration ago (30m, 2h, 7d) nor an ISO time")
-    from smartmail.store.engine import as_stored
-
-    return as_stored(moment)
+    return iso_time(value, option, "a duration ago (30m, 2h, 7d) or an ISO time")
 
 
 def _when(value: datetime | None, never: str = "") -> str:

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from smartmail.cli.output import err, fail, out
+from smartmail.cli.output import err, fail, iso_time, out
 from smartmail.errors import InvalidInput, NotFound
 
 workflows_app = typer.Typer(
@@ -246,15 +246,7 @@ def status(name: str, json_: Annotated[bool, typer.Option("--json")] = False) ->
 
 
 def _start(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--start: {value!r} is not an ISO time (2026-05-01T09:00, naive = UTC)")
-    from smartmail.store.engine import as_stored
-
-    return as_stored(moment)
+    return None if value is None else iso_time(value, "--start")
 
 
 @workflows_app.command("simulate")
