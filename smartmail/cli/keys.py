@@ -28,7 +28,7 @@ def _expiry(value: str | None) -> datetime | None:
         amount, unit = int(match.group(1)), match.group(2)
         delta = {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
         return datetime.now(UTC).replace(tzinfo=None) + delta
-    return iso_time(value, "--expires", "a duration (30d, 12h, 90m) or an ISO time")
+    return iso_time(value, "--expires", "is neither a duration (30d, 12h, 90m) nor an ISO time")
 
 
 @keys_app.command("create")

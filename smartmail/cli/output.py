@@ -19,12 +19,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def iso_time(value: str, option: str, expected: str = "an ISO time (2026-05-01T09:00, naive = UTC)") -> datetime:
-    """An option's ISO time as the database stores times (naive UTC); `fail` naming the option, else."""
+def iso_time(value: str, option: str, problem: str = "is not an ISO time (2026-05-01T09:00, naive = UTC)") -> datetime:
+    """An option's ISO time as the database stores times (naive UTC); else `fail`: option, value, problem."""
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        fail(f"{option}: {value!r} is not {expected}")
+        fail(f"{option}: {value!r} {problem}")
     from smartmail.store.engine import as_stored
 
     return as_stored(moment)

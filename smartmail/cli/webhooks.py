@@ -36,7 +36,7 @@ def _moment(value: str, option: str) -> datetime:
         return datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=parse_duration(value))
     except ValueError:
         pass
-    return iso_time(value, option, "a duration ago (30m, 2h, 7d) or an ISO time")
+    return iso_time(value, option, "is neither a duration ago (30m, 2h, 7d) nor an ISO time")
 
 
 def _when(value: datetime | None, never: str = "") -> str:
