@@ -52,6 +52,7 @@ def celery_config(settings: Settings) -> dict:
             "smartmail.automations.scan": {"queue": "bulk"},
             "smartmail.automations.*": {"queue": "default"},
             "smartmail.engagement.*": {"queue": "default"},
+            "smartmail.analytics.*": {"queue": "default"},
         },
         # Ack after the task ran, and put it back if the worker process died: with the conditional
         # claims in delivery.py a redelivered task is harmless (docs/userguide/tasks.rst, "Idempotence").
@@ -99,6 +100,12 @@ def celery_config(settings: Settings) -> dict:
                 "task": "smartmail.engagement.score",
                 "schedule": settings.engagement_interval,
                 "options": {"expires": settings.engagement_interval},
+            },
+            # New events into the hourly and daily roll-ups; a late tick is dropped as above.
+            "analytics-roll-up": {
+                "task": "smartmail.analytics.roll_up",
+                "schedule": settings.analytics_interval,
+                "options": {"expires": settings.analytics_interval},
             },
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},

@@ -202,6 +202,8 @@ class Settings(BaseSettings):
     automation_interval: float = Field(1.0, gt=0)  # beat's look for due enrolments and new trigger events
     automation_scan_interval: float = Field(60.0, gt=0)  # list joins, segment entries, dates, no-opens
     automation_batch_size: int = Field(500, ge=1, le=10000)  # enrolments advanced per transaction
+    # Analytics (smartmail/analytics/): beat's look at the event stream for the roll-ups.
+    analytics_interval: float = Field(30.0, gt=0)
     # Marketing emails (campaigns and workflows; transactional mail exempt) per contact; 0: no cap.
     # A workflow step over the cap waits until the contact is under it again.
     frequency_cap_day: int = Field(0, ge=0)

@@ -728,3 +728,23 @@ class SegmentPresence(Base):
 
 # `{"engagement_score": {"gte": X}}` is one range scan of this index (segments.py).
 Index("ix_contacts_engagement_key", Contact.engagement_key)
+
+
+# --- Analytics roll-ups (issue 23) ---
+
+
+class Rollup(Base):
+    """One counter of the event stream's roll-ups: how many `metric` events happened in the hour or
+    day from `bucket_start` (UTC) for one value of a dimension (a campaign's id, a recipient domain,
+    or "" for all). One row per counter, not a wide row: a new metric or dimension adds rows, not
+    columns, and a bucket without an event of a kind has no row for it."""
+
+    __tablename__ = "rollups"
+
+    # Leading with the dimension's value: a campaign's KPIs, a domain's trend, are one range of the key.
+    dimension: Mapped[str] = mapped_column(String(16), primary_key=True)  # campaign | domain | all
+    value: Mapped[str] = mapped_column(String(320), primary_key=True)
+    granularity: Mapped[str] = mapped_column(String(8), primary_key=True)  # hour | day
+    bucket_start: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
+    metric: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)

@@ -23,6 +23,7 @@ app = Celery(
         "smartmail.tasks.webhooks",
         "smartmail.tasks.automations",
         "smartmail.tasks.engagement",
+        "smartmail.tasks.analytics",
     ],
 )
 

@@ -143,6 +143,7 @@ def _clear_tables(url: str) -> None:
             "import_errors",
             "import_jobs",
             "events",
+            "rollups",
             "engagement_firsts",
             "stream_checkpoints",
             "list_memberships",

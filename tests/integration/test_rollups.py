@@ -1,0 +1,250 @@
+"""Roll-ups on SQLite and PostgreSQL: equal to a direct count over raw events, tick after tick, crash and rebuild."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from smartmail.analytics import rollups
+from smartmail.analytics.kpis import campaign_counts
+from smartmail.audience import event_stream
+from smartmail.audience.event_stream import Position
+from smartmail.store import dialect
+from smartmail.store.engine import get_engine
+from smartmail.store.models import Event, Message, Rollup
+from tests.conftest import wait_for
+
+DOMAINS = ("example.org", "Mail.Example.com", "gmail.com", "yahoo.co.uk")
+CAMPAIGNS = (11, 12, 13, None)  # None: transactional mail
+DAY0 = datetime(2026, 11, 20)
+
+
+def settle() -> None:
+    """Wait until every stored event is readable (the PostgreSQL stream stops below the oldest open transaction)."""
+    with get_engine().connect() as connection:
+        last = connection.execute(select(Event.xact, Event.id).order_by(Event.xact.desc(), Event.id.desc())).first()
+    if last is not None:
+        wait_for(lambda: event_stream.end() == Position(*last), timeout=30, message="the stream to reach its end")
+
+
+def _messages(count: int, rng: random.Random, first: int = 0) -> list[dict]:
+    rows = []
+    for i in range(first, first + count):
+        rows.append(
+            {
+                "id": f"m{i:025d}",
+                "state": "sent",
+                "sender": "news@example.com",
+                "recipient": f"user{i}@{rng.choice(DOMAINS)}",
+                "subject": "s",
+                "text": "t",
+                "headers": {},
+                "tags": [],
+                "message_id_header": f"<m{i}@example.com>",
+                "attempts": 1,
+                "created_at": DAY0,
+                "campaign_id": rng.choice(CAMPAIGNS),
+            }
+        )
+    with get_engine().begin() as connection:
+        connection.execute(insert(Message), rows)
+    return rows
+
+
+def _history(messages: list[dict], rng: random.Random, *, late: bool = False) -> list[dict]:
+    """A few events per message: sends, deferrals, failures, bounces, human and machine opens and clicks
+    (the first of each kind marked unique, as engagement.py does), unsubscribes, complaints, a custom
+    event. `late`: events whose occurred_at is days before they are written."""
+    events = []
+    for message in messages:
+        at = DAY0 + timedelta(hours=rng.randrange(72), minutes=rng.randrange(60))
+        if late:
+            at -= timedelta(days=rng.randrange(1, 4))
+
+        def add(event_type: str, machine: bool = False, **properties) -> None:
+            events.append(
+                {
+                    "type": event_type,
+                    "message_id": message["id"],
+                    "campaign_id": message["campaign_id"],
+                    "contact_id": None,
+                    "machine": machine,
+                    "properties": properties,
+                    "occurred_at": at + timedelta(minutes=len(events) % 50),
+                }
+            )
+
+        roll = rng.random()
+        if roll < 0.1:
+            add("deferred")
+        if roll < 0.15:
+            add("failed")
+            continue
+        add("sent")
+        if rng.random() < 0.1:
+            add("bounced", kind=rng.choice(("hard", "soft")))
+        if rng.random() < 0.3:
+            add("opened", machine=True, unique=True)
+        opens = rng.randrange(3)
+        for n in range(opens):
+            add("opened", unique=n == 0 and not late)
+        if opens or rng.random() < 0.2:
+            for n in range(rng.randrange(3)):
+                add("clicked", machine=rng.random() < 0.3, link=1 + n % 2, unique=n < 2)
+        if rng.random() < 0.05:
+            add("unsubscribed")
+        if rng.random() < 0.03:
+            add("complained")
+        if rng.random() < 0.05:
+            add("order_placed", total=10)
+    rng.shuffle(events)  # stream order is not time order
+    with get_engine().begin() as connection:
+        for start in range(0, len(events), 37):  # several transactions: several xacts on PostgreSQL
+            connection.execute(insert(Event), events[start : start + 37])
+    settle()
+    return events
+
+
+def _stored() -> dict[tuple, int]:
+    with get_engine().connect() as connection:
+        rows = connection.execute(select(*Rollup.__table__.c)).all()
+    return {(r.dimension, r.value, r.granularity, r.bucket_start, r.metric): r.count for r in rows}
+
+
+def _conditions(postgres: bool) -> dict[str, str]:
+    prop = (lambda name: f"(e.properties->>'{name}')") if postgres else (lambda name: f"json_extract(e.properties, '$.{name}')")
+    true = "'true'" if postgres else "1"
+    human = "e.machine = false" if postgres else "e.machine = 0"
+    machine = "e.machine = true" if postgres else "e.machine = 1"
+    earlier_click = (
+        "exists (select 1 from events f where f.message_id = e.message_id and f.type = 'clicked' and "
+        f"{human.replace('e.', 'f.')} and (f.xact < e.xact or (f.xact = e.xact and f.id < e.id)))"
+    )
+    return {
+        "sent": "e.type = 'sent'",
+        "deferred": "e.type = 'deferred'",
+        "failed": "e.type = 'failed'",
+        "bounced_hard": f"e.type = 'bounced' and {prop('kind')} = 'hard'",
+        "bounced_soft": f"e.type = 'bounced' and {prop('kind')} = 'soft'",
+        "opened_human": f"e.type = 'opened' and {human}",
+        "opened_machine": f"e.type = 'opened' and {machine}",
+        "opened_unique_human": f"e.type = 'opened' and {human} and {prop('unique')} = {true}",
+        "clicked_human": f"e.type = 'clicked' and {human}",
+        "clicked_machine": f"e.type = 'clicked' and {machine}",
+        "clicked_unique_human": f"e.type = 'clicked' and {human} and {prop('unique')} = {true}",
+        "clicked_messages_human": f"e.type = 'clicked' and {human} and not {earlier_click}",
+        "unsubscribed": "e.type = 'unsubscribed'",
+        "complained": "e.type = 'complained'",
+    }
+
+
+def _direct() -> dict[tuple, int]:
+    """Every (dimension, value, granularity, bucket, metric) counted with one GROUP BY over raw events."""
+    engine = get_engine()
+    postgres = dialect.is_postgresql(engine)
+    if postgres:
+        buckets = {"hour": "date_trunc('hour', e.occurred_at)", "day": "date_trunc('day', e.occurred_at)"}
+        domain = "lower(split_part(m.recipient, '@', 2))"
+    else:
+        buckets = {
+            "hour": "strftime('%Y-%m-%d %H:00:00', e.occurred_at)",
+            "day": "strftime('%Y-%m-%d 00:00:00', e.occurred_at)",
+        }
+        domain = "lower(substr(m.recipient, instr(m.recipient, '@') + 1))"
+    values = {"all": "''", "campaign": "cast(e.campaign_id as varchar)", "domain": domain}
+    found: dict[tuple, int] = {}
+    with engine.connect() as connection:
+        for metric, condition in _conditions(postgres).items():
+            for dimension, value in values.items():
+                for granularity, bucket in buckets.items():
+                    where = condition + (" and e.campaign_id is not null" if dimension == "campaign" else "")
+                    rows = connection.execute(
+                        text(
+                            f"select {value} as v, {bucket} as b, count(*) as n from events e "
+                            f"left join messages m on m.id = e.message_id where {where} group by v, b"
+                        )
+                    )
+                    for v, b, n in rows:
+                        start = b if isinstance(b, datetime) else datetime.fromisoformat(b)
+                        found[(dimension, str(v), granularity, start, metric)] = n
+    return found
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(23)
+
+
+def test_roll_ups_equal_a_direct_count_tick_after_tick(env, rng):
+    first = _messages(120, rng)
+    _history(first, rng)
+    assert rollups.roll_up(page_size=7).events > 7  # many pages
+    assert _stored() == _direct()
+    assert {key[0] for key in _stored()} == {"all", "campaign", "domain"}
+    assert {key[4] for key in _stored()} == set(rollups.METRICS)  # the history has every kind
+    assert ("domain", "mail.example.com") in {key[:2] for key in _stored()}
+
+    # Late events (old occurred_at, written now) on old and new messages land in their old buckets,
+    # and a click on a message clicked in an earlier tick is not its first.
+    _history(first[:40] + _messages(30, rng, first=120), rng, late=True)
+    before = _stored()
+    rollups.roll_up(page_size=5)
+    after = _stored()
+    assert after == _direct()
+    assert any(key[3] < DAY0 and key not in before for key in after)
+
+    # A tick repeated finds nothing new and changes nothing.
+    assert rollups.roll_up(page_size=5) == rollups.RolledUp(0, False)
+    assert _stored() == after
+
+
+def test_a_tick_that_crashes_midway_repeats_nothing(env, rng, monkeypatch):
+    _history(_messages(80, rng), rng)
+    rollups.roll_up(page_size=9)
+    _history(_messages(60, rng, first=80), rng)
+    committed = _stored()
+    calls = []
+    real_move = rollups.checkpoints.move
+
+    def crash_on_third_page(connection, name, position):
+        calls.append(position)
+        if len(calls) == 3:  # the page's counters are written; its transaction must roll back
+            raise RuntimeError("worker lost")
+        real_move(connection, name, position)
+
+    monkeypatch.setattr(rollups.checkpoints, "move", crash_on_third_page)
+    with pytest.raises(RuntimeError):
+        rollups.roll_up(page_size=9)
+    monkeypatch.setattr(rollups.checkpoints, "move", real_move)
+    assert _stored() != committed  # two pages were committed before the crash
+    rollups.roll_up(page_size=9)
+    assert _stored() == _direct()
+
+
+def test_rebuild_gives_the_same_numbers(env, rng):
+    messages = _messages(100, rng)
+    _history(messages, rng)
+    _history(messages[:30], rng, late=True)
+    rollups.roll_up(page_size=11)
+    expected = _direct()
+    assert _stored() == expected
+    campaign = campaign_counts(11)
+
+    with get_engine().begin() as connection:  # a counter gone wrong is put right by a rebuild
+        connection.execute(Rollup.__table__.update().values(count=Rollup.count + 5))
+    assert rollups.rebuild(page_size=13) > 0
+    assert _stored() == expected
+    assert campaign_counts(11) == campaign
+
+    since = DAY0 + timedelta(days=1, hours=5)
+    with get_engine().begin() as connection:
+        connection.execute(Rollup.__table__.update().where(Rollup.bucket_start >= DAY0).values(count=0))
+    rollups.rebuild(since, page_size=13)
+    assert {key: n for key, n in _stored().items() if key[3] >= DAY0 + timedelta(days=1)} == {
+        key: n for key, n in expected.items() if key[3] >= DAY0 + timedelta(days=1)
+    }
+    # Buckets before the day of `since` are left as they were.
+    assert all(n == 0 for key, n in _stored().items() if DAY0 <= key[3] < DAY0 + timedelta(days=1))
