@@ -154,7 +154,7 @@ def _clicked_before(connection: Connection, events: list[dict[str, Any]], positi
         )
         .distinct()
     )
-    return set(rows.scalars())
+    return {message_id for message_id in rows.scalars() if message_id is not None}
 
 
 def _add(connection: Connection, counts: Counter[Key]) -> None:

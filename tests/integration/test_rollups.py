@@ -64,7 +64,9 @@ def _history(messages: list[dict], rng: random.Random, *, late: bool = False) ->
         if late:
             at -= timedelta(days=rng.randrange(1, 4))
 
-        def add(event_type: str, machine: bool = False, **properties) -> None:
+        def add(
+            event_type: str, machine: bool = False, message: dict = message, at: datetime = at, **properties
+        ) -> None:
             events.append(
                 {
                     "type": event_type,
@@ -115,7 +117,11 @@ def _stored() -> dict[tuple, int]:
 
 
 def _conditions(postgres: bool) -> dict[str, str]:
-    prop = (lambda name: f"(e.properties->>'{name}')") if postgres else (lambda name: f"json_extract(e.properties, '$.{name}')")
+    prop = (
+        (lambda name: f"(e.properties->>'{name}')")
+        if postgres
+        else (lambda name: f"json_extract(e.properties, '$.{name}')")
+    )
     true = "'true'" if postgres else "1"
     human = "e.machine = false" if postgres else "e.machine = 0"
     machine = "e.machine = true" if postgres else "e.machine = 1"
