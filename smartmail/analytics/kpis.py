@@ -1,14 +1,16 @@
-"""Campaign KPIs from the roll-ups: each rate with its numerator and denominator, None when nothing to divide by."""
+"""KPIs from the roll-ups, per campaign and per period: each rate with its numerator and denominator, or None."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from smartmail.analytics.rollups import CAMPAIGN, DAY
+from smartmail.analytics.rollups import ALL, CAMPAIGN, DAY, DIMENSIONS, GRANULARITIES, HOUR, bucket_start
+from smartmail.errors import InvalidInput
 from smartmail.store.engine import get_engine
 from smartmail.store.models import Rollup
 
@@ -22,7 +24,9 @@ _DEFINITIONS: dict[str, tuple[str, str]] = {
     "click_to_open_rate": ("clicked_messages_human", "opened_unique_human"),
     "unsubscribe_rate": ("unsubscribed", "delivered"),
     "complaint_rate": ("complained", "delivered"),
+    "conversion_rate": ("converted", "delivered"),
 }
+MAX_BUCKETS = 2000  # a period series' length: about 83 days of hours, 5 years of days
 # What each numerator and denominator counts, stated with the numbers.
 QUANTITIES = {
     "attempted": "sent + failed: messages the relay answered for good",
@@ -33,6 +37,8 @@ QUANTITIES = {
     "clicked_messages_human": "messages with a human click on any link (link scanners left out)",
     "unsubscribed": "unsubscribes",
     "complained": "spam complaints",
+    "converted": "messages converted: the contact's goal event within the window after a human click, once per message",
+    "revenue_cents": "the converting goal events' amounts, in cents",
 }
 
 
@@ -49,6 +55,8 @@ def quantities(counts: Mapping[str, int]) -> dict[str, int]:
         "clicked_messages_human": get("clicked_messages_human"),
         "unsubscribed": get("unsubscribed"),
         "complained": get("complained"),
+        "converted": get("converted"),
+        "revenue_cents": get("revenue_cents"),
     }
 
 
@@ -89,4 +97,68 @@ def campaign_counts(campaign_id: int, *, connection: Connection | None = None) -
 def campaign_kpis(campaign_id: int) -> dict[str, Any]:
     """The campaign's KPIs from the roll-ups, with the counters they came from."""
     counts = campaign_counts(campaign_id)
-    return {"campaign_id": campaign_id, "counts": counts, "kpis": kpis_of(counts)}
+    return {
+        "campaign_id": campaign_id,
+        "counts": counts,
+        "kpis": kpis_of(counts),
+        "revenue_cents": int(counts.get("revenue_cents", 0)),
+    }
+
+
+def _checked_period(since: datetime, until: datetime, granularity: str, dimension: str) -> list[datetime]:
+    """The starts (naive UTC) of the buckets meeting [since, until); InvalidInput naming the field."""
+    if granularity not in GRANULARITIES:
+        raise InvalidInput(f"granularity must be one of {', '.join(GRANULARITIES)}", field="granularity")
+    if dimension not in DIMENSIONS:
+        raise InvalidInput(f"dimension must be one of {', '.join(DIMENSIONS)}", field="dimension")
+    if (since.tzinfo is None) != (until.tzinfo is None):
+        raise InvalidInput("since and until must both have a time zone, or neither", field="until")
+    if until <= since:
+        raise InvalidInput("until must be after since", field="until")
+    step = timedelta(hours=1) if granularity == HOUR else timedelta(days=1)
+    first, last = bucket_start(since, granularity), bucket_start(until, granularity)
+    exact = until.astimezone(UTC).replace(tzinfo=None) if until.tzinfo is not None else until
+    end = last if last == exact else last + step  # a bucket `until` falls inside is included
+    if (end - first) / step > MAX_BUCKETS:
+        raise InvalidInput(f"at most {MAX_BUCKETS} {granularity} buckets in one series", field="since")
+    return [first + step * n for n in range(int((end - first) / step))]
+
+
+def period_kpis(
+    since: datetime,
+    until: datetime,
+    granularity: str,
+    dimension: str = ALL,
+    value: str = "",
+    *,
+    connection: Connection | None = None,
+) -> list[dict[str, Any]]:
+    """The KPIs of each hour or day bucket from the one holding `since` up to `until` (a bucket
+    `until` falls inside is included), for one value of a dimension ("all" and "": everything): every
+    bucket of the period, those without events with empty counts and None rates, oldest first. Each
+    item: {bucket_start (naive UTC), counts, kpis, revenue_cents}. One range of the roll-ups' key."""
+    starts = _checked_period(since, until, granularity, dimension)
+    query = select(Rollup.bucket_start, Rollup.metric, Rollup.count).where(
+        Rollup.dimension == dimension,
+        Rollup.value == value,
+        Rollup.granularity == granularity,
+        Rollup.bucket_start >= starts[0],
+        Rollup.bucket_start <= starts[-1],
+    )
+    if connection is not None:
+        rows = connection.execute(query).all()
+    else:
+        with get_engine().connect() as connection:
+            rows = connection.execute(query).all()
+    counts: dict[datetime, dict[str, int]] = {start: {} for start in starts}
+    for start, metric, n in rows:
+        counts.setdefault(start, {})[metric] = int(n)
+    return [
+        {
+            "bucket_start": start,
+            "counts": counts[start],
+            "kpis": kpis_of(counts[start]),
+            "revenue_cents": counts[start].get("revenue_cents", 0),
+        }
+        for start in starts
+    ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import delete, select, tuple_
@@ -15,9 +16,11 @@ from sqlalchemy.engine import Connection
 
 from smartmail.audience import event_stream
 from smartmail.audience.event_stream import START, Position
+from smartmail.config.settings import get_settings
 from smartmail.store import checkpoints, dialect
 from smartmail.store.engine import get_engine
-from smartmail.store.models import Event, EventType, Message, Rollup
+from smartmail.store.models import Conversion, Event, EventType, Message, Rollup, StepRun
+from smartmail.workers.policy import Policy, get_policy
 
 CHECKPOINT = "analytics"  # the stream_checkpoints row: the stream position rolled up to
 ROLL_UP_TASK = "smartmail.analytics.roll_up"
@@ -26,7 +29,12 @@ PAGE = event_stream.MAX_LIMIT  # events read, and their counters added, per tran
 HOUR, DAY = "hour", "day"
 GRANULARITIES = (HOUR, DAY)
 CAMPAIGN, DOMAIN, ALL = "campaign", "domain", "all"
-DIMENSIONS = (CAMPAIGN, DOMAIN, ALL)
+TEMPLATE, TAG, STEP, VARIANT, SITE, LINK = "template", "tag", "workflow_step", "variant", "site", "link"
+# Values: a campaign's id, a recipient domain, a template's name, a message tag (a message with several
+# counts under each), "<workflow id>/<step>", "<campaign id>/<variant>", the traffic-shaping site of the
+# recipient domain (the domain itself when no site names it), "<campaign id>/<url>" (clicks only), "".
+DIMENSIONS = (CAMPAIGN, DOMAIN, TEMPLATE, TAG, STEP, VARIANT, SITE, LINK, ALL)
+VALUE_LENGTH = 320  # the column's; a longer value (a long URL) is cut, as the key cannot hold it
 
 # Metrics counted once per event of their type, as the type names them.
 _PLAIN = {
@@ -51,9 +59,23 @@ METRICS = (
     "clicked_messages_human",  # a message's first human click of any link, in stream order: CTR's numerator
     "unsubscribed",
     "complained",
+    "converted",  # messages converted: a goal event of the contact within the window after a human click
+    "revenue_cents",  # the sum of the converting goal events' `amount`, in cents
 )
+# The counters of a click that a link's roll-up keeps (a message's first click is the message's, not a link's).
+_LINK_METRICS = frozenset({"clicked_human", "clicked_machine", "clicked_unique_human"})
 
 Key = tuple[str, str, str, datetime, str]  # (dimension, value, granularity, bucket_start, metric)
+Values = list[tuple[str, str]]  # (dimension, value) pairs one message counts under
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """A goal event's clicked message: `converted` when it is the message's converting event."""
+
+    message_id: str
+    campaign_id: int | None
+    converted: bool
 
 
 def bucket_start(moment: datetime, granularity: str) -> datetime:
@@ -69,6 +91,26 @@ def domain_of(address: str | None) -> str | None:
     if not address or "@" not in address:
         return None
     return address.rsplit("@", 1)[1].strip().lower() or None
+
+
+def site_of(domain: str, policy: Policy) -> str:
+    """The domain's traffic-shaping site by the policy's domain list alone (no MX look-up: a roll-up
+    must not wait on DNS); a domain no site names is a site of its own, as the policy treats it."""
+    site = policy.site_for_domain(domain)
+    return site.name if site is not None else domain
+
+
+def cents_of(amount: Any) -> int:
+    """A goal event's `amount` (a number, or a number as text) in whole cents; 0 when it is not one."""
+    if isinstance(amount, bool) or not isinstance(amount, int | float | str):
+        return 0
+    try:
+        value = Decimal(str(amount).strip())
+    except InvalidOperation:
+        return 0
+    if not value.is_finite():
+        return 0
+    return int((value * 100).to_integral_value(ROUND_HALF_EVEN))
 
 
 def metrics_of(event: dict[str, Any], first_click: bool) -> list[str]:
@@ -88,55 +130,128 @@ def metrics_of(event: dict[str, Any], first_click: bool) -> list[str]:
         if first_click:
             found.append("clicked_messages_human")
         return found
-    return []  # custom events and SmartMail's operational ones are not rolled up (yet)
+    return []  # custom events and SmartMail's operational ones are not rolled up (goal events: by attribution)
 
 
 def is_human_click(event: dict[str, Any]) -> bool:
     return event["type"] == EventType.CLICKED.value and not event["machine"] and bool(event["message_id"])
 
 
+def link_value(event: dict[str, Any]) -> str | None:
+    """A campaign click's link: "<campaign id>/<url>" (the link's number when the click has no url)."""
+    if event["type"] != EventType.CLICKED.value or event["campaign_id"] is None:
+        return None
+    properties = event.get("properties") or {}
+    target = properties.get("url") or f"#{properties.get('link', 0)}"
+    return f"{event['campaign_id']}/{target}"
+
+
+def message_values(
+    *,
+    recipient: str | None,
+    template_name: str | None = None,
+    tags: Iterable[Any] | None = None,
+    campaign_id: int | None = None,
+    variant: str | None = None,
+    steps: Iterable[str] = (),
+    policy: Policy | None = None,
+) -> Values:
+    """The (dimension, value) pairs a message counts under besides its campaign and "all"."""
+    values: Values = []
+    domain = domain_of(recipient)
+    if domain is not None:
+        values.append((DOMAIN, domain))
+        if policy is not None:
+            values.append((SITE, site_of(domain, policy)))
+    if template_name:
+        values.append((TEMPLATE, template_name))
+    values.extend((TAG, str(tag)) for tag in sorted({str(tag) for tag in tags or ()}))
+    if variant and campaign_id is not None:
+        values.append((VARIANT, f"{campaign_id}/{variant}"))
+    values.extend((STEP, step) for step in sorted(set(steps)))
+    return values
+
+
 def count(
     events: Iterable[dict[str, Any]],
-    domains: dict[str, str],
+    messages: Mapping[str, Values],
     clicked_before: set[str],
     *,
+    attributions: Mapping[int, Attribution] | None = None,
+    policy: Policy | None = None,
     since: datetime | None = None,
 ) -> Counter[Key]:
     """The counters a page of events adds, each in the buckets of its own `occurred_at` (a late event
-    lands in its old bucket). `domains`: recipient domains by message id; `clicked_before`: messages
-    with a human click earlier in the stream (updated in place); `since`: events before it are left out."""
+    lands in its old bucket). `messages`: the pairs each message id counts under (`message_values`);
+    `clicked_before`: messages with a human click earlier in the stream (updated in place);
+    `attributions`: goal events by id, with the message they convert; `since`: events before it are
+    left out."""
     counts: Counter[Key] = Counter()
+    attributions = attributions or {}
     for event in events:
         first_click = False
         if is_human_click(event) and event["message_id"] not in clicked_before:
             clicked_before.add(event["message_id"])
             first_click = True
-        metrics = metrics_of(event, first_click)
-        if not metrics:
+        message_id, campaign_id = event["message_id"], event["campaign_id"]
+        amounts: dict[str, int] = dict.fromkeys(metrics_of(event, first_click), 1)
+        attribution = attributions.get(event["id"])
+        if attribution is not None:  # a goal event counts for the message it converts, not its own
+            message_id, campaign_id = attribution.message_id, attribution.campaign_id
+            amounts = {"revenue_cents": cents_of((event.get("properties") or {}).get("amount"))}
+            if attribution.converted:
+                amounts["converted"] = 1
+        if not amounts:
             continue
         occurred_at = datetime.fromisoformat(event["occurred_at"])
         if since is not None and bucket_start(occurred_at, DAY) < since:
             continue
-        values = [(ALL, "")]
-        if event["campaign_id"] is not None:
-            values.append((CAMPAIGN, str(event["campaign_id"])))
-        domain = domains.get(event["message_id"] or "") or domain_of(event.get("email"))
-        if domain is not None:
-            values.append((DOMAIN, domain))
+        values: Values = [(ALL, "")]
+        if campaign_id is not None:
+            values.append((CAMPAIGN, str(campaign_id)))
+        if message_id and message_id in messages:
+            values.extend(messages[message_id])
+        else:  # a message gone (or none): the contact's address still names the domain
+            values.extend(message_values(recipient=event.get("email"), policy=policy))
+        link = link_value(event) if attribution is None else None
         for granularity in GRANULARITIES:
             start = bucket_start(occurred_at, granularity)
             for dimension, value in values:
-                for metric in metrics:
-                    counts[(dimension, value, granularity, start, metric)] += 1
-    return counts
+                for metric, amount in amounts.items():
+                    counts[(dimension, value[:VALUE_LENGTH], granularity, start, metric)] += amount
+            if link is not None:
+                for metric in _LINK_METRICS.intersection(amounts):
+                    counts[(LINK, link[:VALUE_LENGTH], granularity, start, metric)] += 1
+    return Counter({key: n for key, n in counts.items() if n})  # a goal event without an amount adds no revenue
 
 
-def _recipient_domains(connection: Connection, events: list[dict[str, Any]]) -> dict[str, str]:
-    ids = sorted({event["message_id"] for event in events if event["message_id"]})
+def _message_values(connection: Connection, ids: Iterable[str], policy: Policy) -> dict[str, Values]:
+    """Each message's pairs: one query on the messages, one on the workflow step runs."""
+    ids = sorted(set(ids))
     if not ids:
         return {}
-    rows = connection.execute(select(Message.id, Message.recipient).where(Message.id.in_(ids)))
-    return {row.id: domain for row in rows if (domain := domain_of(row.recipient)) is not None}
+    steps: dict[str, list[str]] = {}
+    for row in connection.execute(
+        select(StepRun.message_id, StepRun.workflow_id, StepRun.step).where(StepRun.message_id.in_(ids))
+    ):
+        steps.setdefault(row.message_id, []).append(f"{row.workflow_id}/{row.step}")
+    rows = connection.execute(
+        select(
+            Message.id, Message.recipient, Message.template_name, Message.tags, Message.campaign_id, Message.variant
+        ).where(Message.id.in_(ids))
+    )
+    return {
+        row.id: message_values(
+            recipient=row.recipient,
+            template_name=row.template_name,
+            tags=row.tags if isinstance(row.tags, list) else (),
+            campaign_id=row.campaign_id,
+            variant=row.variant,
+            steps=steps.get(row.id, ()),
+            policy=policy,
+        )
+        for row in rows
+    }
 
 
 def _clicked_before(connection: Connection, events: list[dict[str, Any]], position: Position) -> set[str]:
@@ -155,6 +270,67 @@ def _clicked_before(connection: Connection, events: list[dict[str, Any]], positi
         .distinct()
     )
     return {message_id for message_id in rows.scalars() if message_id is not None}
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def _attribute(
+    connection: Connection, events: list[dict[str, Any]], *, since: datetime | None = None
+) -> dict[int, Attribution]:
+    """The page's goal events with the message each is attributed to: the contact's latest human click
+    within the window before it, among the events before it in the stream (so a repeated or rebuilt
+    count finds the same click). The first goal event of a message, in stream order, converts it: a
+    `conversions` row, written with the page's counters."""
+    settings = get_settings()
+    goal = settings.analytics_conversion_event
+    if goal is None:
+        return {}
+    window = timedelta(days=settings.analytics_conversion_days)
+    clicks: dict[int, tuple[str, int | None, datetime]] = {}
+    for event in events:
+        if event["type"] != goal or event["contact_id"] is None:
+            continue
+        at = _naive(datetime.fromisoformat(event["occurred_at"]))
+        if since is not None and bucket_start(at, DAY) < since:
+            continue
+        position = Position.parse(event["position"])
+        # One range of ix_events_contact_id_type_occurred_at per goal event (goal events are few).
+        click = connection.execute(
+            select(Event.message_id, Event.campaign_id)
+            .where(
+                Event.contact_id == event["contact_id"],
+                Event.type == EventType.CLICKED.value,
+                Event.occurred_at >= at - window,
+                Event.occurred_at <= at,
+                Event.machine.is_(False),
+                Event.message_id.isnot(None),
+                tuple_(Event.xact, Event.id) < tuple_(position.xact, position.id),
+            )
+            .order_by(Event.occurred_at.desc(), Event.xact.desc(), Event.id.desc())
+            .limit(1)
+        ).first()
+        if click is not None:
+            clicks[event["id"]] = (click.message_id, click.campaign_id, at)
+    if not clicks:
+        return {}
+    first: dict[str, tuple[int, datetime]] = {}  # the page's first goal event of each message
+    for event in events:
+        if event["id"] in clicks:
+            message_id, _, at = clicks[event["id"]]
+            first.setdefault(message_id, (event["id"], at))
+    rows = [{"message_id": m, "event_id": e, "converted_at": at} for m, (e, at) in sorted(first.items())]
+    statement = (
+        dialect.insert(connection)(Conversion)
+        .on_conflict_do_nothing(index_elements=["message_id"])
+        .returning(Conversion.event_id)
+    )
+    added = {event_id for (event_id,) in connection.execute(statement, rows)}
+    return {
+        event_id: Attribution(message_id, campaign_id, event_id in added)
+        for event_id, (message_id, campaign_id, _) in clicks.items()
+    }
 
 
 def _add(connection: Connection, counts: Counter[Key]) -> None:
@@ -179,9 +355,20 @@ def _roll_up_page(
     connection: Connection, position: Position, limit: int, since: datetime | None = None
 ) -> event_stream.Page:
     page = event_stream.read(position, limit=limit, connection=connection)
-    clicked_before = _clicked_before(connection, page.events, position)
-    _add(connection, count(page.events, _recipient_domains(connection, page.events), clicked_before, since=since))
+    _count_page(connection, page.events, position, since)
     return page
+
+
+def _count_page(
+    connection: Connection, events: list[dict[str, Any]], position: Position, since: datetime | None
+) -> None:
+    policy = get_policy()
+    attributions = _attribute(connection, events, since=since)
+    ids = [event["message_id"] for event in events if event["message_id"]]
+    messages = _message_values(connection, ids + [a.message_id for a in attributions.values()], policy)
+    clicked_before = _clicked_before(connection, events, position)
+    counts = count(events, messages, clicked_before, attributions=attributions, policy=policy, since=since)
+    _add(connection, counts)
 
 
 @dataclass(frozen=True)
@@ -218,6 +405,7 @@ def rebuild(since: datetime | None = None, *, page_size: int = PAGE) -> int:
         with get_engine().begin() as connection:
             checkpoints.lock(connection, CHECKPOINT, initial=str(START))
             connection.execute(delete(Rollup))
+            connection.execute(delete(Conversion))
             checkpoints.move(connection, CHECKPOINT, str(START))
         return roll_up(max_seconds=math.inf, page_size=page_size).events
     start = bucket_start(since, DAY)
@@ -225,12 +413,12 @@ def rebuild(since: datetime | None = None, *, page_size: int = PAGE) -> int:
     with get_engine().begin() as connection:
         end = Position.parse(checkpoints.lock(connection, CHECKPOINT, initial=str(START)))
         connection.execute(delete(Rollup).where(Rollup.bucket_start >= start))
+        connection.execute(delete(Conversion).where(Conversion.converted_at >= start))
         position = START
         while position < end:
             page = event_stream.read(position, limit=page_size, connection=connection)
             events = [event for event in page.events if Position.parse(event["position"]) <= end]
-            clicked_before = _clicked_before(connection, events, position)
-            _add(connection, count(events, _recipient_domains(connection, events), clicked_before, since=start))
+            _count_page(connection, events, position, start)
             read += len(events)
             if not page.more:
                 break

@@ -204,6 +204,11 @@ class Settings(BaseSettings):
     automation_batch_size: int = Field(500, ge=1, le=10000)  # enrolments advanced per transaction
     # Analytics (smartmail/analytics/): beat's look at the event stream for the roll-ups.
     analytics_interval: float = Field(30.0, gt=0)
+    # Conversions: a contact's event of this type (a shop's `order_placed`) within this many days after
+    # a human click converts the clicked message, once; its `amount` property adds to the revenue.
+    # None: no conversions counted.
+    analytics_conversion_event: str | None = Field(None, min_length=1, max_length=64)
+    analytics_conversion_days: int = Field(7, ge=1, le=366)
     # Marketing emails (campaigns and workflows; transactional mail exempt) per contact; 0: no cap.
     # A workflow step over the cap waits until the contact is under it again.
     frequency_cap_day: int = Field(0, ge=0)

@@ -748,3 +748,16 @@ class Rollup(Base):
     bucket_start: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
     metric: Mapped[str] = mapped_column(String(32), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Conversion(Base):
+    """A message converted: the first goal event (in stream order) of its contact within the window
+    after a human click of it. The row makes a message count as converted once, however many goal
+    events follow the click."""
+
+    __tablename__ = "conversions"
+    __table_args__ = (Index("ix_conversions_converted_at", "converted_at"),)  # a rebuild from a day on
+
+    message_id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    event_id: Mapped[int] = mapped_column(_BigId)  # the goal event
+    converted_at: Mapped[datetime] = mapped_column(DateTime)  # the goal event's occurred_at
