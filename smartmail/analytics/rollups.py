@@ -195,7 +195,7 @@ def count(
             first_click = True
         message_id, campaign_id = event["message_id"], event["campaign_id"]
         amounts: dict[str, int] = dict.fromkeys(metrics_of(event, first_click), 1)
-        attribution = attributions.get(event["id"])
+        attribution = attributions.get(event.get("id", 0))
         if attribution is not None:  # a goal event counts for the message it converts, not its own
             message_id, campaign_id = attribution.message_id, attribution.campaign_id
             amounts = {"revenue_cents": cents_of((event.get("properties") or {}).get("amount"))}

@@ -7,7 +7,12 @@ from datetime import datetime
 import pytest
 
 from smartmail.analytics import rollups
-from smartmail.analytics.kpis import kpis_of
+from smartmail.analytics.kpis import kpis_of, period_kpis
+from smartmail.errors import InvalidInput
+from smartmail.workers.outcomes import RetrySchedule
+from smartmail.workers.policy import DEFAULT_POLICY_FILE, load_policy
+
+EXAMPLE = [("domain", "example.org")]
 
 
 def _event(event_type: str, message: str = "m1", *, machine: bool = False, **properties) -> dict:
@@ -23,7 +28,7 @@ def _event(event_type: str, message: str = "m1", *, machine: bool = False, **pro
 
 
 def _totals(events: list[dict], clicked_before: set[str] | None = None) -> dict[str, int]:
-    counts = rollups.count(events, {"m1": "example.org", "m2": "example.org"}, clicked_before or set())
+    counts = rollups.count(events, {"m1": EXAMPLE, "m2": EXAMPLE}, clicked_before or set())
     return {
         metric: n
         for (dimension, _, granularity, _, metric), n in counts.items()
@@ -104,9 +109,85 @@ def test_unique_and_total_opens_and_clicks():
 def test_bounces_by_kind_and_buckets_by_occurred_at():
     counts = rollups.count(
         [_event("bounced", kind="hard"), _event("bounced", kind="soft"), _event("order_placed", total=3)],
-        {"m1": "example.org"},
+        {"m1": EXAMPLE},
         set(),
     )
     assert counts[("campaign", "7", "hour", datetime(2026, 11, 20, 10), "bounced_hard")] == 1
     assert counts[("domain", "example.org", "day", datetime(2026, 11, 20), "bounced_soft")] == 1
     assert not any(key[4] == "order_placed" for key in counts)
+
+
+def test_a_message_counts_under_each_of_its_values_and_a_click_under_its_link():
+    values = rollups.message_values(
+        recipient="a@GMail.com",
+        template_name="welcome",
+        tags=["promo", "news", "promo"],
+        campaign_id=7,
+        variant="B",
+        steps=["3/intro"],
+        policy=load_policy(DEFAULT_POLICY_FILE, RetrySchedule()),
+    )
+    assert values == [
+        ("domain", "gmail.com"),
+        ("site", "google"),  # the shipped policy's site for gmail.com
+        ("template", "welcome"),
+        ("tag", "news"),
+        ("tag", "promo"),
+        ("variant", "7/B"),
+        ("workflow_step", "3/intro"),
+    ]
+    counts = rollups.count(
+        [_event("clicked", unique=True, link=2, url="https://shop.example/x"), _event("clicked", machine=True, link=1)],
+        {"m1": values},
+        set(),
+    )
+    day = datetime(2026, 11, 20)
+    assert counts[("tag", "news", "day", day, "clicked_messages_human")] == 1
+    assert counts[("tag", "promo", "day", day, "clicked_human")] == 1
+    assert counts[("link", "7/https://shop.example/x", "day", day, "clicked_unique_human")] == 1
+    assert counts[("link", "7/#1", "hour", datetime(2026, 11, 20, 10), "clicked_machine")] == 1
+    assert not any(key[0] == "link" and key[4] == "clicked_messages_human" for key in counts)
+
+
+def test_a_goal_event_counts_for_the_message_it_is_attributed_to():
+    order = {**_event("order_placed", "m9", amount="12.345"), "id": 5, "campaign_id": None}
+    again = {**_event("order_placed", "m9", amount=3), "id": 6, "campaign_id": None}
+    counts = rollups.count(
+        [order, again],
+        {"m1": [("template", "welcome")]},
+        set(),
+        attributions={5: rollups.Attribution("m1", 7, True), 6: rollups.Attribution("m1", 7, False)},
+    )
+    day = datetime(2026, 11, 20)
+    assert counts[("campaign", "7", "day", day, "converted")] == 1  # once per message
+    assert counts[("template", "welcome", "day", day, "revenue_cents")] == 1234 + 300
+    assert not any(key[4] == "order_placed" for key in counts)
+
+
+@pytest.mark.parametrize(
+    ("amount", "cents"),
+    [(12, 1200), (12.5, 1250), ("0.015", 2), (True, 0), ("ten", 0), (None, 0), ("NaN", 0), ([1], 0), (-4, -400)],
+)
+def test_amounts_in_cents(amount, cents):
+    assert rollups.cents_of(amount) == cents
+
+
+def test_conversion_rate_and_revenue():
+    kpis = kpis_of({"sent": 10, "bounced_hard": 2, "converted": 2, "revenue_cents": 999})
+    assert (kpis["conversion_rate"]["numerator"], kpis["conversion_rate"]["denominator"]) == (2, 8)
+    assert kpis_of({"converted": 1})["conversion_rate"]["value"] is None
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "granularity", "dimension", "field"),
+    [
+        (datetime(2026, 1, 1), datetime(2026, 1, 2), "week", "all", "granularity"),
+        (datetime(2026, 1, 1), datetime(2026, 1, 2), "day", "colour", "dimension"),
+        (datetime(2026, 1, 2), datetime(2026, 1, 2), "day", "all", "until"),
+        (datetime(2020, 1, 1), datetime(2026, 1, 2), "hour", "all", "since"),
+    ],
+)
+def test_a_period_is_checked(since, until, granularity, dimension, field):
+    with pytest.raises(InvalidInput) as raised:
+        period_kpis(since, until, granularity, dimension)
+    assert raised.value.field == field
