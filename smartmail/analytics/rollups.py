@@ -400,7 +400,8 @@ def rebuild(since: datetime | None = None, *, page_size: int = PAGE) -> int:
     transaction, then read the whole stream again (readers see the numbers grow back meanwhile).
     With `since`: in one transaction, delete the buckets from the day holding `since` on and count
     again the events of those buckets read up to the checkpoint (the whole stream is read, as a late
-    event may be anywhere in it; the checkpoint stays)."""
+    event may be anywhere in it; the checkpoint stays). The conversions go with the buckets of their
+    goal events, so each message converts again by the same goal event."""
     if since is None:
         with get_engine().begin() as connection:
             checkpoints.lock(connection, CHECKPOINT, initial=str(START))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import delete, insert, select, text
 
-from smartmail.analytics import rollups
+from smartmail.analytics import kpis, rollups
 from smartmail.analytics.kpis import campaign_counts
 from smartmail.audience import event_stream
 from smartmail.audience.event_stream import Position
@@ -237,7 +238,7 @@ def _old(stored: dict[tuple, int]) -> dict[tuple, int]:
 
 
 def _cents(amount) -> int:
-    return {10: 1000, "12.50": 1250, 7.25: 725}.get(amount, 0)
+    return 0 if amount is None else int(Decimal(str(amount)) * 100)  # the generated amounts have whole cents
 
 
 def _expected() -> dict[tuple, int]:
@@ -385,3 +386,86 @@ def test_rebuild_gives_the_same_numbers(env, rng):
     }
     # Buckets before the day of `since` are left as they were.
     assert all(n == 0 for key, n in _stored().items() if DAY0 <= key[3] < DAY0 + timedelta(days=1))
+
+
+def _write(events: list[dict]) -> None:
+    with get_engine().begin() as connection:
+        for event in events:  # one at a time: the stream's order is the list's
+            connection.execute(insert(Event), [event])
+    settle()
+
+
+def _event(kind: str, message: dict, at: datetime, *, machine: bool = False, **properties) -> dict:
+    return {
+        "type": kind,
+        "message_id": message["id"] if kind != GOAL else None,
+        "campaign_id": message["campaign_id"] if kind != GOAL else None,
+        "contact_id": message["contact_id"],
+        "machine": machine,
+        "properties": properties,
+        "occurred_at": at,
+    }
+
+
+def test_conversions_once_per_clicked_message_within_the_window_and_period_kpis(env, rng):
+    messages = _messages(12, rng)  # contacts 1, 2, 3: four messages each, campaigns 11, 12, 13, None
+    a, b, scanned, late = messages[0], messages[1], messages[4], messages[8]
+    t = DAY0 + timedelta(hours=10)
+    _write(
+        [_event("sent", m, DAY0) for m in messages]
+        + [
+            _event(GOAL, a, t - timedelta(hours=1), amount=99),  # before any click: not attributed
+            _event("clicked", a, t, link=1, url="https://shop.example/a", unique=True),
+            _event("clicked", b, t + timedelta(hours=2), link=1, url="https://shop.example/b", unique=True),
+            _event(GOAL, b, t + timedelta(days=1), amount="12.50"),  # b, the latest click, converts
+            _event(GOAL, b, t + timedelta(days=1, hours=1), amount=5),  # b again: revenue, not a conversion
+            _event(GOAL, b, t + timedelta(days=WINDOW_DAYS, hours=3)),  # outside the window: nothing
+            _event("clicked", scanned, t, machine=True, link=1, url="https://shop.example/s", unique=True),
+            _event(GOAL, scanned, t + timedelta(hours=1), amount=7),  # a scanner's click converts nothing
+            _event("clicked", late, t + timedelta(days=1), link=1, url="https://shop.example/l", unique=True),
+            _event(GOAL, late, t, amount=3),  # written after the click but before it in time: nothing
+        ]
+    )
+    rollups.roll_up(page_size=4)
+    stored = _stored()
+    assert stored == _expected()
+    day1 = DAY0 + timedelta(days=1)
+    converted = {key: n for key, n in stored.items() if key[4] in CONVERSION_METRICS and key[2] == "day"}
+    assert converted[("campaign", str(b["campaign_id"]), "day", day1, "converted")] == 1
+    assert converted[("campaign", str(b["campaign_id"]), "day", day1, "revenue_cents")] == 1750
+    assert converted[("all", "", "day", day1, "revenue_cents")] == 1750
+    assert not any(
+        key[1] in (str(a["campaign_id"]), str(scanned["campaign_id"])) for key in converted if key[0] == "campaign"
+    )
+    assert stored[("link", f"{a['campaign_id']}/https://shop.example/a", "day", DAY0, "clicked_unique_human")] == 1
+    with get_engine().connect() as connection:
+        assert connection.execute(select(Conversion.message_id)).scalars().all() == [b["id"]]
+
+    # Repeated ticks, and a rebuild, find the same conversions.
+    assert rollups.roll_up() == rollups.RolledUp(0, False)
+    rollups.rebuild(page_size=3)
+    assert _stored() == stored
+    rollups.rebuild(day1, page_size=3)
+    assert _stored() == stored
+
+    campaign = kpis.campaign_kpis(b["campaign_id"])
+    assert campaign["revenue_cents"] == 1750
+    assert (campaign["kpis"]["conversion_rate"]["numerator"], campaign["kpis"]["conversion_rate"]["denominator"]) == (
+        1,
+        3,
+    )
+
+    series = kpis.period_kpis(DAY0 - timedelta(days=1), DAY0 + timedelta(days=3), "day")
+    assert [item["bucket_start"] for item in series] == [DAY0 + timedelta(days=n) for n in range(-1, 3)]
+    assert series[0]["counts"] == {} and series[0]["kpis"]["open_rate"]["value"] is None  # a bucket without events
+    assert series[1]["counts"]["sent"] == 12 and series[1]["kpis"]["click_through_rate"]["numerator"] == 2
+    assert series[1]["kpis"]["conversion_rate"]["value"] == 0
+    assert (
+        series[2]["revenue_cents"] == 1750 and series[2]["kpis"]["conversion_rate"]["value"] is None
+    )  # no sends that day
+    hours = kpis.period_kpis(t, t + timedelta(minutes=150), "hour", "campaign", str(b["campaign_id"]))
+    assert [item["counts"] for item in hours] == [
+        {},
+        {},
+        {"clicked_human": 1, "clicked_unique_human": 1, "clicked_messages_human": 1},
+    ]
