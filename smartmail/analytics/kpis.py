@@ -38,7 +38,7 @@ QUANTITIES = {
     "unsubscribed": "unsubscribes",
     "complained": "spam complaints",
     "converted": "messages converted: the contact's goal event within the window after a human click, once per message",
-    "revenue_cents": "the converting goal events' amounts, in cents",
+    "revenue_cents": "the amounts of the goal events attributed to a click (each one, not only the first), in cents",
 }
 
 

@@ -60,7 +60,7 @@ METRICS = (
     "unsubscribed",
     "complained",
     "converted",  # messages converted: a goal event of the contact within the window after a human click
-    "revenue_cents",  # the sum of the converting goal events' `amount`, in cents
+    "revenue_cents",  # the sum of the attributed goal events' `amount` (each order, not only the first), in cents
 )
 # The counters of a click that a link's roll-up keeps (a message's first click is the message's, not a link's).
 _LINK_METRICS = frozenset({"clicked_human", "clicked_machine", "clicked_unique_human"})
