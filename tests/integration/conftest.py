@@ -144,6 +144,7 @@ def _clear_tables(url: str) -> None:
             "import_jobs",
             "events",
             "rollups",
+            "conversions",
             "engagement_firsts",
             "stream_checkpoints",
             "list_memberships",
