@@ -56,11 +56,12 @@ def test_processes_sharing_the_directory_are_summed(tmp_path):
     total = _python(
         """
         from prometheus_client import CollectorRegistry, multiprocess
+        from smartmail.workers import metrics
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=%r)
+        multiprocess.MultiProcessCollector(registry, path=str(metrics.DIRECTORY))
         print(registry.get_sample_value("smartmail_messages_total", {"outcome": "sent", "site": "google"}))
-        """
-        % str(tmp_path)
+        """,
+        SMARTMAIL_METRICS_DIR=str(tmp_path),
     )
     assert float(total) == 5
 
