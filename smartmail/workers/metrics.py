@@ -34,9 +34,14 @@ def multiprocess_dir() -> Path:
 # prometheus_client picks the storage of every metric from the environment once, when first imported.
 DIRECTORY = multiprocess_dir()
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values  # noqa: E402
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
+
+if values.ValueClass is values.MutexValue:
+    # Imported before the variable was set (Celery's command line loads Flower's plugin, which
+    # imports prometheus_client): our metrics, created below, must still go to the directory.
+    values.ValueClass = values.MultiProcessValue()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_SITE = "none"  # the label of messages sent with traffic shaping off, or held by their campaign

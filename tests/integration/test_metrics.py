@@ -93,3 +93,31 @@ def test_scraped_counters_equal_the_database(metrics_dir, relay, api, start_work
     assert ("smartmail_outbox_backlog", (("stream", "transactional"),)) in samples
     # The worker wrote the counters, in files of its own processes' ids.
     assert any(path.name.startswith("counter_") for path in metrics_dir.iterdir())
+
+
+def test_import_rows_are_counted_as_the_job_reports_them(metrics_dir, api, start_worker):
+    start_worker(concurrency=1, queues="imports")
+    client = api.client("contacts:write", "contacts:read")
+    csv = b"email,first_name\r\nann@example.org,Ann\r\nnot-an-address,Bob\r\ndee@example.org,Dee\r\n"
+    response = client.post("/v1/imports", files={"file": ("people.csv", csv, "text/csv")})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    job = wait_for(
+        lambda: (j := client.get(f"/v1/imports/{job_id}").json()) and j["state"] in ("done", "failed") and j, 60
+    )
+    assert job["state"] == "done" and (job["created"], job["failed"]) == (2, 1)
+
+    samples = scrape(api.url)
+    assert total(samples, "smartmail_import_rows_total", outcome="created") == job["created"]
+    assert total(samples, "smartmail_import_rows_total", outcome="failed") == job["failed"]
+    assert total(samples, "smartmail_import_rows_total", outcome="updated") == job["updated"]
+
+
+def test_a_metrics_token_closes_the_endpoint(metrics_dir, monkeypatch, env, _module_web):
+    monkeypatch.setenv("SMARTMAIL_METRICS_TOKEN", "metrics-token-0123456789")
+    reset_caches()
+    url = _module_web.start()
+    assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
+    assert "smartmail_metrics_source_up" in "".join(
+        key[0] for key in scrape(url, authorization="Bearer metrics-token-0123456789")
+    )

@@ -50,6 +50,12 @@ def test_the_directory_is_created_and_set_before_prometheus_client_is_imported(t
     assert directory.is_dir() and any(p.name.startswith("counter_") for p in directory.iterdir())
 
 
+def test_metrics_go_to_the_directory_even_when_prometheus_client_came_first(tmp_path):
+    # As in a worker started by `celery`, whose command line loads Flower's plugin first.
+    _python("import prometheus_client\n" + textwrap.dedent(COUNT_SENT % 1), SMARTMAIL_METRICS_DIR=str(tmp_path))
+    assert any(p.name.startswith("counter_") for p in tmp_path.iterdir())
+
+
 def test_processes_sharing_the_directory_are_summed(tmp_path):
     for count in (2, 3):
         _python(COUNT_SENT % count, SMARTMAIL_METRICS_DIR=str(tmp_path))
