@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,7 +78,18 @@ def parse_nameserver(value: str) -> tuple[str, int]:
     return str(address), int(port)
 
 
-class Settings(BaseSettings):
+class MetricsSettings(BaseSettings):
+    """The settings of operator metrics (docs/metrics.md), apart: workers/metrics.py reads them when
+    imported, before prometheus_client is, and must not fail there for want of the required ones."""
+
+    model_config = SettingsConfigDict(env_prefix="SMARTMAIL_", extra="ignore")
+
+    # prometheus_client's multiprocess directory; the web and worker processes of one installation share it.
+    metrics_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "smartmail-metrics")
+    metrics_token: str | None = Field(None, min_length=16)  # when set, /metrics asks for it as a bearer token
+
+
+class Settings(MetricsSettings):
     """Every setting, with its SMARTMAIL_* variable; see the README's configuration reference."""
 
     model_config = SettingsConfigDict(env_prefix="SMARTMAIL_", extra="ignore")

@@ -1,8 +1,11 @@
-"""Worker process hooks that reach the producer: ids a task handed off are pushed before the process can end."""
+"""Worker process hooks: ids a task handed off are pushed before the process can end; its live metrics go with it."""
+
+import os
 
 from celery.signals import task_postrun, worker_process_shutdown
 
 from smartmail.producer.handoff import flush
+from smartmail.workers import metrics
 
 
 @task_postrun.connect
@@ -14,3 +17,4 @@ def _flush_handoff(**_kwargs) -> None:
 @worker_process_shutdown.connect
 def _flush_before_exit(**_kwargs) -> None:
     flush()
+    metrics.mark_process_dead(os.getpid())

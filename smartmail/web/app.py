@@ -1,4 +1,4 @@
-"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe pages, provider hooks, health check."""
+"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe pages, provider hooks, health, metrics."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from smartmail.content.unsubscribe_links import read_token
 from smartmail.errors import InvalidToken, SettingsError
 from smartmail.store.engine import reader, serve_threads
 from smartmail.store.models import Contact, ContactStatus
-from smartmail.web import docs, hooks, openapi, problems, tracking
+from smartmail.web import docs, hooks, metrics, openapi, problems, tracking
 from smartmail.web.api import routes as api_routes
 from smartmail.web.api.idempotency import ApiWrites
 from smartmail.web.problems import COMMON_HEADERS
@@ -231,6 +231,7 @@ def create_app() -> FastAPI:
     app.add_middleware(tracking.TrackingFront)
     app.include_router(api_routes.router)
     app.include_router(hooks.router)
+    app.include_router(metrics.router)
     docs.install(app)
 
     @app.get("/healthz")

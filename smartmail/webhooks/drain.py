@@ -25,6 +25,7 @@ from smartmail.store.ids import new_id
 from smartmail.store.models import Event, EventType, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from smartmail.webhooks import endpoints, sending
 from smartmail.webhooks.endpoints import Target
+from smartmail.workers import metrics
 
 log = structlog.get_logger("smartmail.webhooks")
 
@@ -393,22 +394,39 @@ def record(
             connection.execute(_failed, failed)
         if attempts:
             connection.execute(insert(WebhookAttempt), attempts)
-        endpoint = connection.execute(select(*_HEALTH).where(WebhookEndpoint.id == target.id).with_for_update()).first()
-        if endpoint is None:
-            return False
-        if lease_owner is not None and endpoint.drain_owner != lease_owner:
-            return False  # the lease lapsed and another drain took the endpoint: it goes on
-        changes, reason = health_changes(endpoint, [outcome for _, outcome in sent], now)
-        if lease_owner is not None:
-            changes["drain_until"] = now + lease()
-        if reason:
-            _disabled_event(connection, target.id, reason, now)
-        connection.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == target.id).values(**changes))
+        health = _update_health(connection, target, sent, lease_owner, now)
+    retrying = sum(1 for row in failed if row["b_state"] == PENDING)
+    metrics.count_webhook_deliveries(len(done), retrying, len(failed) - retrying)
+    if health is None:
+        return False
+    endpoint, changes, reason = health
     if reason:
         log.warning("webhooks.endpoint_disabled", endpoint_id=target.id, reason=reason)
     if changes.get("circuit_open_until"):
         log.info("webhooks.circuit_opened", endpoint_id=target.id, seconds=changes["circuit_pause"])
     return endpoint.enabled and not reason and not changes.get("circuit_open_until")
+
+
+def _update_health(
+    connection: Connection,
+    target: Target,
+    sent: Sequence[tuple[sending.Request, sending.Outcome]],
+    lease_owner: str | None,
+    now: datetime,
+) -> tuple[Any, dict[str, Any], str] | None:
+    """The endpoint's health after `sent`, written; None when the drain must stop at once."""
+    endpoint = connection.execute(select(*_HEALTH).where(WebhookEndpoint.id == target.id).with_for_update()).first()
+    if endpoint is None:
+        return None
+    if lease_owner is not None and endpoint.drain_owner != lease_owner:
+        return None  # the lease lapsed and another drain took the endpoint: it goes on
+    changes, reason = health_changes(endpoint, [outcome for _, outcome in sent], now)
+    if lease_owner is not None:
+        changes["drain_until"] = now + lease()
+    if reason:
+        _disabled_event(connection, target.id, reason, now)
+    connection.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == target.id).values(**changes))
+    return endpoint, changes, reason
 
 
 def health_changes(endpoint: Any, outcomes: Sequence[sending.Outcome], now: datetime) -> tuple[dict[str, Any], str]:

@@ -19,7 +19,7 @@ from smartmail.content.mime import build_mime
 from smartmail.store.engine import get_engine, utcnow
 from smartmail.store.models import MessageState
 from smartmail.workers import campaign_rows as campaign_delivery
-from smartmail.workers import claims, ownership
+from smartmail.workers import claims, metrics, ownership
 from smartmail.workers.dispatch import TRANSACTIONAL, enqueue, enqueue_later
 from smartmail.workers.outcomes import Reply, RetrySchedule, Verdict, classify
 from smartmail.workers.policy import Site
@@ -35,6 +35,7 @@ PER_MESSAGE_TOKENS_UP_TO = 1000.0
 SHORT_WAIT = timedelta(seconds=60)
 # A message not transmitted for want of its write-ahead mark waits this long (seconds), not counted as an attempt.
 NOT_SENT_WAIT = 2.0
+RULE_BOUNCE = "bounced by a policy response rule"
 
 
 @dataclass
@@ -55,6 +56,7 @@ class _Result:
     suppress: bool = False
     site: str | None = None
     attempted: bool = True
+    latency: float | None = None  # sent: seconds from when the message was due to the relay's 2xx
 
 
 def retry_schedule() -> RetrySchedule:
@@ -69,7 +71,8 @@ def _decide(
         return _hold(row, Hold(NOT_SENT_WAIT, reply.text), schedule.max_age, now, site)
     outcome = classify(reply)
     if outcome.verdict is Verdict.SENT:
-        return _Result(row.id, row.recipient, MessageState.SENT, reply, site=site)
+        latency = (now - (row.send_at or row.created_at)).total_seconds()
+        return _Result(row.id, row.recipient, MessageState.SENT, reply, site=site, latency=latency)
     if outcome.verdict is Verdict.UNKNOWN:
         return _Result(
             row.id,
@@ -80,9 +83,7 @@ def _decide(
             reason="connection lost after the message was sent; the relay may have accepted it",
         )
     if bounce:
-        return _Result(
-            row.id, row.recipient, MessageState.FAILED, reply, site=site, reason="bounced by a policy response rule"
-        )
+        return _Result(row.id, row.recipient, MessageState.FAILED, reply, site=site, reason=RULE_BOUNCE)
     if outcome.verdict is Verdict.DEFERRED:
         # The maximum age counts from when the message was due, not when it was created.
         due = schedule.next_attempt(row.attempts, row.send_at or row.created_at, now)
@@ -228,6 +229,7 @@ def _next_window(
         raise
     owner.recorded([result.id for result in pending])
     _after_recording(pending, report, stream)
+    _count(pending, stream)
     report.claimed += len(claimed)
     return claimed
 
@@ -349,6 +351,24 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
         enqueue_later(wake, stream)
     except RedisError as exc:  # beat's enqueue_due still finds the deferred rows when due
         log.error("dispatch.later_failed", error=str(exc), count=len(wake))
+
+
+def _count(results: list[_Result], stream: str) -> None:
+    """Add a recorded window's outcomes to the operator metrics (workers/metrics.py), one call per label set."""
+    outcomes: dict[tuple[str, str], int] = {}
+    held: dict[str, int] = {}
+    for result in results:
+        site = result.site or metrics.NO_SITE
+        if not result.attempted and result.state is MessageState.DEFERRED:
+            held[site] = held.get(site, 0) + 1
+            continue
+        outcome = result.state.value
+        if result.state is MessageState.FAILED and (result.suppress or result.reason == RULE_BOUNCE):
+            outcome = "bounced"
+        outcomes[outcome, site] = outcomes.get((outcome, site), 0) + 1
+    metrics.count_messages(outcomes)
+    metrics.count_throttled(held)
+    metrics.observe_accept_latency(stream, [r.latency for r in results if r.latency is not None])
 
 
 def _send_window(transport: Transport, jobs: list[tuple], marker: Marker | None = None) -> list[Reply]:

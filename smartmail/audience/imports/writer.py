@@ -16,6 +16,7 @@ from smartmail.audience.imports.options import ImportOptions, Record, RowError
 from smartmail.store.engine import get_engine
 from smartmail.store.models import ImportJob, ImportRowError
 from smartmail.store.sql.contact_rows import for_bind
+from smartmail.workers import metrics
 
 _MAX_VALUE_IN_REPORT = 200
 
@@ -162,4 +163,5 @@ def commit_batch(
         )
         if moved.rowcount != 1:
             raise JobGone(job_id)
+    metrics.count_import_rows(result.created, result.updated, result.skipped, len(all_errors))
     return last_row
