@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import wait_for
 
+
 @pytest.fixture
 def json_logs(env, smtp_server, monkeypatch):
     monkeypatch.setenv("SMARTMAIL_SMTP_URL", f"smtp://127.0.0.1:{smtp_server.port}?tls=none")
@@ -38,6 +39,12 @@ def test_one_grep_follows_a_message_from_api_call_to_smtp_reply(json_logs, api, 
     web_lines = _lines_naming(_module_web.process.output(), message_id)
     created = [line for line in web_lines if line["event"] == "message.created"]
     assert created and created[0]["state"] == "queued" and created[0]["request_id"] == "trail-42"
+
+    requests = [
+        line for line in _lines_naming(_module_web.process.output(), "trail-42") if line["event"] == "web.request"
+    ]
+    assert [(r["method"], r["path"], r["status"]) for r in requests] == [("POST", "/v1/messages", 202)]
+    assert requests[0]["key_id"] and requests[0]["ms"] >= 0
 
     worker_lines = _lines_naming(worker.output(), message_id)
     claimed = [line for line in worker_lines if line["event"] == "message.claimed"]

@@ -1,4 +1,4 @@
-"""The ids log lines carry: a caller's request id kept only when plain, a delivery outcome's message, campaign and contact."""
+"""Ids on log lines: a caller's request id kept only when plain; a delivery outcome's message, campaign, contact."""
 
 from __future__ import annotations
 
