@@ -207,10 +207,26 @@ def advance(*, limit: int | None = None, now: datetime | None = None) -> Advance
     message_ids = [message["id"] for message in writes.messages]
     if message_ids:
         enqueue(message_ids, BULK)
+    names = {run.enrolment_id: run.workflow for run in runs}
+    for ran in writes.step_runs:  # one line per step run, a sent message's id with its enrolment's
+        log.info(
+            "workflow.step_ran",
+            workflow=names.get(ran["enrolment_id"]),
+            enrolment_id=ran["enrolment_id"],
+            contact_id=ran["contact_id"],
+            step=ran["step"],
+            kind=ran["kind"],
+            message_id=ran["message_id"],
+            outcome=ran["outcome"],
+        )
     for run in runs:
         if run.state == ENDED:
             log.info(
-                "workflow.enrolment_ended", workflow=run.workflow, enrolment=run.enrolment_id, reason=run.ended_reason
+                "workflow.enrolment_ended",
+                workflow=run.workflow,
+                enrolment_id=run.enrolment_id,
+                contact_id=run.contact.id if run.contact is not None else None,
+                reason=run.ended_reason,
             )
     return Advanced(len(rows) + len(held), len(writes.step_runs), len(message_ids), more=len(rows) + len(held) >= limit)
 
@@ -283,7 +299,12 @@ class _Stepper:
             if until is not None:
                 run.due_at, run.going = until, False
                 log.info(
-                    "workflow.step_held", workflow=run.workflow, step=step.id, enrolment=run.enrolment_id, until=until
+                    "workflow.step_held",
+                    workflow=run.workflow,
+                    step=step.id,
+                    enrolment_id=run.enrolment_id,
+                    contact_id=run.contact_id,
+                    until=until,
                 )
                 continue
             try:

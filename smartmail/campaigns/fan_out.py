@@ -98,7 +98,7 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
             if campaign is None or campaign.state != CampaignState.SENDING.value or campaign.fanned_out:
                 return created
             if owner is not None and campaign.fan_out_owner != owner:
-                log.info("campaign.fan_out_superseded", campaign=campaign.name)
+                log.info("campaign.fan_out_superseded", campaign_id=campaign.id, campaign=campaign.name)
                 return created
             campaign.fan_out_until = _lease_end()
             contacts = Contact.__table__
@@ -110,7 +110,7 @@ def fan_out(campaign_id: int, owner: str | None = None) -> int:
             page = session.execute(query.order_by(contacts.c.id).limit(PAGE)).all()
             if not page:
                 campaign.fanned_out = True
-                log.info("campaign.fanned_out", campaign=campaign.name, messages=created)
+                log.info("campaign.fanned_out", campaign_id=campaign.id, campaign=campaign.name, messages=created)
                 return created
             inserted = _insert_page(session, campaign, page, utcnow(), settings.sender_domain)
             campaign.cursor = page[-1][0]

@@ -405,6 +405,7 @@ def launch_campaign(name: str) -> None:
                 field="state",
             )
         campaign_id, owner = campaign.id, campaign.fan_out_owner
+    log.info("campaign.started", campaign_id=campaign_id, campaign=name)
     _publish_fan_out(campaign_id, owner)
 
 
@@ -421,6 +422,7 @@ def resume_campaign(name: str) -> None:
         campaign.state = CampaignState.SENDING.value
         owner = hand_fan_out(campaign, utcnow())
         campaign_id = campaign.id
+    log.info("campaign.resumed", campaign_id=campaign_id, campaign=name)
     _publish_fan_out(campaign_id, owner)  # finishes the fan-out if unfinished, and re-dispatches what waits
 
 
@@ -444,7 +446,10 @@ def cancel_campaign(name: str) -> int:
             .values(state=MessageState.CANCELLED.value, finished_at=utcnow(), reason="campaign cancelled"),
             execution_options={"synchronize_session": False},
         )
-        return result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+        cancelled = result.rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+        campaign_id = campaign.id
+    log.info("campaign.cancelled", campaign_id=campaign_id, campaign=name, messages_cancelled=cancelled)
+    return cancelled
 
 
 def _transition(name: str, sources: set[CampaignState], target: CampaignState, **values) -> None:
@@ -457,6 +462,8 @@ def _transition(name: str, sources: set[CampaignState], target: CampaignState, *
         campaign.state = target.value
         for key, value in values.items():
             setattr(campaign, key, value)
+        campaign_id = campaign.id
+    log.info(f"campaign.{target.value}", campaign_id=campaign_id, campaign=name)
 
 
 def _start(session, campaign: Campaign, now: datetime | None = None) -> bool:
@@ -569,12 +576,12 @@ def run_due(now: datetime | None = None) -> None:
             .where(Campaign.state == CampaignState.SCHEDULED.value, Campaign.send_at <= now)
             .with_for_update(skip_locked=True)
         ).all()
-        started = [(c.id, c.fan_out_owner) for c in due if _start(session, c, now)]
-    for campaign_id, owner in started:
-        log.info("campaign.started", campaign_id=campaign_id)
+        started = [(c.id, c.name, c.fan_out_owner) for c in due if _start(session, c, now)]
+    for campaign_id, name, owner in started:
+        log.info("campaign.started", campaign_id=campaign_id, campaign=name)
         _publish_fan_out(campaign_id, owner)
     for campaign_id, name, owner in take_lost_fan_outs(now):
-        log.warning("campaign.fan_out_restarted", campaign=name)
+        log.warning("campaign.fan_out_restarted", campaign_id=campaign_id, campaign=name)
         _publish_fan_out(campaign_id, owner)
     for campaign_id, owner in _decide_ab_tests(now):
         _publish_fan_out(campaign_id, owner)
@@ -582,12 +589,15 @@ def run_due(now: datetime | None = None) -> None:
     # An A/B campaign whose test has sent everything waits for its winner and the rest of its audience.
     no_test_waiting = Campaign.ab_test.is_(None) | Campaign.ab_winner.isnot(None)
     with session_scope() as session:
-        session.execute(
+        finished = session.execute(
             update(Campaign)
             .where(Campaign.state == CampaignState.SENDING.value, Campaign.fanned_out, no_test_waiting, ~open_messages)
-            .values(state=CampaignState.SENT.value, finished_at=now),
+            .values(state=CampaignState.SENT.value, finished_at=now)
+            .returning(Campaign.id, Campaign.name),
             execution_options={"synchronize_session": False},
-        )
+        ).all()
+    for campaign_id, name in finished:
+        log.info("campaign.sent", campaign_id=campaign_id, campaign=name)
 
 
 # --- A/B tests ---------------------------------------------------------------------------------

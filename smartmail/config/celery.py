@@ -64,6 +64,9 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
+        # structlog lines go to stderr as they are: redirected, Celery would prefix each JSON line
+        # with its own "[time: WARNING/ForkPoolWorker-1]", which no log collector can parse.
+        "worker_redirect_stdouts": False,
         "worker_send_task_events": False,
         "timezone": "UTC",
         "beat_schedule": {

@@ -254,6 +254,15 @@ def _record(session: Session, effects: list[_Effect], now: datetime, applied: Ap
     _suppress(session, suppress, now)
     for effect in effects:
         applied.counts[effect.finding.kind.value] += 1
+        log.info(  # a hard bounce turns a sent message `bounced`; every finding is one line with its ids
+            "message.feedback",
+            message_id=effect.message_id,
+            campaign_id=effect.campaign_id,
+            contact_id=effect.contact_id,
+            kind=effect.finding.kind.value,
+            source=effect.finding.source,
+            status=effect.finding.status,
+        )
     log.info("feedback.applied", **applied.counts)
 
 

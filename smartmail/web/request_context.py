@@ -14,8 +14,9 @@ from smartmail.access import keys
 
 log = structlog.get_logger("smartmail.web")
 
-# A caller's own id is kept when it is short and plain (it ends up in log lines and headers).
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A caller's own id is kept when it is short and plain (it ends up in log lines and headers):
+# UUIDs, hex, W3C traceparent values and base64 fit; spaces, quotes and control characters do not.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 _ADDRESS_LOCAL_PART = re.compile(r"[^/@]+@")
 # scope["state"] key under which dependencies leave headers for the response, whatever it is (an error too).
 RESPONSE_HEADERS = "response_headers"
