@@ -204,6 +204,9 @@ class Settings(BaseSettings):
     automation_batch_size: int = Field(500, ge=1, le=10000)  # enrolments advanced per transaction
     # Analytics (smartmail/analytics/): beat's look at the event stream for the roll-ups.
     analytics_interval: float = Field(30.0, gt=0)
+    # The trends report e-mailed on a schedule (smartmail.analytics.send_report); no recipients: none sent.
+    report_recipients: list[str] = []
+    report_interval: float = Field(86400.0, ge=60)  # seconds between reports (one a day)
     # Marketing emails (campaigns and workflows; transactional mail exempt) per contact; 0: no cap.
     # A workflow step over the cap waits until the contact is under it again.
     frequency_cap_day: int = Field(0, ge=0)
