@@ -19,7 +19,8 @@ LINES = (
 WIDTH, HEIGHT, PAD = 760, 260, 44
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#222;margin:2em auto;max-width:800px;padding:0 1em}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#222}
+body{margin:2em auto;max-width:800px;padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;width:100%;margin:.5em 0}
 th,td{padding:.25em .6em;text-align:right;border-bottom:1px solid #eee}
@@ -65,8 +66,10 @@ def trend_svg(buckets: Sequence[dict[str, Any]], granularity: str) -> str:
             parts.append(f'<text x="{x(index):.1f}" y="{HEIGHT - 14}" text-anchor="middle">{label}</text>')
     for name, colour in LINES:
         points = " ".join(f"{x(i):.1f},{y(point[name]):.1f}" for i, point in enumerate(values))
-        parts.append(f'<polyline class="series" data-metric="{name}" fill="none" stroke="{colour}" '
-                     f'stroke-width="2" points="{points}"/>')
+        parts.append(
+            f'<polyline class="series" data-metric="{name}" fill="none" stroke="{colour}" '
+            f'stroke-width="2" points="{points}"/>'
+        )
         for i, point in enumerate(values):
             title = escape(f"{_when(buckets[i]['start'], granularity)} {name}: {point[name]}")
             parts.append(
@@ -82,8 +85,10 @@ def bars_svg(rows: Sequence[tuple[str, float]], *, unit: str = "") -> str:
     """Horizontal bars, one per (label, value)."""
     top = max([1.0] + [value for _, value in rows])
     height = 22 * len(rows) + 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
-             f'height="{height}" role="img" aria-label="bar chart">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
+        f'height="{height}" role="img" aria-label="bar chart">'
+    ]
     for i, (label, value) in enumerate(rows):
         width = (WIDTH - 300) * value / top
         parts.append(
@@ -103,10 +108,7 @@ def _kpi_table(found: dict[str, dict[str, Any]]) -> str:
         f"{escape(kpi['denominator_is'])}</td></tr>"
         for name, kpi in found.items()
     )
-    return (
-        "<table><tr><th>KPI</th><th>rate</th><th>numerator</th><th>denominator</th><th>of</th></tr>"
-        f"{rows}</table>"
-    )
+    return f"<table><tr><th>KPI</th><th>rate</th><th>numerator</th><th>denominator</th><th>of</th></tr>{rows}</table>"
 
 
 def _series_table(buckets: Sequence[dict[str, Any]], granularity: str) -> str:

@@ -26,7 +26,9 @@ def send_report(now: datetime | None = None) -> list[SendResult]:
     period = int(now.timestamp() // interval)  # naive UTC taken as local by timestamp(): only a label
     daily = interval >= 86400
     report = trends.trends_report(
-        since=now - (timedelta(days=29) if daily else timedelta(hours=47)), until=now, granularity=DAY if daily else HOUR
+        since=now - (timedelta(days=29) if daily else timedelta(hours=47)),
+        until=now,
+        granularity=DAY if daily else HOUR,
     )
     page = report_html.trends_html(report, generated_at=now)
     subject = f"SmartMail report, {report['since']:%Y-%m-%d} to {now:%Y-%m-%d %H:%M} UTC"

@@ -31,6 +31,19 @@ def find_campaign(name: str) -> dict[str, Any]:
     raise NotFound(f"no campaign named {name!r}")
 
 
+EARLIEST, LATEST = datetime(1970, 1, 1), datetime(9000, 1, 1)  # what a report may ask for
+
+
+def _bound(moment: datetime, field: str, granularity: str) -> datetime:
+    try:
+        stored = as_stored(moment)
+    except OverflowError:  # an aware time whose UTC falls past year 9999
+        stored = LATEST
+    if not EARLIEST <= stored < LATEST:
+        raise InvalidInput(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}", field=field)
+    return bucket_start(stored, granularity)
+
+
 def series(
     *,
     since: datetime,
@@ -45,8 +58,7 @@ def series(
         raise InvalidInput(f"granularity must be one of {', '.join(GRANULARITIES)}", field="granularity")
     if dimension not in DIMENSIONS:
         raise InvalidInput(f"dimension must be one of {', '.join(DIMENSIONS)}", field="dimension")
-    first = bucket_start(as_stored(since), granularity)
-    last = bucket_start(as_stored(until) if until is not None else utcnow(), granularity)
+    first, last = _bound(since, "since", granularity), _bound(until or utcnow(), "until", granularity)
     if last < first:
         raise InvalidInput("until is before since", field="until")
     step = STEP[granularity]
@@ -119,9 +131,9 @@ def domains(campaign_id: int, *, limit: int = 50) -> list[dict[str, Any]]:
     by_domain: dict[str, dict[str, int]] = {}
     for name, state, count in rows:
         by_domain.setdefault(name or "", {})[state] = int(count)
-    table = []
+    table: list[dict[str, Any]] = []
     for name, states in by_domain.items():
-        get = lambda state: states.get(state.value, 0)
+        get = lambda state, states=states: states.get(state.value, 0)
         bounced = get(MessageState.BOUNCED)
         sent = get(MessageState.SENT) + bounced  # a bounced message was accepted first
         failed = get(MessageState.FAILED)

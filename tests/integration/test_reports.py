@@ -258,6 +258,8 @@ def test_api_analytics_with_its_scope(history, api):
     assert series[0]["start"] == DAY0.isoformat() + "Z"
 
     assert reader.get("/v1/analytics/campaigns/nope").status_code == 404
+    unknown = reader.get("/v1/analytics/trends", params={"campaign": "nope"})
+    assert unknown.status_code == 422 and "campaign" in unknown.text
     bad = reader.get("/v1/analytics/trends", params={"since": DAY0.isoformat(), "until": "2001-01-01T00:00:00"})
     assert bad.status_code == 422 and "until" in bad.text
     assert api.client("campaigns:read").get("/v1/analytics/trends").status_code == 403

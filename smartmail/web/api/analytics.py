@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from smartmail.access.keys import Principal
 from smartmail.analytics import kpis, trends
+from smartmail.errors import InvalidInput, NotFound
 from smartmail.store.engine import as_stored, utcnow
 from smartmail.web.api.auth import authorize
 from smartmail.web.api.fields import UtcDateTime
@@ -40,8 +41,10 @@ class CampaignKpisOut(BaseModel):
         "bounced_soft, opened_* and clicked_* for people and machines, unsubscribed, complained); one never "
         "counted is absent."
     )
-    kpis: dict[str, KpiOut] = Field(description="delivery, bounce, open, click-through, click-to-open, "
-                                    "unsubscribe and complaint rates, each with its numerator and denominator.")
+    kpis: dict[str, KpiOut] = Field(
+        description="delivery, bounce, open, click-through, click-to-open, "
+        "unsubscribe and complaint rates, each with its numerator and denominator."
+    )
 
 
 class BucketOut(BaseModel):
@@ -74,13 +77,19 @@ def campaign_kpis(
 @router.get("/trends", response_model=TrendsOut)
 def trends_over_time(
     principal: Reader,
-    since: Annotated[datetime | None, Query(description="From the bucket holding this time; default 30 days ago.")] = None,
+    since: Annotated[
+        datetime | None, Query(description="From the bucket holding this time; default 30 days ago.")
+    ] = None,
     until: Annotated[datetime | None, Query(description="To the bucket holding this time; default now.")] = None,
     granularity: Annotated[Literal["hour", "day"], Query(description="One bucket per hour or per day.")] = "day",
     campaign: Annotated[
         str | None, Query(min_length=1, max_length=200, description="Only this campaign's mail (name or id).")
     ] = None,
 ) -> dict[str, Any]:
-    """Counters and KPIs per hour or day (at most 2,000 buckets), and over the whole period."""
+    """Counters and KPIs per hour or day (at most 2,000 buckets), and over the whole period; an unknown
+    campaign is a 422 naming `campaign`."""
     start = as_stored(since) if since is not None else utcnow() - timedelta(days=30)
-    return trends.trends_report(since=start, until=until, granularity=granularity, campaign=campaign)
+    try:
+        return trends.trends_report(since=start, until=until, granularity=granularity, campaign=campaign)
+    except NotFound as exc:  # an unknown campaign in the URL's path is a 404; in a parameter, a bad parameter
+        raise InvalidInput(str(exc), field="campaign") from exc
