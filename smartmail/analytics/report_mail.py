@@ -23,7 +23,7 @@ def send_report(now: datetime | None = None) -> list[SendResult]:
         return []
     now = now or utcnow()
     interval = settings.report_interval
-    period = int(now.timestamp() // interval)  # naive UTC taken as local by timestamp(): only a label
+    period = int((now - datetime(1970, 1, 1)).total_seconds() // interval)  # which interval `now` is in
     daily = interval >= 86400
     report = trends.trends_report(
         since=now - (timedelta(days=29) if daily else timedelta(hours=47)),
