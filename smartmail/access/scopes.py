@@ -22,6 +22,7 @@ SCOPES: dict[str, str] = {
     "inbound:read": "read the mail smartmail inbound received (bounces, complaints), its verdict and bytes",
     "inbound:write": "process failed inbound mail again",
     "webhooks:manage": "add, change, test and remove webhook endpoints; read and replay their deliveries",
+    "analytics:read": "read campaign KPIs and trends (GET /v1/analytics/...)",
     "keys:manage": "create, list and revoke API keys",
 }
 

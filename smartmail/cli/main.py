@@ -32,6 +32,7 @@ from smartmail.cli.dkim import dkim_app  # noqa: E402
 from smartmail.cli.events import events_app  # noqa: E402
 from smartmail.cli.inbound import inbound, inbound_mail_app  # noqa: E402
 from smartmail.cli.keys import keys_app  # noqa: E402
+from smartmail.cli.report import report_app  # noqa: E402
 from smartmail.cli.suppressions import suppressions_app  # noqa: E402
 from smartmail.cli.webhooks import webhooks_app  # noqa: E402
 from smartmail.cli.workflows import workflows_app  # noqa: E402
@@ -48,6 +49,7 @@ app.command()(inbound)
 app.add_typer(inbound_mail_app, name="inbound-mail")
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(workflows_app, name="workflows")
+app.add_typer(report_app, name="report")
 
 
 @db_app.command("upgrade")

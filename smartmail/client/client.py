@@ -63,6 +63,7 @@ class Client:
         self.keys = resources.Keys(http)
         self.webhooks = resources.Webhooks(http)
         self.workflows = resources.Workflows(http)
+        self.analytics = resources.Analytics(http)
 
     def close(self) -> None:
         self._http.close()

@@ -471,3 +471,24 @@ class Workflows(Resource):
         body = {"email": email, "assume": list(assume), "start": start}
         path = f"/v1/workflows/{_segment(name)}/simulate"
         return self._call("POST", path, json_body={k: v for k, v in body.items() if v is not None})["data"]
+
+
+class Analytics(Resource):
+    """/v1/analytics (scope analytics:read): KPIs and trends from the roll-ups."""
+
+    def campaign(self, name: str) -> dict[str, Any]:
+        """A campaign's KPIs → `{campaign, counts, kpis: {name: {value, numerator, denominator, …}}}`."""
+        return self._call("GET", f"/v1/analytics/campaigns/{_segment(name)}")
+
+    def trends(
+        self,
+        *,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        granularity: str | None = None,
+        campaign: str | None = None,
+    ) -> dict[str, Any]:
+        """Counters and KPIs per hour or day → `{campaign, granularity, since, until, counts, kpis, series}`."""
+        iso = lambda moment: moment.isoformat() if isinstance(moment, datetime) else moment  # naive: UTC
+        params = {"since": iso(since), "until": iso(until), "granularity": granularity, "campaign": campaign}
+        return self._call("GET", "/v1/analytics/trends", params=params)

@@ -110,6 +110,12 @@ def celery_config(settings: Settings) -> dict:
                 "schedule": settings.analytics_interval,
                 "options": {"expires": settings.analytics_interval},
             },
+            # The trends report by e-mail; the task sends nothing while no recipients are set.
+            "analytics-report": {
+                "task": "smartmail.analytics.send_report",
+                "schedule": settings.report_interval,
+                "options": {"expires": settings.report_interval},
+            },
             # Events past SMARTMAIL_EVENT_RETENTION_DAYS: an hour's worth of old rows is a small run.
             "delete-old-events": {"task": "smartmail.maintenance.delete_old_events", "schedule": 3600.0},
             "delete-old-inbound": {"task": "smartmail.maintenance.delete_old_inbound", "schedule": 3600.0},

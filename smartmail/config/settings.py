@@ -221,6 +221,9 @@ class Settings(MetricsSettings):
     # None: no conversions counted.
     analytics_conversion_event: str | None = Field(None, min_length=1, max_length=64)
     analytics_conversion_days: int = Field(7, ge=1, le=366)
+    # The trends report e-mailed on a schedule (smartmail.analytics.send_report); no recipients: none sent.
+    report_recipients: list[str] = []
+    report_interval: float = Field(86400.0, ge=60)  # seconds between reports (one a day)
     # Marketing emails (campaigns and workflows; transactional mail exempt) per contact; 0: no cap.
     # A workflow step over the cap waits until the contact is under it again.
     frequency_cap_day: int = Field(0, ge=0)

@@ -321,6 +321,13 @@ MAPPING: list[tuple[Callable[[Client], Any], str, str, Any]] = [
         "/v1/workflows/welcome/simulate",
         {"email": "ann@example.org", "assume": ["opened"]},
     ),
+    (lambda c: c.analytics.campaign("spring sale"), "GET", "/v1/analytics/campaigns/spring%20sale", None),
+    (
+        lambda c: c.analytics.trends(since=datetime(2026, 11, 1), granularity="hour", campaign="spring"),
+        "GET",
+        "/v1/analytics/trends?since=2026-11-01T00%3A00%3A00&granularity=hour&campaign=spring",
+        None,
+    ),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from smartmail.web.api import (
+    analytics,
     campaigns,
     contacts,
     events,
@@ -35,5 +36,6 @@ for module in (
     keys,
     webhooks,
     workflows,
+    analytics,
 ):
     router.include_router(module.router)
