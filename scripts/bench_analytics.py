@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: analytics roll-ups on a large history, one tick over a minute of new events, a campaign's KPIs from roll-ups and from raw rows.
+"""Benchmark: analytics roll-ups over a generated history: one tick over a minute of new events, and KPIs vs raw rows.
 
     .venv/bin/python scripts/bench_analytics.py                       # 10,000,000 messages, 20,000,000 events
     .venv/bin/python scripts/bench_analytics.py --messages 200000 --events 400000 --campaigns 20   # quick
@@ -77,7 +77,12 @@ OPENS_MAX, CLICKS_MAX = 3, 2  # a human opener opens 1-3 times and a clicker cli
 # The new minute's mix, per 100 events.
 TICK_MIX = (("sent", 60), ("open", 20), ("machine_open", 12), ("click", 5), ("machine_click", 2), ("bounce", 1))
 
-_UA = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15"
+_UA = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.1 Safari/605.1.15"
+)
+# Rows lo … hi-1, as bigint: an integer series would overflow in the arithmetic on it.
+_RANGE = "generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint) - 1)"
 # A long tail of recipient domains: the big mailbox providers, then 500 company domains.
 _DOMAIN = """(CASE WHEN {i} % 100 < 35 THEN 'gmail.com' WHEN {i} % 100 < 50 THEN 'yahoo.com'
   WHEN {i} % 100 < 60 THEN 'outlook.com' WHEN {i} % 100 < 66 THEN 'hotmail.com'
@@ -118,7 +123,8 @@ class Run:
 
     def setup(self) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="bench-analytics-"))
-        self.database = bench_send.Database("postgresql", self.args.postgres_admin_url, workdir, self.args.database_name)
+        args = self.args
+        self.database = bench_send.Database("postgresql", args.postgres_admin_url, workdir, args.database_name)
         os.environ["SMARTMAIL_DATABASE_URL"] = self.database.url
         os.environ["SMARTMAIL_REDIS_URL"] = self.args.redis_url  # required by the settings; nothing is written
         os.environ.setdefault("SMARTMAIL_DEFAULT_SENDER", bench_send.SENDER)
@@ -229,7 +235,7 @@ class Run:
         self.sql(
             f"INSERT INTO contacts (id, email, status, attributes, created_at, updated_at) "
             f"SELECT g + 1, {email_sql('g')}, 'subscribed', jsonb_build_object('first_name', 'User' || g), "
-            f":at, :at FROM generate_series(0, :count - 1) AS g",
+            f":at, :at FROM generate_series(0, CAST(:count AS bigint) - 1) AS g",
             {"count": self.args.contacts, "at": self.now - timedelta(days=DAYS + 30)},
         )
         self.sql("SELECT setval(pg_get_serial_sequence('contacts', 'id'), :n)", {"n": self.args.contacts})
@@ -261,8 +267,8 @@ class Run:
         per = args.per_campaign
         return (
             f"m, m / {per} AS c, (m % {per} + (m / {per}) * 7919) % {args.contacts} AS who, "
-            f"CAST(:t0 AS timestamp) + make_interval(secs => (m / {per}) * {span} + (m % {per}) * {SEND_SECONDS / per}) "
-            "AS sent_at"
+            f"CAST(:t0 AS timestamp) + make_interval(secs => (m / {per}) * {span} "
+            f"+ (m % {per}) * {SEND_SECONDS / per}) AS sent_at"
         )
 
     def insert_messages(self, lo: int, hi: int) -> None:
@@ -275,7 +281,7 @@ class Run:
             f"END, 'news@example.com', {email_sql('who')}, '', '', '{{}}', '[]', '<b' || m || '@example.com>', "
             "'welcome', 1, 1, sent_at - interval '1 minute', sent_at - interval '1 minute', sent_at, sent_at, "
             f"CASE WHEN {uniform('m', 1)} < {FAILED} THEN 550 ELSE 250 END, NULL, c + 1, who + 1 "
-            f"FROM (SELECT {self.message_columns()} FROM generate_series(:lo, :hi - 1) AS m) AS b ORDER BY m",
+            f"FROM (SELECT {self.message_columns()} FROM {_RANGE} AS m) AS b ORDER BY m",
             {"lo": lo, "hi": hi, "t0": self.now - timedelta(days=DAYS)},
         )
 
@@ -327,7 +333,7 @@ class Run:
         ]
         union = " UNION ALL ".join(f"({kind})" for kind in kinds)
         self.sql(
-            f"WITH b AS MATERIALIZED (SELECT {self.message_columns()} FROM generate_series(:lo, :hi - 1) AS m) "
+            f"WITH b AS MATERIALIZED (SELECT {self.message_columns()} FROM {_RANGE} AS m) "
             "INSERT INTO events (type, contact_id, message_id, campaign_id, properties, occurred_at, machine) "
             "SELECT e.type, e.who + 1, 'b' || lpad(e.m::text, 25, '0'), e.c + 1, e.properties, e.at, e.machine "
             f"FROM ({union}) AS e(m, c, who, type, at, machine, properties) ORDER BY e.at, e.m",
@@ -396,11 +402,13 @@ WITH counted AS (
 INSERT INTO rollups (dimension, value, granularity, bucket_start, metric, count)
 SELECT d.dimension, d.value, g.granularity, date_trunc(g.granularity, x.occurred_at), metric, count(*)
 FROM counted x CROSS JOIN LATERAL unnest(x.metrics) AS metric
-  CROSS JOIN LATERAL (VALUES ('all', ''), ('campaign', x.campaign_id::text), ('domain', x.domain)) AS d(dimension, value)
+  CROSS JOIN LATERAL (VALUES ('all', ''), ('campaign', x.campaign_id::text), ('domain', x.domain))
+    AS d(dimension, value)
   CROSS JOIN (VALUES ('hour'), ('day')) AS g(granularity)
 WHERE d.value IS NOT NULL
 GROUP BY 1, 2, 3, 4, 5
-ON CONFLICT (dimension, value, granularity, bucket_start, metric) DO UPDATE SET count = rollups.count + excluded.count"""
+ON CONFLICT (dimension, value, granularity, bucket_start, metric)
+  DO UPDATE SET count = rollups.count + excluded.count"""
         with get_engine().begin() as connection:
             checkpoints.lock(connection, rollups.CHECKPOINT, initial=str(event_stream.START))
             connection.execute(text(statement))
@@ -430,9 +438,11 @@ ON CONFLICT (dimension, value, granularity, bucket_start, metric) DO UPDATE SET 
             "INSERT INTO messages (id, state, sender, recipient, subject, text, headers, tags, message_id_header, "
             "template_name, template_version, attempts, created_at, enqueued_at, claimed_at, finished_at, smtp_code, "
             "campaign_id, contact_id) "
-            f"SELECT :prefix || lpad(n::text, 23, '0'), 'sent', 'news@example.com', {email_sql('who')}, '', '', '{{}}', "
-            "'[]', '<' || :prefix || n || '@example.com>', 'welcome', 1, 1, :at, :at, :at, :at, 250, :campaign, who + 1 "
-            f"FROM (SELECT n, (n + :shift) % {args.contacts} AS who FROM generate_series(0, :sends - 1) AS n) AS s",
+            f"SELECT :prefix || lpad(n::text, 23, '0'), 'sent', 'news@example.com', {email_sql('who')}, '', '', "
+            "'{}', '[]', '<' || :prefix || n || '@example.com>', 'welcome', 1, 1, :at, :at, :at, :at, 250, "
+            ":campaign, who + 1 "
+            f"FROM (SELECT n, (n + :shift) % {args.contacts} AS who "
+            "FROM generate_series(0, CAST(:sends AS bigint) - 1) AS n) AS s",
             {"prefix": prefix, "at": started, "campaign": campaign + 1, "sends": sends, "shift": round_ * 104729},
         )
         # Engagement on the last 3 history campaigns' messages.
@@ -461,7 +471,7 @@ ON CONFLICT (dimension, value, granularity, bucket_start, metric) DO UPDATE SET 
             f"CAST(:started AS timestamp) + make_interval(secs => g * 60.0 / {args.tick_events}), "
             "k IN ('machine_open', 'machine_click') "
             f"FROM (SELECT g, CASE {kind_sql} END AS k, (g / 100) * {sent_share} + g % 100 AS n, {old} AS old "
-            "FROM generate_series(:lo, :hi - 1) AS g) AS s ORDER BY g"
+            f"FROM {_RANGE} AS g) AS s ORDER BY g"
         )
         began = time.perf_counter()
         for lo in range(0, args.tick_events, args.tick_batch):
