@@ -1,4 +1,4 @@
-"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe pages, provider hooks, health, metrics, dashboard."""
+"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe pages, hooks, health, metrics, dashboard."""
 
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def browser():
 
 
 def png_pixels(data: bytes) -> tuple[int, int, list[tuple[int, ...]]]:
-    """Width, height and the pixels of an 8-bit RGB or RGBA PNG (what Chromium's screenshots are), standard library only."""
+    """Width, height and pixels of an 8-bit RGB or RGBA PNG (as Chromium screenshots are), by the standard library."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     position, chunks, header = 8, [], b""
     while position < len(data):
@@ -247,6 +247,14 @@ def png_pixels(data: bytes) -> tuple[int, int, list[tuple[int, ...]]]:
 
 def test_the_campaign_page_in_chromium_draws_its_chart(api, campaign, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def click(selector: str) -> None:
+        """Click and wait for the next page (the old one's elements gone), so no check reads the old page."""
+        html = browser.find_element(By.TAG_NAME, "html")
+        browser.find_element(By.CSS_SELECTOR, selector).click()
+        WebDriverWait(browser, 15).until(staleness_of(html))
 
     browser.delete_all_cookies()
     browser.get(f"{api.url}/dashboard/")
@@ -254,7 +262,7 @@ def test_the_campaign_page_in_chromium_draws_its_chart(api, campaign, browser, t
 
     def sign_in(token: str) -> None:
         browser.find_element(By.ID, "key").send_keys(token)
-        browser.find_element(By.CSS_SELECTOR, "form[action='/dashboard/login'] button").click()
+        click("form[action='/dashboard/login'] button")
 
     sign_in("sm_0123456789abcdef_" + "x" * 43)
     assert "not valid" in browser.find_element(By.ID, "login-error").text
@@ -262,9 +270,17 @@ def test_the_campaign_page_in_chromium_draws_its_chart(api, campaign, browser, t
     assert "analytics:read" in browser.find_element(By.ID, "login-error").text
     sign_in(api.key("analytics:read"))
     assert browser.current_url.endswith("/dashboard/")
+    html = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.LINK_TEXT, NAME).click()
+    WebDriverWait(browser, 15).until(staleness_of(html))
     assert browser.title.startswith(f"Campaign {NAME}")
 
+    # The policy lets the stylesheet and the legend's swatches (style attributes allowed by hash) apply.
+    assert (
+        browser.find_element(By.TAG_NAME, "header").value_of_css_property("background-color") == "rgba(35, 57, 93, 1)"
+    )
+    swatch = browser.find_element(By.CSS_SELECTOR, "#trend .legend i")
+    assert swatch.value_of_css_property("background-color") == "rgba(67, 99, 216, 1)"
     chart = browser.find_element(By.CSS_SELECTOR, "#trend svg")
     points = chart.find_elements(By.CSS_SELECTOR, "circle.point")
     sent = [int(p.get_attribute("data-value")) for p in points if p.get_attribute("data-metric") == "sent"]
@@ -282,5 +298,5 @@ def test_the_campaign_page_in_chromium_draws_its_chart(api, campaign, browser, t
     near = lambda pixel, colour: all(abs(a - b) <= 12 for a, b in zip(pixel, colour))
     assert sum(1 for pixel in pixels if near(pixel, BLUE)) > 50  # the `sent` line is drawn
 
-    browser.find_element(By.CSS_SELECTOR, "form[action='/dashboard/logout'] button").click()
+    click("form[action='/dashboard/logout'] button")
     assert browser.current_url.endswith("/dashboard/login")

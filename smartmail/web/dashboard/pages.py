@@ -129,7 +129,7 @@ def site_totals(hours: int = 24) -> tuple[Any, list[dict[str, Any]]]:
     with get_engine().connect() as connection:
         for site, metric, total in connection.execute(query):
             by_site.setdefault(site, {})[metric] = int(total)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for site, counts in by_site.items():
         sent, deferred, failed = (counts.get(m, 0) for m in ("sent", "deferred", "failed"))
         attempts = sent + deferred + failed

@@ -82,9 +82,7 @@ def _secure() -> bool:
 
 
 def set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
-    response.set_cookie(
-        name, value, max_age=max_age, path=COOKIE_PATH, httponly=True, samesite="lax", secure=_secure()
-    )
+    response.set_cookie(name, value, max_age=max_age, path=COOKIE_PATH, httponly=True, samesite="lax", secure=_secure())
 
 
 def clear_cookie(response: Response, name: str) -> None:
