@@ -224,6 +224,25 @@ def authenticate(token: str | None) -> Principal:
     return cached.principal
 
 
+def check_key(key_id: str) -> Principal:
+    """The key of a session holding only its id (the dashboard's), re-checked: Unauthenticated when
+    it is unknown, revoked or expired. Its row is cached as for `authenticate`."""
+    if not _KEY_ID.fullmatch(key_id):
+        raise Unauthenticated("malformed")
+    cached = _cache.get(key_id)
+    if cached is None or time.monotonic() - cached.read_at >= get_settings().api_key_cache_seconds:
+        cached = _load(key_id)
+        if cached is None:
+            _cache.pop(key_id, None)
+            raise Unauthenticated("unknown")
+        _cache[key_id] = cached
+    if cached.revoked:
+        raise Unauthenticated("revoked")
+    if cached.expires_at is not None and cached.expires_at <= utcnow():
+        raise Unauthenticated("expired")
+    return cached.principal
+
+
 def needs_database(token: str | None) -> bool:
     """Whether authenticate(token) would read or write the database now (its key's row not cached or
     stale, `last_used_at` due): an event loop then calls it in a worker thread."""

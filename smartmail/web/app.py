@@ -1,4 +1,4 @@
-"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe pages, provider hooks, health, metrics."""
+"""The FastAPI app: the HTTP API (/v1, /docs), tracking links, unsubscribe pages, hooks, health, metrics, dashboard."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from smartmail.store.models import Contact, ContactStatus
 from smartmail.web import docs, hooks, metrics, openapi, problems, tracking
 from smartmail.web.api import routes as api_routes
 from smartmail.web.api.idempotency import ApiWrites
+from smartmail.web.dashboard import routes as dashboard
 from smartmail.web.problems import COMMON_HEADERS
 from smartmail.web.request_context import RequestContext
 
@@ -63,7 +64,7 @@ HTML_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-_HTML_PATHS = re.compile(r"/unsubscribe(/|$)")
+_HTML_PATHS = re.compile(r"/(unsubscribe|dashboard)(/|$)")
 # A multipart/form-data part named List-Unsubscribe whose value is One-Click (RFC 7578).
 _ONE_CLICK_PART = re.compile(rb'name="List-Unsubscribe"\r?\n(?:[^\r\n]+\r?\n)*\r?\nOne-Click\r?\n')
 
@@ -232,6 +233,7 @@ def create_app() -> FastAPI:
     app.include_router(api_routes.router)
     app.include_router(hooks.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)  # HTML pages, not in the OpenAPI schema
     docs.install(app)
 
     @app.get("/healthz")
