@@ -17,7 +17,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement, Null
 
-from smartmail.audience import event_stream
 from smartmail.audience.event_stream import START, Position
 from smartmail.config.settings import get_settings
 from smartmail.store import checkpoints, dialect
@@ -372,19 +371,25 @@ def _upto(position: Position) -> ColumnElement[bool]:
     return tuple_(Event.xact, Event.id) <= tuple_(position.xact, position.id)
 
 
-def _range_end(connection: Connection, position: Position, limit: int) -> tuple[Position, bool]:
-    """Where a range of at most `limit` events after `position` ends, and whether the stream holds
-    more: the limit-th readable event (one range of the stream's index), else the stream's end."""
-    rows = connection.execute(
+def _range_end(connection: Connection, position: Position, limit: int) -> tuple[Position, int]:
+    """Where a range of at most `limit` readable events after `position` ends, and how many it holds
+    (`limit`: the stream may hold more): one range of the stream's index, as `event_stream.read` finds
+    a page's edge. Every event up to that end is final, so later statements see the same range."""
+    scanned = (
         select(Event.xact, Event.id)
         .where(_after(position), Event.xact < stream_horizon())
         .order_by(Event.xact, Event.id)
-        .offset(limit - 1)
-        .limit(2)
-    ).all()
-    if rows:
-        return Position(rows[0].xact, rows[0].id), len(rows) > 1
-    return max(position, event_stream.end(connection)), False
+        .limit(limit)
+        .subquery()
+    )
+    edge = connection.execute(
+        select(scanned.c.xact, scanned.c.id, func.count().over().label("seen"))
+        .order_by(scanned.c.xact.desc(), scanned.c.id.desc())
+        .limit(1)
+    ).first()
+    if edge is None:
+        return position, 0
+    return Position(edge.xact, edge.id), edge.seen
 
 
 def _counting_statement(connection: Connection, position: Position, end: Position, since: datetime | None) -> Any:
@@ -431,73 +436,97 @@ def _counting_statement(connection: Connection, position: Position, end: Positio
         filters.append(kind != goal)
     if since is not None:
         filters.append(Event.occurred_at >= since)
-    address = case((Message.id.isnot(None), Message.recipient), else_=Contact.email)
+    # The contact's address only for an event without its message (CASE looks it up only then).
+    email = select(Contact.email).where(Contact.id == Event.contact_id).scalar_subquery()
+    address = case((Message.id.isnot(None), Message.recipient), else_=email)
+    click = kind == EventType.CLICKED.value
+    # Per event: its keys (a message's attributes, raw) and a 0/1 per metric.
     base = (
         select(
             Event.id.label("id"),
-            Event.campaign_id.label("campaign_id"),
             Message.id.label("message_id"),
+            Event.campaign_id.label("campaign_id"),
             Message.campaign_id.label("message_campaign_id"),
             Message.template_name.label("template_name"),
             Message.variant.label("variant"),
-            Message.tags.label("tags"),
+            cast(Message.tags, String).label("tags"),
             sql.domain_part(address).label("domain"),
-            (kind == EventType.CLICKED.value).label("click"),
-            sql.json_text(props, "url").label("url"),
-            sql.json_text(props, "link").label("link"),
+            click.label("click"),
+            case((click, sql.json_text(props, "url"))).label("url"),
+            case((click, sql.json_text(props, "link"))).label("link"),
             sql.hour(Event.occurred_at).label("hour"),
             *(case((flags[metric], 1), else_=0).label(metric) for metric in _SQL_METRICS),
         )
         .select_from(Event)
         .outerjoin(Message, Message.id == Event.message_id)
-        .outerjoin(Contact, Contact.id == Event.contact_id)
         .where(*filters)
         .cte("counted")
     )
-    sums = [func.sum(base.c[metric]).label(metric) for metric in _SQL_METRICS]
+    # The events summed per combination of keys and hour (few rows), each dimension counted from it.
+    keys = [base.c[name] for name in base.c.keys() if name not in ("id", "message_id", *_SQL_METRICS)]
+    agg = (
+        select(
+            *keys,
+            *(func.sum(base.c[metric]).label(metric) for metric in _SQL_METRICS),
+            func.row_number().over().label("row"),
+        )
+        .group_by(*keys)
+        .cte("summed")
+    )
 
     def text(value: Any) -> ColumnElement:
         return cast(value, String)
 
-    def by(dimension: str, keys: list[Any], *where: Any, source: Any = None) -> Any:
+    def by(dimension: str, keys: list[Any], *where: Any, source: Any = None, table: Any = agg) -> Any:
+        """The sums of `table` (or of `source`, a join on it) per `keys` and hour."""
         keys = [*keys, *[null()] * (3 - len(keys))]
         grouped = [key for key in keys if not isinstance(key, Null)]
         return (
             select(
                 literal(dimension, String).label("dimension"),
                 *(text(key).label(name) for key, name in zip(keys, _KEYS, strict=True)),
-                base.c.hour,
-                *sums,
+                table.c.hour,
+                *(func.sum(table.c[metric]).label(metric) for metric in _SQL_METRICS),
             )
-            .select_from(source if source is not None else base)
+            .select_from(source if source is not None else table)
             .where(*where)
-            .group_by(*grouped, base.c.hour)
+            .group_by(*grouped, table.c.hour)
         )
 
-    elements = sql.array_elements(base.c.tags)
-    tags = select(base.c.id, elements.c.value.label("tag")).select_from(base).join(elements, true()).distinct()
-    tags = tags.where(base.c.message_id.isnot(None)).subquery("tags")
-    runs = (
-        select(StepRun.message_id, StepRun.workflow_id, StepRun.step)
-        .where(StepRun.message_id.in_(select(base.c.message_id).where(base.c.message_id.isnot(None))))
+    # A message's tags each once (rows of one `tags` text hold the same array).
+    elements = sql.array_elements(agg.c.tags)
+    tags = (
+        select(agg.c.row, elements.c.value.label("tag"))
+        .select_from(agg)
+        .join(elements, true())
+        .where(agg.c.tags.isnot(None))
         .distinct()
-        .subquery("runs")
+        .subquery("tags")
+    )
+    # An event's workflow steps each once (a message may have run a step twice): a join on
+    # ix_workflow_step_runs_message_id, carrying the event's hour and metrics along.
+    steps = (
+        select(base.c.id, StepRun.workflow_id, StepRun.step, base.c.hour, *(base.c[m] for m in _SQL_METRICS))
+        .select_from(base)
+        .join(StepRun, StepRun.message_id == base.c.message_id)
+        .distinct()
+        .subquery("steps")
     )
     return union_all(
         by(ALL, []),
-        by(CAMPAIGN, [base.c.campaign_id], base.c.campaign_id.isnot(None)),
-        by(DOMAIN, [base.c.domain], base.c.domain.isnot(None)),
-        by(TEMPLATE, [base.c.template_name], base.c.template_name.isnot(None), base.c.template_name != ""),
+        by(CAMPAIGN, [agg.c.campaign_id], agg.c.campaign_id.isnot(None)),
+        by(DOMAIN, [agg.c.domain], agg.c.domain.isnot(None)),
+        by(TEMPLATE, [agg.c.template_name], agg.c.template_name.isnot(None), agg.c.template_name != ""),
         by(
             VARIANT,
-            [base.c.message_campaign_id, base.c.variant],
-            base.c.message_campaign_id.isnot(None),
-            base.c.variant.isnot(None),
-            base.c.variant != "",
+            [agg.c.message_campaign_id, agg.c.variant],
+            agg.c.message_campaign_id.isnot(None),
+            agg.c.variant.isnot(None),
+            agg.c.variant != "",
         ),
-        by(TAG, [tags.c.tag], source=base.join(tags, tags.c.id == base.c.id)),
-        by(STEP, [runs.c.workflow_id, runs.c.step], source=base.join(runs, runs.c.message_id == base.c.message_id)),
-        by(LINK, [base.c.campaign_id, base.c.url, base.c.link], base.c.click, base.c.campaign_id.isnot(None)),
+        by(TAG, [tags.c.tag], source=agg.join(tags, tags.c.row == agg.c.row)),
+        by(STEP, [steps.c.workflow_id, steps.c.step], table=steps),
+        by(LINK, [agg.c.campaign_id, agg.c.url, agg.c.link], agg.c.click, agg.c.campaign_id.isnot(None)),
     )
 
 
@@ -623,11 +652,11 @@ def roll_up(*, max_seconds: float = 10.0, page_size: int = MAX_RANGE) -> RolledU
     while True:
         with get_engine().begin() as connection:
             position = Position.parse(checkpoints.lock(connection, CHECKPOINT, initial=str(START)))
-            end, more = _range_end(connection, position, page_size)
+            end, read_now = _range_end(connection, position, page_size)
             _count_range(connection, position, end)
             checkpoints.move(connection, CHECKPOINT, str(end))
-            read += _events_in(connection, position, end)
-        if not more:
+        read += read_now
+        if read_now < page_size:
             return RolledUp(read, False)
         if time.monotonic() - started >= max_seconds:
             return RolledUp(read, True)
@@ -657,9 +686,13 @@ def rebuild(since: datetime | None = None, *, page_size: int = MAX_RANGE) -> int
         connection.execute(delete(Conversion).where(Conversion.converted_at >= start))
         position = START
         while position < last:
-            end, _ = _range_end(connection, position, page_size)
-            end = min(end, last)
+            end, seen = _range_end(connection, position, page_size)
+            if end > last:  # events after the checkpoint: the next tick's
+                end = last
+                seen = _events_in(connection, position, end)
             _count_range(connection, position, end, start)
-            read += _events_in(connection, position, end)
+            read += seen
+            if seen == 0:
+                break
             position = end
     return read
