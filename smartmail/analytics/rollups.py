@@ -468,7 +468,7 @@ def _counting_statement(connection: Connection, position: Position, end: Positio
         select(
             *keys,
             *(func.sum(base.c[metric]).label(metric) for metric in _SQL_METRICS),
-            func.row_number().over().label("row"),
+            func.row_number().over().label("combination"),
         )
         .group_by(*keys)
         .cte("summed")
@@ -496,7 +496,7 @@ def _counting_statement(connection: Connection, position: Position, end: Positio
     # A message's tags each once (rows of one `tags` text hold the same array).
     elements = sql.array_elements(agg.c.tags)
     tags = (
-        select(agg.c.row, elements.c.value.label("tag"))
+        select(agg.c.combination, elements.c.value.label("tag"))
         .select_from(agg)
         .join(elements, true())
         .where(agg.c.tags.isnot(None))
@@ -524,7 +524,7 @@ def _counting_statement(connection: Connection, position: Position, end: Positio
             agg.c.variant.isnot(None),
             agg.c.variant != "",
         ),
-        by(TAG, [tags.c.tag], source=agg.join(tags, tags.c.row == agg.c.row)),
+        by(TAG, [tags.c.tag], source=agg.join(tags, tags.c.combination == agg.c.combination)),
         by(STEP, [steps.c.workflow_id, steps.c.step], table=steps),
         by(LINK, [agg.c.campaign_id, agg.c.url, agg.c.link], agg.c.click, agg.c.campaign_id.isnot(None)),
     )
