@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -11,20 +12,24 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import String, and_, case, cast, delete, func, literal, null, select, true, tuple_, union_all
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import aliased
+from sqlalchemy.sql.elements import ColumnElement, Null
 
-from smartmail.audience import event_stream
 from smartmail.audience.event_stream import START, Position
 from smartmail.config.settings import get_settings
 from smartmail.store import checkpoints, dialect
 from smartmail.store.engine import get_engine
-from smartmail.store.models import Conversion, Event, EventType, Message, Rollup, StepRun
+from smartmail.store.models import Contact, Conversion, Event, EventType, Message, Rollup, StepRun
+from smartmail.store.sql import json_attributes
+from smartmail.store.sql import rollups as rollup_sql
+from smartmail.store.sql.event_stream import stream_horizon
 from smartmail.workers.policy import Policy, get_policy
 
 CHECKPOINT = "analytics"  # the stream_checkpoints row: the stream position rolled up to
 ROLL_UP_TASK = "smartmail.analytics.roll_up"
-PAGE = event_stream.MAX_LIMIT  # events read, and their counters added, per transaction
+MAX_RANGE = 200_000  # events counted, and their counters added, per transaction (one tick at most)
 
 HOUR, DAY = "hour", "day"
 GRANULARITIES = (HOUR, DAY)
@@ -351,24 +356,287 @@ def _add(connection: Connection, counts: Counter[Key]) -> None:
     )
 
 
-def _roll_up_page(
-    connection: Connection, position: Position, limit: int, since: datetime | None = None
-) -> event_stream.Page:
-    page = event_stream.read(position, limit=limit, connection=connection)
-    _count_page(connection, page.events, position, since)
-    return page
+# The rolled-up metrics an event adds to in SQL, in the order of the counting statement's sums;
+# `converted` and `revenue_cents` come from goal events, counted in Python.
+_SQL_METRICS = tuple(metric for metric in METRICS if metric not in ("converted", "revenue_cents"))
+_COUNTED_TYPES = (*_PLAIN, EventType.BOUNCED.value, EventType.OPENED.value, EventType.CLICKED.value)
+_KEYS = ("k1", "k2", "k3")
 
 
-def _count_page(
-    connection: Connection, events: list[dict[str, Any]], position: Position, since: datetime | None
-) -> None:
-    policy = get_policy()
+def _after(position: Position) -> ColumnElement[bool]:
+    return tuple_(Event.xact, Event.id) > tuple_(position.xact, position.id)
+
+
+def _upto(position: Position) -> ColumnElement[bool]:
+    return tuple_(Event.xact, Event.id) <= tuple_(position.xact, position.id)
+
+
+def _range_end(connection: Connection, position: Position, limit: int) -> tuple[Position, int]:
+    """Where a range of at most `limit` readable events after `position` ends, and how many it holds
+    (`limit`: the stream may hold more): one range of the stream's index, as `event_stream.read` finds
+    a page's edge. Every event up to that end is final, so later statements see the same range."""
+    scanned = (
+        select(Event.xact, Event.id)
+        .where(_after(position), Event.xact < stream_horizon())
+        .order_by(Event.xact, Event.id)
+        .limit(limit)
+        .subquery()
+    )
+    edge = connection.execute(
+        select(scanned.c.xact, scanned.c.id, func.count().over().label("seen"))
+        .order_by(scanned.c.xact.desc(), scanned.c.id.desc())
+        .limit(1)
+    ).first()
+    if edge is None:
+        return position, 0
+    return Position(edge.xact, edge.id), edge.seen
+
+
+def _counting_statement(connection: Connection, position: Position, end: Position, since: datetime | None) -> Any:
+    """One statement counting the range's events (position, end] per dimension key and hour: a row per
+    (dimension, k1, k2, k3, hour) with a sum per metric of _SQL_METRICS. Keys are raw (an address's
+    domain part, a link's url and number as JSON text): `_counters` turns them into values."""
+    sql = rollup_sql.for_bind(connection)
+    json = json_attributes.for_bind(connection)
+    props = Event.properties
+    human = Event.machine.is_(False)
+    kind = Event.type
+    earlier = aliased(Event)
+    first_click = and_(
+        kind == EventType.CLICKED.value,
+        human,
+        Event.message_id.isnot(None),
+        Event.message_id != "",
+        ~select(literal(1))
+        .where(
+            earlier.message_id == Event.message_id,
+            earlier.type == EventType.CLICKED.value,
+            earlier.machine.is_(False),
+            tuple_(earlier.xact, earlier.id) < tuple_(Event.xact, Event.id),
+        )
+        .exists(),
+    )
+    hard = json.attribute(props, "kind").equals("hard")
+    unique = json.attribute(props, "unique").equals(True)
+    flags = {
+        **{metric: kind == name for name, metric in _PLAIN.items()},
+        "bounced_hard": and_(kind == EventType.BOUNCED.value, hard),
+        "bounced_soft": and_(kind == EventType.BOUNCED.value, ~hard),
+        "opened_human": and_(kind == EventType.OPENED.value, human),
+        "opened_machine": and_(kind == EventType.OPENED.value, ~human),
+        "opened_unique_human": and_(kind == EventType.OPENED.value, human, unique),
+        "clicked_human": and_(kind == EventType.CLICKED.value, human),
+        "clicked_machine": and_(kind == EventType.CLICKED.value, ~human),
+        "clicked_unique_human": and_(kind == EventType.CLICKED.value, human, unique),
+        "clicked_messages_human": first_click,
+    }
+    filters = [_after(position), _upto(end), kind.in_(_COUNTED_TYPES)]
+    goal = get_settings().analytics_conversion_event
+    if goal is not None:  # goal events count in Python, by attribution (see `_count_goals`)
+        filters.append(kind != goal)
+    if since is not None:
+        filters.append(Event.occurred_at >= since)
+    # The contact's address only for an event without its message (CASE looks it up only then).
+    email = select(Contact.email).where(Contact.id == Event.contact_id).scalar_subquery()
+    address = case((Message.id.isnot(None), Message.recipient), else_=email)
+    click = kind == EventType.CLICKED.value
+    # Per event: its keys (a message's attributes, raw) and a 0/1 per metric.
+    base = (
+        select(
+            Event.id.label("id"),
+            Message.id.label("message_id"),
+            Event.campaign_id.label("campaign_id"),
+            Message.campaign_id.label("message_campaign_id"),
+            Message.template_name.label("template_name"),
+            Message.variant.label("variant"),
+            cast(Message.tags, String).label("tags"),
+            sql.domain_part(address).label("domain"),
+            click.label("click"),
+            case((click, sql.json_text(props, "url"))).label("url"),
+            case((click, sql.json_text(props, "link"))).label("link"),
+            sql.hour(Event.occurred_at).label("hour"),
+            *(case((flags[metric], 1), else_=0).label(metric) for metric in _SQL_METRICS),
+        )
+        .select_from(Event)
+        .outerjoin(Message, Message.id == Event.message_id)
+        .where(*filters)
+        .cte("counted")
+    )
+    # The events summed per combination of keys and hour (few rows), each dimension counted from it.
+    keys = [base.c[name] for name in base.c.keys() if name not in ("id", "message_id", *_SQL_METRICS)]
+    agg = (
+        select(
+            *keys,
+            *(func.sum(base.c[metric]).label(metric) for metric in _SQL_METRICS),
+            func.row_number().over().label("combination"),
+        )
+        .group_by(*keys)
+        .cte("summed")
+    )
+
+    def text(value: Any) -> ColumnElement:
+        return cast(value, String)
+
+    def by(dimension: str, keys: list[Any], *where: Any, source: Any = None, table: Any = agg) -> Any:
+        """The sums of `table` (or of `source`, a join on it) per `keys` and hour."""
+        keys = [*keys, *[null()] * (3 - len(keys))]
+        grouped = [key for key in keys if not isinstance(key, Null)]
+        return (
+            select(
+                literal(dimension, String).label("dimension"),
+                *(text(key).label(name) for key, name in zip(keys, _KEYS, strict=True)),
+                table.c.hour,
+                *(func.sum(table.c[metric]).label(metric) for metric in _SQL_METRICS),
+            )
+            .select_from(source if source is not None else table)
+            .where(*where)
+            .group_by(*grouped, table.c.hour)
+        )
+
+    # A message's tags each once (rows of one `tags` text hold the same array).
+    elements = sql.array_elements(agg.c.tags)
+    tags = (
+        select(agg.c.combination, elements.c.value.label("tag"))
+        .select_from(agg)
+        .join(elements, true())
+        .where(agg.c.tags.isnot(None))
+        .distinct()
+        .subquery("tags")
+    )
+    # An event's workflow steps each once (a message may have run a step twice): a join on
+    # ix_workflow_step_runs_message_id, carrying the event's hour and metrics along.
+    steps = (
+        select(base.c.id, StepRun.workflow_id, StepRun.step, base.c.hour, *(base.c[m] for m in _SQL_METRICS))
+        .select_from(base)
+        .join(StepRun, StepRun.message_id == base.c.message_id)
+        .distinct()
+        .subquery("steps")
+    )
+    return union_all(
+        by(ALL, []),
+        by(CAMPAIGN, [agg.c.campaign_id], agg.c.campaign_id.isnot(None)),
+        by(DOMAIN, [agg.c.domain], agg.c.domain.isnot(None)),
+        by(TEMPLATE, [agg.c.template_name], agg.c.template_name.isnot(None), agg.c.template_name != ""),
+        by(
+            VARIANT,
+            [agg.c.message_campaign_id, agg.c.variant],
+            agg.c.message_campaign_id.isnot(None),
+            agg.c.variant.isnot(None),
+            agg.c.variant != "",
+        ),
+        by(TAG, [tags.c.tag], source=agg.join(tags, tags.c.combination == agg.c.combination)),
+        by(STEP, [steps.c.workflow_id, steps.c.step], table=steps),
+        by(LINK, [agg.c.campaign_id, agg.c.url, agg.c.link], agg.c.click, agg.c.campaign_id.isnot(None)),
+    )
+
+
+def _link_of(campaign_id: str, url: str | None, link: str | None) -> str:
+    """`link_value` from the JSON text of the click's `url` and `link` (None: the property is absent)."""
+    properties = {name: json.loads(found) for name, found in (("url", url), ("link", link)) if found is not None}
+    return f"{campaign_id}/{properties.get('url') or '#' + str(properties.get('link', 0))}"
+
+
+def _counters(rows: Iterable[Any], policy: Policy) -> Counter[Key]:
+    """The counters of the counting statement's rows, in hour and day buckets."""
+    counts: Counter[Key] = Counter()
+    sites: dict[str, str] = {}
+    for row in rows:
+        dimension, hour = row.dimension, row.hour
+        amounts = [(metric, n) for metric in _SQL_METRICS if (n := getattr(row, metric))]
+        if dimension == DOMAIN:
+            domain = domain_of("@" + row.k1)
+            if domain is None:
+                continue
+            if domain not in sites:
+                sites[domain] = site_of(domain, policy)
+            values = [(DOMAIN, domain), (SITE, sites[domain])]
+        elif dimension == LINK:
+            values = [(LINK, _link_of(row.k1, row.k2, row.k3))]
+            amounts = [(metric, n) for metric, n in amounts if metric in _LINK_METRICS]
+        elif dimension in (STEP, VARIANT):
+            values = [(dimension, f"{row.k1}/{row.k2}")]
+        else:
+            values = [(dimension, row.k1 if row.k1 is not None else "")]
+        for granularity in GRANULARITIES:
+            start = bucket_start(hour, granularity)
+            for dimension_, value in values:
+                for metric, n in amounts:
+                    counts[(dimension_, value[:VALUE_LENGTH], granularity, start, metric)] += int(n)
+    return counts
+
+
+def _goal_events(
+    connection: Connection, position: Position, end: Position, since: datetime | None
+) -> list[dict[str, Any]]:
+    """The range's goal events, in stream order, as `event_stream.read` gives events (goal events are few)."""
+    goal = get_settings().analytics_conversion_event
+    if goal is None:
+        return []
+    filters = [_after(position), _upto(end), Event.type == goal]
+    if since is not None:
+        filters.append(Event.occurred_at >= since)
+    rows = connection.execute(
+        select(
+            Event.id,
+            Event.xact,
+            Event.type,
+            Event.occurred_at,
+            Event.message_id,
+            Event.contact_id,
+            Contact.email,
+            Event.campaign_id,
+            Event.machine,
+            Event.properties,
+        )
+        .outerjoin(Contact, Contact.id == Event.contact_id)
+        .where(*filters)
+        .order_by(Event.xact, Event.id)
+    )
+    return [
+        {
+            "id": row.id,
+            "position": str(Position(row.xact, row.id)),
+            "type": row.type,
+            "occurred_at": _naive(row.occurred_at).isoformat() + "Z",
+            "message_id": row.message_id,
+            "contact_id": row.contact_id,
+            "email": row.email,
+            "campaign_id": row.campaign_id,
+            "machine": bool(row.machine),
+            "properties": row.properties or {},
+        }
+        for row in rows
+    ]
+
+
+def _count_goals(
+    connection: Connection, position: Position, end: Position, since: datetime | None, policy: Policy
+) -> Counter[Key]:
+    """The counters of the range's goal events, in Python as before: their attributions (conversions
+    written), and their own metrics when not attributed and the goal is one of SmartMail's types."""
+    events = _goal_events(connection, position, end, since)
+    if not events:
+        return Counter()
     attributions = _attribute(connection, events, since=since)
     ids = [event["message_id"] for event in events if event["message_id"]]
     messages = _message_values(connection, ids + [a.message_id for a in attributions.values()], policy)
+    # Clicks of the range are all here when the goal is `clicked`: the earlier ones are before the range.
     clicked_before = _clicked_before(connection, events, position)
-    counts = count(events, messages, clicked_before, attributions=attributions, policy=policy, since=since)
-    _add(connection, counts)
+    return count(events, messages, clicked_before, attributions=attributions, policy=policy, since=since)
+
+
+def _count_range(connection: Connection, position: Position, end: Position, since: datetime | None = None) -> None:
+    """Add the counters of the events in (position, end] (from `since`'s day on, when given)."""
+    if end <= position:
+        return
+    policy = get_policy()
+    counts = _count_goals(connection, position, end, since, policy)
+    counts.update(_counters(connection.execute(_counting_statement(connection, position, end, since)), policy))
+    _add(connection, Counter({key: n for key, n in counts.items() if n}))
+
+
+def _events_in(connection: Connection, position: Position, end: Position) -> int:
+    return connection.execute(select(func.count()).select_from(Event).where(_after(position), _upto(end))).scalar_one()
 
 
 @dataclass(frozen=True)
@@ -377,31 +645,32 @@ class RolledUp:
     more: bool  # time was up with events left
 
 
-def roll_up(*, max_seconds: float = 10.0, page_size: int = PAGE) -> RolledUp:
-    """Read the stream after the checkpoint, a page per transaction, adding the page's counters and
-    moving the checkpoint together: a crash repeats nothing and loses nothing."""
+def roll_up(*, max_seconds: float = 10.0, page_size: int = MAX_RANGE) -> RolledUp:
+    """Count the stream's events after the checkpoint, up to `page_size` per transaction, adding their
+    counters and moving the checkpoint together: a crash repeats nothing and loses nothing."""
     started, read = time.monotonic(), 0
     while True:
         with get_engine().begin() as connection:
             position = Position.parse(checkpoints.lock(connection, CHECKPOINT, initial=str(START)))
-            page = _roll_up_page(connection, position, page_size)
-            checkpoints.move(connection, CHECKPOINT, str(page.next))
-        read += len(page.events)
-        if not page.more:
+            end, read_now = _range_end(connection, position, page_size)
+            _count_range(connection, position, end)
+            checkpoints.move(connection, CHECKPOINT, str(end))
+        read += read_now
+        if read_now < page_size:
             return RolledUp(read, False)
         if time.monotonic() - started >= max_seconds:
             return RolledUp(read, True)
 
 
-def rebuild(since: datetime | None = None, *, page_size: int = PAGE) -> int:
+def rebuild(since: datetime | None = None, *, page_size: int = MAX_RANGE) -> int:
     """Recompute the roll-ups from the raw events; the events read.
 
     Without `since`: delete every roll-up and move the checkpoint to the stream's start in one
-    transaction, then read the whole stream again (readers see the numbers grow back meanwhile).
+    transaction, then count the whole stream again (readers see the numbers grow back meanwhile).
     With `since`: in one transaction, delete the buckets from the day holding `since` on and count
-    again the events of those buckets read up to the checkpoint (the whole stream is read, as a late
-    event may be anywhere in it; the checkpoint stays). The conversions go with the buckets of their
-    goal events, so each message converts again by the same goal event."""
+    again the events of those buckets up to the checkpoint, in ranges of `page_size` events (a late
+    event may be anywhere in the stream; the checkpoint stays). The conversions go with the buckets
+    of their goal events, so each message converts again by the same goal event."""
     if since is None:
         with get_engine().begin() as connection:
             checkpoints.lock(connection, CHECKPOINT, initial=str(START))
@@ -412,16 +681,18 @@ def rebuild(since: datetime | None = None, *, page_size: int = PAGE) -> int:
     start = bucket_start(since, DAY)
     read = 0
     with get_engine().begin() as connection:
-        end = Position.parse(checkpoints.lock(connection, CHECKPOINT, initial=str(START)))
+        last = Position.parse(checkpoints.lock(connection, CHECKPOINT, initial=str(START)))
         connection.execute(delete(Rollup).where(Rollup.bucket_start >= start))
         connection.execute(delete(Conversion).where(Conversion.converted_at >= start))
         position = START
-        while position < end:
-            page = event_stream.read(position, limit=page_size, connection=connection)
-            events = [event for event in page.events if Position.parse(event["position"]) <= end]
-            _count_page(connection, events, position, start)
-            read += len(events)
-            if not page.more:
+        while position < last:
+            end, seen = _range_end(connection, position, page_size)
+            if end > last:  # events after the checkpoint: the next tick's
+                end = last
+                seen = _events_in(connection, position, end)
+            _count_range(connection, position, end, start)
+            read += seen
+            if seen == 0:
                 break
-            position = page.next
+            position = end
     return read

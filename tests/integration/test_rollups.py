@@ -469,3 +469,32 @@ def test_conversions_once_per_clicked_message_within_the_window_and_period_kpis(
         {},
         {"clicked_human": 1, "clicked_unique_human": 1, "clicked_messages_human": 1},
     ]
+
+
+def test_a_tick_counts_at_most_its_range_cap_and_the_next_tick_the_rest(env, rng):
+    _history(_messages(40, rng), rng)
+    rollups.roll_up()
+    committed = _stored()
+    new = _history(_messages(50, rng, first=40), rng)
+    cap = len(new) // 2 + 1  # more new events than one range holds: two ticks needed
+    with get_engine().connect() as connection:
+        start = Position.parse(
+            connection.execute(text("SELECT position FROM stream_checkpoints WHERE name = 'analytics'")).scalar_one()
+        )
+        rows = connection.execute(select(Event.xact, Event.id).order_by(Event.xact, Event.id)).all()
+    after = [Position(*row) for row in rows if Position(*row) > start]  # the new events, in stream order
+    assert len(after) == len(new)
+
+    assert rollups.roll_up(max_seconds=0, page_size=cap) == rollups.RolledUp(cap, True)
+    with get_engine().connect() as connection:
+        checkpoint = connection.execute(
+            text("SELECT position FROM stream_checkpoints WHERE name = 'analytics'")
+        ).scalar_one()
+    assert Position.parse(checkpoint) == after[cap - 1]  # the cap-th new event: the range's end
+    partial = _stored()
+    assert partial != committed and partial != _expected()
+
+    assert rollups.roll_up(max_seconds=0, page_size=cap) == rollups.RolledUp(len(new) - cap, False)
+    assert _old(_stored()) == _direct()
+    assert _stored() == _expected()
+    assert rollups.roll_up(page_size=cap) == rollups.RolledUp(0, False)
