@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 
 from smartmail.analytics import kpis
-from smartmail.analytics.rollups import ALL, CAMPAIGN, DAY, DIMENSIONS, GRANULARITIES, HOUR, bucket_start
+from smartmail.analytics.rollups import ALL, CAMPAIGN, DAY, DIMENSIONS, GRANULARITIES, HOUR, TAG, bucket_start
 from smartmail.errors import InvalidInput, NotFound
 from smartmail.store import dialect
 from smartmail.store.engine import as_stored, get_engine, utcnow
@@ -216,15 +216,26 @@ def campaign_report(name: str) -> dict[str, Any]:
 
 
 def trends_report(
-    *, since: datetime, until: datetime | None = None, granularity: str = DAY, campaign: str | None = None
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    granularity: str = DAY,
+    campaign: str | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
-    """What a trends report shows: the series of all mail (or of one campaign), with the KPIs of the whole period."""
+    """What a trends report shows: the series of all mail (or of one campaign's, or of the messages
+    with one tag), with the KPIs of the whole period."""
+    if campaign is not None and tag is not None:
+        raise InvalidInput("give a campaign or a tag, not both", field="tag")
     found = find_campaign(campaign) if campaign is not None else None
     dimension, value = (CAMPAIGN, str(found["id"])) if found is not None else (ALL, "")
+    if tag is not None:
+        dimension, value = TAG, tag
     buckets = series(since=since, until=until, granularity=granularity, dimension=dimension, value=value)
     summed = totals(buckets)
     return {
         "campaign": found,
+        "tag": tag,
         "granularity": granularity,
         "since": buckets[0]["start"],
         "until": buckets[-1]["start"] + STEP[granularity],

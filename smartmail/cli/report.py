@@ -182,6 +182,7 @@ def trends_(
     until: Annotated[str | None, typer.Option(help="Up to this ISO time (naive = UTC); default now.")] = None,
     by: Annotated[By, typer.Option("--by", help="One row per day or per hour.")] = By.day,
     campaign: Annotated[str | None, typer.Option(help="Only this campaign's mail (name or id).")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only the messages with this tag.")] = None,
     format_: FormatOption = Format.table,
     html: HtmlOption = None,
 ) -> None:
@@ -193,11 +194,13 @@ def trends_(
     start = _since(since, "--since")
     end = iso_time(until, "--until") if until is not None else None
     try:
-        report = trends.trends_report(since=start, until=end, granularity=by.value, campaign=campaign)
+        report = trends.trends_report(since=start, until=end, granularity=by.value, campaign=campaign, tag=tag)
     except NotFound as exc:
         fail(f"--campaign: {exc}", code=1)
     except InvalidInput as exc:
-        option = {"since": "--since", "until": "--until", "granularity": "--by"}.get(exc.field or "", "--since")
+        option = {"since": "--since", "until": "--until", "granularity": "--by", "tag": "--tag"}.get(
+            exc.field or "", "--since"
+        )
         fail(f"{option}: {exc.reason}")
     if html is not None:
         _write_html(html, report_html.trends_html(report, generated_at=datetime.now(UTC)))
@@ -208,3 +211,19 @@ def trends_(
     else:
         out.print(_kpi_table(report["kpis"]))
         out.print(_series_table(report["series"], report["granularity"]))
+
+
+@report_app.command("rebuild")
+def rebuild(
+    since: Annotated[
+        str | None, typer.Option(help="Only the buckets from this day on (30d, or an ISO time); default: all.")
+    ] = None,
+) -> None:
+    """Rebuild the roll-ups from the raw events (after changing the conversion settings, or to repair
+    them): in one transaction the buckets go and the stream is read again up to where it was."""
+    from smartmail.analytics import rollups
+
+    start = _since(since, "--since") if since is not None else None
+    with err.status("rolling up the event stream again…"):
+        events = rollups.rebuild(start)
+    out.print(f"rebuilt from {events} events", highlight=False)

@@ -487,8 +487,15 @@ class Analytics(Resource):
         until: datetime | str | None = None,
         granularity: str | None = None,
         campaign: str | None = None,
+        tag: str | None = None,
     ) -> dict[str, Any]:
-        """Counters and KPIs per hour or day → `{campaign, granularity, since, until, counts, kpis, series}`."""
+        """Counters and KPIs per hour or day → `{campaign, tag, granularity, since, until, counts, kpis, series}`."""
         iso = lambda moment: moment.isoformat() if isinstance(moment, datetime) else moment  # naive: UTC
-        params = {"since": iso(since), "until": iso(until), "granularity": granularity, "campaign": campaign}
+        params = {
+            "since": iso(since),
+            "until": iso(until),
+            "granularity": granularity,
+            "campaign": campaign,
+            "tag": tag,
+        }
         return self._call("GET", "/v1/analytics/trends", params=params)

@@ -10,7 +10,7 @@ from datetime import timedelta
 from html.parser import HTMLParser
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from typer.testing import CliRunner
 
 from smartmail.analytics import report_mail, trends
@@ -235,6 +235,31 @@ def test_report_trends_names_the_bad_option(history, runner):
     assert "--until" in run(runner, "trends", "--since", "1d", "--until", "2001-01-01", code=2)
     assert "--by" in run(runner, "trends", "--by", "week", code=2)
     assert "--campaign" in run(runner, "trends", "--campaign", "nope", code=1)
+
+
+def test_report_trends_of_a_tag_and_a_rebuild_from_the_events(history, runner):
+    with get_engine().begin() as connection:
+        connection.execute(
+            insert(Rollup),
+            [
+                {"dimension": "tag", "value": "spring", "granularity": DAY, "bucket_start": DAY0, "metric": "sent"}
+                | {"count": 7}
+            ],
+        )
+    report = json.loads(run(runner, "trends", "--since", DAY0.isoformat(), "--tag", "spring", "--format", "json"))
+    assert report["tag"] == "spring" and report["counts"]["sent"] == 7
+    assert "--tag" in run(runner, "trends", "--campaign", "spring sale", "--tag", "spring", code=2)
+    # The hand-made roll-ups above have no events behind them: a rebuild leaves the events' counts only.
+    assert "rebuilt from" in run(runner, "rebuild")
+    with get_engine().connect() as connection:
+        counted = dict(
+            connection.execute(
+                select(Rollup.metric, func.sum(Rollup.count))
+                .where(Rollup.dimension == "all", Rollup.granularity == DAY)
+                .group_by(Rollup.metric)
+            ).all()
+        )
+    assert counted == {"clicked_human": 4, "clicked_machine": 1, "clicked_unique_human": 3, "clicked_messages_human": 2}
 
 
 # --- HTTP ----------------------------------------------------------------------------------------

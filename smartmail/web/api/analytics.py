@@ -54,7 +54,8 @@ class BucketOut(BaseModel):
 
 
 class TrendsOut(BaseModel):
-    campaign: CampaignRef | None = Field(description="The campaign asked for; null: all mail.")
+    campaign: CampaignRef | None = Field(description="The campaign asked for; null: all mail (or the tag's).")
+    tag: str | None = Field(None, description="The tag asked for; null: all mail (or the campaign's).")
     granularity: Literal["hour", "day"]
     since: UtcDateTime = Field(description="The first bucket's start.")
     until: UtcDateTime = Field(description="The last bucket's end.")
@@ -85,11 +86,14 @@ def trends_over_time(
     campaign: Annotated[
         str | None, Query(min_length=1, max_length=200, description="Only this campaign's mail (name or id).")
     ] = None,
+    tag: Annotated[
+        str | None, Query(min_length=1, max_length=64, description="Only the messages with this tag.")
+    ] = None,
 ) -> dict[str, Any]:
     """Counters and KPIs per hour or day (at most 2,000 buckets), and over the whole period; an unknown
     campaign is a 422 naming `campaign`."""
     start = as_stored(since) if since is not None else utcnow() - timedelta(days=30)
     try:
-        return trends.trends_report(since=start, until=until, granularity=granularity, campaign=campaign)
+        return trends.trends_report(since=start, until=until, granularity=granularity, campaign=campaign, tag=tag)
     except NotFound as exc:  # an unknown campaign in the URL's path is a 404; in a parameter, a bad parameter
         raise InvalidInput(str(exc), field="campaign") from exc
