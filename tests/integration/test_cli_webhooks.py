@@ -14,7 +14,7 @@ from smartmail.cli.main import app as cli
 from smartmail.store.engine import get_engine
 from smartmail.store.models import WebhookDelivery
 from smartmail.webhooks import endpoints, fan_out, verify
-from tests.conftest import reset_caches
+from tests.conftest import reset_caches, wait_for
 from tests.webhook_receiver import PlainReceiver
 
 SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]{40,}")
@@ -112,7 +112,9 @@ def test_deliveries_listed_shown_and_replayed(runner):
     endpoint_id = re.search(r"endpoint (\d+)", run(runner, "add", "https://hooks.example.org/in")).group(1)
     for email in ("a@example.org", "b@example.org", "c@example.org"):
         smartmail.track(email, "order_placed")
-    fan_out.fan_out()
+    # On PostgreSQL an event is readable once every older transaction on the server has ended.
+    fanned: list[int] = []
+    wait_for(lambda: fanned.append(fan_out.fan_out().deliveries) or sum(fanned) >= 3, 30, message="the fan-out")
     rows = json.loads(run(runner, "deliveries", endpoint_id, "--json"))
     assert [row["state"] for row in rows] == ["pending"] * 3
     assert [row["id"] for row in rows] == sorted((row["id"] for row in rows), reverse=True)
