@@ -10,6 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 import smartmail
+from smartmail.audience.contacts import add_members, create_list
+from smartmail.campaigns import lifecycle as campaigns
+from smartmail.content.template_store import save_template
 from smartmail.store.engine import session_scope
 from smartmail.store.models import Message
 from tests.conftest import reset_caches, wait_for
@@ -93,6 +96,28 @@ def test_scraped_counters_equal_the_database(metrics_dir, relay, api, start_work
     assert ("smartmail_outbox_backlog", (("stream", "transactional"),)) in samples
     # The worker wrote the counters, in files of its own processes' ids.
     assert any(path.name.startswith("counter_") for path in metrics_dir.iterdir())
+
+
+def test_scraped_while_a_campaign_runs_through_bulk_workers(metrics_dir, relay, api, start_worker):
+    start_worker(concurrency=2, queues="bulk")
+    create_list("news")
+    add_members("news", [f"r{i}@site{i % 4}.example" for i in range(120)])
+    with session_scope() as session:
+        save_template(session, "metrics-news", subject="News", html="<p>News for {{ email }}</p>")
+    campaigns.create_campaign("metrics", template="metrics-news", lists=["news"])
+    campaigns.launch_campaign("metrics")
+
+    # Mid-campaign, the counters never run ahead of the database.
+    seen = scrape(api.url)
+    assert total(seen, "smartmail_messages_total", outcome="sent") <= states()["sent"]
+    wait_for(lambda: states()["sent"] == 120, 120, interval=0.2, message=lambda: f"the campaign sent: {states()}")
+    samples = wait_for(
+        lambda: (s := scrape(api.url)) and total(s, "smartmail_messages_total", outcome="sent") == 120 and s,
+        30,
+        message=lambda: f"sent counter {total(scrape(api.url), 'smartmail_messages_total', outcome='sent')}",
+    )
+    assert total(samples, "smartmail_accept_latency_seconds_count", stream="bulk") == 120
+    assert total(samples, "smartmail_messages_backlog", state="queued") == 0
 
 
 def test_import_rows_are_counted_as_the_job_reports_them(metrics_dir, api, start_worker):
