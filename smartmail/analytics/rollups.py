@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement, Null
 
+from smartmail.audience import event_stream
 from smartmail.audience.event_stream import START, Position
 from smartmail.config.settings import get_settings
 from smartmail.store import checkpoints, dialect
@@ -576,37 +577,12 @@ def _goal_events(
     if since is not None:
         filters.append(Event.occurred_at >= since)
     rows = connection.execute(
-        select(
-            Event.id,
-            Event.xact,
-            Event.type,
-            Event.occurred_at,
-            Event.message_id,
-            Event.contact_id,
-            Contact.email,
-            Event.campaign_id,
-            Event.machine,
-            Event.properties,
-        )
+        select(*event_stream.COLUMNS)
         .outerjoin(Contact, Contact.id == Event.contact_id)
         .where(*filters)
         .order_by(Event.xact, Event.id)
     )
-    return [
-        {
-            "id": row.id,
-            "position": str(Position(row.xact, row.id)),
-            "type": row.type,
-            "occurred_at": _naive(row.occurred_at).isoformat() + "Z",
-            "message_id": row.message_id,
-            "contact_id": row.contact_id,
-            "email": row.email,
-            "campaign_id": row.campaign_id,
-            "machine": bool(row.machine),
-            "properties": row.properties or {},
-        }
-        for row in rows
-    ]
+    return [event_stream.as_dict(row) for row in rows]
 
 
 def _count_goals(

@@ -75,7 +75,7 @@ def check_limit(limit: Any, *, field: str = "limit") -> int:
     return limit
 
 
-_COLUMNS = (
+COLUMNS = (
     Event.id,
     Event.xact,
     Event.type,
@@ -90,7 +90,7 @@ _COLUMNS = (
 _ORDER = (Event.xact, Event.id)
 
 
-def _as_dict(row: Any) -> dict[str, Any]:
+def as_dict(row: Any) -> dict[str, Any]:
     occurred_at: datetime = row.occurred_at
     aware = occurred_at.replace(tzinfo=UTC) if occurred_at.tzinfo is None else occurred_at.astimezone(UTC)
     return {
@@ -173,13 +173,13 @@ def read(
             return Page([], position, more=False)
         end = Position(edge.xact, edge.id)
         rows = connection.execute(
-            select(*_COLUMNS)
+            select(*COLUMNS)
             .outerjoin(Contact, Contact.id == Event.contact_id)
             .where(_after(position), tuple_(Event.xact, Event.id) <= tuple_(end.xact, end.id), *filters)
             .order_by(*_ORDER)
             .limit(limit + 1)
         ).all()
-    events = [_as_dict(row) for row in rows[:limit]]
+    events = [as_dict(row) for row in rows[:limit]]
     if len(rows) > limit:
         last = rows[limit - 1]
         return Page(events, Position(last.xact, last.id), more=True)
@@ -221,11 +221,11 @@ def for_message(message_id: str) -> list[dict[str, Any]]:
     message and no event names it."""
     with get_engine().connect() as connection:
         rows = connection.execute(
-            select(*_COLUMNS)
+            select(*COLUMNS)
             .outerjoin(Contact, Contact.id == Event.contact_id)
             .where(Event.message_id == message_id)
             .order_by(Event.occurred_at, Event.id)
         ).all()
         if not rows and connection.execute(select(Message.id).where(Message.id == message_id)).first() is None:
             raise NotFound(f"No message {message_id!r}.")
-    return [_as_dict(row) for row in rows]
+    return [as_dict(row) for row in rows]

@@ -347,7 +347,7 @@ def _after_recording(results: list[_Result], report: DeliveryReport, stream: str
             counter = state if result.attempted else "throttled"
             by_site = report.site_counts.setdefault(result.site, {})
             by_site[counter] = by_site.get(counter, 0) + 1
-        # One line per message and outcome (about 20 µs as JSON), held back ones included: they changed state too.
+        # One line per message and outcome, held back ones included: they changed state too.
         log.info(
             "message.outcome",
             message_id=result.id,
